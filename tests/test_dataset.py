@@ -26,7 +26,8 @@ def test_roundtrip_synthetic(tmp_path: Path) -> None:
 
 def _rewrite_outcomes(root: Path, transform) -> None:  # type: ignore[no-untyped-def]
     p = root / "outcomes.csv.gz"
-    lines = gzip.open(p, "rt").read().splitlines()
+    with gzip.open(p, "rt") as src:
+        lines = src.read().splitlines()
     lines = transform(lines)
     with gzip.open(p, "wt") as fh:
         fh.write("\n".join(lines) + "\n")
@@ -52,7 +53,8 @@ def test_refuses_broken_outcomes(tmp_path: Path, transform, needle: str) -> None
 def test_refuses_duplicate_prompt_id(tmp_path: Path) -> None:
     root = make_synthetic_dataset(tmp_path / "d", n_prompts=5)
     p = root / "prompts.jsonl.gz"
-    lines = gzip.open(p, "rt").read().splitlines()
+    with gzip.open(p, "rt") as src:
+        lines = src.read().splitlines()
     with gzip.open(p, "wt") as fh:
         fh.write("\n".join([*lines, lines[0]]) + "\n")
     with pytest.raises(DatasetError, match=r"prompts.jsonl.gz:6: duplicate prompt id"):
