@@ -1,0 +1,138 @@
+"""Gateway exceptions and the one function that turns any exception into an OpenAI-shaped error.
+
+Every error body is ``{"error": {"message", "type", "param", "code"}}``, as OpenAI's are.
+Messages say what was wrong and what is valid. They never carry tracebacks or secrets.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger("uniroute.errors")
+
+
+class GatewayError(Exception):
+    """Base class: an error with an HTTP status and an OpenAI error type."""
+
+    status_code: int = 500
+    error_type: str = "internal_error"
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.headers = dict(headers or {})
+
+    def to_body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequestError(GatewayError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class AuthenticationError(GatewayError):
+    status_code = 401
+    error_type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDeniedError(GatewayError):
+    status_code = 403
+    error_type = "permission_denied"
+
+
+class NotFoundError(GatewayError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class ModelNotFoundError(NotFoundError):
+    default_code = "model_not_found"
+
+
+class MethodNotAllowedError(GatewayError):
+    status_code = 405
+    error_type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+class ConflictError(GatewayError):
+    status_code = 409
+    error_type = "invalid_request_error"
+    default_code = "conflict"
+
+
+class PayloadTooLargeError(GatewayError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "payload_too_large"
+
+
+class RateLimitError(GatewayError):
+    status_code = 429
+    error_type = "rate_limit_exceeded"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+        if retry_after is not None:
+            self.headers.setdefault("retry-after", str(max(1, int(retry_after + 0.999))))
+
+
+class BudgetExceededError(GatewayError):
+    status_code = 429
+    error_type = "budget_exceeded"
+    default_code = "budget_exceeded"
+
+
+class UpstreamError(GatewayError):
+    """The backend failed (connection error, 5xx, bad response): 502."""
+
+    status_code = 502
+    error_type = "upstream_error"
+    default_code = "bad_gateway"
+
+
+class UpstreamTimeoutError(UpstreamError):
+    status_code = 504
+    error_type = "timeout"
+    default_code = "upstream_timeout"
+
+
+class UpstreamRateLimitError(UpstreamError):
+    status_code = 429
+    error_type = "rate_limit_exceeded"
+    default_code = "upstream_rate_limited"
+
+
+class ServiceUnavailableError(GatewayError):
+    status_code = 503
+    error_type = "service_unavailable"
+    default_code = "service_unavailable"
+
+
+def error_body(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Map any exception to ``(status, OpenAI-shaped body, extra headers)``.
+
+    Known gateway errors keep their status and message. Anything else is a bug: it is
+    logged with its traceback server-side and reported to the client as a bare 500.
+    """
+    if isinstance(exc, GatewayError):
+        return exc.status_code, exc.to_body(), exc.headers
+    logger.exception("unhandled error", exc_info=exc)
+    body = {"error": {"message": "internal server error", "type": "internal_error", "param": None, "code": None}}
+    return 500, body, {}
