@@ -1,0 +1,218 @@
+"""The SQL schema: SQLAlchemy 2.0 typed models of every table the gateway keeps.
+
+``migrations/`` is the only thing that changes the schema; its env.py compares against
+``Base.metadata`` here (``tests/test_db.py`` checks they agree, like ``alembic check``).
+The same models serve SQLite (the default, one file) and PostgreSQL (several replicas).
+
+Conventions:
+- Every time is stored in UTC. :class:`UTCDateTime` hands back timezone-aware datetimes on
+  both databases (SQLite has no time zones; it stores naive UTC).
+- Money is USD in double precision (``Float``; 15-16 significant digits, far below a cent for
+  any budget). Budget checks allow 1e-9 USD of rounding (``gateway.budget.BUDGET_EPSILON_USD``).
+- No raw API key is ever stored: ``api_keys.key_hash`` is the SHA-256 of the key and
+  ``key_prefix`` a short display prefix.
+- ``models.litellm_params`` keeps ``os.environ/NAME`` references as written, never the
+  resolved secret.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+#: Constraint and index names are deterministic, so migrations can refer to them on both databases.
+NAMING_CONVENTION: dict[str, str] = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+BUDGET_PERIODS = ("day", "month")
+MODEL_SOURCES = ("config", "admin")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """``TIMESTAMP WITH TIME ZONE`` on PostgreSQL, naive-UTC text on SQLite; always aware in Python."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the store keeps aware UTC times only")
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime(), dict[str, Any]: JSON(), list[Any]: JSON()}
+
+
+class ApiKey(Base):
+    """A client's key: its λ, λ range, budget for the current period, rate limit and model list."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the raw key
+    key_prefix: Mapped[str] = mapped_column(String(16))  # "sk-ur-AbCd", for display only
+    default_lambda: Mapped[float] = mapped_column(Float)
+    lambda_min: Mapped[float] = mapped_column(Float, default=0.0)
+    lambda_max: Mapped[float] = mapped_column(Float, default=10.0)
+    budget_usd: Mapped[float | None] = mapped_column(Float)  # None: no cap
+    budget_period: Mapped[str] = mapped_column(String(8), default="month")
+    period_start: Mapped[datetime]
+    spend_usd: Mapped[float] = mapped_column(Float, default=0.0)  # settled cost in the current period
+    reserved_usd: Mapped[float] = mapped_column(Float, default=0.0)  # estimates held by in-flight requests
+    total_spend_usd: Mapped[float] = mapped_column(Float, default=0.0)  # lifetime
+    rpm_limit: Mapped[int | None] = mapped_column(Integer)  # None: unlimited
+    allowed_models: Mapped[list[Any] | None] = mapped_column(JSON)  # None: every model
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        CheckConstraint("budget_period IN ('day', 'month')", name="budget_period"),
+        CheckConstraint("lambda_min >= 0 AND lambda_min <= default_lambda AND default_lambda <= lambda_max",
+                        name="lambda_range"),
+        CheckConstraint("budget_usd IS NULL OR budget_usd >= 0", name="budget_nonneg"),
+        CheckConstraint("rpm_limit IS NULL OR rpm_limit > 0", name="rpm_positive"),
+    )
+
+
+class ModelEntry(Base):
+    """The live model registry. Every replica polls ``updated_at``/``version`` for changes."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    litellm_params: Mapped[dict[str, Any]] = mapped_column(JSON)  # `os.environ/NAME` kept as written
+    input_cost_per_1m: Mapped[float] = mapped_column(Float, default=0.0)  # USD per 1M prompt tokens
+    output_cost_per_1m: Mapped[float] = mapped_column(Float, default=0.0)  # USD per 1M completion tokens
+    router_cost: Mapped[float] = mapped_column(Float)  # c(h) in the router's cost unit
+    timeout_s: Mapped[float] = mapped_column(Float, default=60.0)
+    routable: Mapped[bool] = mapped_column(Boolean, default=True)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    source: Mapped[str] = mapped_column(String(16), default="config")
+    version: Mapped[int] = mapped_column(Integer, default=1)  # bumped on every change
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow, index=True)
+
+    __table_args__ = (
+        CheckConstraint("source IN ('config', 'admin')", name="source"),
+        CheckConstraint("router_cost > 0", name="router_cost_positive"),
+    )
+
+
+class ModelProfile(Base):
+    """Ψ(h) of one model for one router version: the per-cluster error vector, with counts.
+
+    No foreign key to ``models``: a profile may be computed before the model is registered.
+    """
+
+    __tablename__ = "model_profiles"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(200))
+    router_version: Mapped[str] = mapped_column(String(64))  # fingerprint of the fitted router
+    version: Mapped[int] = mapped_column(Integer, default=1)  # per (model, router_version)
+    features: Mapped[list[Any]] = mapped_column(JSON)  # Ψ_k(h), one float per cluster
+    counts: Mapped[list[Any]] = mapped_column(JSON)  # prompts behind each Ψ_k
+    source: Mapped[str] = mapped_column(String(32))  # "validation" | "feedback" | "import" | ...
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("model_name", "router_version", "version"),
+        Index(None, "router_version", "active"),
+    )
+
+
+class RequestRow(Base):
+    """One request as logged by the background writer (``store.RequestLogWriter``)."""
+
+    __tablename__ = "requests"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
+    key_name: Mapped[str | None] = mapped_column(String(128))
+    requested_model: Mapped[str] = mapped_column(String(200))
+    routed_model: Mapped[str | None] = mapped_column(String(200))
+    cluster: Mapped[int | None] = mapped_column(Integer)
+    lam: Mapped[float | None] = mapped_column("lambda", Float)
+    candidates: Mapped[list[Any] | None] = mapped_column(JSON)  # top-k {model, expected_error, cost, objective}
+    attempts: Mapped[list[Any] | None] = mapped_column(JSON)  # [{model, status, error_type, latency_ms}]
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    cost_usd: Mapped[float | None] = mapped_column(Float)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    upstream_latency_ms: Mapped[float | None] = mapped_column(Float)
+    ttft_ms: Mapped[float | None] = mapped_column(Float)
+    status_code: Mapped[int] = mapped_column(Integer)
+    error_type: Mapped[str | None] = mapped_column(String(64))
+    stream: Mapped[bool] = mapped_column(Boolean)
+    started_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+    prompt_text: Mapped[str | None] = mapped_column(Text)  # only when logging.store_prompts is on
+
+    __table_args__ = (
+        Index(None, "key_id", "started_at"),
+        Index(None, "started_at"),
+        Index(None, "routed_model", "started_at"),
+    )
+
+
+class Feedback(Base):
+    """A quality signal for one request (e.g. thumbs up/down as 1/0).
+
+    No foreign key to ``requests``: request rows are written asynchronously, so feedback can
+    arrive before its request row is flushed.
+    """
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), index=True)
+    key_id: Mapped[int | None] = mapped_column(Integer)
+    score: Mapped[float] = mapped_column(Float)  # in [0, 1]
+    source: Mapped[str] = mapped_column(String(32), default="user")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (CheckConstraint("score >= 0 AND score <= 1", name="score_range"),)
