@@ -1,0 +1,579 @@
+"""The SQL store: engine, migrations, health, and the background request-log writer.
+
+One :class:`Store` per process, built in the app's lifespan (never at import time).
+SQLite is the default (``sqlite:///var/uniroute.db``; WAL journal, busy timeout): fine for
+one host. PostgreSQL (``postgresql+psycopg://...``) is for several replicas.
+
+The request log is written off the request path by :class:`RequestLogWriter`: the chat
+service calls ``submit(record)``, which only appends to an in-memory buffer; a worker
+thread inserts batches. While the database is unreachable rows stay in the (bounded)
+buffer and the thread retries with exponential backoff; ``close()`` flushes everything
+on graceful shutdown. Nothing is dropped silently: a row that does not fit the buffer is
+counted (``uniroute_request_log_dropped_total``) and logged, and rows still unwritten when
+``close()`` gives up are spilled to a JSONL file that the next start re-ingests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from gateway.db import ModelEntry, RequestRow, utcnow
+from gateway.interfaces import RequestRecord
+
+if TYPE_CHECKING:
+    from gateway.metrics import Metrics
+
+logger = logging.getLogger("uniroute.store")
+
+DEFAULT_DATABASE_URL = "sqlite:///var/uniroute.db"
+DATABASE_URL_ENV = "UNIROUTE_DATABASE_URL"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MIGRATIONS_DIR = REPO_ROOT / "migrations"
+_PG_MIGRATION_LOCK = 0x756E69726F757465  # "uniroute": pg_advisory_xact_lock key for concurrent upgrades
+
+
+# --------------------------------------------------------------------------------------- engine
+def normalise_url(url: str | URL) -> URL:
+    """``postgresql://`` → ``postgresql+psycopg://`` (psycopg 3 is the driver we ship)."""
+    u = sa.make_url(url)
+    if u.drivername in ("postgresql", "postgres"):
+        u = u.set(drivername="postgresql+psycopg")
+    return u
+
+
+def redact(url: str | URL) -> str:
+    """The URL without its password, for logs and errors."""
+    return sa.make_url(url).render_as_string(hide_password=True)
+
+
+def create_engine_for(
+    url: str | URL,
+    *,
+    pool_size: int = 5,
+    max_overflow: int = 10,
+    pool_timeout_s: float = 10.0,
+    connect_timeout_s: int = 5,
+    sqlite_busy_timeout_ms: int = 30_000,
+    echo: bool = False,
+) -> Engine:
+    """An engine tuned for the gateway: WAL + busy timeout on SQLite, a checked pool on PostgreSQL."""
+    u = normalise_url(url)
+    backend = u.get_backend_name()
+    if backend == "sqlite":
+        memory = u.database in (None, "", ":memory:")
+        if not memory:
+            Path(str(u.database)).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(
+            u,
+            echo=echo,
+            connect_args={"check_same_thread": False, "timeout": sqlite_busy_timeout_ms / 1000},
+            **({"poolclass": StaticPool} if memory else {}),
+        )
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            if not memory:
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute(f"PRAGMA busy_timeout={int(sqlite_busy_timeout_ms)}")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    if backend == "postgresql":
+        return sa.create_engine(
+            u,
+            echo=echo,
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+            pool_timeout=pool_timeout_s,
+            pool_pre_ping=True,
+            pool_recycle=1800,
+            connect_args={"connect_timeout": connect_timeout_s, "application_name": "uniroute"},
+        )
+    raise ValueError(f"unsupported database URL {redact(u)!r}; use sqlite:///PATH or postgresql+psycopg://...")
+
+
+def database_url_from_config(path: str | os.PathLike[str] | None) -> str:
+    """The database URL for CLI commands: $UNIROUTE_DATABASE_URL, else the config's ``database_url``.
+
+    Only that one key is read (and ``${VAR}``-expanded), so ``uniroute db`` works even when the
+    rest of the config refers to things that are absent (a dataset, a router artifact).
+    A relative SQLite path resolves against the config file's folder, as in ``gateway.config``.
+    """
+    env = os.environ.get(DATABASE_URL_ENV)
+    if env:
+        return env
+    cfg_path = Path(path) if path is not None else Path(os.environ.get("UNIROUTE_CONFIG") or "config.yaml")
+    if not cfg_path.is_file():
+        if path is not None:
+            raise FileNotFoundError(f"config file {str(cfg_path)!r} not found")
+        return DEFAULT_DATABASE_URL
+    import yaml
+
+    data = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+    url = data.get("database_url") if isinstance(data, dict) else None
+    if isinstance(data, dict) and isinstance(data.get("database"), dict):
+        url = data["database"].get("url") or url
+    if not url:
+        url = DEFAULT_DATABASE_URL
+    url = os.path.expandvars(str(url))
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
+        url = prefix + str((cfg_path.resolve().parent / url[len(prefix):]).resolve())
+    return url
+
+
+# ---------------------------------------------------------------------------------------- store
+class Store:
+    """Engine + session factory + migrations + health check for one database."""
+
+    def __init__(self, url: str | URL = DEFAULT_DATABASE_URL, **engine_kw: Any) -> None:
+        self.url = normalise_url(url)
+        self.engine = create_engine_for(self.url, **engine_kw)
+        self.sessions: sessionmaker[Session] = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def __repr__(self) -> str:
+        return f"Store({redact(self.url)!r})"
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session in a transaction: committed on success, rolled back on error."""
+        with self.sessions.begin() as s:
+            yield s
+
+    # -- migrations --------------------------------------------------------------------------
+    def _alembic_config(self, connection: Connection) -> Any:
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        cfg.attributes["connection"] = connection
+        return cfg
+
+    @contextlib.contextmanager
+    def _migration_lock(self, conn: Connection) -> Iterator[None]:
+        """Serialise concurrent upgrades (several workers or replicas starting at once)."""
+        if self.dialect == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+            yield
+            return
+        db = self.url.database
+        if self.dialect == "sqlite" and db not in (None, "", ":memory:"):
+            import fcntl
+
+            with open(f"{db}.migrate.lock", "a+") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+            return
+        yield
+
+    def upgrade(self, revision: str = "head") -> None:
+        """Apply migrations up to ``revision`` (idempotent; safe to call from every replica)."""
+        from alembic import command
+
+        with self.engine.begin() as conn, self._migration_lock(conn):
+            command.upgrade(self._alembic_config(conn), revision)
+
+    def downgrade(self, revision: str) -> None:
+        from alembic import command
+
+        with self.engine.begin() as conn, self._migration_lock(conn):
+            command.downgrade(self._alembic_config(conn), revision)
+
+    def current_revision(self) -> str | None:
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    @staticmethod
+    def head_revision() -> str | None:
+        from alembic.config import Config
+        from alembic.script import ScriptDirectory
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        return ScriptDirectory.from_config(cfg).get_current_head()
+
+    # -- health ------------------------------------------------------------------------------
+    def ping(self) -> bool:
+        """True when the database answers ``SELECT 1``."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+            return True
+        except Exception as exc:  # any driver error means "not ready"
+            logger.warning("database ping failed: %s", type(exc).__name__)
+            return False
+
+    async def aping(self, timeout_s: float = 2.0) -> bool:
+        """:meth:`ping` off the event loop, bounded by ``timeout_s``."""
+        import asyncio
+
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(self.ping), timeout_s)
+        except TimeoutError:
+            return False
+
+    # -- registry seed -----------------------------------------------------------------------
+    def seed_models(self, entries: Iterable[dict[str, Any]]) -> int:
+        """Upsert ``source='config'`` registry rows from config entries; returns rows changed.
+
+        Each entry has ``name, litellm_params, input_cost_per_1m, output_cost_per_1m,
+        router_cost, timeout_s`` and optionally ``routable``. ``litellm_params`` must be the
+        params as written (``os.environ/NAME`` references unresolved). Rows added through the
+        admin API (``source='admin'``) are left alone.
+        """
+        fields = ("litellm_params", "input_cost_per_1m", "output_cost_per_1m", "router_cost", "timeout_s", "routable")
+        changed = 0
+        with self.session() as s:
+            existing = {m.name: m for m in s.scalars(sa.select(ModelEntry))}
+            for e in entries:
+                row = existing.get(e["name"])
+                values = {f: e[f] for f in fields if f in e}
+                if row is None:
+                    s.add(ModelEntry(name=e["name"], source="config", enabled=True, version=1, **values))
+                    changed += 1
+                elif row.source == "config" and any(getattr(row, f) != v for f, v in values.items()):
+                    for f, v in values.items():
+                        setattr(row, f, v)
+                    row.version += 1
+                    row.updated_at = utcnow()
+                    changed += 1
+        return changed
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+# --------------------------------------------------------------------------- request log writer
+def record_to_row(record: RequestRecord) -> dict[str, Any]:
+    """A :class:`RequestRecord` as a ``requests`` row (column keys of :class:`gateway.db.RequestRow`)."""
+    return {
+        "id": record.request_id,
+        "key_id": record.key_id,
+        "key_name": record.key_name,
+        "requested_model": record.requested_model,
+        "routed_model": record.routed_model,
+        "cluster": record.cluster,
+        "lam": record.lam,
+        "candidates": record.candidates or None,
+        "attempts": record.attempts or None,
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens,
+        "cost_usd": record.cost_usd,
+        "latency_ms": record.latency_ms,
+        "upstream_latency_ms": record.upstream_latency_ms,
+        "ttft_ms": record.ttft_ms,
+        "status_code": record.status_code,
+        "error_type": record.error_type,
+        "stream": record.stream,
+        "started_at": record.started_at,
+        "finished_at": record.finished_at,
+        "prompt_text": record.prompt_text,
+    }
+
+
+def _record_to_json(record: RequestRecord) -> str:
+    d = dataclasses.asdict(record)
+    for k in ("started_at", "finished_at"):
+        if d[k] is not None:
+            d[k] = d[k].isoformat()
+    return json.dumps(d, default=str)
+
+
+def _record_from_json(line: str) -> RequestRecord:
+    d = json.loads(line)
+    for k in ("started_at", "finished_at"):
+        if d.get(k):
+            d[k] = datetime.fromisoformat(d[k])
+    return RequestRecord(**d)
+
+
+class RequestLogWriter:
+    """Batched, non-blocking :class:`~gateway.interfaces.RequestSink` backed by the store.
+
+    ``submit`` appends to a bounded in-memory buffer and returns at once. A daemon thread
+    inserts batches of up to ``batch_size`` rows every ``flush_interval_s`` (sooner when a
+    full batch is waiting). Inserts are idempotent (``ON CONFLICT (id) DO NOTHING``), so a
+    batch retried after an ambiguous failure is written once.
+
+    Back-pressure policy: the buffer holds ``max_buffer`` rows (100k ≈ a few hundred MB at
+    worst); when full, the NEW row is dropped, counted in ``dropped`` and the metric
+    ``uniroute_request_log_dropped_total``, and logged (at most once per 10 s). Requests are
+    never slowed or failed because the log is behind.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        batch_size: int = 500,
+        flush_interval_s: float = 0.5,
+        max_buffer: int = 100_000,
+        max_backoff_s: float = 10.0,
+        close_timeout_s: float = 15.0,
+        spill_dir: str | os.PathLike[str] | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        if batch_size < 1 or max_buffer < batch_size:
+            raise ValueError(f"need 1 <= batch_size <= max_buffer, got batch_size={batch_size}, max_buffer={max_buffer}")
+        self.store = store
+        self.batch_size = batch_size
+        self.flush_interval_s = flush_interval_s
+        self.max_buffer = max_buffer
+        self.max_backoff_s = max_backoff_s
+        self.close_timeout_s = close_timeout_s
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else None
+        self.metrics = metrics
+        self._buf: deque[RequestRecord] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._idle = threading.Condition(self._lock)
+        self._in_flight = 0  # rows taken from the buffer and not yet written
+        self._thread: threading.Thread | None = None
+        self._loaded_spills: list[Path] = []
+        self._last_drop_log = 0.0
+        self._deadline = float("inf")
+        self.written = 0
+        self.dropped = 0
+        self.failures = 0
+        self.last_error: str | None = None
+
+    # -- RequestSink ---------------------------------------------------------------------------
+    def submit(self, record: RequestRecord) -> None:
+        with self._lock:
+            if len(self._buf) >= self.max_buffer:
+                self.dropped += 1
+                dropped = self.dropped
+            else:
+                self._buf.append(record)
+                dropped = 0
+                if len(self._buf) >= self.batch_size:
+                    self._wake.set()
+        if dropped:
+            if self.metrics is not None:
+                self.metrics.request_log_dropped.inc()
+            now = time.monotonic()
+            if now - self._last_drop_log > 10.0:
+                self._last_drop_log = now
+                logger.error("request log buffer full (%d rows; database unreachable?): dropped request %s "
+                             "(%d dropped so far)", self.max_buffer, record.request_id, dropped)
+        elif self.metrics is not None:
+            self.metrics.request_log_buffer.inc()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._buf) + self._in_flight
+
+    def start(self) -> RequestLogWriter:
+        if self._thread is not None:
+            return self
+        self._load_spills()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="uniroute-request-log", daemon=True)
+        self._thread.start()
+        return self
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until every submitted row is written (or ``timeout_s`` passes). For tests and shutdown."""
+        deadline = time.monotonic() + timeout_s
+        self._wake.set()
+        with self._idle:
+            while self._buf or self._in_flight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(min(left, 0.1))
+                self._wake.set()
+        return True
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Stop after writing everything; rows still unwritten after ``timeout_s`` are spilled to disk."""
+        timeout = self.close_timeout_s if timeout_s is None else timeout_s
+        thread = self._thread
+        if thread is None:
+            if self._buf:  # never started: write synchronously
+                self._drain()
+            self._spill_leftovers()
+            return
+        self._deadline = time.monotonic() + timeout
+        self._stop.set()
+        self._wake.set()
+        thread.join(timeout + 5.0)
+        self._thread = None
+        self._spill_leftovers()
+
+    # -- worker --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        backoff = 0.0
+        while True:
+            if backoff:
+                if self._stop.is_set():
+                    time.sleep(min(backoff, max(0.0, self._deadline - time.monotonic())))
+                else:
+                    self._stop.wait(backoff)
+            else:
+                self._wake.wait(self.flush_interval_s)
+            self._wake.clear()
+            ok = self._drain()
+            backoff = 0.0 if ok else min(max(backoff * 2, 0.25), self.max_backoff_s)
+            if self._stop.is_set():
+                with self._lock:
+                    empty = not self._buf
+                if empty or time.monotonic() >= self._deadline:
+                    return
+
+    def _drain(self) -> bool:
+        """Write the whole buffer in batches; False (rows kept) on a database error."""
+        while True:
+            with self._lock:
+                n = min(self.batch_size, len(self._buf))
+                batch = [self._buf.popleft() for _ in range(n)]
+                self._in_flight = n
+            if not batch:
+                with self._idle:
+                    self._idle.notify_all()
+                if self._loaded_spills:
+                    self._delete_loaded_spills()
+                return True
+            try:
+                self._write(batch)
+            except Exception as exc:
+                with self._lock:
+                    self._buf.extendleft(reversed(batch))
+                    self._in_flight = 0
+                self.failures += 1
+                self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+                if self.metrics is not None:
+                    self.metrics.request_log_errors.inc()
+                logger.warning("request log: writing %d rows failed (%s); keeping %d rows and retrying",
+                               len(batch), type(exc).__name__, len(self._buf))
+                return False
+            with self._lock:
+                self._in_flight = 0
+            self.written += len(batch)
+            if self.metrics is not None:
+                self.metrics.request_log_written.inc(len(batch))
+                self.metrics.request_log_buffer.dec(len(batch))
+
+    def _write(self, batch: Sequence[RequestRecord]) -> None:
+        rows = [record_to_row(r) for r in batch]
+        table = cast(sa.Table, RequestRow.__table__)
+        if self.store.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            stmt: Any = pg_insert(table).on_conflict_do_nothing(index_elements=["id"])
+        elif self.store.dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            stmt = sqlite_insert(table).on_conflict_do_nothing(index_elements=["id"])
+        else:  # pragma: no cover - only SQLite and PostgreSQL are supported
+            stmt = sa.insert(table)
+        # ORM attribute "lam" is column "lambda": map keys to column names.
+        cols = {a.key: a.columns[0].name for a in sa.inspect(RequestRow).column_attrs}
+        rows = [{cols[k]: v for k, v in r.items()} for r in rows]
+        with self.store.engine.begin() as conn:
+            conn.execute(stmt, rows)
+
+    # -- spill files (graceful shutdown with the database down) -------------------------------------
+    def _spill_leftovers(self) -> None:
+        with self._lock:
+            left = list(self._buf)
+            self._buf.clear()
+        if not left:
+            return
+        if self.spill_dir is None:
+            logger.error("request log: database unreachable at shutdown and no spill_dir: %d rows LOST", len(left))
+            return
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        path = self.spill_dir / f"requests-{datetime.now(UTC):%Y%m%dT%H%M%S}-{os.getpid()}.jsonl"
+        with open(path, "a", encoding="utf-8") as fh:
+            for r in left:
+                fh.write(_record_to_json(r) + "\n")
+        logger.error("request log: database unreachable at shutdown; %d rows spilled to %s "
+                     "(written at next start)", len(left), path)
+
+    def _load_spills(self) -> None:
+        if self.spill_dir is None or not self.spill_dir.is_dir():
+            return
+        for path in sorted(self.spill_dir.glob("requests-*.jsonl")):
+            n = 0
+            with open(path, encoding="utf-8") as fh:
+                for line in fh:
+                    if line.strip():
+                        self._buf.append(_record_from_json(line))
+                        n += 1
+            self._loaded_spills.append(path)
+            logger.info("request log: re-ingesting %d spilled rows from %s", n, path)
+
+    def _delete_loaded_spills(self) -> None:
+        for path in self._loaded_spills:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self._loaded_spills.clear()
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def _cli_store(args: Any) -> Store:
+    return Store(database_url_from_config(getattr(args, "config", None)))
+
+
+def db_upgrade_command(args: Any) -> int:
+    store = _cli_store(args)
+    try:
+        store.upgrade(args.revision)
+        print(f"database {redact(store.url)} at revision {store.current_revision()}")
+    finally:
+        store.dispose()
+    return 0
+
+
+def db_downgrade_command(args: Any) -> int:
+    store = _cli_store(args)
+    try:
+        store.downgrade(args.revision)
+        print(f"database {redact(store.url)} at revision {store.current_revision() or 'base (empty)'}")
+    finally:
+        store.dispose()
+    return 0
+
+
+def db_current_command(args: Any) -> int:
+    store = _cli_store(args)
+    try:
+        current, head = store.current_revision(), Store.head_revision()
+    finally:
+        store.dispose()
+    state = "up to date" if current == head else f"behind head {head}: run `uniroute db upgrade`"
+    print(f"{redact(store.url)}: revision {current or 'none (empty database)'} ({state})")
+    return 0
