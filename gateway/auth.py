@@ -1,0 +1,332 @@
+"""API keys: creation, hashing, the request-path authenticator, the admin guard, and ``uniroute keys``.
+
+A key looks like ``sk-ur-<43 url-safe characters>`` (256 random bits). Only its SHA-256
+(``api_keys.key_hash``) and a display prefix (``sk-ur-AbCd``) are stored; the raw key is
+printed once by ``uniroute keys create`` and never logged, stored or put in a metric.
+Lookups are by hash; the stored and computed hashes are then compared with
+``hmac.compare_digest``.
+
+Revocation "at once, on every replica": :class:`KeyAuthenticator` caches a key's policy for
+at most ``cache_ttl_s`` (1 s by default), and :class:`gateway.budget.SqlBudgetGuard` checks
+``revoked_at IS NULL`` in the same atomic UPDATE that reserves budget on every request. So
+once ``uniroute keys revoke`` (or ``DELETE /admin/keys/{name}``) commits, the next request
+with that key is refused by every replica: requests already past the reservation finish,
+no new one starts. Without the SQL budget guard the bound is the cache TTL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import hmac
+import math
+import os
+import secrets
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from gateway.db import BUDGET_PERIODS, ApiKey, utcnow
+from gateway.errors import (
+    AuthenticationError,
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+)
+from gateway.interfaces import Authenticator, Principal
+from gateway.store import Store
+
+KEY_PREFIX = "sk-ur-"
+DISPLAY_PREFIX_LEN = len(KEY_PREFIX) + 4
+ADMIN_KEY_ENV = "UNIROUTE_ADMIN_KEY"
+_HOW_TO_GET_A_KEY = "send 'Authorization: Bearer sk-ur-...'; an operator creates keys with `uniroute keys create`"
+
+
+# ----------------------------------------------------------------------------------- key format
+def generate_key() -> str:
+    """A new raw key: ``sk-ur-`` + 32 random bytes, URL-safe base64."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(raw: str) -> str:
+    """SHA-256 hex of the raw key: what the database stores and looks up."""
+    return hashlib.sha256(raw.encode("utf-8")).hexdigest()
+
+
+def display_prefix(raw: str) -> str:
+    return raw[:DISPLAY_PREFIX_LEN]
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The token of an ``Authorization: Bearer <token>`` header, or a 401 saying what is expected."""
+    if not authorization or not authorization.strip():
+        raise AuthenticationError(f"missing API key: {_HOW_TO_GET_A_KEY}", code="missing_api_key")
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise AuthenticationError("malformed Authorization header: expected 'Bearer <key>'", code="invalid_api_key")
+    return token
+
+
+def principal_from_row(row: ApiKey) -> Principal:
+    return Principal(
+        key_id=row.id,
+        key_name=row.name,
+        key_prefix=row.key_prefix,
+        default_lambda=row.default_lambda,
+        lambda_min=row.lambda_min,
+        lambda_max=row.lambda_max,
+        allowed_models=frozenset(row.allowed_models) if row.allowed_models is not None else None,
+        rpm_limit=row.rpm_limit,
+        budget_usd=row.budget_usd,
+        budget_period=row.budget_period,
+    )
+
+
+# ------------------------------------------------------------------------------- authenticator
+class KeyAuthenticator:
+    """:class:`~gateway.interfaces.Authenticator` over ``api_keys`` with a short-lived cache.
+
+    The cache maps key hash → (principal or refusal, fetched at). Entries live at most
+    ``cache_ttl_s`` seconds, so a change to a key (λ, budget, revocation) reaches every
+    replica within that bound even without the budget guard's per-request check. Unknown
+    keys are cached too (same TTL), so guessing keys cannot hammer the database; the cache
+    holds at most ``max_entries`` hashes (least recently used evicted).
+    """
+
+    def __init__(self, store: Store, *, cache_ttl_s: float = 1.0, max_entries: int = 10_000) -> None:
+        self.store = store
+        self.cache_ttl_s = cache_ttl_s
+        self.max_entries = max_entries
+        self._cache: OrderedDict[str, tuple[float, Principal | AuthenticationError]] = OrderedDict()
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        token = bearer_token(authorization)
+        digest = hash_key(token)
+        now = time.monotonic()
+        hit = self._cache.get(digest)
+        if hit is None or now - hit[0] > self.cache_ttl_s:
+            result = await asyncio.to_thread(self._lookup, digest)
+            hit = (time.monotonic(), result)
+            self._cache[digest] = hit
+            while len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(digest)
+        if isinstance(hit[1], AuthenticationError):
+            raise AuthenticationError(hit[1].message, code=hit[1].code)
+        return hit[1]
+
+    def _lookup(self, digest: str) -> Principal | AuthenticationError:
+        with self.store.sessions() as s:
+            row = s.scalar(sa.select(ApiKey).where(ApiKey.key_hash == digest))
+        if row is None or not hmac.compare_digest(row.key_hash, digest):
+            return AuthenticationError(f"invalid API key: {_HOW_TO_GET_A_KEY}", code="invalid_api_key")
+        if row.revoked_at is not None:
+            return AuthenticationError(
+                f"API key {row.name!r} ({row.key_prefix}...) was revoked at {row.revoked_at:%Y-%m-%dT%H:%M:%SZ}",
+                code="revoked_api_key",
+            )
+        return principal_from_row(row)
+
+    def invalidate(self) -> None:
+        """Forget every cached key (this replica); other replicas follow within ``cache_ttl_s``."""
+        self._cache.clear()
+
+
+class AdminGuard:
+    """Guards ``/admin/*``: the admin key from ``$UNIROUTE_ADMIN_KEY`` (compared in constant time).
+
+    Missing or unknown key → 401; a valid client key that is not the admin key → 403;
+    no admin key configured → 403 saying how to enable the admin API.
+    """
+
+    def __init__(self, admin_key: str | None = None, authenticator: Authenticator | None = None) -> None:
+        self.admin_key = admin_key if admin_key is not None else os.environ.get(ADMIN_KEY_ENV) or None
+        self.authenticator = authenticator
+
+    async def check(self, authorization: str | None) -> None:
+        token = bearer_token(authorization)
+        if self.admin_key and hmac.compare_digest(token.encode(), self.admin_key.encode()):
+            return
+        if self.authenticator is not None:
+            await self.authenticator.authenticate(authorization)  # 401 unless a valid client key
+        elif self.admin_key:
+            raise AuthenticationError("invalid admin key", code="invalid_api_key")
+        if not self.admin_key:
+            raise PermissionDeniedError(f"the admin API is disabled: set {ADMIN_KEY_ENV} to enable it",
+                                        code="admin_disabled")
+        raise PermissionDeniedError("this endpoint needs the admin key; client API keys cannot use it",
+                                    code="admin_required")
+
+
+# --------------------------------------------------------------------------------- key admin
+def _check_key_params(
+    *, name: str, default_lambda: float, lambda_min: float, lambda_max: float,
+    budget_usd: float | None, period: str, rpm_limit: int | None, models: Sequence[str] | None,
+) -> None:
+    if not name or len(name) > 128 or not all(c.isalnum() or c in "-_.@" for c in name):
+        raise InvalidRequestError(f"invalid key name {name!r}: 1-128 characters from letters, digits and -_.@",
+                                  param="name")
+    for label, v in (("lambda", default_lambda), ("lambda_min", lambda_min), ("lambda_max", lambda_max)):
+        if not math.isfinite(v) or v < 0:
+            raise InvalidRequestError(f"{label} must be a finite number >= 0, got {v}", param=label)
+    if not lambda_min <= default_lambda <= lambda_max:
+        raise InvalidRequestError(f"need lambda_min <= lambda <= lambda_max, got {lambda_min} <= {default_lambda} "
+                                  f"<= {lambda_max}", param="lambda")
+    if budget_usd is not None and (not math.isfinite(budget_usd) or budget_usd < 0):
+        raise InvalidRequestError(f"budget must be a number of USD >= 0, got {budget_usd}", param="budget_usd")
+    if period not in BUDGET_PERIODS:
+        raise InvalidRequestError(f"unknown budget period {period!r}; valid: {', '.join(BUDGET_PERIODS)}",
+                                  param="period")
+    if rpm_limit is not None and rpm_limit < 1:
+        raise InvalidRequestError(f"rpm must be >= 1 (omit it for no limit), got {rpm_limit}", param="rpm")
+    if models is not None and (not models or any(not m for m in models)):
+        raise InvalidRequestError("models must be a non-empty list of model names (omit it for every model)",
+                                  param="models")
+
+
+def create_key(
+    store: Store,
+    name: str,
+    *,
+    default_lambda: float,
+    budget_usd: float | None = None,
+    period: str = "month",
+    lambda_min: float = 0.0,
+    lambda_max: float | None = None,
+    rpm_limit: int | None = None,
+    models: Sequence[str] | None = None,
+) -> tuple[str, ApiKey]:
+    """Create a key; returns ``(raw key, row)``. The raw key exists only in the return value."""
+    from gateway.budget import period_start_for
+
+    lam_max = lambda_max if lambda_max is not None else max(10.0, default_lambda)
+    _check_key_params(name=name, default_lambda=default_lambda, lambda_min=lambda_min, lambda_max=lam_max,
+                      budget_usd=budget_usd, period=period, rpm_limit=rpm_limit, models=models)
+    raw = generate_key()
+    now = utcnow()
+    row = ApiKey(
+        name=name, key_hash=hash_key(raw), key_prefix=display_prefix(raw), default_lambda=default_lambda,
+        lambda_min=lambda_min, lambda_max=lam_max, budget_usd=budget_usd, budget_period=period,
+        period_start=period_start_for(period, now), spend_usd=0.0, reserved_usd=0.0, total_spend_usd=0.0,
+        rpm_limit=rpm_limit, allowed_models=list(models) if models is not None else None, created_at=now,
+    )
+    try:
+        with store.session() as s:
+            s.add(row)
+    except IntegrityError:
+        raise ConflictError(f"a key named {name!r} already exists (names stay taken after revocation); "
+                            "pick another name",
+                            param="name") from None
+    return raw, row
+
+
+def list_keys(store: Store, *, include_revoked: bool = True) -> list[ApiKey]:
+    with store.sessions() as s:
+        q = sa.select(ApiKey).order_by(ApiKey.id)
+        if not include_revoked:
+            q = q.where(ApiKey.revoked_at.is_(None))
+        return list(s.scalars(q))
+
+
+def get_key(store: Store, name: str) -> ApiKey:
+    with store.sessions() as s:
+        row = s.scalar(sa.select(ApiKey).where(ApiKey.name == name))
+    if row is None:
+        raise NotFoundError(f"no API key named {name!r}", param="name")
+    return row
+
+
+def revoke_key(store: Store, name: str) -> ApiKey:
+    """Mark a key revoked (idempotent: revoking twice keeps the first time)."""
+    with store.session() as s:
+        row = s.scalar(sa.select(ApiKey).where(ApiKey.name == name).with_for_update())
+        if row is None:
+            raise NotFoundError(f"no API key named {name!r}", param="name")
+        if row.revoked_at is None:
+            row.revoked_at = utcnow()
+    return row
+
+
+def key_summary(row: ApiKey) -> dict[str, Any]:
+    """A key as the admin API and ``keys list`` show it (never the hash or the raw key)."""
+    def iso(t: datetime | None) -> str | None:
+        return t.isoformat().replace("+00:00", "Z") if t is not None else None
+
+    return {
+        "name": row.name, "prefix": row.key_prefix, "lambda": row.default_lambda,
+        "lambda_min": row.lambda_min, "lambda_max": row.lambda_max, "budget_usd": row.budget_usd,
+        "budget_period": row.budget_period, "period_start": iso(row.period_start), "spend_usd": row.spend_usd,
+        "reserved_usd": row.reserved_usd, "total_spend_usd": row.total_spend_usd, "rpm": row.rpm_limit,
+        "models": row.allowed_models, "created_at": iso(row.created_at), "revoked_at": iso(row.revoked_at),
+    }
+
+
+# ------------------------------------------------------------------------------------- CLI
+def _cli_store(args: argparse.Namespace) -> Store:
+    from gateway.store import database_url_from_config
+
+    store = Store(database_url_from_config(getattr(args, "config", None)))
+    store.upgrade()
+    return store
+
+
+def keys_create_command(args: argparse.Namespace) -> int:
+    store = _cli_store(args)
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    try:
+        raw, row = create_key(store, args.name, default_lambda=args.lam, budget_usd=args.budget, period=args.period,
+                              lambda_min=args.lambda_min, lambda_max=args.lambda_max, rpm_limit=args.rpm,
+                              models=models)
+    except (InvalidRequestError, ConflictError) as exc:
+        print(f"uniroute keys create: {exc.message}", file=sys.stderr)
+        return 2
+    finally:
+        store.dispose()
+    budget = f"${row.budget_usd:g}/{row.budget_period}" if row.budget_usd is not None else "no budget cap"
+    print(f"created key {row.name!r}: lambda={row.default_lambda:g} (range {row.lambda_min:g}..{row.lambda_max:g}), "
+          f"{budget}, rpm={row.rpm_limit or 'unlimited'}", file=sys.stderr)
+    print("the key is shown only once; store it now:", file=sys.stderr)
+    print(raw)
+    return 0
+
+
+def keys_list_command(args: argparse.Namespace) -> int:
+    store = _cli_store(args)
+    try:
+        rows = list_keys(store, include_revoked=args.all)
+    finally:
+        store.dispose()
+    if args.json:
+        import json
+
+        print(json.dumps([key_summary(r) for r in rows], indent=2))
+        return 0
+    print(f"{'NAME':<20} {'PREFIX':<12} {'LAMBDA':>7} {'BUDGET':>14} {'SPENT':>10} {'RPM':>6}  STATUS")
+    for r in rows:
+        budget = f"{r.budget_usd:.2f}/{r.budget_period}" if r.budget_usd is not None else "-"
+        status = f"revoked {r.revoked_at:%Y-%m-%d}" if r.revoked_at else "active"
+        print(f"{r.name:<20} {r.key_prefix:<12} {r.default_lambda:>7g} {budget:>14} {r.spend_usd:>10.4f} "
+              f"{r.rpm_limit or '-':>6}  {status}")
+    return 0
+
+
+def keys_revoke_command(args: argparse.Namespace) -> int:
+    store = _cli_store(args)
+    try:
+        row = revoke_key(store, args.name)
+    except NotFoundError as exc:
+        print(f"uniroute keys revoke: {exc.message}", file=sys.stderr)
+        return 2
+    finally:
+        store.dispose()
+    print(f"revoked key {row.name!r} ({row.key_prefix}...) at {row.revoked_at:%Y-%m-%dT%H:%M:%SZ}")
+    return 0

@@ -1,0 +1,193 @@
+"""API keys: format, hashing (never stored raw), the cached authenticator, revocation, admin guard, CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from storeutil import REPO_ROOT
+
+from gateway.auth import (
+    AdminGuard,
+    KeyAuthenticator,
+    bearer_token,
+    create_key,
+    generate_key,
+    hash_key,
+    key_summary,
+    list_keys,
+    revoke_key,
+)
+from gateway.budget import SqlBudgetGuard
+from gateway.db import ApiKey
+from gateway.errors import (
+    AuthenticationError,
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    error_body,
+)
+from gateway.store import Store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(f"sqlite:///{tmp_path / 'u.db'}")
+    s.upgrade()
+    yield s
+    s.dispose()
+
+
+def test_key_format_and_hash() -> None:
+    a, b = generate_key(), generate_key()
+    assert a != b and a.startswith("sk-ur-") and len(a) == 6 + 43
+    assert all(c.isalnum() or c in "-_" for c in a[6:])
+    assert hash_key(a) == hash_key(a) and len(hash_key(a)) == 64 and hash_key(a) != hash_key(b)
+
+
+def test_bearer_parsing() -> None:
+    assert bearer_token("Bearer sk-ur-x") == "sk-ur-x"
+    assert bearer_token("bearer   sk-ur-x ") == "sk-ur-x"
+    with pytest.raises(AuthenticationError, match="missing API key") as e:
+        bearer_token(None)
+    assert e.value.code == "missing_api_key"
+    for bad in ("Basic abc", "Bearer", "sk-ur-x"):
+        with pytest.raises(AuthenticationError, match="expected 'Bearer <key>'"):
+            bearer_token(bad)
+
+
+def test_raw_key_is_never_stored(store: Store, tmp_path: Path) -> None:
+    raw, row = create_key(store, "alice", default_lambda=0.2, budget_usd=5.0, rpm_limit=10, models=["a", "b"])
+    assert row.key_hash == hash_key(raw) and row.key_prefix == raw[:10]
+    with store.engine.connect() as conn:
+        values = [str(v) for r in conn.execute(sa.select(ApiKey.__table__)) for v in r]
+    assert not any(raw in v or raw[10:] in v for v in values)
+    store.engine.dispose()  # checkpoint the WAL so the file holds everything
+    data = b"".join(p.read_bytes() for p in tmp_path.glob("u.db*") if p.is_file())
+    assert raw[10:].encode() not in data
+    assert "key_hash" not in key_summary(row) and raw not in str(key_summary(row))
+
+
+def test_create_key_validation(store: Store) -> None:
+    create_key(store, "alice", default_lambda=0.2)
+    with pytest.raises(ConflictError, match="'alice' already exists"):
+        create_key(store, "alice", default_lambda=0.2)
+    with pytest.raises(InvalidRequestError, match=r"need lambda_min <= lambda <= lambda_max, got 0.5 <= 0.2 <= 1"):
+        create_key(store, "b", default_lambda=0.2, lambda_min=0.5, lambda_max=1.0)
+    with pytest.raises(InvalidRequestError, match="unknown budget period 'week'; valid: day, month"):
+        create_key(store, "b", default_lambda=0.2, period="week")
+    with pytest.raises(InvalidRequestError, match="budget must be"):
+        create_key(store, "b", default_lambda=0.2, budget_usd=-1)
+    with pytest.raises(InvalidRequestError, match="invalid key name"):
+        create_key(store, "has space", default_lambda=0.2)
+    with pytest.raises(NotFoundError, match="no API key named 'nobody'"):
+        revoke_key(store, "nobody")
+
+
+async def test_authenticate(store: Store) -> None:
+    raw, _ = create_key(store, "alice", default_lambda=0.2, lambda_min=0.1, lambda_max=2.0, budget_usd=5.0,
+                        period="day", rpm_limit=10, models=["a", "b"])
+    auth = KeyAuthenticator(store)
+    p = await auth.authenticate(f"Bearer {raw}")
+    assert (p.key_name, p.default_lambda, p.lambda_min, p.lambda_max) == ("alice", 0.2, 0.1, 2.0)
+    assert (p.budget_usd, p.budget_period, p.rpm_limit, p.allowed_models) == (5.0, "day", 10, frozenset({"a", "b"}))
+    assert p.metric_label == "alice" and raw not in repr(p)
+    for header in (None, "Bearer sk-ur-nope", f"Bearer {raw}x"):
+        with pytest.raises(AuthenticationError) as e:
+            await auth.authenticate(header)
+        status, body, _ = error_body(e.value)
+        assert status == 401 and body["error"]["type"] == "authentication_error"
+        assert "sk-ur-nope" not in body["error"]["message"] and raw not in body["error"]["message"]
+
+
+async def test_revocation_within_cache_ttl_and_at_once_on_reserve(store: Store) -> None:
+    raw, _ = create_key(store, "alice", default_lambda=0.2, budget_usd=5.0)
+    replica_a = KeyAuthenticator(store, cache_ttl_s=0.5)
+    replica_b = KeyAuthenticator(store, cache_ttl_s=0.5)
+    guard = SqlBudgetGuard(store)
+    pa = await replica_a.authenticate(f"Bearer {raw}")
+    await replica_b.authenticate(f"Bearer {raw}")
+    revoke_key(store, "alice")
+    # replica B's cache still holds the key, but the per-request reservation refuses it at once
+    pb = await replica_b.authenticate(f"Bearer {raw}")
+    with pytest.raises(AuthenticationError, match="revoked"):
+        await guard.reserve(pb, 0.01)
+    with pytest.raises(AuthenticationError, match="revoked"):
+        await guard.reserve(pa, 0.01)
+    await asyncio.sleep(0.6)  # after the TTL every replica's authenticator refuses it too
+    for auth in (replica_a, replica_b):
+        with pytest.raises(AuthenticationError, match=r"API key 'alice' \(sk-ur-.{4}\.\.\.\) was revoked") as e:
+            await auth.authenticate(f"Bearer {raw}")
+        assert e.value.code == "revoked_api_key"
+
+
+async def test_cache_avoids_database_and_is_bounded(store: Store) -> None:
+    raw, _ = create_key(store, "alice", default_lambda=0.2)
+    auth = KeyAuthenticator(store, cache_ttl_s=60, max_entries=3)
+    calls = 0
+    orig = auth._lookup
+
+    def counting(digest: str):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        return orig(digest)
+
+    auth._lookup = counting  # type: ignore[method-assign]
+    for _ in range(5):
+        await auth.authenticate(f"Bearer {raw}")
+    assert calls == 1
+    for i in range(5):
+        with pytest.raises(AuthenticationError):
+            await auth.authenticate(f"Bearer sk-ur-guess{i}")
+    assert len(auth._cache) == 3
+
+
+async def test_admin_guard(store: Store) -> None:
+    raw, _ = create_key(store, "alice", default_lambda=0.2)
+    guard = AdminGuard("sk-admin-secret", KeyAuthenticator(store))
+    await guard.check("Bearer sk-admin-secret")
+    with pytest.raises(AuthenticationError):
+        await guard.check(None)
+    with pytest.raises(AuthenticationError):
+        await guard.check("Bearer wrong")
+    with pytest.raises(PermissionDeniedError, match="needs the admin key") as e:
+        await guard.check(f"Bearer {raw}")
+    assert error_body(e.value)[0] == 403
+    disabled = AdminGuard("", KeyAuthenticator(store))
+    with pytest.raises(PermissionDeniedError, match="set UNIROUTE_ADMIN_KEY"):
+        await disabled.check(f"Bearer {raw}")
+    no_keys = AdminGuard("sk-admin-secret")
+    with pytest.raises(AuthenticationError):
+        await no_keys.check("Bearer wrong")
+
+
+def test_cli_keys(tmp_path: Path) -> None:
+    db = tmp_path / "k.db"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "UNIROUTE_DATABASE_URL": f"sqlite:///{db}"}
+
+    def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run([sys.executable, "-m", "gateway.cli", "keys", *args], env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert (out.returncode == 0) == ok, out.stderr
+        return out
+
+    out = run("create", "--name", "alice", "--lambda", "0.3", "--budget", "2.5", "--period", "day", "--rpm", "5",
+              "--models", "a,b")
+    raw = out.stdout.strip()
+    assert raw.startswith("sk-ur-") and "shown only once" in out.stderr and raw not in out.stderr
+    listing = run("list").stdout
+    assert "alice" in listing and raw[:10] in listing and raw[10:] not in listing
+    assert "already exists" in run("create", "--name", "alice", "--lambda", "0.3", ok=False).stderr
+    assert "revoked key 'alice'" in run("revoke", "alice").stdout
+    assert "alice" not in run("list").stdout and "alice" in run("list", "--all").stdout
+    store = Store(f"sqlite:///{db}")
+    [row] = list_keys(store)
+    assert row.key_hash == hash_key(raw) and row.revoked_at is not None and row.budget_period == "day"
+    store.dispose()
