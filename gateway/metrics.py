@@ -1,0 +1,260 @@
+"""Every Prometheus metric of the gateway, in one place (see docs/METRICS.md for the list).
+
+Names follow LiteLLM's proxy where a counterpart exists (``litellm_spend_metric_total``,
+``litellm_request_total_latency_metric``, ...), so LiteLLM dashboards keep working; the
+rest are ``uniroute_*``. Units are base units (seconds, USD, tokens); counters end in
+``_total`` on the wire (prometheus_client appends it).
+
+Labels are bounded: model names are those of the registry (anything else is ``other``),
+``api_key_alias`` is the key's NAME (operator-chosen; never the raw key or its hash),
+status codes are HTTP codes, clusters are router cluster indices. Prompt text never
+appears in a label.
+
+Multiprocess mode: when ``PROMETHEUS_MULTIPROC_DIR`` is set before ``prometheus_client``
+is imported (``uniroute serve --workers N`` and the ``uvicorn --workers`` recipe in the
+docs do this), every worker writes its samples to files there and ``/metrics`` merges all
+workers' files, so any worker answers for the whole server. Gauges declare how they
+merge: in-flight requests are summed over live workers, budgets take the most recent
+value written by any worker.
+
+One :class:`Metrics` per process is built in the app's lifespan, on its own
+:class:`~prometheus_client.CollectorRegistry` (tests build as many as they like).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from gateway.interfaces import RequestRecord
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+#: Seconds. From a cache hit (5 ms) to a long generation (5 min).
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+                     float("inf"))
+#: Seconds of gateway overhead (everything but the upstream call): finer at the low end.
+OVERHEAD_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, float("inf"))
+
+OTHER = "other"  # label value for a model name outside the registry
+NONE = "none"  # label value when there is no model (refused before routing)
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+def multiprocess_enabled() -> bool:
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+def _status_class(code: int) -> str:
+    return f"{code // 100}xx" if 100 <= code < 600 else "other"
+
+
+class Metrics:
+    """The gateway's metrics. Call :meth:`observe_request` once per finished request."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = registry if registry is not None else CollectorRegistry()
+        self.registry = r
+        self._known_models: frozenset[str] = frozenset()
+        key = "api_key_alias"
+
+        # -- traffic ----------------------------------------------------------------------------
+        self.requests = Counter(
+            "litellm_proxy_total_requests_metric",
+            "Client requests by requested model, routed model, HTTP status and key name",
+            ["requested_model", "model", "status_code", "status_class", key], registry=r)
+        self.failed_requests = Counter(
+            "litellm_proxy_failed_requests_metric",
+            "Client requests that ended in an error, by error type",
+            ["requested_model", "model", "exception_status", "exception_class", key], registry=r)
+        self.llm_requests = Counter(
+            "litellm_requests_metric",
+            "Successful requests answered by a backend model",
+            ["model", "requested_model", key], registry=r)
+        self.in_flight = Gauge(
+            "litellm_in_flight_requests", "Requests being served right now (all workers)",
+            registry=r, multiprocess_mode="livesum")
+
+        # -- tokens and spend ----------------------------------------------------------------------
+        labels = ["model", "requested_model", key]
+        self.input_tokens = Counter("litellm_input_tokens_metric", "Prompt tokens", labels, registry=r)
+        self.output_tokens = Counter("litellm_output_tokens_metric", "Completion tokens", labels, registry=r)
+        self.total_tokens = Counter("litellm_total_tokens_metric", "Prompt + completion tokens", labels, registry=r)
+        self.spend = Counter("litellm_spend_metric", "Spend in USD", labels, registry=r)
+
+        # -- latency (seconds) --------------------------------------------------------------------
+        self.total_latency = Histogram(
+            "litellm_request_total_latency_metric", "Request latency as the client saw it, seconds",
+            ["model", "requested_model"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.upstream_latency = Histogram(
+            "litellm_llm_api_latency_metric", "Latency of the successful upstream (LiteLLM) call, seconds",
+            ["model"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.overhead_latency = Histogram(
+            "litellm_overhead_latency_metric",
+            "Gateway overhead (total latency minus upstream latency: auth, routing, budget, fallbacks), seconds",
+            ["model"], buckets=OVERHEAD_BUCKETS_S, registry=r)
+        self.ttft = Histogram(
+            "litellm_llm_api_time_to_first_token_metric", "Time to first streamed token, seconds",
+            ["model"], buckets=LATENCY_BUCKETS_S, registry=r)
+
+        # -- routing ------------------------------------------------------------------------------
+        self.routing_decisions = Counter(
+            "uniroute_routing_decisions", "model=auto decisions: the router's first choice and the prompt's cluster",
+            ["model", "cluster"], registry=r)
+        self.fallbacks = Counter(
+            "uniroute_fallbacks", "Fallback hops from a failed model to the next candidate",
+            ["from_model", "to_model"], registry=r)
+        self.successful_fallbacks = Counter(
+            "litellm_deployment_successful_fallbacks", "Requests answered by a fallback model",
+            ["requested_model", "fallback_model", key], registry=r)
+        self.failed_fallbacks = Counter(
+            "litellm_deployment_failed_fallbacks", "Requests whose every fallback failed",
+            ["requested_model", "fallback_model", key], registry=r)
+        self.registry_models = Gauge(
+            "uniroute_registry_models", "Models in the live registry, by state (enabled, routable)",
+            ["state"], registry=r, multiprocess_mode="mostrecent")
+
+        # -- budgets and limits ------------------------------------------------------------------
+        self.remaining_budget = Gauge(
+            "litellm_remaining_api_key_budget_metric",
+            "Budget left in the key's current period (limit minus settled spend), USD",
+            [key], registry=r, multiprocess_mode="mostrecent")
+        self.max_budget = Gauge(
+            "litellm_api_key_max_budget_metric", "The key's budget per period, USD",
+            [key], registry=r, multiprocess_mode="mostrecent")
+        self.rate_limiter_errors = Counter(
+            "uniroute_rate_limiter_errors", "Rate-limit checks that could not reach Redis", registry=r)
+
+        # -- request log writer ----------------------------------------------------------------------
+        self.request_log_written = Counter(
+            "uniroute_request_log_written", "Request rows written to the database", registry=r)
+        self.request_log_dropped = Counter(
+            "uniroute_request_log_dropped", "Request rows dropped because the log buffer was full", registry=r)
+        self.request_log_errors = Counter(
+            "uniroute_request_log_errors", "Failed batch writes of the request log (retried)", registry=r)
+        self.request_log_buffer = Gauge(
+            "uniroute_request_log_buffer_rows", "Request rows waiting to be written",
+            registry=r, multiprocess_mode="livesum")
+
+    # -- label hygiene ---------------------------------------------------------------------------
+    def set_registry(self, models: Iterable[str], routable: Iterable[str] | None = None) -> None:
+        """Tell the metrics which model names exist (the only ones used as label values)."""
+        names = frozenset(models)
+        self._known_models = names
+        self.registry_models.labels(state="enabled").set(len(names))
+        self.registry_models.labels(state="routable").set(len(frozenset(routable)) if routable is not None
+                                                          else len(names))
+
+    def model_label(self, name: str | None) -> str:
+        if not name:
+            return NONE
+        if name == "auto" or name in self._known_models:
+            return name
+        return OTHER
+
+    # -- observations ------------------------------------------------------------------------------
+    def set_key_budget(self, key_name: str, budget_usd: float, remaining_usd: float) -> None:
+        self.max_budget.labels(api_key_alias=key_name).set(budget_usd)
+        self.remaining_budget.labels(api_key_alias=key_name).set(remaining_usd)
+
+    def observe_request(self, record: RequestRecord) -> None:
+        """Update every per-request metric from one finished request's record."""
+        requested = self.model_label(record.requested_model)
+        model = self.model_label(record.routed_model)
+        key = record.key_name or "anonymous"
+        status = int(record.status_code)
+        self.requests.labels(requested_model=requested, model=model, status_code=str(status),
+                             status_class=_status_class(status), api_key_alias=key).inc()
+        ok = status < 400
+        if ok:
+            if record.routed_model:
+                self.llm_requests.labels(model=model, requested_model=requested, api_key_alias=key).inc()
+        else:
+            self.failed_requests.labels(requested_model=requested, model=model, exception_status=str(status),
+                                        exception_class=(record.error_type or "error")[:64], api_key_alias=key).inc()
+        tok = {"model": model, "requested_model": requested, "api_key_alias": key}
+        if record.prompt_tokens:
+            self.input_tokens.labels(**tok).inc(record.prompt_tokens)
+        if record.completion_tokens:
+            self.output_tokens.labels(**tok).inc(record.completion_tokens)
+        if record.prompt_tokens or record.completion_tokens:
+            self.total_tokens.labels(**tok).inc((record.prompt_tokens or 0) + (record.completion_tokens or 0))
+        if record.cost_usd:
+            self.spend.labels(**tok).inc(record.cost_usd)
+
+        if record.latency_ms is not None:
+            self.total_latency.labels(model=model, requested_model=requested).observe(record.latency_ms / 1000)
+            if record.upstream_latency_ms is not None:
+                overhead = max(0.0, record.latency_ms - record.upstream_latency_ms)
+                self.overhead_latency.labels(model=model).observe(overhead / 1000)
+        if record.upstream_latency_ms is not None:
+            self.upstream_latency.labels(model=model).observe(record.upstream_latency_ms / 1000)
+        if record.ttft_ms is not None:
+            self.ttft.labels(model=model).observe(record.ttft_ms / 1000)
+
+        if record.requested_model == "auto" and (record.candidates or record.routed_model):
+            first = record.candidates[0].get("model") if record.candidates else record.routed_model
+            cluster = str(record.cluster) if record.cluster is not None else NONE
+            self.routing_decisions.labels(model=self.model_label(first), cluster=cluster).inc()
+        attempts = [a.get("model") for a in record.attempts if a.get("model")]
+        for a, b in itertools.pairwise(attempts):
+            self.fallbacks.labels(from_model=self.model_label(a), to_model=self.model_label(b)).inc()
+        if len(attempts) > 1:
+            counter = self.successful_fallbacks if ok else self.failed_fallbacks
+            counter.labels(requested_model=requested, fallback_model=self.model_label(attempts[-1]),
+                           api_key_alias=key).inc()
+
+    # -- exposition ----------------------------------------------------------------------------------
+    def render(self) -> bytes:
+        """The text exposition: this registry, or every worker's files in multiprocess mode."""
+        if multiprocess_enabled():
+            from prometheus_client import multiprocess
+
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged)
+            return generate_latest(merged)
+        return generate_latest(self.registry)
+
+    def shutdown(self) -> None:
+        """Mark this worker dead so ``live*`` gauges stop counting it (multiprocess mode)."""
+        if multiprocess_enabled():
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid())
+
+
+def metrics_app(metrics: Metrics) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """A pure-ASGI app answering ``GET /metrics`` with the text exposition."""
+    import asyncio
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        if scope.get("method", "GET") not in ("GET", "HEAD"):
+            body = b'{"error": {"message": "method not allowed: use GET /metrics", "type": "invalid_request_error", ' \
+                   b'"param": null, "code": "method_not_allowed"}}'
+            await send({"type": "http.response.start", "status": 405,
+                        "headers": [(b"content-type", b"application/json"), (b"allow", b"GET, HEAD")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        payload = await asyncio.to_thread(metrics.render) if multiprocess_enabled() else metrics.render()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode()),
+                                (b"content-length", str(len(payload)).encode())]})
+        await send({"type": "http.response.body", "body": b"" if scope.get("method") == "HEAD" else payload})
+
+    return app

@@ -1,0 +1,231 @@
+"""Prometheus metrics: names and labels, multiprocess mode under uvicorn --workers 2, a real Prometheus."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from storeutil import REPO_ROOT, free_port, require
+
+from gateway.interfaces import RequestRecord
+from gateway.metrics import Metrics, metrics_app
+
+
+def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def _value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in _samples(text).items() if n == name and want <= ls)
+
+
+def _record(**kw: object) -> RequestRecord:
+    now = datetime.now(UTC)
+    base: dict[str, object] = dict(request_id="r", started_at=now, finished_at=now, requested_model="auto",
+                                   stream=False, routed_model="small", key_name="alice", status_code=200,
+                                   prompt_tokens=100, completion_tokens=20, cost_usd=0.5, latency_ms=250.0,
+                                   upstream_latency_ms=200.0, cluster=4,
+                                   candidates=[{"model": "small", "objective": 0.2}])
+    base.update(kw)
+    return RequestRecord(**base)  # type: ignore[arg-type]
+
+
+def test_observe_request_names_and_labels() -> None:
+    m = Metrics()
+    m.set_registry(["small", "large"], routable=["small"])
+    m.observe_request(_record())
+    m.observe_request(_record(routed_model="large", status_code=200, ttft_ms=50.0, stream=True,
+                              attempts=[{"model": "small", "status": 502}, {"model": "large", "status": 200}]))
+    m.observe_request(_record(requested_model="gpt-made-up", routed_model=None, status_code=404,
+                              error_type="invalid_request_error", prompt_tokens=None, completion_tokens=None,
+                              cost_usd=None, upstream_latency_ms=None, candidates=[]))
+    m.set_key_budget("alice", 10.0, 7.5)
+    text = m.render().decode()
+    req = "litellm_proxy_total_requests_metric_total"
+    assert _value(text, req) == 3
+    assert _value(text, req, requested_model="auto", model="small", status_code="200", status_class="2xx",
+                  api_key_alias="alice") == 1
+    assert _value(text, req, requested_model="other", model="none", status_code="404") == 1  # unbounded → other
+    assert _value(text, "litellm_proxy_failed_requests_metric_total", exception_class="invalid_request_error") == 1
+    assert _value(text, "litellm_requests_metric_total") == 2
+    assert _value(text, "litellm_input_tokens_metric_total", model="small") == 100
+    assert _value(text, "litellm_output_tokens_metric_total") == 40
+    assert _value(text, "litellm_total_tokens_metric_total") == 240
+    assert _value(text, "litellm_spend_metric_total", api_key_alias="alice") == pytest.approx(1.0)
+    assert _value(text, "litellm_request_total_latency_metric_count") == 3
+    assert _value(text, "litellm_request_total_latency_metric_sum") == pytest.approx(0.75)
+    assert _value(text, "litellm_llm_api_latency_metric_count") == 2
+    assert _value(text, "litellm_overhead_latency_metric_sum") == pytest.approx(0.1)
+    assert _value(text, "litellm_llm_api_time_to_first_token_metric_count", model="large") == 1
+    assert _value(text, "uniroute_routing_decisions_total", model="small", cluster="4") == 2
+    assert _value(text, "uniroute_fallbacks_total", from_model="small", to_model="large") == 1
+    assert _value(text, "litellm_deployment_successful_fallbacks_total", fallback_model="large") == 1
+    assert _value(text, "litellm_remaining_api_key_budget_metric", api_key_alias="alice") == 7.5
+    assert _value(text, "litellm_api_key_max_budget_metric", api_key_alias="alice") == 10.0
+    assert _value(text, "uniroute_registry_models", state="enabled") == 2
+    assert _value(text, "uniroute_registry_models", state="routable") == 1
+    assert "gpt-made-up" not in text
+
+
+def test_no_secret_or_prompt_in_labels() -> None:
+    m = Metrics()
+    m.set_registry(["small"])
+    m.observe_request(_record(prompt_text="my secret prompt", key_name="alice"))
+    text = m.render().decode()
+    assert "secret prompt" not in text and "sk-ur-" not in text
+
+
+async def test_metrics_app() -> None:
+    m = Metrics()
+    m.observe_request(_record())
+    transport = httpx.ASGITransport(app=metrics_app(m))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        r = await c.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        assert "litellm_proxy_total_requests_metric_total" in r.text
+        r = await c.post("/metrics")
+        assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+# ------------------------------------------------------------------------------- subprocess servers
+def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout} s")
+
+
+@pytest.fixture
+def demo_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    workers = getattr(request, "param", 1)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    if workers > 1:
+        mp = tmp_path / "prom-mp"
+        mp.mkdir()
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(mp)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(REPO_ROOT / "tests"), "--factory",
+         "metricsdemo:create_app", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+         "--log-level", "warning"],
+        env=env, cwd=tmp_path,
+    )
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/metrics", proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@pytest.mark.parametrize("demo_server", [2], indirect=True)
+def test_multiprocess_uvicorn_two_workers(demo_server: str) -> None:
+    pids: set[str] = set()
+    sent = 0
+    while len(pids) < 2 and sent < 400:  # fresh connections until both workers have served some
+        for _ in range(20):
+            with httpx.Client() as c:
+                pids.add(c.post(f"{demo_server}/hit").text)
+            sent += 1
+    assert len(pids) == 2, f"all {sent} requests went to one worker"
+    for _ in range(6):  # whichever worker answers /metrics reports every worker's requests
+        with httpx.Client() as c:
+            text = c.get(f"{demo_server}/metrics").text
+        assert _value(text, "litellm_proxy_total_requests_metric_total") == sent
+        assert _value(text, "litellm_spend_metric_total") == pytest.approx(0.002 * sent)
+        assert _value(text, "litellm_request_total_latency_metric_count") == sent
+        assert _value(text, "litellm_in_flight_requests") == 0
+
+
+def prometheus_binary() -> str:
+    found = shutil.which("prometheus")
+    require("the `prometheus` binary (Debian package prometheus)", found is not None)
+    assert found is not None
+    return found
+
+
+@contextlib.contextmanager
+def prometheus_server(targets: list[str], tmp_path: Path) -> Iterator[str]:
+    """A real Prometheus on a loopback port, scraping ``targets`` (host:port) every second."""
+    binary = prometheus_binary()
+    port = free_port()
+    cfg = tmp_path / "prometheus.yml"
+    cfg.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        "scrape_configs:\n  - job_name: uniroute\n    metrics_path: /metrics\n"
+        f"    static_configs:\n      - targets: {targets!r}\n".replace("'", '"')
+    )
+    proc = subprocess.Popen(
+        [binary, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/-/ready", proc, timeout=60)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def promql(prom: str, query: str) -> float | None:
+    r = httpx.get(f"{prom}/api/v1/query", params={"query": query}, timeout=5)
+    r.raise_for_status()
+    data = r.json()["data"]["result"]
+    return float(data[0]["value"][1]) if data else None
+
+
+def wait_promql(prom: str, query: str, expected: float, timeout: float = 30) -> float | None:
+    deadline = time.monotonic() + timeout
+    got = None
+    while time.monotonic() < deadline:
+        got = promql(prom, query)
+        if got == expected:
+            return got
+        time.sleep(0.5)
+    return got
+
+
+def test_real_prometheus_scrapes_and_promql_counts(demo_server: str, tmp_path: Path) -> None:
+    target = demo_server.removeprefix("http://")
+    with prometheus_server([target], tmp_path) as prom:
+        with httpx.Client() as c:
+            for i in range(17):
+                c.post(f"{demo_server}/hit", params={"model": "large" if i % 3 == 0 else "small"})
+            c.post(f"{demo_server}/hit", params={"status": "502"})
+        q = 'sum(litellm_proxy_total_requests_metric_total{job="uniroute"})'
+        assert wait_promql(prom, q, 18) == 18
+        assert promql(prom, 'sum(litellm_proxy_total_requests_metric_total{model="large"})') == 6
+        assert promql(prom, 'sum(litellm_proxy_failed_requests_metric_total{exception_status="502"})') == 1
+        assert promql(prom, 'up{job="uniroute"}') == 1
