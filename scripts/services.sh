@@ -14,4 +14,12 @@ if command -v redis-cli >/dev/null 2>&1 && ! redis-cli -h 127.0.0.1 -p 6379 ping
   for _ in $(seq 1 20); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.5; done
 fi
 redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && echo "services: Redis up" || echo "services: Redis unavailable (its tests will skip)"
+# Prometheus (Debian package) for the real-Prometheus metrics tests. Installed only when
+# missing and we are root; the package's own service is not started (tests run their own).
+if ! command -v prometheus >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+  echo "services: installing prometheus (apt)"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) >/dev/null 2>&1 || true
+fi
+command -v prometheus >/dev/null 2>&1 && echo "services: prometheus $(prometheus --version 2>&1 | head -n1 | awk '{print $3}')" \
+  || echo "services: prometheus unavailable (its tests will skip)"
 exit 0

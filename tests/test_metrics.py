@@ -229,3 +229,36 @@ def test_real_prometheus_scrapes_and_promql_counts(demo_server: str, tmp_path: P
         assert promql(prom, 'sum(litellm_proxy_total_requests_metric_total{model="large"})') == 6
         assert promql(prom, 'sum(litellm_proxy_failed_requests_metric_total{exception_status="502"})') == 1
         assert promql(prom, 'up{job="uniroute"}') == 1
+
+
+def test_dashboard_queries_parse_and_use_only_our_metrics(tmp_path: Path) -> None:
+    """Every PromQL expression of deploy/grafana-dashboard.json parses, and names only metrics we export."""
+    import json
+    import re
+
+    dash = json.loads((REPO_ROOT / "deploy" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 20
+    m = Metrics()
+    exported = {s.name for fam in text_string_to_metric_families(m.render().decode()) for s in fam.samples}
+    exported |= {fam.name for fam in m.registry.collect()}
+    m.observe_request(_record(ttft_ms=1.0, attempts=[{"model": "a"}, {"model": "b"}]))
+    m.observe_request(_record(status_code=500, error_type="upstream_error"))
+    m.set_key_budget("k", 1, 1)
+    m.set_registry(["small"])
+    m.request_log_dropped.inc(0)
+    exported |= {s.name for fam in m.registry.collect() for s in fam.samples}
+    used = {n for e in exprs for n in re.findall(r"\b((?:litellm|uniroute)_[a-z_]+)", e)}
+    assert used <= exported, f"dashboard uses metrics we do not export: {sorted(used - exported)}"
+    promtool = shutil.which("promtool")
+    require("promtool (Debian package prometheus)", promtool is not None)
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:expr{i}", "expr": e.replace("$__rate_interval", "5m").replace("$__range", "1h")
+         .replace("$job", ".*")} for i, e in enumerate(exprs)]}]}
+    (tmp_path / "rules.yml").write_text(json.dumps(rules))
+    out = subprocess.run([str(promtool), "check", "rules", str(tmp_path / "rules.yml")], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    out = subprocess.run([str(promtool), "check", "config", str(REPO_ROOT / "deploy" / "prometheus.yml")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
