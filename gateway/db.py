@@ -166,11 +166,17 @@ class ModelProfile(Base):
 
 
 class RequestRow(Base):
-    """One request as logged by the background writer (``store.RequestLogWriter``)."""
+    """One request as logged by the background writer (``store.RequestLogWriter``).
+
+    ``id`` is a row id the writer assigns once per submitted record (so a batch retried after
+    an ambiguous failure is written once); ``request_id`` is the gateway's request id, which a
+    client may choose (``x-uniroute-request-id``), so it is indexed but not unique.
+    """
 
     __tablename__ = "requests"
 
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(128), index=True)
     key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
     key_name: Mapped[str | None] = mapped_column(String(128))
     requested_model: Mapped[str] = mapped_column(String(200))
@@ -209,7 +215,7 @@ class Feedback(Base):
     __tablename__ = "feedback"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    request_id: Mapped[str] = mapped_column(String(64), index=True)
+    request_id: Mapped[str] = mapped_column(String(128), index=True)
     key_id: Mapped[int | None] = mapped_column(Integer)
     score: Mapped[float] = mapped_column(Float)  # in [0, 1]
     source: Mapped[str] = mapped_column(String(32), default="user")

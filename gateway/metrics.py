@@ -144,6 +144,9 @@ class Metrics:
             "uniroute_request_log_written", "Request rows written to the database", registry=r)
         self.request_log_dropped = Counter(
             "uniroute_request_log_dropped", "Request rows dropped because the log buffer was full", registry=r)
+        self.request_log_rejected = Counter(
+            "uniroute_request_log_rejected", "Request rows the database refused as invalid (dropped, logged)",
+            registry=r)
         self.request_log_errors = Counter(
             "uniroute_request_log_errors", "Failed batch writes of the request log (retried)", registry=r)
         self.request_log_buffer = Gauge(

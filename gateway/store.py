@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -273,10 +274,14 @@ class Store:
 
 
 # --------------------------------------------------------------------------- request log writer
-def record_to_row(record: RequestRecord) -> dict[str, Any]:
-    """A :class:`RequestRecord` as a ``requests`` row (column keys of :class:`gateway.db.RequestRow`)."""
-    return {
-        "id": record.request_id,
+def record_to_row(record: RequestRecord, row_id: str) -> dict[str, Any]:
+    """A :class:`RequestRecord` as a ``requests`` row (attribute keys of :class:`gateway.db.RequestRow`).
+
+    Strings longer than their column are cut to fit, so one odd value cannot fail a batch.
+    """
+    row = {
+        "id": row_id,
+        "request_id": record.request_id,
         "key_id": record.key_id,
         "key_name": record.key_name,
         "requested_model": record.requested_model,
@@ -298,6 +303,28 @@ def record_to_row(record: RequestRecord) -> dict[str, Any]:
         "finished_at": record.finished_at,
         "prompt_text": record.prompt_text,
     }
+    for key, limit in _STRING_LIMITS.items():
+        v = row.get(key)
+        if isinstance(v, str) and len(v) > limit:
+            row[key] = v[:limit]
+    return row
+
+
+_STRING_LIMITS: dict[str, int] = {
+    a.key: int(getattr(a.columns[0].type, "length", 0) or 0)
+    for a in sa.inspect(RequestRow).column_attrs
+    if isinstance(a.columns[0].type, sa.String) and getattr(a.columns[0].type, "length", None)
+}
+_COLUMN_NAMES: dict[str, str] = {a.key: a.columns[0].name for a in sa.inspect(RequestRow).column_attrs}
+
+
+def _is_permanent(exc: BaseException) -> bool:
+    """True when retrying cannot help: the rows themselves are bad (not the connection)."""
+    if isinstance(exc, sa.exc.DataError | sa.exc.IntegrityError):
+        return True
+    if isinstance(exc, sa.exc.DBAPIError):
+        return False  # operational: connection refused, server gone, database locked, ...
+    return isinstance(exc, sa.exc.StatementError | TypeError | ValueError)
 
 
 def _record_to_json(record: RequestRecord) -> str:
@@ -323,6 +350,10 @@ class RequestLogWriter:
     inserts batches of up to ``batch_size`` rows every ``flush_interval_s`` (sooner when a
     full batch is waiting). Inserts are idempotent (``ON CONFLICT (id) DO NOTHING``), so a
     batch retried after an ambiguous failure is written once.
+
+    A row the database refuses as bad data (not a connection problem) is isolated by
+    retrying the batch row by row, then dropped with an error log and counted in
+    ``uniroute_request_log_rejected_total``, so one bad row cannot block the log.
 
     Back-pressure policy: the buffer holds ``max_buffer`` rows (100k ≈ a few hundred MB at
     worst); when full, the NEW row is dropped, counted in ``dropped`` and the metric
@@ -352,7 +383,7 @@ class RequestLogWriter:
         self.close_timeout_s = close_timeout_s
         self.spill_dir = Path(spill_dir) if spill_dir is not None else None
         self.metrics = metrics
-        self._buf: deque[RequestRecord] = deque()
+        self._buf: deque[tuple[str, RequestRecord]] = deque()  # (row id, record)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -365,6 +396,8 @@ class RequestLogWriter:
         self.written = 0
         self.dropped = 0
         self.failures = 0
+        self.rejected = 0
+        self._last_exc: Exception | None = None
         self.last_error: str | None = None
 
     # -- RequestSink ---------------------------------------------------------------------------
@@ -374,7 +407,7 @@ class RequestLogWriter:
                 self.dropped += 1
                 dropped = self.dropped
             else:
-                self._buf.append(record)
+                self._buf.append((uuid.uuid4().hex, record))
                 dropped = 0
                 if len(self._buf) >= self.batch_size:
                     self._wake.set()
@@ -469,6 +502,11 @@ class RequestLogWriter:
             try:
                 self._write(batch)
             except Exception as exc:
+                if _is_permanent(exc):
+                    batch = self._write_one_by_one(batch)
+                    if not batch:
+                        continue
+                    exc = self._last_exc or exc
                 with self._lock:
                     self._buf.extendleft(reversed(batch))
                     self._in_flight = 0
@@ -479,15 +517,43 @@ class RequestLogWriter:
                 logger.warning("request log: writing %d rows failed (%s); keeping %d rows and retrying",
                                len(batch), type(exc).__name__, len(self._buf))
                 return False
-            with self._lock:
-                self._in_flight = 0
-            self.written += len(batch)
-            if self.metrics is not None:
-                self.metrics.request_log_written.inc(len(batch))
-                self.metrics.request_log_buffer.dec(len(batch))
+            self._written(len(batch))
 
-    def _write(self, batch: Sequence[RequestRecord]) -> None:
-        rows = [record_to_row(r) for r in batch]
+    def _written(self, n: int) -> None:
+        with self._lock:
+            self._in_flight = max(0, self._in_flight - n)
+        self.written += n
+        if self.metrics is not None:
+            self.metrics.request_log_written.inc(n)
+            self.metrics.request_log_buffer.dec(n)
+
+    def _write_one_by_one(self, batch: list[tuple[str, RequestRecord]]) -> list[tuple[str, RequestRecord]]:
+        """Isolate rows the database refuses (bad data): reject those, write the rest.
+
+        Returns the rows still to retry (from the first transient failure on), or [] when done.
+        """
+        self._last_exc = None
+        for i, item in enumerate(batch):
+            try:
+                self._write([item])
+            except Exception as exc:
+                if not _is_permanent(exc):
+                    self._last_exc = exc
+                    return batch[i:]
+                self.rejected += 1
+                with self._lock:
+                    self._in_flight = max(0, self._in_flight - 1)
+                if self.metrics is not None:
+                    self.metrics.request_log_rejected.inc()
+                    self.metrics.request_log_buffer.dec()
+                logger.error("request log: the database refused the row of request %s (%s: %s); row dropped",
+                             item[1].request_id, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+                continue
+            self._written(1)
+        return []
+
+    def _write(self, batch: Sequence[tuple[str, RequestRecord]]) -> None:
+        rows = [{_COLUMN_NAMES[k]: v for k, v in record_to_row(r, rid).items()} for rid, r in batch]
         table = cast(sa.Table, RequestRow.__table__)
         if self.store.dialect == "postgresql":
             from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -499,16 +565,13 @@ class RequestLogWriter:
             stmt = sqlite_insert(table).on_conflict_do_nothing(index_elements=["id"])
         else:  # pragma: no cover - only SQLite and PostgreSQL are supported
             stmt = sa.insert(table)
-        # ORM attribute "lam" is column "lambda": map keys to column names.
-        cols = {a.key: a.columns[0].name for a in sa.inspect(RequestRow).column_attrs}
-        rows = [{cols[k]: v for k, v in r.items()} for r in rows]
         with self.store.engine.begin() as conn:
             conn.execute(stmt, rows)
 
     # -- spill files (graceful shutdown with the database down) -------------------------------------
     def _spill_leftovers(self) -> None:
         with self._lock:
-            left = list(self._buf)
+            left = [r for _rid, r in self._buf]
             self._buf.clear()
         if not left:
             return
@@ -531,7 +594,8 @@ class RequestLogWriter:
             with open(path, encoding="utf-8") as fh:
                 for line in fh:
                     if line.strip():
-                        self._buf.append(_record_from_json(line))
+                        self._buf.append((uuid.uuid5(uuid.NAMESPACE_URL, f"{path.name}:{n}").hex,
+                                          _record_from_json(line)))
                         n += 1
             self._loaded_spills.append(path)
             logger.info("request log: re-ingesting %d spilled rows from %s", n, path)

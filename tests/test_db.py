@@ -62,7 +62,7 @@ def test_times_come_back_aware_utc(store: Store) -> None:
     t = datetime(2026, 3, 1, 12, 30, tzinfo=timezone(timedelta(hours=2)))
     with store.session() as s:
         s.add(ApiKey(name="k", key_hash="0" * 64, key_prefix="sk-ur-0000", default_lambda=0.1, period_start=t))
-        s.add(RequestRow(id="r1", requested_model="auto", status_code=200, stream=False, started_at=t,
+        s.add(RequestRow(id="r1", request_id="req-1", requested_model="auto", status_code=200, stream=False, started_at=t,
                          candidates=[{"model": "a", "objective": 0.5}], lam=0.3))
     with store.sessions() as s:
         key = s.scalar(sa.select(ApiKey))
@@ -72,7 +72,7 @@ def test_times_come_back_aware_utc(store: Store) -> None:
     assert key.period_start.utcoffset() == timedelta(0)
     assert row.candidates == [{"model": "a", "objective": 0.5}] and row.lam == 0.3
     with pytest.raises(sa.exc.StatementError, match="naive datetime"), store.session() as s:
-        s.add(RequestRow(id="r2", requested_model="x", status_code=200, stream=False, started_at=datetime(2026, 1, 1)))
+        s.add(RequestRow(id="r2", request_id="req-2", requested_model="x", status_code=200, stream=False, started_at=datetime(2026, 1, 1)))
 
 
 def test_sqlite_pragmas(tmp_path: Path) -> None:

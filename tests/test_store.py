@@ -27,6 +27,11 @@ def _record(i: int, **kw: object) -> RequestRecord:
                          candidates=[{"model": "m", "objective": 0.1}], **kw)  # type: ignore[arg-type]
 
 
+def _by_request_id(store: Store, request_id: str) -> RequestRow | None:
+    with store.sessions() as s:
+        return s.scalar(sa.select(RequestRow).where(RequestRow.request_id == request_id))
+
+
 def _count(store: Store) -> int:
     with store.engine.connect() as conn:
         return int(conn.execute(sa.select(sa.func.count()).select_from(RequestRow)).scalar_one())
@@ -73,8 +78,7 @@ def test_flushes_by_time_and_roundtrips_fields(store: Store) -> None:
                   upstream_latency_ms=9.0, status_code=200, prompt_text="hello")
     writer.submit(rec)
     assert writer.flush(5)
-    with store.sessions() as s:
-        row = s.get(RequestRow, "req-1")
+    row = _by_request_id(store, "req-1")
     assert row is not None
     assert (row.key_name, row.cluster, row.lam, row.prompt_tokens, row.completion_tokens) == ("alice", 3, 0.25, 11, 7)
     assert row.attempts == rec.attempts and row.candidates == rec.candidates and row.prompt_text == "hello"
@@ -82,12 +86,36 @@ def test_flushes_by_time_and_roundtrips_fields(store: Store) -> None:
     writer.close()
 
 
-def test_duplicate_ids_written_once(store: Store) -> None:
+def test_client_chosen_duplicate_request_ids_are_all_logged(store: Store) -> None:
     writer = RequestLogWriter(store, batch_size=5, flush_interval_s=0.05).start()
     for _ in range(3):
-        writer.submit(_record(7))
+        writer.submit(_record(7))  # a client may reuse x-uniroute-request-id: three requests, three rows
     writer.close()
+    assert _count(store) == 3
+
+
+def test_retried_batch_is_written_once(store: Store) -> None:
+    writer = RequestLogWriter(store)
+    writer.submit(_record(1))
+    batch = list(writer._buf)
+    writer._write(batch)
+    writer._write(batch)  # e.g. the commit succeeded but its acknowledgement was lost
     assert _count(store) == 1
+
+
+def test_a_bad_row_is_rejected_alone(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    metrics = Metrics()
+    writer = RequestLogWriter(store, batch_size=10, flush_interval_s=0.05, metrics=metrics).start()
+    for i in range(10):
+        writer.submit(_record(i, key_id=999 if i == 4 else None))  # no api_keys row 999: FK violation
+    writer.submit(_record(10, key_name="x" * 500, error_type="E" * 300))  # too long: cut to fit
+    assert writer.flush(10)
+    writer.close()
+    assert _count(store) == 10 and writer.rejected == 1 and writer.written == 10
+    assert metrics.request_log_rejected._value.get() == 1 and metrics.request_log_buffer._value.get() == 0
+    assert "refused the row of request req-4" in caplog.text
+    row = _by_request_id(store, "req-10")
+    assert row is not None and row.key_name == "x" * 128 and row.error_type == "E" * 64
 
 
 def test_full_buffer_counts_and_logs_drops(store: Store, caplog: pytest.LogCaptureFixture) -> None:
@@ -138,8 +166,7 @@ def test_close_spills_when_database_is_down_and_next_start_ingests(tmp_path: Pat
     assert again.flush(5)
     again.close()
     assert _count(up) == 5 and not list(spill.glob("*.jsonl"))
-    with up.sessions() as s:
-        row = s.get(RequestRow, "req-3")
+    row = _by_request_id(up, "req-3")
     assert row is not None and row.prompt_tokens == 3 and row.started_at.tzinfo is not None
     up.dispose()
 
@@ -260,7 +287,7 @@ def test_postgres_unreachable_for_seconds_rows_written_once_back() -> None:
             assert writer.flush(20), f"not written after the database came back: {writer.last_error}"
             assert _count(direct) == 130
             with direct.engine.connect() as conn:
-                ids = [r[0] for r in conn.execute(sa.select(RequestRow.id))]
+                ids = [r[0] for r in conn.execute(sa.select(RequestRow.request_id))]
             assert len(ids) == len(set(ids)) == 130
         finally:
             writer.close(timeout_s=2)

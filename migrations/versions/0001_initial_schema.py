@@ -48,7 +48,7 @@ def upgrade() -> None:
     )
     op.create_table('feedback',
     sa.Column('id', sa.Integer(), nullable=False),
-    sa.Column('request_id', sa.String(length=64), nullable=False),
+    sa.Column('request_id', sa.String(length=128), nullable=False),
     sa.Column('key_id', sa.Integer(), nullable=True),
     sa.Column('score', sa.Float(), nullable=False),
     sa.Column('source', sa.String(length=32), nullable=False),
@@ -98,7 +98,8 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_models_updated_at'), ['updated_at'], unique=False)
 
     op.create_table('requests',
-    sa.Column('id', sa.String(length=64), nullable=False),
+    sa.Column('id', sa.String(length=32), nullable=False),
+    sa.Column('request_id', sa.String(length=128), nullable=False),
     sa.Column('key_id', sa.Integer(), nullable=True),
     sa.Column('key_name', sa.String(length=128), nullable=True),
     sa.Column('requested_model', sa.String(length=200), nullable=False),
@@ -124,6 +125,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('requests', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_requests_key_id_started_at'), ['key_id', 'started_at'], unique=False)
+        batch_op.create_index(batch_op.f('ix_requests_request_id'), ['request_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_requests_routed_model_started_at'), ['routed_model', 'started_at'], unique=False)
         batch_op.create_index(batch_op.f('ix_requests_started_at'), ['started_at'], unique=False)
 
@@ -135,6 +137,7 @@ def downgrade() -> None:
     with op.batch_alter_table('requests', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_requests_started_at'))
         batch_op.drop_index(batch_op.f('ix_requests_routed_model_started_at'))
+        batch_op.drop_index(batch_op.f('ix_requests_request_id'))
         batch_op.drop_index(batch_op.f('ix_requests_key_id_started_at'))
 
     op.drop_table('requests')
