@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -243,7 +243,7 @@ class Store:
             return False
 
     # -- registry seed -----------------------------------------------------------------------
-    def seed_models(self, entries: Iterable[dict[str, Any]]) -> int:
+    def seed_models(self, entries: Iterable[Mapping[str, Any]]) -> int:
         """Upsert ``source='config'`` registry rows from config entries; returns rows changed.
 
         Each entry has ``name, litellm_params, input_cost_per_1m, output_cost_per_1m,
