@@ -529,8 +529,8 @@ def replay_command(args: argparse.Namespace) -> int:
     except (ValueError, DatasetError) as exc:
         print(f"uniroute replay: {exc}", file=sys.stderr)
         return 2
-    print(f"uniroute replay: {data.n_models} models x {data.n_prompts} prompts from {path} "
-          f"on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    print(f"uniroute replay: {data.n_models} models x {data.n_prompts} prompts from {path}"
+          f"; starting on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=getattr(args, "log_level", "warning"),
                 access_log=False)
     return 0
