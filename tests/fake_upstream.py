@@ -36,7 +36,10 @@ async def chat(request: Request) -> Response:
     if model.endswith("-400"):
         return _err(400, "this provider rejects the request", "invalid_request_error")
     if model.endswith("-slow"):
-        await asyncio.sleep(5)
+        for _ in range(50):  # 5 s, or until the client gives up
+            if await request.is_disconnected():
+                return Response(status_code=499)
+            await asyncio.sleep(0.1)
     text = ""
     for m in reversed(body.get("messages", [])):
         if m.get("role") == "user":
@@ -76,4 +79,8 @@ async def chat(request: Request) -> Response:
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/health", health)])
