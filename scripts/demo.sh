@@ -34,7 +34,11 @@ up "$REPLAY_PORT" /health && die "port $REPLAY_PORT is already in use (set UNIRO
 echo "demo: starting the replay upstream on 127.0.0.1:$REPLAY_PORT ($UNIROUTE_DATASET)"
 "$UNIROUTE" replay --dataset "$UNIROUTE_DATASET" --host 127.0.0.1 --port "$REPLAY_PORT" &
 REPLAY_PID=$!
-cleanup() { kill "$REPLAY_PID" 2>/dev/null || true; wait "$REPLAY_PID" 2>/dev/null || true; }
+GATEWAY_PID=""
+cleanup() {
+  for pid in $GATEWAY_PID $REPLAY_PID; do kill "$pid" 2>/dev/null || true; done
+  for pid in $GATEWAY_PID $REPLAY_PID; do wait "$pid" 2>/dev/null || true; done
+}
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
@@ -53,4 +57,7 @@ echo "demo: replay upstream ready"
 
 mkdir -p var
 echo "demo: starting the gateway on http://127.0.0.1:8000/v1 (Ctrl-C stops both)"
-"$UNIROUTE" serve --config "$CONFIG"
+# In the background + wait, so that a signal to this script stops both servers at once.
+"$UNIROUTE" serve --config "$CONFIG" &
+GATEWAY_PID=$!
+wait "$GATEWAY_PID"
