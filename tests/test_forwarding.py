@@ -7,7 +7,13 @@ from typing import Any
 
 import pytest
 
-from gateway.errors import InvalidRequestError, UpstreamError, UpstreamRateLimitError, UpstreamTimeoutError
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    UpstreamError,
+    UpstreamRateLimitError,
+    UpstreamTimeoutError,
+)
 from gateway.forwarding import Attempt, Forwarder, map_exception, provider_message
 from gateway.registry import ModelEntry, Registry
 from tests.fake_upstream import PROVIDER_MESSAGE
@@ -52,7 +58,7 @@ async def test_complete_returns_response_and_cost(base_url: str) -> None:
         ("m-400", InvalidRequestError, "this provider rejects the request"),
     ],
 )
-async def test_provider_errors_are_mapped(base_url: str, name: str, error: type, needle: str) -> None:
+async def test_provider_errors_are_mapped(base_url: str, name: str, error: type[GatewayError], needle: str) -> None:
     e = entry(base_url, name)
     with pytest.raises(error) as info:
         await forwarder(e).complete([e], MSG, {})

@@ -88,7 +88,7 @@ def test_field_order_follows_openai() -> None:
 
 
 def test_uniroute_info_serialises_lambda_alias() -> None:
-    info = UnirouteInfo(request_id="r", requested_model="auto", model="m", lam=0.2)
+    info = UnirouteInfo.model_validate({"request_id": "r", "requested_model": "auto", "model": "m", "lambda": 0.2})
     assert info.model_dump(by_alias=True)["lambda"] == 0.2
 
 

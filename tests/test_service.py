@@ -71,7 +71,8 @@ async def test_auto_routes_cheapest_and_falls_back(base_url: str) -> None:
     assert ext["requested_model"] == "auto" and ext["model"] == "mid" and ext["lambda"] == 0.1
     assert [c["model"] for c in ext["candidates"]] == ["cheap-500", "mid", "big", "drops-midfail"]
     assert [(a["model"], a["status"]) for a in ext["attempts"]] == [("cheap-500", 502), ("mid", 200)]
-    assert ext["cost_usd"] == pytest.approx(res.cost_usd) and res.cost_usd > 0
+    assert res.cost_usd is not None and res.cost_usd > 0
+    assert ext["cost_usd"] == pytest.approx(res.cost_usd)
     rec = sink.records[-1]
     assert rec.routed_model == "mid" and rec.status_code == 200 and rec.cost_usd == res.cost_usd
     assert rec.prompt_tokens and rec.completion_tokens and rec.latency_ms and rec.latency_ms > 0
