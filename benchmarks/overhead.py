@@ -12,7 +12,9 @@ All three end up at the same upstream model, so the differences are the gateway'
 (parsing, routing, LiteLLM, response shaping, an extra loopback hop). Each cell
 (streaming or not × concurrency) runs ``--repeat`` rounds that cycle through the targets, so
 slow drift of the shared machine hits every target alike. Latency = request written → body
-complete; for streams TTFT = request written → first non-empty content delta.
+complete; for streams TTFT = request written → first non-empty content delta. The CPU time
+each server process spent per request (from /proc) is reported too: unlike latency it hardly
+moves when other processes share the machine.
 
 CPU layout (default ``split``): the load generator is pinned to CPU 0, both servers to CPU 1
 (``taskset``), so the load generator never steals the servers' core; ``--cpu-layout none``
@@ -117,6 +119,15 @@ def machine() -> dict[str, Any]:
             "loadavg_start": list(os.getloadavg())}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(result: LoadResult, stream: bool) -> dict[str, float]:
     return result.percentiles("ttft" if stream else "latency", (50, 99))
 
@@ -131,8 +142,8 @@ def merge(results: Sequence[LoadResult]) -> LoadResult:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = ("| mode | concurrency | target | requests | errors | p50 ms | p99 ms | overhead p50 ms "
-            "| overhead p99 ms | req/s |")
-    lines = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "| overhead p99 ms | req/s | gateway CPU ms/req | upstream CPU ms/req |")
+    lines = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         metric = "TTFT" if r["stream"] else "latency"
         ov50 = "" if r["target"] == "direct" else f"{r['overhead_p50_ms']:+.2f}"
@@ -140,7 +151,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {'stream' if r['stream'] else 'non-stream'} ({metric}) | {r['concurrency']} | {r['target']} "
             f"| {r['requests']} | {r['errors']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {ov50} | {ov99} "
-            f"| {r['throughput_rps']:.0f} |"
+            f"| {r['throughput_rps']:.0f} | {r['gateway_cpu_ms_per_req']:.2f} | {r['upstream_cpu_ms_per_req']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -157,6 +168,7 @@ async def measure(
     warmup: int,
     repeat: int,
     headers: dict[str, str],
+    pids: dict[str, int],
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for stream in modes:
@@ -166,10 +178,14 @@ async def measure(
                 await run_load(urls[t], bodies[t], concurrency=conc, max_requests=warmup, max_seconds=10,
                                headers=headers)
             runs: dict[str, list[LoadResult]] = {t: [] for t in TARGETS}
+            cpu: dict[str, dict[str, float]] = {t: dict.fromkeys(pids, 0.0) for t in TARGETS}
             for _ in range(repeat):
                 for t in TARGETS:
+                    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
                     runs[t].append(await run_load(urls[t], bodies[t], concurrency=conc, max_requests=requests,
                                                   max_seconds=seconds, headers=headers))
+                    for name, pid in pids.items():
+                        cpu[t][name] += cpu_seconds(pid) - before[name]
             merged = {t: merge(runs[t]) for t in TARGETS}
             base = pct(merged["direct"], stream)
             for t in TARGETS:
@@ -182,11 +198,14 @@ async def measure(
                     "p50_ms": p["p50"], "p99_ms": p["p99"],
                     "overhead_p50_ms": p["p50"] - base["p50"], "overhead_p99_ms": p["p99"] - base["p99"],
                     "throughput_rps": summary["throughput_rps"],
+                    "gateway_cpu_ms_per_req": 1000.0 * cpu[t]["gateway"] / max(1, summary["requests"]),
+                    "upstream_cpu_ms_per_req": 1000.0 * cpu[t]["replay"] / max(1, summary["requests"]),
                     "latency_ms": summary["latency_ms"], "ttft_ms": summary.get("ttft_ms"),
                 })
                 print(f"  {'stream' if stream else 'plain '} c={conc:<3} {t:<13} n={summary['requests']:<6} "
                       f"err={summary['errors']:<3} p50={p['p50']:.2f} ms p99={p['p99']:.2f} ms "
-                      f"rps={summary['throughput_rps']:.0f}", file=sys.stderr, flush=True)
+                      f"rps={summary['throughput_rps']:.0f} "
+                      f"gw_cpu={rows[-1]['gateway_cpu_ms_per_req']:.2f} ms/req", file=sys.stderr, flush=True)
     return rows
 
 
@@ -251,8 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     print(f"overhead: dataset {dataset} ({len(prompts)} prompts); {layout}; temp {tmp}", file=sys.stderr)
     try:
-        with server(replay_cmd, tmp / "replay.log", f"http://127.0.0.1:{rport}/health", server_cpus), \
-             server(gateway_cmd, tmp / "gateway.log", f"http://127.0.0.1:{gport}/health/readiness", server_cpus):
+        with server(replay_cmd, tmp / "replay.log", f"http://127.0.0.1:{rport}/health", server_cpus) as rproc, \
+             server(gateway_cmd, tmp / "gateway.log", f"http://127.0.0.1:{gport}/health/readiness",
+                    server_cpus) as gproc:
             gw = f"http://127.0.0.1:{gport}/v1/chat/completions"
             probe = httpx.post(gw, json={"model": "auto", "messages": [{"role": "user", "content": prompts[0]}]},
                                headers=headers, timeout=30)
@@ -268,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 urls, models, prompts, concurrencies=args.concurrency,
                 modes=[m == "stream" for m in args.modes], requests=args.requests, seconds=args.seconds,
                 warmup=args.warmup, repeat=args.repeat, headers=headers,
+                pids={"replay": rproc.pid, "gateway": gproc.pid},
             ))
     finally:
         if not args.keep:
