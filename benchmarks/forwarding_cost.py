@@ -17,6 +17,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 import httpx
 
+import gateway  # noqa: F401  (sets LiteLLM's offline environment before anything imports litellm)
 from benchmarks.overhead import free_port, server, versions
 
 Call = Callable[[str, bool], Awaitable[None]]
@@ -99,12 +101,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.forwarding_cost", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", default=None)
     ap.add_argument("--calls", type=int, default=400)
+    ap.add_argument("--litellm-set", action="append", default=[], metavar="NAME=JSON",
+                    help="set a litellm module attribute first, e.g. disable_streaming_logging=true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    import tempfile
+    import litellm  # after ``gateway`` (imported at the top): the offline environment is set
 
-    import gateway  # noqa: F401  (offline environment before litellm is imported)
+    for item in args.litellm_set:
+        name, _, value = item.partition("=")
+        if not hasattr(litellm, name):
+            ap.error(f"litellm has no attribute {name!r}")
+        setattr(litellm, name, json.loads(value))
     from routing.dataset import default_dataset_path, load_dataset
     from routing.synthetic import make_synthetic_dataset
 
