@@ -16,6 +16,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from gateway.errors import (
     GatewayError,
@@ -26,7 +27,7 @@ from gateway.errors import (
     error_body,
 )
 from gateway.protocol import parse_chat_request
-from gateway.service import AUTO, ChatContext, ChatService
+from gateway.service import AUTO, ChatContext, ChatService, ChatStream
 
 logger = logging.getLogger("uniroute.endpoints")
 
@@ -87,8 +88,7 @@ async def chat_completions(request: Request) -> Response:
         )
         if req.stream:
             stream = await service.stream(req, ctx)
-            return StreamingResponse(_sse(stream.chunks), media_type="text/event-stream",
-                                     headers={**SSE_HEADERS, "x-uniroute-model": stream.model})
+            return SSEResponse(stream)
         result = await service.complete(req, ctx)
     except Exception as exc:
         return error_response(exc)
@@ -98,15 +98,24 @@ async def chat_completions(request: Request) -> Response:
     return json_response(result.body, headers=headers)
 
 
-async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in chunks:
+class SSEResponse(StreamingResponse):
+    """Server-sent chat.completion.chunk events ending in ``data: [DONE]``; always closes the stream."""
+
+    def __init__(self, stream: ChatStream) -> None:
+        self.stream = stream
+        super().__init__(self._events(), media_type="text/event-stream",
+                         headers={**SSE_HEADERS, "x-uniroute-model": stream.model})
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        async for chunk in self.stream.chunks:
             yield b"data: " + _dumps(chunk) + b"\n\n"
         yield b"data: [DONE]\n\n"
-    finally:
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.stream.aclose()
 
 
 # -- models -------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def configure_litellm() -> Any:
     litellm.telemetry = False
     litellm.suppress_debug_info = True
     litellm.set_verbose = False
-    litellm.turn_off_message_logging = True
+    litellm.turn_off_message_logging = False  # True would deep-copy every request to redact logs nobody reads
     litellm.drop_params = True  # a backend that lacks a standard parameter ignores it instead of failing
     litellm.include_cost_in_streaming_usage = True
     litellm.callbacks = []

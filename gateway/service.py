@@ -17,7 +17,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -54,6 +54,7 @@ logger = logging.getLogger("uniroute.service")
 AUTO = "auto"
 _PASSTHROUGH: set[str] = set(PASSTHROUGH_FIELDS) - {"stream_options"}
 _DEFAULT_COMPLETION_TOKENS = 512  # budget estimate when the request sets no max_tokens
+TOP_CANDIDATES = 5  # ranked candidates reported in the ``uniroute`` object and the request log
 
 
 @dataclass
@@ -74,8 +75,42 @@ class ChatResult:
 
 @dataclass
 class ChatStream:
+    """An open stream. The caller iterates ``chunks`` and MUST ``await aclose()`` when done (or on
+    disconnect), even if it never started iterating: that settles the budget and logs the request."""
+
     model: str  # known before the first byte is sent
-    chunks: AsyncIterator[dict[str, Any]]  # chat.completion.chunk dicts; an ``{"error": ...}`` dict on failure
+    chunks: AsyncGenerator[dict[str, Any], None]  # chat.completion.chunk dicts; ``{"error": ...}`` on failure
+    _finish: Callable[[], Awaitable[None]]
+
+    async def aclose(self) -> None:
+        await self.chunks.aclose()
+        await self._finish()
+
+
+class _StreamEnd:
+    """Finishes a stream exactly once: close upstream, settle the budget, log the record."""
+
+    def __init__(self, service: ChatService, record: RequestRecord, reservation: Reservation | None,
+                 opened: OpenStream, t0: float) -> None:
+        self.service, self.record, self.reservation, self.opened, self.t0 = service, record, reservation, opened, t0
+        self.settled = 0.0
+        self.done = False
+
+    async def __call__(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        record = self.record
+        if record.status_code == 200 and record.upstream_latency_ms is None:  # stopped before the end
+            record.status_code, record.error_type = 499, "client_disconnected"
+        if record.status_code != 200:
+            aclose = getattr(self.opened.rest, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+        if self.reservation is not None:
+            await self.service.budget.settle(self.reservation, self.settled)
+        self.service._finish(record, self.t0)
 
 
 @dataclass
@@ -184,7 +219,7 @@ class ChatService:
             record.cluster = plan.decision.cluster
             record.candidates = [
                 {"model": c.model, "expected_error": c.expected_error, "cost": c.cost, "objective": c.objective}
-                for c in plan.decision.ranked[:5]
+                for c in plan.decision.ranked[:TOP_CANDIDATES]
             ]
 
     @staticmethod
@@ -207,7 +242,7 @@ class ChatService:
         candidates: list[dict[str, Any]] = []
         if plan is not None and plan.decision is not None:
             candidates = [{"model": c.model, "expected_error": c.expected_error, "cost": c.cost}
-                          for c in plan.decision.ranked]
+                          for c in plan.decision.ranked[:TOP_CANDIDATES]]
         return {
             "request_id": record.request_id,
             "requested_model": record.requested_model,
@@ -281,25 +316,24 @@ class ChatService:
         record.ttft_ms = (time.perf_counter() - t0) * 1e3
         record.attempts = [a.as_dict() for a in attempts]
         want_usage = bool(req.stream_options and req.stream_options.include_usage)
-        chunks = self._relay(opened, record, plan, reservation, want_usage, t0)
-        return ChatStream(model=opened.entry.name, chunks=chunks)
+        end = _StreamEnd(self, record, reservation, opened, t0)
+        return ChatStream(model=opened.entry.name, chunks=self._relay(opened, record, plan, end, want_usage),
+                          _finish=end)
 
     async def _relay(
         self,
         opened: OpenStream,
         record: RequestRecord,
         plan: _Plan,
-        reservation: Reservation | None,
+        end: _StreamEnd,
         want_usage: bool,
-        t0: float,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """Yield client chunks. Chunks that end the stream (finish_reason / usage) are held back so
         the ``uniroute`` object, with the final cost, rides on the last one."""
         entry = opened.entry
         name = entry.name
         held: dict[str, Any] | None = None
         template: dict[str, Any] = {}
-        settled = 0.0
         try:
             chunk: Any = opened.first
             while True:
@@ -330,7 +364,7 @@ class ChatService:
                 except StopAsyncIteration:
                     break
             record.upstream_latency_ms = (time.perf_counter() - opened.started) * 1e3
-            settled = record.cost_usd or 0.0
+            end.settled = record.cost_usd or 0.0
             if held is None:
                 held = {**template, "object": "chat.completion.chunk", "model": name, "choices": []}
             held["uniroute"] = self.extension(record, plan)
@@ -347,10 +381,4 @@ class ChatService:
                 yield held
             yield err.to_body()
         finally:
-            aclose = getattr(opened.rest, "aclose", None)
-            if aclose is not None and record.status_code != 200:
-                with contextlib.suppress(Exception):
-                    await aclose()
-            if reservation is not None:
-                await self.budget.settle(reservation, settled)
-            self._finish(record, t0)
+            await end()

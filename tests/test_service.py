@@ -161,3 +161,17 @@ async def test_stream_errors_before_first_chunk_raise(base_url: str) -> None:
     with pytest.raises(UpstreamError):
         await svc.stream(req(model="cheap-500", stream=True), CTX)
     assert sink.records[-1].status_code == 502 and sink.records[-1].attempts[0]["status"] == 502
+
+
+@pytest.mark.parametrize("consume", [0, 2])
+async def test_stream_closed_early_is_logged_and_settled(base_url: str, consume: int) -> None:
+    svc, sink, budget = make_service(base_url)
+    st = await svc.stream(req(model="big", stream=True), CTX)
+    for _ in range(consume):
+        await st.chunks.__anext__()
+    n_before = len(sink.records)
+    await st.aclose()
+    await st.aclose()  # idempotent
+    assert len(sink.records) == n_before + 1
+    assert sink.records[-1].status_code == 499 and sink.records[-1].error_type == "client_disconnected"
+    assert budget.settled[-1] == 0.0 and len(budget.settled) == len(budget.reserved)
