@@ -32,6 +32,8 @@ from gateway.registry import ModelEntry, RegistrySnapshot
 
 logger = logging.getLogger("uniroute.forwarding")
 
+#: providers whose OpenAI-compatible servers accept the standard ``user`` parameter
+_PASS_USER = frozenset({"openai", "hosted_vllm"})
 _PREFIX = re.compile(r"^(?:litellm\.\w+:\s*)?(?:\w+(?:Error|Exception):\s*)?(?:\w+Exception\s*-\s*)?")
 
 
@@ -154,6 +156,9 @@ class Forwarder:
             if provider:
                 info["litellm_provider"] = provider
             prices[model] = info
+            if provider in _PASS_USER:
+                # LiteLLM drops `user` for OpenAI-compatible servers that are not OpenAI's own catalog
+                params.setdefault("allowed_openai_params", ["user"])
             params.setdefault("timeout", e.timeout_s)
             params.setdefault("max_retries", 0)  # the gateway does its own fallback
             params["num_retries"] = 0

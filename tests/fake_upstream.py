@@ -2,7 +2,7 @@
 
 Run: ``python -m uvicorn tests.fake_upstream:app --port P``. The suffix of ``model`` picks
 the behaviour: ``-500`` (server error with a provider message), ``-429`` (rate limited),
-``-400`` (rejects the request), ``-slow`` (sleeps 5 s), ``-midfail`` (streams one chunk then
+``-400`` (rejects the request), ``-echo`` (answers with the request's JSON, minus messages), ``-slow`` (sleeps 5 s), ``-midfail`` (streams one chunk then
 drops the connection); anything else echoes the last user message, streaming too.
 """
 
@@ -40,6 +40,13 @@ async def chat(request: Request) -> Response:
             if await request.is_disconnected():
                 return Response(status_code=499)
             await asyncio.sleep(0.1)
+    if model.endswith("-echo"):  # answer with the request itself (minus messages) as JSON
+        content = json.dumps({k: v for k, v in body.items() if k != "messages"}, sort_keys=True)
+        return JSONResponse({
+            "id": "chatcmpl-echo", "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        })
     text = ""
     for m in reversed(body.get("messages", [])):
         if m.get("role") == "user":

@@ -47,7 +47,8 @@ def make_service(base_url: str, principal: Principal | None = None) -> tuple[Cha
         return {"name": name, "router_cost": cost, "input_cost_per_1m": 1.0, "output_cost_per_1m": 2.0,
                 "litellm_params": {"model": f"openai/{upstream or name}", "api_base": base_url, "api_key": "t"}}
 
-    cfg = parse_config({"models": [m("cheap-500", 1), m("mid", 2), m("big", 10), m("drops-midfail", 50)]})
+    cfg = parse_config({"models": [m("cheap-500", 1), m("mid", 2), m("big", 10), m("drops-midfail", 50),
+                                   {**m("params-echo", 60), "routable": False}]})
     registry = Registry.from_config(cfg)
     fw = Forwarder(max_attempts=3)
     registry.on_replace(fw.register)
@@ -91,7 +92,7 @@ async def test_unknown_model_lists_known(base_url: str) -> None:
     with pytest.raises(ModelNotFoundError) as info:
         await svc.complete(req(model="gpt-9"), CTX)
     assert info.value.code == "model_not_found"
-    assert "known: auto, cheap-500, mid, big, drops-midfail" in info.value.message
+    assert "known: auto, cheap-500, mid, big, drops-midfail, params-echo" in info.value.message
     assert sink.records[-1].status_code == 404
 
 
@@ -175,3 +176,22 @@ async def test_stream_closed_early_is_logged_and_settled(base_url: str, consume:
     assert len(sink.records) == n_before + 1
     assert sink.records[-1].status_code == 499 and sink.records[-1].error_type == "client_disconnected"
     assert budget.settled[-1] == 0.0 and len(budget.settled) == len(budget.reserved)
+
+
+async def test_standard_parameters_reach_the_backend(base_url: str) -> None:
+    svc, _, _ = make_service(base_url)
+    params: dict[str, Any] = {
+        "temperature": 0.3, "top_p": 0.9, "max_tokens": 12, "max_completion_tokens": 13, "stop": ["END"], "n": 2,
+        "seed": 7, "user": "u-1", "logprobs": True, "top_logprobs": 2, "frequency_penalty": 0.5,
+        "presence_penalty": -0.5, "response_format": {"type": "json_object"},
+        "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}],
+        "tool_choice": "auto",
+    }
+    res = await svc.complete(req(model="params-echo", uniroute={"lambda": 0.2}, **params), CTX)
+    import json
+
+    got = json.loads(res.body["choices"][0]["message"]["content"])
+    for key, value in params.items():
+        assert got.get(key) == value, key
+    assert got["model"] == "params-echo"
+    assert "uniroute" not in got and "stream" not in got
