@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-ms", action="append", default=[], metavar="MODEL=MS",
                    help="add latency per model (repeatable; MODEL may be '*')")
     p.add_argument("--chunk-delay-ms", type=float, default=0.0, help="delay between streamed chunks")
+    p.add_argument("--stream-chunks", type=int, default=None, metavar="N",
+                   help="split each streamed answer into N pieces (default: one per word)")
+    p.add_argument("--fail", action="append", default=[], metavar="MODEL=500|429|timeout",
+                   help="inject a fault per model (repeatable; MODEL may be '*')")
+    p.add_argument("--log-level", default="warning", help="uvicorn log level")
     p.set_defaults(handler=_lazy("gateway.replay:replay_command"))
 
     # --- database ------------------------------------------------------------------------

@@ -1,0 +1,259 @@
+"""The gateway's configuration: ``config.yaml`` read into typed pydantic objects.
+
+Loading does three things on top of plain YAML:
+
+- ``${VAR}`` and ``${VAR:-default}`` in any string are replaced by the environment
+  variable (or the default). An unset ``${VAR}`` without a default is an error.
+- ``os.environ/NAME`` as a whole ``litellm_params`` value is replaced by that environment
+  variable, as in LiteLLM's own proxy config (an unset variable is an error naming it).
+- Relative paths (``replay_models.dataset``, ``router.artifact``, a relative
+  ``sqlite:///`` database URL) resolve against the folder holding the config file.
+
+``replay_models`` expands into one registry entry per row of a routing-benchmark
+``models.csv`` (see ``docs``/``README``): each recorded LLM becomes a model served by the
+replay upstream, with the dataset's cost as the router cost and prices derived from it.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+#: Environment variable naming the config file.
+CONFIG_ENV = "UNIROUTE_CONFIG"
+#: Environment variable naming the replay dataset in the default config.
+DATASET_ENV = "UNIROUTE_DATASET"
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_ENV_REF = "os.environ/"
+
+
+class ConfigError(ValueError):
+    """The config file is missing or invalid; the message names the file and the setting."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1)
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    access_log: bool = False
+
+
+class RouterConfig(_Section):
+    policy: Literal["cheapest", "uniroute"] = "cheapest"
+    variant: Literal["learned_map", "kmeans"] = "learned_map"
+    artifact: str | None = None  # folder of a fitted UniRoute router
+    default_lambda: float = Field(default=0.1, ge=0.0)
+    lambda_min: float = Field(default=0.0, ge=0.0)
+    lambda_max: float = Field(default=10.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _range(self) -> RouterConfig:
+        if not self.lambda_min <= self.default_lambda <= self.lambda_max:
+            raise ValueError(f"need lambda_min <= default_lambda <= lambda_max, got "
+                             f"{self.lambda_min} <= {self.default_lambda} <= {self.lambda_max}")
+        return self
+
+
+class FallbackConfig(_Section):
+    max_attempts: int = Field(default=3, ge=1)
+
+
+class ModelConfig(_Section):
+    """One registry entry: a name clients use, and how LiteLLM reaches it."""
+
+    name: str = Field(min_length=1)
+    litellm_params: dict[str, Any]
+    input_cost_per_1m: float = Field(default=0.0, ge=0.0)  # USD per 1M prompt tokens
+    output_cost_per_1m: float = Field(default=0.0, ge=0.0)  # USD per 1M completion tokens
+    router_cost: float = Field(gt=0.0)  # the scalar c(h) of the routing rule
+    timeout_s: float = Field(default=60.0, gt=0.0)
+    routable: bool = True  # may ``model: "auto"`` pick it?
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if v == "auto":
+            raise ValueError("'auto' is reserved for routing; pick another model name")
+        return v
+
+    @field_validator("litellm_params")
+    @classmethod
+    def _params(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(v.get("model"), str) or not v["model"]:
+            raise ValueError("litellm_params.model is required (e.g. 'openai/gpt-4o-mini')")
+        return v
+
+
+class ReplayModelsConfig(_Section):
+    """Expand the models of a routing-benchmark folder into registry entries."""
+
+    dataset: str
+    api_base: str = "http://127.0.0.1:8100/v1"
+    api_key: str = "replay"
+    usd_per_1m_tokens_per_cost_unit: float = Field(default=0.01, gt=0.0)
+    timeout_s: float = Field(default=60.0, gt=0.0)
+
+
+class GatewayConfig(_Section):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    database_url: str = "sqlite:///var/uniroute.db"
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    fallback: FallbackConfig = Field(default_factory=FallbackConfig)
+    models: list[ModelConfig] = Field(default_factory=list)
+    replay_models: ReplayModelsConfig | None = None
+    #: folder of the config file (relative paths resolve against it); not a YAML key
+    base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+
+    @model_validator(mode="after")
+    def _unique(self) -> GatewayConfig:
+        seen: set[str] = set()
+        for m in self.models:
+            if m.name in seen:
+                raise ValueError(f"model name {m.name!r} appears twice")
+            seen.add(m.name)
+        return self
+
+    def resolve_path(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+
+def default_config_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV) or "config.yaml")
+
+
+def expand_vars(value: Any, where: str = "") -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of a YAML tree."""
+    if isinstance(value, str):
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            got = os.environ.get(name)
+            if got is not None and (got != "" or default is None):
+                return got
+            if default is not None:
+                return default
+            raise ConfigError(f"{where or 'config'}: environment variable {name} is not set (and has no default)")
+        return _VAR.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: expand_vars(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_vars(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def resolve_env_refs(params: dict[str, Any], where: str) -> dict[str, Any]:
+    """Replace ``os.environ/NAME`` values (LiteLLM proxy convention) by the variable's value."""
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        if isinstance(v, str) and v.startswith(_ENV_REF):
+            name = v[len(_ENV_REF):]
+            got = os.environ.get(name)
+            if got is None:
+                raise ConfigError(f"{where}.{k}: environment variable {name} is not set")
+            out[k] = got
+        else:
+            out[k] = v
+    return out
+
+
+def _replay_entries(cfg: ReplayModelsConfig, base: GatewayConfig, source: str) -> list[ModelConfig]:
+    folder = base.resolve_path(cfg.dataset)
+    models_csv = folder / "models.csv"
+    if not models_csv.is_file():
+        raise ConfigError(
+            f"{source}: replay_models.dataset {str(folder)!r} is not a routing benchmark folder "
+            f"(no models.csv). Set ${DATASET_ENV} to a dataset folder, or remove replay_models."
+        )
+    entries: list[ModelConfig] = []
+    with open(models_csv, encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        for row in reader:
+            name = (row.get("model") or "").strip()
+            if not name:
+                continue
+            try:
+                cost = float(row.get("cost") or "")
+            except ValueError:
+                raise ConfigError(f"{models_csv}:{reader.line_num}: cost of {name!r} is not a number") from None
+            if not math.isfinite(cost) or cost <= 0:
+                raise ConfigError(f"{models_csv}:{reader.line_num}: cost of {name!r} must be > 0")
+            price = cost * cfg.usd_per_1m_tokens_per_cost_unit
+            entries.append(ModelConfig(
+                name=name,
+                litellm_params={"model": f"openai/{name}", "api_base": cfg.api_base, "api_key": cfg.api_key},
+                input_cost_per_1m=price,
+                output_cost_per_1m=price,
+                router_cost=cost,
+                timeout_s=cfg.timeout_s,
+            ))
+    if not entries:
+        raise ConfigError(f"{models_csv}: no models")
+    return entries
+
+
+def _format_validation(exc: ValidationError, source: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        parts.append(f"{loc}: {err['msg']}")
+    return f"{source}: invalid config: " + "; ".join(parts)
+
+
+def parse_config(data: dict[str, Any] | None, *, base_dir: Path | None = None, source: str = "config") -> GatewayConfig:
+    """Validate an already-read YAML tree (variables are expanded here)."""
+    raw = expand_vars(data or {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping")
+    try:
+        cfg = GatewayConfig.model_validate({**raw, "base_dir": base_dir or Path.cwd()})
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc, source)) from None
+    models = [
+        m.model_copy(update={"litellm_params": resolve_env_refs(m.litellm_params, f"models[{i}].litellm_params")})
+        for i, m in enumerate(cfg.models)
+    ]
+    if cfg.replay_models is not None:
+        known = {m.name for m in models}
+        for entry in _replay_entries(cfg.replay_models, cfg, source):
+            if entry.name not in known:  # an explicit entry of the same name wins
+                models.append(entry)
+    update: dict[str, Any] = {"models": models}
+    if cfg.router.artifact:
+        update["router"] = cfg.router.model_copy(update={"artifact": str(cfg.resolve_path(cfg.router.artifact))})
+    update["database_url"] = _resolve_sqlite(cfg.database_url, cfg)
+    return cfg.model_copy(update=update)
+
+
+def _resolve_sqlite(url: str, cfg: GatewayConfig) -> str:
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
+        return prefix + str(cfg.resolve_path(url[len(prefix):]))
+    return url
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> GatewayConfig:
+    """Read ``path`` (default ``$UNIROUTE_CONFIG`` or ``./config.yaml``)."""
+    p = Path(path) if path is not None else default_config_path()
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found (pass --config or set ${CONFIG_ENV})")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    return parse_config(data, base_dir=p.resolve().parent, source=str(p))

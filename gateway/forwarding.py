@@ -1,0 +1,262 @@
+"""Forwarding to the backends: the ONLY caller of ``litellm.acompletion``.
+
+- Prices of every registry entry are registered with LiteLLM, so each response,
+  streaming ones included, carries its cost.
+- Provider failures become gateway errors: timeout → 504, 429 → 429, an upstream
+  ``400``/``422`` (the provider rejected the request itself) → 400, anything else
+  (connection error, 5xx, auth/config problems) → 502 with the provider's message,
+  never a traceback.
+- A request falls back down the ranked candidate list on connection error, 5xx,
+  timeout or 429, while nothing has yet been sent to the client (for streams: before
+  the first chunk), up to ``max_attempts`` models. Every attempt is recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import gateway  # noqa: F401  (offline environment before litellm is imported)
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    UpstreamError,
+    UpstreamRateLimitError,
+    UpstreamTimeoutError,
+)
+from gateway.registry import ModelEntry, RegistrySnapshot
+
+logger = logging.getLogger("uniroute.forwarding")
+
+#: providers whose OpenAI-compatible servers accept the standard ``user`` parameter
+_PASS_USER = frozenset({"openai", "hosted_vllm"})
+_PREFIX = re.compile(r"^(?:litellm\.\w+:\s*)?(?:\w+(?:Error|Exception):\s*)?(?:\w+Exception\s*-\s*)?")
+
+
+def configure_litellm() -> Any:
+    """Import LiteLLM and switch off everything the gateway does not use (logging, callbacks, telemetry)."""
+    import litellm
+
+    litellm.telemetry = False
+    litellm.suppress_debug_info = True
+    litellm.set_verbose = False
+    litellm.turn_off_message_logging = False  # True would deep-copy every request to redact logs nobody reads
+    litellm.drop_params = True  # a backend that lacks a standard parameter ignores it instead of failing
+    litellm.include_cost_in_streaming_usage = True
+    litellm.callbacks = []
+    litellm.success_callback = []
+    litellm.failure_callback = []
+    litellm.input_callback = []
+    litellm._async_success_callback = []
+    litellm._async_failure_callback = []
+    for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "litellm"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    return litellm
+
+
+@dataclass
+class Attempt:
+    model: str
+    status: int
+    error_type: str | None
+    latency_ms: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "status": self.status, "error_type": self.error_type,
+                "latency_ms": round(self.latency_ms, 3)}
+
+
+@dataclass
+class Completion:
+    """A finished non-streaming completion."""
+
+    entry: ModelEntry
+    response: Any  # litellm ModelResponse
+    attempts: list[Attempt]
+    cost_usd: float | None
+    upstream_latency_ms: float
+
+
+@dataclass
+class OpenStream:
+    """A stream whose first chunk has arrived; the rest comes from ``rest``."""
+
+    entry: ModelEntry
+    first: Any  # litellm ModelResponseStream
+    rest: AsyncIterator[Any]
+    attempts: list[Attempt]
+    ttft_ms: float
+    started: float = field(default_factory=time.perf_counter)
+
+
+def provider_message(exc: BaseException) -> str:
+    """The provider's own message, without LiteLLM's class-name prefixes."""
+    msg = str(getattr(exc, "message", None) or exc).strip()
+    msg = _PREFIX.sub("", msg, count=1).strip()
+    return msg.splitlines()[0] if msg else type(exc).__name__
+
+
+def map_exception(exc: BaseException, model: str) -> GatewayError:
+    """Turn a LiteLLM/provider exception into the gateway error the client sees."""
+    if isinstance(exc, GatewayError):
+        return exc
+    import litellm
+
+    msg = provider_message(exc)
+    status = getattr(exc, "status_code", None)
+    if isinstance(exc, litellm.Timeout) or status in (408, 504):
+        return UpstreamTimeoutError(f"model '{model}' timed out: {msg}")
+    if isinstance(exc, litellm.RateLimitError) or status == 429:
+        return UpstreamRateLimitError(f"model '{model}' is rate limited upstream: {msg}")
+    if isinstance(exc, litellm.BadRequestError | litellm.UnprocessableEntityError) or status in (400, 422):
+        return InvalidRequestError(f"model '{model}' rejected the request: {msg}", code="upstream_bad_request")
+    return UpstreamError(f"model '{model}' failed upstream: {msg}")
+
+
+def is_retryable(err: GatewayError) -> bool:
+    """Fall back on timeouts, 429s, connection errors and 5xx — not on a request the provider refused."""
+    return isinstance(err, UpstreamError)
+
+
+def _cost(entry: ModelEntry, usage: Any) -> float | None:
+    if usage is None:
+        return None
+    pt = getattr(usage, "prompt_tokens", None) or 0
+    ct = getattr(usage, "completion_tokens", None) or 0
+    return pt * entry.input_cost_per_token + ct * entry.output_cost_per_token
+
+
+class Forwarder:
+    """Sends chat requests to backends through LiteLLM, with fallback."""
+
+    def __init__(self, max_attempts: int = 3) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        self.max_attempts = max_attempts
+        self._litellm = configure_litellm()
+        self._acompletion = self._litellm.acompletion
+        self._kwargs: dict[str, tuple[ModelEntry, dict[str, Any]]] = {}
+
+    # -- registry ---------------------------------------------------------------------
+
+    def register(self, snapshot: RegistrySnapshot) -> None:
+        """Register prices with LiteLLM and precompute each entry's call arguments."""
+        prices: dict[str, dict[str, Any]] = {}
+        kwargs: dict[str, tuple[ModelEntry, dict[str, Any]]] = {}
+        for e in snapshot.entries:
+            params = dict(e.litellm_params)
+            model = params.pop("model")
+            provider = params.get("custom_llm_provider") or (model.split("/", 1)[0] if "/" in model else None)
+            info: dict[str, Any] = {"input_cost_per_token": e.input_cost_per_token,
+                                    "output_cost_per_token": e.output_cost_per_token, "mode": "chat"}
+            if provider:
+                info["litellm_provider"] = provider
+            prices[model] = info
+            if provider in _PASS_USER:
+                # LiteLLM drops `user` for OpenAI-compatible servers that are not OpenAI's own catalog
+                params.setdefault("allowed_openai_params", ["user"])
+            params.setdefault("timeout", e.timeout_s)
+            params.setdefault("max_retries", 0)  # the gateway does its own fallback
+            params["num_retries"] = 0
+            # per-call prices too: two entries may share a LiteLLM model name at different prices
+            params["input_cost_per_token"] = e.input_cost_per_token
+            params["output_cost_per_token"] = e.output_cost_per_token
+            kwargs[e.name] = (e, {"model": model, **params})
+        if prices:
+            self._litellm.register_model(prices)
+        self._kwargs = kwargs
+
+    def _call_kwargs(self, entry: ModelEntry) -> dict[str, Any]:
+        cached = self._kwargs.get(entry.name)
+        if cached is None or cached[0] is not entry:
+            self.register(RegistrySnapshot.build([*(c[0] for c in self._kwargs.values() if c[0].name != entry.name),
+                                                  entry]))
+            cached = self._kwargs[entry.name]
+        return cached[1]
+
+    # -- calls ------------------------------------------------------------------------
+
+    async def complete(
+        self,
+        candidates: Sequence[ModelEntry],
+        messages: list[dict[str, Any]],
+        params: Mapping[str, Any],
+        attempts: list[Attempt] | None = None,
+    ) -> Completion:
+        """Non-streaming completion from the first candidate that answers.
+
+        Every attempt is appended to ``attempts`` (pass a list to see them even when this raises).
+        """
+        attempts = [] if attempts is None else attempts
+        last: GatewayError | None = None
+        for entry in candidates[: self.max_attempts]:
+            t0 = time.perf_counter()
+            try:
+                response = await self._acompletion(messages=messages, **self._call_kwargs(entry), **params)
+            except Exception as exc:
+                err = map_exception(exc, entry.name)
+                attempts.append(Attempt(entry.name, err.status_code, err.error_type, (time.perf_counter() - t0) * 1e3))
+                logger.info("model %s failed (%s): %s", entry.name, err.status_code, err.message)
+                last = err
+                if is_retryable(err):
+                    continue
+                break
+            latency = (time.perf_counter() - t0) * 1e3
+            attempts.append(Attempt(entry.name, 200, None, latency))
+            hidden = getattr(response, "_hidden_params", None) or {}
+            cost = hidden.get("response_cost")
+            if cost is None:
+                cost = _cost(entry, getattr(response, "usage", None))
+            return Completion(entry, response, attempts, None if cost is None else float(cost), latency)
+        raise _exhausted(last, attempts)
+
+    async def open_stream(
+        self,
+        candidates: Sequence[ModelEntry],
+        messages: list[dict[str, Any]],
+        params: Mapping[str, Any],
+        attempts: list[Attempt] | None = None,
+    ) -> OpenStream:
+        """Start a stream: fall back until some candidate yields its first chunk."""
+        attempts = [] if attempts is None else attempts
+        last: GatewayError | None = None
+        for entry in candidates[: self.max_attempts]:
+            t0 = time.perf_counter()
+            try:
+                stream = await self._acompletion(messages=messages, stream=True, **self._call_kwargs(entry), **params)
+                it = stream.__aiter__()
+                first = await it.__anext__()
+            except StopAsyncIteration:
+                err: GatewayError = UpstreamError(f"model '{entry.name}' returned an empty stream")
+            except Exception as exc:
+                err = map_exception(exc, entry.name)
+            else:
+                ttft = (time.perf_counter() - t0) * 1e3
+                attempts.append(Attempt(entry.name, 200, None, ttft))
+                return OpenStream(entry, first, it, attempts, ttft, started=t0)
+            attempts.append(Attempt(entry.name, err.status_code, err.error_type, (time.perf_counter() - t0) * 1e3))
+            logger.info("model %s failed (%s): %s", entry.name, err.status_code, err.message)
+            last = err
+            if not is_retryable(err):
+                break
+        raise _exhausted(last, attempts)
+
+    @staticmethod
+    def stream_cost(entry: ModelEntry, usage: Any) -> float | None:
+        """Cost of a finished stream from its usage chunk (LiteLLM puts ``cost`` in it)."""
+        if usage is None:
+            return None
+        cost = getattr(usage, "cost", None)
+        return float(cost) if cost is not None else _cost(entry, usage)
+
+
+def _exhausted(last: GatewayError | None, attempts: list[Attempt]) -> GatewayError:
+    err = last or UpstreamError("no model to forward to")
+    if len(attempts) > 1:
+        tried = ", ".join(f"{a.model} ({a.status})" for a in attempts)
+        err = type(err)(f"{err.message} [tried: {tried}]", param=err.param, code=err.code, headers=err.headers)
+    return err

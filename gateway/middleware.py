@@ -1,0 +1,101 @@
+"""Pure-ASGI middleware: request id, timing, body-size limit.
+
+- Every HTTP response carries ``x-uniroute-request-id`` (the client's own, if it sent a
+  sane one, else a fresh ``req-<hex>``) and ``x-uniroute-time-ms`` (time to headers).
+  The id is in ``scope["state"]["request_id"]`` for handlers.
+- A body larger than ``max_body_bytes`` gets 413: at once when ``content-length`` says
+  so, else as soon as the streamed body crosses the limit.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.errors import PayloadTooLargeError, error_body
+
+REQUEST_ID_HEADER = "x-uniroute-request-id"
+_SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_dumps: Any
+try:
+    import orjson
+
+    _dumps = orjson.dumps
+except ImportError:  # pragma: no cover
+    import json
+
+    def _dumps(obj: Any) -> bytes:
+        return json.dumps(obj).encode()
+
+
+def new_request_id() -> str:
+    return "req-" + uuid.uuid4().hex
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, max_body_bytes: int = 10 * 1024 * 1024) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        rid: str | None = None
+        length: int | None = None
+        for k, v in scope["headers"]:
+            if k == b"x-uniroute-request-id":
+                cand = v.decode("latin-1")
+                rid = cand if _SANE_ID.match(cand) else None
+            elif k == b"content-length":
+                try:
+                    length = int(v)
+                except ValueError:
+                    length = None
+        rid = rid or new_request_id()
+        scope.setdefault("state", {})["request_id"] = rid
+        rid_bytes = rid.encode()
+        limit = self.max_body_bytes
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((b"x-uniroute-request-id", rid_bytes))
+                headers.append((b"x-uniroute-time-ms", f"{(time.perf_counter() - t0) * 1e3:.2f}".encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        if length is not None and length > limit:
+            await self._too_large(send_wrapper, limit)
+            return
+
+        received = 0
+
+        async def receive_wrapper() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise PayloadTooLargeError(_too_large_message(limit))
+            return message
+
+        await self.app(scope, receive_wrapper, send_wrapper)
+
+    @staticmethod
+    async def _too_large(send: Send, limit: int) -> None:
+        status, body, _ = error_body(PayloadTooLargeError(_too_large_message(limit)))
+        payload = _dumps(body)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(payload)).encode()), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def _too_large_message(limit: int) -> str:
+    return f"request body is larger than the limit of {limit} bytes (server.max_body_bytes)"

@@ -1,0 +1,84 @@
+"""The OpenAPI 3 document of the public endpoints, generated from the wire models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+import gateway
+from gateway.protocol import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ErrorResponse,
+    Model,
+    ModelList,
+    UnirouteInfo,
+)
+
+_REF = "#/components/schemas/{model}"
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": _REF.format(model=model.__name__)}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    return {str(c): {"description": "OpenAI-shaped error",
+                     "content": {"application/json": {"schema": _ref(ErrorResponse)}}} for c in codes}
+
+
+def build_openapi() -> dict[str, Any]:
+    models: list[type[BaseModel]] = [ChatCompletionRequest, ChatCompletion, ChatCompletionChunk, Model, ModelList,
+                                     UnirouteInfo, ErrorResponse]
+    _, top = models_json_schema(
+        [(m, "validation" if m is ChatCompletionRequest else "serialization") for m in models], ref_template=_REF
+    )
+    schemas: dict[str, Any] = top.get("$defs", {})
+    chat = {
+        "post": {
+            "summary": "Create a chat completion (OpenAI-compatible). model 'auto' lets the gateway route.",
+            "operationId": "createChatCompletion",
+            "parameters": [{"name": "x-uniroute-lambda", "in": "header", "required": False,
+                            "schema": {"type": "number", "minimum": 0},
+                            "description": "cost/quality trade-off λ (the body's uniroute.lambda wins)"}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(ChatCompletionRequest)}}},
+            "responses": {
+                "200": {
+                    "description": "A completion (JSON), or server-sent chat.completion.chunk events ending in "
+                                   "`data: [DONE]` when stream is true. The `uniroute` object is in the body / the "
+                                   "last chunk.",
+                    "headers": {h: {"schema": {"type": "string"}}
+                                for h in ("x-uniroute-model", "x-uniroute-request-id", "x-uniroute-cost")},
+                    "content": {"application/json": {"schema": _ref(ChatCompletion)},
+                                "text/event-stream": {"schema": _ref(ChatCompletionChunk)}},
+                },
+                **_errors(400, 401, 403, 404, 413, 429, 502, 503, 504),
+            },
+        }
+    }
+    paths = {
+        "/v1/chat/completions": chat,
+        "/v1/models": {"get": {"summary": "List the models, including 'auto'", "operationId": "listModels",
+                               "responses": {"200": {"description": "models",
+                                                     "content": {"application/json": {"schema": _ref(ModelList)}}}}}},
+        "/v1/models/{model_id}": {"get": {
+            "summary": "One model", "operationId": "retrieveModel",
+            "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "the model",
+                                  "content": {"application/json": {"schema": _ref(Model)}}}, **_errors(404)}}},
+        "/health/liveliness": {"get": {"summary": "The process is up", "operationId": "liveliness",
+                                       "responses": {"200": {"description": "alive"}}}},
+        "/health/readiness": {"get": {"summary": "Registry and router loaded, store reachable",
+                                      "operationId": "readiness",
+                                      "responses": {"200": {"description": "ready"}, **_errors(503)}}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "UniRoute Gateway", "version": gateway.__version__,
+                 "description": "OpenAI-compatible LLM gateway with UniRoute routing."},
+        "paths": paths,
+        "components": {"schemas": schemas},
+    }

@@ -1,0 +1,119 @@
+"""The in-memory model registry: which models the gateway serves and how to reach them.
+
+A :class:`Registry` holds one immutable :class:`RegistrySnapshot`. Readers take the
+current snapshot (one attribute read, no lock); a refresh builds a whole new snapshot
+and swaps it in with :meth:`Registry.replace`, so a request never sees half an update.
+Today the snapshot comes from ``config.yaml``; a later store-backed poller can call
+``replace`` with entries read from the database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from gateway.config import GatewayConfig, ModelConfig
+from routing.policy import PoolModel
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One served model. ``litellm_params`` never leaves the process (it may hold an API key)."""
+
+    name: str
+    litellm_params: Mapping[str, Any]  # model, api_base, api_key, ... (env refs already resolved)
+    input_cost_per_token: float  # USD
+    output_cost_per_token: float  # USD
+    router_cost: float  # c(h) > 0
+    timeout_s: float
+    routable: bool = True
+    psi: np.ndarray | None = field(default=None, compare=False)  # per-cluster error profile, once profiled
+    created: int = 0  # unix seconds, for /v1/models
+
+    @property
+    def litellm_model(self) -> str:
+        return str(self.litellm_params["model"])
+
+    @property
+    def owned_by(self) -> str:
+        model = self.litellm_model
+        return model.split("/", 1)[0] if "/" in model else "uniroute"
+
+    @classmethod
+    def from_config(cls, m: ModelConfig, created: int = 0) -> ModelEntry:
+        return cls(
+            name=m.name,
+            litellm_params=MappingProxyType(dict(m.litellm_params)),
+            input_cost_per_token=m.input_cost_per_1m / 1e6,
+            output_cost_per_token=m.output_cost_per_1m / 1e6,
+            router_cost=m.router_cost,
+            timeout_s=m.timeout_s,
+            routable=m.routable,
+            created=created,
+        )
+
+    def to_pool_model(self) -> PoolModel:
+        return PoolModel(name=self.name, cost=self.router_cost, psi=self.psi)
+
+
+@dataclass(frozen=True)
+class RegistrySnapshot:
+    entries: tuple[ModelEntry, ...]
+    by_name: Mapping[str, ModelEntry]
+    pool: tuple[PoolModel, ...]  # routable models, as the policy sees them
+    names: tuple[str, ...]
+
+    @classmethod
+    def build(cls, entries: Iterable[ModelEntry]) -> RegistrySnapshot:
+        items = tuple(entries)
+        by_name: dict[str, ModelEntry] = {}
+        for e in items:
+            if e.name in by_name:
+                raise ValueError(f"model name {e.name!r} appears twice in the registry")
+            by_name[e.name] = e
+        pool = tuple(e.to_pool_model() for e in items if e.routable)
+        return cls(entries=items, by_name=MappingProxyType(by_name), pool=pool, names=tuple(by_name))
+
+
+class Registry:
+    """The current snapshot of served models, replaceable as a whole."""
+
+    def __init__(self, entries: Iterable[ModelEntry] = ()) -> None:
+        self._snapshot = RegistrySnapshot.build(entries)
+        self._listeners: list[Callable[[RegistrySnapshot], None]] = []
+
+    @classmethod
+    def from_config(cls, config: GatewayConfig, created: int = 0) -> Registry:
+        return cls(ModelEntry.from_config(m, created) for m in config.models)
+
+    @property
+    def snapshot(self) -> RegistrySnapshot:
+        return self._snapshot
+
+    def get(self, name: str) -> ModelEntry | None:
+        return self._snapshot.by_name.get(name)
+
+    def names(self) -> tuple[str, ...]:
+        return self._snapshot.names
+
+    def pool(self) -> tuple[PoolModel, ...]:
+        return self._snapshot.pool
+
+    def __len__(self) -> int:
+        return len(self._snapshot.entries)
+
+    def on_replace(self, listener: Callable[[RegistrySnapshot], None]) -> None:
+        """Call ``listener(snapshot)`` now and after every :meth:`replace` (e.g. to register prices)."""
+        self._listeners.append(listener)
+        listener(self._snapshot)
+
+    def replace(self, entries: Iterable[ModelEntry]) -> RegistrySnapshot:
+        snapshot = RegistrySnapshot.build(entries)
+        for listener in self._listeners:
+            listener(snapshot)
+        self._snapshot = snapshot
+        return snapshot

@@ -1,0 +1,43 @@
+"""``uniroute serve``: run the gateway under uvicorn (uvloop/httptools when installed)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+
+from gateway.config import CONFIG_ENV, ConfigError, default_config_path, load_config
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    path = Path(args.config) if getattr(args, "config", None) else default_config_path()
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"uniroute serve: {exc}", file=sys.stderr)
+        return 2
+    # workers re-import the app through the factory, which reads the config from the environment
+    os.environ[CONFIG_ENV] = str(path.resolve())
+    host = args.host or config.server.host
+    port = args.port if args.port is not None else config.server.port
+    workers = args.workers or config.server.workers
+    logging.basicConfig(level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import uvicorn
+
+    uvicorn.run(
+        "gateway.app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        log_level=config.server.log_level,
+        access_log=config.server.access_log,
+        timeout_graceful_shutdown=10,
+    )
+    return 0

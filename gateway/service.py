@@ -1,0 +1,384 @@
+"""The chat service: everything a chat completion does, with no HTTP types.
+
+For one request: authenticate → resolve λ → rate-limit → pick the model(s) →
+reserve budget → forward (with fallback) → settle → log a :class:`RequestRecord`.
+
+- ``model`` naming a registry entry is served by that model (no fallback).
+- ``model: "auto"`` asks the policy to rank the routable pool for the prompt; the
+  gateway then falls back down that ranking. The text routed on is the LAST user
+  message's text (see :meth:`ChatCompletionRequest.routing_text`).
+- λ comes from the request (``uniroute.lambda``), else the ``x-uniroute-lambda`` header,
+  else the caller's default; it must lie in the caller's ``[lambda_min, lambda_max]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    PermissionDeniedError,
+    ServiceUnavailableError,
+    UpstreamError,
+)
+from gateway.forwarding import Attempt, Forwarder, OpenStream, map_exception
+from gateway.interfaces import (
+    Authenticator,
+    BudgetGuard,
+    MemorySink,
+    NoBudget,
+    NoRateLimit,
+    OpenAuthenticator,
+    Principal,
+    RateLimiter,
+    RequestRecord,
+    RequestSink,
+    Reservation,
+)
+from gateway.protocol import PASSTHROUGH_FIELDS, ChatCompletionRequest
+from gateway.registry import ModelEntry, Registry
+from gateway.router import EmbedFn
+from routing.policy import GatewayPolicy, RoutingDecision
+
+logger = logging.getLogger("uniroute.service")
+
+AUTO = "auto"
+_PASSTHROUGH: set[str] = set(PASSTHROUGH_FIELDS) - {"stream_options"}
+_DEFAULT_COMPLETION_TOKENS = 512  # budget estimate when the request sets no max_tokens
+TOP_CANDIDATES = 5  # ranked candidates reported in the ``uniroute`` object and the request log
+
+
+@dataclass
+class ChatContext:
+    """What the HTTP layer knows about the call, in plain types."""
+
+    request_id: str
+    authorization: str | None = None
+    lambda_header: str | None = None
+
+
+@dataclass
+class ChatResult:
+    body: dict[str, Any]  # OpenAI chat.completion + ``uniroute``
+    model: str
+    cost_usd: float | None
+
+
+@dataclass
+class ChatStream:
+    """An open stream. The caller iterates ``chunks`` and MUST ``await aclose()`` when done (or on
+    disconnect), even if it never started iterating: that settles the budget and logs the request."""
+
+    model: str  # known before the first byte is sent
+    chunks: AsyncGenerator[dict[str, Any], None]  # chat.completion.chunk dicts; ``{"error": ...}`` on failure
+    _finish: Callable[[], Awaitable[None]]
+
+    async def aclose(self) -> None:
+        await self.chunks.aclose()
+        await self._finish()
+
+
+class _StreamEnd:
+    """Finishes a stream exactly once: close upstream, settle the budget, log the record."""
+
+    def __init__(self, service: ChatService, record: RequestRecord, reservation: Reservation | None,
+                 opened: OpenStream, t0: float) -> None:
+        self.service, self.record, self.reservation, self.opened, self.t0 = service, record, reservation, opened, t0
+        self.settled = 0.0
+        self.done = False
+
+    async def __call__(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        record = self.record
+        if record.status_code == 200 and record.upstream_latency_ms is None:  # stopped before the end
+            record.status_code, record.error_type = 499, "client_disconnected"
+        if record.status_code != 200:
+            aclose = getattr(self.opened.rest, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+        if self.reservation is not None:
+            await self.service.budget.settle(self.reservation, self.settled)
+        self.service._finish(record, self.t0)
+
+
+@dataclass
+class _Plan:
+    principal: Principal
+    lam: float
+    candidates: list[ModelEntry]
+    decision: RoutingDecision | None
+
+
+class ChatService:
+    def __init__(
+        self,
+        registry: Registry,
+        policy: GatewayPolicy,
+        forwarder: Forwarder,
+        *,
+        embed: EmbedFn | None = None,
+        authenticator: Authenticator | None = None,
+        rate_limiter: RateLimiter | None = None,
+        budget: BudgetGuard | None = None,
+        sink: RequestSink | None = None,
+    ) -> None:
+        if policy.needs_embedding and embed is None:
+            raise ValueError(f"policy {policy.name!r} needs an embed function")
+        self.registry = registry
+        self.policy = policy
+        self.forwarder = forwarder
+        self.embed = embed
+        self.authenticator: Authenticator = authenticator or OpenAuthenticator()
+        self.rate_limiter: RateLimiter = rate_limiter or NoRateLimit()
+        self.budget: BudgetGuard = budget or NoBudget()
+        self.sink: RequestSink = sink or MemorySink()
+
+    # -- steps ------------------------------------------------------------------------
+
+    @staticmethod
+    def resolve_lambda(req: ChatCompletionRequest, header: str | None, principal: Principal) -> float:
+        lo, hi = principal.lambda_min, principal.lambda_max
+        if req.uniroute is not None and req.uniroute.lam is not None:
+            lam, param = req.uniroute.lam, "uniroute.lambda"
+        elif header is not None and header.strip():
+            param = "x-uniroute-lambda"
+            try:
+                lam = float(header)
+            except ValueError:
+                raise InvalidRequestError(f"header x-uniroute-lambda must be a number in [{lo}, {hi}], got {header!r}",
+                                          param=param) from None
+        else:
+            return principal.default_lambda
+        if not math.isfinite(lam) or not lo <= lam <= hi:
+            raise InvalidRequestError(f"{param} = {lam} is outside the allowed range [{lo}, {hi}] for this key",
+                                      param=param, code="lambda_out_of_range")
+        return lam
+
+    async def plan(self, req: ChatCompletionRequest, ctx: ChatContext) -> _Plan:
+        principal = await self.authenticator.authenticate(ctx.authorization)
+        lam = self.resolve_lambda(req, ctx.lambda_header, principal)
+        await self.rate_limiter.check(principal)
+        allowed = principal.allowed_models
+        if req.model != AUTO:
+            entry = self.registry.get(req.model)
+            if entry is None:
+                known = ", ".join((AUTO, *self.registry.names()))
+                raise ModelNotFoundError(f"unknown model '{req.model}'; known: {known}", param="model")
+            if allowed is not None and entry.name not in allowed:
+                raise PermissionDeniedError(f"this key may not use model '{entry.name}'; allowed: "
+                                            f"{', '.join(sorted(allowed))}", param="model", code="model_not_allowed")
+            return _Plan(principal, lam, [entry], None)
+        pool = self.registry.pool()
+        if allowed is not None:
+            pool = tuple(m for m in pool if m.name in allowed)
+        if not pool:
+            raise ServiceUnavailableError("no routable model is available for 'auto'")
+        embedding = await self.embed(req.routing_text()) if self.policy.needs_embedding and self.embed else None
+        decision = self.policy.rank(embedding, pool, lam)
+        candidates = [e for e in (self.registry.get(c.model) for c in decision.ranked) if e is not None]
+        return _Plan(principal, lam, candidates, decision)
+
+    @staticmethod
+    def _estimate(req: ChatCompletionRequest, entry: ModelEntry) -> float:
+        chars = sum(len(m.text()) for m in req.messages)
+        out = req.max_completion_tokens or req.max_tokens or _DEFAULT_COMPLETION_TOKENS
+        return (chars / 4) * entry.input_cost_per_token + out * (req.n or 1) * entry.output_cost_per_token
+
+    @staticmethod
+    def _params(req: ChatCompletionRequest) -> dict[str, Any]:
+        return req.model_dump(include=_PASSTHROUGH, exclude_none=True)
+
+    @staticmethod
+    def _messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = req.model_dump(include={"messages"}, exclude_none=True)["messages"]
+        return out
+
+    @staticmethod
+    def _record(req: ChatCompletionRequest, ctx: ChatContext, stream: bool) -> RequestRecord:
+        return RequestRecord(request_id=ctx.request_id, started_at=datetime.now(UTC), requested_model=req.model,
+                             stream=stream)
+
+    @staticmethod
+    def _fill_plan(record: RequestRecord, plan: _Plan) -> None:
+        record.key_id = plan.principal.key_id
+        record.key_name = plan.principal.key_name
+        record.lam = plan.lam
+        if plan.decision is not None:
+            record.cluster = plan.decision.cluster
+            record.candidates = [
+                {"model": c.model, "expected_error": c.expected_error, "cost": c.cost, "objective": c.objective}
+                for c in plan.decision.ranked[:TOP_CANDIDATES]
+            ]
+
+    @staticmethod
+    def _fail(record: RequestRecord, exc: BaseException) -> None:
+        status = exc.status_code if isinstance(exc, GatewayError) else 500
+        record.status_code = status
+        record.error_type = exc.error_type if isinstance(exc, GatewayError) else type(exc).__name__
+
+    def _finish(self, record: RequestRecord, t0: float) -> None:
+        record.finished_at = datetime.now(UTC)
+        record.latency_ms = (time.perf_counter() - t0) * 1e3
+        try:
+            self.sink.submit(record)
+        except Exception:  # the sink must not fail a request
+            logger.exception("request sink failed")
+
+    @staticmethod
+    def extension(record: RequestRecord, plan: _Plan | None) -> dict[str, Any]:
+        """The documented ``uniroute`` response object."""
+        candidates: list[dict[str, Any]] = []
+        if plan is not None and plan.decision is not None:
+            candidates = [{"model": c.model, "expected_error": c.expected_error, "cost": c.cost}
+                          for c in plan.decision.ranked[:TOP_CANDIDATES]]
+        return {
+            "request_id": record.request_id,
+            "requested_model": record.requested_model,
+            "model": record.routed_model,
+            "cluster": record.cluster,
+            "lambda": record.lam,
+            "cost_usd": record.cost_usd,
+            "candidates": candidates,
+            "attempts": record.attempts,
+        }
+
+    # -- non-streaming ----------------------------------------------------------------
+
+    async def complete(self, req: ChatCompletionRequest, ctx: ChatContext) -> ChatResult:
+        t0 = time.perf_counter()
+        record = self._record(req, ctx, stream=False)
+        attempts: list[Attempt] = []
+        reservation: Reservation | None = None
+        settled = 0.0
+        try:
+            plan = await self.plan(req, ctx)
+            self._fill_plan(record, plan)
+            reservation = await self.budget.reserve(plan.principal, self._estimate(req, plan.candidates[0]))
+            done = await self.forwarder.complete(plan.candidates, self._messages(req), self._params(req), attempts)
+            usage = getattr(done.response, "usage", None)
+            record.routed_model = done.entry.name
+            record.cost_usd = done.cost_usd
+            record.upstream_latency_ms = done.upstream_latency_ms
+            record.prompt_tokens = getattr(usage, "prompt_tokens", None)
+            record.completion_tokens = getattr(usage, "completion_tokens", None)
+            settled = done.cost_usd or 0.0
+            record.attempts = [a.as_dict() for a in attempts]
+            body: dict[str, Any] = done.response.model_dump(exclude_none=True)
+            body["model"] = done.entry.name
+            for choice in body.get("choices", ()):
+                choice.pop("provider_specific_fields", None)
+            body["uniroute"] = self.extension(record, plan)
+            return ChatResult(body=body, model=done.entry.name, cost_usd=done.cost_usd)
+        except BaseException as exc:
+            record.attempts = [a.as_dict() for a in attempts]
+            self._fail(record, exc)
+            raise
+        finally:
+            if reservation is not None:
+                await self.budget.settle(reservation, settled)
+            self._finish(record, t0)
+
+    # -- streaming --------------------------------------------------------------------
+
+    async def stream(self, req: ChatCompletionRequest, ctx: ChatContext) -> ChatStream:
+        """Open the stream (fallback happens here, before any byte is sent) and return its chunks."""
+        t0 = time.perf_counter()
+        record = self._record(req, ctx, stream=True)
+        attempts: list[Attempt] = []
+        reservation: Reservation | None = None
+        try:
+            plan = await self.plan(req, ctx)
+            self._fill_plan(record, plan)
+            reservation = await self.budget.reserve(plan.principal, self._estimate(req, plan.candidates[0]))
+            params = self._params(req)
+            params["stream_options"] = {"include_usage": True}  # the gateway always needs usage for the cost
+            opened = await self.forwarder.open_stream(plan.candidates, self._messages(req), params, attempts)
+        except BaseException as exc:
+            record.attempts = [a.as_dict() for a in attempts]
+            self._fail(record, exc)
+            if reservation is not None:
+                await self.budget.settle(reservation, 0.0)
+            self._finish(record, t0)
+            raise
+        record.routed_model = opened.entry.name
+        record.ttft_ms = (time.perf_counter() - t0) * 1e3
+        record.attempts = [a.as_dict() for a in attempts]
+        want_usage = bool(req.stream_options and req.stream_options.include_usage)
+        end = _StreamEnd(self, record, reservation, opened, t0)
+        return ChatStream(model=opened.entry.name, chunks=self._relay(opened, record, plan, end, want_usage),
+                          _finish=end)
+
+    async def _relay(
+        self,
+        opened: OpenStream,
+        record: RequestRecord,
+        plan: _Plan,
+        end: _StreamEnd,
+        want_usage: bool,
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """Yield client chunks. Chunks that end the stream (finish_reason / usage) are held back so
+        the ``uniroute`` object, with the final cost, rides on the last one."""
+        entry = opened.entry
+        name = entry.name
+        held: dict[str, Any] | None = None
+        template: dict[str, Any] = {}
+        try:
+            chunk: Any = opened.first
+            while True:
+                d: dict[str, Any] = chunk.model_dump(exclude_none=True)
+                d["model"] = name
+                if not template:
+                    template = {k: d[k] for k in ("id", "object", "created") if k in d}
+                usage = d.pop("usage", None)
+                if usage is not None:
+                    record.prompt_tokens = usage.get("prompt_tokens")
+                    record.completion_tokens = usage.get("completion_tokens")
+                    record.cost_usd = self.forwarder.stream_cost(entry, getattr(chunk, "usage", None))
+                    if want_usage:
+                        usage.pop("cost", None)
+                        d["usage"] = usage
+                choices: Sequence[dict[str, Any]] = d.get("choices") or []
+                if choices or "usage" in d:
+                    ends = not choices or any(c.get("finish_reason") for c in choices)
+                    if held is not None:
+                        yield held
+                        held = None
+                    if ends:
+                        held = d
+                    else:
+                        yield d
+                try:
+                    chunk = await opened.rest.__anext__()
+                except StopAsyncIteration:
+                    break
+            record.upstream_latency_ms = (time.perf_counter() - opened.started) * 1e3
+            end.settled = record.cost_usd or 0.0
+            if held is None:
+                held = {**template, "object": "chat.completion.chunk", "model": name, "choices": []}
+            held["uniroute"] = self.extension(record, plan)
+            yield held
+        except GeneratorExit:
+            record.status_code, record.error_type = 499, "client_disconnected"
+            raise
+        except Exception as exc:
+            err = map_exception(exc, name)
+            if not isinstance(err, UpstreamError):
+                err = UpstreamError(f"model '{name}' failed mid-stream: {err.message}")
+            record.status_code, record.error_type = err.status_code, err.error_type
+            if held is not None:
+                yield held
+            yield err.to_body()
+        finally:
+            await end()

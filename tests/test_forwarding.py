@@ -1,0 +1,146 @@
+"""Forwarding through LiteLLM to a real small upstream on loopback (tests/fake_upstream.py); no mocks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    UpstreamError,
+    UpstreamRateLimitError,
+    UpstreamTimeoutError,
+)
+from gateway.forwarding import Attempt, Forwarder, map_exception, provider_message
+from gateway.registry import ModelEntry, Registry
+from tests.fake_upstream import PROVIDER_MESSAGE
+from tests.procs import fake_upstream
+
+MSG = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture(scope="module")
+def base_url() -> Iterator[str]:
+    with fake_upstream() as url:
+        yield url
+
+
+def entry(base_url: str, name: str, *, upstream: str | None = None, timeout_s: float = 5.0) -> ModelEntry:
+    return ModelEntry(name=name, litellm_params={"model": f"openai/{upstream or name}", "api_base": base_url,
+                                                 "api_key": "test"},
+                      input_cost_per_token=1e-6, output_cost_per_token=2e-6, router_cost=1.0, timeout_s=timeout_s)
+
+
+def forwarder(*entries: ModelEntry, max_attempts: int = 3) -> Forwarder:
+    fw = Forwarder(max_attempts=max_attempts)
+    Registry(entries).on_replace(fw.register)
+    return fw
+
+
+async def test_complete_returns_response_and_cost(base_url: str) -> None:
+    ok = entry(base_url, "ok")
+    done = await forwarder(ok).complete([ok], MSG, {"temperature": 0.5, "max_tokens": 7})
+    assert done.entry is ok
+    assert done.response.choices[0].message.content == 'echo: hello there {"max_tokens": 7, "temperature": 0.5}'
+    usage = done.response.usage
+    assert done.cost_usd == pytest.approx(usage.prompt_tokens * 1e-6 + usage.completion_tokens * 2e-6)
+    assert [a.status for a in done.attempts] == [200]
+
+
+@pytest.mark.parametrize(
+    ("name", "error", "needle"),
+    [
+        ("m-500", UpstreamError, PROVIDER_MESSAGE),
+        ("m-429", UpstreamRateLimitError, "slow down"),
+        ("m-400", InvalidRequestError, "this provider rejects the request"),
+    ],
+)
+async def test_provider_errors_are_mapped(base_url: str, name: str, error: type[GatewayError], needle: str) -> None:
+    e = entry(base_url, name)
+    with pytest.raises(error) as info:
+        await forwarder(e).complete([e], MSG, {})
+    assert needle in info.value.message
+    assert "Traceback" not in info.value.message and "litellm." not in info.value.message
+
+
+async def test_timeout_is_504(base_url: str) -> None:
+    e = entry(base_url, "m-slow", timeout_s=0.5)
+    with pytest.raises(UpstreamTimeoutError) as info:
+        await forwarder(e).complete([e], MSG, {})
+    assert info.value.status_code == 504
+
+
+async def test_connection_error_is_502() -> None:
+    e = ModelEntry(name="down", litellm_params={"model": "openai/down", "api_base": "http://127.0.0.1:9/v1",
+                                                "api_key": "k"},
+                   input_cost_per_token=0, output_cost_per_token=0, router_cost=1, timeout_s=2)
+    with pytest.raises(UpstreamError) as info:
+        await forwarder(e).complete([e], MSG, {})
+    assert info.value.status_code == 502 and "down" in info.value.message
+
+
+async def test_falls_back_down_the_ranking_and_records_attempts(base_url: str) -> None:
+    bad, limited, ok = entry(base_url, "a-500"), entry(base_url, "b-429"), entry(base_url, "ok")
+    attempts: list[Attempt] = []
+    done = await forwarder(bad, limited, ok).complete([bad, limited, ok], MSG, {}, attempts)
+    assert done.entry is ok
+    assert [(a.model, a.status) for a in attempts] == [("a-500", 502), ("b-429", 429), ("ok", 200)]
+
+
+async def test_no_fallback_on_rejected_request(base_url: str) -> None:
+    rejected, ok = entry(base_url, "a-400"), entry(base_url, "ok")
+    attempts: list[Attempt] = []
+    with pytest.raises(InvalidRequestError):
+        await forwarder(rejected, ok).complete([rejected, ok], MSG, {}, attempts)
+    assert [a.model for a in attempts] == ["a-400"]
+
+
+async def test_max_attempts_bounds_fallback(base_url: str) -> None:
+    a, b, ok = entry(base_url, "a-500"), entry(base_url, "b-500"), entry(base_url, "ok")
+    attempts: list[Attempt] = []
+    with pytest.raises(UpstreamError) as info:
+        await forwarder(a, b, ok, max_attempts=2).complete([a, b, ok], MSG, {}, attempts)
+    assert [x.model for x in attempts] == ["a-500", "b-500"]
+    assert "tried: a-500 (502), b-500 (502)" in info.value.message
+
+
+async def test_stream_falls_back_before_first_chunk_and_costs(base_url: str) -> None:
+    bad, ok = entry(base_url, "a-500"), entry(base_url, "ok")
+    fw = forwarder(bad, ok)
+    attempts: list[Attempt] = []
+    opened = await fw.open_stream([bad, ok], MSG, {"stream_options": {"include_usage": True}}, attempts)
+    assert opened.entry is ok and [x.status for x in attempts] == [502, 200]
+    text = opened.first.choices[0].delta.content or ""
+    usage: Any = None
+    async for chunk in opened.rest:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        if getattr(chunk, "usage", None) is not None:
+            usage = chunk.usage
+    assert text == "echo: hello there"
+    cost = fw.stream_cost(ok, usage)
+    assert cost == pytest.approx(usage.prompt_tokens * 1e-6 + usage.completion_tokens * 2e-6)
+
+
+async def test_stream_timeout_before_first_chunk(base_url: str) -> None:
+    slow = entry(base_url, "m-slow", timeout_s=0.5)
+    with pytest.raises(UpstreamTimeoutError):
+        await forwarder(slow).open_stream([slow], MSG, {})
+
+
+def test_provider_message_strips_litellm_prefixes() -> None:
+    exc = RuntimeError("litellm.InternalServerError: InternalServerError: OpenAIException - boom happened")
+    assert provider_message(exc) == "boom happened"
+    assert isinstance(map_exception(exc, "m"), UpstreamError)
+
+
+def test_prices_registered_with_litellm(base_url: str) -> None:
+    import litellm
+
+    forwarder(entry(base_url, "priced-model"))
+    info = litellm.model_cost["openai/priced-model"]
+    assert info["input_cost_per_token"] == pytest.approx(1e-6)
+    assert info["output_cost_per_token"] == pytest.approx(2e-6)
