@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.auth import AdminGuard, KeyAuthenticator
 from gateway.budget import SqlBudgetGuard
@@ -38,6 +39,9 @@ from gateway.interfaces import (
 from gateway.metrics import Metrics
 from gateway.ratelimit import LocalRateLimiter, RedisRateLimiter
 from gateway.store import RequestLogWriter, Store
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
 
 logger = logging.getLogger("uniroute.accounting")
 
@@ -59,8 +63,53 @@ class AccountingSettings:
     spill_dir: str | None = None
     redis_url: str | None = None
     rate_limit_fail_open: bool = True
+    rate_limit_prefix: str = "uniroute:rpm:"
     anonymous: Principal = ANONYMOUS
     seed_models: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
+
+
+_SECRET_PARAM = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
+_ENV_REF = "os.environ/"
+
+
+def params_for_table(params: Mapping[str, Any]) -> dict[str, Any]:
+    """litellm_params as the ``models`` table may hold them: ``os.environ/NAME`` references stay,
+    any other value under a secret-looking name (``api_key``, ``aws_secret_access_key``, ...) that
+    is not a reference is replaced by a placeholder, so no secret reaches the database."""
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        if _SECRET_PARAM.search(k) and not (isinstance(v, str) and v.startswith(_ENV_REF)) and v not in ("", None):
+            out[k] = "<redacted: write it as os.environ/NAME to keep a reference>"
+        else:
+            out[k] = v
+    return out
+
+
+def settings_from_config(config: GatewayConfig) -> AccountingSettings:
+    from gateway.app import default_principal
+
+    db = config.database
+    seed = tuple(
+        {
+            "name": m.name,
+            "litellm_params": params_for_table(m.litellm_params_as_written or m.litellm_params),
+            "input_cost_per_1m": m.input_cost_per_1m,
+            "output_cost_per_1m": m.output_cost_per_1m,
+            "router_cost": m.router_cost,
+            "timeout_s": m.timeout_s,
+            "routable": m.routable,
+        }
+        for m in config.models
+    )
+    return AccountingSettings(
+        database_url=config.database_url, auth_mode=config.auth.mode, auth_cache_ttl_s=config.auth.cache_ttl_s,
+        auto_migrate=db.auto_migrate, pool_size=db.pool_size, max_overflow=db.max_overflow,
+        store_prompts=db.store_prompts, log_batch_size=db.log_batch_size,
+        log_flush_interval_s=db.log_flush_interval_s, log_max_buffer=db.log_max_buffer, spill_dir=db.spill_dir,
+        redis_url=config.redis_url, rate_limit_fail_open=config.rate_limit.fail_open,
+        rate_limit_prefix=config.rate_limit.redis_prefix,
+        anonymous=default_principal(config), seed_models=seed,
+    )
 
 
 class MetricsSink:
@@ -106,7 +155,8 @@ class Accounting:
         self.admin = AdminGuard(authenticator=self.key_authenticator)
         self.rate_limiter: RateLimiter
         if s.redis_url:
-            self.rate_limiter = RedisRateLimiter(s.redis_url, fail_open=s.rate_limit_fail_open, metrics=self.metrics)
+            self.rate_limiter = RedisRateLimiter(s.redis_url, prefix=s.rate_limit_prefix, fail_open=s.rate_limit_fail_open,
+                                                 metrics=self.metrics)
         else:
             self.rate_limiter = LocalRateLimiter()
         self._started = False
@@ -119,14 +169,26 @@ class Accounting:
         """Migrate, seed the registry table, start the log writer (call from the lifespan)."""
         s = self.settings
         if s.auto_migrate:
-            await asyncio.to_thread(self.store.upgrade)
-        elif await asyncio.to_thread(self.store.current_revision) != Store.head_revision():
-            logger.warning("database is not at the latest migration and database.auto_migrate is false: "
-                           "run `uniroute db upgrade`")
+            await asyncio.to_thread(self.store.upgrade)  # fail fast: no schema, no gateway
+        else:
+            try:
+                current = await asyncio.to_thread(self.store.current_revision)
+            except Exception as exc:
+                current = None
+                logger.error("database unreachable at start (%s); serving anyway, the request log waits in "
+                             "memory and /health/readiness reports it", type(exc).__name__)
+            else:
+                if current != Store.head_revision():
+                    logger.warning("database is at revision %s, not the latest %s, and database.auto_migrate is "
+                                   "false: run `uniroute db upgrade`", current, Store.head_revision())
         if s.seed_models:
-            changed = await asyncio.to_thread(self.store.seed_models, s.seed_models)
-            if changed:
-                logger.info("models table: %d entries added or updated from the config", changed)
+            try:
+                changed = await asyncio.to_thread(self.store.seed_models, s.seed_models)
+            except Exception as exc:
+                logger.error("could not seed the models table from the config (%s)", type(exc).__name__)
+            else:
+                if changed:
+                    logger.info("models table: %d entries added or updated from the config", changed)
         self.metrics.set_registry(model_names, routable)
         self.writer.start()
         self._started = True

@@ -6,6 +6,11 @@ startup, and every request reuses them.
 
 ``readiness_checks`` (``app.state.readiness_checks``, name → async callable that raises
 when unhealthy) is the hook a store adds its "database reachable" check to.
+
+The store-backed parts (API keys, budgets, rate limits, the request log, metrics) come
+from :class:`gateway.accounting.Accounting`, built here from the config (no I/O) and
+started/stopped by the lifespan: migrations and the ``models`` seed at start, the request
+log flushed at shutdown. Its routes: ``/v1/usage``, ``/admin/keys``, ``/metrics``.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -25,7 +30,6 @@ from gateway.config import GatewayConfig, load_config
 from gateway.interfaces import (
     Authenticator,
     BudgetGuard,
-    OpenAuthenticator,
     Principal,
     RateLimiter,
     RequestSink,
@@ -33,6 +37,9 @@ from gateway.interfaces import (
 from gateway.middleware import RequestContextMiddleware
 from gateway.router import EmbedFn
 from routing.policy import GatewayPolicy
+
+if TYPE_CHECKING:
+    from gateway.accounting import Accounting
 
 ReadinessCheck = Callable[[], Awaitable[None]]
 
@@ -52,8 +59,14 @@ def create_app(
     sink: RequestSink | None = None,
     policy: tuple[GatewayPolicy, EmbedFn | None] | None = None,
     readiness_checks: dict[str, ReadinessCheck] | None = None,
+    accounting: Accounting | None = None,
 ) -> Starlette:
-    """Build the gateway app. The optional arguments replace the open defaults (auth, limits, store, router)."""
+    """Build the gateway app. The optional arguments replace the config-built parts (auth, limits, store, router)."""
+    from gateway import admin
+    from gateway.accounting import Accounting, settings_from_config
+    from gateway.metrics import InFlightMiddleware, metrics_app
+
+    acc = accounting if accounting is not None else Accounting(settings_from_config(config))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -69,12 +82,16 @@ def create_app(
         pol, embed = policy if policy is not None else build_policy(config)
         app.state.started_at = started
         app.state.registry = registry
+        await acc.start(registry.names(), [m.name for m in registry.pool()])
         app.state.service = ChatService(
             registry, pol, forwarder, embed=embed,
-            authenticator=authenticator or OpenAuthenticator(default_principal(config)),
-            rate_limiter=rate_limiter, budget=budget, sink=sink,
+            authenticator=authenticator or acc.authenticator,
+            rate_limiter=rate_limiter or acc.rate_limiter, budget=budget or acc.budget, sink=sink or acc.sink,
         )
-        yield
+        try:
+            yield
+        finally:
+            await acc.aclose()
 
     routes = [
         Route("/v1/chat/completions", endpoints.chat_completions, methods=["POST"]),
@@ -83,16 +100,24 @@ def create_app(
         Route("/health/liveliness", endpoints.liveliness, methods=["GET"]),
         Route("/health/readiness", endpoints.readiness, methods=["GET"]),
         Route("/openapi.json", endpoints.openapi, methods=["GET"]),
+        Route("/v1/usage", admin.usage, methods=["GET"]),
+        Route("/admin/keys", admin.list_keys_endpoint, methods=["GET"]),
+        Route("/admin/keys", admin.create_key_endpoint, methods=["POST"]),
+        Route("/admin/keys/{name}", admin.get_key_endpoint, methods=["GET"]),
+        Route("/admin/keys/{name}", admin.revoke_key_endpoint, methods=["DELETE"]),
+        Route("/metrics", metrics_app(acc.metrics), methods=["GET", "HEAD"]),
     ]
     handlers: dict[Any, Any] = {HTTPException: endpoints.http_exception, Exception: endpoints.unhandled_exception}
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(RequestContextMiddleware, max_body_bytes=config.server.max_body_bytes)],
+        middleware=[Middleware(InFlightMiddleware, metrics=acc.metrics),
+                    Middleware(RequestContextMiddleware, max_body_bytes=config.server.max_body_bytes)],
         exception_handlers=handlers,
         lifespan=lifespan,
     )
     app.state.config = config
-    app.state.readiness_checks = dict(readiness_checks or {})
+    app.state.accounting = acc
+    app.state.readiness_checks = {"database": acc.check_ready, **(readiness_checks or {})}
     return app
 
 

@@ -82,6 +82,16 @@ class ModelConfig(_Section):
     router_cost: float = Field(gt=0.0)  # the scalar c(h) of the routing rule
     timeout_s: float = Field(default=60.0, gt=0.0)
     routable: bool = True  # may ``model: "auto"`` pick it?
+    #: litellm_params before ``os.environ/NAME`` resolution (what the ``models`` table stores); set by
+    #: parse_config, never a YAML key
+    litellm_params_as_written: dict[str, Any] | None = Field(default=None, exclude=True, repr=False)
+
+    @field_validator("litellm_params_as_written")
+    @classmethod
+    def _not_a_key(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            raise ValueError("not a config key")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -108,9 +118,37 @@ class ReplayModelsConfig(_Section):
     timeout_s: float = Field(default=60.0, gt=0.0)
 
 
+class AuthConfig(_Section):
+    """``keys``: every request needs an API key (``uniroute keys create``). ``open``: no keys, everyone is
+    'anonymous' with the router's λ and no budget or rate limit (the demo)."""
+
+    mode: Literal["open", "keys"] = "keys"
+    cache_ttl_s: float = Field(default=1.0, gt=0.0, le=60.0)  # bound on how stale a replica's key cache is
+
+
+class DatabaseConfig(_Section):
+    auto_migrate: bool = True  # apply migrations at start (else: `uniroute db upgrade`)
+    pool_size: int = Field(default=5, ge=1)  # PostgreSQL connection pool per worker
+    max_overflow: int = Field(default=10, ge=0)
+    store_prompts: bool = False  # keep the prompt text in the request log
+    log_batch_size: int = Field(default=500, ge=1)
+    log_flush_interval_s: float = Field(default=0.5, gt=0.0)
+    log_max_buffer: int = Field(default=100_000, ge=1)  # request rows held while the database is unreachable
+    spill_dir: str = "var/request-log-spill"  # rows unwritable at shutdown go here, and in at next start
+
+
+class RateLimitConfig(_Section):
+    fail_open: bool = True  # when Redis is unreachable: serve (true) or refuse with 503 (false)
+    redis_prefix: str = Field(default="uniroute:rpm:", min_length=1)  # one per deployment sharing a Redis
+
+
 class GatewayConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     database_url: str = "sqlite:///var/uniroute.db"
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    redis_url: str | None = None  # redis://127.0.0.1:6379/0: rate limits shared by every replica
+    rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     fallback: FallbackConfig = Field(default_factory=FallbackConfig)
     models: list[ModelConfig] = Field(default_factory=list)
@@ -223,7 +261,8 @@ def parse_config(data: dict[str, Any] | None, *, base_dir: Path | None = None, s
     except ValidationError as exc:
         raise ConfigError(_format_validation(exc, source)) from None
     models = [
-        m.model_copy(update={"litellm_params": resolve_env_refs(m.litellm_params, f"models[{i}].litellm_params")})
+        m.model_copy(update={"litellm_params": resolve_env_refs(m.litellm_params, f"models[{i}].litellm_params"),
+                             "litellm_params_as_written": dict(m.litellm_params)})
         for i, m in enumerate(cfg.models)
     ]
     if cfg.replay_models is not None:
@@ -235,6 +274,7 @@ def parse_config(data: dict[str, Any] | None, *, base_dir: Path | None = None, s
     if cfg.router.artifact:
         update["router"] = cfg.router.model_copy(update={"artifact": str(cfg.resolve_path(cfg.router.artifact))})
     update["database_url"] = _resolve_sqlite(cfg.database_url, cfg)
+    update["database"] = cfg.database.model_copy(update={"spill_dir": str(cfg.resolve_path(cfg.database.spill_dir))})
     return cfg.model_copy(update=update)
 
 

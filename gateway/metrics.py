@@ -240,11 +240,15 @@ class Metrics:
             multiprocess.mark_process_dead(os.getpid())
 
 
-def metrics_app(metrics: Metrics) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
-    """A pure-ASGI app answering ``GET /metrics`` with the text exposition."""
-    import asyncio
+class MetricsApp:
+    """A pure-ASGI app answering ``GET /metrics`` with the text exposition (405 for other methods)."""
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        import asyncio
+
         if scope["type"] != "http":
             return
         if scope.get("method", "GET") not in ("GET", "HEAD"):
@@ -254,10 +258,56 @@ def metrics_app(metrics: Metrics) -> Callable[[Scope, Receive, Send], Awaitable[
                         "headers": [(b"content-type", b"application/json"), (b"allow", b"GET, HEAD")]})
             await send({"type": "http.response.body", "body": body})
             return
-        payload = await asyncio.to_thread(metrics.render) if multiprocess_enabled() else metrics.render()
+        render = self.metrics.render
+        payload = await asyncio.to_thread(render) if multiprocess_enabled() else render()
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode()),
                                 (b"content-length", str(len(payload)).encode())]})
         await send({"type": "http.response.body", "body": b"" if scope.get("method") == "HEAD" else payload})
 
-    return app
+
+def metrics_app(metrics: Metrics) -> MetricsApp:
+    """The ``/metrics`` ASGI app for ``metrics`` (mount it, or serve it alone)."""
+    return MetricsApp(metrics)
+
+
+class InFlightMiddleware:
+    """Pure-ASGI middleware keeping ``litellm_in_flight_requests`` (``/v1/*`` requests being served)."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], metrics: Metrics) -> None:
+        self.app = app
+        self.gauge = metrics.in_flight
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not str(scope.get("path", "")).startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        self.gauge.inc()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.gauge.dec()
+
+
+def prepare_multiprocess_dir(workers: int, base: str | os.PathLike[str] | None = None) -> str | None:
+    """Before starting ``workers`` > 1 processes: make sure ``PROMETHEUS_MULTIPROC_DIR`` names an
+    empty folder (a fresh temporary one unless set), so ``/metrics`` merges every worker.
+
+    Must run in the parent before any worker imports prometheus_client. Returns the folder
+    when this call created it (the caller removes it after the server stops)."""
+    if workers <= 1:
+        return None
+    current = os.environ.get(MULTIPROC_ENV)
+    if current:
+        from pathlib import Path
+
+        folder = Path(current)
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in folder.glob("*.db"):  # samples of a previous run
+            f.unlink()
+        return None
+    import tempfile
+
+    created = tempfile.mkdtemp(prefix="uniroute-prometheus-", dir=base)
+    os.environ[MULTIPROC_ENV] = created
+    return created

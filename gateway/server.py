@@ -28,16 +28,25 @@ def serve_command(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    uvicorn.run(
-        "gateway.app:app_from_env",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
-        log_level=config.server.log_level,
-        access_log=config.server.access_log,
-        timeout_graceful_shutdown=10,
-    )
+    from gateway.metrics import prepare_multiprocess_dir
+
+    prom_dir = prepare_multiprocess_dir(workers)  # with workers > 1, /metrics merges every worker
+    try:
+        uvicorn.run(
+            "gateway.app:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+            http="httptools" if importlib.util.find_spec("httptools") else "h11",
+            log_level=config.server.log_level,
+            access_log=config.server.access_log,
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        if prom_dir is not None:
+            import shutil
+
+            shutil.rmtree(prom_dir, ignore_errors=True)
     return 0

@@ -166,8 +166,10 @@ class ChatService:
                                       param=param, code="lambda_out_of_range")
         return lam
 
-    async def plan(self, req: ChatCompletionRequest, ctx: ChatContext) -> _Plan:
+    async def plan(self, req: ChatCompletionRequest, ctx: ChatContext, record: RequestRecord | None = None) -> _Plan:
         principal = await self.authenticator.authenticate(ctx.authorization)
+        if record is not None:  # attribute refusals after this point (bad λ, rate limit, model) to the key
+            record.key_id, record.key_name = principal.key_id, principal.key_name
         lam = self.resolve_lambda(req, ctx.lambda_header, principal)
         await self.rate_limiter.check(principal)
         allowed = principal.allowed_models
@@ -208,7 +210,7 @@ class ChatService:
     @staticmethod
     def _record(req: ChatCompletionRequest, ctx: ChatContext, stream: bool) -> RequestRecord:
         return RequestRecord(request_id=ctx.request_id, started_at=datetime.now(UTC), requested_model=req.model,
-                             stream=stream)
+                             stream=stream, prompt_text=req.routing_text())  # the sink drops it unless configured
 
     @staticmethod
     def _fill_plan(record: RequestRecord, plan: _Plan) -> None:
@@ -263,7 +265,7 @@ class ChatService:
         reservation: Reservation | None = None
         settled = 0.0
         try:
-            plan = await self.plan(req, ctx)
+            plan = await self.plan(req, ctx, record)
             self._fill_plan(record, plan)
             reservation = await self.budget.reserve(plan.principal, self._estimate(req, plan.candidates[0]))
             done = await self.forwarder.complete(plan.candidates, self._messages(req), self._params(req), attempts)
@@ -299,7 +301,7 @@ class ChatService:
         attempts: list[Attempt] = []
         reservation: Reservation | None = None
         try:
-            plan = await self.plan(req, ctx)
+            plan = await self.plan(req, ctx, record)
             self._fill_plan(record, plan)
             reservation = await self.budget.reserve(plan.principal, self._estimate(req, plan.candidates[0]))
             params = self._params(req)

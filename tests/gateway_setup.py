@@ -36,6 +36,7 @@ def replay_args() -> list[str]:
 def write_config(root: Path, dataset: Path, replay_base: str, **server: Any) -> Path:
     data = {
         "server": {"host": "127.0.0.1", **server},
+        "auth": {"mode": "open"},
         "router": {"policy": "cheapest", "default_lambda": 0.1, "lambda_min": 0.0, "lambda_max": 2.0},
         "fallback": {"max_attempts": 3},
         "replay_models": {"dataset": str(dataset), "api_base": replay_base, "usd_per_1m_tokens_per_cost_unit": 0.1},

@@ -173,12 +173,12 @@ def prometheus_binary() -> str:
 
 @contextlib.contextmanager
 def prometheus_server(targets: list[str], tmp_path: Path) -> Iterator[str]:
-    """A real Prometheus on a loopback port, scraping ``targets`` (host:port) every second."""
+    """A real Prometheus on a loopback port, scraping ``targets`` (host:port) every 2 s."""
     binary = prometheus_binary()
     port = free_port()
     cfg = tmp_path / "prometheus.yml"
     cfg.write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        "global:\n  scrape_interval: 2s\n  scrape_timeout: 2s\n  evaluation_interval: 2s\n"
         "scrape_configs:\n  - job_name: uniroute\n    metrics_path: /metrics\n"
         f"    static_configs:\n      - targets: {targets!r}\n".replace("'", '"')
     )
@@ -206,7 +206,8 @@ def promql(prom: str, query: str) -> float | None:
     return float(data[0]["value"][1]) if data else None
 
 
-def wait_promql(prom: str, query: str, expected: float, timeout: float = 30) -> float | None:
+def wait_promql(prom: str, query: str, expected: float, timeout: float = 60) -> float | None:
+    """Poll ``query`` until it returns ``expected``; on timeout fail with the scrape targets' state."""
     deadline = time.monotonic() + timeout
     got = None
     while time.monotonic() < deadline:
@@ -214,7 +215,9 @@ def wait_promql(prom: str, query: str, expected: float, timeout: float = 30) -> 
         if got == expected:
             return got
         time.sleep(0.5)
-    return got
+    targets = httpx.get(f"{prom}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
+    state = [(t["scrapeUrl"], t["health"], t.get("lastError")) for t in targets]
+    pytest.fail(f"{query} = {got}, expected {expected} after {timeout} s; targets: {state}")
 
 
 def test_real_prometheus_scrapes_and_promql_counts(demo_server: str, tmp_path: Path) -> None:

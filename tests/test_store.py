@@ -255,9 +255,17 @@ class TcpProxy:
     def stop(self) -> None:
         self._call(self._stop())
 
+    async def _cancel_all(self) -> None:
+        tasks = [t for t in asyncio.all_tasks(self.loop) if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def shutdown(self) -> None:
         with contextlib.suppress(Exception):
             self.stop()
+        with contextlib.suppress(Exception):
+            self._call(self._cancel_all())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 
