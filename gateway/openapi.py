@@ -74,6 +74,25 @@ def build_openapi() -> dict[str, Any]:
         "/health/readiness": {"get": {"summary": "Registry and router loaded, store reachable",
                                       "operationId": "readiness",
                                       "responses": {"200": {"description": "ready"}, **_errors(503)}}},
+        "/v1/usage": {"get": {"summary": "The calling key's λ range, budget, spend, remaining budget and usage "
+                                         "this period", "operationId": "usage",
+                              "responses": {"200": {"description": "usage"}, **_errors(401)}}},
+        "/admin/keys": {
+            "get": {"summary": "List API keys (admin key)", "operationId": "listKeys",
+                    "responses": {"200": {"description": "keys"}, **_errors(401, 403)}},
+            "post": {"summary": "Create an API key (admin key); the response holds the key, shown once",
+                     "operationId": "createKey",
+                     "responses": {"201": {"description": "created"}, **_errors(400, 401, 403, 409)}},
+        },
+        "/admin/keys/{name}": {
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "get": {"summary": "One API key (admin key)", "operationId": "getKey",
+                    "responses": {"200": {"description": "key"}, **_errors(401, 403, 404)}},
+            "delete": {"summary": "Revoke an API key (admin key)", "operationId": "revokeKey",
+                       "responses": {"200": {"description": "revoked"}, **_errors(401, 403, 404)}},
+        },
+        "/metrics": {"get": {"summary": "Prometheus metrics (text exposition)", "operationId": "metrics",
+                             "responses": {"200": {"description": "metrics", "content": {"text/plain": {}}}}}},
     }
     return {
         "openapi": "3.1.0",
