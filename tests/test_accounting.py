@@ -243,3 +243,49 @@ def test_real_prometheus_scrapes_the_gateway(two_workers: tuple[str, Path], tmp_
         assert wait_promql(prom, q, total) == total
         assert promql(prom, 'sum(litellm_requests_metric_total{requested_model="auto"})') is not None
         assert promql(prom, 'count(litellm_request_total_latency_metric_bucket{model="large-general"}) > 0')
+
+
+@pytest.fixture(scope="module")
+def slow_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    dataset = make_dataset(tmp_path_factory.mktemp("slow"))
+    with replay_upstream(dataset, "--latency-ms", "*=300") as base:
+        yield dataset, base
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+async def test_50_concurrent_chat_requests_never_overspend(kind: str, tmp_path: Path,
+                                                            slow_upstream: tuple[Path, str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """50 chat requests at once through the gateway against one budget: the cap holds end to end."""
+    import asyncio
+
+    from gateway.auth import create_key
+
+    monkeypatch.setenv("UR_TEST_KEY", "x")
+    with database(kind, tmp_path) as url:
+        cfg = load_config(_config(tmp_path, slow_upstream, auth={"mode": "keys"}, database_url=url))
+        store = Store(url)
+        store.upgrade()
+        raw, row = create_key(store, "burst", default_lambda=0.1, budget_usd=0.001)
+        app = create_app(cfg)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://gw", timeout=60) as c:
+                # max_tokens makes the estimate ~1e-4 USD: about ten fit the 1e-3 budget at once
+                rs = await asyncio.gather(*(
+                    c.post("/v1/chat/completions", json=_chat(max_tokens=1000), headers=_bearer(raw))
+                    for _ in range(50)))
+        ok = [r for r in rs if r.status_code == 200]
+        refused = [r for r in rs if r.status_code != 200]
+        assert ok and refused, [r.status_code for r in rs]
+        assert len(ok) <= 10  # at most budget / estimate held at once (300 ms upstream: no settle in between)
+        assert all(r.status_code == 429 and r.json()["error"]["type"] == "budget_exceeded" for r in refused)
+        with store.sessions() as s:
+            from gateway.db import ApiKey
+
+            key = s.get(ApiKey, row.id)
+        store.dispose()
+        assert key is not None
+        assert key.reserved_usd == pytest.approx(0.0, abs=1e-12)
+        assert key.spend_usd == pytest.approx(sum(float(r.headers["x-uniroute-cost"]) for r in ok))
+        assert key.spend_usd <= 0.001  # actual costs are below the estimates here, so no overspend at all
