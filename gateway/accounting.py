@@ -61,6 +61,7 @@ class AccountingSettings:
     log_flush_interval_s: float = 0.5
     log_max_buffer: int = 100_000
     spill_dir: str | None = None
+    log_close_timeout_s: float = 15.0
     redis_url: str | None = None
     rate_limit_fail_open: bool = True
     rate_limit_prefix: str = "uniroute:rpm:"
@@ -106,6 +107,7 @@ def settings_from_config(config: GatewayConfig) -> AccountingSettings:
         auto_migrate=db.auto_migrate, pool_size=db.pool_size, max_overflow=db.max_overflow,
         store_prompts=db.store_prompts, log_batch_size=db.log_batch_size,
         log_flush_interval_s=db.log_flush_interval_s, log_max_buffer=db.log_max_buffer, spill_dir=db.spill_dir,
+        log_close_timeout_s=db.log_close_timeout_s,
         redis_url=config.redis_url, rate_limit_fail_open=config.rate_limit.fail_open,
         rate_limit_prefix=config.rate_limit.redis_prefix,
         anonymous=default_principal(config), seed_models=seed,
@@ -141,7 +143,8 @@ class Accounting:
         self.store = Store(s.database_url, pool_size=s.pool_size, max_overflow=s.max_overflow)
         self.writer = RequestLogWriter(
             self.store, batch_size=s.log_batch_size, flush_interval_s=s.log_flush_interval_s,
-            max_buffer=s.log_max_buffer, spill_dir=s.spill_dir, metrics=self.metrics,
+            max_buffer=s.log_max_buffer, spill_dir=s.spill_dir, close_timeout_s=s.log_close_timeout_s,
+            metrics=self.metrics,
         )
         self.sink = MetricsSink(self.metrics, self.writer, store_prompts=s.store_prompts)
         self.budget = SqlBudgetGuard(self.store, metrics=self.metrics)

@@ -135,6 +135,7 @@ class DatabaseConfig(_Section):
     log_flush_interval_s: float = Field(default=0.5, gt=0.0)
     log_max_buffer: int = Field(default=100_000, ge=1)  # request rows held while the database is unreachable
     spill_dir: str = "var/request-log-spill"  # rows unwritable at shutdown go here, and in at next start
+    log_close_timeout_s: float = Field(default=15.0, ge=0.0)  # how long shutdown keeps retrying before spilling
 
 
 class RateLimitConfig(_Section):

@@ -172,12 +172,15 @@ def test_open_mode_logs_anonymous_and_readiness_fails_without_database(
     assert row is not None and row.key_name == "anonymous" and row.key_id is None
     assert row.prompt_text == "hello there"  # store_prompts: true
     bad = load_config(_config(tmp_path, upstream, database_url="postgresql+psycopg://nobody@127.0.0.1:1/none",
-                              database={"auto_migrate": False}))
+                              database={"auto_migrate": False, "log_close_timeout_s": 0.5}))
     with TestClient(create_app(bad), raise_server_exceptions=False) as client:
         r = client.get("/health/readiness")
         assert r.status_code == 503 and "database: database unreachable" in r.json()["error"]["message"]
         # requests are still served while the database is down (the log waits in memory)
         assert client.post("/v1/chat/completions", json=_chat()).status_code == 200
+    # shut down with the database still down: the row is spilled to disk, not lost
+    spilled = list((tmp_path / "var" / "request-log-spill").glob("requests-*.jsonl"))
+    assert len(spilled) == 1 and "hello there" not in spilled[0].read_text()  # store_prompts is off here
 
 
 def test_params_for_table() -> None:

@@ -265,3 +265,16 @@ def test_dashboard_queries_parse_and_use_only_our_metrics(tmp_path: Path) -> Non
     out = subprocess.run([str(promtool), "check", "config", str(REPO_ROOT / "deploy" / "prometheus.yml")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_prepare_multiprocess_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
+
+    monkeypatch.delenv(MULTIPROC_ENV, raising=False)
+    assert prepare_multiprocess_dir(1) is None and MULTIPROC_ENV not in os.environ
+    created = prepare_multiprocess_dir(2, base=tmp_path)
+    assert created is not None and os.environ[MULTIPROC_ENV] == created and Path(created).is_dir()
+    stale = Path(created) / "counter_123.db"
+    stale.write_bytes(b"x")
+    assert prepare_multiprocess_dir(2) is None  # set already: kept, but emptied of a previous run's samples
+    assert not stale.exists()
