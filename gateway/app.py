@@ -83,6 +83,7 @@ def create_app(
         app.state.started_at = started
         app.state.registry = registry
         await acc.start(registry.names(), [m.name for m in registry.pool()])
+        registry.on_replace(lambda snap: acc.metrics.set_registry(snap.names, [m.name for m in snap.pool]))
         app.state.service = ChatService(
             registry, pol, forwarder, embed=embed,
             authenticator=authenticator or acc.authenticator,
