@@ -22,6 +22,7 @@ from gateway.errors import (
     GatewayError,
     InvalidRequestError,
     MethodNotAllowedError,
+    ModelNotFoundError,
     NotFoundError,
     ServiceUnavailableError,
     error_body,
@@ -141,8 +142,6 @@ async def get_model(request: Request) -> Response:
         return json_response(_model_card(AUTO, created, "uniroute"))
     entry = service.registry.get(model_id)
     if entry is None:
-        from gateway.errors import ModelNotFoundError
-
         known = ", ".join((AUTO, *service.registry.names()))
         return error_response(ModelNotFoundError(f"unknown model '{model_id}'; known: {known}", param="model"))
     return json_response(_model_card(entry.name, entry.created or created, entry.owned_by))

@@ -13,6 +13,7 @@ reserve budget → forward (with fallback) → settle → log a :class:`RequestR
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -226,9 +227,12 @@ class ChatService:
 
     @staticmethod
     def _fail(record: RequestRecord, exc: BaseException) -> None:
-        status = exc.status_code if isinstance(exc, GatewayError) else 500
-        record.status_code = status
-        record.error_type = exc.error_type if isinstance(exc, GatewayError) else type(exc).__name__
+        if isinstance(exc, GatewayError):
+            record.status_code, record.error_type = exc.status_code, exc.error_type
+        elif isinstance(exc, asyncio.CancelledError):  # the client went away
+            record.status_code, record.error_type = 499, "client_disconnected"
+        else:
+            record.status_code, record.error_type = 500, type(exc).__name__
 
     def _finish(self, record: RequestRecord, t0: float) -> None:
         record.finished_at = datetime.now(UTC)

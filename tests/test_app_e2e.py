@@ -146,3 +146,35 @@ def test_serve_rejects_bad_config(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--config", str(bad)], cwd=ROOT,
                           env=server_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "UNIROUTE_DATASET" in proc.stderr
+
+
+@pytest.mark.data
+def test_demo_config_with_shared_dataset(tmp_path: Path) -> None:
+    """The repository's config.yaml over the real routing benchmark (the demo), answered by the replay."""
+    import gzip
+    import json
+
+    from routing.dataset import default_dataset_path
+    from tests.procs import ROOT, server_env
+
+    dataset = default_dataset_path()
+    if dataset is None or not (dataset / "models.csv").is_file():
+        pytest.skip("shared routing benchmark (../shared/data/mmlu_pro_27 or $UNIROUTE_DATASET) is absent")
+    with replay_upstream(dataset) as replay_base:
+        port = free_port()
+        text = (ROOT / "config.yaml").read_text().replace("http://127.0.0.1:8100/v1", replay_base)
+        cfg = tmp_path / "config.yaml"
+        cfg.write_text(text.replace("port: 8000", f"port: {port}"))
+        env = server_env(UNIROUTE_DATASET=str(dataset))
+        with running(["-m", "gateway.cli", "serve", "--config", str(cfg)],
+                     f"http://127.0.0.1:{port}/health/readiness", env=env):
+            with gzip.open(dataset / "prompts.jsonl.gz", "rt") as fh:
+                prompt = json.loads(fh.readline())["prompt"]
+            with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0) as c:
+                auto = c.chat.completions.create(model="auto", messages=[{"role": "user", "content": prompt}])
+                assert auto.model in {m.id for m in c.models.list()}
+                assert (auto.choices[0].message.content or "").startswith(("The answer is", "I cannot"))
+                chunks = list(c.chat.completions.create(model=auto.model, stream=True,
+                                                        messages=[{"role": "user", "content": prompt}]))
+                assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == \
+                    auto.choices[0].message.content

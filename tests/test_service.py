@@ -193,5 +193,4 @@ async def test_standard_parameters_reach_the_backend(base_url: str) -> None:
     got = json.loads(res.body["choices"][0]["message"]["content"])
     for key, value in params.items():
         assert got.get(key) == value, key
-    assert got["model"] == "params-echo"
-    assert "uniroute" not in got and "stream" not in got
+    assert set(got) == {*params, "model"}  # nothing of the gateway's own (uniroute, prices, retries) leaks
