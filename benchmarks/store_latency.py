@@ -3,7 +3,8 @@
 In ``auth.mode: keys`` every request does two short write transactions on ``api_keys``
 (reserve before forwarding, settle after). This measures them sequentially (one request at
 a time: the latency a request pays) and the background writer's rows per second, on SQLite
-(a temporary file) and on PostgreSQL (a throwaway database, when reachable).
+(a temporary file) and on PostgreSQL (a throwaway database, when reachable), and the Redis
+rate-limit check (one Lua script call).
 
     python -m benchmarks.store_latency [--n 500] [--rows 20000] [--pg-url postgresql+psycopg://postgres@127.0.0.1/test]
 """
@@ -86,12 +87,43 @@ def run(kind: str, url: str, n: int, rows: int) -> None:
     store.dispose()
 
 
+def run_redis(url: str, n: int) -> None:
+    import asyncio
+
+    from gateway.interfaces import Principal
+    from gateway.ratelimit import RedisRateLimiter
+
+    async def go() -> list[float]:
+        limiter = RedisRateLimiter(url, prefix=f"uniroute:bench:{secrets.token_hex(4)}:")
+        p = Principal(key_id=1, key_name="bench", key_prefix="", default_lambda=0.1, rpm_limit=10**9)
+        try:
+            for _ in range(20):
+                await limiter.check(p)
+            lat = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                await limiter.check(p)
+                lat.append((time.perf_counter() - t0) * 1e3)
+            return lat
+        finally:
+            await limiter.aclose()
+
+    try:
+        lat = asyncio.run(go())
+    except Exception as exc:
+        print(f"redis      skipped: {url}: {type(exc).__name__}")
+        return
+    print(f"redis      rate-limit check n={n}  p50 {_pct(lat, 0.5):.3f} ms  p99 {_pct(lat, 0.99):.3f} ms")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--rows", type=int, default=20_000)
     ap.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/15")
     args = ap.parse_args()
+    run_redis(args.redis_url, args.n)
     for kind in ("sqlite", "postgresql"):
         with _database(kind, args.pg_url) as url:
             if url is None:
