@@ -67,8 +67,8 @@ class ModelProfile:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "psi": [round(float(v), 6) for v in self.psi],
-            "counts": [round(float(v), 4) for v in self.counts],
+            "psi": [float(v) for v in self.psi],
+            "counts": [float(v) for v in self.counts],
             "overall_error": float(self.overall_error),
             "n_prompts": int(self.n_prompts),
             "prior_strength": float(self.prior_strength),
