@@ -28,6 +28,7 @@ from routing.policies import (
     Clairvoyant,
     KNNRouter,
     LearnedMap,
+    LearnedMapEnsemble,
     RandomRouter,
     RouterEstimator,
     RoutingTask,
@@ -44,14 +45,17 @@ METHODS: dict[str, Callable[[], RouterEstimator]] = {
     "knn": KNNRouter,
     "uniroute-kmeans": UniRouteKMeans,
     "uniroute-learnedmap": LearnedMap,
+    "uniroute-kmeans-soft": lambda: UniRouteKMeans(temperature=0.1),
     "uniroute-kmeans-ens": lambda: UniRouteKMeans(n_clusters=(10, 20, 40, 80)),
+    "uniroute-kmeans-ens-soft": lambda: UniRouteKMeans(n_clusters=(10, 20, 40, 80), temperature=0.1),
+    "uniroute-learnedmap-ens": lambda: LearnedMapEnsemble((10, 20, 40, 80)),
     "clairvoyant": Clairvoyant,
     "random": RandomRouter,
     "most-accurate": AlwaysMostAccurate,
     "cheapest": AlwaysCheapest,
 }
-DEFAULT_METHODS = ["zero-router", "knn", "uniroute-kmeans", "uniroute-learnedmap", "clairvoyant",
-                   "random", "most-accurate", "cheapest"]
+DEFAULT_METHODS = ["zero-router", "knn", "uniroute-kmeans", "uniroute-learnedmap", "uniroute-kmeans-soft",
+                   "uniroute-kmeans-ens-soft", "clairvoyant", "random", "most-accurate", "cheapest"]
 CURVE_GRID = np.linspace(0.0, 1.0, 201)
 
 

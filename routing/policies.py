@@ -248,6 +248,23 @@ class LearnedMap(RouterEstimator):
         return np.asarray(self.membership(x) @ self.psi_.T)
 
 
+class LearnedMapEnsemble(RouterEstimator):
+    """The mean expected error of LearnedMap routers fitted with several K (an ensemble over K)."""
+
+    name = "uniroute-learnedmap-ens"
+
+    def __init__(self, ks: Sequence[int] = (10, 20, 40), **params: Any) -> None:
+        self.ks = ks
+        self.params = params
+
+    def fit(self, task: RoutingTask) -> LearnedMapEnsemble:
+        self.members_ = [LearnedMap(n_clusters=int(k), **self.params).fit(task) for k in self.ks]
+        return self
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(np.mean([m.score(x) for m in self.members_], axis=0))
+
+
 # --------------------------------------------------------------------------- baselines
 
 class KNNRouter(RouterEstimator):
@@ -348,37 +365,44 @@ class ZeroRouter(RouterEstimator):
 
 
 class Clairvoyant(RouterEstimator):
-    """Evaluation-only upper bound: a per-pool-model classifier trained on the pool models'
-    own labels on the training prompts (which a real router never sees)."""
+    """Evaluation-only upper bound: per-pool-model L2-regularised logistic regressions on the
+    embedding, trained with the pool models' OWN labels on the training and validation prompts
+    (which a real router never sees). All models are fitted jointly by L-BFGS (one matrix)."""
 
     name = "clairvoyant"
 
-    def __init__(self, c: float = 1.0) -> None:
-        self.c = c
+    def __init__(self, l2: float = 1e-3, max_iter: int = 200) -> None:
+        self.l2 = l2
+        self.max_iter = max_iter
 
     def fit(self, task: RoutingTask) -> Clairvoyant:
-        from sklearn.linear_model import LogisticRegression
+        from scipy.optimize import minimize
 
         if task.pool_train_scores is None:
             raise ValueError("Clairvoyant needs the pool models' training labels (pool_train_scores)")
-        x = np.vstack([task.x_train, task.x_val])
-        y = np.vstack([task.pool_train_scores, task.val_scores]) >= 0.5
-        self.models_: list[Any] = []
-        for j in range(y.shape[1]):
-            if y[:, j].all() or not y[:, j].any():
-                self.models_.append(float(1.0 - y[:, j].mean()))
-            else:
-                self.models_.append(LogisticRegression(C=self.c, max_iter=300).fit(x, y[:, j]))
+        phi = _features(np.vstack([task.x_train, task.x_val]))
+        y = np.vstack([task.pool_train_scores, task.val_scores]).astype(np.float64)
+        n = len(phi)
+        shape = (phi.shape[1], y.shape[1])
+        p0 = np.clip(y.mean(0), 1e-3, 1 - 1e-3)
+        w0 = np.zeros(shape)
+        w0[-1] = np.log(p0 / (1 - p0))
+
+        def loss(flat: np.ndarray) -> tuple[float, np.ndarray]:
+            w = flat.reshape(shape)
+            u = phi @ w
+            val = (np.logaddexp(0.0, u) - y * u).sum() / n + 0.5 * self.l2 * (w[:-1] ** 2).sum()
+            g = phi.T @ (1.0 / (1.0 + np.exp(-u)) - y) / n
+            g[:-1] += self.l2 * w[:-1]
+            return float(val), g.ravel()
+
+        res = minimize(loss, w0.ravel(), jac=True, method="L-BFGS-B", options={"maxiter": self.max_iter})
+        self.coef_ = res.x.reshape(shape)
         return self
 
     def score(self, x: np.ndarray) -> np.ndarray:
-        cols = []
-        for mdl in self.models_:
-            if isinstance(mdl, float):
-                cols.append(np.full(len(x), mdl))
-            else:
-                cols.append(mdl.predict_proba(x)[:, 1] * -1.0 + 1.0)
-        return np.stack(cols, axis=1)
+        u = _features(np.atleast_2d(x)) @ self.coef_
+        return np.asarray(1.0 - 1.0 / (1.0 + np.exp(-u)))
 
 
 class RandomRouter(RouterEstimator):
@@ -448,6 +472,7 @@ POLICIES: dict[str, Any] = {
     "knn": KNNRouter,
     "uniroute-kmeans": UniRouteKMeans,
     "uniroute-learnedmap": LearnedMap,
+    "uniroute-learnedmap-ens": LearnedMapEnsemble,
     "clairvoyant": Clairvoyant,
     "random": RandomRouter,
     "most-accurate": AlwaysMostAccurate,
