@@ -25,11 +25,11 @@ from routing.embedder import make_embedder
 from routing.policy import PoolModel
 
 
-def prompts(n: int) -> tuple[list[str], str]:
+def prompts(n: int, source: str) -> tuple[list[str], str]:
     from routing.dataset import default_dataset_path, load_dataset
 
     path = default_dataset_path()
-    if path is not None and path.is_dir():
+    if source == "dataset" and path is not None and path.is_dir():
         ds = load_dataset(path, with_responses=False)
         rng = np.random.default_rng(123)
         idx = rng.choice(ds.n_prompts, size=min(n, ds.n_prompts), replace=False)
@@ -55,11 +55,12 @@ def pct(xs: list[float], q: float) -> float:
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    texts, source = prompts(args.n + 32 * args.per_worker + 64)
+    texts, source = prompts(args.n + 32 * args.per_worker + 64, args.source)
     single, conc_texts = texts[: args.n], texts[args.n:]
     policy, pool = make_policy(args.variant)
     with tempfile.TemporaryDirectory() as cache_dir:
-        embedder = make_embedder(cache_dir=cache_dir, max_seq_length=args.max_seq_length, threads=args.threads)
+        embedder = make_embedder(cache_dir=cache_dir, max_seq_length=args.max_seq_length, threads=args.threads,
+                                 quantize=args.quantize)
         embedder.embed(["warm-up prompt"])  # load the model
         batcher = MicroBatcher(embedder, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
 
@@ -123,9 +124,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=200, help="prompts for the sequential measurements")
     ap.add_argument("--per-worker", type=int, default=20, help="new prompts per worker at concurrency 32")
+    ap.add_argument("--source", default="dataset", choices=["dataset", "synthetic"],
+                    help="real benchmark prompts (MMLU-Pro, long) or short synthetic prompts")
     ap.add_argument("--variant", default="learnedmap", choices=["kmeans", "learnedmap"])
     ap.add_argument("--max-seq-length", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quantize", action="store_true", help="dynamic int8 quantisation of the embedder")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
     asyncio.run(main_async(ap.parse_args()))

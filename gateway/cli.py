@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="write the mean deferral curves PNG here")
     p.add_argument("--embedder", default=None, help="sentence-transformers model path (default: MiniLM)")
     p.add_argument("--max-seq-length", type=int, default=None, help="truncate prompts (tokens)")
+    p.add_argument("--quantize", action="store_true", help="dynamic int8 quantisation of the embedder")
     p.add_argument("--cache-dir", default=None, help="embedding cache (default: $UNIROUTE_CACHE_DIR)")
     p.set_defaults(handler=_lazy("routing.evaluation:eval_command"))
 

@@ -237,7 +237,7 @@ def eval_command(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     ds = load_dataset(path, with_responses=False)
     embedder = make_embedder(args.embedder, cache_dir=args.cache_dir, progress=True,
-                             max_seq_length=args.max_seq_length)
+                             max_seq_length=args.max_seq_length, quantize=getattr(args, "quantize", False))
     x = embedder.embed(ds.prompts)
     results, summary = evaluate(x, ds.scores, ds.model_costs, ds.models, trials=args.trials,
                                 seed0=args.seed0, methods=methods)

