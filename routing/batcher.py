@@ -3,7 +3,9 @@
 ``await batcher.embed(text)`` first consults an in-memory LRU and the embedder's disk
 cache (both cheap, on the loop). Misses wait at most ``max_wait_ms`` for company, up
 to ``max_batch`` texts, and are embedded in ONE worker thread off the event loop, so
-concurrent requests share one forward pass.
+concurrent requests share one forward pass. While a forward pass runs, new misses
+queue up and go together as the next batch the moment the worker is free (so under
+load batches form without any timer, and an idle batcher adds at most ``max_wait_ms``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class MicroBatcher:
         self._disk: EmbeddingCache | None = embedder.cache if isinstance(embedder, CachedEmbedder) else None
         self._pending: list[tuple[str, asyncio.Future[np.ndarray]]] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._inflight = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder")
         self.batches = 0  # number of forward passes (for tests and benchmarks)
         self.hits = 0
@@ -63,7 +66,7 @@ class MicroBatcher:
         self._pending.append((text, fut))
         if len(self._pending) >= self.max_batch:
             self._flush()
-        elif self._timer is None:
+        elif self._timer is None and self._inflight == 0:
             self._timer = loop.call_later(self.max_wait, self._flush)
         return await fut
 
@@ -71,17 +74,26 @@ class MicroBatcher:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        batch, self._pending = self._pending, []
+        batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
         if not batch:
             return
         loop = asyncio.get_running_loop()
         texts = list(dict.fromkeys(t for t, _ in batch))
         self.batches += 1
+        self._inflight += 1
         job = loop.run_in_executor(self._executor, self.embedder.embed, texts)
         job.add_done_callback(lambda j: self._deliver(j, texts, batch))
 
     def _deliver(self, job: asyncio.Future[Any], texts: list[str],
                  batch: list[tuple[str, asyncio.Future[np.ndarray]]]) -> None:
+        self._inflight -= 1
+        if self._pending and self._inflight == 0:
+            self._flush()  # what queued up during this pass goes now, as one batch
+        if job.cancelled():
+            for _, fut in batch:
+                if not fut.done():
+                    fut.cancel()
+            return
         exc = job.exception()
         if exc is not None:
             for _, fut in batch:

@@ -80,7 +80,10 @@ def calibrate_command(args: argparse.Namespace) -> int:
     art = RouterArtifact.load(args.artifact)
     variant = args.variant or art.variant
     models = args.models.split(",") if args.models else None
-    pool = load_pool(args.artifact, variant, models)
+    try:
+        pool = load_pool(args.artifact, variant, models)
+    except KeyError as exc:
+        raise SystemExit(f"uniroute router calibrate: {exc.args[0]}") from None
     z = art.membership(art.val_embeddings, variant)
     if args.fraction_of_best is not None:
         profiles = load_profiles(args.artifact, variant)
@@ -89,7 +92,10 @@ def calibrate_command(args: argparse.Namespace) -> int:
         target = args.target_cost
     if not 0 < target <= 1:
         raise SystemExit(f"target mean normalised cost must be in (0, 1], got {target:g}")
-    cal = calibrate_lambda(z, pool, target)
+    try:
+        cal = calibrate_lambda(z, pool, target)
+    except ValueError as exc:
+        raise SystemExit(f"uniroute router calibrate: {exc}") from None
     print(json.dumps({"lambda": cal.lam, "expected_cost": cal.expected_cost,
                       "expected_error": cal.expected_error, "target_cost": cal.target_cost,
                       "variant": variant, "pool": [m.name for m in pool]}))

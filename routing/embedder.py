@@ -175,6 +175,7 @@ class EmbeddingCache:
         self._vecs_path = self.dir / "vecs.f32"
         self._index: dict[str, int] = {}
         self._vecs = np.zeros((0, 0), dtype=np.float32)
+        self._buf: np.ndarray | None = None
         self._dim = 0
         self._lock = threading.Lock()
         self._load()
@@ -253,7 +254,20 @@ class EmbeddingCache:
             start = len(self._index)
             for i, k in enumerate(new_keys):
                 self._index[k] = start + i
-            self._vecs = block if self._vecs.size == 0 else np.concatenate([self._vecs, block])
+            self._append_rows(start, block)
+
+    def _append_rows(self, start: int, block: np.ndarray) -> None:
+        """Grow the in-memory matrix geometrically (amortised O(1) per row, no full copy per call)."""
+        need = start + len(block)
+        buf = self._buf if self._buf is not None else self._vecs
+        if buf.shape[0] < need or buf.shape[1:] != block.shape[1:]:
+            grown = np.zeros((max(need, 2 * buf.shape[0], 64), block.shape[1]), dtype=np.float32)
+            if start:
+                grown[:start] = self._vecs[:start]
+            buf = grown
+        buf[start:need] = block
+        self._buf = buf
+        self._vecs = buf[:need]
 
 
 class CachedEmbedder:
