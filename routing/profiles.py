@@ -1,0 +1,145 @@
+"""Model profiles Ψ(h): a model's expected error per prompt cluster.
+
+Estimator (documented in docs/EVALUATION.md). Given validation prompts with
+membership weights w_ik = z_k(x_i) (one-hot for hard K-means, soft otherwise)
+and the model's errors e_i = 1 − score_i ∈ [0, 1]:
+
+    n_k   = Σ_i w_ik                          (the cluster's (soft) count)
+    ē_k   = Σ_i w_ik e_i / n_k                 (the cluster's empirical error)
+    ē     = mean_i e_i                         (the model's overall error)
+    Ψ_k   = (n_k ē_k + m ē) / (n_k + m)        (shrunk toward ē)
+
+This is the posterior mean of a Beta prior centred on the model's overall error
+with strength m pseudo-prompts (empirical Bayes). Large clusters keep their own
+error; a cluster with few validation prompts falls back toward the overall error.
+m = 0 is the plain per-cluster mean (an empty cluster then takes ē). Scores may be
+anywhere in [0, 1]; Ψ_k ∈ [0, 1] for every k.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PROFILES_FILE = "profiles.json"
+PROFILES_FORMAT = 1
+
+
+def shrunk_cluster_errors(weights: np.ndarray, errors: np.ndarray, prior_strength: float = 0.0
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Ψ for several models at once.
+
+    ``weights``: (n, K) membership of n validation prompts; ``errors``: (n, m) in [0, 1].
+    Returns (psi (m, K), counts (K,)).
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    e = np.asarray(errors, dtype=np.float64)
+    if e.ndim == 1:
+        e = e[:, None]
+    counts = w.sum(axis=0)  # (K,)
+    sums = e.T @ w  # (m, K)
+    overall = e.mean(axis=0)[:, None] if len(e) else np.full((e.shape[1], 1), 0.5)
+    m = float(prior_strength)
+    denom = counts[None, :] + m
+    with np.errstate(invalid="ignore", divide="ignore"):
+        psi = np.where(denom > 0, (sums + m * overall) / np.where(denom > 0, denom, 1.0), overall)
+    return np.clip(psi, 0.0, 1.0), counts
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Ψ(h) of one model on the router's K clusters, with the evidence behind it."""
+
+    model: str
+    psi: np.ndarray  # (K,) expected error per cluster, in [0, 1]
+    counts: np.ndarray  # (K,) (soft) number of validation prompts per cluster
+    overall_error: float
+    n_prompts: int
+    prior_strength: float
+    cost: float | None = None
+    variant: str = "kmeans"  # the membership z(x) the profile was estimated with
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "psi": [float(v) for v in self.psi],
+            "counts": [float(v) for v in self.counts],
+            "overall_error": float(self.overall_error),
+            "n_prompts": int(self.n_prompts),
+            "prior_strength": float(self.prior_strength),
+            "cost": self.cost,
+        }
+
+    @classmethod
+    def from_json(cls, model: str, obj: Mapping[str, Any], variant: str = "kmeans") -> ModelProfile:
+        return cls(model=model, variant=variant, psi=np.asarray(obj["psi"], dtype=np.float64),
+                   counts=np.asarray(obj["counts"], dtype=np.float64),
+                   overall_error=float(obj["overall_error"]), n_prompts=int(obj["n_prompts"]),
+                   prior_strength=float(obj["prior_strength"]),
+                   cost=None if obj.get("cost") is None else float(obj["cost"]))
+
+
+def estimate_profile(model: str, weights: np.ndarray, scores: np.ndarray, *, prior_strength: float,
+                     cost: float | None = None, variant: str = "kmeans") -> ModelProfile:
+    """Profile one model from its scores (in [0, 1]) on validation prompts with memberships ``weights``."""
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if len(s) != len(weights):
+        raise ValueError(f"{len(s)} scores for {len(weights)} validation prompts")
+    if np.any((s < 0) | (s > 1)) or not np.all(np.isfinite(s)):
+        raise ValueError("scores must be finite and in [0, 1]")
+    psi, counts = shrunk_cluster_errors(weights, 1.0 - s[:, None], prior_strength)
+    return ModelProfile(model=model, psi=psi[0], counts=counts, overall_error=float(1.0 - s.mean()),
+                        n_prompts=len(s), prior_strength=float(prior_strength), cost=cost, variant=variant)
+
+
+def _profiles_path(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    return p if p.suffix == ".json" and not p.is_dir() else p / PROFILES_FILE
+
+
+def _read_doc(p: Path) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(p.read_text(encoding="utf-8"))
+    if doc.get("format") != PROFILES_FORMAT:
+        raise ValueError(f"{p}: unsupported profiles format {doc.get('format')!r}; expected {PROFILES_FORMAT}")
+    return doc
+
+
+def save_profiles(path: str | os.PathLike[str], profiles: Sequence[ModelProfile], *,
+                  artifact_version: str | None = None) -> Path:
+    """Write ``profiles.json`` (in a folder, or at a ``.json`` path), merging with what is there.
+
+    Layout: ``{"format": 1, "artifact_version": ..., "models": {model: {variant: profile}}}``.
+    Profiles live apart from the router artifact, so adding a model never refits the router.
+    """
+    p = _profiles_path(path)
+    doc: dict[str, Any] = _read_doc(p) if p.is_file() else {"format": PROFILES_FORMAT, "models": {}}
+    if artifact_version is not None:
+        if doc.get("artifact_version") not in (None, artifact_version):
+            raise ValueError(f"{p}: profiles belong to artifact {doc['artifact_version']}, not {artifact_version}")
+        doc["artifact_version"] = artifact_version
+    for prof in profiles:
+        doc["models"].setdefault(prof.model, {})[prof.variant] = prof.to_json()
+    doc["models"] = dict(sorted(doc["models"].items()))
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    tmp.replace(p)
+    return p
+
+
+def load_profiles(path: str | os.PathLike[str], variant: str = "kmeans") -> dict[str, ModelProfile]:
+    """The profiles of every model for one variant (models without that variant are left out)."""
+    p = _profiles_path(path)
+    doc = _read_doc(p)
+    return {name: ModelProfile.from_json(name, by_variant[variant], variant)
+            for name, by_variant in doc["models"].items() if variant in by_variant}
+
+
+def profiles_artifact_version(path: str | os.PathLike[str]) -> str | None:
+    v = _read_doc(_profiles_path(path)).get("artifact_version")
+    return None if v is None else str(v)

@@ -1,0 +1,95 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from routing.artifact import RouterArtifact, fit_artifact, load_policy, load_pool, pool_from_profiles
+from routing.policy import GatewayPolicy, PoolModel
+from routing.profiles import load_profiles, save_profiles
+
+
+def blobs(n: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    d = 8
+    lab = rng.integers(2, size=n)
+    centres = np.eye(d)[:2]
+    x = centres[lab] + 0.05 * rng.normal(size=(n, d))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    scores = np.stack([lab == 0, lab == 1, rng.random(n) < 0.3], axis=1).astype(float)
+    return x, scores, lab
+
+
+@pytest.fixture
+def fitted(tmp_path: Path) -> tuple[Path, RouterArtifact, np.ndarray, np.ndarray]:
+    x, scores, lab = blobs()
+    ids = [f"p{i}" for i in range(len(x))]
+    art, profiles = fit_artifact(x, scores, np.array([4.0, 4.0, 1.0]), ["A", "B", "C"], ids,
+                                 [f"prompt {i}" for i in ids], embedder_id="test-embedder",
+                                 training_set_hash="abc", k=2, val_size=80)
+    out = art.save(tmp_path / "router")
+    save_profiles(out, profiles, artifact_version=art.version)
+    return out, art, x, lab
+
+
+def test_round_trip(fitted: tuple[Path, RouterArtifact, np.ndarray, np.ndarray]) -> None:
+    out, art, _, _ = fitted
+    back = RouterArtifact.load(out)
+    assert back.version == art.version
+    assert back.k == 2 and back.embedder_id == "test-embedder" and back.training_set_hash == "abc"
+    assert np.array_equal(back.centroids, art.centroids)
+    assert back.theta is not None and art.theta is not None and np.array_equal(back.theta, art.theta)
+    assert back.val_prompt_ids == art.val_prompt_ids and len(back.val_prompts) == 80
+    assert set(load_profiles(out, "kmeans")) == {"A", "B", "C"}
+    assert set(load_profiles(out, "learnedmap")) == {"A", "B", "C"}
+
+
+@pytest.mark.parametrize("variant", ["kmeans", "learnedmap"])
+def test_loaded_policy_decides_like_the_fitted_one(
+        fitted: tuple[Path, RouterArtifact, np.ndarray, np.ndarray], variant: str) -> None:
+    out, art, x, lab = fitted
+    from routing.artifact import UniRoutePolicy
+
+    live = UniRoutePolicy(art, variant)
+    loaded = load_policy(out, variant)
+    assert isinstance(loaded, GatewayPolicy)
+    pool = load_pool(out, variant)
+    agree = 0
+    for i in range(60):
+        a, b = live.rank(x[i], pool, 0.05), loaded.rank(x[i], pool, 0.05)
+        assert [c.model for c in a.ranked] == [c.model for c in b.ranked]
+        assert a.cluster == b.cluster
+        agree += a.chosen.model == "AB"[lab[i]]
+    assert agree >= 57  # the two experts split the two clusters
+    # λ → ∞ picks the cheapest
+    assert loaded.rank(x[0], pool, 1e6).chosen.model == "C"
+
+
+def test_unprofiled_models_are_excluded(fitted: tuple[Path, RouterArtifact, np.ndarray, np.ndarray]) -> None:
+    out, _, x, _ = fitted
+    policy = load_policy(out, "kmeans")
+    pool = [*load_pool(out, "kmeans"), PoolModel("new-model", cost=0.01, psi=None)]
+    d = policy.rank(x[0], pool, 10.0)
+    assert "new-model" not in [c.model for c in d.ranked]
+    with pytest.raises(ValueError, match="no profiled model"):
+        policy.rank(x[0], [PoolModel("new-model", cost=1.0)], 0.0)
+    with pytest.raises(ValueError, match="clusters"):
+        policy.rank(x[0], [PoolModel("bad", cost=1.0, psi=np.zeros(5))], 0.0)
+
+
+def test_adding_a_model_profiles_it_without_refitting(
+        fitted: tuple[Path, RouterArtifact, np.ndarray, np.ndarray]) -> None:
+    out, art, _, _ = fitted
+    before = (out / "arrays.npz").read_bytes()
+    profs = art.profile_model("D", dict.fromkeys(art.val_prompt_ids[:40], 1.0), cost=2.0)
+    save_profiles(out, profs, artifact_version=art.version)
+    assert (out / "arrays.npz").read_bytes() == before
+    assert "D" in load_profiles(out, "learnedmap")
+    pool = pool_from_profiles(load_profiles(out, "kmeans"))
+    assert {m.name for m in pool} == {"A", "B", "C", "D"}
+    with pytest.raises(KeyError, match="not validation prompts"):
+        art.profile_model("E", {"nope": 1.0})
+
+
+def test_load_missing_artifact_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="router fit"):
+        RouterArtifact.load(tmp_path)

@@ -1,0 +1,54 @@
+import asyncio
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from routing.batcher import MicroBatcher
+
+
+class SlowEmbedder:
+    id = "slow/v1"
+    dim = 4
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        self.batches.append(list(texts))
+        import time
+
+        time.sleep(0.01)
+        return np.asarray([[len(t), 1, 0, 0] for t in texts], dtype=np.float32)
+
+
+async def test_concurrent_requests_share_a_batch() -> None:
+    inner = SlowEmbedder()
+    b = MicroBatcher(inner, max_batch=64, max_wait_ms=5)
+    texts = [f"prompt {'x' * i}" for i in range(20)]
+    vecs = await asyncio.gather(*(b.embed(t) for t in texts))
+    assert all(v[0] == len(t) for v, t in zip(vecs, texts, strict=True))
+    assert len(inner.batches) <= 2
+    # cached now: no new forward pass
+    await b.embed(texts[3])
+    assert b.hits == 1 and len(inner.batches) <= 2
+    await b.aclose()
+
+
+async def test_max_batch_splits_and_dedupes() -> None:
+    inner = SlowEmbedder()
+    b = MicroBatcher(inner, max_batch=4, max_wait_ms=50)
+    await asyncio.gather(*(b.embed(t) for t in ["a", "a", "b", "c", "d", "e"]))
+    assert inner.batches[0] == ["a", "b", "c"]  # first 4 requests, de-duplicated
+    await b.aclose()
+
+
+async def test_errors_reach_every_waiter() -> None:
+    class Broken(SlowEmbedder):
+        def embed(self, texts: Sequence[str]) -> np.ndarray:
+            raise RuntimeError("boom")
+
+    b = MicroBatcher(Broken(), max_wait_ms=1)
+    with pytest.raises(RuntimeError, match="boom"):
+        await asyncio.gather(b.embed("a"), b.embed("b"))
+    await b.aclose()

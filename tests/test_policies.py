@@ -1,0 +1,106 @@
+"""Policies on small generated data with known answers (random vectors, no real embedder)."""
+
+import numpy as np
+import pytest
+
+from routing.policies import (
+    AlwaysCheapest,
+    AlwaysMostAccurate,
+    Clairvoyant,
+    KNNRouter,
+    LearnedMap,
+    RoutingTask,
+    UniRouteKMeans,
+    ZeroRouter,
+    decide,
+)
+
+
+def two_cluster_task(seed: int = 0, n: int = 400) -> tuple[RoutingTask, np.ndarray, np.ndarray]:
+    """Two well-separated prompt clusters; model A is right on cluster 0 only, B on cluster 1 only."""
+    rng = np.random.default_rng(seed)
+    d = 16
+    centres = np.zeros((2, d))
+    centres[0, 0] = 1.0
+    centres[1, 1] = 1.0
+
+    def draw(m: int) -> tuple[np.ndarray, np.ndarray]:
+        lab = rng.integers(2, size=m)
+        x = centres[lab] + 0.05 * rng.normal(size=(m, d))
+        return x / np.linalg.norm(x, axis=1, keepdims=True), lab
+
+    x_tr, l_tr = draw(n)
+    x_va, l_va = draw(n // 2)
+    x_te, l_te = draw(n // 2)
+
+    def scores(lab: np.ndarray) -> np.ndarray:
+        # columns: A (right on cluster 0), B (right on cluster 1), C (40% everywhere, cheap)
+        s = np.stack([lab == 0, lab == 1, rng.random(len(lab)) < 0.4], axis=1)
+        return s.astype(float)
+
+    s_tr, s_va = scores(l_tr), scores(l_va)
+    task = RoutingTask(x_train=x_tr, train_scores=s_tr, train_costs=np.array([5.0, 5.0, 1.0]),
+                       x_val=x_va, val_train_scores=s_va, val_scores=s_va,
+                       pool_costs=np.array([5.0, 5.0, 1.0]), pool_names=["A", "B", "C"],
+                       pool_train_scores=s_tr, seed=seed)
+    return task, x_te, l_te
+
+
+@pytest.mark.parametrize("policy", [UniRouteKMeans(n_clusters=2, prior_strength=1.0),
+                                    UniRouteKMeans(n_clusters="auto", k_grid=(2, 4)),
+                                    LearnedMap(n_clusters=2, prior_strength=1.0),
+                                    KNNRouter(k=5), Clairvoyant()])
+def test_two_clusters_split_between_their_experts(policy: object) -> None:
+    task, x_te, l_te = two_cluster_task()
+    pol = policy.fit(task)  # type: ignore[attr-defined]
+    assert pol is policy
+    errors = pol.score(x_te)
+    assert errors.shape == (len(x_te), 3)
+    assert np.all((errors >= 0) & (errors <= 1))
+    chosen = decide(errors, task.pool_costs, 0.0)[:, 0]
+    assert np.mean(chosen == l_te) > 0.97  # model A (0) on cluster 0, model B (1) on cluster 1
+
+
+def test_lambda_extremes() -> None:
+    task, x_te, _ = two_cluster_task()
+    for pol in (UniRouteKMeans(n_clusters=2).fit(task), LearnedMap(n_clusters=2).fit(task)):
+        errors = pol.score(x_te)
+        assert np.all(decide(errors, task.pool_costs, 1e6)[:, 0] == 2)  # λ→∞: the cheapest
+        best = decide(errors, task.pool_costs, 0.0)[:, 0]
+        assert np.all(errors[np.arange(len(best)), best] == errors.min(axis=1))  # λ=0: least error
+
+
+def test_decide_ties_go_to_the_cheaper_model() -> None:
+    ranked = decide(np.array([0.3, 0.3, 0.3]), np.array([3.0, 1.0, 2.0]), 0.0)
+    assert ranked.tolist() == [1, 2, 0]
+
+
+def test_learned_state_and_frozen_theta() -> None:
+    task, x_te, _ = two_cluster_task()
+    lm = LearnedMap(n_clusters=2).fit(task)
+    assert lm.theta_.shape == (17, 2) and lm.psi_.shape == (3, 2)
+    z = lm.membership(x_te)
+    assert np.allclose(z.sum(1), 1.0)
+    theta = lm.theta_.copy()
+    lm.score(x_te)
+    assert np.array_equal(theta, lm.theta_)
+
+
+def test_zero_router_hull_and_mixture() -> None:
+    costs = np.array([0.1, 0.3, 0.5, 1.0])
+    acc = np.array([0.4, 0.5, 0.75, 0.8])  # 0.5 at cost .3 lies under the segment (.1,.4)→(.5,.75)
+    assert ZeroRouter._hull(costs, acc) == [0, 2, 3]
+    zr = ZeroRouter()
+    zr.costs_, zr.hull_ = costs, [0, 2, 3]
+    lo, hi, p = zr.mixture(0.3)
+    assert (lo, hi) == (0, 2) and p == pytest.approx(0.5)
+    assert zr.mixture(0.05)[:2] == (0, 0)
+
+
+def test_constant_baselines() -> None:
+    task, x_te, _ = two_cluster_task()
+    s_te = np.ones((len(x_te), 3))
+    ma = AlwaysMostAccurate().fit(task)
+    ch = AlwaysCheapest().fit(task)
+    assert ch.choice_ == 2
+    assert ma.curve(x_te, s_te, task.pool_costs)[0].tolist() == [1.0]

@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+
+from routing.profiles import estimate_profile, load_profiles, save_profiles, shrunk_cluster_errors
+
+
+def test_no_shrinkage_is_the_cluster_mean() -> None:
+    w = np.array([[1, 0], [1, 0], [0, 1]], dtype=float)
+    e = np.array([[1.0], [0.0], [1.0]])
+    psi, counts = shrunk_cluster_errors(w, e, 0.0)
+    assert psi[0].tolist() == pytest.approx([0.5, 1.0])
+    assert counts.tolist() == [2, 1]
+
+
+def test_shrinkage_pulls_small_clusters_toward_the_overall_error() -> None:
+    # cluster 0: 100 prompts, error 0.2; cluster 1: 1 prompt, error 1
+    w = np.zeros((101, 2))
+    w[:100, 0] = 1
+    w[100, 1] = 1
+    e = np.concatenate([np.r_[np.ones(20), np.zeros(80)], [1.0]])[:, None]
+    overall = e.mean()
+    psi, _ = shrunk_cluster_errors(w, e, 4.0)
+    # (n_k ē_k + m ē) / (n_k + m)
+    assert psi[0, 1] == pytest.approx((1 * 1.0 + 4 * overall) / 5)
+    assert psi[0, 0] == pytest.approx((100 * 0.2 + 4 * overall) / 104)
+    assert abs(psi[0, 0] - 0.2) < abs(psi[0, 1] - 1.0)  # the big cluster moves far less
+
+
+def test_empty_cluster_takes_the_overall_error() -> None:
+    w = np.array([[1, 0], [1, 0]], dtype=float)
+    e = np.array([[0.25], [0.75]])
+    for m in (0.0, 3.0):
+        psi, _ = shrunk_cluster_errors(w, e, m)
+        assert psi[0, 1] == pytest.approx(0.5)
+
+
+def test_fractional_scores_and_soft_weights() -> None:
+    w = np.array([[0.5, 0.5], [0.0, 1.0]])
+    prof = estimate_profile("m", w, np.array([0.3, 0.9]), prior_strength=0.0)
+    assert prof.psi.tolist() == pytest.approx([0.7, (0.5 * 0.7 + 0.1) / 1.5])
+    assert prof.counts.tolist() == pytest.approx([0.5, 1.5])
+    assert np.all((prof.psi >= 0) & (prof.psi <= 1))
+
+
+def test_profiles_round_trip_and_merge(tmp_path: object) -> None:
+    from pathlib import Path
+
+    d = Path(str(tmp_path))
+    w = np.eye(3)
+    a = estimate_profile("a", w, np.array([1.0, 0.0, 1.0]), prior_strength=1.0, cost=3.0)
+    b = estimate_profile("b", w, np.array([0.0, 0.0, 1.0]), prior_strength=1.0, variant="learnedmap")
+    save_profiles(d, [a], artifact_version="v1")
+    save_profiles(d, [b], artifact_version="v1")
+    km = load_profiles(d, "kmeans")
+    assert list(km) == ["a"] and km["a"].psi.tolist() == pytest.approx(a.psi.tolist()) and km["a"].cost == 3.0
+    assert list(load_profiles(d, "learnedmap")) == ["b"]
+    with pytest.raises(ValueError, match="belong to artifact v1"):
+        save_profiles(d, [a], artifact_version="v2")
