@@ -16,6 +16,7 @@ log flushed at shutdown. Its routes: ``/v1/usage``, ``/admin/keys``, ``/metrics`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -35,7 +36,7 @@ from gateway.interfaces import (
     RequestSink,
 )
 from gateway.middleware import RequestContextMiddleware
-from gateway.router import EmbedFn
+from gateway.router import EmbedFn, calibrated
 from routing.policy import GatewayPolicy
 
 if TYPE_CHECKING:
@@ -66,20 +67,30 @@ def create_app(
     from gateway.accounting import Accounting, settings_from_config
     from gateway.metrics import InFlightMiddleware, metrics_app
 
+    config = calibrated(config)  # router.target_cost -> default λ (cheap: numpy only, no embedder)
     acc = accounting if accounting is not None else Accounting(settings_from_config(config))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         from gateway.forwarding import Forwarder
         from gateway.registry import Registry
-        from gateway.router import build_policy
+        from gateway.router import RouterBundle, build_router
         from gateway.service import ChatService
 
         started = int(time.time())
         registry = Registry.from_config(config, created=started)
         forwarder = Forwarder(max_attempts=config.fallback.max_attempts)
         registry.on_replace(forwarder.register)
-        pol, embed = policy if policy is not None else build_policy(config)
+        if policy is not None:
+            bundle = RouterBundle(policy=policy[0], embed=policy[1])
+        else:
+            bundle = await build_router(config)
+        if bundle.profiles:
+            # Ψ(h) of each profiled registry model; unprofiled models stay out of `auto`
+            registry.replace(dataclasses.replace(e, psi=bundle.profiles.get(e.name))
+                             for e in registry.snapshot.entries)
+        pol, embed = bundle.policy, bundle.embed
+        app.state.router = bundle
         app.state.started_at = started
         app.state.registry = registry
         await acc.start(registry.names(), [m.name for m in registry.pool()])
@@ -93,6 +104,7 @@ def create_app(
             yield
         finally:
             await acc.aclose()
+            await bundle.aclose()
 
     routes = [
         Route("/v1/chat/completions", endpoints.chat_completions, methods=["POST"]),

@@ -54,14 +54,31 @@ class ServerConfig(_Section):
 
 class RouterConfig(_Section):
     policy: Literal["cheapest", "uniroute"] = "cheapest"
-    variant: Literal["learned_map", "kmeans"] = "learned_map"
-    artifact: str | None = None  # folder of a fitted UniRoute router
+    variant: Literal["learnedmap", "kmeans"] = "learnedmap"
+    artifact: str | None = None  # folder of a fitted UniRoute router (`uniroute router fit --out`)
     default_lambda: float = Field(default=0.1, ge=0.0)
     lambda_min: float = Field(default=0.0, ge=0.0)
     lambda_max: float = Field(default=10.0, ge=0.0)
+    # Calibration: set one of these to derive default_lambda from the artifact's validation prompts.
+    target_cost: float | None = Field(default=None, gt=0.0, le=1.0)  # mean normalised cost
+    target_fraction_of_best: float | None = Field(default=None, gt=0.0, le=1.0)  # × the best model's cost
+    # Embedding on the request path (uniroute only)
+    embed_cache_dir: str | None = None  # disk cache of prompt embeddings (default: $UNIROUTE_CACHE_DIR)
+    max_batch: int = Field(default=32, ge=1)  # micro-batch size across concurrent requests
+    max_wait_ms: float = Field(default=2.0, ge=0.0)  # how long a prompt waits for company
+
+    @field_validator("variant", mode="before")
+    @classmethod
+    def _variant_alias(cls, v: Any) -> Any:
+        return "learnedmap" if v == "learned_map" else v
 
     @model_validator(mode="after")
     def _range(self) -> RouterConfig:
+        if self.policy == "uniroute" and not self.artifact:
+            raise ValueError("router.policy 'uniroute' needs router.artifact (a folder written by "
+                             "`uniroute router fit --out DIR`)")
+        if self.target_cost is not None and self.target_fraction_of_best is not None:
+            raise ValueError("set at most one of router.target_cost and router.target_fraction_of_best")
         if not self.lambda_min <= self.default_lambda <= self.lambda_max:
             raise ValueError(f"need lambda_min <= default_lambda <= lambda_max, got "
                              f"{self.lambda_min} <= {self.default_lambda} <= {self.lambda_max}")
