@@ -7,6 +7,7 @@
 #   UNIROUTE_DATASET      routing benchmark folder to replay (default ../shared/data/mmlu_pro_27)
 #   UNIROUTE_CONFIG       gateway config (default config.yaml)
 #   UNIROUTE_REPLAY_PORT  replay port (default 8100; config.yaml's replay_models.api_base must match)
+#   UNIROUTE_ROUTER_ARTIFACT  the fitted router folder (default var/router; fitted when missing)
 #   VENV                  virtual environment (default .venv)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -50,10 +51,13 @@ done
 up "$REPLAY_PORT" /health || die "the replay upstream did not come up within 60 s"
 echo "demo: replay upstream ready"
 
-# ---------------------------------------------------------------------------------------------
-# ROUTER ARTIFACT (lead): when config.yaml's router.artifact is missing, fit it here, e.g.
-#   [[ -d "$ARTIFACT" ]] || "$UNIROUTE" router fit --dataset "$UNIROUTE_DATASET" --out "$ARTIFACT"
-# ---------------------------------------------------------------------------------------------
+# The UniRoute artifact: fitted once from the dataset when missing (embedding ~10k prompts takes a few
+# minutes the first time; the embeddings are cached under ~/.cache/uniroute for later runs).
+export UNIROUTE_ROUTER_ARTIFACT="${UNIROUTE_ROUTER_ARTIFACT:-var/router}"
+if [[ ! -f "$UNIROUTE_ROUTER_ARTIFACT/artifact.json" ]]; then
+  echo "demo: fitting the UniRoute router on $UNIROUTE_DATASET -> $UNIROUTE_ROUTER_ARTIFACT"
+  "$UNIROUTE" router fit --dataset "$UNIROUTE_DATASET" --out "$UNIROUTE_ROUTER_ARTIFACT"
+fi
 
 mkdir -p var
 echo "demo: starting the gateway on http://127.0.0.1:8000/v1 (Ctrl-C stops both)"

@@ -149,7 +149,7 @@ def test_serve_rejects_bad_config(tmp_path: Path) -> None:
 
 
 @pytest.mark.data
-def test_demo_config_with_shared_dataset(tmp_path: Path) -> None:
+def test_demo_config_with_shared_dataset(tmp_path: Path, shared_router_artifact: Path) -> None:
     """The repository's config.yaml over the real routing benchmark (the demo), answered by the replay."""
     import gzip
     import json
@@ -165,7 +165,7 @@ def test_demo_config_with_shared_dataset(tmp_path: Path) -> None:
         text = (ROOT / "config.yaml").read_text().replace("http://127.0.0.1:8100/v1", replay_base)
         cfg = tmp_path / "config.yaml"
         cfg.write_text(text.replace("port: 8000", f"port: {port}"))
-        env = server_env(UNIROUTE_DATASET=str(dataset))
+        env = server_env(UNIROUTE_DATASET=str(dataset), UNIROUTE_ROUTER_ARTIFACT=str(shared_router_artifact))
         with running(["-m", "gateway.cli", "serve", "--config", str(cfg)],
                      f"http://127.0.0.1:{port}/health/readiness", env=env):
             with gzip.open(dataset / "prompts.jsonl.gz", "rt") as fh:
@@ -173,6 +173,7 @@ def test_demo_config_with_shared_dataset(tmp_path: Path) -> None:
             with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0) as c:
                 auto = c.chat.completions.create(model="auto", messages=[{"role": "user", "content": prompt}])
                 assert auto.model in {m.id for m in c.models.list()}
+                assert auto.model_extra and auto.model_extra["uniroute"]["cluster"] is not None
                 assert (auto.choices[0].message.content or "").startswith(("The answer is", "I cannot"))
                 chunks = list(c.chat.completions.create(model=auto.model, stream=True,
                                                         messages=[{"role": "user", "content": prompt}]))
