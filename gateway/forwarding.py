@@ -1,7 +1,13 @@
 """Forwarding to the backends: the ONLY caller of ``litellm.acompletion``.
 
-- Prices of every registry entry are registered with LiteLLM, so each response,
-  streaming ones included, carries its cost.
+- Prices of every registry entry are registered with LiteLLM; the gateway computes each
+  response's cost itself, exactly, from the usage the provider reports × the entry's prices
+  (streams: from the final usage chunk), so LiteLLM's own cost bookkeeping is not relied on.
+- Speed (see docs/PERFORMANCE.md): entries served through LiteLLM's ``openai`` provider share
+  one pre-built ``openai.AsyncOpenAI`` client per (api_base, api_key, organization), passed as
+  ``client=``, whose response parsing validates ``ChatCompletion``/``ChatCompletionChunk`` with
+  pydantic's compiled validator instead of the SDK's pure-Python ``construct`` (20× cheaper
+  per streamed chunk; unparseable data falls back to the SDK's own lenient path).
 - Provider failures become gateway errors: timeout → 504, 429 → 429, an upstream
   ``400``/``422`` (the provider rejected the request itself) → 400, anything else
   (connection error, 5xx, auth/config problems) → 502 with the provider's message,
@@ -46,7 +52,7 @@ def configure_litellm() -> Any:
     litellm.set_verbose = False
     litellm.turn_off_message_logging = False  # True would deep-copy every request to redact logs nobody reads
     litellm.drop_params = True  # a backend that lacks a standard parameter ignores it instead of failing
-    litellm.include_cost_in_streaming_usage = True
+    litellm.include_cost_in_streaming_usage = False  # the gateway prices usage itself (exact, cheaper)
     litellm.callbacks = []
     litellm.success_callback = []
     litellm.failure_callback = []
@@ -122,6 +128,29 @@ def is_retryable(err: GatewayError) -> bool:
     return isinstance(err, UpstreamError)
 
 
+_CLIENT_KEYS = frozenset({"api_base", "api_key", "organization", "timeout", "max_retries", "custom_llm_provider",
+                          "allowed_openai_params", "num_retries", "input_cost_per_token", "output_cost_per_token"})
+
+
+def _fast_client_class() -> type:
+    """``openai.AsyncOpenAI`` whose chat (chunk) parsing uses pydantic's compiled validator."""
+    import openai
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    fast = (ChatCompletion, ChatCompletionChunk)
+
+    class FastParseAsyncOpenAI(openai.AsyncOpenAI):
+        def _process_response_data(self, *, data: object, cast_to: Any, response: Any) -> Any:
+            if cast_to in fast and isinstance(data, dict):
+                try:
+                    return cast_to.model_validate(data)
+                except ValueError:  # pydantic.ValidationError: an off-spec provider; parse leniently
+                    pass
+            return super()._process_response_data(data=data, cast_to=cast_to, response=response)
+
+    return FastParseAsyncOpenAI
+
+
 def _cost(entry: ModelEntry, usage: Any) -> float | None:
     if usage is None:
         return None
@@ -140,6 +169,32 @@ class Forwarder:
         self._litellm = configure_litellm()
         self._acompletion = self._litellm.acompletion
         self._kwargs: dict[str, tuple[ModelEntry, dict[str, Any]]] = {}
+        self._clients: dict[tuple[str, str, str | None], Any] = {}
+        self._client_cls: type | None = None
+
+    def _shared_client(self, provider: str | None, params: Mapping[str, Any]) -> Any | None:
+        """The shared client for an ``openai``-provider entry with a fixed api_base and key, else None."""
+        if provider != "openai" or "client" in params or not set(params) <= _CLIENT_KEYS:
+            return None
+        base, key = params.get("api_base"), params.get("api_key")
+        if not isinstance(base, str) or not isinstance(key, str):
+            return None
+        org = params.get("organization")
+        ident = (base, key, org if isinstance(org, str) else None)
+        client = self._clients.get(ident)
+        if client is None:
+            if self._client_cls is None:
+                self._client_cls = _fast_client_class()
+            # timeouts are passed per request (the entry's timeout_s); retries are the gateway's fallback
+            client = self._client_cls(base_url=base, api_key=key, organization=ident[2], max_retries=0)
+            self._clients[ident] = client
+        return client
+
+    async def aclose(self) -> None:
+        """Close the shared HTTP clients (optional: they hold only pooled keep-alive connections)."""
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.close()
 
     # -- registry ---------------------------------------------------------------------
 
@@ -165,6 +220,9 @@ class Forwarder:
             # per-call prices too: two entries may share a LiteLLM model name at different prices
             params["input_cost_per_token"] = e.input_cost_per_token
             params["output_cost_per_token"] = e.output_cost_per_token
+            client = self._shared_client(provider, params)
+            if client is not None:
+                params["client"] = client
             kwargs[e.name] = (e, {"model": model, **params})
         if prices:
             self._litellm.register_model(prices)
@@ -207,11 +265,8 @@ class Forwarder:
                 break
             latency = (time.perf_counter() - t0) * 1e3
             attempts.append(Attempt(entry.name, 200, None, latency))
-            hidden = getattr(response, "_hidden_params", None) or {}
-            cost = hidden.get("response_cost")
-            if cost is None:
-                cost = _cost(entry, getattr(response, "usage", None))
-            return Completion(entry, response, attempts, None if cost is None else float(cost), latency)
+            cost = _cost(entry, getattr(response, "usage", None))
+            return Completion(entry, response, attempts, cost, latency)
         raise _exhausted(last, attempts)
 
     async def open_stream(
@@ -247,11 +302,8 @@ class Forwarder:
 
     @staticmethod
     def stream_cost(entry: ModelEntry, usage: Any) -> float | None:
-        """Cost of a finished stream from its usage chunk (LiteLLM puts ``cost`` in it)."""
-        if usage is None:
-            return None
-        cost = getattr(usage, "cost", None)
-        return float(cost) if cost is not None else _cost(entry, usage)
+        """Cost of a finished stream from its usage chunk: usage × the entry's prices."""
+        return _cost(entry, usage)
 
 
 def _exhausted(last: GatewayError | None, attempts: list[Attempt]) -> GatewayError:
