@@ -178,7 +178,9 @@ def start_gateway(stack: contextlib.ExitStack, tmp: Path, dataset: Path, rport: 
         try:
             proc = stack.enter_context(server(cmd, log, f"http://127.0.0.1:{gport}/health/readiness", cpus))
         except RuntimeError:
-            reason = (tail(log, 3).strip().splitlines() or ["did not start"])[-1]
+            lines = tail(log, 40).splitlines()
+            reason = next((ln.strip() for ln in reversed(lines) if "policy" in ln), None) or \
+                (lines[-1].strip() if lines else "did not start")
             print(f"gateway with router.policy={router['policy']} did not start: {reason}", file=sys.stderr)
             continue
         return proc, router["policy"], reason

@@ -7,7 +7,11 @@
   one pre-built ``openai.AsyncOpenAI`` client per (api_base, api_key, organization), passed as
   ``client=``, whose response parsing validates ``ChatCompletion``/``ChatCompletionChunk`` with
   pydantic's compiled validator instead of the SDK's pure-Python ``construct`` (20× cheaper
-  per streamed chunk; unparseable data falls back to the SDK's own lenient path).
+  per streamed chunk; unparseable data falls back to the SDK's own lenient path). For those
+  entries a stream's chunks are the provider's own OpenAI ``ChatCompletionChunk`` objects, read
+  from the SDK stream that ``litellm.acompletion`` opened (``raw_openai_streams``, default on):
+  the request, parameter mapping and error mapping at open are still LiteLLM's, but not its
+  per-chunk re-wrapping and end-of-stream re-assembly (~10 ms CPU per 20-chunk stream).
 - Provider failures become gateway errors: timeout → 504, 429 → 429, an upstream
   ``400``/``422`` (the provider rejected the request itself) → 400, anything else
   (connection error, 5xx, auth/config problems) → 502 with the provider's message,
@@ -162,10 +166,11 @@ def _cost(entry: ModelEntry, usage: Any) -> float | None:
 class Forwarder:
     """Sends chat requests to backends through LiteLLM, with fallback."""
 
-    def __init__(self, max_attempts: int = 3) -> None:
+    def __init__(self, max_attempts: int = 3, raw_openai_streams: bool = True) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
         self.max_attempts = max_attempts
+        self.raw_openai_streams = raw_openai_streams
         self._litellm = configure_litellm()
         self._acompletion = self._litellm.acompletion
         self._kwargs: dict[str, tuple[ModelEntry, dict[str, Any]]] = {}
@@ -282,8 +287,9 @@ class Forwarder:
         for entry in candidates[: self.max_attempts]:
             t0 = time.perf_counter()
             try:
-                stream = await self._acompletion(messages=messages, stream=True, **self._call_kwargs(entry), **params)
-                it = stream.__aiter__()
+                kwargs = self._call_kwargs(entry)
+                stream = await self._acompletion(messages=messages, stream=True, **kwargs, **params)
+                it = self._chunks(stream, kwargs)
                 first = await it.__anext__()
             except StopAsyncIteration:
                 err: GatewayError = UpstreamError(f"model '{entry.name}' returned an empty stream")
@@ -300,10 +306,32 @@ class Forwarder:
                 break
         raise _exhausted(last, attempts)
 
+    def _chunks(self, stream: Any, kwargs: Mapping[str, Any]) -> AsyncIterator[Any]:
+        """The stream's chunks. For an entry on a shared OpenAI-wire client (``raw_openai_streams``),
+        the provider's own ``ChatCompletionChunk`` objects that LiteLLM's stream wrapper holds, read
+        directly: the wire format is already OpenAI's, and LiteLLM's per-chunk re-wrapping and
+        end-of-stream re-assembly were ~2/3 of the gateway's CPU per 20-chunk stream."""
+        raw = getattr(stream, "completion_stream", None)
+        if self.raw_openai_streams and "client" in kwargs and raw is not None and hasattr(raw, "__aiter__"):
+            return _raw_chunks(raw)
+        it: AsyncIterator[Any] = stream.__aiter__()
+        return it
+
     @staticmethod
     def stream_cost(entry: ModelEntry, usage: Any) -> float | None:
         """Cost of a finished stream from its usage chunk: usage × the entry's prices."""
         return _cost(entry, usage)
+
+
+async def _raw_chunks(raw: Any) -> AsyncIterator[Any]:
+    """Yield an OpenAI SDK stream's chunks; always release its connection."""
+    try:
+        async for chunk in raw:
+            yield chunk
+    finally:
+        close = getattr(raw, "close", None)
+        if close is not None:
+            await close()
 
 
 def _exhausted(last: GatewayError | None, attempts: list[Attempt]) -> GatewayError:

@@ -177,3 +177,27 @@ def test_fast_client_parses_like_the_sdk_and_falls_back_on_off_spec_data() -> No
     off_spec = {**good, "created": "not-a-number"}  # the SDK's lenient construct keeps it
     lenient = client._process_response_data(data=off_spec, cast_to=ChatCompletionChunk, response=None)
     assert isinstance(lenient, ChatCompletionChunk) and lenient.created == "not-a-number"
+
+
+async def test_raw_openai_stream_carries_what_litellms_wrapper_does(base_url: str) -> None:
+    e = entry(base_url, "good")
+    seen: dict[bool, tuple[str, Any, str]] = {}
+    for raw in (False, True):
+        fw = Forwarder(raw_openai_streams=raw)
+        Registry([e]).on_replace(fw.register)
+        opened = await fw.open_stream([e], MSG, {"stream_options": {"include_usage": True}})
+        text, usage, finish = "", None, ""
+        chunk: Any = opened.first
+        while True:
+            for choice in chunk.choices:
+                text += choice.delta.content or ""
+                finish = choice.finish_reason or finish
+            usage = getattr(chunk, "usage", None) or usage
+            try:
+                chunk = await opened.rest.__anext__()
+            except StopAsyncIteration:
+                break
+        assert usage is not None
+        seen[raw] = (text, (usage.prompt_tokens, usage.completion_tokens), finish)
+        await fw.aclose()
+    assert seen[True] == seen[False] and seen[True][0]
