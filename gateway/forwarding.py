@@ -12,6 +12,8 @@
   from the SDK stream that ``litellm.acompletion`` opened (``raw_openai_streams``, default on):
   the request, parameter mapping and error mapping at open are still LiteLLM's, but not its
   per-chunk re-wrapping and end-of-stream re-assembly (~10 ms CPU per 20-chunk stream).
+  Non-streaming calls (and those streams) run with LiteLLM's "internal call" flag set, which
+  skips LiteLLM's own success/failure logging: the gateway logs and prices every request itself.
 - Provider failures become gateway errors: timeout → 504, 429 → 429, an upstream
   ``400``/``422`` (the provider rejected the request itself) → 400, anything else
   (connection error, 5xx, auth/config problems) → 502 with the provider's message,
@@ -155,6 +157,17 @@ def _fast_client_class() -> type:
     return FastParseAsyncOpenAI
 
 
+def _internal_call_flag() -> Any | None:
+    """LiteLLM's "internal call" context flag: set, LiteLLM skips its own success/failure logging and
+    billing for the call (it exists for sub-calls a parent logs). The gateway logs and prices every
+    request itself. A private LiteLLM name, so absent → None (calls then simply log as usual)."""
+    try:
+        from litellm._internal_context import is_internal_call
+    except ImportError:
+        return None
+    return is_internal_call
+
+
 def _cost(entry: ModelEntry, usage: Any) -> float | None:
     if usage is None:
         return None
@@ -173,6 +186,7 @@ class Forwarder:
         self.raw_openai_streams = raw_openai_streams
         self._litellm = configure_litellm()
         self._acompletion = self._litellm.acompletion
+        self._quiet = _internal_call_flag()
         self._kwargs: dict[str, tuple[ModelEntry, dict[str, Any]]] = {}
         self._clients: dict[tuple[str, str, str | None], Any] = {}
         self._client_cls: type | None = None
@@ -258,6 +272,7 @@ class Forwarder:
         last: GatewayError | None = None
         for entry in candidates[: self.max_attempts]:
             t0 = time.perf_counter()
+            token = self._quiet.set(True) if self._quiet is not None else None
             try:
                 response = await self._acompletion(messages=messages, **self._call_kwargs(entry), **params)
             except Exception as exc:
@@ -268,6 +283,9 @@ class Forwarder:
                 if is_retryable(err):
                     continue
                 break
+            finally:
+                if token is not None and self._quiet is not None:
+                    self._quiet.reset(token)
             latency = (time.perf_counter() - t0) * 1e3
             attempts.append(Attempt(entry.name, 200, None, latency))
             cost = _cost(entry, getattr(response, "usage", None))
@@ -286,10 +304,14 @@ class Forwarder:
         last: GatewayError | None = None
         for entry in candidates[: self.max_attempts]:
             t0 = time.perf_counter()
+            token = None
             try:
                 kwargs = self._call_kwargs(entry)
+                raw = self._raw_stream(kwargs)
+                if raw and self._quiet is not None:  # LiteLLM's stream wrapper (and its logging) is bypassed
+                    token = self._quiet.set(True)
                 stream = await self._acompletion(messages=messages, stream=True, **kwargs, **params)
-                it = self._chunks(stream, kwargs)
+                it = self._chunks(stream, raw)
                 first = await it.__anext__()
             except StopAsyncIteration:
                 err: GatewayError = UpstreamError(f"model '{entry.name}' returned an empty stream")
@@ -299,6 +321,9 @@ class Forwarder:
                 ttft = (time.perf_counter() - t0) * 1e3
                 attempts.append(Attempt(entry.name, 200, None, ttft))
                 return OpenStream(entry, first, it, attempts, ttft, started=t0)
+            finally:
+                if token is not None and self._quiet is not None:
+                    self._quiet.reset(token)
             attempts.append(Attempt(entry.name, err.status_code, err.error_type, (time.perf_counter() - t0) * 1e3))
             logger.info("model %s failed (%s): %s", entry.name, err.status_code, err.message)
             last = err
@@ -306,13 +331,16 @@ class Forwarder:
                 break
         raise _exhausted(last, attempts)
 
-    def _chunks(self, stream: Any, kwargs: Mapping[str, Any]) -> AsyncIterator[Any]:
+    def _raw_stream(self, kwargs: Mapping[str, Any]) -> bool:
+        return self.raw_openai_streams and "client" in kwargs
+
+    def _chunks(self, stream: Any, raw_ok: bool) -> AsyncIterator[Any]:
         """The stream's chunks. For an entry on a shared OpenAI-wire client (``raw_openai_streams``),
         the provider's own ``ChatCompletionChunk`` objects that LiteLLM's stream wrapper holds, read
         directly: the wire format is already OpenAI's, and LiteLLM's per-chunk re-wrapping and
         end-of-stream re-assembly were ~2/3 of the gateway's CPU per 20-chunk stream."""
         raw = getattr(stream, "completion_stream", None)
-        if self.raw_openai_streams and "client" in kwargs and raw is not None and hasattr(raw, "__aiter__"):
+        if raw_ok and raw is not None and hasattr(raw, "__aiter__"):
             return _raw_chunks(raw)
         it: AsyncIterator[Any] = stream.__aiter__()
         return it
