@@ -1,4 +1,4 @@
-"""CPU cost of one upstream call, by client: raw httpx, the openai SDK, litellm.acompletion.
+"""CPU cost of one upstream call, by client: raw httpx, the openai SDK, litellm.acompletion, the gateway's Forwarder.
 
 Attributes the gateway's per-request overhead (see :mod:`benchmarks.overhead`): the same
 sequential requests go to the replay upstream through each client, in one process, and the
@@ -87,13 +87,32 @@ async def run(base: str, model: str, prompts: Sequence[str], calls: int) -> list
             async for _ in r:
                 pass
 
+    from gateway.forwarding import Forwarder
+    from gateway.registry import ModelEntry, Registry
+
+    entry = ModelEntry(name=model, litellm_params={"model": f"openai/{model}", "api_base": base, "api_key": "x"},
+                       input_cost_per_token=1e-6, output_cost_per_token=2e-6, router_cost=1.0, timeout_s=30.0)
+    fw = Forwarder()
+    Registry([entry]).on_replace(fw.register)
+
+    async def call_forwarder(p: str, stream: bool) -> None:
+        msgs = [{"role": "user", "content": p}]
+        if stream:
+            opened = await fw.open_stream([entry], msgs, {"stream_options": {"include_usage": True}})
+            async for _ in opened.rest:
+                pass
+        else:
+            await fw.complete([entry], msgs, {})
+
     rows = []
     for stream in (False, True):
-        for name, fn in (("httpx", call_httpx), ("openai SDK", call_openai), ("litellm.acompletion", call_litellm)):
+        for name, fn in (("httpx", call_httpx), ("openai SDK", call_openai), ("litellm.acompletion", call_litellm),
+                         ("gateway Forwarder", call_forwarder)):
             rows.append(await measure(name, fn, prompts, calls, stream))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     await hx.aclose()
     await oa.close()
+    await fw.aclose()
     return rows
 
 
@@ -101,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.forwarding_cost", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", default=None)
     ap.add_argument("--calls", type=int, default=400)
+    ap.add_argument("--stream-chunks", type=int, default=None, help="content chunks per streamed answer "
+                                                                    "(default: the replay upstream's, one per word)")
     ap.add_argument("--litellm-set", action="append", default=[], metavar="NAME=JSON",
                     help="set a litellm module attribute first, e.g. disable_streaming_logging=true")
     ap.add_argument("--json", default=None)
@@ -124,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     split = (os.cpu_count() or 1) >= 2
     port = free_port()
     cmd = [sys.executable, "-m", "gateway.cli", "replay", "--dataset", str(dataset), "--port", str(port)]
+    if args.stream_chunks:
+        cmd += ["--stream-chunks", str(args.stream_chunks)]
     with server(cmd, tmp / "replay.log", f"http://127.0.0.1:{port}/health", "1" if split else None):
         if split:
             os.sched_setaffinity(0, {0})

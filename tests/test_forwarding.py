@@ -144,3 +144,60 @@ def test_prices_registered_with_litellm(base_url: str) -> None:
     info = litellm.model_cost["openai/priced-model"]
     assert info["input_cost_per_token"] == pytest.approx(1e-6)
     assert info["output_cost_per_token"] == pytest.approx(2e-6)
+
+
+async def test_openai_entries_share_one_fast_client_per_base_and_key(base_url: str) -> None:
+    a, b = entry(base_url, "good-a", upstream="good"), entry(base_url, "good-b", upstream="good")
+    other = ModelEntry(name="other-key", litellm_params={"model": "openai/good", "api_base": base_url, "api_key": "k2"},
+                       input_cost_per_token=0, output_cost_per_token=0, router_cost=1, timeout_s=2)
+    fw = forwarder(a, b, other)
+    ca, cb, co = (fw._call_kwargs(e).get("client") for e in (a, b, other))
+    assert ca is not None and ca is cb and co is not None and co is not ca
+    done = await fw.complete([a], MSG, {})
+    assert done.response.choices[0].message.content
+    stream = await fw.open_stream([b], MSG, {"stream_options": {"include_usage": True}})
+    usage = None
+    async for chunk in stream.rest:
+        usage = getattr(chunk, "usage", None) or usage
+    assert usage is not None and fw.stream_cost(b, usage) == pytest.approx(
+        usage.prompt_tokens * 1e-6 + usage.completion_tokens * 2e-6)
+    await fw.aclose()
+
+
+def test_fast_client_parses_like_the_sdk_and_falls_back_on_off_spec_data() -> None:
+    from openai.types.chat import ChatCompletionChunk
+
+    from gateway.forwarding import _fast_client_class
+
+    client = _fast_client_class()(base_url="http://127.0.0.1:9/v1", api_key="x", max_retries=0)
+    good = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}], "extra_field": 1}
+    fast = client._process_response_data(data=good, cast_to=ChatCompletionChunk, response=None)
+    assert isinstance(fast, ChatCompletionChunk) and fast.choices[0].delta.content == "hi"
+    off_spec = {**good, "created": "not-a-number"}  # the SDK's lenient construct keeps it
+    lenient = client._process_response_data(data=off_spec, cast_to=ChatCompletionChunk, response=None)
+    assert isinstance(lenient, ChatCompletionChunk) and lenient.created == "not-a-number"
+
+
+async def test_raw_openai_stream_carries_what_litellms_wrapper_does(base_url: str) -> None:
+    e = entry(base_url, "good")
+    seen: dict[bool, tuple[str, Any, str]] = {}
+    for raw in (False, True):
+        fw = Forwarder(raw_openai_streams=raw)
+        Registry([e]).on_replace(fw.register)
+        opened = await fw.open_stream([e], MSG, {"stream_options": {"include_usage": True}})
+        text, usage, finish = "", None, ""
+        chunk: Any = opened.first
+        while True:
+            for choice in chunk.choices:
+                text += choice.delta.content or ""
+                finish = choice.finish_reason or finish
+            usage = getattr(chunk, "usage", None) or usage
+            try:
+                chunk = await opened.rest.__anext__()
+            except StopAsyncIteration:
+                break
+        assert usage is not None
+        seen[raw] = (text, (usage.prompt_tokens, usage.completion_tokens), finish)
+        await fw.aclose()
+    assert seen[True] == seen[False] and seen[True][0]

@@ -1,0 +1,299 @@
+"""The UniRoute gateway against the LiteLLM proxy, side by side in one run (issue 6, part 6).
+
+Three targets, the same upstream, the same load tool (:mod:`benchmarks.loadgen`):
+
+- ``direct``         → the replay upstream itself (``uniroute replay --stream-chunks 20``);
+- ``uniroute``       → the gateway (``uniroute serve``, one uvicorn worker), ``model: "auto"``;
+- ``litellm-proxy``  → the LiteLLM proxy (``litellm --num_workers 1``, default router, no database),
+  from its own virtual environment (``bash benchmarks/setup_litellm_proxy.sh``), with a
+  ``model_list`` of the same replayed models at the same upstream; it is asked for the model
+  ``auto`` picks (the proxy has no ``auto``).
+
+Routing: the gateway is started with ``router.policy: uniroute`` (plus ``--router-yaml``, if
+given) and, when that build or artifact is not available, with the placeholder ``cheapest``
+policy; the policy actually served is printed and recorded (``policy``), never assumed.
+
+Each cell (streaming or not × concurrency 1/16/64) warms every target up, then runs
+``--repeat`` rounds cycling through the targets (each run: ``--requests`` or ``--seconds``,
+whichever first). Reported: p50/p99 latency (TTFT for streams), errors, throughput, CPU
+ms/request of each server process (from /proc), and whether a server died. "Maximum
+throughput" is the highest req/s over the concurrencies measured.
+
+CPU layout (``split``, default): load generator on CPU 0, upstream + gateway + proxy on CPU 1
+(only one of the two servers is driven at a time).
+
+    bash benchmarks/setup_litellm_proxy.sh
+    python -m benchmarks.vs_litellm_proxy --json var/vs_litellm_proxy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from benchmarks.loadgen import LoadResult, install_uvloop, prompt_bodies, run_load
+from benchmarks.overhead import cpu_seconds, free_port, machine, merge, pct, server, tail, versions
+
+ROOT = Path(__file__).resolve().parent.parent
+PROXY_VENV = ROOT / "benchmarks" / ".venv-litellm-proxy"
+TARGETS = ("direct", "uniroute", "litellm-proxy")
+OFFLINE_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_OFFLINE_MODE": "true", "HF_HUB_OFFLINE": "1",
+               "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "DISABLE_ADMIN_UI": "True"}
+
+
+def proxy_version(venv: Path) -> str:
+    out = subprocess.run([str(venv / "bin" / "python"), "-c",
+                          "import importlib.metadata as m; print(m.version('litellm'))"],
+                         capture_output=True, text=True, check=False)
+    return out.stdout.strip() or "unknown"
+
+
+def gateway_config(tmp: Path, dataset: Path, rport: int, gport: int, router: dict[str, Any]) -> Path:
+    config = {
+        "server": {"host": "127.0.0.1", "port": gport, "log_level": "warning", "access_log": False},
+        "database_url": f"sqlite:///{tmp / 'bench.db'}",
+        "router": router,
+        "replay_models": {"dataset": str(dataset.resolve()), "api_base": f"http://127.0.0.1:{rport}/v1"},
+    }
+    path = tmp / f"gateway-{router.get('policy', 'x')}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def proxy_config(tmp: Path, models: Sequence[str], rport: int) -> Path:
+    config = {
+        "model_list": [{"model_name": m, "litellm_params": {"model": f"openai/{m}",
+                                                            "api_base": f"http://127.0.0.1:{rport}/v1",
+                                                            "api_key": "replay"}} for m in models],
+        "litellm_settings": {"telemetry": False, "set_verbose": False},
+    }
+    path = tmp / "litellm-proxy.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| mode | c | target | requests | errors | p50 ms | p99 ms | added p50 ms | added p99 ms | req/s "
+             "| server CPU ms/req |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        add50 = "" if r["target"] == "direct" else f"{r['added_p50_ms']:+.2f}"
+        add99 = "" if r["target"] == "direct" else f"{r['added_p99_ms']:+.2f}"
+        dead = " (server died)" if r.get("crashed") else ""
+        lines.append(
+            f"| {'stream TTFT' if r['stream'] else 'non-stream'} | {r['concurrency']} | {r['target']}{dead} "
+            f"| {r['requests']} | {r['errors']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {add50} | {add99} "
+            f"| {r['throughput_rps']:.0f} | {r['server_cpu_ms_per_req']:.2f} |")
+    return "\n".join(lines)
+
+
+def maxima(rows: list[dict[str, Any]]) -> str:
+    lines = ["| target | max req/s non-streaming | max streams/s (20 chunks) | errors (all cells) |",
+             "|---|---:|---:|---:|"]
+    for t in TARGETS:
+        mine = [r for r in rows if r["target"] == t]
+        plain = max((r["throughput_rps"] for r in mine if not r["stream"]), default=0.0)
+        stream = max((r["throughput_rps"] for r in mine if r["stream"]), default=0.0)
+        lines.append(f"| {t} | {plain:.0f} | {stream:.0f} | {sum(r['errors'] for r in mine)} |")
+    return "\n".join(lines)
+
+
+async def measure(
+    urls: dict[str, str],
+    models: dict[str, str],
+    prompts: Sequence[str],
+    procs: dict[str, subprocess.Popen[bytes]],
+    headers: dict[str, dict[str, str]],
+    *,
+    concurrencies: Sequence[int],
+    modes: Sequence[bool],
+    requests: int,
+    seconds: float,
+    warmup: int,
+    repeat: int,
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    server_of = {"direct": "replay", "uniroute": "uniroute", "litellm-proxy": "litellm-proxy"}
+    for stream in modes:
+        for conc in concurrencies:
+            bodies = {t: prompt_bodies(prompts, models[t], stream=stream) for t in TARGETS}
+            for t in TARGETS:
+                if procs[server_of[t]].poll() is None:
+                    await run_load(urls[t], bodies[t], concurrency=conc, max_requests=warmup, max_seconds=10,
+                                   headers=headers[t])
+            runs: dict[str, list[LoadResult]] = {t: [] for t in TARGETS}
+            cpu = dict.fromkeys(TARGETS, 0.0)
+            for _ in range(repeat):
+                for t in TARGETS:
+                    pid = procs[server_of[t]].pid
+                    before = cpu_seconds(pid)
+                    runs[t].append(await run_load(urls[t], bodies[t], concurrency=conc, max_requests=requests,
+                                                  max_seconds=seconds, headers=headers[t]))
+                    cpu[t] += cpu_seconds(pid) - before
+            merged = {t: merge(runs[t]) for t in TARGETS}
+            base = pct(merged["direct"], stream)
+            for t in TARGETS:
+                p = pct(merged[t], stream)
+                s = merged[t].summary()
+                crashed = procs[server_of[t]].poll() is not None
+                rows.append({
+                    "stream": stream, "concurrency": conc, "target": t, "model": models[t],
+                    "requests": s["requests"], "errors": s["errors"], "status": s["status"],
+                    "p50_ms": p["p50"], "p99_ms": p["p99"],
+                    "added_p50_ms": p["p50"] - base["p50"], "added_p99_ms": p["p99"] - base["p99"],
+                    "throughput_rps": s["throughput_rps"], "crashed": crashed,
+                    "server_cpu_ms_per_req": 1000.0 * cpu[t] / max(1, s["requests"]),
+                })
+                print(f"  {'stream' if stream else 'plain '} c={conc:<3} {t:<14} n={s['requests']:<6} "
+                      f"err={s['errors']:<4} p50={p['p50']:.2f} p99={p['p99']:.2f} ms rps={s['throughput_rps']:.0f} "
+                      f"cpu={rows[-1]['server_cpu_ms_per_req']:.2f} ms/req{' DIED' if crashed else ''}",
+                      file=sys.stderr, flush=True)
+    return rows
+
+
+def start_gateway(stack: contextlib.ExitStack, tmp: Path, dataset: Path, rport: int, gport: int,
+                  router_extra: dict[str, Any], cpus: str | None) -> tuple[subprocess.Popen[bytes], str, str]:
+    """Start the gateway: learned routing if it starts, else the placeholder policy (with the reason)."""
+    reason = ""
+    for router in ({"policy": "uniroute", **router_extra}, {"policy": "cheapest"}):
+        cfg = gateway_config(tmp, dataset, rport, gport, router)
+        cmd = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg), "--host", "127.0.0.1",
+               "--port", str(gport)]
+        log = tmp / f"gateway-{router['policy']}.log"
+        try:
+            proc = stack.enter_context(server(cmd, log, f"http://127.0.0.1:{gport}/health/readiness", cpus))
+        except RuntimeError:
+            lines = tail(log, 40).splitlines()
+            reason = next((ln.strip() for ln in reversed(lines) if "policy" in ln), None) or \
+                (lines[-1].strip() if lines else "did not start")
+            print(f"gateway with router.policy={router['policy']} did not start: {reason}", file=sys.stderr)
+            continue
+        return proc, router["policy"], reason
+    raise RuntimeError(f"the gateway did not start:\n{tail(tmp / 'gateway-cheapest.log')}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.vs_litellm_proxy", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset", default=None, help="routing benchmark folder (default: $UNIROUTE_DATASET or "
+                                                    "../shared/data/mmlu_pro_27; a synthetic one when absent)")
+    ap.add_argument("--prompts", type=int, default=1000)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--modes", choices=["plain", "stream"], nargs="+", default=["plain", "stream"])
+    ap.add_argument("--stream-chunks", type=int, default=20, help="content chunks per streamed answer")
+    ap.add_argument("--requests", type=int, default=1500, help="per run (a run also stops after --seconds)")
+    ap.add_argument("--seconds", type=float, default=6.0, help="per run")
+    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--repeat", type=int, default=2, help="rounds per cell, cycling through the targets")
+    ap.add_argument("--router-yaml", default=None, help="YAML mapping merged into the gateway's router section "
+                                                        "(e.g. the UniRoute artifact path)")
+    ap.add_argument("--proxy-venv", default=str(PROXY_VENV))
+    ap.add_argument("--cpu-layout", choices=["split", "none"], default="split")
+    ap.add_argument("--keep", action="store_true", help="keep the temp folder (configs, server logs)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    import gateway  # noqa: F401  (offline environment for anything importing litellm)
+    from routing.dataset import default_dataset_path, load_dataset
+    from routing.synthetic import make_synthetic_dataset
+
+    venv = Path(args.proxy_venv)
+    if not (venv / "bin" / "litellm").exists():
+        ap.error(f"no LiteLLM proxy at {venv}; run: bash benchmarks/setup_litellm_proxy.sh")
+    router_extra: dict[str, Any] = {}
+    if args.router_yaml:
+        router_extra = yaml.safe_load(Path(args.router_yaml).read_text(encoding="utf-8")) or {}
+        router_extra.pop("policy", None)
+
+    tmp = Path(tempfile.mkdtemp(prefix="uniroute-vs-litellm-"))
+    dataset = Path(args.dataset) if args.dataset else default_dataset_path()
+    if dataset is None or not dataset.is_dir():
+        dataset = make_synthetic_dataset(tmp / "synthetic", n_prompts=max(args.prompts, 200))
+    data = load_dataset(dataset, with_responses=False)
+    prompts = data.prompts[: args.prompts]
+
+    split = args.cpu_layout == "split" and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
+    cpus = "1" if split else None
+    layout = ("load generator pinned to CPU 0; replay upstream, UniRoute gateway and LiteLLM proxy pinned to "
+              "CPU 1 (taskset; one server driven at a time)" if split else "no pinning (OS scheduler)")
+    rport, gport, pport = free_port(), free_port(), free_port()
+    replay_cmd = [sys.executable, "-m", "gateway.cli", "replay", "--dataset", str(dataset), "--port", str(rport),
+                  "--stream-chunks", str(args.stream_chunks)]
+    proxy_cmd = [str(venv / "bin" / "litellm"), "--config", str(proxy_config(tmp, data.models, rport)),
+                 "--host", "127.0.0.1", "--port", str(pport), "--num_workers", "1"]
+    info: dict[str, Any] = {
+        "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python -m benchmarks.vs_litellm_proxy " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(), "versions": {**versions(), "litellm_proxy": proxy_version(venv)},
+        "cpu_layout": layout, "dataset": str(dataset), "n_prompts": len(prompts),
+        "stream_chunks": args.stream_chunks, "requests_per_run": args.requests, "seconds_per_run": args.seconds,
+        "repeat": args.repeat, "warmup": args.warmup,
+    }
+    print(f"vs_litellm_proxy: dataset {dataset}; {layout}; temp {tmp}", file=sys.stderr)
+    master_key = "sk-bench-" + secrets.token_hex(16)  # the proxy refuses to start without one
+    env_backup = dict(os.environ)
+    os.environ.update(OFFLINE_ENV, LITELLM_MASTER_KEY=master_key)  # inherited by the proxy (and harmless for the others)
+    try:
+        with contextlib.ExitStack() as stack:
+            rproc = stack.enter_context(server(replay_cmd, tmp / "replay.log", f"http://127.0.0.1:{rport}/health",
+                                               cpus))
+            pproc = stack.enter_context(server(proxy_cmd, tmp / "litellm-proxy.log",
+                                               f"http://127.0.0.1:{pport}/health/liveliness", cpus))
+            gproc, policy, reason = start_gateway(stack, tmp, dataset, rport, gport, router_extra, cpus)
+            info["policy"] = policy
+            if policy != "uniroute":
+                info["policy_note"] = f"learned routing unavailable, placeholder policy served: {reason}"
+            gw = f"http://127.0.0.1:{gport}/v1/chat/completions"
+            probe = httpx.post(gw, json={"model": "auto", "messages": [{"role": "user", "content": prompts[0]}]},
+                               timeout=60)
+            probe.raise_for_status()
+            chosen = str(probe.json()["model"])
+            info["auto_model"] = chosen
+            urls = {"direct": f"http://127.0.0.1:{rport}/v1/chat/completions", "uniroute": gw,
+                    "litellm-proxy": f"http://127.0.0.1:{pport}/v1/chat/completions"}
+            models = {"direct": chosen, "uniroute": "auto", "litellm-proxy": chosen}
+            if split:
+                os.sched_setaffinity(0, {0})
+            install_uvloop()
+            rows = asyncio.run(measure(
+                urls, models, prompts, {"replay": rproc, "uniroute": gproc, "litellm-proxy": pproc},
+                {"direct": {}, "uniroute": {}, "litellm-proxy": {"Authorization": f"Bearer {master_key}"}},
+                concurrencies=args.concurrency, modes=[m == "stream" for m in args.modes],
+                requests=args.requests, seconds=args.seconds, warmup=args.warmup, repeat=args.repeat))
+    finally:
+        os.environ.clear()
+        os.environ.update(env_backup)
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    info["machine"]["loadavg_end"] = list(os.getloadavg())
+    table, best = markdown(rows), maxima(rows)
+    print(table)
+    print()
+    print(best)
+    print(f"\n{info['date_utc']}; {info['machine']['cpus']} CPUs ({info['machine']['cpu_model']}); {layout}; "
+          f"policy {info['policy']}{' (' + info.get('policy_note', '') + ')' if info.get('policy_note') else ''}; "
+          f"auto -> {chosen}; LiteLLM proxy {info['versions']['litellm_proxy']}; load average "
+          f"{info['machine']['loadavg_start']} -> {info['machine']['loadavg_end']}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({**info, "results": rows, "table": table, "maxima": best}, indent=2),
+                                   encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
