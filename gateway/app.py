@@ -105,6 +105,7 @@ def create_app(
         finally:
             await acc.aclose()
             await bundle.aclose()
+            await forwarder.aclose()
 
     routes = [
         Route("/v1/chat/completions", endpoints.chat_completions, methods=["POST"]),
