@@ -67,6 +67,8 @@ def gateway_config(tmp: Path, dataset: Path, rport: int, gport: int, router: dic
     config = {
         "server": {"host": "127.0.0.1", "port": gport, "log_level": "warning", "access_log": False},
         "database_url": f"sqlite:///{tmp / 'bench.db'}",
+        # like the proxy's single master key, no per-key budgets or limits: open mode
+        "auth": {"mode": "open"},
         "router": router,
         "replay_models": {"dataset": str(dataset.resolve()), "api_base": f"http://127.0.0.1:{rport}/v1"},
     }
