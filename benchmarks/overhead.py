@@ -248,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = {
         "server": {"host": "127.0.0.1", "port": gport, "log_level": "warning", "access_log": False},
         "database_url": f"sqlite:///{tmp / 'bench.db'}",
+        "auth": {"mode": "open"},  # the default is now `keys`; this benchmark measures forwarding
         "router": {"policy": "cheapest"},
         "replay_models": {"dataset": str(dataset.resolve()), "api_base": f"http://127.0.0.1:{rport}/v1"},
     }
