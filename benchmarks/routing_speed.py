@@ -1,6 +1,7 @@
 """Routing speed benchmark (issue 3): one decision incl. embedding, cache hits, concurrency 32.
 
-    PYTHONPATH=. python benchmarks/routing_speed.py [--n 200] [--max-seq-length N] [--threads T]
+    PYTHONPATH=. python benchmarks/routing_speed.py [--n 200] [--max-seq-length N] [--threads T] \
+        [--embedder static|PATH]
 
 Prompts are real dataset prompts when the shared benchmark is present (else synthetic),
 never seen before by the embedder (a fresh cache directory). The policy is a UniRoute
@@ -39,11 +40,12 @@ def prompts(n: int, source: str) -> tuple[list[str], str]:
     return make_prompts(n, seed=7)[0], "synthetic prompts"
 
 
-def make_policy(variant: str, k: int = 40, d: int = 384, m: int = 27) -> tuple[UniRoutePolicy, list[PoolModel]]:
+def make_policy(variant: str, k: int = 40, d: int = 384, m: int = 27,
+                embedder_id: str = "all-MiniLM-L6-v2") -> tuple[UniRoutePolicy, list[PoolModel]]:
     rng = np.random.default_rng(0)
     mu = rng.normal(size=(k, d))
     mu /= np.linalg.norm(mu, axis=1, keepdims=True)
-    art = RouterArtifact(embedder_id="all-MiniLM-L6-v2", k=k, centroids=mu, theta=rng.normal(size=(d + 1, k)),
+    art = RouterArtifact(embedder_id=embedder_id, k=k, centroids=mu, theta=rng.normal(size=(d + 1, k)),
                          val_prompt_ids=[], val_prompts=[], val_embeddings=np.zeros((0, d), np.float32),
                          training_set_hash="bench", variant=variant)
     pool = [PoolModel(f"model-{j}", float(rng.uniform(1, 100)), rng.uniform(0, 1, size=k)) for j in range(m)]
@@ -57,11 +59,17 @@ def pct(xs: list[float], q: float) -> float:
 async def main_async(args: argparse.Namespace) -> None:
     texts, source = prompts(args.n + 32 * args.per_worker + 64, args.source)
     single, conc_texts = texts[: args.n], texts[args.n:]
-    policy, pool = make_policy(args.variant)
+    embedder_path = args.embedder
+    if embedder_path == "static":
+        # the distilled folder lives in the real cache dir; embeddings go to the fresh one
+        from routing.embedder import default_static_path, distill_static
+
+        embedder_path = str(distill_static(default_static_path()))
     with tempfile.TemporaryDirectory() as cache_dir:
-        embedder = make_embedder(cache_dir=cache_dir, max_seq_length=args.max_seq_length, threads=args.threads,
-                                 quantize=args.quantize)
+        embedder = make_embedder(embedder_path, cache_dir=cache_dir, max_seq_length=args.max_seq_length,
+                                 threads=args.threads, quantize=args.quantize)
         embedder.embed(["warm-up prompt"])  # load the model
+        policy, pool = make_policy(args.variant, d=embedder.dim, embedder_id=embedder.id)
         batcher = MicroBatcher(embedder, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
 
         # 1. one new prompt at a time, embedding included
@@ -130,6 +138,9 @@ def main() -> None:
     ap.add_argument("--max-seq-length", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quantize", action="store_true", help="dynamic int8 quantisation of the embedder")
+    ap.add_argument("--embedder", default=None,
+                    help="'static' (MiniLM distilled, routing.embedder.StaticEmbedder), a static-embedding "
+                         "folder, or a sentence-transformers path (default: MiniLM through torch)")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
     asyncio.run(main_async(ap.parse_args()))

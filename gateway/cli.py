@@ -104,9 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default variant recorded in the artifact")
     q.add_argument("--val-size", type=int, default=500, help="validation prompts used for profiles")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--embedder", default=None, help="sentence-transformers model path (default: MiniLM)")
+    q.add_argument("--embedder", default=None,
+                   help="'static' (MiniLM distilled to a static embedding, copied into the artifact), a "
+                        "static-embedding folder, or a sentence-transformers model path (default: MiniLM)")
     q.add_argument("--cache-dir", default=None, help="embedding cache (default: $UNIROUTE_CACHE_DIR)")
     q.set_defaults(handler=_lazy("routing.artifact:fit_command"))
+    q = rsub.add_parser("distill", help="distil a static embedding from the local MiniLM weights (offline)")
+    q.add_argument("--out", default=None,
+                   help="folder to write (default: <cache dir>/static/all-MiniLM-L6-v2-m2v<dims>)")
+    q.add_argument("--model", default=None, help="local sentence-transformers model folder (default: MiniLM)")
+    q.add_argument("--pca-dims", type=int, default=256, help="PCA dimensions (0: keep the model's)")
+    q.add_argument("--cache-dir", default=None, help="embedding cache (default: $UNIROUTE_CACHE_DIR)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    q.set_defaults(handler=_lazy("routing.artifact:distill_command"))
     q = rsub.add_parser("calibrate", help="find the λ meeting a cost target on the validation prompts")
     q.add_argument("--artifact", required=True, help="artifact folder")
     g = q.add_mutually_exclusive_group(required=True)
@@ -124,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
     p.add_argument("--json", default=None, help="write the summary JSON here")
     p.add_argument("--plot", default=None, help="write the mean deferral curves PNG here")
-    p.add_argument("--embedder", default=None, help="sentence-transformers model path (default: MiniLM)")
+    p.add_argument("--embedder", default=None,
+                   help="'static' (MiniLM distilled to a static embedding), a static-embedding folder, "
+                        "or a sentence-transformers model path (default: MiniLM)")
     p.add_argument("--max-seq-length", type=int, default=None, help="truncate prompts (tokens)")
     p.add_argument("--quantize", action="store_true", help="dynamic int8 quantisation of the embedder")
     p.add_argument("--cache-dir", default=None, help="embedding cache (default: $UNIROUTE_CACHE_DIR)")

@@ -12,6 +12,9 @@ Layout of an artifact folder::
     artifact.json   metadata, validation prompt ids and texts
     arrays.npz      centroids (K, d), theta (d+1, K), val_embeddings (n_val, d)
     profiles.json   per-model profiles (written by ``router fit`` and by profiling)
+    embedder/       the static embedding, when fitted with ``--embedder static`` (see
+                    routing.embedder.StaticEmbedder); ``embedder_path`` then is relative
+                    ("embedder") and is resolved against the artifact folder on load
 """
 
 from __future__ import annotations
@@ -93,9 +96,15 @@ class RouterArtifact:
         if self.theta is not None:
             arrays["theta"] = self.theta
         np.savez(d / ARRAYS_FILE, **arrays)  # type: ignore[arg-type]
+        embedder_path = self.embedder_path
+        if embedder_path is not None and Path(embedder_path).is_absolute():
+            # an embedder folder inside the artifact is recorded relative to it (the folder can move)
+            inside = Path(embedder_path).resolve()
+            if inside.is_relative_to(d.resolve()):
+                embedder_path = str(inside.relative_to(d.resolve()))
         meta = {
             "format": self.format, "version": self.version, "embedder_id": self.embedder_id,
-            "embedder_path": self.embedder_path, "k": self.k, "variant": self.variant,
+            "embedder_path": embedder_path, "k": self.k, "variant": self.variant,
             "prior_strength": self.prior_strength, "temperature": self.temperature,
             "training_set_hash": self.training_set_hash, "created_at": self.created_at,
             "has_theta": self.theta is not None, "extra": self.extra,
@@ -114,6 +123,9 @@ class RouterArtifact:
         if meta.get("format") != ARTIFACT_FORMAT:
             raise ValueError(f"{meta_path}: unsupported artifact format {meta.get('format')!r}; "
                              f"expected {ARTIFACT_FORMAT}")
+        embedder_path = meta.get("embedder_path")
+        if embedder_path is not None and not Path(embedder_path).is_absolute() and (d / embedder_path).exists():
+            embedder_path = str((d / embedder_path).resolve())  # a folder inside the artifact
         with np.load(d / ARRAYS_FILE) as arrays:
             centroids = np.asarray(arrays["centroids"])
             theta = np.asarray(arrays["theta"]) if "theta" in arrays else None
@@ -122,7 +134,7 @@ class RouterArtifact:
                   val_prompt_ids=list(meta["val_prompt_ids"]), val_prompts=list(meta["val_prompts"]),
                   val_embeddings=val_emb, training_set_hash=meta["training_set_hash"], variant=meta["variant"],
                   prior_strength=float(meta["prior_strength"]), temperature=meta.get("temperature"),
-                  embedder_path=meta.get("embedder_path"), created_at=meta["created_at"],
+                  embedder_path=embedder_path, created_at=meta["created_at"],
                   extra=dict(meta.get("extra") or {}))
         if meta.get("version") and meta["version"] != art.version:
             raise ValueError(f"{d}: artifact content does not match its recorded version {meta['version']}")
@@ -280,15 +292,50 @@ def fit_command(args: argparse.Namespace) -> int:
             raise SystemExit(f"--k must be an integer or 'auto', got {args.k!r}") from None
     ds = load_dataset(path, with_responses=False)
     embedder = make_embedder(args.embedder, cache_dir=args.cache_dir, progress=True)
+    embedder_path = args.embedder
+    static_dir = _static_folder(embedder)
+    if static_dir is not None:
+        # the gateway must load exactly these vectors: copy them into the artifact folder
+        import shutil
+
+        dest = Path(args.out) / STATIC_EMBEDDER_DIR
+        if dest.resolve() != static_dir.resolve():
+            if dest.exists():
+                shutil.rmtree(dest)
+            shutil.copytree(static_dir, dest)
+        embedder_path = str(dest.resolve())
     x = embedder.embed(ds.prompts)
     art, profiles = fit_artifact(x, ds.scores, ds.model_costs, ds.models, ds.prompt_ids, ds.prompts,
                                  embedder_id=embedder.id, training_set_hash=ds.fingerprint(), k=k,
                                  variant=args.variant, val_size=args.val_size, seed=args.seed,
-                                 embedder_path=args.embedder)
+                                 embedder_path=embedder_path)
     out = art.save(args.out)
     save_profiles(out, profiles, artifact_version=art.version)
     print(json.dumps({"artifact": str(out), "version": art.version, "k": art.k, "variant": art.variant,
-                      "val_prompts": len(art.val_prompt_ids), "models_profiled": len(ds.models)}))
+                      "embedder": art.embedder_id, "val_prompts": len(art.val_prompt_ids),
+                      "models_profiled": len(ds.models)}))
+    return 0
+
+
+STATIC_EMBEDDER_DIR = "embedder"
+
+
+def _static_folder(embedder: Any) -> Path | None:
+    """The folder of a (cached) static embedder, else None."""
+    from routing.embedder import CachedEmbedder, StaticEmbedder
+
+    inner = embedder.inner if isinstance(embedder, CachedEmbedder) else embedder
+    return inner.path if isinstance(inner, StaticEmbedder) else None
+
+
+def distill_command(args: argparse.Namespace) -> int:
+    """``uniroute router distill``: a static embedding from the local MiniLM (or --model) weights."""
+    from routing.embedder import StaticEmbedder, default_static_path, distill_static
+
+    out = Path(args.out) if args.out else default_static_path(args.cache_dir, args.pca_dims or None)
+    path = distill_static(out, model_path=args.model, pca_dims=args.pca_dims or None, overwrite=args.overwrite)
+    emb = StaticEmbedder(path)
+    print(json.dumps({"path": str(path), "embedder": emb.id, "dim": emb.dim}))
     return 0
 
 

@@ -93,3 +93,33 @@ def test_adding_a_model_profiles_it_without_refitting(
 def test_load_missing_artifact_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="router fit"):
         RouterArtifact.load(tmp_path)
+
+
+def test_fit_with_a_static_embedder_round_trips(tmp_path: Path) -> None:
+    """`router fit --embedder FOLDER` copies the static embedding into the artifact; the gateway's
+    `make_embedder(artifact.embedder_path)` loads it back with the same id, even after the folder moves."""
+    import argparse
+    import shutil
+
+    from routing.artifact import fit_command
+    from routing.embedder import make_embedder
+    from routing.synthetic import make_synthetic_dataset
+    from tests.static_model import make_tiny_static
+
+    static = make_tiny_static(tmp_path / "static")
+    data = make_synthetic_dataset(tmp_path / "data", n_prompts=120)
+    args = argparse.Namespace(dataset=str(data), out=str(tmp_path / "router"), k="3", variant="learnedmap",
+                              val_size=40, seed=0, embedder=str(static), cache_dir=str(tmp_path / "cache"))
+    assert fit_command(args) == 0
+    moved = tmp_path / "moved-router"
+    shutil.move(tmp_path / "router", moved)
+    shutil.rmtree(static)  # the artifact does not depend on the source folder
+    art = RouterArtifact.load(moved)
+    assert art.embedder_path == str((moved / "embedder").resolve())
+    assert art.embedder_id.startswith("tiny-test+m2v16-") and art.centroids.shape[1] == 16
+    emb = make_embedder(art.embedder_path, cache_dir=tmp_path / "cache2")
+    assert emb.id == art.embedder_id
+    policy = load_policy(moved)
+    decision = policy.rank(emb.embed(["What is 2 + 2?"])[0], load_pool(moved, art.variant), 0.1)
+    assert decision.ranked
+    assert '"embedder_path": "embedder"' in (moved / "artifact.json").read_text()
