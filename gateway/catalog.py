@@ -128,7 +128,7 @@ def model_summary(row: ModelRow, profile: ProfileRow | None = None) -> dict[str,
 
 def profile_summary(p: ProfileRow) -> dict[str, Any]:
     return {"version": p.version, "router": p.router_version, "source": p.source, "active": p.active,
-            "created_at": p.created_at.isoformat(), "psi": [round(float(v), 6) for v in p.features],
+            "created_at": p.created_at.isoformat(), "psi": [float(v) for v in p.features],
             "counts": [round(float(v), 3) for v in p.counts]}
 
 
