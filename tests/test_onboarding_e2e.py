@@ -21,7 +21,6 @@ from typing import Any
 
 import httpx
 import numpy as np
-import pytest
 import yaml
 
 from routing.artifact import RouterArtifact, UniRoutePolicy
@@ -170,4 +169,6 @@ def test_onboarding_on_generated_data(tmp_path: Path) -> None:
 
 
 def test_onboarding_on_mmlu_pro(tmp_path: Path, shared_dataset: Path) -> None:
-    _onboard(tmp_path, shared_dataset, "Phi-3-mini-4k-instruct", val_size=300, k="auto", min_per_cluster=1)
+    # K is chosen automatically (about 40 here) and some clusters hold no validation prompt as their argmax:
+    # their Ψ_k falls back to the model's overall error (shrinkage), so no per-cluster minimum is asked
+    _onboard(tmp_path, shared_dataset, "Phi-3-mini-4k-instruct", val_size=300, k="auto", min_per_cluster=0)
