@@ -75,6 +75,7 @@ def main() -> int:
         }))
         subprocess.run([*cli, "models", "add", model, "--litellm-model", f"openai/{model}", "--api-base",
                         f"http://127.0.0.1:{port}/v1", "--api-key", "replay", "--router-cost", str(costs[model]),
+                        "--input-cost-per-1m", str(costs[model] * 0.01), "--output-cost-per-1m", str(costs[model] * 0.01),
                         "--config", str(cfg)], env=env, check=True, stdout=subprocess.DEVNULL)
         t0 = time.perf_counter()
         out = subprocess.run([*cli, "profile", model, "--config", str(cfg), "--json"], env=env, check=True,
