@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.config import GatewayConfig
-from gateway.errors import ConflictError, GatewayError
+from gateway.errors import ConflictError, GatewayError, InvalidRequestError
 from gateway.store import Store
 from profiling.runner import RunReport
 
@@ -59,6 +59,9 @@ class ProfilingJobs:
               allow_partial: bool = False) -> Job:
         from profiling.profiler import run_profiling
 
+        if self.key is None:
+            raise InvalidRequestError("profiling needs the UniRoute router: set router.policy: uniroute and "
+                                      "router.artifact in config.yaml", code="no_router")
         running = self.jobs.get(model)
         if running is not None and running.status == "running":
             raise ConflictError(f"model {model!r} is already being profiled (job {running.id})", code="job_running")

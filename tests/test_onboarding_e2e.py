@@ -144,16 +144,31 @@ def _onboard(tmp: Path, dataset: Path, new: str, *, val_size: int, k: str, min_p
             assert n_hits > 0, "the new model is never the best trade-off: pick another model for this test"
             time.sleep(1.5)  # the poller (0.5 s interval) has seen the activation
             sample = hits[:20]
-            served = []
+            served, request_ids = [], []
             for i in sample:
                 r = http.post("/v1/chat/completions", json={
                     "model": "auto", "messages": [{"role": "user", "content": art.val_prompts[i]}],
                     "uniroute": {"lambda": lam}})
                 assert r.status_code == 200, r.text
                 served.append(r.headers["x-uniroute-model"])
+                request_ids.append(r.headers["x-uniroute-request-id"])
             reached = served.count(new)
             # the gateway embeds the prompt online (float32, batched): allow a rare near-tie to flip
             assert reached >= max(1, int(0.8 * len(sample))), (lam, served)
+
+            # --- feedback on what NEW served, then a re-profiling pass: its Ψ moves, the drift report says where
+            for rid, model in zip(request_ids, served, strict=True):
+                if model == new:
+                    fb = http.post("/v1/feedback", json={"request_id": rid, "thumbs": "down"})
+                    assert fb.status_code == 201, fb.text
+            assert http.post("/v1/feedback", json={"request_id": "no-such-request", "score": 1}).status_code == 404
+            report = http.post("/admin/reprofile").json()
+            assert report["models"][new]["status"] == "updated" and report["models"][new]["feedback"] == reached
+            assert report["drift"][0]["model"] == new and report["drift"][0]["change"] > 0
+            assert http.get("/admin/reprofile/last").json()["drift"] == report["drift"]
+            hist = http.get(f"/admin/models/{new}").json()["profile_history"]
+            mine = [(p["version"], p["source"], p["active"]) for p in hist if p["router"].endswith(VARIANT)]
+            assert mine == [(1, "validation", False), (2, "feedback", True)]
 
 
 def test_onboarding_on_generated_data(tmp_path: Path) -> None:
