@@ -38,7 +38,7 @@ class FakeForwarder:
         self.calls += 1
         if messages[-1]["content"] in self.failing:
             raise UpstreamError("model 'new' failed: boom")
-        msg = SimpleNamespace(content="The answer is (A).")
+        msg = SimpleNamespace(content="7" if candidates[0].name == "judge" else "The answer is (A).")
         return SimpleNamespace(response=SimpleNamespace(choices=[SimpleNamespace(message=msg)]), cost_usd=0.001)
 
 
@@ -97,3 +97,20 @@ async def test_unknown_model_and_missing_answers(store: Store) -> None:
     with pytest.raises(Exception, match="no reference answers"):
         validation_prompts(art, "kmeans")
     assert len(validation_prompts(art, "kmeans", {"p0": "A"})) == N
+
+
+async def test_judge_grader_asks_the_configured_judge_model(store: Store) -> None:
+    catalog.add_model(store, catalog.parse_spec({"name": "judge", "router_cost": 1.0,
+                                                 "litellm_params": {"model": "openai/judge"}}))
+    cfg = parse_config({"router": {"variant": "kmeans"},
+                        "profiling": {"min_graded_per_cluster": 1, "judge_model": "judge"}})
+    fwd = FakeForwarder()
+    res = await run_profiling(cfg, store, fwd, "new", artifact=_artifact(), grader="judge")
+    assert res.activated and fwd.calls == 2 * N
+    active = catalog.active_profiles(store, catalog.profile_key(_artifact().version, "kmeans"))
+    assert np.allclose(active["new"].psi, 0.3)  # every answer rated 7/10
+
+
+async def test_judge_grader_needs_a_judge_model(store: Store) -> None:
+    with pytest.raises(Exception, match="profiling.judge_model"):
+        await run_profiling(_config(1), store, FakeForwarder(), "new", artifact=_artifact(), grader="judge")

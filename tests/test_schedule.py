@@ -70,3 +70,28 @@ def test_only_one_scheduler_runs(store: Store) -> None:
     assert s1.run_once() is not None
     assert s2.run_once() is None  # s1 holds the lease until it expires
     assert s1.run_once() is not None  # the holder renews
+
+
+def test_reprofile_cli(tmp_path: Path, store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from gateway import lease
+    from gateway.cli import main as cli
+    from routing.artifact import RouterArtifact
+
+    art = RouterArtifact(embedder_id="t", k=2, centroids=np.eye(2), theta=None, val_prompt_ids=["p0", "p1"],
+                         val_prompts=["a", "b"], val_embeddings=np.eye(2), training_set_hash="h", variant="kmeans")
+    art.save(tmp_path / "art")
+    key = catalog.profile_key(art.version, "kmeans")
+    catalog.save_profile(store, "a", key, [0.2, 0.5], [10, 10], "validation")
+    _served(store, "a", 0, 0.0)
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"database_url": str(store.url.render_as_string(hide_password=False)),
+                                   "router": {"policy": "uniroute", "artifact": str(tmp_path / "art"),
+                                              "variant": "kmeans"}}))
+    assert cli(["reprofile", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "a: updated (1 feedback)" in out and "| a | 0 |" in out
+    assert lease.acquire(store, "reprofile", "another-replica", 60)
+    assert cli(["reprofile", "--config", str(cfg)]) == 1
+    assert "running on another-replica" in capsys.readouterr().err
