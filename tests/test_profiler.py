@@ -112,5 +112,5 @@ async def test_judge_grader_asks_the_configured_judge_model(store: Store) -> Non
 
 
 async def test_judge_grader_needs_a_judge_model(store: Store) -> None:
-    with pytest.raises(Exception, match="profiling.judge_model"):
+    with pytest.raises(Exception, match=r"profiling\.judge_model"):
         await run_profiling(_config(1), store, FakeForwarder(), "new", artifact=_artifact(), grader="judge")
