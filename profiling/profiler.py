@@ -13,7 +13,7 @@ Used by ``uniroute profile MODEL`` and by ``POST /admin/models/{name}/profile``:
 3. Ψ is computed with the artifact's estimator (``RouterArtifact.profile_model``, every
    variant) from the graded outcomes, and stored as a new active version in
    ``model_profiles`` (source ``validation``) — only when every cluster has at least
-   ``profiling.min_graded_per_cluster`` graded answers, unless ``allow_partial`` (then the
+   ``profiling.min_graded_per_cluster`` graded answers (or all of its prompts, when it has fewer), unless ``allow_partial`` (then the
    source is ``validation-partial`` and the report says so). Activation also marks the
    model routable; every replica picks it up at its next registry poll.
 """
@@ -242,7 +242,9 @@ def _finish(config: GatewayConfig, store: Store, art: RouterArtifact, cost: floa
               and o.prompt_id in valid}
     cluster_of = {p.prompt_id: p.cluster for p in prompts}
     per_cluster = np.bincount([cluster_of[pid] for pid in graded], minlength=art.k).astype(int)
-    short = [k for k in range(art.k) if per_cluster[k] < pc.min_graded_per_cluster]
+    available = np.bincount([p.cluster for p in prompts], minlength=art.k).astype(int)
+    # a cluster with fewer validation prompts than the minimum needs all of them graded
+    short = [k for k in range(art.k) if per_cluster[k] < min(pc.min_graded_per_cluster, available[k])]
     res = ProfilingResult(model=model, router_version=art.version, report=report,
                           graded_per_cluster=per_cluster.tolist(), short_clusters=short,
                           min_graded_per_cluster=pc.min_graded_per_cluster)
