@@ -15,12 +15,14 @@ log flushed at shutdown. Its routes: ``/v1/usage``, ``/admin/keys``, ``/metrics`
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -42,6 +44,7 @@ from routing.policy import GatewayPolicy
 if TYPE_CHECKING:
     from gateway.accounting import Accounting
 
+logger = logging.getLogger("uniroute.app")
 ReadinessCheck = Callable[[], Awaitable[None]]
 
 
@@ -63,7 +66,7 @@ def create_app(
     accounting: Accounting | None = None,
 ) -> Starlette:
     """Build the gateway app. The optional arguments replace the config-built parts (auth, limits, store, router)."""
-    from gateway import admin
+    from gateway import admin, feedback, models_admin
     from gateway.accounting import Accounting, settings_from_config
     from gateway.metrics import InFlightMiddleware, metrics_app
 
@@ -72,6 +75,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        from gateway import catalog
         from gateway.forwarding import Forwarder
         from gateway.registry import Registry
         from gateway.router import RouterBundle, build_router
@@ -87,22 +91,48 @@ def create_app(
             bundle = await build_router(config)
         if bundle.profiles:
             # Ψ(h) of each profiled registry model; unprofiled models stay out of `auto`
-            registry.replace(dataclasses.replace(e, psi=bundle.profiles.get(e.name))
-                             for e in registry.snapshot.entries)
+            registry.replace(catalog.with_profiles(registry.snapshot.entries, bundle.profiles))
         pol, embed = bundle.policy, bundle.embed
         app.state.router = bundle
         app.state.started_at = started
         app.state.registry = registry
         await acc.start(registry.names(), [m.name for m in registry.pool()])
         registry.on_replace(lambda snap: acc.metrics.set_registry(snap.names, [m.name for m in snap.pool]))
+        # the database is the registry's source of truth from here on: every replica polls it
+        key = catalog.profile_key(bundle.version, config.router.variant) if bundle.version else None
+        app.state.profile_key = key
+        poller = catalog.RegistryPoller(acc.store, registry, key, config.registry.poll_interval_s)
+        try:
+            if key is not None and bundle.profile_counts:
+                seeded = await asyncio.to_thread(catalog.seed_profiles, acc.store, key, {
+                    n: (p, bundle.profile_counts.get(n, np.zeros(len(p)))) for n, p in bundle.profiles.items()})
+                if seeded:
+                    logger.info("model_profiles: %d profiles imported from the artifact's profiles.json", seeded)
+            await asyncio.to_thread(poller.refresh, True)
+        except Exception as exc:
+            logger.error("could not read the registry from the database (%s: %s); serving the config's models "
+                         "until it answers", type(exc).__name__, exc)
+        poller.start()
+        app.state.poller = poller
+        app.state.forwarder = forwarder
         app.state.service = ChatService(
             registry, pol, forwarder, embed=embed,
             authenticator=authenticator or acc.authenticator,
             rate_limiter=rate_limiter or acc.rate_limiter, budget=budget or acc.budget, sink=sink or acc.sink,
         )
+        from profiling.jobs import ProfilingJobs
+        from profiling.schedule import ReprofileScheduler
+
+        app.state.profiling = ProfilingJobs(config, acc.store, forwarder, key)
+        scheduler = ReprofileScheduler(config, acc.store, key)
+        app.state.reprofile = scheduler
+        scheduler.start()
         try:
             yield
         finally:
+            await scheduler.aclose()
+            await app.state.profiling.aclose()
+            await poller.aclose()
             await acc.aclose()
             await bundle.aclose()
             await forwarder.aclose()
@@ -119,6 +149,17 @@ def create_app(
         Route("/admin/keys", admin.create_key_endpoint, methods=["POST"]),
         Route("/admin/keys/{name}", admin.get_key_endpoint, methods=["GET"]),
         Route("/admin/keys/{name}", admin.revoke_key_endpoint, methods=["DELETE"]),
+        Route("/v1/feedback", feedback.feedback_endpoint, methods=["POST"]),
+        Route("/admin/models", models_admin.list_models_endpoint, methods=["GET"]),
+        Route("/admin/models", models_admin.add_model_endpoint, methods=["POST"]),
+        Route("/admin/models/{name:path}/disable", models_admin.disable_model_endpoint, methods=["POST"]),
+        Route("/admin/models/{name:path}/profile", models_admin.start_profile_endpoint, methods=["POST"]),
+        Route("/admin/models/{name:path}/profile", models_admin.profile_status_endpoint, methods=["GET"]),
+        Route("/admin/models/{name:path}", models_admin.get_model_endpoint, methods=["GET"]),
+        Route("/admin/models/{name:path}", models_admin.update_model_endpoint, methods=["PATCH"]),
+        Route("/admin/models/{name:path}", models_admin.remove_model_endpoint, methods=["DELETE"]),
+        Route("/admin/reprofile", models_admin.run_reprofile_endpoint, methods=["POST"]),
+        Route("/admin/reprofile/last", models_admin.last_reprofile_endpoint, methods=["GET"]),
         Route("/metrics", metrics_app(acc.metrics), methods=["GET", "HEAD"]),
     ]
     handlers: dict[Any, Any] = {HTTPException: endpoints.http_exception, Exception: endpoints.unhandled_exception}

@@ -93,6 +93,63 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--config", default=None,
                        help="config.yaml whose database_url to use ($UNIROUTE_DATABASE_URL wins)")
 
+    # --- model registry ------------------------------------------------------------------
+    p = sub.add_parser("models", help="list, add, update, disable and remove models (live on every replica)")
+    msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    q = msub.add_parser("list", help="list the registry")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(handler=_lazy("gateway.catalog:models_list_command"))
+    for action, help_ in (("add", "add a model (not chosen by `auto` until profiled)"),
+                          ("update", "change a model's params or prices")):
+        q = msub.add_parser(action, help=help_)
+        q.add_argument("name")
+        q.add_argument("--litellm-model", default=None, help="LiteLLM model, e.g. openai/gpt-4o-mini")
+        q.add_argument("--api-base", default=None)
+        q.add_argument("--api-key", default=None, help="best as a reference: os.environ/NAME (stored as written)")
+        q.add_argument("--litellm-params", default=None, help="all LiteLLM params as a JSON object")
+        q.add_argument("--input-cost-per-1m", type=float, default=None, help="USD per 1M prompt tokens")
+        q.add_argument("--output-cost-per-1m", type=float, default=None, help="USD per 1M completion tokens")
+        q.add_argument("--router-cost", type=float, default=None, required=action == "add",
+                       help="the router's cost scalar c(h) > 0")
+        q.add_argument("--timeout-s", type=float, default=None)
+        if action == "add":
+            q.add_argument("--not-routable", action="store_true", help="callable by name only, even once profiled")
+            q.set_defaults(handler=_lazy("gateway.catalog:models_add_command"))
+        else:
+            q.add_argument("--routable", choices=["true", "false"], default=None)
+            q.add_argument("--enable", action="store_true", help="re-enable a disabled model")
+            q.set_defaults(handler=_lazy("gateway.catalog:models_update_command"))
+    q = msub.add_parser("disable", help="stop serving a model (kept in the table)")
+    q.add_argument("name")
+    q.set_defaults(handler=_lazy("gateway.catalog:models_disable_command"))
+    q = msub.add_parser("remove", help="delete a model from the registry")
+    q.add_argument("name")
+    q.set_defaults(handler=_lazy("gateway.catalog:models_remove_command"))
+    for q in (*msub.choices.values(),):
+        q.add_argument("--config", default=None,
+                       help="config.yaml whose database_url to use ($UNIROUTE_DATABASE_URL wins)")
+
+    # --- profiling and re-profiling ----------------------------------------------------------
+    p = sub.add_parser("profile", help="profile a registered model on the router's validation prompts and activate it")
+    p.add_argument("model")
+    p.add_argument("--config", default=None, help="path to config.yaml (default: $UNIROUTE_CONFIG or ./config.yaml)")
+    p.add_argument("--concurrency", type=int, default=None, help="parallel requests (default: profiling.concurrency)")
+    p.add_argument("--grader", default=None, choices=["multiple_choice", "exact", "numeric", "judge"],
+                   help="default: profiling.grader")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="activate even when a cluster has fewer graded answers than profiling.min_graded_per_cluster")
+    p.add_argument("--dataset", default=None,
+                   help="take reference answers from this dataset (for artifacts fitted without them)")
+    p.add_argument("--restart", action="store_true", help="forget stored outcomes and ask every prompt again")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(handler=_lazy("profiling.profiler:profile_command"))
+
+    p = sub.add_parser("reprofile", help="recompute every model's Ψ from validation outcomes plus feedback")
+    p.add_argument("--config", default=None, help="path to config.yaml (default: $UNIROUTE_CONFIG or ./config.yaml)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--top", type=int, default=10, help="rows of the drift report")
+    p.set_defaults(handler=_lazy("profiling.schedule:reprofile_command"))
+
     # --- routing: router artifact and evaluation -------------------------------------------
     p = sub.add_parser("router", help="fit and calibrate the UniRoute router artifact")
     rsub = p.add_subparsers(dest="router_command", required=True, metavar="ACTION")
@@ -108,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'static' (MiniLM distilled to a static embedding, copied into the artifact), a "
                         "static-embedding folder, or a sentence-transformers model path (default: MiniLM)")
     q.add_argument("--cache-dir", default=None, help="embedding cache (default: $UNIROUTE_CACHE_DIR)")
+    q.add_argument("--models", default=None, help="comma-separated models to fit and profile (default: all)")
+    q.add_argument("--exclude-models", default=None, help="comma-separated models to leave out (e.g. to onboard "
+                   "one later with `uniroute profile`)")
     q.set_defaults(handler=_lazy("routing.artifact:fit_command"))
     q = rsub.add_parser("distill", help="distil a static embedding from the local MiniLM weights (offline)")
     q.add_argument("--out", default=None,

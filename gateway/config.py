@@ -160,6 +160,23 @@ class RateLimitConfig(_Section):
     redis_prefix: str = Field(default="uniroute:rpm:", min_length=1)  # one per deployment sharing a Redis
 
 
+class RegistryConfig(_Section):
+    poll_interval_s: float = Field(default=2.0, gt=0.0, le=5.0)  # how often each replica re-reads `models`
+
+
+class ProfilingConfig(_Section):
+    grader: Literal["multiple_choice", "exact", "numeric", "judge"] = "multiple_choice"
+    judge_model: str | None = None  # registry model the `judge` grader asks
+    concurrency: int = Field(default=16, ge=1, le=512)
+    attempts: int = Field(default=4, ge=1)  # per prompt, with exponential backoff (429: at least Retry-After)
+    max_tokens: int | None = Field(default=None, ge=1)  # per answer (None: the provider's default)
+    min_graded_per_cluster: int = Field(default=3, ge=0)  # below this in any cluster: not activated
+    reprofile_interval_s: float = Field(default=0.0, ge=0.0)  # 0 = the scheduled re-profiling job is off
+    feedback_weight: float = Field(default=1.0, ge=0.0)  # one feedback row = this many validation prompts
+    max_feedback_weight_ratio: float = Field(default=4.0, ge=0.0)  # feedback weight ≤ ratio × prior count
+    lease_ttl_s: float = Field(default=300.0, gt=0.0)  # how long a replica holds the re-profiling lease
+
+
 class GatewayConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     database_url: str = "sqlite:///var/uniroute.db"
@@ -171,6 +188,8 @@ class GatewayConfig(_Section):
     fallback: FallbackConfig = Field(default_factory=FallbackConfig)
     models: list[ModelConfig] = Field(default_factory=list)
     replay_models: ReplayModelsConfig | None = None
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    profiling: ProfilingConfig = Field(default_factory=ProfilingConfig)
     #: folder of the config file (relative paths resolve against it); not a YAML key
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
 

@@ -222,3 +222,50 @@ class Feedback(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (CheckConstraint("score >= 0 AND score <= 1", name="score_range"),)
+
+
+class ProfileOutcome(Base):
+    """One graded (or failed) answer of a model to one validation prompt, stored as it arrives.
+
+    Profiling resumes from these rows: a prompt with a score is not asked again. ``score`` is
+    None for a failure (``error`` says why), which never counts as a wrong answer.
+    """
+
+    __tablename__ = "profile_outcomes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(200))
+    router_version: Mapped[str] = mapped_column(String(64))  # the artifact version the prompts belong to
+    prompt_id: Mapped[str] = mapped_column(String(128))
+    cluster: Mapped[int] = mapped_column(Integer)
+    score: Mapped[float | None] = mapped_column(Float)
+    answer: Mapped[str | None] = mapped_column(Text)
+    cost_usd: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (UniqueConstraint("model_name", "router_version", "prompt_id"),)
+
+
+class Lease(Base):
+    """A named lease: at most one holder until ``expires_at`` (e.g. the re-profiling job)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime]
+    acquired_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ReprofileRun(Base):
+    """One run of the re-profiling job and its drift report (``GET /admin/reprofile/last``)."""
+
+    __tablename__ = "reprofile_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    router_version: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+    report: Mapped[dict[str, Any]] = mapped_column(JSON)  # {models: {...}, drift: [...]}

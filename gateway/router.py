@@ -38,6 +38,7 @@ class RouterBundle:
     policy: GatewayPolicy
     embed: EmbedFn | None = None
     profiles: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # model -> Ψ(h)
+    profile_counts: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # model -> prompts per cluster
     version: str | None = None  # the artifact version the profiles belong to
     close: Callable[[], Awaitable[None]] | None = None
 
@@ -48,12 +49,23 @@ class RouterBundle:
 
 def load_profiles(config: GatewayConfig) -> tuple[dict[str, np.ndarray], str | None]:
     """The per-model profiles recorded beside the configured artifact, for the configured variant."""
+    psi, _, version = load_profiles_with_counts(config)
+    return psi, version
+
+
+def load_profiles_with_counts(config: GatewayConfig
+                              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str | None]:
+    from pathlib import Path
+
+    from routing.profiles import PROFILES_FILE, profiles_artifact_version
     from routing.profiles import load_profiles as _load
-    from routing.profiles import profiles_artifact_version
 
     assert config.router.artifact is not None
+    if not (Path(config.router.artifact) / PROFILES_FILE).is_file():
+        return {}, {}, None  # profiles may live in the database only
     profiles = _load(config.router.artifact, config.router.variant)
-    return {name: p.psi for name, p in profiles.items()}, profiles_artifact_version(config.router.artifact)
+    return ({name: p.psi for name, p in profiles.items()}, {name: p.counts for name, p in profiles.items()},
+            profiles_artifact_version(config.router.artifact))
 
 
 async def build_router(config: GatewayConfig, *, warm_up: bool = True) -> RouterBundle:
@@ -69,7 +81,7 @@ async def build_router(config: GatewayConfig, *, warm_up: bool = True) -> Router
     try:
         artifact = RouterArtifact.load(r.artifact)
         policy = UniRoutePolicy(artifact, r.variant)
-        profiles, version = load_profiles(config)
+        profiles, counts, version = load_profiles_with_counts(config)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise ConfigError(f"router.artifact {r.artifact!r}: {exc}") from exc
     if version is not None and version != artifact.version:
@@ -86,7 +98,8 @@ async def build_router(config: GatewayConfig, *, warm_up: bool = True) -> Router
         await batcher.embed("warm-up")
     logger.info("router: %s, K=%d, artifact %s, %d profiled models", policy.name, artifact.k, artifact.version,
                 len(profiles))
-    return RouterBundle(policy=policy, embed=batcher.embed, profiles=profiles, version=artifact.version,
+    return RouterBundle(policy=policy, embed=batcher.embed, profiles=profiles, profile_counts=counts,
+                        version=artifact.version,
                         close=batcher.aclose)
 
 

@@ -174,7 +174,7 @@ async def profile_model(
             except asyncio.QueueEmpty:
                 return
             outcome = await one(p)
-            store.record(outcome)
+            await asyncio.to_thread(store.record, outcome)  # a SQL store must not block the event loop
             if outcome.cost_usd:
                 report.cost_usd += outcome.cost_usd
             if outcome.score is None:

@@ -58,6 +58,9 @@ class RouterArtifact:
     created_at: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
     format: int = ARTIFACT_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
+    #: reference answers of the validation prompts (graders need them to profile a new model);
+    #: None for artifacts fitted before they were recorded. Not part of :attr:`version`.
+    val_answers: list[str | None] | None = None
 
     @property
     def version(self) -> str:
@@ -110,6 +113,8 @@ class RouterArtifact:
             "has_theta": self.theta is not None, "extra": self.extra,
             "val_prompt_ids": self.val_prompt_ids, "val_prompts": self.val_prompts,
         }
+        if self.val_answers is not None:
+            meta["val_answers"] = self.val_answers
         (d / ARTIFACT_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
         return d
 
@@ -135,7 +140,8 @@ class RouterArtifact:
                   val_embeddings=val_emb, training_set_hash=meta["training_set_hash"], variant=meta["variant"],
                   prior_strength=float(meta["prior_strength"]), temperature=meta.get("temperature"),
                   embedder_path=embedder_path, created_at=meta["created_at"],
-                  extra=dict(meta.get("extra") or {}))
+                  extra=dict(meta.get("extra") or {}),
+                  val_answers=None if meta.get("val_answers") is None else list(meta["val_answers"]))
         if meta.get("version") and meta["version"] != art.version:
             raise ValueError(f"{d}: artifact content does not match its recorded version {meta['version']}")
         return art
@@ -244,7 +250,8 @@ def fit_artifact(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models: S
                  prompt_ids: Sequence[str], prompts: Sequence[str], *, embedder_id: str,
                  training_set_hash: str, k: int | str = "auto", variant: str = "learnedmap",
                  val_size: int = 500, seed: int = 0, prior_strength: float = 2.0,
-                 embedder_path: str | None = None) -> tuple[RouterArtifact, list[ModelProfile]]:
+                 embedder_path: str | None = None, answers: Sequence[str | None] | None = None
+                 ) -> tuple[RouterArtifact, list[ModelProfile]]:
     """Deployment fit: most prompts train the clusters and θ, ``val_size`` prompts profile the models."""
     from routing.policies import LearnedMap, RoutingTask, UniRouteKMeans
 
@@ -268,12 +275,30 @@ def fit_artifact(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models: S
                          val_embeddings=x[va].astype(np.float32), training_set_hash=training_set_hash,
                          variant=variant, prior_strength=prior_strength, embedder_path=embedder_path,
                          extra={"n_train": len(tr), "k_selection": "auto" if k == "auto" else "given",
-                                "seed": seed})
+                                "seed": seed},
+                         val_answers=None if answers is None else [answers[i] for i in va])
     profiles: list[ModelProfile] = []
     for j, name in enumerate(models):
         by_id = {art.val_prompt_ids[i]: float(scores[va[i], j]) for i in range(len(va))}
         profiles += art.profile_model(name, by_id, cost=float(costs[j]))
     return art, profiles
+
+
+def select_models(models: Sequence[str], include: str | None, exclude: str | None) -> list[int]:
+    """Column indices of the models to fit on (``--models a,b`` / ``--exclude-models c``)."""
+    names = list(models)
+    chosen = names
+    for opt, value in (("--models", include), ("--exclude-models", exclude)):
+        if not value:
+            continue
+        given = [m.strip() for m in value.split(",") if m.strip()]
+        unknown = [m for m in given if m not in names]
+        if unknown:
+            raise SystemExit(f"{opt}: unknown model(s) {', '.join(unknown)}; known: {', '.join(names)}")
+        chosen = [m for m in chosen if m in given] if opt == "--models" else [m for m in chosen if m not in given]
+    if not chosen:
+        raise SystemExit("no model left to fit on")
+    return [names.index(m) for m in chosen]
 
 
 def fit_command(args: argparse.Namespace) -> int:
@@ -291,6 +316,7 @@ def fit_command(args: argparse.Namespace) -> int:
         except ValueError:
             raise SystemExit(f"--k must be an integer or 'auto', got {args.k!r}") from None
     ds = load_dataset(path, with_responses=False)
+    cols = select_models(ds.models, getattr(args, "models", None), getattr(args, "exclude_models", None))
     embedder = make_embedder(args.embedder, cache_dir=args.cache_dir, progress=True)
     embedder_path = args.embedder
     static_dir = _static_folder(embedder)
@@ -305,7 +331,8 @@ def fit_command(args: argparse.Namespace) -> int:
             shutil.copytree(static_dir, dest)
         embedder_path = str(dest.resolve())
     x = embedder.embed(ds.prompts)
-    art, profiles = fit_artifact(x, ds.scores, ds.model_costs, ds.models, ds.prompt_ids, ds.prompts,
+    art, profiles = fit_artifact(x, ds.scores[:, cols], ds.model_costs[cols], [ds.models[j] for j in cols],
+                                 ds.prompt_ids, ds.prompts, answers=ds.answers,
                                  embedder_id=embedder.id, training_set_hash=ds.fingerprint(), k=k,
                                  variant=args.variant, val_size=args.val_size, seed=args.seed,
                                  embedder_path=embedder_path)
@@ -313,7 +340,7 @@ def fit_command(args: argparse.Namespace) -> int:
     save_profiles(out, profiles, artifact_version=art.version)
     print(json.dumps({"artifact": str(out), "version": art.version, "k": art.k, "variant": art.variant,
                       "embedder": art.embedder_id, "val_prompts": len(art.val_prompt_ids),
-                      "models_profiled": len(ds.models)}))
+                      "models_profiled": len(cols)}))
     return 0
 
 

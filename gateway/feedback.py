@@ -1,0 +1,103 @@
+"""``POST /v1/feedback``: a quality signal for one request the gateway served.
+
+Body: ``{"request_id": str, "score": float in [0, 1]}`` or ``{"request_id", "thumbs": "up"|"down"}``
+(up = 1, down = 0), optional ``"source"`` (default ``"user"``). Only the key that made the
+request may send feedback on it; for any other key the request does not exist (404). In
+``auth.mode: open`` anonymous requests take anonymous feedback. Re-profiling
+(:mod:`profiling.schedule`) folds the scores into the serving model's Ψ for the request's cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.db import Feedback, RequestRow
+from gateway.errors import InvalidRequestError, NotFoundError, error_body
+from gateway.store import Store
+
+_SOURCE = re.compile(r"^[A-Za-z0-9_.:-]{1,32}$")
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(min_length=1, max_length=128)
+    score: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
+    thumbs: Literal["up", "down"] | None = None
+    source: str = "user"
+
+    @model_validator(mode="after")
+    def _one_signal(self) -> FeedbackRequest:
+        if (self.score is None) == (self.thumbs is None):
+            raise ValueError("give exactly one of 'score' (a number in [0, 1]) or 'thumbs' ('up' or 'down')")
+        if not _SOURCE.match(self.source):
+            raise ValueError("'source' must be 1-32 characters of letters, digits, '_', '.', ':' or '-'")
+        return self
+
+    @property
+    def value(self) -> float:
+        if self.score is not None:
+            return float(self.score)
+        return 1.0 if self.thumbs == "up" else 0.0
+
+
+def parse_feedback(raw: bytes) -> FeedbackRequest:
+    try:
+        return FeedbackRequest.model_validate(json.loads(raw or b"null"))
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    except ValidationError as exc:
+        parts = []
+        for e in exc.errors():
+            loc = ".".join(str(x) for x in e["loc"])
+            parts.append(f"{loc}: {e['msg']}" if loc else str(e["msg"]).removeprefix("Value error, "))
+        param = next((str(e["loc"][0]) for e in exc.errors() if e["loc"]), None)
+        raise InvalidRequestError("invalid feedback: " + "; ".join(parts)
+                                  + " (fields: request_id, score | thumbs, source)", param=param) from None
+
+
+def request_owned_by(store: Store, request_id: str, key_id: int | None) -> bool:
+    with store.session() as s:
+        q = sa.select(RequestRow.id).where(RequestRow.request_id == request_id)
+        q = q.where(RequestRow.key_id.is_(None) if key_id is None else RequestRow.key_id == key_id)
+        return s.scalars(q.limit(1)).first() is not None
+
+
+def store_feedback(store: Store, request_id: str, key_id: int | None, score: float, source: str) -> int:
+    with store.session() as s:
+        row = Feedback(request_id=request_id, key_id=key_id, score=score, source=source)
+        s.add(row)
+        s.flush()
+        return int(row.id)
+
+
+async def feedback_endpoint(request: Request) -> Response:
+    acc: Any = request.app.state.accounting
+    try:
+        principal = await acc.authenticator.authenticate(request.headers.get("authorization"))
+        body = parse_feedback(await request.body())
+        owned = await asyncio.to_thread(request_owned_by, acc.store, body.request_id, principal.key_id)
+        if not owned:
+            # the request row may not be written yet (the log writer batches): flush, then look again
+            await asyncio.sleep(0.05)
+            await asyncio.to_thread(acc.writer.flush, 5.0)
+            owned = await asyncio.to_thread(request_owned_by, acc.store, body.request_id, principal.key_id)
+        if not owned:
+            raise NotFoundError(f"no request with id {body.request_id!r}", param="request_id",
+                                code="request_not_found")
+        fid = await asyncio.to_thread(store_feedback, acc.store, body.request_id, principal.key_id, body.value,
+                                      body.source)
+        out = {"object": "feedback", "id": fid, "request_id": body.request_id, "score": body.value,
+               "source": body.source}
+        return Response(json.dumps(out), status_code=201, media_type="application/json")
+    except Exception as exc:
+        status, err, headers = error_body(exc)
+        return Response(json.dumps(err), status_code=status, media_type="application/json", headers=headers or None)

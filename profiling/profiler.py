@@ -1,0 +1,327 @@
+"""Onboarding a model: ask it the router's validation prompts through LiteLLM, grade, store Ψ, activate.
+
+Used by ``uniroute profile MODEL`` and by ``POST /admin/models/{name}/profile``:
+
+1. The validation prompts (ids, texts, reference answers) come from the router artifact
+   (``RouterArtifact.val_answers``; artifacts fitted before they were recorded can take the
+   references from the dataset folder with ``--dataset``). Each prompt's cluster is the argmax
+   of its membership z(x) for the configured variant.
+2. :func:`profiling.runner.profile_model` sends them to the model through the gateway's
+   :class:`~gateway.forwarding.Forwarder` (LiteLLM), bounded concurrency, retries with
+   backoff (429: at least ``Retry-After``); each outcome is stored in ``profile_outcomes`` as
+   it arrives, so a second run resumes.
+3. Ψ is computed with the artifact's estimator (``RouterArtifact.profile_model``, every
+   variant) from the graded outcomes, and stored as a new active version in
+   ``model_profiles`` (source ``validation``) — only when every cluster has at least
+   ``profiling.min_graded_per_cluster`` graded answers (or all of its prompts, when it has fewer), unless ``allow_partial`` (then the
+   source is ``validation-partial`` and the report says so). Activation also marks the
+   model routable; every replica picks it up at its next registry poll.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+
+from gateway import catalog
+from gateway.config import GatewayConfig
+from gateway.db import ProfileOutcome
+from gateway.errors import GatewayError, InvalidRequestError
+from gateway.store import Store
+from profiling.graders import GRADERS, get_grader
+from profiling.runner import (
+    Completion,
+    CompletionFailed,
+    Outcome,
+    RetryPolicy,
+    RunReport,
+    ValidationPrompt,
+    profile_model,
+)
+from routing.artifact import RouterArtifact
+
+logger = logging.getLogger("uniroute.profiling")
+
+
+# ----------------------------------------------------------------------------- outcome store
+class SqlOutcomeStore:
+    """:class:`profiling.runner.OutcomeStore` on the ``profile_outcomes`` table, for one artifact version."""
+
+    def __init__(self, store: Store, router_version: str) -> None:
+        self.store = store
+        self.router_version = router_version
+
+    def completed(self, model: str, prompt_ids: Sequence[str]) -> set[str]:
+        wanted = set(prompt_ids)
+        with self.store.session() as s:
+            rows = s.scalars(sa.select(ProfileOutcome.prompt_id).where(
+                ProfileOutcome.model_name == model, ProfileOutcome.router_version == self.router_version,
+                ProfileOutcome.score.is_not(None)))
+            return {pid for pid in rows if pid in wanted}
+
+    def record(self, outcome: Outcome) -> None:
+        with self.store.session() as s:
+            s.execute(sa.delete(ProfileOutcome).where(
+                ProfileOutcome.model_name == outcome.model, ProfileOutcome.router_version == self.router_version,
+                ProfileOutcome.prompt_id == outcome.prompt_id))
+            s.add(ProfileOutcome(model_name=outcome.model, router_version=self.router_version,
+                                 prompt_id=outcome.prompt_id, cluster=outcome.cluster, score=outcome.score,
+                                 answer=(outcome.answer or None) and outcome.answer[:4000],
+                                 cost_usd=outcome.cost_usd, error=outcome.error and outcome.error[:250]))
+
+    def outcomes(self, model: str) -> list[Outcome]:
+        with self.store.session() as s:
+            rows = s.scalars(sa.select(ProfileOutcome).where(
+                ProfileOutcome.model_name == model, ProfileOutcome.router_version == self.router_version))
+            return [Outcome(r.model_name, r.prompt_id, r.cluster, r.score, r.answer or "", r.cost_usd, r.error)
+                    for r in rows]
+
+    def reset(self, model: str) -> int:
+        with self.store.session() as s:
+            res = s.execute(sa.delete(ProfileOutcome).where(
+                ProfileOutcome.model_name == model, ProfileOutcome.router_version == self.router_version))
+            return int(getattr(res, "rowcount", 0) or 0)
+
+
+# -------------------------------------------------------------------------------- completer
+class ForwarderCompleter:
+    """:class:`profiling.runner.Completer` through the gateway's Forwarder (LiteLLM), one model per call."""
+
+    def __init__(self, forwarder: Any, entries: Mapping[str, Any], *, max_tokens: int | None = None) -> None:
+        self.forwarder = forwarder
+        self.entries = dict(entries)
+        self.params: dict[str, Any] = {"temperature": 0}
+        if max_tokens is not None:
+            self.params["max_tokens"] = max_tokens
+
+    async def __call__(self, model: str, prompt: str) -> Completion:
+        entry = self.entries[model]
+        try:
+            done = await self.forwarder.complete([entry], [{"role": "user", "content": prompt}], self.params)
+        except GatewayError as exc:
+            retry_after = None
+            if exc.headers and "retry-after" in {k.lower() for k in exc.headers}:
+                raw = next(v for k, v in exc.headers.items() if k.lower() == "retry-after")
+                try:
+                    retry_after = float(raw)
+                except ValueError:
+                    retry_after = None
+            retryable = exc.status_code in (429, 502, 503, 504) or exc.status_code >= 500
+            raise CompletionFailed(f"{exc.status_code} {exc.message}", retryable=retryable,
+                                   retry_after=retry_after) from None
+        choice = done.response.choices[0]
+        text = getattr(choice.message, "content", None) or ""
+        return Completion(text=str(text), cost_usd=done.cost_usd)
+
+
+# ------------------------------------------------------------------------------ the session
+@dataclass
+class ProfilingResult:
+    model: str
+    router_version: str
+    report: RunReport
+    graded_per_cluster: list[int]
+    short_clusters: list[int]
+    min_graded_per_cluster: int
+    activated: bool = False
+    partial: bool = False
+    profile_versions: dict[str, int] = field(default_factory=dict)  # profile key -> version
+    psi: list[float] | None = None  # for the configured variant
+    message: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        r = self.report
+        return {
+            "model": self.model, "router_version": self.router_version, "activated": self.activated,
+            "partial": self.partial, "message": self.message,
+            "prompts": r.total, "graded": r.graded, "failed": r.failed, "already_done": r.skipped,
+            "cost_usd": round(r.cost_usd, 8), "seconds": round(r.seconds, 3), "errors": r.errors,
+            "graded_per_cluster": self.graded_per_cluster, "short_clusters": self.short_clusters,
+            "min_graded_per_cluster": self.min_graded_per_cluster, "profile_versions": self.profile_versions,
+            "psi": self.psi,
+        }
+
+
+def load_artifact(config: GatewayConfig) -> RouterArtifact:
+    if config.router.policy != "uniroute" or not config.router.artifact:
+        raise InvalidRequestError("profiling needs the UniRoute router: set router.policy: uniroute and "
+                                  "router.artifact in config.yaml", code="no_router")
+    return RouterArtifact.load(config.router.artifact)
+
+
+def validation_prompts(artifact: RouterArtifact, variant: str,
+                       answers: Mapping[str, str | None] | None = None) -> list[ValidationPrompt]:
+    """The artifact's validation prompts with their reference answers and hard cluster."""
+    refs: Sequence[str | None]
+    if answers is not None:
+        refs = [answers.get(pid) for pid in artifact.val_prompt_ids]
+    elif artifact.val_answers is not None:
+        refs = artifact.val_answers
+    else:
+        raise InvalidRequestError("the router artifact has no reference answers (fitted before they were "
+                                  "recorded): refit it, or pass the dataset folder (--dataset)", code="no_answers")
+    clusters = artifact.membership(artifact.val_embeddings, variant).argmax(axis=1)
+    return [ValidationPrompt(pid, text, ref, int(c))
+            for pid, text, ref, c in zip(artifact.val_prompt_ids, artifact.val_prompts, refs, clusters, strict=True)]
+
+
+def dataset_answers(path: str) -> dict[str, str | None]:
+    from routing.dataset import load_dataset
+
+    ds = load_dataset(path, with_responses=False)
+    return dict(zip(ds.prompt_ids, ds.answers, strict=True))
+
+
+async def run_profiling(
+    config: GatewayConfig,
+    store: Store,
+    forwarder: Any,
+    model: str,
+    *,
+    grader: str | None = None,
+    concurrency: int | None = None,
+    allow_partial: bool = False,
+    answers: Mapping[str, str | None] | None = None,
+    artifact: RouterArtifact | None = None,
+    progress: Callable[[RunReport], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+) -> ProfilingResult:
+    """Profile ``model`` (a registry row) and activate it when every cluster has enough graded answers."""
+    pc = config.profiling
+    art: RouterArtifact = artifact if artifact is not None else await asyncio.to_thread(load_artifact, config)
+    variant = config.router.variant
+    row = await asyncio.to_thread(catalog.get_model, store, model)  # 404 listing the known models
+    entries = {model: catalog.entry_from_row(row)}
+    grader_name = grader or pc.grader
+    if grader_name not in GRADERS:
+        raise InvalidRequestError(f"unknown grader {grader_name!r}; known: {', '.join(GRADERS)}", param="grader")
+    judge = None
+    if grader_name == "judge":
+        if not pc.judge_model:
+            raise InvalidRequestError("grader 'judge' needs profiling.judge_model in config.yaml", param="grader")
+        jrow = await asyncio.to_thread(catalog.get_model, store, pc.judge_model)
+        entries[jrow.name] = catalog.entry_from_row(jrow)
+    complete = ForwarderCompleter(forwarder, entries, max_tokens=pc.max_tokens)
+    if grader_name == "judge":
+        assert pc.judge_model is not None
+        judge_name = pc.judge_model
+
+        async def judge_call(prompt: str) -> str:
+            return (await complete(judge_name, prompt)).text
+
+        judge = judge_call
+    g = get_grader(grader_name, judge=judge)
+    prompts = validation_prompts(art, variant, answers)
+    outcomes = SqlOutcomeStore(store, art.version)
+    if on_start is not None:
+        done = await asyncio.to_thread(outcomes.completed, model, [p.prompt_id for p in prompts])
+        on_start(len(prompts), len(done))
+    report = await profile_model(model, prompts, complete=complete, grader=g, store=outcomes,
+                                 concurrency=concurrency or pc.concurrency, retry=RetryPolicy(attempts=pc.attempts),
+                                 progress=progress)
+    return await asyncio.to_thread(_finish, config, store, art, row.router_cost, model, prompts, outcomes, report,
+                                   allow_partial)
+
+
+def _finish(config: GatewayConfig, store: Store, art: RouterArtifact, cost: float, model: str,
+            prompts: Sequence[ValidationPrompt], outcomes: SqlOutcomeStore, report: RunReport,
+            allow_partial: bool) -> ProfilingResult:
+    pc = config.profiling
+    valid = {p.prompt_id for p in prompts}
+    graded = {o.prompt_id: float(o.score) for o in outcomes.outcomes(model) if o.score is not None
+              and o.prompt_id in valid}
+    cluster_of = {p.prompt_id: p.cluster for p in prompts}
+    per_cluster = np.bincount([cluster_of[pid] for pid in graded], minlength=art.k).astype(int)
+    available = np.bincount([p.cluster for p in prompts], minlength=art.k).astype(int)
+    # a cluster with fewer validation prompts than the minimum needs all of them graded
+    short = [k for k in range(art.k) if per_cluster[k] < min(pc.min_graded_per_cluster, available[k])]
+    res = ProfilingResult(model=model, router_version=art.version, report=report,
+                          graded_per_cluster=per_cluster.tolist(), short_clusters=short,
+                          min_graded_per_cluster=pc.min_graded_per_cluster)
+    if not graded:
+        res.message = f"no graded answer for {model!r}: not activated ({report.failed} failures)"
+        return res
+    if short and not allow_partial:
+        res.message = (f"not activated: clusters {short} have fewer than {pc.min_graded_per_cluster} graded answers "
+                       f"(graded per cluster: {res.graded_per_cluster}); fix the failures and run again (it "
+                       "resumes), or pass --allow-partial")
+        return res
+    res.partial = bool(short) or len(graded) < len(prompts)
+    source = "validation-partial" if res.partial else "validation"
+    for prof in art.profile_model(model, graded, cost=cost):
+        key = catalog.profile_key(art.version, prof.variant)
+        res.profile_versions[key] = catalog.save_profile(store, model, key, prof.psi, prof.counts, source)
+        if prof.variant == config.router.variant:
+            res.psi = [float(v) for v in prof.psi]
+    catalog.set_routable(store, model, True)
+    res.activated = True
+    res.message = (f"activated {model!r} with a profile from {len(graded)} of {len(prompts)} prompts"
+                   + (f" — PARTIAL: clusters {short} below {pc.min_graded_per_cluster} graded answers, "
+                      f"{len(prompts) - len(graded)} prompts ungraded" if res.partial else ""))
+    return res
+
+
+# ------------------------------------------------------------------------------------- CLI
+def profile_command(args: argparse.Namespace) -> int:
+    """``uniroute profile MODEL``."""
+    from tqdm import tqdm
+
+    from gateway.config import load_config
+    from gateway.forwarding import Forwarder
+
+    config = load_config(args.config)
+    store = Store(config.database_url)
+    store.upgrade()
+    t0 = time.perf_counter()
+    bar: Any = None
+
+    def on_start(total: int, done: int) -> None:
+        nonlocal bar
+        bar = tqdm(total=total, initial=done, desc=f"profiling {args.model}", unit="prompt", file=sys.stderr,
+                   dynamic_ncols=True)
+
+    def progress(r: RunReport) -> None:
+        if bar is not None:
+            bar.update(r.skipped + r.graded + r.failed - bar.n)
+            bar.set_postfix(cost=f"${r.cost_usd:.4f}", failed=r.failed, refresh=False)
+
+    try:
+        if args.restart:
+            art = load_artifact(config)
+            n = SqlOutcomeStore(store, art.version).reset(args.model)
+            print(f"deleted {n} stored outcomes of {args.model}", file=sys.stderr)
+        answers = dataset_answers(args.dataset) if args.dataset else None
+        result = asyncio.run(run_profiling(
+            config, store, Forwarder(max_attempts=1), args.model, grader=args.grader, concurrency=args.concurrency,
+            allow_partial=args.allow_partial, answers=answers, progress=progress, on_start=on_start))
+    except GatewayError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        if bar is not None:
+            bar.close()
+        store.dispose()
+    wall = time.perf_counter() - t0
+    out = result.as_dict()
+    out["wall_seconds"] = round(wall, 3)
+    print(json.dumps(out, indent=1) if args.json else _format(result, wall))
+    if result.partial:
+        print(f"WARNING: {args.model} was activated on PARTIAL data ({result.message})", file=sys.stderr)
+    return 0 if result.activated else 2
+
+
+def _format(r: ProfilingResult, wall: float) -> str:
+    lines = [r.report.summary(), f"wall time {wall:.2f}s", f"graded per cluster: {r.graded_per_cluster}", r.message]
+    if r.psi is not None:
+        lines.append("Ψ: [" + ", ".join(f"{v:.3f}" for v in r.psi) + "]")
+    return "\n".join(lines)

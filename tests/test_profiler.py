@@ -1,0 +1,116 @@
+"""Profiling a registered model: resumable outcomes in SQL, activation only with enough graded answers per cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gateway import catalog
+from gateway.config import parse_config
+from gateway.errors import NotFoundError, UpstreamError
+from gateway.store import Store
+from profiling.profiler import SqlOutcomeStore, run_profiling, validation_prompts
+from routing.artifact import RouterArtifact
+
+N = 12
+
+
+def _artifact() -> RouterArtifact:
+    emb = np.array([[1.0, 0.0] if i % 2 == 0 else [0.0, 1.0] for i in range(N)])
+    return RouterArtifact(embedder_id="test", k=2, centroids=np.eye(2), theta=None,
+                          val_prompt_ids=[f"p{i}" for i in range(N)], val_prompts=[f"question {i}" for i in range(N)],
+                          val_embeddings=emb, training_set_hash="h", variant="kmeans",
+                          val_answers=["A" if i % 3 else "B" for i in range(N)])
+
+
+class FakeForwarder:
+    """Answers 'The answer is (A).'; fails every prompt in ``failing`` (a set of prompt texts)."""
+
+    def __init__(self, failing: set[str] | None = None) -> None:
+        self.failing = failing or set()
+        self.calls = 0
+
+    async def complete(self, candidates: list[Any], messages: list[dict[str, Any]], params: dict[str, Any]) -> Any:
+        self.calls += 1
+        if messages[-1]["content"] in self.failing:
+            raise UpstreamError("model 'new' failed: boom")
+        msg = SimpleNamespace(content="7" if candidates[0].name == "judge" else "The answer is (A).")
+        return SimpleNamespace(response=SimpleNamespace(choices=[SimpleNamespace(message=msg)]), cost_usd=0.001)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(f"sqlite:///{tmp_path / 'p.db'}")
+    s.upgrade()
+    catalog.add_model(s, catalog.parse_spec({"name": "new", "router_cost": 1.0, "routable": False,
+                                             "litellm_params": {"model": "openai/new"}}))
+    return s
+
+
+def _config(min_per_cluster: int) -> Any:
+    return parse_config({"router": {"policy": "cheapest", "variant": "kmeans"},
+                         "profiling": {"min_graded_per_cluster": min_per_cluster, "attempts": 2}})
+
+
+async def test_profiles_and_activates(store: Store) -> None:
+    art = _artifact()
+    fwd = FakeForwarder()
+    res = await run_profiling(_config(3), store, fwd, "new", artifact=art)
+    assert res.activated and not res.partial and res.report.graded == N
+    assert res.graded_per_cluster == [6, 6] and abs(res.report.cost_usd - 0.012) < 1e-9
+    scores = {pid: 1.0 if ans == "A" else 0.0 for pid, ans in zip(art.val_prompt_ids, art.val_answers or [],
+                                                                       strict=True)}
+    expected = art.profile_model("new", scores, variants=["kmeans"])[0].psi
+    active = catalog.active_profiles(store, catalog.profile_key(art.version, "kmeans"))
+    assert np.allclose(active["new"].psi, expected) and active["new"].source == "validation"
+    assert catalog.get_model(store, "new").routable
+    # resumable: a second run asks nothing again
+    again = await run_profiling(_config(3), store, fwd, "new", artifact=art)
+    assert fwd.calls == N and again.report.skipped == N
+
+
+async def test_failures_block_activation_unless_partial(store: Store) -> None:
+    art = _artifact()
+    odd = {f"question {i}" for i in range(N) if i % 2 == 1}  # every prompt of cluster 1 fails
+    res = await run_profiling(_config(1), store, FakeForwarder(odd), "new", artifact=art)
+    assert not res.activated and res.short_clusters == [1] and res.report.failed == N // 2
+    assert any("boom" in e for e in res.report.errors) and "not activated" in res.message
+    assert catalog.active_profiles(store, catalog.profile_key(art.version, "kmeans")) == {}
+    assert not catalog.get_model(store, "new").routable
+    outcomes = SqlOutcomeStore(store, art.version).outcomes("new")
+    assert sum(o.score is None for o in outcomes) == N // 2  # failures are recorded
+    res = await run_profiling(_config(1), store, FakeForwarder(odd), "new", artifact=art, allow_partial=True)
+    assert res.activated and res.partial and "PARTIAL" in res.message
+    assert catalog.active_profiles(store, catalog.profile_key(art.version, "kmeans"))["new"].source == \
+        "validation-partial"
+
+
+async def test_unknown_model_and_missing_answers(store: Store) -> None:
+    art = _artifact()
+    with pytest.raises(NotFoundError, match="unknown model 'ghost'; known: new"):
+        await run_profiling(_config(1), store, FakeForwarder(), "ghost", artifact=art)
+    art.val_answers = None
+    with pytest.raises(Exception, match="no reference answers"):
+        validation_prompts(art, "kmeans")
+    assert len(validation_prompts(art, "kmeans", {"p0": "A"})) == N
+
+
+async def test_judge_grader_asks_the_configured_judge_model(store: Store) -> None:
+    catalog.add_model(store, catalog.parse_spec({"name": "judge", "router_cost": 1.0,
+                                                 "litellm_params": {"model": "openai/judge"}}))
+    cfg = parse_config({"router": {"variant": "kmeans"},
+                        "profiling": {"min_graded_per_cluster": 1, "judge_model": "judge"}})
+    fwd = FakeForwarder()
+    res = await run_profiling(cfg, store, fwd, "new", artifact=_artifact(), grader="judge")
+    assert res.activated and fwd.calls == 2 * N
+    active = catalog.active_profiles(store, catalog.profile_key(_artifact().version, "kmeans"))
+    assert np.allclose(active["new"].psi, 0.3)  # every answer rated 7/10
+
+
+async def test_judge_grader_needs_a_judge_model(store: Store) -> None:
+    with pytest.raises(Exception, match=r"profiling\.judge_model"):
+        await run_profiling(_config(1), store, FakeForwarder(), "new", artifact=_artifact(), grader="judge")
