@@ -70,7 +70,7 @@ class AccountingSettings:
 
 
 _SECRET_PARAM = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
-_ENV_REF = "os.environ/"
+ENV_REF = "os.environ/"
 
 
 def params_for_table(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -79,7 +79,7 @@ def params_for_table(params: Mapping[str, Any]) -> dict[str, Any]:
     is not a reference is replaced by a placeholder, so no secret reaches the database."""
     out: dict[str, Any] = {}
     for k, v in params.items():
-        if _SECRET_PARAM.search(k) and not (isinstance(v, str) and v.startswith(_ENV_REF)) and v not in ("", None):
+        if _SECRET_PARAM.search(k) and not (isinstance(v, str) and v.startswith(ENV_REF)) and v not in ("", None):
             out[k] = "<redacted: write it as os.environ/NAME to keep a reference>"
         else:
             out[k] = v

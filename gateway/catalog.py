@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway import registry as reg
+from gateway.config import ENV_REF, resolve_env_refs
 from gateway.db import ModelEntry as ModelRow
 from gateway.db import ModelProfile as ProfileRow
 from gateway.db import utcnow
@@ -35,7 +36,6 @@ from gateway.errors import ConflictError, InvalidRequestError, NotFoundError
 from gateway.store import Store
 
 logger = logging.getLogger("uniroute.catalog")
-_ENV_REF = "os.environ/"
 _SECRET_KEYS = ("api_key", "aws_secret_access_key", "aws_session_token", "azure_ad_token", "vertex_credentials")
 
 
@@ -108,7 +108,7 @@ def _redacted(params: Mapping[str, Any]) -> dict[str, Any]:
     """litellm params for display: env references shown, literal secrets masked."""
     out: dict[str, Any] = {}
     for k, v in params.items():
-        if k in _SECRET_KEYS and isinstance(v, str) and not v.startswith(_ENV_REF) and v:
+        if k in _SECRET_KEYS and isinstance(v, str) and not v.startswith(ENV_REF) and v:
             out[k] = "***"
         else:
             out[k] = v
@@ -288,19 +288,8 @@ def change_token(store: Store, key: str | None) -> tuple[Any, ...]:
 
 
 def resolve_params(params: Mapping[str, Any], name: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in params.items():
-        if isinstance(v, str) and v.startswith(_ENV_REF):
-            env = v[len(_ENV_REF):]
-            import os
-
-            got = os.environ.get(env)
-            if got is None:
-                raise ValueError(f"model {name!r}: litellm_params.{k}: environment variable {env} is not set")
-            out[k] = got
-        else:
-            out[k] = v
-    return out
+    """Resolve ``os.environ/NAME`` references of a stored model (the config's own resolver)."""
+    return resolve_env_refs(dict(params), f"model {name!r}: litellm_params")
 
 
 def entry_from_row(row: ModelRow, psi: np.ndarray | None = None, created: int = 0) -> reg.ModelEntry:

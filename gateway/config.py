@@ -32,7 +32,7 @@ CONFIG_ENV = "UNIROUTE_CONFIG"
 DATASET_ENV = "UNIROUTE_DATASET"
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_ENV_REF = "os.environ/"
+ENV_REF = "os.environ/"
 
 
 class ConfigError(ValueError):
@@ -234,8 +234,8 @@ def resolve_env_refs(params: dict[str, Any], where: str) -> dict[str, Any]:
     """Replace ``os.environ/NAME`` values (LiteLLM proxy convention) by the variable's value."""
     out: dict[str, Any] = {}
     for k, v in params.items():
-        if isinstance(v, str) and v.startswith(_ENV_REF):
-            name = v[len(_ENV_REF):]
+        if isinstance(v, str) and v.startswith(ENV_REF):
+            name = v[len(ENV_REF):]
             got = os.environ.get(name)
             if got is None:
                 raise ConfigError(f"{where}.{k}: environment variable {name} is not set")
