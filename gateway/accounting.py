@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gateway.auth import AdminGuard, KeyAuthenticator
 from gateway.budget import SqlBudgetGuard
+from gateway.config import mask_secrets
 from gateway.errors import ServiceUnavailableError
 from gateway.interfaces import (
     ANONYMOUS,
@@ -69,21 +69,11 @@ class AccountingSettings:
     seed_models: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
 
 
-_SECRET_PARAM = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
-ENV_REF = "os.environ/"
-
-
 def params_for_table(params: Mapping[str, Any]) -> dict[str, Any]:
     """litellm_params as the ``models`` table may hold them: ``os.environ/NAME`` references stay,
-    any other value under a secret-looking name (``api_key``, ``aws_secret_access_key``, ...) that
-    is not a reference is replaced by a placeholder, so no secret reaches the database."""
-    out: dict[str, Any] = {}
-    for k, v in params.items():
-        if _SECRET_PARAM.search(k) and not (isinstance(v, str) and v.startswith(ENV_REF)) and v not in ("", None):
-            out[k] = "<redacted: write it as os.environ/NAME to keep a reference>"
-        else:
-            out[k] = v
-    return out
+    any other value under a secret-looking name is replaced by a placeholder, so no secret reaches
+    the database."""
+    return mask_secrets(params, "<redacted: write it as os.environ/NAME to keep a reference>")
 
 
 def settings_from_config(config: GatewayConfig) -> AccountingSettings:

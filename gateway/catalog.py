@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway import registry as reg
-from gateway.config import ENV_REF, resolve_env_refs
+from gateway.config import mask_secrets, resolve_env_refs
 from gateway.db import ModelEntry as ModelRow
 from gateway.db import ModelProfile as ProfileRow
 from gateway.db import utcnow
@@ -36,7 +36,6 @@ from gateway.errors import ConflictError, InvalidRequestError, NotFoundError
 from gateway.store import Store
 
 logger = logging.getLogger("uniroute.catalog")
-_SECRET_KEYS = ("api_key", "aws_secret_access_key", "aws_session_token", "azure_ad_token", "vertex_credentials")
 
 
 def profile_key(artifact_version: str, variant: str) -> str:
@@ -106,13 +105,7 @@ def parse_patch(data: Any) -> ModelPatch:
 
 def _redacted(params: Mapping[str, Any]) -> dict[str, Any]:
     """litellm params for display: env references shown, literal secrets masked."""
-    out: dict[str, Any] = {}
-    for k, v in params.items():
-        if k in _SECRET_KEYS and isinstance(v, str) and not v.startswith(ENV_REF) and v:
-            out[k] = "***"
-        else:
-            out[k] = v
-    return out
+    return mask_secrets(params, "***")
 
 
 def model_summary(row: ModelRow, profile: ProfileRow | None = None) -> dict[str, Any]:

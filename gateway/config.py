@@ -20,6 +20,7 @@ import csv
 import math
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -228,6 +229,21 @@ def expand_vars(value: Any, where: str = "") -> Any:
     if isinstance(value, list):
         return [expand_vars(v, f"{where}[{i}]") for i, v in enumerate(value)]
     return value
+
+
+_SECRET_PARAM = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
+
+
+def mask_secrets(params: Mapping[str, Any], placeholder: str) -> dict[str, Any]:
+    """litellm_params with every literal value under a secret-looking name (``api_key``,
+    ``aws_secret_access_key``, ...) replaced by ``placeholder``; ``os.environ/NAME`` references stay."""
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        if _SECRET_PARAM.search(k) and not (isinstance(v, str) and v.startswith(ENV_REF)) and v not in ("", None):
+            out[k] = placeholder
+        else:
+            out[k] = v
+    return out
 
 
 def resolve_env_refs(params: dict[str, Any], where: str) -> dict[str, Any]:
