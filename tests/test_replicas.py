@@ -1,11 +1,12 @@
 """Two `uniroute serve` replicas on one PostgreSQL database stay consistent (docs/DEPLOY.md).
 
-Replica A and replica B are real uvicorn servers on two loopback ports, sharing a throwaway
+Replica A (one worker) and replica B (``--workers 2``) are real uvicorn servers on two loopback ports, sharing a throwaway
 PostgreSQL database, with ``auth.mode: keys``, in front of the replay upstream on a synthetic
 dataset. Checked: a key revoked through A is refused by B on its very next request (the budget
 reservation checks ``revoked_at`` in SQL; the key cache lives ``auth.cache_ttl_s``); a model
 added or disabled through A's admin API reaches B within ``registry.poll_interval_s``; budget
-spend through A and B adds up in ``GET /v1/usage`` on either, and an exhausted key is refused by both.
+spend through A and B adds up in ``GET /v1/usage`` on either, and an exhausted key is refused by both;
+the per-key rate-limit window (Redis) counts requests through both.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from storeutil import fresh_pg_database
+from storeutil import REDIS_URL, fresh_pg_database, require_redis
 
 from tests.gateway_setup import make_dataset, write_config
 from tests.procs import free_port, replay_upstream, running, server_env
@@ -39,18 +40,21 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
     dataset = make_dataset(root)
     with fresh_pg_database() as url, replay_upstream(dataset) as upstream, contextlib.ExitStack() as stack:
         starts, bases = [], []
+        prefix = f"uniroute:test-replicas:{secrets.token_hex(4)}:"  # one Redis namespace for both replicas
         for name in ("a", "b"):
             folder = root / name  # each replica has its own config folder (spill dir), same database
             folder.mkdir()
             cfg = write_config(folder, dataset, upstream)
             data = yaml.safe_load(cfg.read_text())
             data.update(auth={"mode": "keys", "cache_ttl_s": 1.0}, database_url=url,
-                        registry={"poll_interval_s": POLL_S})
+                        registry={"poll_interval_s": POLL_S}, redis_url=REDIS_URL,
+                        rate_limit={"redis_prefix": prefix, "fail_open": True})
             cfg.write_text(yaml.safe_dump(data))
             port = free_port()
             env = server_env(UNIROUTE_ADMIN_KEY=ADMIN)
             env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-            starts.append(running(["-m", "gateway.cli", "serve", "--config", str(cfg), "--port", str(port)],
+            workers = ["--workers", "2"] if name == "b" else []  # B: two uvicorn workers, multiprocess metrics
+            starts.append(running(["-m", "gateway.cli", "serve", "--config", str(cfg), "--port", str(port), *workers],
                                   f"http://127.0.0.1:{port}/health/readiness", env=env))
             bases.append(f"http://127.0.0.1:{port}")
         # both start at once on the empty database: migrations and the models seed run concurrently
@@ -166,6 +170,19 @@ def test_budget_spend_is_shared_and_an_exhausted_key_is_refused_on_both(replicas
 
         for base in (a, b):
             _wait(lambda: counted(base), 10.0)  # noqa: B023 (called at once)
+
+
+def test_rate_limit_window_is_shared_through_redis(replicas: tuple[str, str, str]) -> None:
+    require_redis()
+    a, b, _ = replicas
+    with httpx.Client(timeout=30) as c:
+        key = _create_key(c, a, "limited", rpm=2)
+        assert _chat(c, a, key).status_code == 200
+        assert _chat(c, b, key).status_code == 200
+        for base in (a, b):  # the third and fourth requests within the minute: refused by either replica
+            r = _chat(c, base, key)
+            assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_exceeded", r.text
+            assert 1 <= int(r.headers["retry-after"]) <= 60
 
 
 def test_every_replica_reports_ready(replicas: tuple[str, str, str]) -> None:
