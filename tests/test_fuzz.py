@@ -8,6 +8,7 @@ Issue 6, item 3: at least 1000 generated bodies, headers and paths; zero 5xx; ev
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -25,7 +26,8 @@ from hypothesis import strategies as st
 from tests.gateway_setup import make_dataset, replay_args, write_config
 from tests.procs import ROOT, free_port, replay_upstream, running, server_env
 
-EXAMPLES = 1100  # ≥ 1000 requests in total, each a fresh (server, method, path, headers, body)
+# ≥ 1000 requests in total, each a fresh (server, method, path, headers, body); raise it to explore
+EXAMPLES = int(os.environ.get("UNIROUTE_FUZZ_EXAMPLES", "1100"))
 
 
 @dataclass
@@ -158,7 +160,7 @@ def requests(draw: st.DrawFn) -> dict[str, Any]:
 SEEN: list[tuple[str, int]] = []  # (target, status) of every request sent
 
 
-@seed(20261127)
+@seed(int(os.environ.get("UNIROUTE_FUZZ_SEED", "20261127")))  # fixed by default; vary it to explore
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=False, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large, HealthCheck.filter_too_much])
