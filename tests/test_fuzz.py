@@ -104,16 +104,19 @@ _admin_body = st.fixed_dictionaries({}, optional={
 
 _ascii = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=16)
 _segment = st.text(alphabet=st.characters(codec="ascii", categories=("L", "N", "P", "S")), min_size=1, max_size=10)
-_path = st.one_of(
-    st.sampled_from([
+KNOWN_PATHS = [
         "/v1/chat/completions", "/v1/models", "/v1/models/small-general", "/v1/models/auto", "/v1/models/nope",
         "/health/liveliness", "/health/readiness", "/openapi.json", "/metrics", "/v1/usage", "/admin/keys",
         "/admin/keys/fuzzer", "/admin/keys/nobody", "/v1/feedback", "/admin/models", "/admin/models/small-general",
         "/admin/models/nope/disable", "/admin/models/nope/profile", "/admin/reprofile/last",
-        "/v1/chat/completions/", "/v1/", "/", "/v2/chat/completions", "/v1/completions", "/v1/embeddings"]),
+        "/v1/chat/completions/", "/v1/", "/", "/v2/chat/completions", "/v1/completions", "/v1/embeddings"]
+_query = st.dictionaries(st.sampled_from(["all", "since", "model", "limit", "x"]), _ascii, max_size=2).map(
+    lambda q: "?" + "&".join(f"{k}={v.replace('&', '').replace('#', '')}" for k, v in q.items()) if q else "")
+_path = st.tuples(st.one_of(
+    st.sampled_from(KNOWN_PATHS),
     st.lists(_segment, min_size=1, max_size=4).map(lambda parts: "/" + "/".join(parts)),
     _segment.map(lambda s: "/v1/models/" + s),
-)
+), _query).map(lambda pq: pq[0] + pq[1])
 _token = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=10)
 _method = st.sampled_from(["POST"] * 6 + ["GET"] * 3 + ["PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
 
@@ -194,3 +197,14 @@ def test_fuzz_sent_enough_and_reached_the_upstream() -> None:
         assert sum(n for (t, s), n in statuses.items() if t == target and s >= 400) > 0, statuses
     assert statuses[("keys", 401)] > 0, statuses  # bogus / missing keys were refused
     assert len({s for _, s in SEEN if s >= 400}) >= 4, statuses
+
+
+def test_every_documented_path_is_fuzzed(servers: dict[str, Server], http: httpx.Client) -> None:
+    """Each path of the served ``/openapi.json`` (parameters filled in) is among the fuzzer's known paths."""
+    doc = http.get(servers["open"].base + "/openapi.json").json()
+    fill = {"{model_id}": "small-general", "{name}": "fuzzer"}
+    for template in doc["paths"]:
+        path = template
+        for k, v in fill.items():
+            path = path.replace(k, v)
+        assert path in KNOWN_PATHS, f"{template} is documented but not fuzzed"
