@@ -18,7 +18,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gateway.errors import InvalidRequestError
 
@@ -63,6 +72,9 @@ class ToolCall(_Open):
     function: FunctionCall
 
 
+_CONTENT_REQUIRED = frozenset({"system", "developer", "user", "tool"})
+
+
 class ChatMessage(_Open):
     role: Role
     content: str | list[ContentPart] | None = None
@@ -81,6 +93,15 @@ class ChatMessage(_Open):
                 raise ValueError("content list must not be empty; give a string or at least one content part")
             return _parts.validate_python(v)
         raise ValueError(f"content must be a string or a list of content parts, got {type(v).__name__}")
+
+    @model_validator(mode="after")
+    def _content_required(self) -> ChatMessage:
+        # OpenAI requires content for these roles; without it LiteLLM fails (KeyError 'content' for
+        # 'developer') and the client got a 502 after every fallback instead of a 400.
+        if self.content is None and self.role in _CONTENT_REQUIRED:
+            raise ValueError(f"a {self.role!r} message needs content (a string or a list of content parts); "
+                             "only 'assistant' and 'function' messages may omit it")
+        return self
 
     def text(self) -> str:
         """The message's text (text parts joined by newlines)."""

@@ -113,3 +113,14 @@ def test_openapi_document() -> None:
 
     walk(doc)
     assert refs and all(r.removeprefix("#/components/schemas/") in schemas for r in refs)
+
+
+@pytest.mark.parametrize("role", ["system", "developer", "user", "tool"])
+def test_content_required_except_assistant_and_function(role: str) -> None:
+    # found by tests/test_fuzz.py: {"role": "developer"} without content made LiteLLM raise KeyError('content'),
+    # which reached the client as a 502 after every fallback
+    with pytest.raises(InvalidRequestError) as info:
+        parse_chat_request({"model": "m", "messages": [{"role": "user", "content": "q"}, {"role": role}]})
+    assert info.value.param == "messages[1]" and role in info.value.message
+    for ok in ("assistant", "function"):
+        parse_chat_request({"model": "m", "messages": [{"role": "user", "content": "q"}, {"role": ok}]})
