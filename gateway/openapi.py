@@ -59,6 +59,7 @@ def build_openapi() -> dict[str, Any]:
             },
         }
     }
+    _name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
     paths = {
         "/v1/chat/completions": chat,
         "/v1/models": {"get": {"summary": "List the models, including 'auto'", "operationId": "listModels",
@@ -91,6 +92,45 @@ def build_openapi() -> dict[str, Any]:
             "delete": {"summary": "Revoke an API key (admin key)", "operationId": "revokeKey",
                        "responses": {"200": {"description": "revoked"}, **_errors(401, 403, 404)}},
         },
+        "/v1/feedback": {"post": {
+            "summary": "Score a request you made: {request_id, score in [0,1] | thumbs: up|down, source?}",
+            "operationId": "createFeedback",
+            "responses": {"201": {"description": "recorded"}, **_errors(400, 401, 404)}}},
+        "/admin/models": {
+            "get": {"summary": "List the registry (admin key)", "operationId": "listRegistryModels",
+                    "responses": {"200": {"description": "models"}, **_errors(401, 403)}},
+            "post": {"summary": "Add a model (admin key); it is routable for auto once profiled",
+                     "operationId": "addModel",
+                     "responses": {"201": {"description": "added"}, **_errors(400, 401, 403, 409)}},
+        },
+        "/admin/models/{name}": {
+            "parameters": [_name],
+            "get": {"summary": "One registry model with its active profile (admin key)", "operationId": "getModel",
+                    "responses": {"200": {"description": "model"}, **_errors(401, 403, 404)}},
+            "patch": {"summary": "Update a model (admin key)", "operationId": "updateModel",
+                      "responses": {"200": {"description": "updated"}, **_errors(400, 401, 403, 404)}},
+            "delete": {"summary": "Remove a model (admin key)", "operationId": "removeModel",
+                       "responses": {"200": {"description": "removed"}, **_errors(401, 403, 404)}},
+        },
+        "/admin/models/{name}/disable": {"parameters": [_name], "post": {
+            "summary": "Disable a model (admin key)", "operationId": "disableModel",
+            "responses": {"200": {"description": "disabled"}, **_errors(401, 403, 404)}}},
+        "/admin/models/{name}/profile": {
+            "parameters": [_name],
+            "post": {"summary": "Start profiling the model on the router's validation prompts (admin key)",
+                     "operationId": "startProfile",
+                     "responses": {"202": {"description": "job started"}, **_errors(401, 403, 404, 409)}},
+            "get": {"summary": "Progress or report of the model's profiling job (admin key)",
+                    "operationId": "profileStatus",
+                    "responses": {"200": {"description": "status"}, **_errors(401, 403, 404)}},
+        },
+        "/admin/reprofile": {"post": {
+            "summary": "Re-profile every model from validation outcomes and feedback now (admin key)",
+            "operationId": "runReprofile", "responses": {"200": {"description": "drift report"},
+                                                         **_errors(401, 403, 409)}}},
+        "/admin/reprofile/last": {"get": {
+            "summary": "The last re-profiling run and its drift report (admin key)", "operationId": "lastReprofile",
+            "responses": {"200": {"description": "report"}, **_errors(401, 403, 404)}}},
         "/metrics": {"get": {"summary": "Prometheus metrics (text exposition)", "operationId": "metrics",
                              "responses": {"200": {"description": "metrics", "content": {"text/plain": {}}}}}},
     }

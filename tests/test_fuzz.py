@@ -108,7 +108,8 @@ KNOWN_PATHS = [
         "/v1/chat/completions", "/v1/models", "/v1/models/small-general", "/v1/models/auto", "/v1/models/nope",
         "/health/liveliness", "/health/readiness", "/openapi.json", "/metrics", "/v1/usage", "/admin/keys",
         "/admin/keys/fuzzer", "/admin/keys/nobody", "/v1/feedback", "/admin/models", "/admin/models/small-general",
-        "/admin/models/nope/disable", "/admin/models/nope/profile", "/admin/reprofile/last",
+        "/admin/models/nope/disable", "/admin/models/nope/profile", "/admin/reprofile/last", "/admin/reprofile",
+        "/admin/models/fuzzer", "/admin/models/fuzzer/disable", "/admin/models/fuzzer/profile",
         "/v1/chat/completions/", "/v1/", "/", "/v2/chat/completions", "/v1/completions", "/v1/embeddings"]
 _query = st.dictionaries(st.sampled_from(["all", "since", "model", "limit", "x"]), _ascii, max_size=2).map(
     lambda q: "?" + "&".join(f"{k}={v.replace('&', '').replace('#', '')}" for k, v in q.items()) if q else "")
