@@ -41,12 +41,15 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import yaml
 
 from benchmarks.loadgen import LoadResult, install_uvloop, prompt_bodies, run_load
+
+if TYPE_CHECKING:
+    from routing.dataset import BenchmarkDataset
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ("direct", "gateway", "gateway-auto")
@@ -57,6 +60,17 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def benchmark_dataset(dataset_arg: str | None, n: int, tmp: Path) -> tuple[Path, BenchmarkDataset]:
+    """The dataset to replay: ``--dataset``, else the shared one, else a synthetic one (≥ ``n`` prompts) in ``tmp``."""
+    from routing.dataset import default_dataset_path, load_dataset
+    from routing.synthetic import make_synthetic_dataset
+
+    dataset = Path(dataset_arg) if dataset_arg else default_dataset_path()
+    if dataset is None or not dataset.is_dir():
+        dataset = make_synthetic_dataset(tmp / "synthetic", n_prompts=max(n, 200))
+    return dataset, load_dataset(dataset, with_responses=False)
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 120.0) -> None:
@@ -229,14 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import gateway  # noqa: F401  (offline environment for anything importing litellm)
-    from routing.dataset import default_dataset_path, load_dataset
-    from routing.synthetic import make_synthetic_dataset
 
     tmp = Path(tempfile.mkdtemp(prefix="uniroute-overhead-"))
-    dataset = Path(args.dataset) if args.dataset else default_dataset_path()
-    if dataset is None or not dataset.is_dir():
-        dataset = make_synthetic_dataset(tmp / "synthetic", n_prompts=max(args.prompts, 200))
-    data = load_dataset(dataset, with_responses=False)
+    dataset, data = benchmark_dataset(args.dataset, args.prompts, tmp)
     prompts = data.prompts[: args.prompts]
 
     split = args.cpu_layout == "split" and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,13 +24,9 @@ from pathlib import Path
 import httpx
 import yaml
 
+from benchmarks.overhead import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> int:
@@ -58,7 +53,7 @@ def main() -> int:
     subprocess.run([*cli, "router", "fit", "--dataset", str(dataset), "--out", str(tmp / "artifact"),
                     "--exclude-models", model, "--val-size", str(args.val_size)], env=env, check=True,
                    stdout=subprocess.DEVNULL)
-    port = _port()
+    port = free_port()
     replay = subprocess.Popen([*cli, "replay", "--dataset", str(dataset), "--port", str(port)], env=env)
     try:
         for _ in range(300):

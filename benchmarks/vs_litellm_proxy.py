@@ -47,7 +47,17 @@ import httpx
 import yaml
 
 from benchmarks.loadgen import LoadResult, install_uvloop, prompt_bodies, run_load
-from benchmarks.overhead import cpu_seconds, free_port, machine, merge, pct, server, tail, versions
+from benchmarks.overhead import (
+    benchmark_dataset,
+    cpu_seconds,
+    free_port,
+    machine,
+    merge,
+    pct,
+    server,
+    tail,
+    versions,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXY_VENV = ROOT / "benchmarks" / ".venv-litellm-proxy"
@@ -210,8 +220,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import gateway  # noqa: F401  (offline environment for anything importing litellm)
-    from routing.dataset import default_dataset_path, load_dataset
-    from routing.synthetic import make_synthetic_dataset
 
     venv = Path(args.proxy_venv)
     if not (venv / "bin" / "litellm").exists():
@@ -222,10 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         router_extra.pop("policy", None)
 
     tmp = Path(tempfile.mkdtemp(prefix="uniroute-vs-litellm-"))
-    dataset = Path(args.dataset) if args.dataset else default_dataset_path()
-    if dataset is None or not dataset.is_dir():
-        dataset = make_synthetic_dataset(tmp / "synthetic", n_prompts=max(args.prompts, 200))
-    data = load_dataset(dataset, with_responses=False)
+    dataset, data = benchmark_dataset(args.dataset, args.prompts, tmp)
     prompts = data.prompts[: args.prompts]
 
     split = args.cpu_layout == "split" and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
