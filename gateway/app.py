@@ -83,7 +83,9 @@ def create_app(
 
         started = int(time.time())
         registry = Registry.from_config(config, created=started)
-        forwarder = Forwarder(max_attempts=config.fallback.max_attempts)
+        forwarder = Forwarder(max_attempts=config.fallback.max_attempts,
+                              raw_openai_streams=config.forwarding.raw_openai_streams,
+                              http_client=config.forwarding.http_client)
         registry.on_replace(forwarder.register)
         if policy is not None:
             bundle = RouterBundle(policy=policy[0], embed=policy[1])

@@ -90,6 +90,13 @@ class FallbackConfig(_Section):
     max_attempts: int = Field(default=3, ge=1)
 
 
+class ForwardingConfig(_Section):
+    """How requests reach the backends (always through ``litellm.acompletion``; see gateway/forwarding.py)."""
+
+    http_client: Literal["aiohttp", "httpx"] = "aiohttp"  # HTTP stack of the shared OpenAI-wire clients
+    raw_openai_streams: bool = True  # read OpenAI-wire streams from the SDK stream, not LiteLLM's chunk wrapper
+
+
 class ModelConfig(_Section):
     """One registry entry: a name clients use, and how LiteLLM reaches it."""
 
@@ -187,6 +194,7 @@ class GatewayConfig(_Section):
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     fallback: FallbackConfig = Field(default_factory=FallbackConfig)
+    forwarding: ForwardingConfig = Field(default_factory=ForwardingConfig)
     models: list[ModelConfig] = Field(default_factory=list)
     replay_models: ReplayModelsConfig | None = None
     registry: RegistryConfig = Field(default_factory=RegistryConfig)

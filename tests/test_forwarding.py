@@ -14,7 +14,14 @@ from gateway.errors import (
     UpstreamRateLimitError,
     UpstreamTimeoutError,
 )
-from gateway.forwarding import Attempt, Forwarder, map_exception, provider_message
+from gateway.forwarding import (
+    HTTP_CLIENTS,
+    Attempt,
+    Forwarder,
+    HttpClientKind,
+    map_exception,
+    provider_message,
+)
 from gateway.registry import ModelEntry, Registry
 from tests.fake_upstream import PROVIDER_MESSAGE
 from tests.procs import fake_upstream
@@ -34,8 +41,8 @@ def entry(base_url: str, name: str, *, upstream: str | None = None, timeout_s: f
                       input_cost_per_token=1e-6, output_cost_per_token=2e-6, router_cost=1.0, timeout_s=timeout_s)
 
 
-def forwarder(*entries: ModelEntry, max_attempts: int = 3) -> Forwarder:
-    fw = Forwarder(max_attempts=max_attempts)
+def forwarder(*entries: ModelEntry, max_attempts: int = 3, http_client: HttpClientKind = "aiohttp") -> Forwarder:
+    fw = Forwarder(max_attempts=max_attempts, http_client=http_client)
     Registry(entries).on_replace(fw.register)
     return fw
 
@@ -73,13 +80,39 @@ async def test_timeout_is_504(base_url: str) -> None:
     assert info.value.status_code == 504
 
 
-async def test_connection_error_is_502() -> None:
+@pytest.mark.parametrize("http_client", HTTP_CLIENTS)
+async def test_connection_error_is_502(http_client: HttpClientKind) -> None:
     e = ModelEntry(name="down", litellm_params={"model": "openai/down", "api_base": "http://127.0.0.1:9/v1",
                                                 "api_key": "k"},
                    input_cost_per_token=0, output_cost_per_token=0, router_cost=1, timeout_s=2)
-    with pytest.raises(UpstreamError) as info:
-        await forwarder(e).complete([e], MSG, {})
-    assert info.value.status_code == 502 and "down" in info.value.message
+    fw = forwarder(e, http_client=http_client)
+    for call in (fw.complete, fw.open_stream):
+        with pytest.raises(UpstreamError) as info:  # refused: a connection error, not a timeout
+            await call([e], MSG, {})
+        assert info.value.status_code == 502 and "down" in info.value.message
+        assert "timed out" not in info.value.message
+    await fw.aclose()
+
+
+@pytest.mark.parametrize("http_client", HTTP_CLIENTS)
+async def test_http_clients_carry_the_same_answers_and_timeouts(base_url: str, http_client: HttpClientKind) -> None:
+    ok, slow = entry(base_url, "ok"), entry(base_url, "m-slow", timeout_s=0.5)
+    fw = forwarder(ok, slow, http_client=http_client)
+    done = await fw.complete([ok], MSG, {"max_tokens": 7})
+    assert done.response.choices[0].message.content == 'echo: hello there {"max_tokens": 7}'
+    opened = await fw.open_stream([ok], MSG, {"stream_options": {"include_usage": True}})
+    usage = [c.usage async for c in opened.rest if getattr(c, "usage", None)]
+    assert usage and usage[-1].completion_tokens > 0
+    with pytest.raises(UpstreamTimeoutError):
+        await fw.complete([slow], MSG, {})
+    transport = type(fw._call_kwargs(ok)["client"]._client._transport).__name__
+    assert ("Aiohttp" in transport) == (http_client == "aiohttp")
+    await fw.aclose()
+
+
+def test_unknown_http_client_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown http_client 'curl'; valid: aiohttp, httpx"):
+        Forwarder(http_client="curl")  # type: ignore[arg-type]
 
 
 async def test_falls_back_down_the_ranking_and_records_attempts(base_url: str) -> None:
