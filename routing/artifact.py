@@ -186,6 +186,7 @@ class UniRoutePolicy:
                              f"valid: {', '.join(artifact.available_variants())}")
         self.name = f"uniroute-{self.variant}"
         self._k = artifact.k
+        self._last: tuple[Sequence[PoolModel], tuple[list[str], np.ndarray, np.ndarray]] | None = None
         if self.variant == "learnedmap":
             assert artifact.theta is not None
             self._w = np.ascontiguousarray(artifact.theta[:-1])
@@ -208,9 +209,12 @@ class UniRoutePolicy:
         e = np.exp(logits)
         return np.asarray(e / e.sum())
 
-    def rank(self, embedding: np.ndarray | None, pool: Sequence[PoolModel], lam: float) -> RoutingDecision:
-        if embedding is None:
-            raise ValueError(f"{self.name} needs the prompt's embedding")
+    def _prepared(self, pool: Sequence[PoolModel]) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Names, stacked Ψ (m, K) and normalised costs of the pool's profiled models. Cached for the
+        last pool seen: the gateway passes the same registry tuple until the registry changes."""
+        last = self._last
+        if last is not None and last[0] is pool:
+            return last[1]
         eligible = [m for m in pool if m.psi is not None]
         if not eligible:
             names = ", ".join(m.name for m in pool) or "none"
@@ -220,11 +224,18 @@ class UniRoutePolicy:
             if len(m.psi) != self._k:
                 raise ValueError(f"profile of {m.name!r} has {len(m.psi)} clusters, the router has {self._k}; "
                                  "re-profile it against this artifact")
+        psi = np.stack([np.asarray(m.psi, dtype=np.float64) for m in eligible])
+        prepared = ([m.name for m in eligible], psi, normalised_costs(eligible))
+        if isinstance(pool, tuple):  # immutable: safe to remember by identity
+            self._last = (pool, prepared)
+        return prepared
+
+    def rank(self, embedding: np.ndarray | None, pool: Sequence[PoolModel], lam: float) -> RoutingDecision:
+        if embedding is None:
+            raise ValueError(f"{self.name} needs the prompt's embedding")
+        names, psi, costs = self._prepared(pool)
         z = self.membership(embedding)
-        psi = np.stack([np.asarray(m.psi, dtype=np.float64) for m in eligible])  # (m, K)
-        errors = psi @ z
-        return rank_by_objective([m.name for m in eligible], errors, normalised_costs(eligible), lam,
-                                 int(np.argmax(z)))
+        return rank_by_objective(names, psi @ z, costs, lam, int(np.argmax(z)))
 
 
 def pool_from_profiles(profiles: Mapping[str, ModelProfile], costs: Mapping[str, float] | None = None

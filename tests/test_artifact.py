@@ -76,6 +76,21 @@ def test_unprofiled_models_are_excluded(fitted: tuple[Path, RouterArtifact, np.n
         policy.rank(x[0], [PoolModel("bad", cost=1.0, psi=np.zeros(5))], 0.0)
 
 
+def test_a_new_registry_pool_is_ranked_afresh(fitted: tuple[Path, RouterArtifact, np.ndarray, np.ndarray]) -> None:
+    """The policy caches the prepared pool by identity; a new snapshot (new tuple) is never served stale."""
+    out, _, x, lab = fitted
+    policy = load_policy(out, "kmeans")
+    pool = tuple(load_pool(out, "kmeans"))
+    expert = "AB"[lab[0]]
+    assert policy.rank(x[0], pool, 0.0).chosen.model == expert
+    assert policy.rank(x[0], pool, 0.0).chosen.model == expert  # cached
+    worse = tuple(PoolModel(m.name, m.cost, np.ones_like(m.psi) if m.name == expert else m.psi) for m in pool)
+    assert policy.rank(x[0], worse, 0.0).chosen.model != expert
+    cheaper = (*pool, PoolModel("D", cost=1e-3, psi=np.zeros(2)))
+    assert policy.rank(x[0], cheaper, 0.0).chosen.model == "D"
+    assert policy.rank(x[0], pool, 0.0).chosen.model == expert
+
+
 def test_adding_a_model_profiles_it_without_refitting(
         fitted: tuple[Path, RouterArtifact, np.ndarray, np.ndarray]) -> None:
     out, art, _, _ = fitted
