@@ -88,7 +88,9 @@ async def build_router(config: GatewayConfig, *, warm_up: bool = True) -> Router
         raise ConfigError(f"router.artifact {r.artifact!r}: profiles.json belongs to artifact version {version}, "
                           f"the artifact is {artifact.version}; re-profile the models")
     cache_dir = config.resolve_path(r.embed_cache_dir) if r.embed_cache_dir else None
-    embedder = make_embedder(artifact.embedder_path, cache_dir=cache_dir)
+    # the disk cache is read (dataset / validation prompts are warm) but request prompts are never
+    # appended to it: only the batcher's bounded LRU remembers them (memory stays flat under new prompts)
+    embedder = make_embedder(artifact.embedder_path, cache_dir=cache_dir, persist=False)
     if embedder.id != artifact.embedder_id:
         raise ConfigError(f"router.artifact {r.artifact!r} was fitted with embedder {artifact.embedder_id!r}, "
                           f"but this gateway loads {embedder.id!r}")

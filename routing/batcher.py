@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from routing.embedder import CachedEmbedder, Embedder, EmbeddingCache
+from routing.embedder import CachedEmbedder, Embedder, EmbeddingCache, text_key
 
 
 class MicroBatcher:
@@ -38,21 +38,23 @@ class MicroBatcher:
         self.batches = 0  # number of forward passes (for tests and benchmarks)
         self.hits = 0
 
-    def _remember(self, text: str, vec: np.ndarray) -> None:
-        self._lru[text] = vec
-        self._lru.move_to_end(text)
+    def _remember(self, key: str, vec: np.ndarray) -> None:
+        self._lru[key] = vec
+        self._lru.move_to_end(key)
         while len(self._lru) > self.lru_size:
             self._lru.popitem(last=False)
 
     def cached(self, text: str) -> np.ndarray | None:
-        vec = self._lru.get(text)
+        # keyed by the text's sha256, not the text: the LRU's memory is bounded whatever the prompt sizes
+        key = text_key(text)
+        vec = self._lru.get(key)
         if vec is not None:
-            self._lru.move_to_end(text)
+            self._lru.move_to_end(key)
             return vec
         if self._disk is not None:
-            vec = self._disk.get(text)
+            vec = self._disk.get_by_key(key)
             if vec is not None:
-                self._remember(text, vec)
+                self._remember(key, vec)
                 return vec
         return None
 
@@ -103,7 +105,7 @@ class MicroBatcher:
         vecs = np.asarray(job.result(), dtype=np.float32)
         by_text = {t: vecs[i] for i, t in enumerate(texts)}
         for t, v in by_text.items():
-            self._remember(t, v)
+            self._remember(text_key(t), v)
         for t, fut in batch:
             if not fut.done():
                 fut.set_result(by_text[t])

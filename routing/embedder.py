@@ -346,8 +346,12 @@ class EmbeddingCache:
         return out, missing
 
     def get(self, text: str) -> np.ndarray | None:
+        return self.get_by_key(text_key(text))
+
+    def get_by_key(self, key: str) -> np.ndarray | None:
+        """The vector stored under ``key`` (= :func:`text_key` of its text), or None."""
         with self._lock:
-            row = self._index.get(text_key(text))
+            row = self._index.get(key)
             return None if row is None else self._vecs[row].copy()
 
     def put_many(self, texts: Sequence[str], vecs: np.ndarray) -> None:
@@ -396,15 +400,21 @@ class EmbeddingCache:
 
 
 class CachedEmbedder:
-    """An embedder consulting an :class:`EmbeddingCache` first; misses are embedded and appended."""
+    """An embedder consulting an :class:`EmbeddingCache` first; misses are embedded and appended.
+
+    ``persist=False`` (the gateway's request path): misses are embedded but NOT appended, so a
+    stream of never-seen prompts cannot grow the cache file and its in-memory index without
+    bound; the request path keeps its own bounded LRU (:class:`routing.batcher.MicroBatcher`).
+    """
 
     def __init__(self, inner: Embedder, cache: EmbeddingCache | None = None,
-                 *, chunk: int = 512, progress: bool = False) -> None:
+                 *, chunk: int = 512, progress: bool = False, persist: bool = True) -> None:
         self.inner = inner
         self.cache = cache if cache is not None else EmbeddingCache(inner.id)
         self.id = inner.id
         self.chunk = chunk
         self.progress = progress
+        self.persist = persist
 
     @property
     def dim(self) -> int:
@@ -414,6 +424,12 @@ class CachedEmbedder:
         rows, missing = self.cache.get_many(texts)
         if not missing:
             assert rows is not None
+            return rows
+        if not self.persist:
+            fresh = np.asarray(self.inner.embed([texts[i] for i in missing]), dtype=np.float32)
+            if rows is None:
+                rows = np.zeros((len(texts), fresh.shape[1]), dtype=np.float32)
+            rows[missing] = fresh
             return rows
         # de-duplicate the misses
         uniq: dict[str, None] = dict.fromkeys(texts[i] for i in missing)
@@ -459,9 +475,10 @@ def make_inner_embedder(model_path: str | None = None, *, cache_dir: str | os.Pa
 
 
 def make_embedder(model_path: str | None = None, *, cache_dir: str | os.PathLike[str] | None = None,
-                  use_cache: bool = True, progress: bool = False, **kwargs: Any) -> Embedder:
-    """The embedder named by ``model_path`` (see :func:`make_inner_embedder`), with the disk cache unless disabled."""
+                  use_cache: bool = True, progress: bool = False, persist: bool = True, **kwargs: Any) -> Embedder:
+    """The embedder named by ``model_path`` (see :func:`make_inner_embedder`), with the disk cache unless
+    disabled; ``persist=False`` reads the cache but never appends to it (see :class:`CachedEmbedder`)."""
     inner = make_inner_embedder(model_path, cache_dir=cache_dir, **kwargs)
     if not use_cache:
         return inner
-    return CachedEmbedder(inner, EmbeddingCache(inner.id, cache_dir), progress=progress)
+    return CachedEmbedder(inner, EmbeddingCache(inner.id, cache_dir), progress=progress, persist=persist)

@@ -52,3 +52,17 @@ async def test_errors_reach_every_waiter() -> None:
     with pytest.raises(RuntimeError, match="boom"):
         await asyncio.gather(b.embed("a"), b.embed("b"))
     await b.aclose()
+
+
+async def test_lru_is_bounded_and_keyed_by_hash() -> None:
+    inner = SlowEmbedder()
+    b = MicroBatcher(inner, max_batch=8, max_wait_ms=0, lru_size=3)
+    texts = [f"{i} " + "long prompt " * 200 for i in range(5)]
+    for t in texts:
+        await b.embed(t)
+    assert len(b._lru) == 3 and all(len(k) == 64 for k in b._lru)  # sha256 hex, never the prompt
+    await b.embed(texts[-1])
+    assert b.hits == 1
+    await b.embed(texts[0])  # evicted: embedded again
+    assert len(inner.batches) == 6
+    await b.aclose()
