@@ -73,6 +73,32 @@ def benchmark_dataset(dataset_arg: str | None, n: int, tmp: Path) -> tuple[Path,
     return dataset, load_dataset(dataset, with_responses=False)
 
 
+def static_router(out: Path, dataset: Path) -> dict[str, Any]:
+    """Router settings for learned routing with the static embedder and no batching wait (``max_wait_ms: 0``).
+
+    Fits the artifact into ``out`` (``uniroute router fit --embedder static``: distils the static
+    embedding on first use, ~1.5 min, then embeds the dataset in seconds) unless ``out`` holds one.
+    """
+    from routing.artifact import ARTIFACT_FILE
+
+    out = out.resolve()
+    if not (out / ARTIFACT_FILE).is_file():
+        print(f"fitting a static-embedder router artifact into {out} …", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "gateway.cli", "router", "fit", "--dataset", str(dataset),
+                        "--out", str(out), "--embedder", "static"], check=True, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL)
+    return {"policy": "uniroute", "variant": "learnedmap", "artifact": str(out), "max_wait_ms": 0}
+
+
+def embedded_rows(cache_dir: Path) -> int:
+    """Embeddings stored in an embedding disk cache folder (all embedders): one per prompt text it embedded."""
+    total = 0
+    for keys in cache_dir.glob("*/keys.txt"):
+        with open(keys, "rb") as fh:
+            total += sum(1 for _ in fh)
+    return total
+
+
 def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
