@@ -84,10 +84,12 @@ def proxy_version(venv: Path) -> str:
     return out.stdout.strip() or "unknown"
 
 
-def gateway_config(tmp: Path, dataset: Path, rport: int, gport: int, router: dict[str, Any]) -> Path:
+def gateway_config(tmp: Path, dataset: Path, rport: int, gport: int, router: dict[str, Any],
+                   database_url: str | None = None) -> Path:
+    """A one-worker gateway config: the replayed dataset's models, ``router``, a SQLite log in ``tmp`` by default."""
     config = {
         "server": {"host": "127.0.0.1", "port": gport, "log_level": "warning", "access_log": False},
-        "database_url": f"sqlite:///{tmp / 'bench.db'}",
+        "database_url": database_url or f"sqlite:///{tmp / 'bench.db'}",
         # like the proxy's single master key, no per-key budgets or limits: open mode
         "auth": {"mode": "open"},
         "router": router,
@@ -196,11 +198,13 @@ async def measure(
 
 
 def start_gateway(stack: contextlib.ExitStack, tmp: Path, dataset: Path, rport: int, gport: int,
-                  router_extra: dict[str, Any], cpus: str | None) -> tuple[subprocess.Popen[bytes], str, str]:
-    """Start the gateway: learned routing if it starts, else the placeholder policy (with the reason)."""
+                  router_extra: dict[str, Any], cpus: str | None, *, fallback: bool = True,
+                  database_url: str | None = None) -> tuple[subprocess.Popen[bytes], str, str]:
+    """Start the gateway: learned routing if it starts, else (``fallback``) the placeholder policy, with the reason."""
     reason = ""
-    for router in ({"policy": "uniroute", **router_extra}, {"policy": "cheapest"}):
-        cfg = gateway_config(tmp, dataset, rport, gport, router)
+    routers = [{"policy": "uniroute", **router_extra}] + ([{"policy": "cheapest"}] if fallback else [])
+    for router in routers:
+        cfg = gateway_config(tmp, dataset, rport, gport, router, database_url)
         cmd = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg), "--host", "127.0.0.1",
                "--port", str(gport)]
         log = tmp / f"gateway-{router['policy']}.log"
@@ -213,7 +217,8 @@ def start_gateway(stack: contextlib.ExitStack, tmp: Path, dataset: Path, rport: 
             print(f"gateway with router.policy={router['policy']} did not start: {reason}", file=sys.stderr)
             continue
         return proc, router["policy"], reason
-    raise RuntimeError(f"the gateway did not start:\n{tail(tmp / 'gateway-cheapest.log')}")
+    last = routers[-1]["policy"]
+    raise RuntimeError(f"the gateway did not start (router.policy={last}):\n{tail(tmp / f'gateway-{last}.log')}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
