@@ -99,6 +99,25 @@ def embedded_rows(cache_dir: Path) -> int:
     return total
 
 
+@contextlib.contextmanager
+def environ(**values: str) -> Iterator[None]:
+    """``os.environ`` with ``values`` set (inherited by the servers started meanwhile), restored after."""
+    backup = dict(os.environ)
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(backup)
+
+
+def write_json(path: str | None, data: dict[str, Any]) -> None:
+    """Write a run's results to ``path`` (if given), creating its folder."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+
 def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -335,9 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n{info['date_utc']}; {info['machine']['cpus']} CPUs ({info['machine']['cpu_model']}); {layout}; "
           f"auto -> {info['auto_model']}; load average {info['machine']['loadavg_start']} -> "
           f"{info['machine']['loadavg_end']}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({**info, "results": rows, "table": table}, indent=2), encoding="utf-8")
+    write_json(args.json, {**info, "results": rows, "table": table})
     return 0
 
 

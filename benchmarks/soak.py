@@ -37,7 +37,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import os
 import shutil
 import sys
@@ -57,11 +56,13 @@ from benchmarks.overhead import (
     benchmark_dataset,
     cpu_seconds,
     embedded_rows,
+    environ,
     free_port,
     machine,
     server,
     static_router,
     versions,
+    write_json,
 )
 from benchmarks.vs_litellm_proxy import OFFLINE_ENV, start_gateway
 
@@ -306,10 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     print(f"soak: {args.seconds:g} s at c={args.concurrency} ({args.mode}{', new prompts' if args.new_prompts else ''}); "
           f"dataset {dataset}; {layout}; temp {tmp}", file=sys.stderr)
-    env_backup = dict(os.environ)
-    os.environ.update(OFFLINE_ENV)
     try:
-        with contextlib.ExitStack() as stack:
+        with environ(**OFFLINE_ENV), contextlib.ExitStack() as stack:
             stack.enter_context(server(replay_cmd, tmp / "replay.log", f"http://127.0.0.1:{rport}/health", cpus))
             gproc, _, _ = start_gateway(stack, tmp, dataset, rport, gport, router, cpus, fallback=False,
                                         database_url=database_url)
@@ -331,8 +330,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.new_prompts:
             info["gateway_prompts_embedded"] = embedded_rows(embed_cache)
     finally:
-        os.environ.clear()
-        os.environ.update(env_backup)
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     info["machine"]["loadavg_end"] = list(os.getloadavg())
@@ -359,9 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n{info['date_utc']}; {info['machine']['cpus']} CPUs ({info['machine']['cpu_model']}); {layout}; "
           f"router {info['router']}; log rows flushed {waited:.1f} s after the load; load average "
           f"{info['machine']['loadavg_start']} -> {info['machine']['loadavg_end']}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({**report, "table": table}, indent=2), encoding="utf-8")
+    write_json(args.json, {**report, "table": table})
     if args.md:
         Path(args.md).parent.mkdir(parents=True, exist_ok=True)
         Path(args.md).write_text(table + "\n", encoding="utf-8")

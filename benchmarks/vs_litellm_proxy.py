@@ -41,7 +41,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import os
 import secrets
 import shutil
@@ -60,6 +59,7 @@ from benchmarks.overhead import (
     benchmark_dataset,
     cpu_seconds,
     embedded_rows,
+    environ,
     free_port,
     machine,
     merge,
@@ -68,6 +68,7 @@ from benchmarks.overhead import (
     static_router,
     tail,
     versions,
+    write_json,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -282,10 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     print(f"vs_litellm_proxy: dataset {dataset}; {layout}; temp {tmp}", file=sys.stderr)
     master_key = "sk-bench-" + secrets.token_hex(16)  # the proxy refuses to start without one
-    env_backup = dict(os.environ)
-    os.environ.update(OFFLINE_ENV, LITELLM_MASTER_KEY=master_key)  # inherited by the proxy (and harmless for the others)
     try:
-        with contextlib.ExitStack() as stack:
+        # the environment is inherited by the proxy (and harmless for the others)
+        with environ(**OFFLINE_ENV, LITELLM_MASTER_KEY=master_key), contextlib.ExitStack() as stack:
             rproc = stack.enter_context(server(replay_cmd, tmp / "replay.log", f"http://127.0.0.1:{rport}/health",
                                                cpus))
             pproc = stack.enter_context(server(proxy_cmd, tmp / "litellm-proxy.log",
@@ -317,8 +317,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.new_prompts:  # the gateway has stopped: its cache files are complete
             info["gateway_prompts_embedded"] = embedded_rows(embed_cache)
     finally:
-        os.environ.clear()
-        os.environ.update(env_backup)
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     info["machine"]["loadavg_end"] = list(os.getloadavg())
@@ -332,10 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"policy {info['policy']}{' (' + info.get('policy_note', '') + ')' if info.get('policy_note') else ''}; "
           f"auto -> {chosen}; LiteLLM proxy {info['versions']['litellm_proxy']}; {fresh}load average "
           f"{info['machine']['loadavg_start']} -> {info['machine']['loadavg_end']}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({**info, "results": rows, "table": table, "maxima": best}, indent=2),
-                                   encoding="utf-8")
+    write_json(args.json, {**info, "results": rows, "table": table, "maxima": best})
     return 0
 
 
