@@ -8,7 +8,15 @@ Each of ``concurrency`` workers holds one keep-alive connection and sends reques
 back (closed loop). The run stops when ``max_requests`` have been sent OR ``max_seconds``
 have passed, whichever comes first. Per request it records the latency (request written →
 body complete) and, for ``stream: true``, the time to first token (TTFT: request written →
-first SSE event carrying non-empty ``delta.content``), plus the HTTP status.
+first SSE event carrying non-empty ``delta.content``), plus the HTTP status and the time it
+completed.
+
+Prompts: by default the workers cycle through ``bodies`` (serialised once). With
+``new_prompts=True`` every request's last message gets a unique suffix (a per-run tag plus the
+request's index, fixed width, so each body is ``head + nonce + tail`` from pre-serialised parts and
+costs the load generator no JSON encoding): the target has never seen the prompt, so any cache keyed
+by its text misses. ``check_streams=True`` counts a 200 as an error (``incomplete``) unless the
+response has a non-null ``finish_reason`` and, for streams, ends with ``data: [DONE]``.
 
 Library use::
 
@@ -25,9 +33,11 @@ import argparse
 import asyncio
 import contextlib
 import json
+import re
+import secrets
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,6 +46,11 @@ import numpy as np
 
 _CONTENT_MARK = b'"content":"'
 _EMPTY_CONTENT = b'"content":""'
+_FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')  # a non-null finish reason (a final chunk)
+_DONE = b"data: [DONE]"
+#: Stands in for the per-request nonce in a pre-serialised body: as wide as the nonce
+#: ``<8 hex digits of run tag>-<8 hex digits of request index>``.
+NONCE_MARK = "@@uniroute-nonce@"
 
 
 @dataclass
@@ -44,6 +59,7 @@ class Sample:
     latency_s: float
     ttft_s: float | None  # streams only
     error: str | None = None
+    end_s: float = 0.0  # time.perf_counter() when it completed
 
 
 @dataclass
@@ -117,7 +133,7 @@ class Connection:
                 await self.writer.wait_closed()
         self.reader = self.writer = None
 
-    async def request(self, raw: bytes, stream: bool) -> Sample:
+    async def request(self, raw: bytes, stream: bool, check: bool = False) -> Sample:
         if self.writer is None or self.reader is None:
             await self.open()
         assert self.reader is not None and self.writer is not None
@@ -148,6 +164,9 @@ class Connection:
                 keep_alive = False
         ttft: float | None = None
         watch = stream and status == 200
+        check = check and status == 200
+        finished = False
+        end = b""
         if chunked:
             tail = b""
             while True:
@@ -159,6 +178,10 @@ class Connection:
                         pass
                     break
                 data = await reader.readexactly(size + 2)
+                if check:
+                    window = end + data
+                    finished = finished or _FINISHED.search(window) is not None
+                    end = window[-64:]
                 if watch and ttft is None:
                     window = tail + data
                     pos = window.find(_CONTENT_MARK)
@@ -168,19 +191,23 @@ class Connection:
                             break
                         pos = window.find(_CONTENT_MARK, pos + 1)
                     tail = window[-16:]
-        elif length is not None:
-            data = await reader.readexactly(length)
+        else:
+            if length is not None:
+                data = await reader.readexactly(length)
+            else:
+                data = await reader.read()
+                keep_alive = False
             if watch and ttft is None and _CONTENT_MARK in data:
                 ttft = time.perf_counter() - t0
-        else:
-            data = await reader.read()
-            keep_alive = False
-            if watch and _CONTENT_MARK in data:
-                ttft = time.perf_counter() - t0
+            if check:
+                finished, end = _FINISHED.search(data) is not None, data[-64:]
         latency = time.perf_counter() - t0
         if not keep_alive:
             await self.close()
-        return Sample(status=status, latency_s=latency, ttft_s=ttft if stream else None)
+        error = None
+        if check and not (finished and (not stream or end.rstrip().endswith(_DONE))):
+            error = "incomplete"
+        return Sample(status=status, latency_s=latency, ttft_s=ttft if stream else None, error=error)
 
 
 def build_request(host: str, port: int, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> bytes:
@@ -200,16 +227,24 @@ async def run_load(
     max_seconds: float = 30.0,
     headers: dict[str, str] | None = None,
     timeout_s: float = 60.0,
+    new_prompts: bool = False,
+    check_streams: bool = False,
 ) -> LoadResult:
-    """Closed-loop load: ``concurrency`` workers cycle through ``bodies`` until a bound is hit."""
+    """Closed-loop load: ``concurrency`` workers cycle through ``bodies`` until a bound is hit.
+
+    Each body may stream or not (a mix is fine). ``new_prompts``: a unique suffix on every request's
+    prompt (see the module doc); ``check_streams``: incomplete 200 responses count as errors.
+    """
     if not bodies:
         raise ValueError("need at least one request body")
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     path = parts.path or "/"
-    stream = bool(bodies[0].get("stream"))
-    raws = [build_request(host, port, path, b, headers) for b in bodies]
-    result = LoadResult(url=url, stream=stream, concurrency=concurrency, wall_s=0.0)
+    streams = [bool(b.get("stream")) for b in bodies]
+    make = new_prompt_requests if new_prompts else rotation
+    request_at = make([build_request(host, port, path, with_nonce_mark(b) if new_prompts else b, headers)
+                       for b in bodies])
+    result = LoadResult(url=url, stream=any(streams), concurrency=concurrency, wall_s=0.0)
     issued = 0
     deadline = time.perf_counter() + max_seconds
 
@@ -218,14 +253,15 @@ async def run_load(
         conn = Connection(host, port)
         try:
             while issued < max_requests and time.perf_counter() < deadline:
-                raw = raws[issued % len(raws)]
+                raw, stream = request_at(issued), streams[issued % len(streams)]
                 issued += 1
                 t0 = time.perf_counter()
                 try:
-                    sample = await asyncio.wait_for(conn.request(raw, stream), timeout_s)
+                    sample = await asyncio.wait_for(conn.request(raw, stream, check_streams), timeout_s)
                 except (OSError, HttpError, asyncio.IncompleteReadError, ValueError, TimeoutError) as exc:
                     sample = Sample(0, time.perf_counter() - t0, None, error=type(exc).__name__)
                     await conn.close()
+                sample.end_s = time.perf_counter()
                 result.samples.append(sample)
         finally:
             await conn.close()
@@ -234,6 +270,50 @@ async def run_load(
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     result.wall_s = time.perf_counter() - t_start
     return result
+
+
+RequestAt = Callable[[int], bytes]  # request index -> the raw HTTP request to send
+
+
+def rotation(raws: Sequence[bytes]) -> RequestAt:
+    """Request ``i`` is ``raws[i % len(raws)]`` (the default: prompts repeat)."""
+    n = len(raws)
+    return lambda i: raws[i % n]
+
+
+def with_nonce_mark(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` with :data:`NONCE_MARK` appended to its last message's text (a copy; the input is untouched)."""
+    messages = list(body.get("messages") or [])
+    if not messages or not isinstance(messages[-1].get("content"), str):
+        raise ValueError("new prompts need a last message with string content")
+    last = dict(messages[-1])
+    last["content"] = f"{last['content']}\n\n(request {NONCE_MARK})"
+    return {**body, "messages": [*messages[:-1], last]}
+
+
+def new_prompt_requests(raws: Sequence[bytes], tag: str | None = None) -> RequestAt:
+    """Request ``i``: ``raws[i % n]`` with its :data:`NONCE_MARK` replaced by ``<tag>-<i as 8 hex digits>``.
+
+    The nonce has the mark's width, so Content-Length stays right; ``tag`` (default: random per
+    call) keeps prompts of different runs apart. Unique for the first 2**32 requests of a run.
+    """
+    tag = secrets.token_hex(4) if tag is None else tag
+    if len(tag) != 8:
+        raise ValueError(f"the run tag must be 8 characters, got {tag!r}")
+    prefix = tag.encode() + b"-"
+    halves: list[tuple[bytes, bytes]] = []
+    for raw in raws:
+        head, mark, tail = raw.rpartition(NONCE_MARK.encode())
+        if not mark:
+            raise ValueError("request without a nonce mark (build it from with_nonce_mark(body))")
+        halves.append((head + prefix, tail))
+    n = len(halves)
+
+    def request_at(i: int) -> bytes:
+        head, tail = halves[i % n]
+        return head + b"%08x" % (i & 0xFFFFFFFF) + tail
+
+    return request_at
 
 
 def install_uvloop() -> None:
@@ -266,6 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--requests", "-n", type=int, default=1000)
     ap.add_argument("--seconds", "-t", type=float, default=30.0)
     ap.add_argument("--stream", action="store_true")
+    ap.add_argument("--new-prompts", action="store_true", help="a unique suffix on every prompt (no cache hits)")
+    ap.add_argument("--check", action="store_true",
+                    help="count responses without a final chunk (and streams without [DONE]) as errors")
     ap.add_argument("--header", action="append", default=[], metavar="NAME: VALUE")
     ap.add_argument("--json", default=None, help="write the summary here")
     args = ap.parse_args(argv)
@@ -281,7 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_uvloop()
     result = asyncio.run(run_load(args.url, prompt_bodies(prompts, args.model, stream=args.stream),
                                   concurrency=args.concurrency, max_requests=args.requests,
-                                  max_seconds=args.seconds, headers=headers))
+                                  max_seconds=args.seconds, headers=headers, new_prompts=args.new_prompts,
+                                  check_streams=args.check))
     summary = result.summary()
     print(json.dumps(summary, indent=2))
     if args.json:

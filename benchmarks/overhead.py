@@ -73,6 +73,51 @@ def benchmark_dataset(dataset_arg: str | None, n: int, tmp: Path) -> tuple[Path,
     return dataset, load_dataset(dataset, with_responses=False)
 
 
+def static_router(out: Path, dataset: Path) -> dict[str, Any]:
+    """Router settings for learned routing with the static embedder and no batching wait (``max_wait_ms: 0``).
+
+    Fits the artifact into ``out`` (``uniroute router fit --embedder static``: distils the static
+    embedding on first use, ~1.5 min, then embeds the dataset in seconds) unless ``out`` holds one.
+    """
+    from routing.artifact import ARTIFACT_FILE
+
+    out = out.resolve()
+    if not (out / ARTIFACT_FILE).is_file():
+        print(f"fitting a static-embedder router artifact into {out} …", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "gateway.cli", "router", "fit", "--dataset", str(dataset),
+                        "--out", str(out), "--embedder", "static"], check=True, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL)
+    return {"policy": "uniroute", "variant": "learnedmap", "artifact": str(out), "max_wait_ms": 0}
+
+
+def embedded_rows(cache_dir: Path) -> int:
+    """Embeddings stored in an embedding disk cache folder (all embedders): one per prompt text it embedded."""
+    total = 0
+    for keys in cache_dir.glob("*/keys.txt"):
+        with open(keys, "rb") as fh:
+            total += sum(1 for _ in fh)
+    return total
+
+
+@contextlib.contextmanager
+def environ(**values: str) -> Iterator[None]:
+    """``os.environ`` with ``values`` set (inherited by the servers started meanwhile), restored after."""
+    backup = dict(os.environ)
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(backup)
+
+
+def write_json(path: str | None, data: dict[str, Any]) -> None:
+    """Write a run's results to ``path`` (if given), creating its folder."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+
 def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -309,9 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n{info['date_utc']}; {info['machine']['cpus']} CPUs ({info['machine']['cpu_model']}); {layout}; "
           f"auto -> {info['auto_model']}; load average {info['machine']['loadavg_start']} -> "
           f"{info['machine']['loadavg_end']}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({**info, "results": rows, "table": table}, indent=2), encoding="utf-8")
+    write_json(args.json, {**info, "results": rows, "table": table})
     return 0
 
 

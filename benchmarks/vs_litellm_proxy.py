@@ -9,9 +9,18 @@ Three targets, the same upstream, the same load tool (:mod:`benchmarks.loadgen`)
   ``model_list`` of the same replayed models at the same upstream; it is asked for the model
   ``auto`` picks (the proxy has no ``auto``).
 
-Routing: the gateway is started with ``router.policy: uniroute`` (plus ``--router-yaml``, if
-given) and, when that build or artifact is not available, with the placeholder ``cheapest``
-policy; the policy actually served is printed and recorded (``policy``), never assumed.
+Routing: the gateway is started with ``router.policy: uniroute`` (plus ``--static-router DIR``:
+the static-embedder artifact in DIR, fitted there first if missing, with ``max_wait_ms: 0``; plus
+``--router-yaml``, if given) and, when that build or artifact is not available, with the
+placeholder ``cheapest`` policy; the policy actually served is printed and recorded (``policy``),
+never assumed.
+
+Prompts: by default the 1,000 dataset prompts in rotation (after the warm-up every one is in the
+gateway's embedding caches). ``--new-prompts``: every request's prompt is the dataset prompt plus a
+unique suffix (:func:`benchmarks.loadgen.new_prompt_requests`), so the gateway embeds every prompt
+(in-memory LRU and disk cache both miss; the gateway gets a fresh, empty ``router.embed_cache_dir``
+in the temp folder, which also keeps the one-off prompts out of the user's cache); the number of
+prompts the gateway embedded is counted in that folder and reported (``gateway_prompts_embedded``).
 
 Each cell (streaming or not × concurrency 1/16/64) warms every target up, then runs
 ``--repeat`` rounds cycling through the targets (each run: ``--requests`` or ``--seconds``,
@@ -32,7 +41,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import os
 import secrets
 import shutil
@@ -50,13 +58,17 @@ from benchmarks.loadgen import LoadResult, install_uvloop, prompt_bodies, run_lo
 from benchmarks.overhead import (
     benchmark_dataset,
     cpu_seconds,
+    embedded_rows,
+    environ,
     free_port,
     machine,
     merge,
     pct,
     server,
+    static_router,
     tail,
     versions,
+    write_json,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,10 +85,12 @@ def proxy_version(venv: Path) -> str:
     return out.stdout.strip() or "unknown"
 
 
-def gateway_config(tmp: Path, dataset: Path, rport: int, gport: int, router: dict[str, Any]) -> Path:
+def gateway_config(tmp: Path, dataset: Path, rport: int, gport: int, router: dict[str, Any],
+                   database_url: str | None = None) -> Path:
+    """A one-worker gateway config: the replayed dataset's models, ``router``, a SQLite log in ``tmp`` by default."""
     config = {
         "server": {"host": "127.0.0.1", "port": gport, "log_level": "warning", "access_log": False},
-        "database_url": f"sqlite:///{tmp / 'bench.db'}",
+        "database_url": database_url or f"sqlite:///{tmp / 'bench.db'}",
         # like the proxy's single master key, no per-key budgets or limits: open mode
         "auth": {"mode": "open"},
         "router": router,
@@ -138,16 +152,21 @@ async def measure(
     seconds: float,
     warmup: int,
     repeat: int,
+    new_prompts: bool = False,
+    sent: dict[str, int] | None = None,
 ) -> list[dict[str, Any]]:
+    """Run every cell; ``sent`` (if given) counts the requests sent to each target, warm-ups included."""
     rows: list[dict[str, Any]] = []
+    sent = {} if sent is None else sent
     server_of = {"direct": "replay", "uniroute": "uniroute", "litellm-proxy": "litellm-proxy"}
     for stream in modes:
         for conc in concurrencies:
             bodies = {t: prompt_bodies(prompts, models[t], stream=stream) for t in TARGETS}
             for t in TARGETS:
                 if procs[server_of[t]].poll() is None:
-                    await run_load(urls[t], bodies[t], concurrency=conc, max_requests=warmup, max_seconds=10,
-                                   headers=headers[t])
+                    warm = await run_load(urls[t], bodies[t], concurrency=conc, max_requests=warmup, max_seconds=10,
+                                          headers=headers[t], new_prompts=new_prompts)
+                    sent[t] = sent.get(t, 0) + len(warm.samples)
             runs: dict[str, list[LoadResult]] = {t: [] for t in TARGETS}
             cpu = dict.fromkeys(TARGETS, 0.0)
             for _ in range(repeat):
@@ -155,8 +174,9 @@ async def measure(
                     pid = procs[server_of[t]].pid
                     before = cpu_seconds(pid)
                     runs[t].append(await run_load(urls[t], bodies[t], concurrency=conc, max_requests=requests,
-                                                  max_seconds=seconds, headers=headers[t]))
+                                                  max_seconds=seconds, headers=headers[t], new_prompts=new_prompts))
                     cpu[t] += cpu_seconds(pid) - before
+                    sent[t] = sent.get(t, 0) + len(runs[t][-1].samples)
             merged = {t: merge(runs[t]) for t in TARGETS}
             base = pct(merged["direct"], stream)
             for t in TARGETS:
@@ -179,11 +199,13 @@ async def measure(
 
 
 def start_gateway(stack: contextlib.ExitStack, tmp: Path, dataset: Path, rport: int, gport: int,
-                  router_extra: dict[str, Any], cpus: str | None) -> tuple[subprocess.Popen[bytes], str, str]:
-    """Start the gateway: learned routing if it starts, else the placeholder policy (with the reason)."""
+                  router_extra: dict[str, Any], cpus: str | None, *, fallback: bool = True,
+                  database_url: str | None = None) -> tuple[subprocess.Popen[bytes], str, str]:
+    """Start the gateway: learned routing if it starts, else (``fallback``) the placeholder policy, with the reason."""
     reason = ""
-    for router in ({"policy": "uniroute", **router_extra}, {"policy": "cheapest"}):
-        cfg = gateway_config(tmp, dataset, rport, gport, router)
+    routers = [{"policy": "uniroute", **router_extra}] + ([{"policy": "cheapest"}] if fallback else [])
+    for router in routers:
+        cfg = gateway_config(tmp, dataset, rport, gport, router, database_url)
         cmd = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg), "--host", "127.0.0.1",
                "--port", str(gport)]
         log = tmp / f"gateway-{router['policy']}.log"
@@ -196,7 +218,8 @@ def start_gateway(stack: contextlib.ExitStack, tmp: Path, dataset: Path, rport: 
             print(f"gateway with router.policy={router['policy']} did not start: {reason}", file=sys.stderr)
             continue
         return proc, router["policy"], reason
-    raise RuntimeError(f"the gateway did not start:\n{tail(tmp / 'gateway-cheapest.log')}")
+    last = routers[-1]["policy"]
+    raise RuntimeError(f"the gateway did not start (router.policy={last}):\n{tail(tmp / f'gateway-{last}.log')}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -211,8 +234,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=6.0, help="per run")
     ap.add_argument("--warmup", type=int, default=150)
     ap.add_argument("--repeat", type=int, default=2, help="rounds per cell, cycling through the targets")
+    ap.add_argument("--static-router", default=None, metavar="DIR",
+                    help="route with the static-embedder artifact in DIR (fitted there from the dataset if missing: "
+                         "`uniroute router fit --embedder static`), max_wait_ms 0")
     ap.add_argument("--router-yaml", default=None, help="YAML mapping merged into the gateway's router section "
                                                         "(e.g. the UniRoute artifact path)")
+    ap.add_argument("--new-prompts", action="store_true",
+                    help="a unique suffix on every prompt: the gateway embeds every request's prompt (no cache hit)")
     ap.add_argument("--proxy-venv", default=str(PROXY_VENV))
     ap.add_argument("--cpu-layout", choices=["split", "none"], default="split")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (configs, server logs)")
@@ -224,14 +252,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     venv = Path(args.proxy_venv)
     if not (venv / "bin" / "litellm").exists():
         ap.error(f"no LiteLLM proxy at {venv}; run: bash benchmarks/setup_litellm_proxy.sh")
-    router_extra: dict[str, Any] = {}
-    if args.router_yaml:
-        router_extra = yaml.safe_load(Path(args.router_yaml).read_text(encoding="utf-8")) or {}
-        router_extra.pop("policy", None)
-
     tmp = Path(tempfile.mkdtemp(prefix="uniroute-vs-litellm-"))
     dataset, data = benchmark_dataset(args.dataset, args.prompts, tmp)
     prompts = data.prompts[: args.prompts]
+    router_extra: dict[str, Any] = static_router(Path(args.static_router), dataset) if args.static_router else {}
+    if args.router_yaml:
+        router_extra.update(yaml.safe_load(Path(args.router_yaml).read_text(encoding="utf-8")) or {})
+    router_extra.pop("policy", None)
+    embed_cache = tmp / "embed-cache"
+    if args.new_prompts:
+        router_extra["embed_cache_dir"] = str(embed_cache)
 
     split = args.cpu_layout == "split" and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
     cpus = "1" if split else None
@@ -248,14 +278,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine(), "versions": {**versions(), "litellm_proxy": proxy_version(venv)},
         "cpu_layout": layout, "dataset": str(dataset), "n_prompts": len(prompts),
         "stream_chunks": args.stream_chunks, "requests_per_run": args.requests, "seconds_per_run": args.seconds,
-        "repeat": args.repeat, "warmup": args.warmup,
+        "repeat": args.repeat, "warmup": args.warmup, "new_prompts": args.new_prompts,
+        "router": {k: v for k, v in router_extra.items() if k != "embed_cache_dir"},
     }
     print(f"vs_litellm_proxy: dataset {dataset}; {layout}; temp {tmp}", file=sys.stderr)
     master_key = "sk-bench-" + secrets.token_hex(16)  # the proxy refuses to start without one
-    env_backup = dict(os.environ)
-    os.environ.update(OFFLINE_ENV, LITELLM_MASTER_KEY=master_key)  # inherited by the proxy (and harmless for the others)
     try:
-        with contextlib.ExitStack() as stack:
+        # the environment is inherited by the proxy (and harmless for the others)
+        with environ(**OFFLINE_ENV, LITELLM_MASTER_KEY=master_key), contextlib.ExitStack() as stack:
             rproc = stack.enter_context(server(replay_cmd, tmp / "replay.log", f"http://127.0.0.1:{rport}/health",
                                                cpus))
             pproc = stack.enter_context(server(proxy_cmd, tmp / "litellm-proxy.log",
@@ -276,29 +306,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             if split:
                 os.sched_setaffinity(0, {0})
             install_uvloop()
+            sent: dict[str, int] = {}
             rows = asyncio.run(measure(
                 urls, models, prompts, {"replay": rproc, "uniroute": gproc, "litellm-proxy": pproc},
                 {"direct": {}, "uniroute": {}, "litellm-proxy": {"Authorization": f"Bearer {master_key}"}},
                 concurrencies=args.concurrency, modes=[m == "stream" for m in args.modes],
-                requests=args.requests, seconds=args.seconds, warmup=args.warmup, repeat=args.repeat))
+                requests=args.requests, seconds=args.seconds, warmup=args.warmup, repeat=args.repeat,
+                new_prompts=args.new_prompts, sent=sent))
+        info["requests_sent"] = sent
+        if args.new_prompts:  # the gateway has stopped: its cache files are complete
+            info["gateway_prompts_embedded"] = embedded_rows(embed_cache)
     finally:
-        os.environ.clear()
-        os.environ.update(env_backup)
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     info["machine"]["loadavg_end"] = list(os.getloadavg())
     table, best = markdown(rows), maxima(rows)
+    fresh = (f"new prompts: the gateway embedded {info['gateway_prompts_embedded']} prompts for "
+             f"{sent.get('uniroute', 0)} requests (+ probe, warm-up); " if args.new_prompts else "")
     print(table)
     print()
     print(best)
     print(f"\n{info['date_utc']}; {info['machine']['cpus']} CPUs ({info['machine']['cpu_model']}); {layout}; "
           f"policy {info['policy']}{' (' + info.get('policy_note', '') + ')' if info.get('policy_note') else ''}; "
-          f"auto -> {chosen}; LiteLLM proxy {info['versions']['litellm_proxy']}; load average "
+          f"auto -> {chosen}; LiteLLM proxy {info['versions']['litellm_proxy']}; {fresh}load average "
           f"{info['machine']['loadavg_start']} -> {info['machine']['loadavg_end']}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({**info, "results": rows, "table": table, "maxima": best}, indent=2),
-                                   encoding="utf-8")
+    write_json(args.json, {**info, "results": rows, "table": table, "maxima": best})
     return 0
 
 

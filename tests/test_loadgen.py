@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -13,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.loadgen import prompt_bodies, run_load
+from benchmarks.loadgen import build_request, new_prompt_requests, prompt_bodies, run_load, with_nonce_mark
 from routing.dataset import load_dataset
 from routing.synthetic import make_synthetic_dataset
 
@@ -79,3 +81,67 @@ async def test_connection_errors_are_counted() -> None:
                             concurrency=1, max_requests=3, max_seconds=5)
     assert len(result.samples) == 3 and result.errors == 3
     assert all(s.status == 0 and s.error for s in result.samples)
+
+
+def test_new_prompt_requests_are_unique_and_well_formed() -> None:
+    bodies = prompt_bodies(["What is 2+2?", "Name a colour."], "m", stream=True)
+    raws = [build_request("127.0.0.1", 80, "/v1/chat/completions", with_nonce_mark(b)) for b in bodies]
+    request_at = new_prompt_requests(raws, tag="0badcafe")
+    seen = set()
+    for i in range(6):
+        head, _, payload = request_at(i).partition(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.startswith(b"Content-Length"))
+        assert length == len(payload)
+        body = json.loads(payload)
+        text = body["messages"][-1]["content"]
+        assert text.startswith(["What is 2+2?", "Name a colour."][i % 2])
+        assert text.endswith(f"(request 0badcafe-{i:08x})")
+        assert body["stream"] is True and body["model"] == "m"
+        seen.add(text)
+    assert len(seen) == 6
+    assert bodies[0]["messages"][-1]["content"] == "What is 2+2?"  # the input bodies are untouched
+    with pytest.raises(ValueError, match="nonce mark"):
+        new_prompt_requests([build_request("h", 1, "/", bodies[0])])
+
+
+async def test_new_prompts_and_checked_streams_against_replay(replay: tuple[str, Path]) -> None:
+    url, ds = replay
+    for stream in (False, True):
+        bodies = prompt_bodies(load_dataset(ds).prompts[:3], "small-general", stream=stream)
+        result = await run_load(url, bodies, concurrency=2, max_requests=12, max_seconds=30, new_prompts=True,
+                                check_streams=True)
+        assert len(result.samples) == 12 and result.errors == 0, result.summary()
+        assert all(s.end_s > 0 for s in result.samples)
+
+
+async def _serve_once(body: bytes) -> tuple[asyncio.AbstractServer, int]:
+    """A raw HTTP server answering every request with a chunked 200 whose body is ``body``."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                     + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return srv, int(srv.sockets[0].getsockname()[1])
+
+
+@pytest.mark.parametrize(("events", "ok"), [
+    (b'data: {"choices":[{"delta":{"content":"x"},"finish_reason":null}]}\n\n'
+     b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n', True),
+    (b'data: {"choices":[{"delta":{"content":"x"},"finish_reason":null}]}\n\ndata: [DONE]\n\n', False),  # no final
+    (b'data: {"choices":[{"delta":{},"finish_reason": "stop"}]}\n\n', False),  # no [DONE]
+])
+async def test_check_streams_flags_incomplete_streams(events: bytes, ok: bool) -> None:
+    srv, port = await _serve_once(events)
+    async with srv:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        body = prompt_bodies(["hi"], "m", stream=True)
+        checked = await run_load(url, body, max_requests=2, max_seconds=10, check_streams=True)
+        unchecked = await run_load(url, body, max_requests=2, max_seconds=10)
+    assert unchecked.errors == 0
+    assert checked.errors == (0 if ok else 2)
+    if not ok:
+        assert set(checked.summary()["status"]) == {"200:incomplete"}
