@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.loadgen import LoadResult, install_uvloop, prompt_bodies, run_load
 
@@ -90,13 +91,25 @@ def static_router(out: Path, dataset: Path) -> dict[str, Any]:
     return {"policy": "uniroute", "variant": "learnedmap", "artifact": str(out), "max_wait_ms": 0}
 
 
-def embedded_rows(cache_dir: Path) -> int:
-    """Embeddings stored in an embedding disk cache folder (all embedders): one per prompt text it embedded."""
-    total = 0
-    for keys in cache_dir.glob("*/keys.txt"):
-        with open(keys, "rb") as fh:
-            total += sum(1 for _ in fh)
-    return total
+def metric_samples(base: str) -> list[Any]:
+    """Every sample of the server's ``/metrics`` (prometheus_client ``Sample`` tuples)."""
+    r = httpx.get(base + "/metrics", timeout=10)
+    r.raise_for_status()
+    return [s for fam in text_string_to_metric_families(r.text) for s in fam.samples]
+
+
+def scrape(base: str) -> dict[str, float]:
+    """``/metrics`` as sample name → value summed over label sets."""
+    out: dict[str, float] = {}
+    for s in metric_samples(base):
+        out[s.name] = out.get(s.name, 0.0) + s.value
+    return out
+
+
+def prompt_embeddings(base: str) -> dict[str, int]:
+    """The gateway's ``uniroute_prompt_embeddings_total`` by source (memory / disk / computed)."""
+    return {s.labels["source"]: int(s.value) for s in metric_samples(base)
+            if s.name == "uniroute_prompt_embeddings_total"}
 
 
 @contextlib.contextmanager

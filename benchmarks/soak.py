@@ -46,19 +46,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.loadgen import LoadResult, Sample, install_uvloop, prompt_bodies, run_load
 from benchmarks.overhead import (
     benchmark_dataset,
     cpu_seconds,
-    embedded_rows,
     environ,
     free_port,
     machine,
+    prompt_embeddings,
+    scrape,
     server,
     static_router,
     versions,
@@ -150,17 +149,6 @@ def verdict(*, rss: Sequence[tuple[float, int]], warmup_s: float, sent: int, ok:
                   "met": rows == sent and counted == sent,
                   "measured": f"{rows} rows logged, Prometheus counted {counted:g}, {sent} requests sent"})
     return lines
-
-
-def scrape(base: str) -> dict[str, float]:
-    """``/metrics`` as sample name → value summed over label sets."""
-    r = httpx.get(base + "/metrics", timeout=10)
-    r.raise_for_status()
-    out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(r.text):
-        for s in fam.samples:
-            out[s.name] = out.get(s.name, 0.0) + s.value
-    return out
 
 
 def count_rows(database_url: str) -> int:
@@ -314,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         database_url=database_url)
             base = f"http://127.0.0.1:{gport}"
             rows_before, metrics_before = count_rows(database_url), scrape(base)
+            embeds_before = prompt_embeddings(base)
             cpu_before = cpu_seconds(gproc.pid)
             if split:
                 os.sched_setaffinity(0, {0})
@@ -326,9 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             sent = len(result.samples)
             rows, waited = wait_for_rows(database_url, rows_before + sent, args.flush_timeout)
             metrics = scrape(base) if not crashed else {}
+            if not crashed:  # where this run's prompt embeddings came from (memory / disk / computed)
+                after = prompt_embeddings(base)
+                info["gateway_prompt_embeddings"] = {k: v - embeds_before.get(k, 0) for k, v in after.items()}
             info["rows_wait_s"] = round(waited, 2)
-        if args.new_prompts:
-            info["gateway_prompts_embedded"] = embedded_rows(embed_cache)
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)

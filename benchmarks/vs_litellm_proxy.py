@@ -19,8 +19,9 @@ Prompts: by default the 1,000 dataset prompts in rotation (after the warm-up eve
 gateway's embedding caches). ``--new-prompts``: every request's prompt is the dataset prompt plus a
 unique suffix (:func:`benchmarks.loadgen.new_prompt_requests`), so the gateway embeds every prompt
 (in-memory LRU and disk cache both miss; the gateway gets a fresh, empty ``router.embed_cache_dir``
-in the temp folder, which also keeps the one-off prompts out of the user's cache); the number of
-prompts the gateway embedded is counted in that folder and reported (``gateway_prompts_embedded``).
+in the temp folder). Where every routed prompt's embedding came from is read from the gateway's
+``uniroute_prompt_embeddings_total{source=memory|disk|computed}`` and reported
+(``gateway_prompt_embeddings``; with ``--new-prompts`` every one must be ``computed``).
 
 Each cell (streaming or not × concurrency 1/16/64) warms every target up, then runs
 ``--repeat`` rounds cycling through the targets (each run: ``--requests`` or ``--seconds``,
@@ -58,12 +59,12 @@ from benchmarks.loadgen import LoadResult, install_uvloop, prompt_bodies, run_lo
 from benchmarks.overhead import (
     benchmark_dataset,
     cpu_seconds,
-    embedded_rows,
     environ,
     free_port,
     machine,
     merge,
     pct,
+    prompt_embeddings,
     server,
     static_router,
     tail,
@@ -313,16 +314,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 concurrencies=args.concurrency, modes=[m == "stream" for m in args.modes],
                 requests=args.requests, seconds=args.seconds, warmup=args.warmup, repeat=args.repeat,
                 new_prompts=args.new_prompts, sent=sent))
+            if gproc.poll() is None:
+                info["gateway_prompt_embeddings"] = prompt_embeddings(f"http://127.0.0.1:{gport}")
         info["requests_sent"] = sent
-        if args.new_prompts:  # the gateway has stopped: its cache files are complete
-            info["gateway_prompts_embedded"] = embedded_rows(embed_cache)
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     info["machine"]["loadavg_end"] = list(os.getloadavg())
     table, best = markdown(rows), maxima(rows)
-    fresh = (f"new prompts: the gateway embedded {info['gateway_prompts_embedded']} prompts for "
-             f"{sent.get('uniroute', 0)} requests (+ probe, warm-up); " if args.new_prompts else "")
+    emb = info.get("gateway_prompt_embeddings", {})
+    fresh = (f"prompt embeddings {emb.get('computed', 0)} computed, {emb.get('memory', 0)} from memory, "
+             f"{emb.get('disk', 0)} from disk for {sent.get('uniroute', 0)} gateway requests (+ probe); ")
     print(table)
     print()
     print(best)

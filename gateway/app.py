@@ -90,7 +90,7 @@ def create_app(
         if policy is not None:
             bundle = RouterBundle(policy=policy[0], embed=policy[1])
         else:
-            bundle = await build_router(config)
+            bundle = await build_router(config, on_embedding=acc.metrics.observe_embedding)
         if bundle.profiles:
             # Ψ(h) of each profiled registry model; unprofiled models stay out of `auto`
             registry.replace(catalog.with_profiles(registry.snapshot.entries, bundle.profiles))

@@ -115,6 +115,9 @@ class Metrics:
         self.routing_decisions = Counter(
             "uniroute_routing_decisions", "model=auto decisions: the router's first choice and the prompt's cluster",
             ["model", "cluster"], registry=r)
+        self.prompt_embeddings = Counter(
+            "uniroute_prompt_embeddings", "Prompt embeddings for model=auto by source: memory (the LRU), disk (the "
+            "embedding cache) or computed (the embedder ran)", ["source"], registry=r)
         self.fallbacks = Counter(
             "uniroute_fallbacks", "Fallback hops from a failed model to the next candidate",
             ["from_model", "to_model"], registry=r)
@@ -173,6 +176,10 @@ class Metrics:
     def set_key_budget(self, key_name: str, budget_usd: float, remaining_usd: float) -> None:
         self.max_budget.labels(api_key_alias=key_name).set(budget_usd)
         self.remaining_budget.labels(api_key_alias=key_name).set(remaining_usd)
+
+    def observe_embedding(self, source: str) -> None:
+        """One request prompt's embedding came from ``source`` (memory, disk or computed)."""
+        self.prompt_embeddings.labels(source=source).inc()
 
     def observe_request(self, record: RequestRecord) -> None:
         """Update every per-request metric from one finished request's record."""

@@ -68,8 +68,10 @@ def load_profiles_with_counts(config: GatewayConfig
             profiles_artifact_version(config.router.artifact))
 
 
-async def build_router(config: GatewayConfig, *, warm_up: bool = True) -> RouterBundle:
-    """Load the configured policy (and, for UniRoute, its embedder and profiles)."""
+async def build_router(config: GatewayConfig, *, warm_up: bool = True,
+                       on_embedding: Callable[[str], None] | None = None) -> RouterBundle:
+    """Load the configured policy (and, for UniRoute, its embedder and profiles). ``on_embedding(source)``
+    is told where each request's prompt embedding came from ("memory", "disk" or "computed")."""
     r = config.router
     if r.policy == "cheapest":
         return RouterBundle(policy=CheapestPolicy())
@@ -98,6 +100,7 @@ async def build_router(config: GatewayConfig, *, warm_up: bool = True) -> Router
     if warm_up:
         # load the model weights and run one forward pass now, not on the first request
         await batcher.embed("warm-up")
+    batcher.on_lookup = on_embedding  # after the warm-up: count request prompts only
     logger.info("router: %s, K=%d, artifact %s, %d profiled models", policy.name, artifact.k, artifact.version,
                 len(profiles))
     return RouterBundle(policy=policy, embed=batcher.embed, profiles=profiles, profile_counts=counts,

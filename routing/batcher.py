@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -22,13 +23,15 @@ from routing.embedder import CachedEmbedder, Embedder, EmbeddingCache, text_key
 
 class MicroBatcher:
     def __init__(self, embedder: Embedder, *, max_batch: int = 32, max_wait_ms: float = 2.0,
-                 lru_size: int = 10_000) -> None:
+                 lru_size: int = 10_000, on_lookup: Callable[[str], None] | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
         self.embedder = embedder
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.lru_size = lru_size
+        #: called once per ``embed`` with where the vector came from: "memory", "disk" or "computed"
+        self.on_lookup = on_lookup
         self._lru: OrderedDict[str, np.ndarray] = OrderedDict()
         self._disk: EmbeddingCache | None = embedder.cache if isinstance(embedder, CachedEmbedder) else None
         self._pending: list[tuple[str, asyncio.Future[np.ndarray]]] = []
@@ -50,11 +53,15 @@ class MicroBatcher:
         vec = self._lru.get(key)
         if vec is not None:
             self._lru.move_to_end(key)
+            if self.on_lookup is not None:
+                self.on_lookup("memory")
             return vec
         if self._disk is not None:
             vec = self._disk.get_by_key(key)
             if vec is not None:
                 self._remember(key, vec)
+                if self.on_lookup is not None:
+                    self.on_lookup("disk")
                 return vec
         return None
 
@@ -63,6 +70,8 @@ class MicroBatcher:
         if vec is not None:
             self.hits += 1
             return vec
+        if self.on_lookup is not None:
+            self.on_lookup("computed")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[np.ndarray] = loop.create_future()
         self._pending.append((text, fut))

@@ -1,5 +1,6 @@
 import asyncio
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,4 +66,20 @@ async def test_lru_is_bounded_and_keyed_by_hash() -> None:
     assert b.hits == 1
     await b.embed(texts[0])  # evicted: embedded again
     assert len(inner.batches) == 6
+    await b.aclose()
+
+
+async def test_on_lookup_reports_where_each_embedding_came_from(tmp_path: Path) -> None:
+    from routing.embedder import CachedEmbedder, EmbeddingCache
+
+    inner = SlowEmbedder()
+    CachedEmbedder(inner, EmbeddingCache(inner.id, tmp_path)).embed(["on disk"])
+    seen: list[str] = []
+    b = MicroBatcher(CachedEmbedder(inner, EmbeddingCache(inner.id, tmp_path), persist=False), max_wait_ms=0,
+                     on_lookup=seen.append)
+    await b.embed("on disk")
+    await b.embed("new")
+    await b.embed("new")
+    await b.embed("on disk")
+    assert seen == ["disk", "computed", "memory", "memory"]
     await b.aclose()

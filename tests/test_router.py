@@ -138,6 +138,28 @@ def test_streaming_auto_carries_the_decision(stack: Stack) -> None:
     assert info["cluster"] is not None and info["model"] in ACCURACY
 
 
+def test_prompt_embeddings_are_counted_by_source_and_new_prompts_stay_out_of_the_disk_cache(stack: Stack) -> None:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def sources() -> dict[str, float]:
+        text = httpx.get(stack.base_url.removesuffix("/v1") + "/metrics").text
+        return {s.labels["source"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "uniroute_prompt_embeddings_total"}
+
+    cache = stack.config.parent / "cache"
+    files_before = {p: p.stat().st_size for p in cache.rglob("*") if p.is_file()}
+    before = sources()
+    fresh = f"a prompt nobody has sent before {free_port()}"
+    with openai.OpenAI(base_url=stack.base_url, api_key="unused", max_retries=0) as client:
+        _auto(client, fresh)
+        _auto(client, fresh)
+    after = sources()
+    assert after.get("computed", 0) - before.get("computed", 0) == 1
+    assert after.get("memory", 0) - before.get("memory", 0) == 1
+    assert {p: p.stat().st_size for p in cache.rglob("*") if p.is_file()} == files_before  # never appended
+
+
 def test_calibration_sets_default_lambda(fitted: tuple[Path, Path, Path]) -> None:
     root, dataset, artifact = fitted
     cfg_path = _write_config(root, dataset, artifact, "http://127.0.0.1:9/v1", 1, target_cost=0.06)
