@@ -88,6 +88,11 @@ class RouterConfig(_Section):
 
 class FallbackConfig(_Section):
     max_attempts: int = Field(default=3, ge=1)
+    # cooldown (gateway/cooldown.py): this many retryable failures within the window put a model
+    # into cooldown for cooldown_s (at least a 429's Retry-After); `auto` routes around it. 0 = off.
+    cooldown_failures: int = Field(default=3, ge=0)
+    cooldown_window_s: float = Field(default=60.0, gt=0.0)
+    cooldown_s: float = Field(default=30.0, ge=0.0)
 
 
 class ModelConfig(_Section):

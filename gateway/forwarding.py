@@ -21,6 +21,8 @@
 - A request falls back down the ranked candidate list on connection error, 5xx,
   timeout or 429, while nothing has yet been sent to the client (for streams: before
   the first chunk), up to ``max_attempts`` models. Every attempt is recorded.
+- With :class:`~gateway.cooldown.Cooldowns`, retryable failures and successes are reported
+  to it and candidates in cooldown are tried after the healthy ones (``gateway/cooldown.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import gateway  # noqa: F401  (offline environment before litellm is imported)
+from gateway.cooldown import Cooldowns
 from gateway.errors import (
     GatewayError,
     InvalidRequestError,
@@ -123,10 +126,26 @@ def map_exception(exc: BaseException, model: str) -> GatewayError:
     if isinstance(exc, litellm.Timeout) or status in (408, 504):
         return UpstreamTimeoutError(f"model '{model}' timed out: {msg}")
     if isinstance(exc, litellm.RateLimitError) or status == 429:
-        return UpstreamRateLimitError(f"model '{model}' is rate limited upstream: {msg}")
+        return UpstreamRateLimitError(f"model '{model}' is rate limited upstream: {msg}",
+                                      retry_after=_retry_after(exc))
     if isinstance(exc, litellm.BadRequestError | litellm.UnprocessableEntityError) or status in (400, 422):
         return InvalidRequestError(f"model '{model}' rejected the request: {msg}", code="upstream_bad_request")
     return UpstreamError(f"model '{model}' failed upstream: {msg}")
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    """The provider's ``Retry-After`` (seconds) on a 429, when it sent one."""
+    headers = getattr(exc, "litellm_response_headers", None) or getattr(getattr(exc, "response", None),
+                                                                        "headers", None)
+    try:
+        value = headers.get("retry-after") if headers is not None else None
+        return max(0.0, float(value)) if value is not None else None
+    except (TypeError, ValueError, AttributeError):
+        return None  # an HTTP date or junk: ignore
+
+
+def _name(entry: ModelEntry) -> str:
+    return entry.name
 
 
 def is_retryable(err: GatewayError) -> bool:
@@ -179,10 +198,12 @@ def _cost(entry: ModelEntry, usage: Any) -> float | None:
 class Forwarder:
     """Sends chat requests to backends through LiteLLM, with fallback."""
 
-    def __init__(self, max_attempts: int = 3, raw_openai_streams: bool = True) -> None:
+    def __init__(self, max_attempts: int = 3, raw_openai_streams: bool = True,
+                 cooldowns: Cooldowns | None = None) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
         self.max_attempts = max_attempts
+        self.cooldowns = cooldowns if cooldowns is not None and cooldowns.enabled else None
         self.raw_openai_streams = raw_openai_streams
         self._litellm = configure_litellm()
         self._acompletion = self._litellm.acompletion
@@ -270,7 +291,8 @@ class Forwarder:
         """
         attempts = [] if attempts is None else attempts
         last: GatewayError | None = None
-        for entry in candidates[: self.max_attempts]:
+        cool = self.cooldowns
+        for entry in (candidates if cool is None else cool.order(candidates, _name))[: self.max_attempts]:
             t0 = time.perf_counter()
             token = self._quiet.set(True) if self._quiet is not None else None
             try:
@@ -281,6 +303,7 @@ class Forwarder:
                 logger.info("model %s failed (%s): %s", entry.name, err.status_code, err.message)
                 last = err
                 if is_retryable(err):
+                    self.note_failure(entry.name, err)
                     continue
                 break
             finally:
@@ -288,6 +311,8 @@ class Forwarder:
                     self._quiet.reset(token)
             latency = (time.perf_counter() - t0) * 1e3
             attempts.append(Attempt(entry.name, 200, None, latency))
+            if cool is not None:
+                cool.succeeded(entry.name)
             cost = _cost(entry, getattr(response, "usage", None))
             return Completion(entry, response, attempts, cost, latency)
         raise _exhausted(last, attempts)
@@ -302,7 +327,8 @@ class Forwarder:
         """Start a stream: fall back until some candidate yields its first chunk."""
         attempts = [] if attempts is None else attempts
         last: GatewayError | None = None
-        for entry in candidates[: self.max_attempts]:
+        cool = self.cooldowns
+        for entry in (candidates if cool is None else cool.order(candidates, _name))[: self.max_attempts]:
             t0 = time.perf_counter()
             token = None
             try:
@@ -320,6 +346,8 @@ class Forwarder:
             else:
                 ttft = (time.perf_counter() - t0) * 1e3
                 attempts.append(Attempt(entry.name, 200, None, ttft))
+                if cool is not None:
+                    cool.succeeded(entry.name)
                 return OpenStream(entry, first, it, attempts, ttft, started=t0)
             finally:
                 if token is not None and self._quiet is not None:
@@ -329,7 +357,13 @@ class Forwarder:
             last = err
             if not is_retryable(err):
                 break
+            self.note_failure(entry.name, err)
         raise _exhausted(last, attempts)
+
+    def note_failure(self, model: str, err: GatewayError) -> None:
+        """Count a retryable failure of ``model`` towards its cooldown (also used for mid-stream failures)."""
+        if self.cooldowns is not None and is_retryable(err):
+            self.cooldowns.failed(model, getattr(err, "retry_after", None))
 
     def _raw_stream(self, kwargs: Mapping[str, Any]) -> bool:
         return self.raw_openai_streams and "client" in kwargs

@@ -72,6 +72,7 @@ class ChatResult:
     body: dict[str, Any]  # OpenAI chat.completion + ``uniroute``
     model: str
     cost_usd: float | None
+    attempts: int = 1  # upstream calls made
 
 
 @dataclass
@@ -82,6 +83,7 @@ class ChatStream:
     model: str  # known before the first byte is sent
     chunks: AsyncGenerator[dict[str, Any], None]  # chat.completion.chunk dicts; ``{"error": ...}`` on failure
     _finish: Callable[[], Awaitable[None]]
+    attempts: int = 1  # upstream calls made to open it
 
     async def aclose(self) -> None:
         await self.chunks.aclose()
@@ -286,10 +288,12 @@ class ChatService:
             for choice in body.get("choices", ()):
                 choice.pop("provider_specific_fields", None)
             body["uniroute"] = self.extension(record, plan)
-            return ChatResult(body=body, model=done.entry.name, cost_usd=done.cost_usd)
+            return ChatResult(body=body, model=done.entry.name, cost_usd=done.cost_usd, attempts=len(attempts))
         except BaseException as exc:
             record.attempts = [a.as_dict() for a in attempts]
             self._fail(record, exc)
+            if isinstance(exc, GatewayError):
+                exc.attempts = len(attempts)
             raise
         finally:
             if reservation is not None:
@@ -314,6 +318,8 @@ class ChatService:
         except BaseException as exc:
             record.attempts = [a.as_dict() for a in attempts]
             self._fail(record, exc)
+            if isinstance(exc, GatewayError):
+                exc.attempts = len(attempts)
             if reservation is not None:
                 await self.budget.settle(reservation, 0.0)
             self._finish(record, t0)
@@ -324,7 +330,7 @@ class ChatService:
         want_usage = bool(req.stream_options and req.stream_options.include_usage)
         end = _StreamEnd(self, record, reservation, opened, t0)
         return ChatStream(model=opened.entry.name, chunks=self._relay(opened, record, plan, end, want_usage),
-                          _finish=end)
+                          _finish=end, attempts=len(attempts))
 
     async def _relay(
         self,
@@ -382,6 +388,7 @@ class ChatService:
             err = map_exception(exc, name)
             if not isinstance(err, UpstreamError):
                 err = UpstreamError(f"model '{name}' failed mid-stream: {err.message}")
+            self.forwarder.note_failure(name, err)
             record.status_code, record.error_type = err.status_code, err.error_type
             if held is not None:
                 yield held

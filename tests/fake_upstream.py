@@ -2,7 +2,7 @@
 
 Run: ``python -m uvicorn tests.fake_upstream:app --port P``. The suffix of ``model`` picks
 the behaviour: ``-500`` (server error with a provider message), ``-429`` (rate limited),
-``-400`` (rejects the request), ``-echo`` (answers with the request's JSON, minus messages), ``-slow`` (sleeps 5 s), ``-midfail`` (streams one chunk then
+``-400`` (rejects the request), ``-429`` sends ``Retry-After: 7``, ``-echo`` (answers with the request's JSON, minus messages), ``-slow`` (sleeps 5 s), ``-midfail`` (streams one chunk then
 drops the connection); anything else echoes the last user message, streaming too.
 """
 
@@ -32,7 +32,9 @@ async def chat(request: Request) -> Response:
     if model.endswith("-500"):
         return _err(500, f"{PROVIDER_MESSAGE} ({model})", "server_error")
     if model.endswith("-429"):
-        return _err(429, "slow down", "rate_limit_exceeded")
+        response = _err(429, "slow down", "rate_limit_exceeded")
+        response.headers["retry-after"] = "7"
+        return response
     if model.endswith("-400"):
         return _err(400, "this provider rejects the request", "invalid_request_error")
     if model.endswith("-slow"):

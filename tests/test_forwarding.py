@@ -201,3 +201,58 @@ async def test_raw_openai_stream_carries_what_litellms_wrapper_does(base_url: st
         seen[raw] = (text, (usage.prompt_tokens, usage.completion_tokens), finish)
         await fw.aclose()
     assert seen[True] == seen[False] and seen[True][0]
+
+
+async def test_cooldown_routes_around_a_failing_model(base_url: str) -> None:
+    from gateway.cooldown import Cooldowns
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    clock = Clock()
+    bad, ok = entry(base_url, "a-500"), entry(base_url, "ok")
+    fw = Forwarder(max_attempts=3, cooldowns=Cooldowns(2, 60, 30, clock=clock))
+    Registry([bad, ok]).on_replace(fw.register)
+    for _ in range(2):  # two failures: both requests fall back
+        attempts: list[Attempt] = []
+        await fw.complete([bad, ok], MSG, {}, attempts)
+        assert [a.model for a in attempts] == ["a-500", "ok"]
+    attempts = []
+    done = await fw.complete([bad, ok], MSG, {}, attempts)  # a-500 is cooling: straight to ok
+    assert done.entry is ok and [a.model for a in attempts] == ["ok"]
+    opened = await fw.open_stream([bad, ok], MSG, {}, attempts := [])
+    assert opened.entry is ok and [a.model for a in attempts] == ["ok"]
+    async for _ in opened.rest:
+        pass
+    clock.now += 31  # the cooldown is over: a-500 is tried again first
+    attempts = []
+    await fw.complete([bad, ok], MSG, {}, attempts)
+    assert [a.model for a in attempts] == ["a-500", "ok"]
+
+
+async def test_rejected_request_does_not_cool_the_model(base_url: str) -> None:
+    from gateway.cooldown import Cooldowns
+
+    rejected, ok = entry(base_url, "a-400"), entry(base_url, "ok")
+    cooldowns = Cooldowns(1, 60, 30)
+    fw = Forwarder(max_attempts=3, cooldowns=cooldowns)
+    Registry([rejected, ok]).on_replace(fw.register)
+    with pytest.raises(InvalidRequestError):
+        await fw.complete([rejected, ok], MSG, {})
+    assert not cooldowns.cooling("a-400")
+
+
+async def test_429_retry_after_sets_the_cooldown(base_url: str) -> None:
+    from gateway.cooldown import Cooldowns
+
+    limited = entry(base_url, "b-429")
+    cooldowns = Cooldowns(1, 60, 1)
+    fw = Forwarder(max_attempts=1, cooldowns=cooldowns)
+    Registry([limited]).on_replace(fw.register)
+    with pytest.raises(UpstreamRateLimitError) as info:
+        await fw.complete([limited], MSG, {})
+    assert info.value.retry_after == 7 and info.value.headers["retry-after"] == "7"
+    assert cooldowns._cooling["b-429"] - cooldowns.clock() > 6  # at least the provider's Retry-After
