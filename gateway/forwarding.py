@@ -14,6 +14,13 @@
   per-chunk re-wrapping and end-of-stream re-assembly (~10 ms CPU per 20-chunk stream).
   Non-streaming calls (and those streams) run with LiteLLM's "internal call" flag set, which
   skips LiteLLM's own success/failure logging: the gateway logs and prices every request itself.
+- Timeouts per model: ``connect_timeout_s`` (an ``httpx.Timeout`` on the call: honoured by
+  LiteLLM's openai/azure/bedrock providers, the others get ``timeout_s`` as one number),
+  ``first_token_timeout_s`` (streams: one ``asyncio.timeout`` around opening the stream and
+  reading its first chunk) and ``timeout_s`` (the whole call: httpx's read timeout for a
+  non-streaming call; for a stream, ``OpenStream.deadline``, which the chat service enforces
+  after the first chunk with one timer per stream). A timeout before the first chunk falls
+  back like any other.
 - Provider failures become gateway errors: timeout → 504, 429 → 429, an upstream
   ``400``/``422`` (the provider rejected the request itself) → 400, anything else
   (connection error, 5xx, auth/config problems) → 502 with the provider's message,
@@ -27,10 +34,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +114,7 @@ class OpenStream:
     attempts: list[Attempt]
     ttft_ms: float
     started: float = field(default_factory=time.perf_counter)
+    deadline: float = float("inf")  # event-loop time by which the whole stream must have ended (timeout_s)
 
 
 def provider_message(exc: BaseException) -> str:
@@ -187,6 +196,13 @@ def _internal_call_flag() -> Any | None:
     return is_internal_call
 
 
+def _timeout(entry: ModelEntry) -> Any:
+    """The call's timeout: ``timeout_s`` for everything but connecting, which gets ``connect_timeout``."""
+    import httpx
+
+    return httpx.Timeout(entry.timeout_s, connect=entry.connect_timeout)
+
+
 def _cost(entry: ModelEntry, usage: Any) -> float | None:
     if usage is None:
         return None
@@ -254,7 +270,7 @@ class Forwarder:
             if provider in _PASS_USER:
                 # LiteLLM drops `user` for OpenAI-compatible servers that are not OpenAI's own catalog
                 params.setdefault("allowed_openai_params", ["user"])
-            params.setdefault("timeout", e.timeout_s)
+            params.setdefault("timeout", _timeout(e))
             params.setdefault("max_retries", 0)  # the gateway does its own fallback
             params["num_retries"] = 0
             # per-call prices too: two entries may share a LiteLLM model name at different prices
@@ -330,17 +346,22 @@ class Forwarder:
         cool = self.cooldowns
         for entry in (candidates if cool is None else cool.order(candidates, _name))[: self.max_attempts]:
             t0 = time.perf_counter()
+            started = asyncio.get_running_loop().time()
             token = None
             try:
                 kwargs = self._call_kwargs(entry)
                 raw = self._raw_stream(kwargs)
                 if raw and self._quiet is not None:  # LiteLLM's stream wrapper (and its logging) is bypassed
                     token = self._quiet.set(True)
-                stream = await self._acompletion(messages=messages, stream=True, **kwargs, **params)
-                it = self._chunks(stream, raw)
-                first = await it.__anext__()
+                async with asyncio.timeout(entry.first_token_timeout):
+                    stream = await self._acompletion(messages=messages, stream=True, **kwargs, **params)
+                    it = self._chunks(stream, raw)
+                    first = await it.__anext__()
             except StopAsyncIteration:
                 err: GatewayError = UpstreamError(f"model '{entry.name}' returned an empty stream")
+            except TimeoutError:
+                err = UpstreamTimeoutError(f"model '{entry.name}' sent no first token within "
+                                           f"{entry.first_token_timeout:g} s (first_token_timeout_s)")
             except Exception as exc:
                 err = map_exception(exc, entry.name)
             else:
@@ -348,7 +369,7 @@ class Forwarder:
                 attempts.append(Attempt(entry.name, 200, None, ttft))
                 if cool is not None:
                     cool.succeeded(entry.name)
-                return OpenStream(entry, first, it, attempts, ttft, started=t0)
+                return OpenStream(entry, first, it, attempts, ttft, started=t0, deadline=started + entry.timeout_s)
             finally:
                 if token is not None and self._quiet is not None:
                     self._quiet.reset(token)
@@ -384,16 +405,50 @@ class Forwarder:
         """Cost of a finished stream from its usage chunk: usage × the entry's prices."""
         return _cost(entry, usage)
 
+    @staticmethod
+    def partial_usage(entry: ModelEntry, messages: list[dict[str, Any]], relayed: str) -> tuple[int, int, float]:
+        """(prompt tokens, completion tokens, cost) of a stream cut short before its usage chunk: the
+        messages and the text relayed so far, counted with LiteLLM's token counter, × the entry's prices."""
+        pt = count_tokens(entry.litellm_model, messages=messages)
+        ct = count_tokens(entry.litellm_model, text=relayed) if relayed else 0
+        return pt, ct, pt * entry.input_cost_per_token + ct * entry.output_cost_per_token
+
 
 async def _raw_chunks(raw: Any) -> AsyncIterator[Any]:
-    """Yield an OpenAI SDK stream's chunks; always release its connection."""
+    """Yield an OpenAI SDK stream's chunks; always release its connection (shielded when cut short:
+    a client disconnect cancels the task, and the close must still reach the provider)."""
+    finished = False
     try:
         async for chunk in raw:
             yield chunk
+        finished = True
     finally:
         close = getattr(raw, "close", None)
         if close is not None:
-            await close()
+            await (close() if finished else shielded(close()))
+
+
+_BACKGROUND: set[asyncio.Task[Any]] = set()
+
+
+async def shielded(aw: Awaitable[Any]) -> None:
+    """Run ``aw`` to completion even if the caller is cancelled (the caller still sees the cancellation)."""
+    task = asyncio.ensure_future(aw)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+    await asyncio.shield(task)
+
+
+def count_tokens(model: str, *, messages: list[dict[str, Any]] | None = None, text: str | None = None) -> int:
+    """Tokens by LiteLLM's counter for ``model`` (tiktoken's cl100k for unknown models); characters / 4
+    if it fails."""
+    import litellm
+
+    try:
+        return int(litellm.token_counter(model=model, messages=messages, text=text))
+    except Exception:
+        chars = len(text or "") + sum(len(str(m.get("content") or "")) for m in messages or ())
+        return max(1, chars // 4) if chars else 0
 
 
 def _exhausted(last: GatewayError | None, attempts: list[Attempt]) -> GatewayError:
