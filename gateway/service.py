@@ -377,7 +377,7 @@ class ChatService:
         held: dict[str, Any] | None = None
         template: dict[str, Any] = {}
         parts = end.parts
-        task = asyncio.current_task()
+        task: asyncio.Task[Any] | None = None  # the task awaiting upstream right now
         waiting = expired = False
 
         def expire() -> None:
@@ -418,7 +418,7 @@ class ChatService:
                         yield d
                 if expired:
                     raise _total_timeout(entry)
-                waiting = True
+                task, waiting = asyncio.current_task(), True
                 try:
                     chunk = await opened.rest.__anext__()
                 except StopAsyncIteration:
