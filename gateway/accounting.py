@@ -88,6 +88,8 @@ def settings_from_config(config: GatewayConfig) -> AccountingSettings:
             "output_cost_per_1m": m.output_cost_per_1m,
             "router_cost": m.router_cost,
             "timeout_s": m.timeout_s,
+            "connect_timeout_s": m.connect_timeout_s,
+            "first_token_timeout_s": m.first_token_timeout_s,
             "routable": m.routable,
         }
         for m in config.models

@@ -76,6 +76,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         from gateway import catalog
+        from gateway.cooldown import Cooldowns
         from gateway.forwarding import Forwarder
         from gateway.registry import Registry
         from gateway.router import RouterBundle, build_router
@@ -83,7 +84,11 @@ def create_app(
 
         started = int(time.time())
         registry = Registry.from_config(config, created=started)
-        forwarder = Forwarder(max_attempts=config.fallback.max_attempts,
+        fb = config.fallback
+        cooldowns = Cooldowns(fb.cooldown_failures, fb.cooldown_window_s, fb.cooldown_s,
+                              on_enter=acc.metrics.cooldown_entered, on_count=acc.metrics.set_models_in_cooldown)
+        acc.metrics.add_collect_hook(lambda: acc.metrics.set_models_in_cooldown(len(cooldowns.active())))
+        forwarder = Forwarder(max_attempts=fb.max_attempts, cooldowns=cooldowns,
                               raw_openai_streams=config.forwarding.raw_openai_streams,
                               http_client=config.forwarding.http_client)
         registry.on_replace(forwarder.register)

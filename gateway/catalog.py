@@ -55,6 +55,8 @@ class ModelSpec(BaseModel):
     output_cost_per_1m: float = Field(default=0.0, ge=0.0)
     router_cost: float = Field(gt=0.0)
     timeout_s: float = Field(default=60.0, gt=0.0)
+    connect_timeout_s: float | None = Field(default=None, gt=0.0)
+    first_token_timeout_s: float | None = Field(default=None, gt=0.0)
     routable: bool = True
 
     @field_validator("litellm_params")
@@ -73,12 +75,16 @@ class ModelPatch(BaseModel):
     output_cost_per_1m: float | None = Field(default=None, ge=0.0)
     router_cost: float | None = Field(default=None, gt=0.0)
     timeout_s: float | None = Field(default=None, gt=0.0)
+    connect_timeout_s: float | None = Field(default=None, gt=0.0)
+    first_token_timeout_s: float | None = Field(default=None, gt=0.0)
     routable: bool | None = None
     enabled: bool | None = None
 
 
-SPEC_FIELDS = "name, litellm_params, input_cost_per_1m, output_cost_per_1m, router_cost, timeout_s, routable"
-PATCH_FIELDS = "litellm_params, input_cost_per_1m, output_cost_per_1m, router_cost, timeout_s, routable, enabled"
+SPEC_FIELDS = ("name, litellm_params, input_cost_per_1m, output_cost_per_1m, router_cost, timeout_s, "
+               "connect_timeout_s, first_token_timeout_s, routable")
+PATCH_FIELDS = ("litellm_params, input_cost_per_1m, output_cost_per_1m, router_cost, timeout_s, connect_timeout_s, "
+                "first_token_timeout_s, routable, enabled")
 
 
 def validation_message(exc: ValidationError, what: str, fields: str) -> str:
@@ -112,7 +118,8 @@ def model_summary(row: ModelRow, profile: ProfileRow | None = None) -> dict[str,
     return {
         "name": row.name, "litellm_params": _redacted(row.litellm_params),
         "input_cost_per_1m": row.input_cost_per_1m, "output_cost_per_1m": row.output_cost_per_1m,
-        "router_cost": row.router_cost, "timeout_s": row.timeout_s, "routable": row.routable,
+        "router_cost": row.router_cost, "timeout_s": row.timeout_s, "connect_timeout_s": row.connect_timeout_s,
+        "first_token_timeout_s": row.first_token_timeout_s, "routable": row.routable,
         "enabled": row.enabled, "source": row.source, "version": row.version,
         "created_at": row.created_at.isoformat(), "updated_at": row.updated_at.isoformat(),
         "profile": None if profile is None else profile_summary(profile),
@@ -156,7 +163,9 @@ def add_model(store: Store, spec: ModelSpec) -> ModelRow:
                                     f"{spec.name} (or `uniroute models update`)", param="name", code="model_exists")
             row = ModelRow(name=spec.name, litellm_params=dict(spec.litellm_params),
                            input_cost_per_1m=spec.input_cost_per_1m, output_cost_per_1m=spec.output_cost_per_1m,
-                           router_cost=spec.router_cost, timeout_s=spec.timeout_s, routable=spec.routable,
+                           router_cost=spec.router_cost, timeout_s=spec.timeout_s,
+                           connect_timeout_s=spec.connect_timeout_s,
+                           first_token_timeout_s=spec.first_token_timeout_s, routable=spec.routable,
                            enabled=True, source="admin", version=1)
             s.add(row)
             s.flush()
@@ -290,6 +299,7 @@ def entry_from_row(row: ModelRow, psi: np.ndarray | None = None, created: int = 
         name=row.name, litellm_params=MappingProxyType(resolve_params(row.litellm_params, row.name)),
         input_cost_per_token=row.input_cost_per_1m / 1e6, output_cost_per_token=row.output_cost_per_1m / 1e6,
         router_cost=row.router_cost, timeout_s=row.timeout_s, routable=row.routable, psi=psi,
+        connect_timeout_s=row.connect_timeout_s, first_token_timeout_s=row.first_token_timeout_s,
         created=int(row.created_at.timestamp()) if row.created_at else created,
     )
 
@@ -418,6 +428,8 @@ def models_add_command(args: Any) -> int:
                            "input_cost_per_1m": args.input_cost_per_1m or 0.0,
                            "output_cost_per_1m": args.output_cost_per_1m or 0.0,
                            "router_cost": args.router_cost, "timeout_s": args.timeout_s or 60.0,
+                           "connect_timeout_s": args.connect_timeout_s,
+                           "first_token_timeout_s": args.first_token_timeout_s,
                            "routable": not args.not_routable})
         _print_rows([add_model(store, spec)], False)
 
@@ -427,7 +439,8 @@ def models_add_command(args: Any) -> int:
 def models_update_command(args: Any) -> int:
     def run(store: Store) -> None:
         data: dict[str, Any] = {k: getattr(args, k) for k in ("input_cost_per_1m", "output_cost_per_1m",
-                                                              "router_cost", "timeout_s")
+                                                              "router_cost", "timeout_s", "connect_timeout_s",
+                                                              "first_token_timeout_s")
                                 if getattr(args, k) is not None}
         params = _params_from_args(args)
         if params is not None:

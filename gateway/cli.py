@@ -111,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--output-cost-per-1m", type=float, default=None, help="USD per 1M completion tokens")
         q.add_argument("--router-cost", type=float, default=None, required=action == "add",
                        help="the router's cost scalar c(h) > 0")
-        q.add_argument("--timeout-s", type=float, default=None)
+        q.add_argument("--timeout-s", type=float, default=None, help="the whole call (default 60)")
+        q.add_argument("--connect-timeout-s", type=float, default=None, help="connecting (default 5)")
+        q.add_argument("--first-token-timeout-s", type=float, default=None,
+                       help="streams: until the first chunk (default: --timeout-s)")
         if action == "add":
             q.add_argument("--not-routable", action="store_true", help="callable by name only, even once profiled")
             q.set_defaults(handler=_lazy("gateway.catalog:models_add_command"))

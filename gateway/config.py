@@ -88,6 +88,11 @@ class RouterConfig(_Section):
 
 class FallbackConfig(_Section):
     max_attempts: int = Field(default=3, ge=1)
+    # cooldown (gateway/cooldown.py): this many retryable failures within the window put a model
+    # into cooldown for cooldown_s (at least a 429's Retry-After); `auto` routes around it. 0 = off.
+    cooldown_failures: int = Field(default=3, ge=0)
+    cooldown_window_s: float = Field(default=60.0, gt=0.0)
+    cooldown_s: float = Field(default=30.0, ge=0.0)
 
 
 class ForwardingConfig(_Section):
@@ -105,7 +110,9 @@ class ModelConfig(_Section):
     input_cost_per_1m: float = Field(default=0.0, ge=0.0)  # USD per 1M prompt tokens
     output_cost_per_1m: float = Field(default=0.0, ge=0.0)  # USD per 1M completion tokens
     router_cost: float = Field(gt=0.0)  # the scalar c(h) of the routing rule
-    timeout_s: float = Field(default=60.0, gt=0.0)
+    timeout_s: float = Field(default=60.0, gt=0.0)  # the whole call (a stream: until its last chunk)
+    connect_timeout_s: float | None = Field(default=None, gt=0.0)  # TCP/TLS connect; None: 5 s (≤ timeout_s)
+    first_token_timeout_s: float | None = Field(default=None, gt=0.0)  # streams: first chunk; None: timeout_s
     routable: bool = True  # may ``model: "auto"`` pick it?
     #: litellm_params before ``os.environ/NAME`` resolution (what the ``models`` table stores); set by
     #: parse_config, never a YAML key

@@ -128,6 +128,8 @@ class ModelEntry(Base):
     output_cost_per_1m: Mapped[float] = mapped_column(Float, default=0.0)  # USD per 1M completion tokens
     router_cost: Mapped[float] = mapped_column(Float)  # c(h) in the router's cost unit
     timeout_s: Mapped[float] = mapped_column(Float, default=60.0)
+    connect_timeout_s: Mapped[float | None] = mapped_column(Float, nullable=True)  # NULL: 5 s (≤ timeout_s)
+    first_token_timeout_s: Mapped[float | None] = mapped_column(Float, nullable=True)  # NULL: timeout_s
     routable: Mapped[bool] = mapped_column(Boolean, default=True)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     source: Mapped[str] = mapped_column(String(16), default="config")

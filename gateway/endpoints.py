@@ -2,9 +2,10 @@
 
 Every error goes through :func:`gateway.errors.error_body`, so every error body is
 OpenAI-shaped. Response headers: ``x-uniroute-model`` (the model that served),
-``x-uniroute-request-id`` (set by the middleware) and ``x-uniroute-cost`` (USD, when known
-before the headers are sent, i.e. not for streams; the last chunk's ``uniroute.cost_usd``
-has it).
+``x-uniroute-request-id`` (set by the middleware), ``x-uniroute-attempts`` (upstream calls
+made, on every chat response including errors; 0 when refused before forwarding) and
+``x-uniroute-cost`` (USD, when known before the headers are sent, i.e. not for streams; the
+last chunk's ``uniroute.cost_usd`` has it).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ except ImportError:  # pragma: no cover
     _JSONError = ValueError
 
 JSON = "application/json"
+ATTEMPTS = "x-uniroute-attempts"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
@@ -92,8 +94,10 @@ async def chat_completions(request: Request) -> Response:
             return SSEResponse(stream)
         result = await service.complete(req, ctx)
     except Exception as exc:
-        return error_response(exc)
-    headers = {"x-uniroute-model": result.model}
+        response = error_response(exc)
+        response.headers[ATTEMPTS] = str(getattr(exc, "attempts", 0))
+        return response
+    headers = {"x-uniroute-model": result.model, ATTEMPTS: str(result.attempts)}
     if result.cost_usd is not None:
         headers["x-uniroute-cost"] = f"{result.cost_usd:.10g}"
     return json_response(result.body, headers=headers)
@@ -105,7 +109,8 @@ class SSEResponse(StreamingResponse):
     def __init__(self, stream: ChatStream) -> None:
         self.stream = stream
         super().__init__(self._events(), media_type="text/event-stream",
-                         headers={**SSE_HEADERS, "x-uniroute-model": stream.model})
+                         headers={**SSE_HEADERS, "x-uniroute-model": stream.model,
+                                  ATTEMPTS: str(stream.attempts)})
 
     async def _events(self) -> AsyncIterator[bytes]:
         async for chunk in self.stream.chunks:

@@ -18,6 +18,7 @@ class GatewayError(Exception):
     status_code: int = 500
     error_type: str = "internal_error"
     default_code: str | None = None
+    attempts: int = 0  # upstream calls made before this error (set by the chat service)
 
     def __init__(
         self,
@@ -117,6 +118,12 @@ class UpstreamRateLimitError(UpstreamError):
     status_code = 429
     error_type = "rate_limit_exceeded"
     default_code = "upstream_rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.retry_after = retry_after  # the provider's Retry-After, seconds
+        if retry_after is not None:
+            self.headers.setdefault("retry-after", str(max(1, int(retry_after + 0.999))))
 
 
 class ServiceUnavailableError(GatewayError):

@@ -17,6 +17,13 @@
   the gateway's CPU per request; ``http_client="httpx"`` restores the default.
   Non-streaming calls (and those streams) run with LiteLLM's "internal call" flag set, which
   skips LiteLLM's own success/failure logging: the gateway logs and prices every request itself.
+- Timeouts per model: ``connect_timeout_s`` (an ``httpx.Timeout`` on the call: honoured by
+  LiteLLM's openai/azure/bedrock providers, the others get ``timeout_s`` as one number),
+  ``first_token_timeout_s`` (streams: one ``asyncio.timeout`` around opening the stream and
+  reading its first chunk) and ``timeout_s`` (the whole call: httpx's read timeout for a
+  non-streaming call; for a stream, ``OpenStream.deadline``, which the chat service enforces
+  after the first chunk with one timer per stream). A timeout before the first chunk falls
+  back like any other.
 - Provider failures become gateway errors: timeout → 504, 429 → 429, an upstream
   ``400``/``422`` (the provider rejected the request itself) → 400, anything else
   (connection error, 5xx, auth/config problems) → 502 with the provider's message,
@@ -24,18 +31,22 @@
 - A request falls back down the ranked candidate list on connection error, 5xx,
   timeout or 429, while nothing has yet been sent to the client (for streams: before
   the first chunk), up to ``max_attempts`` models. Every attempt is recorded.
+- With :class:`~gateway.cooldown.Cooldowns`, retryable failures and successes are reported
+  to it and candidates in cooldown are tried after the healthy ones (``gateway/cooldown.py``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import gateway  # noqa: F401  (offline environment before litellm is imported)
+from gateway.cooldown import Cooldowns
 from gateway.errors import (
     GatewayError,
     InvalidRequestError,
@@ -110,6 +121,7 @@ class OpenStream:
     attempts: list[Attempt]
     ttft_ms: float
     started: float = field(default_factory=time.perf_counter)
+    deadline: float = float("inf")  # event-loop time by which the whole stream must have ended (timeout_s)
 
 
 def provider_message(exc: BaseException) -> str:
@@ -133,7 +145,8 @@ def map_exception(exc: BaseException, model: str) -> GatewayError:
     if isinstance(exc, litellm.Timeout) or status in (408, 504):
         return UpstreamTimeoutError(f"model '{model}' timed out: {msg}")
     if isinstance(exc, litellm.RateLimitError) or status == 429:
-        return UpstreamRateLimitError(f"model '{model}' is rate limited upstream: {msg}")
+        return UpstreamRateLimitError(f"model '{model}' is rate limited upstream: {msg}",
+                                      retry_after=_retry_after(exc))
     if isinstance(exc, litellm.BadRequestError | litellm.UnprocessableEntityError) or status in (400, 422):
         return InvalidRequestError(f"model '{model}' rejected the request: {msg}", code="upstream_bad_request")
     return UpstreamError(f"model '{model}' failed upstream: {msg}")
@@ -156,6 +169,21 @@ def _refused(exc: BaseException) -> BaseException | None:
             return cur
         cur = cur.__cause__ or cur.__context__
     return None
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    """The provider's ``Retry-After`` (seconds) on a 429, when it sent one."""
+    headers = getattr(exc, "litellm_response_headers", None) or getattr(getattr(exc, "response", None),
+                                                                        "headers", None)
+    try:
+        value = headers.get("retry-after") if headers is not None else None
+        return max(0.0, float(value)) if value is not None else None
+    except (TypeError, ValueError, AttributeError):
+        return None  # an HTTP date or junk: ignore
+
+
+def _name(entry: ModelEntry) -> str:
+    return entry.name
 
 
 def is_retryable(err: GatewayError) -> bool:
@@ -197,6 +225,13 @@ def _internal_call_flag() -> Any | None:
     return is_internal_call
 
 
+def _timeout(entry: ModelEntry) -> Any:
+    """The call's timeout: ``timeout_s`` for everything but connecting, which gets ``connect_timeout``."""
+    import httpx
+
+    return httpx.Timeout(entry.timeout_s, connect=entry.connect_timeout)
+
+
 def _cost(entry: ModelEntry, usage: Any) -> float | None:
     if usage is None:
         return None
@@ -209,12 +244,13 @@ class Forwarder:
     """Sends chat requests to backends through LiteLLM, with fallback."""
 
     def __init__(self, max_attempts: int = 3, raw_openai_streams: bool = True,
-                 http_client: HttpClientKind = "aiohttp") -> None:
+                 http_client: HttpClientKind = "aiohttp", cooldowns: Cooldowns | None = None) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
         if http_client not in HTTP_CLIENTS:
             raise ValueError(f"unknown http_client {http_client!r}; valid: {', '.join(HTTP_CLIENTS)}")
         self.max_attempts = max_attempts
+        self.cooldowns = cooldowns if cooldowns is not None and cooldowns.enabled else None
         self.raw_openai_streams = raw_openai_streams
         self.http_client = http_client
         self._litellm = configure_litellm()
@@ -271,7 +307,7 @@ class Forwarder:
             if provider in _PASS_USER:
                 # LiteLLM drops `user` for OpenAI-compatible servers that are not OpenAI's own catalog
                 params.setdefault("allowed_openai_params", ["user"])
-            params.setdefault("timeout", e.timeout_s)
+            params.setdefault("timeout", _timeout(e))
             params.setdefault("max_retries", 0)  # the gateway does its own fallback
             params["num_retries"] = 0
             # per-call prices too: two entries may share a LiteLLM model name at different prices
@@ -308,7 +344,8 @@ class Forwarder:
         """
         attempts = [] if attempts is None else attempts
         last: GatewayError | None = None
-        for entry in candidates[: self.max_attempts]:
+        cool = self.cooldowns
+        for entry in (candidates if cool is None else cool.order(candidates, _name))[: self.max_attempts]:
             t0 = time.perf_counter()
             token = self._quiet.set(True) if self._quiet is not None else None
             try:
@@ -319,6 +356,7 @@ class Forwarder:
                 logger.info("model %s failed (%s): %s", entry.name, err.status_code, err.message)
                 last = err
                 if is_retryable(err):
+                    self.note_failure(entry.name, err)
                     continue
                 break
             finally:
@@ -326,6 +364,8 @@ class Forwarder:
                     self._quiet.reset(token)
             latency = (time.perf_counter() - t0) * 1e3
             attempts.append(Attempt(entry.name, 200, None, latency))
+            if cool is not None:
+                cool.succeeded(entry.name)
             cost = _cost(entry, getattr(response, "usage", None))
             return Completion(entry, response, attempts, cost, latency)
         raise _exhausted(last, attempts)
@@ -340,25 +380,33 @@ class Forwarder:
         """Start a stream: fall back until some candidate yields its first chunk."""
         attempts = [] if attempts is None else attempts
         last: GatewayError | None = None
-        for entry in candidates[: self.max_attempts]:
+        cool = self.cooldowns
+        for entry in (candidates if cool is None else cool.order(candidates, _name))[: self.max_attempts]:
             t0 = time.perf_counter()
+            started = asyncio.get_running_loop().time()
             token = None
             try:
                 kwargs = self._call_kwargs(entry)
                 raw = self._raw_stream(kwargs)
                 if raw and self._quiet is not None:  # LiteLLM's stream wrapper (and its logging) is bypassed
                     token = self._quiet.set(True)
-                stream = await self._acompletion(messages=messages, stream=True, **kwargs, **params)
-                it = self._chunks(stream, raw)
-                first = await it.__anext__()
+                async with asyncio.timeout(entry.first_token_timeout):
+                    stream = await self._acompletion(messages=messages, stream=True, **kwargs, **params)
+                    it = self._chunks(stream, raw)
+                    first = await it.__anext__()
             except StopAsyncIteration:
                 err: GatewayError = UpstreamError(f"model '{entry.name}' returned an empty stream")
+            except TimeoutError:
+                err = UpstreamTimeoutError(f"model '{entry.name}' sent no first token within "
+                                           f"{entry.first_token_timeout:g} s (first_token_timeout_s)")
             except Exception as exc:
                 err = map_exception(exc, entry.name)
             else:
                 ttft = (time.perf_counter() - t0) * 1e3
                 attempts.append(Attempt(entry.name, 200, None, ttft))
-                return OpenStream(entry, first, it, attempts, ttft, started=t0)
+                if cool is not None:
+                    cool.succeeded(entry.name)
+                return OpenStream(entry, first, it, attempts, ttft, started=t0, deadline=started + entry.timeout_s)
             finally:
                 if token is not None and self._quiet is not None:
                     self._quiet.reset(token)
@@ -367,7 +415,13 @@ class Forwarder:
             last = err
             if not is_retryable(err):
                 break
+            self.note_failure(entry.name, err)
         raise _exhausted(last, attempts)
+
+    def note_failure(self, model: str, err: GatewayError) -> None:
+        """Count a retryable failure of ``model`` towards its cooldown (also used for mid-stream failures)."""
+        if self.cooldowns is not None and is_retryable(err):
+            self.cooldowns.failed(model, getattr(err, "retry_after", None))
 
     def _raw_stream(self, kwargs: Mapping[str, Any]) -> bool:
         return self.raw_openai_streams and "client" in kwargs
@@ -388,16 +442,50 @@ class Forwarder:
         """Cost of a finished stream from its usage chunk: usage × the entry's prices."""
         return _cost(entry, usage)
 
+    @staticmethod
+    def partial_usage(entry: ModelEntry, messages: list[dict[str, Any]], relayed: str) -> tuple[int, int, float]:
+        """(prompt tokens, completion tokens, cost) of a stream cut short before its usage chunk: the
+        messages and the text relayed so far, counted with LiteLLM's token counter, × the entry's prices."""
+        pt = count_tokens(entry.litellm_model, messages=messages)
+        ct = count_tokens(entry.litellm_model, text=relayed) if relayed else 0
+        return pt, ct, pt * entry.input_cost_per_token + ct * entry.output_cost_per_token
+
 
 async def _raw_chunks(raw: Any) -> AsyncIterator[Any]:
-    """Yield an OpenAI SDK stream's chunks; always release its connection."""
+    """Yield an OpenAI SDK stream's chunks; always release its connection (shielded when cut short:
+    a client disconnect cancels the task, and the close must still reach the provider)."""
+    finished = False
     try:
         async for chunk in raw:
             yield chunk
+        finished = True
     finally:
         close = getattr(raw, "close", None)
         if close is not None:
-            await close()
+            await (close() if finished else shielded(close()))
+
+
+_BACKGROUND: set[asyncio.Task[Any]] = set()
+
+
+async def shielded(aw: Awaitable[Any]) -> None:
+    """Run ``aw`` to completion even if the caller is cancelled (the caller still sees the cancellation)."""
+    task = asyncio.ensure_future(aw)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+    await asyncio.shield(task)
+
+
+def count_tokens(model: str, *, messages: list[dict[str, Any]] | None = None, text: str | None = None) -> int:
+    """Tokens by LiteLLM's counter for ``model`` (tiktoken's cl100k for unknown models); characters / 4
+    if it fails."""
+    import litellm
+
+    try:
+        return int(litellm.token_counter(model=model, messages=messages, text=text))
+    except Exception:
+        chars = len(text or "") + sum(len(str(m.get("content") or "")) for m in messages or ())
+        return max(1, chars // 4) if chars else 0
 
 
 def _exhausted(last: GatewayError | None, attempts: list[Attempt]) -> GatewayError:

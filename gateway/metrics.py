@@ -70,6 +70,7 @@ class Metrics:
         r = registry if registry is not None else CollectorRegistry()
         self.registry = r
         self._known_models: frozenset[str] = frozenset()
+        self._collect_hooks: list[Callable[[], None]] = []
         key = "api_key_alias"
 
         # -- traffic ----------------------------------------------------------------------------
@@ -127,6 +128,16 @@ class Metrics:
         self.failed_fallbacks = Counter(
             "litellm_deployment_failed_fallbacks", "Requests whose every fallback failed",
             ["requested_model", "fallback_model", key], registry=r)
+        self.upstream_attempts = Counter(
+            "uniroute_upstream_attempts", "Upstream calls made (each fallback hop is one), by model and outcome: "
+            "success or the error type (timeout, rate_limit_exceeded, upstream_error, invalid_request_error)",
+            ["model", "outcome"], registry=r)
+        self.cooldowns_entered = Counter(
+            "uniroute_cooldowns", "Times a model was put into cooldown after repeated failures (this worker)",
+            ["model"], registry=r)
+        self.models_in_cooldown = Gauge(
+            "uniroute_models_in_cooldown", "Models in cooldown now (per worker; multiprocess: the max over workers)",
+            registry=r, multiprocess_mode="livemax")
         self.registry_models = Gauge(
             "uniroute_registry_models", "Models in the live registry, by state (enabled, routable)",
             ["state"], registry=r, multiprocess_mode="mostrecent")
@@ -172,7 +183,26 @@ class Metrics:
             return name
         return OTHER
 
+    def add_collect_hook(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` on the event loop before every ``/metrics`` answer (gauges computed from state)."""
+        self._collect_hooks.append(hook)
+
+    def collect_hooks(self) -> None:
+        for hook in self._collect_hooks:
+            try:
+                hook()
+            except Exception:  # a gauge must never break /metrics
+                import logging
+
+                logging.getLogger("uniroute.metrics").exception("metrics collect hook failed")
+
     # -- observations ------------------------------------------------------------------------------
+    def cooldown_entered(self, model: str) -> None:
+        self.cooldowns_entered.labels(model=self.model_label(model)).inc()
+
+    def set_models_in_cooldown(self, count: int) -> None:
+        self.models_in_cooldown.set(count)
+
     def set_key_budget(self, key_name: str, budget_usd: float, remaining_usd: float) -> None:
         self.max_budget.labels(api_key_alias=key_name).set(budget_usd)
         self.remaining_budget.labels(api_key_alias=key_name).set(remaining_usd)
@@ -220,6 +250,9 @@ class Metrics:
             first = record.candidates[0].get("model") if record.candidates else record.routed_model
             cluster = str(record.cluster) if record.cluster is not None else NONE
             self.routing_decisions.labels(model=self.model_label(first), cluster=cluster).inc()
+        for att in record.attempts:
+            self.upstream_attempts.labels(model=self.model_label(att.get("model")),
+                                          outcome=(att.get("error_type") or "success")[:64]).inc()
         attempts = [a.get("model") for a in record.attempts if a.get("model")]
         for a, b in itertools.pairwise(attempts):
             self.fallbacks.labels(from_model=self.model_label(a), to_model=self.model_label(b)).inc()
@@ -265,6 +298,7 @@ class MetricsApp:
                         "headers": [(b"content-type", b"application/json"), (b"allow", b"GET, HEAD")]})
             await send({"type": "http.response.body", "body": body})
             return
+        self.metrics.collect_hooks()
         render = self.metrics.render
         payload = await asyncio.to_thread(render) if multiprocess_enabled() else render()
         await send({"type": "http.response.start", "status": 200,

@@ -71,7 +71,7 @@ class RequestContextMiddleware:
             await send(message)
 
         if length is not None and length > limit:
-            await self._too_large(send_wrapper, limit)
+            await self._too_large(send_wrapper, limit, scope.get("path") == "/v1/chat/completions")
             return
 
         received = 0
@@ -88,12 +88,14 @@ class RequestContextMiddleware:
         await self.app(scope, receive_wrapper, send_wrapper)
 
     @staticmethod
-    async def _too_large(send: Send, limit: int) -> None:
+    async def _too_large(send: Send, limit: int, chat: bool = False) -> None:
         status, body, _ = error_body(PayloadTooLargeError(_too_large_message(limit)))
         payload = _dumps(body)
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(payload)).encode()), (b"connection", b"close")]})
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                   (b"connection", b"close")]
+        if chat:  # every chat response says how many upstream calls it made (none here)
+            headers.append((b"x-uniroute-attempts", b"0"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
 

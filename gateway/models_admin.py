@@ -2,7 +2,8 @@
 
 - ``GET    /admin/models``                   every model, with its active profile
 - ``POST   /admin/models``                   ``{name, litellm_params, input_cost_per_1m?, output_cost_per_1m?,
-                                             router_cost, timeout_s?, routable?}`` → 201 (409 if it exists)
+                                             router_cost, timeout_s?, connect_timeout_s?,
+                                             first_token_timeout_s?, routable?}`` → 201 (409 if it exists)
 - ``GET    /admin/models/{name}``            one model, its active profile and profile history
 - ``PATCH  /admin/models/{name}``            change any of those fields (and ``enabled``)
 - ``DELETE /admin/models/{name}``            remove it

@@ -51,7 +51,8 @@ def build_openapi() -> dict[str, Any]:
                                    "`data: [DONE]` when stream is true. The `uniroute` object is in the body / the "
                                    "last chunk.",
                     "headers": {h: {"schema": {"type": "string"}}
-                                for h in ("x-uniroute-model", "x-uniroute-request-id", "x-uniroute-cost")},
+                                for h in ("x-uniroute-model", "x-uniroute-request-id", "x-uniroute-attempts",
+                                          "x-uniroute-cost")},
                     "content": {"application/json": {"schema": _ref(ChatCompletion)},
                                 "text/event-stream": {"schema": _ref(ChatCompletionChunk)}},
                 },

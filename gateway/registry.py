@@ -19,6 +19,9 @@ import numpy as np
 from gateway.config import GatewayConfig, ModelConfig
 from routing.policy import PoolModel
 
+#: Seconds to establish the TCP (and TLS) connection to a provider when the model sets none.
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -33,6 +36,16 @@ class ModelEntry:
     routable: bool = True
     psi: np.ndarray | None = field(default=None, compare=False)  # per-cluster error profile, once profiled
     created: int = 0  # unix seconds, for /v1/models
+    connect_timeout_s: float | None = None  # None: DEFAULT_CONNECT_TIMEOUT_S (at most timeout_s)
+    first_token_timeout_s: float | None = None  # streams; None: timeout_s
+
+    @property
+    def connect_timeout(self) -> float:
+        return min(self.connect_timeout_s or DEFAULT_CONNECT_TIMEOUT_S, self.timeout_s)
+
+    @property
+    def first_token_timeout(self) -> float:
+        return min(self.first_token_timeout_s or self.timeout_s, self.timeout_s)
 
     @property
     def litellm_model(self) -> str:
@@ -54,6 +67,8 @@ class ModelEntry:
             timeout_s=m.timeout_s,
             routable=m.routable,
             created=created,
+            connect_timeout_s=m.connect_timeout_s,
+            first_token_timeout_s=m.first_token_timeout_s,
         )
 
     def to_pool_model(self) -> PoolModel:

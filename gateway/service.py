@@ -30,8 +30,9 @@ from gateway.errors import (
     PermissionDeniedError,
     ServiceUnavailableError,
     UpstreamError,
+    UpstreamTimeoutError,
 )
-from gateway.forwarding import Attempt, Forwarder, OpenStream, map_exception
+from gateway.forwarding import Attempt, Forwarder, OpenStream, map_exception, shielded
 from gateway.interfaces import (
     Authenticator,
     BudgetGuard,
@@ -72,6 +73,7 @@ class ChatResult:
     body: dict[str, Any]  # OpenAI chat.completion + ``uniroute``
     model: str
     cost_usd: float | None
+    attempts: int = 1  # upstream calls made
 
 
 @dataclass
@@ -82,18 +84,32 @@ class ChatStream:
     model: str  # known before the first byte is sent
     chunks: AsyncGenerator[dict[str, Any], None]  # chat.completion.chunk dicts; ``{"error": ...}`` on failure
     _finish: Callable[[], Awaitable[None]]
+    attempts: int = 1  # upstream calls made to open it
 
     async def aclose(self) -> None:
         await self.chunks.aclose()
         await self._finish()
 
 
+def _total_timeout(entry: ModelEntry) -> UpstreamTimeoutError:
+    return UpstreamTimeoutError(f"model '{entry.name}' did not finish the stream within {entry.timeout_s:g} s "
+                                f"(timeout_s)")
+
+
 class _StreamEnd:
-    """Finishes a stream exactly once: close upstream, settle the budget, log the record."""
+    """Finishes a stream exactly once: close upstream, settle the budget, log the record.
+
+    A stream cut short (client disconnect: 499; upstream failure or total timeout mid-way) whose
+    usage chunk never came is logged with its partial usage — prompt tokens of the messages,
+    completion tokens of the text relayed so far — priced with the entry's prices, and the budget
+    reservation is settled with that cost. The record is logged before anything is awaited, and
+    closing upstream and settling are shielded: a disconnect cancels the task that runs this."""
 
     def __init__(self, service: ChatService, record: RequestRecord, reservation: Reservation | None,
-                 opened: OpenStream, t0: float) -> None:
+                 opened: OpenStream, t0: float, messages: list[dict[str, Any]]) -> None:
         self.service, self.record, self.reservation, self.opened, self.t0 = service, record, reservation, opened, t0
+        self.messages = messages
+        self.parts: list[str] = []  # content relayed so far
         self.settled = 0.0
         self.done = False
 
@@ -104,14 +120,25 @@ class _StreamEnd:
         record = self.record
         if record.status_code == 200 and record.upstream_latency_ms is None:  # stopped before the end
             record.status_code, record.error_type = 499, "client_disconnected"
-        if record.status_code != 200:
-            aclose = getattr(self.opened.rest, "aclose", None)
-            if aclose is not None:
-                with contextlib.suppress(Exception):
-                    await aclose()
+        if record.status_code == 200:
+            if self.reservation is not None:
+                await self.service.budget.settle(self.reservation, self.settled)
+            self.service._finish(record, self.t0)
+            return
+        if record.completion_tokens is None:
+            pt, ct, cost = self.service.forwarder.partial_usage(self.opened.entry, self.messages, "".join(self.parts))
+            record.prompt_tokens, record.completion_tokens, record.cost_usd = pt, ct, cost
+            self.settled = cost
+        self.service._finish(record, self.t0)
+        await shielded(self._release())
+
+    async def _release(self) -> None:
+        aclose = getattr(self.opened.rest, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
         if self.reservation is not None:
             await self.service.budget.settle(self.reservation, self.settled)
-        self.service._finish(record, self.t0)
 
 
 @dataclass
@@ -286,10 +313,12 @@ class ChatService:
             for choice in body.get("choices", ()):
                 choice.pop("provider_specific_fields", None)
             body["uniroute"] = self.extension(record, plan)
-            return ChatResult(body=body, model=done.entry.name, cost_usd=done.cost_usd)
+            return ChatResult(body=body, model=done.entry.name, cost_usd=done.cost_usd, attempts=len(attempts))
         except BaseException as exc:
             record.attempts = [a.as_dict() for a in attempts]
             self._fail(record, exc)
+            if isinstance(exc, GatewayError):
+                exc.attempts = len(attempts)
             raise
         finally:
             if reservation is not None:
@@ -310,10 +339,13 @@ class ChatService:
             reservation = await self.budget.reserve(plan.principal, self._estimate(req, plan.candidates[0]))
             params = self._params(req)
             params["stream_options"] = {"include_usage": True}  # the gateway always needs usage for the cost
-            opened = await self.forwarder.open_stream(plan.candidates, self._messages(req), params, attempts)
+            messages = self._messages(req)
+            opened = await self.forwarder.open_stream(plan.candidates, messages, params, attempts)
         except BaseException as exc:
             record.attempts = [a.as_dict() for a in attempts]
             self._fail(record, exc)
+            if isinstance(exc, GatewayError):
+                exc.attempts = len(attempts)
             if reservation is not None:
                 await self.budget.settle(reservation, 0.0)
             self._finish(record, t0)
@@ -322,9 +354,9 @@ class ChatService:
         record.ttft_ms = (time.perf_counter() - t0) * 1e3
         record.attempts = [a.as_dict() for a in attempts]
         want_usage = bool(req.stream_options and req.stream_options.include_usage)
-        end = _StreamEnd(self, record, reservation, opened, t0)
+        end = _StreamEnd(self, record, reservation, opened, t0, messages)
         return ChatStream(model=opened.entry.name, chunks=self._relay(opened, record, plan, end, want_usage),
-                          _finish=end)
+                          _finish=end, attempts=len(attempts))
 
     async def _relay(
         self,
@@ -335,11 +367,26 @@ class ChatService:
         want_usage: bool,
     ) -> AsyncGenerator[dict[str, Any], None]:
         """Yield client chunks. Chunks that end the stream (finish_reason / usage) are held back so
-        the ``uniroute`` object, with the final cost, rides on the last one."""
+        the ``uniroute`` object, with the final cost, rides on the last one.
+
+        The whole stream must end by ``opened.deadline`` (the model's ``timeout_s``): one timer per
+        stream marks it expired, and cancels the wait if it fires while upstream is awaited; the
+        stream then ends with a timeout error event (504 in the log)."""
         entry = opened.entry
         name = entry.name
         held: dict[str, Any] | None = None
         template: dict[str, Any] = {}
+        parts = end.parts
+        task: asyncio.Task[Any] | None = None  # the task awaiting upstream right now
+        waiting = expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            if waiting and task is not None:
+                task.cancel()
+
+        timer = asyncio.get_running_loop().call_at(opened.deadline, expire) if opened.deadline < math.inf else None
         try:
             chunk: Any = opened.first
             while True:
@@ -356,6 +403,10 @@ class ChatService:
                         usage.pop("cost", None)
                         d["usage"] = usage
                 choices: Sequence[dict[str, Any]] = d.get("choices") or []
+                if choices:
+                    content = choices[0].get("delta", {}).get("content")
+                    if content:
+                        parts.append(content)
                 if choices or "usage" in d:
                     ends = not choices or any(c.get("finish_reason") for c in choices)
                     if held is not None:
@@ -365,10 +416,20 @@ class ChatService:
                         held = d
                     else:
                         yield d
+                if expired:
+                    raise _total_timeout(entry)
+                task, waiting = asyncio.current_task(), True
                 try:
                     chunk = await opened.rest.__anext__()
                 except StopAsyncIteration:
                     break
+                except asyncio.CancelledError:
+                    if not expired or task is None:
+                        raise
+                    task.uncancel()  # our own timer: a timeout, not a cancellation
+                    raise _total_timeout(entry) from None
+                finally:
+                    waiting = False
             record.upstream_latency_ms = (time.perf_counter() - opened.started) * 1e3
             end.settled = record.cost_usd or 0.0
             if held is None:
@@ -382,9 +443,12 @@ class ChatService:
             err = map_exception(exc, name)
             if not isinstance(err, UpstreamError):
                 err = UpstreamError(f"model '{name}' failed mid-stream: {err.message}")
+            self.forwarder.note_failure(name, err)
             record.status_code, record.error_type = err.status_code, err.error_type
             if held is not None:
                 yield held
             yield err.to_body()
         finally:
+            if timer is not None:
+                timer.cancel()
             await end()

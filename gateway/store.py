@@ -251,7 +251,8 @@ class Store:
         params as written (``os.environ/NAME`` references unresolved). Rows added through the
         admin API (``source='admin'``) are left alone.
         """
-        fields = ("litellm_params", "input_cost_per_1m", "output_cost_per_1m", "router_cost", "timeout_s", "routable")
+        fields = ("litellm_params", "input_cost_per_1m", "output_cost_per_1m", "router_cost", "timeout_s",
+                  "connect_timeout_s", "first_token_timeout_s", "routable")
         changed = 0
         with self.session() as s:
             existing = {m.name: m for m in s.scalars(sa.select(ModelEntry))}

@@ -2,8 +2,13 @@
 
 Run: ``python -m uvicorn tests.fake_upstream:app --port P``. The suffix of ``model`` picks
 the behaviour: ``-500`` (server error with a provider message), ``-429`` (rate limited),
-``-400`` (rejects the request), ``-echo`` (answers with the request's JSON, minus messages), ``-slow`` (sleeps 5 s), ``-midfail`` (streams one chunk then
+``-400`` (rejects the request), ``-429`` sends ``Retry-After: 7``, ``-echo`` (answers with the request's JSON, minus messages), ``-slow`` (sleeps 5 s), ``-midfail`` (streams one chunk then
 drops the connection); anything else echoes the last user message, streaming too.
+
+Streams only (timeouts and disconnects): ``-slowfirst`` (headers at once, the first chunk after
+2 s), ``-stall`` (two chunks, then nothing until the client goes away), ``-slowstream`` (40
+chunks, one per 0.1 s). ``GET /streams`` tells, per stream (keyed by the last user message),
+whether its generator ``finished`` or was ``closed`` before the end, and when (``time.time()``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 PROVIDER_MESSAGE = "fake provider is on fire"
+STREAMS: dict[str, dict[str, Any]] = {}  # last user message -> {"state": "open|finished|closed", "at": time}
 
 
 def _err(status: int, message: str, typ: str) -> JSONResponse:
@@ -32,7 +38,9 @@ async def chat(request: Request) -> Response:
     if model.endswith("-500"):
         return _err(500, f"{PROVIDER_MESSAGE} ({model})", "server_error")
     if model.endswith("-429"):
-        return _err(429, "slow down", "rate_limit_exceeded")
+        response = _err(429, "slow down", "rate_limit_exceeded")
+        response.headers["retry-after"] = "7"
+        return response
     if model.endswith("-400"):
         return _err(400, "this provider rejects the request", "invalid_request_error")
     if model.endswith("-slow"):
@@ -69,8 +77,22 @@ async def chat(request: Request) -> Response:
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
     async def events() -> AsyncIterator[bytes]:
+        STREAMS[text] = {"state": "open", "at": time.time()}
+        try:
+            async for event in _events():
+                yield event
+        except BaseException:
+            STREAMS[text] = {"state": "closed", "at": time.time()}
+            raise
+        STREAMS[text] = {"state": "finished", "at": time.time()}
+
+    async def _events() -> AsyncIterator[bytes]:
         base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": created, "model": model}
         words = answer.split(" ")
+        if model.endswith("-slowstream"):
+            words = [f"w{i}" for i in range(40)]
+        if model.endswith("-slowfirst"):
+            await asyncio.sleep(2.0)
         for i, w in enumerate(words):
             delta: dict[str, Any] = {"content": (w if i == 0 else " " + w)}
             if i == 0:
@@ -78,6 +100,10 @@ async def chat(request: Request) -> Response:
             yield b"data: " + json.dumps({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}).encode() + b"\n\n"
             if model.endswith("-midfail"):
                 raise RuntimeError("connection dropped mid-stream")
+            if model.endswith("-stall") and i == 1:
+                await asyncio.sleep(600)  # until the client goes away
+            if model.endswith("-slowstream"):
+                await asyncio.sleep(0.1)
         yield b"data: " + json.dumps({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}).encode() + b"\n\n"
         if include_usage:
             yield b"data: " + json.dumps({**base, "choices": [], "usage": usage}).encode() + b"\n\n"
@@ -90,4 +116,9 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/health", health)])
+async def streams(request: Request) -> Response:
+    return JSONResponse(STREAMS)
+
+
+app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/health", health),
+                        Route("/streams", streams)])

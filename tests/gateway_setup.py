@@ -33,12 +33,15 @@ def replay_args() -> list[str]:
     return [arg for model, kind in FAULTS.items() for arg in ("--fail", f"{model}={kind}")]
 
 
-def write_config(root: Path, dataset: Path, replay_base: str, **server: Any) -> Path:
+def write_config(root: Path, dataset: Path, replay_base: str, *, fallback: dict[str, Any] | None = None,
+                 **server: Any) -> Path:
+    """The shared gateway config. Cooldown is off unless ``fallback`` turns it on, so that every request
+    to ``auto`` shows the fallback past ``bad-500``."""
     data = {
         "server": {"host": "127.0.0.1", **server},
         "auth": {"mode": "open"},
         "router": {"policy": "cheapest", "default_lambda": 0.1, "lambda_min": 0.0, "lambda_max": 2.0},
-        "fallback": {"max_attempts": 3},
+        "fallback": fallback or {"max_attempts": 3, "cooldown_failures": 0},
         "replay_models": {"dataset": str(dataset), "api_base": replay_base, "usd_per_1m_tokens_per_cost_unit": 0.1},
         "models": [
             {"name": "bad-429", "router_cost": 30, "routable": False,

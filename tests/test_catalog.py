@@ -111,3 +111,18 @@ def test_models_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli(["models", "remove", "nope", *c]) == 1
     assert "unknown model 'nope'; known: m1" in capsys.readouterr().err
     assert cli(["models", "remove", "m1", *c]) == 0
+
+
+def test_per_model_timeouts_round_trip(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CATALOG_TEST_KEY", "k")
+    catalog.add_model(store, spec("t", timeout_s=30.0, connect_timeout_s=2.0))
+    row = catalog.get_model(store, "t")
+    assert (row.timeout_s, row.connect_timeout_s, row.first_token_timeout_s) == (30.0, 2.0, None)
+    entry = catalog.entry_from_row(row)
+    assert (entry.connect_timeout, entry.first_token_timeout) == (2.0, 30.0)  # first token defaults to timeout_s
+    row = catalog.update_model(store, "t", catalog.parse_patch({"first_token_timeout_s": 4.5}))
+    assert row.version == 2 and catalog.entry_from_row(row).first_token_timeout == 4.5
+    summary = catalog.model_summary(row)
+    assert summary["connect_timeout_s"] == 2.0 and summary["first_token_timeout_s"] == 4.5
+    with pytest.raises(InvalidRequestError, match="connect_timeout_s"):
+        catalog.parse_patch({"connect_timeout_s": 0})

@@ -64,6 +64,7 @@ def test_auto_falls_back_past_failing_cheapest(client: TestClient) -> None:
     ext = r.json()["uniroute"]
     assert r.headers["x-uniroute-model"] == "small-general" == ext["model"] == r.json()["model"]
     assert [a["model"] for a in ext["attempts"]] == ["bad-500", "small-general"]
+    assert r.headers["x-uniroute-attempts"] == "2"
     assert r.headers["x-uniroute-request-id"].startswith("req-")
 
 
@@ -72,7 +73,7 @@ def test_stream_sse(client: TestClient) -> None:
                        json=chat(stream=True, stream_options={"include_usage": True})) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
-        assert r.headers["x-uniroute-model"] == "small-general"
+        assert r.headers["x-uniroute-model"] == "small-general" and r.headers["x-uniroute-attempts"] == "1"
         lines = [ln for ln in r.iter_lines() if ln]
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(ln.removeprefix("data: ")) for ln in lines[:-1]]
@@ -164,6 +165,8 @@ def test_bad_inputs(client: TestClient, case: str, method: str, body: Any, statu
         assert err["param"] == needle
     assert "Traceback" not in r.text
     assert "x-uniroute-request-id" in r.headers
+    if method == "POST":  # every chat response says how many upstream calls it made
+        assert r.headers["x-uniroute-attempts"] == ("1" if case.startswith("upstream") else "0")
 
 
 def test_streaming_errors_before_first_chunk_are_plain_errors(client: TestClient) -> None:
@@ -178,6 +181,7 @@ def test_chunked_body_over_limit_is_413(client: TestClient) -> None:
 
     r = client.post("/v1/chat/completions", content=gen(), headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    assert r.headers["x-uniroute-attempts"] == "0"
 
 
 def test_unknown_route_is_openai_404(client: TestClient) -> None:

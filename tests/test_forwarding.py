@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -234,3 +238,130 @@ async def test_raw_openai_stream_carries_what_litellms_wrapper_does(base_url: st
         seen[raw] = (text, (usage.prompt_tokens, usage.completion_tokens), finish)
         await fw.aclose()
     assert seen[True] == seen[False] and seen[True][0]
+
+
+async def test_cooldown_routes_around_a_failing_model(base_url: str) -> None:
+    from gateway.cooldown import Cooldowns
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    clock = Clock()
+    bad, ok = entry(base_url, "a-500"), entry(base_url, "ok")
+    fw = Forwarder(max_attempts=3, cooldowns=Cooldowns(2, 60, 30, clock=clock))
+    Registry([bad, ok]).on_replace(fw.register)
+    for _ in range(2):  # two failures: both requests fall back
+        attempts: list[Attempt] = []
+        await fw.complete([bad, ok], MSG, {}, attempts)
+        assert [a.model for a in attempts] == ["a-500", "ok"]
+    attempts = []
+    done = await fw.complete([bad, ok], MSG, {}, attempts)  # a-500 is cooling: straight to ok
+    assert done.entry is ok and [a.model for a in attempts] == ["ok"]
+    opened = await fw.open_stream([bad, ok], MSG, {}, attempts := [])
+    assert opened.entry is ok and [a.model for a in attempts] == ["ok"]
+    async for _ in opened.rest:
+        pass
+    clock.now += 31  # the cooldown is over: a-500 is tried again first
+    attempts = []
+    await fw.complete([bad, ok], MSG, {}, attempts)
+    assert [a.model for a in attempts] == ["a-500", "ok"]
+
+
+async def test_rejected_request_does_not_cool_the_model(base_url: str) -> None:
+    from gateway.cooldown import Cooldowns
+
+    rejected, ok = entry(base_url, "a-400"), entry(base_url, "ok")
+    cooldowns = Cooldowns(1, 60, 30)
+    fw = Forwarder(max_attempts=3, cooldowns=cooldowns)
+    Registry([rejected, ok]).on_replace(fw.register)
+    with pytest.raises(InvalidRequestError):
+        await fw.complete([rejected, ok], MSG, {})
+    assert not cooldowns.cooling("a-400")
+
+
+async def test_429_retry_after_sets_the_cooldown(base_url: str) -> None:
+    from gateway.cooldown import Cooldowns
+
+    limited = entry(base_url, "b-429")
+    cooldowns = Cooldowns(1, 60, 1)
+    fw = Forwarder(max_attempts=1, cooldowns=cooldowns)
+    Registry([limited]).on_replace(fw.register)
+    with pytest.raises(UpstreamRateLimitError) as info:
+        await fw.complete([limited], MSG, {})
+    assert info.value.retry_after == 7 and info.value.headers["retry-after"] == "7"
+    assert cooldowns._cooling["b-429"] - cooldowns.clock() > 6  # at least the provider's Retry-After
+
+
+# -- per-model timeouts: connect, first token, whole stream ----------------------------------------------
+
+
+def _timed(base_url: str, name: str, **timeouts: float) -> ModelEntry:
+    import dataclasses
+
+    return dataclasses.replace(entry(base_url, name, timeout_s=timeouts.pop("timeout_s", 10.0)), **timeouts)
+
+
+@contextlib.contextmanager
+def _listener_that_never_accepts() -> Iterator[str]:
+    """A listening socket whose accept queue is full: the kernel drops further SYNs, so connect() hangs."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    port = srv.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        c = socket.socket()
+        c.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            c.connect(("127.0.0.1", port))
+        fillers.append(c)
+    time.sleep(0.1)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        for c in fillers:
+            c.close()
+        srv.close()
+
+
+async def test_connect_timeout_gives_up_fast_and_falls_back(base_url: str) -> None:
+    with _listener_that_never_accepts() as dead:
+        stuck = dataclasses.replace(entry(dead, "stuck", timeout_s=30.0), connect_timeout_s=0.5)
+        ok = entry(base_url, "ok")
+        attempts: list[Attempt] = []
+        t0 = time.monotonic()
+        done = await forwarder(stuck, ok).complete([stuck, ok], MSG, {}, attempts)
+        assert done.entry is ok
+        assert [(a.model, a.error_type) for a in attempts] == [("stuck", "timeout"), ("ok", None)]
+        assert 0.4 < attempts[0].latency_ms / 1000 < 3.0 and time.monotonic() - t0 < 5  # not timeout_s = 30
+
+
+@pytest.mark.parametrize("upstream", ["m-slow", "m-slowfirst"])  # hangs before headers / headers, then a slow chunk
+async def test_first_token_timeout_on_streams_falls_back(base_url: str, upstream: str) -> None:
+    slow = _timed(base_url, upstream, timeout_s=10.0, first_token_timeout_s=0.5)
+    ok = entry(base_url, "ok")
+    attempts: list[Attempt] = []
+    t0 = time.monotonic()
+    opened = await forwarder(slow, ok).open_stream([slow, ok], MSG, {}, attempts)
+    assert opened.entry is ok and time.monotonic() - t0 < 8  # not timeout_s = 10 (+ the fallback's own time)
+    assert attempts[0].status == 504 and attempts[0].error_type == "timeout"
+    assert 0.45 < attempts[0].latency_ms / 1000 < 1.5
+    async for _ in opened.rest:
+        pass
+    with pytest.raises(UpstreamTimeoutError, match="first_token_timeout_s"):
+        await forwarder(slow).open_stream([slow], MSG, {})
+    if upstream == "m-slowfirst":  # a first token within the limit is fine
+        patient = _timed(base_url, upstream, timeout_s=10.0, first_token_timeout_s=4.0)
+        opened = await forwarder(patient).open_stream([patient], MSG, {})
+        assert opened.entry is patient
+        await opened.rest.aclose()  # type: ignore[attr-defined]
+
+
+def test_timeout_defaults() -> None:
+    e = entry("http://x/v1", "m", timeout_s=60.0)
+    assert e.connect_timeout == 5.0 and e.first_token_timeout == 60.0
+    short = entry("http://x/v1", "m", timeout_s=2.0)
+    assert short.connect_timeout == 2.0  # never beyond the whole call's timeout

@@ -270,7 +270,8 @@ def test_dashboard_queries_parse_and_use_only_our_metrics(tmp_path: Path) -> Non
 def test_prepare_multiprocess_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from gateway.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
 
-    monkeypatch.delenv(MULTIPROC_ENV, raising=False)
+    monkeypatch.setenv(MULTIPROC_ENV, "placeholder")  # recorded, so the variable set below is undone after
+    monkeypatch.delenv(MULTIPROC_ENV)
     assert prepare_multiprocess_dir(1) is None and MULTIPROC_ENV not in os.environ
     created = prepare_multiprocess_dir(2, base=tmp_path)
     assert created is not None and os.environ[MULTIPROC_ENV] == created and Path(created).is_dir()

@@ -174,8 +174,14 @@ async def test_stream_closed_early_is_logged_and_settled(base_url: str, consume:
     await st.aclose()
     await st.aclose()  # idempotent
     assert len(sink.records) == n_before + 1
-    assert sink.records[-1].status_code == 499 and sink.records[-1].error_type == "client_disconnected"
-    assert budget.settled[-1] == 0.0 and len(budget.settled) == len(budget.reserved)
+    rec = sink.records[-1]
+    assert rec.status_code == 499 and rec.error_type == "client_disconnected"
+    # the partial usage: prompt tokens of the messages, completion tokens of what was relayed (none when the client
+    # read nothing), priced at 1 and 2 USD per 1M tokens; the budget is settled with it
+    assert rec.prompt_tokens and rec.prompt_tokens > 0
+    assert rec.completion_tokens is not None and (rec.completion_tokens > 0) == (consume > 0)
+    assert rec.cost_usd == pytest.approx((rec.prompt_tokens * 1.0 + rec.completion_tokens * 2.0) / 1e6)
+    assert budget.settled[-1] == pytest.approx(rec.cost_usd) and len(budget.settled) == len(budget.reserved)
 
 
 async def test_standard_parameters_reach_the_backend(base_url: str) -> None:

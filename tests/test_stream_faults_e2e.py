@@ -1,0 +1,140 @@
+"""Timeouts and disconnects end to end: `uniroute serve` (real uvicorn, SQLite request log) → LiteLLM →
+tests/fake_upstream.py, driven by httpx and the official OpenAI SDK (issue 6.2)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import sqlalchemy as sa
+import yaml
+
+from tests.procs import free_port, running, server_env
+
+PRICE = {"input_cost_per_1m": 100.0, "output_cost_per_1m": 200.0}
+
+
+@dataclass
+class Stack:
+    base: str  # the gateway, without /v1
+    upstream: str  # the fake upstream, without /v1
+    db_url: str
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("faults")
+    up_port, port = free_port(), free_port()
+    upstream = f"http://127.0.0.1:{up_port}"
+
+    def model(name: str, cost: float, **kw: Any) -> dict[str, Any]:
+        return {"name": name, "router_cost": cost, **PRICE, **kw,
+                "litellm_params": {"model": f"openai/{name}", "api_base": f"{upstream}/v1", "api_key": "t"}}
+
+    db_url = f"sqlite:///{root / 'log.db'}"
+    cfg = root / "config.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
+        "auth": {"mode": "open"},
+        "database_url": db_url,
+        "database": {"log_flush_interval_s": 0.1},
+        "router": {"policy": "cheapest"},
+        "fallback": {"max_attempts": 3, "cooldown_failures": 0},
+        "models": [
+            model("a-slowfirst", 1, first_token_timeout_s=0.5),  # auto tries it first; its first chunk takes 2 s
+            model("b-ok", 2),
+            model("x-stall", 10, timeout_s=1.5, routable=False),  # two chunks, then nothing
+            model("x-slowstream", 10, routable=False),  # 40 chunks, 0.1 s apart
+        ],
+    }))
+    with running(["-m", "uvicorn", "tests.fake_upstream:app", "--host", "127.0.0.1", "--port", str(up_port),
+                  "--log-level", "warning"], f"{upstream}/health"), \
+            running(["-m", "gateway.cli", "serve", "--config", str(cfg)], f"http://127.0.0.1:{port}/health/readiness",
+                    env=server_env()):
+        yield Stack(f"http://127.0.0.1:{port}", upstream, db_url)
+
+
+def _row(stack: Stack, request_id: str, timeout_s: float = 5.0) -> Any:
+    engine = sa.create_engine(stack.db_url)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with engine.connect() as conn:
+                row = conn.execute(sa.text("SELECT * FROM requests WHERE request_id = :r"), {"r": request_id}).first()
+            if row is not None or time.monotonic() > deadline:
+                return row
+            time.sleep(0.1)
+    finally:
+        engine.dispose()
+
+
+def test_first_token_timeout_falls_back_to_the_next_model(stack: Stack) -> None:
+    with openai.OpenAI(base_url=f"{stack.base}/v1", api_key="unused", max_retries=0) as client:
+        t0 = time.monotonic()
+        with client.chat.completions.with_streaming_response.create(
+                model="auto", messages=[{"role": "user", "content": "fallback please"}], stream=True) as raw:
+            assert raw.headers["x-uniroute-attempts"] == "2" and raw.headers["x-uniroute-model"] == "b-ok"
+            chunks = list(raw.parse())
+        assert time.monotonic() - t0 < 1.9  # gave up on a-slowfirst after 0.5 s, not at its 2 s first chunk
+    attempts = next(c.model_extra["uniroute"]["attempts"] for c in chunks if (c.model_extra or {}).get("uniroute"))
+    assert [(a["model"], a["status"], a["error_type"]) for a in attempts] == [("a-slowfirst", 504, "timeout"),
+                                                                              ("b-ok", 200, None)]
+
+
+def test_stream_stalling_mid_way_ends_with_a_timeout_event(stack: Stack) -> None:
+    rid = f"stall-{time.time_ns()}"
+    t0 = time.monotonic()
+    with httpx.stream("POST", f"{stack.base}/v1/chat/completions", headers={"x-uniroute-request-id": rid},
+                      json={"model": "x-stall", "stream": True, "messages": [{"role": "user", "content": rid}]},
+                      timeout=10) as r:
+        assert r.status_code == 200
+        events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    took = time.monotonic() - t0
+    assert 1.3 < took < 3.5  # timeout_s = 1.5 for the whole stream, though chunks had arrived
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "timeout" and "timeout_s" in error["message"]
+    assert json.loads(events[0])["choices"][0]["delta"]["content"] == "echo:"
+    row = _row(stack, rid)
+    assert row is not None and row.status_code == 504 and row.error_type == "timeout"
+    assert row.completion_tokens > 0 and row.cost_usd > 0  # what was relayed is still priced
+    state = httpx.get(f"{stack.upstream}/streams").json()[rid]
+    assert state["state"] == "closed"  # the gateway hung up on the stalled upstream
+
+
+def test_client_disconnect_cancels_upstream_and_logs_partial_usage(stack: Stack) -> None:
+    rid = f"gone-{time.time_ns()}"
+    with httpx.Client(timeout=10) as client, client.stream(
+            "POST", f"{stack.base}/v1/chat/completions", headers={"x-uniroute-request-id": rid},
+            json={"model": "x-slowstream", "stream": True, "messages": [{"role": "user", "content": rid}]}) as r:
+        assert r.status_code == 200
+        got = []
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                got.append(json.loads(line.removeprefix("data: ")))
+            if len(got) == 5:
+                break
+        closed_at = time.time()
+    # the client is gone: the upstream generator must be closed, well before its 40 chunks (4 s) are done
+    deadline = time.monotonic() + 3
+    while True:
+        state = httpx.get(f"{stack.upstream}/streams").json().get(rid, {})
+        if state.get("state") != "open" or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert state["state"] == "closed", state
+    assert state["at"] - closed_at < 1.0
+    row = _row(stack, rid)
+    assert row is not None, "the disconnected stream was not logged"
+    assert row.status_code == 499 and row.error_type == "client_disconnected"
+    relayed = "".join(c["choices"][0]["delta"].get("content", "") for c in got if c.get("choices"))
+    assert row.completion_tokens >= 4 and row.prompt_tokens > 0  # tokens of w0 w1 ... relayed so far
+    assert row.completion_tokens < 40, relayed
+    expected = (row.prompt_tokens * PRICE["input_cost_per_1m"] + row.completion_tokens * PRICE["output_cost_per_1m"]) / 1e6
+    assert row.cost_usd == pytest.approx(expected) and row.cost_usd > 0
