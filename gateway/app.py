@@ -145,7 +145,7 @@ def create_app(
             await forwarder.aclose()
 
     routes = [
-        Route("/v1/chat/completions", endpoints.chat_completions, methods=["POST"]),
+        Route(endpoints.CHAT_PATH, endpoints.chat_completions, methods=["POST"]),
         Route("/v1/models", endpoints.list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", endpoints.get_model, methods=["GET"]),
         Route("/health/liveliness", endpoints.liveliness, methods=["GET"]),

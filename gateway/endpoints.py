@@ -51,6 +51,7 @@ except ImportError:  # pragma: no cover
 
 JSON = "application/json"
 ATTEMPTS = "x-uniroute-attempts"
+CHAT_PATH = "/v1/chat/completions"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
@@ -210,7 +211,10 @@ async def http_exception(request: Request, exc: Exception) -> Response:
         err = GatewayError(str(exc.detail))
         err.status_code = exc.status_code
         err.error_type = "invalid_request_error" if exc.status_code < 500 else "internal_error"
-    return error_response(err)
+    response = error_response(err)
+    if request.url.path == CHAT_PATH:  # every chat response says how many upstream calls it made (none)
+        response.headers[ATTEMPTS] = "0"
+    return response
 
 
 async def unhandled_exception(request: Request, exc: Exception) -> Response:
