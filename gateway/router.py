@@ -77,7 +77,7 @@ async def build_router(config: GatewayConfig, *, warm_up: bool = True,
         return RouterBundle(policy=CheapestPolicy())
     from routing.artifact import RouterArtifact, UniRoutePolicy
     from routing.batcher import MicroBatcher
-    from routing.embedder import make_embedder
+    from routing.embedder import EmbeddingCache, make_inner_embedder
 
     assert r.artifact is not None
     try:
@@ -90,13 +90,14 @@ async def build_router(config: GatewayConfig, *, warm_up: bool = True,
         raise ConfigError(f"router.artifact {r.artifact!r}: profiles.json belongs to artifact version {version}, "
                           f"the artifact is {artifact.version}; re-profile the models")
     cache_dir = config.resolve_path(r.embed_cache_dir) if r.embed_cache_dir else None
-    # the disk cache is read (dataset / validation prompts are warm) but request prompts are never
-    # appended to it: only the batcher's bounded LRU remembers them (memory stays flat under new prompts)
-    embedder = make_embedder(artifact.embedder_path, cache_dir=cache_dir, persist=False)
+    embedder = make_inner_embedder(artifact.embedder_path, cache_dir=cache_dir)
     if embedder.id != artifact.embedder_id:
         raise ConfigError(f"router.artifact {r.artifact!r} was fitted with embedder {artifact.embedder_id!r}, "
                           f"but this gateway loads {embedder.id!r}")
-    batcher = MicroBatcher(embedder, max_batch=r.max_batch, max_wait_ms=r.max_wait_ms)
+    # the disk cache is read (dataset / validation prompts are warm) but request prompts are never
+    # appended to it: only the batcher's bounded LRU remembers them (memory stays flat under new prompts)
+    batcher = MicroBatcher(embedder, max_batch=r.max_batch, max_wait_ms=r.max_wait_ms,
+                           disk=EmbeddingCache(embedder.id, cache_dir))
     if warm_up:
         # load the model weights and run one forward pass now, not on the first request
         await batcher.embed("warm-up")

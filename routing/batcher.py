@@ -22,8 +22,13 @@ from routing.embedder import CachedEmbedder, Embedder, EmbeddingCache, text_key
 
 
 class MicroBatcher:
+    """``disk``: an embedding cache to read (never written here); by default the embedder's own when it
+    is a :class:`CachedEmbedder`. The gateway passes the bare embedder and a disk cache, so request
+    prompts are looked up on disk once, embedded on a miss, and remembered only in the bounded LRU."""
+
     def __init__(self, embedder: Embedder, *, max_batch: int = 32, max_wait_ms: float = 2.0,
-                 lru_size: int = 10_000, on_lookup: Callable[[str], None] | None = None) -> None:
+                 lru_size: int = 10_000, on_lookup: Callable[[str], None] | None = None,
+                 disk: EmbeddingCache | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
         self.embedder = embedder
@@ -33,8 +38,9 @@ class MicroBatcher:
         #: called once per ``embed`` with where the vector came from: "memory", "disk" or "computed"
         self.on_lookup = on_lookup
         self._lru: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._disk: EmbeddingCache | None = embedder.cache if isinstance(embedder, CachedEmbedder) else None
-        self._pending: list[tuple[str, asyncio.Future[np.ndarray]]] = []
+        self._disk: EmbeddingCache | None = disk if disk is not None else (
+            embedder.cache if isinstance(embedder, CachedEmbedder) else None)
+        self._pending: list[tuple[str, str, asyncio.Future[np.ndarray]]] = []  # (key, text, future)
         self._timer: asyncio.TimerHandle | None = None
         self._inflight = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder")
@@ -47,9 +53,7 @@ class MicroBatcher:
         while len(self._lru) > self.lru_size:
             self._lru.popitem(last=False)
 
-    def cached(self, text: str) -> np.ndarray | None:
-        # keyed by the text's sha256, not the text: the LRU's memory is bounded whatever the prompt sizes
-        key = text_key(text)
+    def _cached(self, key: str) -> np.ndarray | None:
         vec = self._lru.get(key)
         if vec is not None:
             self._lru.move_to_end(key)
@@ -66,7 +70,9 @@ class MicroBatcher:
         return None
 
     async def embed(self, text: str) -> np.ndarray:
-        vec = self.cached(text)
+        # keyed by the text's sha256, not the text: the LRU's memory is bounded whatever the prompt sizes
+        key = text_key(text)
+        vec = self._cached(key)
         if vec is not None:
             self.hits += 1
             return vec
@@ -74,7 +80,7 @@ class MicroBatcher:
             self.on_lookup("computed")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[np.ndarray] = loop.create_future()
-        self._pending.append((text, fut))
+        self._pending.append((key, text, fut))
         if len(self._pending) >= self.max_batch:
             self._flush()
         elif self._timer is None and self._inflight == 0:
@@ -89,35 +95,35 @@ class MicroBatcher:
         if not batch:
             return
         loop = asyncio.get_running_loop()
-        texts = list(dict.fromkeys(t for t, _ in batch))
+        unique = {key: text for key, text, _ in batch}  # de-duplicated, in order
         self.batches += 1
         self._inflight += 1
-        job = loop.run_in_executor(self._executor, self.embedder.embed, texts)
-        job.add_done_callback(lambda j: self._deliver(j, texts, batch))
+        job = loop.run_in_executor(self._executor, self.embedder.embed, list(unique.values()))
+        job.add_done_callback(lambda j: self._deliver(j, list(unique), batch))
 
-    def _deliver(self, job: asyncio.Future[Any], texts: list[str],
-                 batch: list[tuple[str, asyncio.Future[np.ndarray]]]) -> None:
+    def _deliver(self, job: asyncio.Future[Any], keys: list[str],
+                 batch: list[tuple[str, str, asyncio.Future[np.ndarray]]]) -> None:
         self._inflight -= 1
         if self._pending and self._inflight == 0:
             self._flush()  # what queued up during this pass goes now, as one batch
         if job.cancelled():
-            for _, fut in batch:
+            for _, _, fut in batch:
                 if not fut.done():
                     fut.cancel()
             return
         exc = job.exception()
         if exc is not None:
-            for _, fut in batch:
+            for _, _, fut in batch:
                 if not fut.done():
                     fut.set_exception(exc)
             return
         vecs = np.asarray(job.result(), dtype=np.float32)
-        by_text = {t: vecs[i] for i, t in enumerate(texts)}
-        for t, v in by_text.items():
-            self._remember(text_key(t), v)
-        for t, fut in batch:
+        by_key = {k: vecs[i] for i, k in enumerate(keys)}
+        for k, v in by_key.items():
+            self._remember(k, v)
+        for k, _, fut in batch:
             if not fut.done():
-                fut.set_result(by_text[t])
+                fut.set_result(by_key[k])
 
     async def aclose(self) -> None:
         if self._timer is not None:

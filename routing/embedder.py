@@ -400,21 +400,15 @@ class EmbeddingCache:
 
 
 class CachedEmbedder:
-    """An embedder consulting an :class:`EmbeddingCache` first; misses are embedded and appended.
-
-    ``persist=False`` (the gateway's request path): misses are embedded but NOT appended, so a
-    stream of never-seen prompts cannot grow the cache file and its in-memory index without
-    bound; the request path keeps its own bounded LRU (:class:`routing.batcher.MicroBatcher`).
-    """
+    """An embedder consulting an :class:`EmbeddingCache` first; misses are embedded and appended."""
 
     def __init__(self, inner: Embedder, cache: EmbeddingCache | None = None,
-                 *, chunk: int = 512, progress: bool = False, persist: bool = True) -> None:
+                 *, chunk: int = 512, progress: bool = False) -> None:
         self.inner = inner
         self.cache = cache if cache is not None else EmbeddingCache(inner.id)
         self.id = inner.id
         self.chunk = chunk
         self.progress = progress
-        self.persist = persist
 
     @property
     def dim(self) -> int:
@@ -424,12 +418,6 @@ class CachedEmbedder:
         rows, missing = self.cache.get_many(texts)
         if not missing:
             assert rows is not None
-            return rows
-        if not self.persist:
-            fresh = np.asarray(self.inner.embed([texts[i] for i in missing]), dtype=np.float32)
-            if rows is None:
-                rows = np.zeros((len(texts), fresh.shape[1]), dtype=np.float32)
-            rows[missing] = fresh
             return rows
         # de-duplicate the misses
         uniq: dict[str, None] = dict.fromkeys(texts[i] for i in missing)
@@ -475,10 +463,9 @@ def make_inner_embedder(model_path: str | None = None, *, cache_dir: str | os.Pa
 
 
 def make_embedder(model_path: str | None = None, *, cache_dir: str | os.PathLike[str] | None = None,
-                  use_cache: bool = True, progress: bool = False, persist: bool = True, **kwargs: Any) -> Embedder:
-    """The embedder named by ``model_path`` (see :func:`make_inner_embedder`), with the disk cache unless
-    disabled; ``persist=False`` reads the cache but never appends to it (see :class:`CachedEmbedder`)."""
+                  use_cache: bool = True, progress: bool = False, **kwargs: Any) -> Embedder:
+    """The embedder named by ``model_path`` (see :func:`make_inner_embedder`), with the disk cache unless disabled."""
     inner = make_inner_embedder(model_path, cache_dir=cache_dir, **kwargs)
     if not use_cache:
         return inner
-    return CachedEmbedder(inner, EmbeddingCache(inner.id, cache_dir), progress=progress, persist=persist)
+    return CachedEmbedder(inner, EmbeddingCache(inner.id, cache_dir), progress=progress)

