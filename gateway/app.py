@@ -37,7 +37,7 @@ from gateway.interfaces import (
     RateLimiter,
     RequestSink,
 )
-from gateway.middleware import RequestContextMiddleware
+from gateway.middleware import CHAT_PATH, RequestContextMiddleware
 from gateway.router import EmbedFn, calibrated
 from routing.policy import GatewayPolicy
 
@@ -145,7 +145,7 @@ def create_app(
             await forwarder.aclose()
 
     routes = [
-        Route(endpoints.CHAT_PATH, endpoints.chat_completions, methods=["POST"]),
+        Route(CHAT_PATH, endpoints.chat_completions, methods=["POST"]),
         Route("/v1/models", endpoints.list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", endpoints.get_model, methods=["GET"]),
         Route("/health/liveliness", endpoints.liveliness, methods=["GET"]),

@@ -28,6 +28,7 @@ from gateway.errors import (
     ServiceUnavailableError,
     error_body,
 )
+from gateway.middleware import ATTEMPTS
 from gateway.protocol import parse_chat_request
 from gateway.service import AUTO, ChatContext, ChatService, ChatStream
 
@@ -50,8 +51,6 @@ except ImportError:  # pragma: no cover
     _JSONError = ValueError
 
 JSON = "application/json"
-ATTEMPTS = "x-uniroute-attempts"
-CHAT_PATH = "/v1/chat/completions"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
@@ -211,10 +210,7 @@ async def http_exception(request: Request, exc: Exception) -> Response:
         err = GatewayError(str(exc.detail))
         err.status_code = exc.status_code
         err.error_type = "invalid_request_error" if exc.status_code < 500 else "internal_error"
-    response = error_response(err)
-    if request.url.path == CHAT_PATH:  # every chat response says how many upstream calls it made (none)
-        response.headers[ATTEMPTS] = "0"
-    return response
+    return error_response(err)
 
 
 async def unhandled_exception(request: Request, exc: Exception) -> Response:

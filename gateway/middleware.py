@@ -3,6 +3,8 @@
 - Every HTTP response carries ``x-uniroute-request-id`` (the client's own, if it sent a
   sane one, else a fresh ``req-<hex>``) and ``x-uniroute-time-ms`` (time to headers).
   The id is in ``scope["state"]["request_id"]`` for handlers.
+- Every ``/v1/chat/completions`` response carries ``x-uniroute-attempts``: the handler sets the
+  number of upstream calls; a response refused before it ran (413, 405, ...) gets ``0`` here.
 - A body larger than ``max_body_bytes`` gets 413: at once when ``content-length`` says
   so, else as soon as the streamed body crosses the limit.
 """
@@ -19,6 +21,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.errors import PayloadTooLargeError, error_body
 
 REQUEST_ID_HEADER = "x-uniroute-request-id"
+#: upstream calls a chat response took; the handler sets it, and any chat response refused before the
+#: handler ran (413, 405, ...) gets 0 here
+ATTEMPTS = "x-uniroute-attempts"
+_ATTEMPTS_BYTES = ATTEMPTS.encode()
+CHAT_PATH = "/v1/chat/completions"
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _dumps: Any
 try:
@@ -61,17 +68,20 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = rid
         rid_bytes = rid.encode()
         limit = self.max_body_bytes
+        chat = scope.get("path") == CHAT_PATH
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 headers.append((b"x-uniroute-request-id", rid_bytes))
                 headers.append((b"x-uniroute-time-ms", f"{(time.perf_counter() - t0) * 1e3:.2f}".encode()))
+                if chat and not any(k == _ATTEMPTS_BYTES for k, _ in headers):
+                    headers.append((_ATTEMPTS_BYTES, b"0"))
                 message = {**message, "headers": headers}
             await send(message)
 
         if length is not None and length > limit:
-            await self._too_large(send_wrapper, limit, scope.get("path") == "/v1/chat/completions")
+            await self._too_large(send_wrapper, limit)
             return
 
         received = 0
@@ -88,14 +98,12 @@ class RequestContextMiddleware:
         await self.app(scope, receive_wrapper, send_wrapper)
 
     @staticmethod
-    async def _too_large(send: Send, limit: int, chat: bool = False) -> None:
+    async def _too_large(send: Send, limit: int) -> None:
         status, body, _ = error_body(PayloadTooLargeError(_too_large_message(limit)))
         payload = _dumps(body)
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                   (b"connection", b"close")]
-        if chat:  # every chat response says how many upstream calls it made (none here)
-            headers.append((b"x-uniroute-attempts", b"0"))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(payload)).encode()), (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": payload})
 
 
