@@ -84,10 +84,13 @@ class Cooldowns:
         group); unchanged when none or all of them cool."""
         if not self._cooling:
             return candidates
-        healthy = [c for c in candidates if not self.cooling(name(c))]
-        if not healthy or len(healthy) == len(candidates):
+        healthy: list[T] = []
+        cooling: list[T] = []
+        for c in candidates:
+            (cooling if self.cooling(name(c)) else healthy).append(c)
+        if not healthy or not cooling:
             return candidates
-        return healthy + [c for c in candidates if self.cooling(name(c))]
+        return healthy + cooling
 
     # -- outcomes ---------------------------------------------------------------------
 

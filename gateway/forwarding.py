@@ -232,12 +232,14 @@ def _timeout(entry: ModelEntry) -> Any:
     return httpx.Timeout(entry.timeout_s, connect=entry.connect_timeout)
 
 
+def _price(entry: ModelEntry, prompt_tokens: int, completion_tokens: int) -> float:
+    return prompt_tokens * entry.input_cost_per_token + completion_tokens * entry.output_cost_per_token
+
+
 def _cost(entry: ModelEntry, usage: Any) -> float | None:
     if usage is None:
         return None
-    pt = getattr(usage, "prompt_tokens", None) or 0
-    ct = getattr(usage, "completion_tokens", None) or 0
-    return pt * entry.input_cost_per_token + ct * entry.output_cost_per_token
+    return _price(entry, getattr(usage, "prompt_tokens", None) or 0, getattr(usage, "completion_tokens", None) or 0)
 
 
 class Forwarder:
@@ -344,8 +346,7 @@ class Forwarder:
         """
         attempts = [] if attempts is None else attempts
         last: GatewayError | None = None
-        cool = self.cooldowns
-        for entry in (candidates if cool is None else cool.order(candidates, _name))[: self.max_attempts]:
+        for entry in self._tries(candidates):
             t0 = time.perf_counter()
             token = self._quiet.set(True) if self._quiet is not None else None
             try:
@@ -364,8 +365,7 @@ class Forwarder:
                     self._quiet.reset(token)
             latency = (time.perf_counter() - t0) * 1e3
             attempts.append(Attempt(entry.name, 200, None, latency))
-            if cool is not None:
-                cool.succeeded(entry.name)
+            self.note_success(entry.name)
             cost = _cost(entry, getattr(response, "usage", None))
             return Completion(entry, response, attempts, cost, latency)
         raise _exhausted(last, attempts)
@@ -380,8 +380,7 @@ class Forwarder:
         """Start a stream: fall back until some candidate yields its first chunk."""
         attempts = [] if attempts is None else attempts
         last: GatewayError | None = None
-        cool = self.cooldowns
-        for entry in (candidates if cool is None else cool.order(candidates, _name))[: self.max_attempts]:
+        for entry in self._tries(candidates):
             t0 = time.perf_counter()
             started = asyncio.get_running_loop().time()
             token = None
@@ -404,8 +403,7 @@ class Forwarder:
             else:
                 ttft = (time.perf_counter() - t0) * 1e3
                 attempts.append(Attempt(entry.name, 200, None, ttft))
-                if cool is not None:
-                    cool.succeeded(entry.name)
+                self.note_success(entry.name)
                 return OpenStream(entry, first, it, attempts, ttft, started=t0, deadline=started + entry.timeout_s)
             finally:
                 if token is not None and self._quiet is not None:
@@ -417,6 +415,16 @@ class Forwarder:
                 break
             self.note_failure(entry.name, err)
         raise _exhausted(last, attempts)
+
+    def _tries(self, candidates: Sequence[ModelEntry]) -> Sequence[ModelEntry]:
+        """The candidates to try, in order: cooling ones behind the healthy ones, at most ``max_attempts``."""
+        if self.cooldowns is not None:
+            candidates = self.cooldowns.order(candidates, _name)
+        return candidates[: self.max_attempts]
+
+    def note_success(self, model: str) -> None:
+        if self.cooldowns is not None:
+            self.cooldowns.succeeded(model)
 
     def note_failure(self, model: str, err: GatewayError) -> None:
         """Count a retryable failure of ``model`` towards its cooldown (also used for mid-stream failures)."""
@@ -448,7 +456,7 @@ class Forwarder:
         messages and the text relayed so far, counted with LiteLLM's token counter, × the entry's prices."""
         pt = count_tokens(entry.litellm_model, messages=messages)
         ct = count_tokens(entry.litellm_model, text=relayed) if relayed else 0
-        return pt, ct, pt * entry.input_cost_per_token + ct * entry.output_cost_per_token
+        return pt, ct, _price(entry, pt, ct)
 
 
 async def _raw_chunks(raw: Any) -> AsyncIterator[Any]:
