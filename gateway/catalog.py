@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import math
@@ -34,6 +33,7 @@ from gateway.db import ModelProfile as ProfileRow
 from gateway.db import utcnow
 from gateway.errors import ConflictError, InvalidRequestError, NotFoundError
 from gateway.store import Store
+from gateway.tasks import cancel_and_wait
 
 logger = logging.getLogger("uniroute.catalog")
 
@@ -354,11 +354,8 @@ class RegistryPoller:
         self._task = asyncio.get_running_loop().create_task(self.run(), name="registry-poller")
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
 
 def with_profiles(entries: Iterable[reg.ModelEntry], profiles: Mapping[str, np.ndarray]) -> list[reg.ModelEntry]:

@@ -8,7 +8,6 @@ restarts) resumes where it stopped when started again, from any replica.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -18,6 +17,7 @@ from typing import Any
 from gateway.config import GatewayConfig
 from gateway.errors import ConflictError, GatewayError, InvalidRequestError
 from gateway.store import Store
+from gateway.tasks import cancel_and_wait
 from profiling.runner import RunReport
 
 logger = logging.getLogger("uniroute.profiling")
@@ -99,6 +99,4 @@ class ProfilingJobs:
     async def aclose(self) -> None:
         for job in self.jobs.values():
             if job.task is not None and not job.task.done():
-                job.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await job.task
+                await cancel_and_wait(job.task)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from gateway import catalog, lease
 from gateway.config import GatewayConfig
 from gateway.db import Feedback, ModelProfile, ReprofileRun, RequestRow, utcnow
 from gateway.store import Store
+from gateway.tasks import cancel_and_wait
 from profiling.reprofile import ClusterFeedback, drift_report, format_drift, reprofile
 
 logger = logging.getLogger("uniroute.reprofile")
@@ -165,11 +165,8 @@ class ReprofileScheduler:
             self._task = asyncio.get_running_loop().create_task(self._loop(interval), name="reprofile")
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
 
 def reprofile_command(args: argparse.Namespace) -> int:
