@@ -87,32 +87,38 @@ async def run(base: str, model: str, prompts: Sequence[str], calls: int) -> list
             async for _ in r:
                 pass
 
-    from gateway.forwarding import Forwarder
+    from gateway.forwarding import HTTP_CLIENTS, Forwarder
     from gateway.registry import ModelEntry, Registry
 
     entry = ModelEntry(name=model, litellm_params={"model": f"openai/{model}", "api_base": base, "api_key": "x"},
                        input_cost_per_token=1e-6, output_cost_per_token=2e-6, router_cost=1.0, timeout_s=30.0)
-    fw = Forwarder()
-    Registry([entry]).on_replace(fw.register)
+    forwarders = {kind: Forwarder(http_client=kind) for kind in HTTP_CLIENTS}  # aiohttp (default) and httpx
+    for fw in forwarders.values():
+        Registry([entry]).on_replace(fw.register)
 
-    async def call_forwarder(p: str, stream: bool) -> None:
-        msgs = [{"role": "user", "content": p}]
-        if stream:
-            opened = await fw.open_stream([entry], msgs, {"stream_options": {"include_usage": True}})
-            async for _ in opened.rest:
-                pass
-        else:
-            await fw.complete([entry], msgs, {})
+    def call_forwarder(fw: Forwarder) -> Call:
+        async def call(p: str, stream: bool) -> None:
+            msgs = [{"role": "user", "content": p}]
+            if stream:
+                opened = await fw.open_stream([entry], msgs, {"stream_options": {"include_usage": True}})
+                async for _ in opened.rest:
+                    pass
+            else:
+                await fw.complete([entry], msgs, {})
+        return call
 
+    clients: list[tuple[str, Call]] = [("httpx", call_httpx), ("openai SDK", call_openai),
+                                       ("litellm.acompletion", call_litellm)]
+    clients += [(f"gateway Forwarder ({kind})", call_forwarder(fw)) for kind, fw in forwarders.items()]
     rows = []
     for stream in (False, True):
-        for name, fn in (("httpx", call_httpx), ("openai SDK", call_openai), ("litellm.acompletion", call_litellm),
-                         ("gateway Forwarder", call_forwarder)):
+        for name, fn in clients:
             rows.append(await measure(name, fn, prompts, calls, stream))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     await hx.aclose()
     await oa.close()
-    await fw.aclose()
+    for fw in forwarders.values():
+        await fw.aclose()
     return rows
 
 

@@ -41,14 +41,15 @@ def prompts(n: int, source: str) -> tuple[list[str], str]:
 
 
 def make_policy(variant: str, k: int = 40, d: int = 384, m: int = 27,
-                embedder_id: str = "all-MiniLM-L6-v2") -> tuple[UniRoutePolicy, list[PoolModel]]:
+                embedder_id: str = "all-MiniLM-L6-v2") -> tuple[UniRoutePolicy, tuple[PoolModel, ...]]:
     rng = np.random.default_rng(0)
     mu = rng.normal(size=(k, d))
     mu /= np.linalg.norm(mu, axis=1, keepdims=True)
     art = RouterArtifact(embedder_id=embedder_id, k=k, centroids=mu, theta=rng.normal(size=(d + 1, k)),
                          val_prompt_ids=[], val_prompts=[], val_embeddings=np.zeros((0, d), np.float32),
                          training_set_hash="bench", variant=variant)
-    pool = [PoolModel(f"model-{j}", float(rng.uniform(1, 100)), rng.uniform(0, 1, size=k)) for j in range(m)]
+    # a tuple, as the gateway's registry snapshot passes it (the policy prepares it once per snapshot)
+    pool = tuple(PoolModel(f"model-{j}", float(rng.uniform(1, 100)), rng.uniform(0, 1, size=k)) for j in range(m))
     return UniRoutePolicy(art, variant), pool
 
 

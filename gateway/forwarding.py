@@ -60,7 +60,7 @@ logger = logging.getLogger("uniroute.forwarding")
 
 #: HTTP stack of the shared upstream clients: aiohttp (the OpenAI SDK's ``DefaultAioHttpClient``) or httpx
 HttpClientKind = Literal["aiohttp", "httpx"]
-HTTP_CLIENTS: tuple[str, ...] = get_args(HttpClientKind)
+HTTP_CLIENTS: tuple[HttpClientKind, ...] = get_args(HttpClientKind)
 
 #: providers whose OpenAI-compatible servers accept the standard ``user`` parameter
 _PASS_USER = frozenset({"openai", "hosted_vllm"})
