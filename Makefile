@@ -27,7 +27,7 @@ services:
 	bash scripts/services.sh
 
 lint: install
-	$(VENV)/bin/ruff check gateway routing profiling tests benchmarks migrations
+	$(VENV)/bin/ruff check gateway routing profiling replay tests benchmarks
 
 typecheck: install
 	$(VENV)/bin/mypy

@@ -87,8 +87,8 @@ async def run(base: str, model: str, prompts: Sequence[str], calls: int) -> list
             async for _ in r:
                 pass
 
-    from gateway.forwarding import HTTP_CLIENTS, Forwarder
-    from gateway.registry import ModelEntry, Registry
+    from gateway.serving.forwarding import HTTP_CLIENTS, Forwarder
+    from gateway.serving.registry import ModelEntry, Registry
 
     entry = ModelEntry(name=model, litellm_params={"model": f"openai/{model}", "api_base": base, "api_key": "x"},
                        input_cost_per_token=1e-6, output_cost_per_token=2e-6, router_cost=1.0, timeout_s=30.0)
@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = load_dataset(dataset, with_responses=False)
     split = (os.cpu_count() or 1) >= 2
     port = free_port()
-    cmd = [sys.executable, "-m", "gateway.cli", "replay", "--dataset", str(dataset), "--port", str(port)]
+    cmd = [sys.executable, "-m", "gateway.cli.main", "replay", "--dataset", str(dataset), "--port", str(port)]
     if args.stream_chunks:
         cmd += ["--stream-chunks", str(args.stream_chunks)]
     with server(cmd, tmp / "replay.log", f"http://127.0.0.1:{port}/health", "1" if split else None):

@@ -85,7 +85,7 @@ def static_router(out: Path, dataset: Path) -> dict[str, Any]:
     out = out.resolve()
     if not (out / ARTIFACT_FILE).is_file():
         print(f"fitting a static-embedder router artifact into {out} …", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "gateway.cli", "router", "fit", "--dataset", str(dataset),
+        subprocess.run([sys.executable, "-m", "gateway.cli.main", "router", "fit", "--dataset", str(dataset),
                         "--out", str(out), "--embedder", "static"], check=True, cwd=ROOT,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL)
     return {"policy": "uniroute", "variant": "learnedmap", "artifact": str(out), "max_wait_ms": 0}
@@ -321,10 +321,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     cfg_path = tmp / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    replay_cmd = [sys.executable, "-m", "gateway.cli", "replay", "--dataset", str(dataset), "--port", str(rport)]
+    replay_cmd = [sys.executable, "-m", "gateway.cli.main", "replay", "--dataset", str(dataset), "--port", str(rport)]
     if args.upstream_latency_ms:
         replay_cmd += ["--latency-ms", f"*={args.upstream_latency_ms:g}"]
-    gateway_cmd = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg_path),
+    gateway_cmd = [sys.executable, "-m", "gateway.cli.main", "serve", "--config", str(cfg_path),
                    "--host", "127.0.0.1", "--port", str(gport)]
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
 

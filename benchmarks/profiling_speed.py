@@ -49,7 +49,7 @@ def main() -> int:
     with open(dataset / "models.csv", encoding="utf-8", newline="") as fh:
         costs = {r["model"]: float(r["cost"]) for r in csv.DictReader(fh)}
     model = args.model or min(costs, key=lambda m: costs[m])
-    cli = [sys.executable, "-m", "gateway.cli"]
+    cli = [sys.executable, "-m", "gateway.cli.main"]
     subprocess.run([*cli, "router", "fit", "--dataset", str(dataset), "--out", str(tmp / "artifact"),
                     "--exclude-models", model, "--val-size", str(args.val_size)], env=env, check=True,
                    stdout=subprocess.DEVNULL)

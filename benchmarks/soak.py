@@ -152,7 +152,7 @@ def verdict(*, rss: Sequence[tuple[float, int]], warmup_s: float, sent: int, ok:
 
 
 def count_rows(database_url: str) -> int:
-    from gateway.store import create_engine_for
+    from gateway.store.engine import create_engine_for
 
     engine = create_engine_for(database_url)
     try:
@@ -282,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     layout = ("load generator pinned to CPU 0; replay upstream and gateway pinned to CPU 1 (taskset)"
               if split else "no pinning (OS scheduler)")
     rport, gport = free_port(), free_port()
-    replay_cmd = [sys.executable, "-m", "gateway.cli", "replay", "--dataset", str(dataset), "--port", str(rport),
+    replay_cmd = [sys.executable, "-m", "gateway.cli.main", "replay", "--dataset", str(dataset), "--port", str(rport),
                   "--stream-chunks", str(args.stream_chunks)]
     info: dict[str, Any] = {
         "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),

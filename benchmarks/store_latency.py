@@ -23,10 +23,10 @@ from pathlib import Path
 import sqlalchemy as sa
 
 import gateway  # noqa: F401
-from gateway.auth import create_key, principal_from_row
-from gateway.budget import SqlBudgetGuard
-from gateway.interfaces import RequestRecord
-from gateway.store import RequestLogWriter, Store
+from gateway.access.auth import create_key, principal_from_row
+from gateway.access.budget import SqlBudgetGuard
+from gateway.serving.interfaces import RequestRecord
+from gateway.store.engine import RequestLogWriter, Store
 
 
 @contextlib.contextmanager
@@ -90,8 +90,8 @@ def run(kind: str, url: str, n: int, rows: int) -> None:
 def run_redis(url: str, n: int) -> None:
     import asyncio
 
-    from gateway.interfaces import Principal
-    from gateway.ratelimit import RedisRateLimiter
+    from gateway.access.ratelimit import RedisRateLimiter
+    from gateway.serving.interfaces import Principal
 
     async def go() -> list[float]:
         limiter = RedisRateLimiter(url, prefix=f"uniroute:bench:{secrets.token_hex(4)}:")

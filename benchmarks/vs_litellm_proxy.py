@@ -207,7 +207,7 @@ def start_gateway(stack: contextlib.ExitStack, tmp: Path, dataset: Path, rport: 
     routers = [{"policy": "uniroute", **router_extra}] + ([{"policy": "cheapest"}] if fallback else [])
     for router in routers:
         cfg = gateway_config(tmp, dataset, rport, gport, router, database_url)
-        cmd = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg), "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "gateway.cli.main", "serve", "--config", str(cfg), "--host", "127.0.0.1",
                "--port", str(gport)]
         log = tmp / f"gateway-{router['policy']}.log"
         try:
@@ -269,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     layout = ("load generator pinned to CPU 0; replay upstream, UniRoute gateway and LiteLLM proxy pinned to "
               "CPU 1 (taskset; one server driven at a time)" if split else "no pinning (OS scheduler)")
     rport, gport, pport = free_port(), free_port(), free_port()
-    replay_cmd = [sys.executable, "-m", "gateway.cli", "replay", "--dataset", str(dataset), "--port", str(rport),
+    replay_cmd = [sys.executable, "-m", "gateway.cli.main", "replay", "--dataset", str(dataset), "--port", str(rport),
                   "--stream-chunks", str(args.stream_chunks)]
     proxy_cmd = [str(venv / "bin" / "litellm"), "--config", str(proxy_config(tmp, data.models, rport)),
                  "--host", "127.0.0.1", "--port", str(pport), "--num_workers", "1"]

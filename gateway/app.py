@@ -8,7 +8,7 @@ startup, and every request reuses them.
 when unhealthy) is the hook a store adds its "database reachable" check to.
 
 The store-backed parts (API keys, budgets, rate limits, the request log, metrics) come
-from :class:`gateway.accounting.Accounting`, built here from the config (no I/O) and
+from :class:`gateway.access.accounting.Accounting`, built here from the config (no I/O) and
 started/stopped by the lifespan: migrations and the ``models`` seed at start, the request
 log flushed at shutdown. Its routes: ``/v1/usage``, ``/admin/keys``, ``/metrics``.
 """
@@ -28,21 +28,21 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from gateway import endpoints
 from gateway.config import GatewayConfig, load_config
-from gateway.interfaces import (
+from gateway.errors import GatewayError
+from gateway.http.middleware import CHAT_PATH, RequestContextMiddleware
+from gateway.serving.interfaces import (
     Authenticator,
     BudgetGuard,
     Principal,
     RateLimiter,
     RequestSink,
 )
-from gateway.middleware import CHAT_PATH, RequestContextMiddleware
-from gateway.router import EmbedFn, calibrated
+from gateway.serving.router import EmbedFn, calibrated
 from routing.policy import GatewayPolicy
 
 if TYPE_CHECKING:
-    from gateway.accounting import Accounting
+    from gateway.access.accounting import Accounting
 
 logger = logging.getLogger("uniroute.app")
 ReadinessCheck = Callable[[], Awaitable[None]]
@@ -66,21 +66,22 @@ def create_app(
     accounting: Accounting | None = None,
 ) -> Starlette:
     """Build the gateway app. The optional arguments replace the config-built parts (auth, limits, store, router)."""
-    from gateway import admin, feedback, models_admin
-    from gateway.accounting import Accounting, settings_from_config
-    from gateway.metrics import InFlightMiddleware, metrics_app
+    from gateway.access.accounting import Accounting, settings_from_config
+    from gateway.http import admin_models, chat, feedback, health, keys, models, openapi, responses
+    from gateway.http.middleware import InFlightMiddleware
+    from gateway.metrics import metrics_app
 
     config = calibrated(config)  # router.target_cost -> default λ (cheap: numpy only, no embedder)
     acc = accounting if accounting is not None else Accounting(settings_from_config(config))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        from gateway import catalog
-        from gateway.cooldown import Cooldowns
-        from gateway.forwarding import Forwarder
-        from gateway.registry import Registry
-        from gateway.router import RouterBundle, build_router
-        from gateway.service import ChatService
+        from gateway.serving.cooldown import Cooldowns
+        from gateway.serving.forwarding import Forwarder
+        from gateway.serving.registry import Registry
+        from gateway.serving.router import RouterBundle, build_router
+        from gateway.serving.service import ChatService
+        from gateway.store import models as catalog
 
         started = int(time.time())
         registry = Registry.from_config(config, created=started)
@@ -145,31 +146,33 @@ def create_app(
             await forwarder.aclose()
 
     routes = [
-        Route(CHAT_PATH, endpoints.chat_completions, methods=["POST"]),
-        Route("/v1/models", endpoints.list_models, methods=["GET"]),
-        Route("/v1/models/{model_id:path}", endpoints.get_model, methods=["GET"]),
-        Route("/health/liveliness", endpoints.liveliness, methods=["GET"]),
-        Route("/health/readiness", endpoints.readiness, methods=["GET"]),
-        Route("/openapi.json", endpoints.openapi, methods=["GET"]),
-        Route("/v1/usage", admin.usage, methods=["GET"]),
-        Route("/admin/keys", admin.list_keys_endpoint, methods=["GET"]),
-        Route("/admin/keys", admin.create_key_endpoint, methods=["POST"]),
-        Route("/admin/keys/{name}", admin.get_key_endpoint, methods=["GET"]),
-        Route("/admin/keys/{name}", admin.revoke_key_endpoint, methods=["DELETE"]),
+        Route(CHAT_PATH, chat.chat_completions, methods=["POST"]),
+        Route("/v1/models", models.list_models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", models.get_model, methods=["GET"]),
+        Route("/health/liveliness", health.liveliness, methods=["GET"]),
+        Route("/health/readiness", health.readiness, methods=["GET"]),
+        Route("/openapi.json", openapi.openapi, methods=["GET"]),
+        Route("/v1/usage", keys.usage, methods=["GET"]),
+        Route("/admin/keys", keys.list_keys_endpoint, methods=["GET"]),
+        Route("/admin/keys", keys.create_key_endpoint, methods=["POST"]),
+        Route("/admin/keys/{name}", keys.get_key_endpoint, methods=["GET"]),
+        Route("/admin/keys/{name}", keys.revoke_key_endpoint, methods=["DELETE"]),
         Route("/v1/feedback", feedback.feedback_endpoint, methods=["POST"]),
-        Route("/admin/models", models_admin.list_models_endpoint, methods=["GET"]),
-        Route("/admin/models", models_admin.add_model_endpoint, methods=["POST"]),
-        Route("/admin/models/{name:path}/disable", models_admin.disable_model_endpoint, methods=["POST"]),
-        Route("/admin/models/{name:path}/profile", models_admin.start_profile_endpoint, methods=["POST"]),
-        Route("/admin/models/{name:path}/profile", models_admin.profile_status_endpoint, methods=["GET"]),
-        Route("/admin/models/{name:path}", models_admin.get_model_endpoint, methods=["GET"]),
-        Route("/admin/models/{name:path}", models_admin.update_model_endpoint, methods=["PATCH"]),
-        Route("/admin/models/{name:path}", models_admin.remove_model_endpoint, methods=["DELETE"]),
-        Route("/admin/reprofile", models_admin.run_reprofile_endpoint, methods=["POST"]),
-        Route("/admin/reprofile/last", models_admin.last_reprofile_endpoint, methods=["GET"]),
+        Route("/admin/models", admin_models.list_models_endpoint, methods=["GET"]),
+        Route("/admin/models", admin_models.add_model_endpoint, methods=["POST"]),
+        Route("/admin/models/{name:path}/disable", admin_models.disable_model_endpoint, methods=["POST"]),
+        Route("/admin/models/{name:path}/profile", admin_models.start_profile_endpoint, methods=["POST"]),
+        Route("/admin/models/{name:path}/profile", admin_models.profile_status_endpoint, methods=["GET"]),
+        Route("/admin/models/{name:path}", admin_models.get_model_endpoint, methods=["GET"]),
+        Route("/admin/models/{name:path}", admin_models.update_model_endpoint, methods=["PATCH"]),
+        Route("/admin/models/{name:path}", admin_models.remove_model_endpoint, methods=["DELETE"]),
+        Route("/admin/reprofile", admin_models.run_reprofile_endpoint, methods=["POST"]),
+        Route("/admin/reprofile/last", admin_models.last_reprofile_endpoint, methods=["GET"]),
         Route("/metrics", metrics_app(acc.metrics), methods=["GET", "HEAD"]),
     ]
-    handlers: dict[Any, Any] = {HTTPException: endpoints.http_exception, Exception: endpoints.unhandled_exception}
+    # handlers raise GatewayError; one handler shapes it. 404/405 from routing; anything else is a bug (500)
+    handlers: dict[Any, Any] = {GatewayError: responses.gateway_error, HTTPException: responses.http_exception,
+                                Exception: responses.unhandled_exception}
     app = Starlette(
         routes=routes,
         middleware=[Middleware(InFlightMiddleware, metrics=acc.metrics),

@@ -88,7 +88,7 @@ class RouterConfig(_Section):
 
 class FallbackConfig(_Section):
     max_attempts: int = Field(default=3, ge=1)
-    # cooldown (gateway/cooldown.py): this many retryable failures within the window put a model
+    # cooldown (gateway/serving/cooldown.py): this many retryable failures within the window put a model
     # into cooldown for cooldown_s (at least a 429's Retry-After); `auto` routes around it. 0 = off.
     cooldown_failures: int = Field(default=3, ge=0)
     cooldown_window_s: float = Field(default=60.0, gt=0.0)
@@ -96,7 +96,7 @@ class FallbackConfig(_Section):
 
 
 class ForwardingConfig(_Section):
-    """How requests reach the backends (always through ``litellm.acompletion``; see gateway/forwarding.py)."""
+    """How requests reach the backends (always through ``litellm.acompletion``; see gateway/serving/forwarding.py)."""
 
     http_client: Literal["aiohttp", "httpx"] = "aiohttp"  # HTTP stack of the shared OpenAI-wire clients
     raw_openai_streams: bool = True  # read OpenAI-wire streams from the SDK stream, not LiteLLM's chunk wrapper

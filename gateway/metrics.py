@@ -37,7 +37,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from gateway.interfaces import RequestRecord
+from gateway.serving.interfaces import RequestRecord
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -310,24 +310,6 @@ class MetricsApp:
 def metrics_app(metrics: Metrics) -> MetricsApp:
     """The ``/metrics`` ASGI app for ``metrics`` (mount it, or serve it alone)."""
     return MetricsApp(metrics)
-
-
-class InFlightMiddleware:
-    """Pure-ASGI middleware keeping ``litellm_in_flight_requests`` (``/v1/*`` requests being served)."""
-
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], metrics: Metrics) -> None:
-        self.app = app
-        self.gauge = metrics.in_flight
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not str(scope.get("path", "")).startswith("/v1/"):
-            await self.app(scope, receive, send)
-            return
-        self.gauge.inc()
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.gauge.dec()
 
 
 def prepare_multiprocess_dir(workers: int, base: str | os.PathLike[str] | None = None) -> str | None:

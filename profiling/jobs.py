@@ -16,7 +16,7 @@ from typing import Any
 
 from gateway.config import GatewayConfig
 from gateway.errors import ConflictError, GatewayError, InvalidRequestError
-from gateway.store import Store
+from gateway.store.engine import Store
 from gateway.tasks import cancel_and_wait
 from profiling.runner import RunReport
 

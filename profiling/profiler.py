@@ -7,7 +7,7 @@ Used by ``uniroute profile MODEL`` and by ``POST /admin/models/{name}/profile``:
    references from the dataset folder with ``--dataset``). Each prompt's cluster is the argmax
    of its membership z(x) for the configured variant.
 2. :func:`profiling.runner.profile_model` sends them to the model through the gateway's
-   :class:`~gateway.forwarding.Forwarder` (LiteLLM), bounded concurrency, retries with
+   :class:`~gateway.serving.forwarding.Forwarder` (LiteLLM), bounded concurrency, retries with
    backoff (429: at least ``Retry-After``); each outcome is stored in ``profile_outcomes`` as
    it arrives, so a second run resumes.
 3. Ψ is computed with the artifact's estimator (``RouterArtifact.profile_model``, every
@@ -33,11 +33,11 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from gateway import catalog
 from gateway.config import GatewayConfig
-from gateway.db import ProfileOutcome
 from gateway.errors import GatewayError, InvalidRequestError
-from gateway.store import Store
+from gateway.store import models as catalog
+from gateway.store.engine import Store
+from gateway.store.tables import ProfileOutcome
 from profiling.graders import GRADERS, get_grader
 from profiling.runner import (
     Completion,
@@ -277,7 +277,7 @@ def profile_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from gateway.config import load_config
-    from gateway.forwarding import Forwarder
+    from gateway.serving.forwarding import Forwarder
 
     config = load_config(args.config)
     store = Store(config.database_url)

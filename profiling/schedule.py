@@ -1,7 +1,7 @@
 """Re-profiling: every model's Ψ from its validation outcomes (the prior) plus logged feedback.
 
 Run by ``uniroute reprofile`` and, inside ``serve``, every ``profiling.reprofile_interval_s``
-seconds by the replica that holds the ``reprofile`` database lease (:mod:`gateway.lease`).
+seconds by the replica that holds the ``reprofile`` database lease (:mod:`gateway.store.lease`).
 
 Per model with an active profile for the router key (artifact version + variant):
 
@@ -32,10 +32,11 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from gateway import catalog, lease
 from gateway.config import GatewayConfig
-from gateway.db import Feedback, ModelProfile, ReprofileRun, RequestRow, utcnow
-from gateway.store import Store
+from gateway.store import lease
+from gateway.store import models as catalog
+from gateway.store.engine import Store
+from gateway.store.tables import Feedback, ModelProfile, ReprofileRun, RequestRow, utcnow
 from gateway.tasks import cancel_and_wait
 from profiling.reprofile import ClusterFeedback, drift_report, format_drift, reprofile
 

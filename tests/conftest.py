@@ -22,7 +22,7 @@ def shared_dataset() -> Path:
 def shared_router_artifact(shared_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A UniRoute artifact fitted on the shared benchmark (embeddings come from the on-disk cache;
     the first run on a machine embeds every prompt once, a few minutes)."""
-    from gateway.cli import main as cli
+    from gateway.cli.main import main as cli
 
     out = tmp_path_factory.mktemp("shared-router") / "artifact"
     assert cli(["router", "fit", "--dataset", str(shared_dataset), "--out", str(out)]) == 0

@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
 
-from gateway.interfaces import RequestRecord
 from gateway.metrics import Metrics, metrics_app
+from gateway.serving.interfaces import RequestRecord
 
 App = Callable[[MutableMapping[str, Any], Any, Any], Awaitable[None]]
 

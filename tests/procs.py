@@ -77,6 +77,6 @@ def fake_upstream() -> Iterator[str]:
 def replay_upstream(dataset: Path, *extra: str) -> Iterator[str]:
     """``uniroute replay`` on a free port; yields its ``/v1`` base URL."""
     port = free_port()
-    with running(["-m", "gateway.cli", "replay", "--dataset", str(dataset), "--port", str(port), *extra],
+    with running(["-m", "gateway.cli.main", "replay", "--dataset", str(dataset), "--port", str(port), *extra],
                  f"http://127.0.0.1:{port}/health"):
         yield f"http://127.0.0.1:{port}/v1"

@@ -18,11 +18,11 @@ from starlette.testclient import TestClient
 from storeutil import REDIS_URL, database, require_redis
 from test_metrics import _value, prometheus_server, promql, wait_promql
 
-from gateway.accounting import params_for_table
+from gateway.access.accounting import params_for_table
 from gateway.app import create_app
 from gateway.config import load_config
-from gateway.db import ModelEntry, RequestRow
-from gateway.store import Store
+from gateway.store.engine import Store
+from gateway.store.tables import ModelEntry, RequestRow
 from tests.gateway_setup import make_dataset, replay_args, write_config
 from tests.procs import free_port, replay_upstream, running, server_env
 
@@ -262,7 +262,7 @@ async def test_50_concurrent_chat_requests_never_overspend(kind: str, tmp_path: 
     """50 chat requests at once through the gateway against one budget: the cap holds end to end."""
     import asyncio
 
-    from gateway.auth import create_key
+    from gateway.access.auth import create_key
 
     monkeypatch.setenv("UR_TEST_KEY", "x")
     with database(kind, tmp_path) as url:
@@ -284,7 +284,7 @@ async def test_50_concurrent_chat_requests_never_overspend(kind: str, tmp_path: 
         assert len(ok) <= 10  # at most budget / estimate held at once (300 ms upstream: no settle in between)
         assert all(r.status_code == 429 and r.json()["error"]["type"] == "budget_exceeded" for r in refused)
         with store.sessions() as s:
-            from gateway.db import ApiKey
+            from gateway.store.tables import ApiKey
 
             key = s.get(ApiKey, row.id)
         store.dispose()

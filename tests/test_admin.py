@@ -10,8 +10,8 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from gateway import admin
-from gateway.accounting import Accounting, AccountingSettings
+from gateway.access.accounting import Accounting, AccountingSettings
+from gateway.http import keys as admin
 
 ADMIN = "sk-admin-test-0123456789"
 

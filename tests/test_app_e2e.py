@@ -28,7 +28,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with replay_upstream(dataset, *replay_args()) as replay_base:
         port = free_port()
         cfg = write_config(root, dataset, replay_base, port=port)
-        with running(["-m", "gateway.cli", "serve", "--config", str(cfg)], f"http://127.0.0.1:{port}/health/readiness"):
+        with running(["-m", "gateway.cli.main", "serve", "--config", str(cfg)], f"http://127.0.0.1:{port}/health/readiness"):
             yield Stack(f"http://127.0.0.1:{port}/v1", load_dataset(dataset))
 
 
@@ -143,7 +143,7 @@ def test_serve_rejects_bad_config(tmp_path: Path) -> None:
 
     bad = tmp_path / "c.yaml"
     bad.write_text("replay_models: {dataset: /nonexistent}\n")
-    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--config", str(bad)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "gateway.cli.main", "serve", "--config", str(bad)], cwd=ROOT,
                           env=server_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "UNIROUTE_DATASET" in proc.stderr
 
@@ -166,7 +166,7 @@ def test_demo_config_with_shared_dataset(tmp_path: Path, shared_router_artifact:
         cfg = tmp_path / "config.yaml"
         cfg.write_text(text.replace("port: 8000", f"port: {port}"))
         env = server_env(UNIROUTE_DATASET=str(dataset), UNIROUTE_ROUTER_ARTIFACT=str(shared_router_artifact))
-        with running(["-m", "gateway.cli", "serve", "--config", str(cfg)],
+        with running(["-m", "gateway.cli.main", "serve", "--config", str(cfg)],
                      f"http://127.0.0.1:{port}/health/readiness", env=env):
             with gzip.open(dataset / "prompts.jsonl.gz", "rt") as fh:
                 prompt = json.loads(fh.readline())["prompt"]

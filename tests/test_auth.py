@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 from storeutil import REPO_ROOT
 
-from gateway.auth import (
+from gateway.access.auth import (
     AdminGuard,
     KeyAuthenticator,
     bearer_token,
@@ -24,8 +24,7 @@ from gateway.auth import (
     list_keys,
     revoke_key,
 )
-from gateway.budget import SqlBudgetGuard
-from gateway.db import ApiKey
+from gateway.access.budget import SqlBudgetGuard
 from gateway.errors import (
     AuthenticationError,
     ConflictError,
@@ -34,7 +33,8 @@ from gateway.errors import (
     PermissionDeniedError,
     error_body,
 )
-from gateway.store import Store
+from gateway.store.engine import Store
+from gateway.store.tables import ApiKey
 
 
 @pytest.fixture
@@ -173,7 +173,7 @@ def test_cli_keys(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "UNIROUTE_DATABASE_URL": f"sqlite:///{db}"}
 
     def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-        out = subprocess.run([sys.executable, "-m", "gateway.cli", "keys", *args], env=env, capture_output=True,
+        out = subprocess.run([sys.executable, "-m", "gateway.cli.main", "keys", *args], env=env, capture_output=True,
                              text=True, timeout=60)
         assert (out.returncode == 0) == ok, out.stderr
         return out

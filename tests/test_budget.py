@@ -14,13 +14,13 @@ import pytest
 import sqlalchemy as sa
 from storeutil import database
 
-from gateway.auth import create_key, principal_from_row, revoke_key
-from gateway.budget import SqlBudgetGuard, period_end_for, period_start_for
-from gateway.db import ApiKey
+from gateway.access.auth import create_key, principal_from_row, revoke_key
+from gateway.access.budget import SqlBudgetGuard, period_end_for, period_start_for
 from gateway.errors import AuthenticationError, BudgetExceededError, error_body
-from gateway.interfaces import ANONYMOUS, Principal
 from gateway.metrics import Metrics
-from gateway.store import Store
+from gateway.serving.interfaces import ANONYMOUS, Principal
+from gateway.store.engine import Store
+from gateway.store.tables import ApiKey
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

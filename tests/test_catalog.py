@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway import catalog
 from gateway.errors import ConflictError, InvalidRequestError, NotFoundError
-from gateway.registry import Registry
-from gateway.store import Store
+from gateway.serving.registry import Registry
+from gateway.store import models as catalog
+from gateway.store.engine import Store
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def test_poller_leaves_out_models_with_missing_env(store: Store, monkeypatch: py
 
 
 def test_models_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from gateway.cli import main as cli
+    from gateway.cli.main import main as cli
 
     cfg = tmp_path / "config.yaml"
     cfg.write_text(f"database_url: sqlite:///{tmp_path / 'cli.db'}\n")

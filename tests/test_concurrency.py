@@ -45,14 +45,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         port = free_port()
         cfg = write_config(root, dataset, replay_base, port=port, log_level="warning")
         data = yaml.safe_load(cfg.read_text())
-        db_url = f"sqlite:///{root / 'gateway.db'}"
+        db_url = f"sqlite:///{root / 'gateway.store.tables'}"
         data.update(auth={"mode": "keys"}, database_url=db_url,
                     database={"spill_dir": str(root / "spill"), "log_flush_interval_s": 0.2})
         cfg.write_text(yaml.safe_dump(data))
-        with running(["-m", "gateway.cli", "serve", "--config", str(cfg)],
+        with running(["-m", "gateway.cli.main", "serve", "--config", str(cfg)],
                      f"http://127.0.0.1:{port}/health/readiness"):
             out = subprocess.run(
-                [sys.executable, "-m", "gateway.cli", "keys", "create", "--name", "load", "--lambda", "0.2",
+                [sys.executable, "-m", "gateway.cli.main", "keys", "create", "--name", "load", "--lambda", "0.2",
                  "--config", str(cfg)],
                 cwd=ROOT, env=server_env(), capture_output=True, text=True, check=True, timeout=60)
             yield Stack(f"http://127.0.0.1:{port}", out.stdout.strip().splitlines()[-1], db_url,

@@ -1,4 +1,4 @@
-"""gateway/cooldown.py with an injected clock (no sleeping)."""
+"""gateway/serving/cooldown.py with an injected clock (no sleeping)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from gateway.cooldown import Cooldowns
+from gateway.serving.cooldown import Cooldowns
 
 
 class Clock:
@@ -144,7 +144,7 @@ def test_e2e_failing_model_cools_and_auto_goes_straight_to_the_next(tmp_path: Pa
                            fallback={"max_attempts": 3, "cooldown_failures": 2, "cooldown_window_s": 60,
                                      "cooldown_s": cooldown_s})
         base = f"http://127.0.0.1:{port}"
-        with running(["-m", "gateway.cli", "serve", "--config", str(cfg)], f"{base}/health/readiness"), \
+        with running(["-m", "gateway.cli.main", "serve", "--config", str(cfg)], f"{base}/health/readiness"), \
                 openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0) as client:
 
             def ask(stream: bool = False) -> tuple[int, list[str]]:

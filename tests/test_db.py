@@ -15,8 +15,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from storeutil import REPO_ROOT, database
 
-from gateway.db import ApiKey, Base, RequestRow
-from gateway.store import Store
+from gateway.store.engine import Store
+from gateway.store.tables import ApiKey, Base, RequestRow
 
 TABLES = {"api_keys", "models", "model_profiles", "requests", "feedback"}
 
@@ -102,7 +102,7 @@ def test_cli_db_commands(tmp_path: Path) -> None:
     env.pop("UNIROUTE_DATABASE_URL", None)
 
     def run(*args: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "gateway.cli", "db", *args, "--config", str(cfg)],
+        out = subprocess.run([sys.executable, "-m", "gateway.cli.main", "db", *args, "--config", str(cfg)],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         return out.stdout

@@ -12,11 +12,11 @@ import sqlalchemy as sa
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from gateway import feedback
-from gateway.accounting import Accounting, AccountingSettings
-from gateway.auth import create_key
-from gateway.db import Feedback
-from gateway.interfaces import RequestRecord
+from gateway.access.accounting import Accounting, AccountingSettings
+from gateway.access.auth import create_key
+from gateway.http import feedback
+from gateway.serving.interfaces import RequestRecord
+from gateway.store.tables import Feedback
 
 
 async def _client(tmp_path: Path, mode: str) -> tuple[httpx.AsyncClient, Accounting]:

@@ -18,7 +18,7 @@ from gateway.errors import (
     UpstreamRateLimitError,
     UpstreamTimeoutError,
 )
-from gateway.forwarding import (
+from gateway.serving.forwarding import (
     HTTP_CLIENTS,
     Attempt,
     Forwarder,
@@ -26,7 +26,7 @@ from gateway.forwarding import (
     map_exception,
     provider_message,
 )
-from gateway.registry import ModelEntry, Registry
+from gateway.serving.registry import ModelEntry, Registry
 from tests.fake_upstream import PROVIDER_MESSAGE
 from tests.procs import fake_upstream
 
@@ -204,7 +204,7 @@ async def test_openai_entries_share_one_fast_client_per_base_and_key(base_url: s
 def test_fast_client_parses_like_the_sdk_and_falls_back_on_off_spec_data() -> None:
     from openai.types.chat import ChatCompletionChunk
 
-    from gateway.forwarding import _fast_client_class
+    from gateway.serving.forwarding import _fast_client_class
 
     client = _fast_client_class()(base_url="http://127.0.0.1:9/v1", api_key="x", max_retries=0)
     good = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
@@ -241,7 +241,7 @@ async def test_raw_openai_stream_carries_what_litellms_wrapper_does(base_url: st
 
 
 async def test_cooldown_routes_around_a_failing_model(base_url: str) -> None:
-    from gateway.cooldown import Cooldowns
+    from gateway.serving.cooldown import Cooldowns
 
     class Clock:
         now = 0.0
@@ -271,7 +271,7 @@ async def test_cooldown_routes_around_a_failing_model(base_url: str) -> None:
 
 
 async def test_rejected_request_does_not_cool_the_model(base_url: str) -> None:
-    from gateway.cooldown import Cooldowns
+    from gateway.serving.cooldown import Cooldowns
 
     rejected, ok = entry(base_url, "a-400"), entry(base_url, "ok")
     cooldowns = Cooldowns(1, 60, 30)
@@ -283,7 +283,7 @@ async def test_rejected_request_does_not_cool_the_model(base_url: str) -> None:
 
 
 async def test_429_retry_after_sets_the_cooldown(base_url: str) -> None:
-    from gateway.cooldown import Cooldowns
+    from gateway.serving.cooldown import Cooldowns
 
     limited = entry(base_url, "b-429")
     cooldowns = Cooldowns(1, 60, 1)

@@ -41,7 +41,7 @@ def _serve(root: Path, dataset: Path, replay_base: str, mode: str) -> tuple[Path
     cfg = write_config(root, dataset, replay_base, port=port, max_body_bytes=8192, log_level="warning")
     data = yaml.safe_load(cfg.read_text())
     data["auth"] = {"mode": mode}
-    data["database_url"] = f"sqlite:///{root / 'gateway.db'}"
+    data["database_url"] = f"sqlite:///{root / 'gateway.store.tables'}"
     data["database"] = {"spill_dir": str(root / "spill")}
     cfg.write_text(yaml.safe_dump(data))
     return cfg, port
@@ -57,12 +57,12 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serv
         open_root.mkdir()
         kcfg, kport = _serve(keys_root, dataset, replay_base, "keys")
         ocfg, oport = _serve(open_root, dataset, replay_base, "open")
-        with running(["-m", "gateway.cli", "serve", "--config", str(kcfg)],
+        with running(["-m", "gateway.cli.main", "serve", "--config", str(kcfg)],
                      f"http://127.0.0.1:{kport}/health/liveliness"), \
-             running(["-m", "gateway.cli", "serve", "--config", str(ocfg)],
+             running(["-m", "gateway.cli.main", "serve", "--config", str(ocfg)],
                      f"http://127.0.0.1:{oport}/health/liveliness"):
             out = subprocess.run(
-                [sys.executable, "-m", "gateway.cli", "keys", "create", "--name", "fuzzer", "--lambda", "0.2",
+                [sys.executable, "-m", "gateway.cli.main", "keys", "create", "--name", "fuzzer", "--lambda", "0.2",
                  "--config", str(kcfg)],
                 cwd=ROOT, env=server_env(), capture_output=True, text=True, check=True, timeout=60)
             key = out.stdout.strip().splitlines()[-1]

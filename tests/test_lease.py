@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import lease
-from gateway.store import Store
+from gateway.store import lease
+from gateway.store.engine import Store
 from tests.storeutil import fresh_pg_database
 
 

@@ -29,7 +29,7 @@ def replay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "replay", "--dataset", str(ds), "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli.main", "replay", "--dataset", str(ds), "--port",
                              str(port), "--fail", "bio-expert=429"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"

@@ -17,8 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from storeutil import REPO_ROOT, free_port, require
 
-from gateway.interfaces import RequestRecord
 from gateway.metrics import Metrics, metrics_app
+from gateway.serving.interfaces import RequestRecord
 
 
 def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

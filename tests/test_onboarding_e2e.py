@@ -35,7 +35,7 @@ VARIANT = "learnedmap"
 
 
 def _fit(dataset: Path, out: Path, exclude: str, val_size: int, k: str) -> RouterArtifact:
-    from gateway.cli import main as cli
+    from gateway.cli.main import main as cli
 
     assert cli(["router", "fit", "--dataset", str(dataset), "--out", str(out), "--exclude-models", exclude,
                 "--val-size", str(val_size), "--k", k, "--variant", VARIANT]) == 0
@@ -82,7 +82,7 @@ def _onboard(tmp: Path, dataset: Path, new: str, *, val_size: int, k: str, min_p
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         env = server_env(UNIROUTE_ADMIN_KEY=ADMIN)
-        with running(["-m", "gateway.cli", "serve", "--config", str(cfg_path), "--port", str(port)],
+        with running(["-m", "gateway.cli.main", "serve", "--config", str(cfg_path), "--port", str(port)],
                      f"{base}/health/readiness", env=env, timeout_s=120), \
                 httpx.Client(base_url=base, timeout=60, headers={"authorization": f"Bearer {ADMIN}"}) as http:
             # --- registry: unknown names, add, duplicate, callable by name before any profile

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway import catalog
 from gateway.config import parse_config
 from gateway.errors import NotFoundError, UpstreamError
-from gateway.store import Store
+from gateway.store import models as catalog
+from gateway.store.engine import Store
 from profiling.profiler import SqlOutcomeStore, run_profiling, validation_prompts
 from routing.artifact import RouterArtifact
 

@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 
 from gateway.errors import InvalidRequestError
-from gateway.openapi import build_openapi
+from gateway.http.openapi import build_openapi
 from gateway.protocol import PASSTHROUGH_FIELDS, ChatCompletionRequest, UnirouteInfo, parse_chat_request
 
 OK: dict[str, Any] = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}

@@ -8,10 +8,10 @@ import secrets
 import pytest
 from storeutil import REDIS_URL, free_port, require_redis
 
+from gateway.access.ratelimit import LocalRateLimiter, RedisRateLimiter
 from gateway.errors import RateLimitError, ServiceUnavailableError, error_body
-from gateway.interfaces import ANONYMOUS, Principal
 from gateway.metrics import Metrics
-from gateway.ratelimit import LocalRateLimiter, RedisRateLimiter
+from gateway.serving.interfaces import ANONYMOUS, Principal
 
 
 def _principal(key_id: int, rpm: int | None) -> Principal:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.config import parse_config
-from gateway.registry import ModelEntry, Registry, RegistrySnapshot
+from gateway.serving.registry import ModelEntry, Registry, RegistrySnapshot
 
 
 def _cfg():  # type: ignore[no-untyped-def]

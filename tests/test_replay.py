@@ -18,7 +18,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from starlette.testclient import TestClient
 
-from gateway.replay import (
+from replay.app import (
     NO_ANSWER_TEXT,
     NO_RECORDING_MARK,
     create_replay_app,
@@ -52,7 +52,7 @@ class ReplayServer:
 def _start(dataset_dir: Path, *extra: str) -> Iterator[ReplayServer]:
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "gateway.cli", "replay", "--dataset", str(dataset_dir), "--port", str(port), *extra]
+    cmd = [sys.executable, "-m", "gateway.cli.main", "replay", "--dataset", str(dataset_dir), "--port", str(port), *extra]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -279,7 +279,7 @@ def test_faults_can_be_changed_at_run_time(client: openai.OpenAI, server: Replay
 
 def test_cli_rejects_unknown_model_in_options(dataset_dir: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "gateway.cli", "replay", "--dataset", str(dataset_dir), "--port", "0",
+    cmd = [sys.executable, "-m", "gateway.cli.main", "replay", "--dataset", str(dataset_dir), "--port", "0",
            "--fail", "nope=500"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2

@@ -54,7 +54,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
             env = server_env(UNIROUTE_ADMIN_KEY=ADMIN)
             env.pop("PROMETHEUS_MULTIPROC_DIR", None)
             workers = ["--workers", "2"] if name == "b" else []  # B: two uvicorn workers, multiprocess metrics
-            starts.append(running(["-m", "gateway.cli", "serve", "--config", str(cfg), "--port", str(port), *workers],
+            starts.append(running(["-m", "gateway.cli.main", "serve", "--config", str(cfg), "--port", str(port), *workers],
                                   f"http://127.0.0.1:{port}/health/readiness", env=env))
             bases.append(f"http://127.0.0.1:{port}")
         # both start at once on the empty database: migrations and the models seed run concurrently

@@ -18,9 +18,9 @@ import openai
 import pytest
 import yaml
 
-from gateway.cli import main as cli
+from gateway.cli.main import main as cli
 from gateway.config import ConfigError, load_config
-from gateway.router import calibrated
+from gateway.serving.router import calibrated
 from routing.dataset import BenchmarkDataset, load_dataset
 from routing.synthetic import make_synthetic_dataset
 from tests.procs import free_port, replay_upstream, running, server_env
@@ -76,7 +76,7 @@ def stack(fitted: tuple[Path, Path, Path]) -> Iterator[Stack]:
     with replay_upstream(dataset) as replay_base:
         port = free_port()
         cfg = _write_config(root, dataset, artifact, replay_base, port)
-        with running(["-m", "gateway.cli", "serve", "--config", str(cfg)],
+        with running(["-m", "gateway.cli.main", "serve", "--config", str(cfg)],
                      f"http://127.0.0.1:{port}/health/readiness", env=server_env(), timeout_s=120):
             yield Stack(f"http://127.0.0.1:{port}/v1", load_dataset(dataset), cfg)
 

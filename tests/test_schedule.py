@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway import catalog
 from gateway.config import parse_config
-from gateway.db import Feedback, RequestRow
-from gateway.store import Store
+from gateway.store import models as catalog
+from gateway.store.engine import Store
+from gateway.store.tables import Feedback, RequestRow
 from profiling.reprofile import ClusterFeedback, reprofile
 from profiling.schedule import ReprofileScheduler, last_report, run_reprofile
 
@@ -75,8 +75,8 @@ def test_only_one_scheduler_runs(store: Store) -> None:
 def test_reprofile_cli(tmp_path: Path, store: Store, capsys: pytest.CaptureFixture[str]) -> None:
     import yaml
 
-    from gateway import lease
-    from gateway.cli import main as cli
+    from gateway.cli.main import main as cli
+    from gateway.store import lease
     from routing.artifact import RouterArtifact
 
     art = RouterArtifact(embedder_id="t", k=2, centroids=np.eye(2), theta=None, val_prompt_ids=["p0", "p1"],

@@ -14,11 +14,11 @@ from gateway.errors import (
     PermissionDeniedError,
     UpstreamError,
 )
-from gateway.forwarding import Forwarder
-from gateway.interfaces import MemorySink, OpenAuthenticator, Principal, Reservation
 from gateway.protocol import parse_chat_request
-from gateway.registry import Registry
-from gateway.service import ChatContext, ChatService
+from gateway.serving.forwarding import Forwarder
+from gateway.serving.interfaces import MemorySink, OpenAuthenticator, Principal, Reservation
+from gateway.serving.registry import Registry
+from gateway.serving.service import ChatContext, ChatService
 from routing.policy import CheapestPolicy
 from tests.procs import fake_upstream
 

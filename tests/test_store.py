@@ -15,10 +15,10 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from storeutil import database, fresh_pg_database
 
-from gateway.db import ModelEntry, RequestRow
-from gateway.interfaces import RequestRecord
 from gateway.metrics import Metrics
-from gateway.store import RequestLogWriter, Store, database_url_from_config
+from gateway.serving.interfaces import RequestRecord
+from gateway.store.engine import RequestLogWriter, Store, database_url_from_config
+from gateway.store.tables import ModelEntry, RequestRow
 
 
 def _record(i: int, **kw: object) -> RequestRecord:

@@ -55,7 +55,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     }))
     with running(["-m", "uvicorn", "tests.fake_upstream:app", "--host", "127.0.0.1", "--port", str(up_port),
                   "--log-level", "warning"], f"{upstream}/health"), \
-            running(["-m", "gateway.cli", "serve", "--config", str(cfg)], f"http://127.0.0.1:{port}/health/readiness",
+            running(["-m", "gateway.cli.main", "serve", "--config", str(cfg)], f"http://127.0.0.1:{port}/health/readiness",
                     env=server_env()):
         yield Stack(f"http://127.0.0.1:{port}", upstream, db_url)
 

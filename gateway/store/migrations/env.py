@@ -1,7 +1,7 @@
-"""Alembic environment: the target schema is ``gateway.db.Base.metadata``.
+"""Alembic environment: the target schema is ``gateway.store.tables.Base.metadata``.
 
 The URL comes from (first wins) a connection or URL handed over by the caller
-(``gateway.store.Store.upgrade`` puts them in ``config.attributes``), ``-x url=...``,
+(``gateway.store.engine.Store.upgrade`` puts them in ``config.attributes``), ``-x url=...``,
 ``$UNIROUTE_DATABASE_URL``, then ``sqlalchemy.url`` of alembic.ini.
 SQLite runs in batch mode, so ALTERs that SQLite lacks are done by table copy.
 """
@@ -9,14 +9,14 @@ SQLite runs in batch mode, so ALTERs that SQLite lacks are done by table copy.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from alembic import context
 from sqlalchemy.engine import Connection
 
 import gateway  # noqa: F401  (offline environment first)
-from gateway.db import Base, UTCDateTime
+from gateway.store.tables import Base, UTCDateTime
 
 config = context.config
 target_metadata = Base.metadata
@@ -30,7 +30,7 @@ def _url() -> str:
     return str(url)
 
 
-def render_item(type_: str, obj: Any, autogen_context: Any) -> str | bool:
+def render_item(type_: str, obj: Any, autogen_context: Any) -> str | Literal[False]:
     """Render the project's TypeDecorators as plain SQLAlchemy types (migrations must not import them)."""
     if type_ == "type" and isinstance(obj, UTCDateTime):
         return "sa.DateTime(timezone=True)"
@@ -64,7 +64,7 @@ def run_migrations_online() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    from gateway.store import create_engine_for
+    from gateway.store.engine import create_engine_for
 
     engine = create_engine_for(_url())
     try:

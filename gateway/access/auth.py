@@ -7,7 +7,7 @@ Lookups are by hash; the stored and computed hashes are then compared with
 ``hmac.compare_digest``.
 
 Revocation "at once, on every replica": :class:`KeyAuthenticator` caches a key's policy for
-at most ``cache_ttl_s`` (1 s by default), and :class:`gateway.budget.SqlBudgetGuard` checks
+at most ``cache_ttl_s`` (1 s by default), and :class:`gateway.access.budget.SqlBudgetGuard` checks
 ``revoked_at IS NULL`` in the same atomic UPDATE that reserves budget on every request. So
 once ``uniroute keys revoke`` (or ``DELETE /admin/keys/{name}``) commits, the next request
 with that key is refused by every replica: requests already past the reservation finish,
@@ -33,7 +33,6 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from gateway.db import BUDGET_PERIODS, ApiKey, utcnow
 from gateway.errors import (
     AuthenticationError,
     ConflictError,
@@ -41,8 +40,9 @@ from gateway.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
-from gateway.interfaces import Authenticator, Principal
-from gateway.store import Store
+from gateway.serving.interfaces import Authenticator, Principal
+from gateway.store.engine import Store
+from gateway.store.tables import BUDGET_PERIODS, ApiKey, utcnow
 
 KEY_PREFIX = "sk-ur-"
 DISPLAY_PREFIX_LEN = len(KEY_PREFIX) + 4
@@ -93,7 +93,7 @@ def principal_from_row(row: ApiKey) -> Principal:
 
 # ------------------------------------------------------------------------------- authenticator
 class KeyAuthenticator:
-    """:class:`~gateway.interfaces.Authenticator` over ``api_keys`` with a short-lived cache.
+    """:class:`~gateway.serving.interfaces.Authenticator` over ``api_keys`` with a short-lived cache.
 
     The cache maps key hash → (principal or refusal, fetched at). Entries live at most
     ``cache_ttl_s`` seconds, so a change to a key (λ, budget, revocation) reaches every
@@ -206,7 +206,7 @@ def create_key(
     models: Sequence[str] | None = None,
 ) -> tuple[str, ApiKey]:
     """Create a key; returns ``(raw key, row)``. The raw key exists only in the return value."""
-    from gateway.budget import period_start_for
+    from gateway.access.budget import period_start_for
 
     lam_max = lambda_max if lambda_max is not None else max(10.0, default_lambda)
     _check_key_params(name=name, default_lambda=default_lambda, lambda_min=lambda_min, lambda_max=lam_max,
@@ -272,7 +272,7 @@ def key_summary(row: ApiKey) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------- CLI
 def _cli_store(args: argparse.Namespace) -> Store:
-    from gateway.store import database_url_from_config
+    from gateway.store.engine import database_url_from_config
 
     store = Store(database_url_from_config(getattr(args, "config", None)))
     store.upgrade()

@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from gateway.db import ApiKey, RequestRow, utcnow
 from gateway.errors import AuthenticationError, BudgetExceededError
-from gateway.interfaces import Principal, Reservation
-from gateway.store import Store
+from gateway.serving.interfaces import Principal, Reservation
+from gateway.store.engine import Store
+from gateway.store.tables import ApiKey, RequestRow, utcnow
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
@@ -76,7 +76,7 @@ def _usd(x: float) -> str:
 
 
 class SqlBudgetGuard:
-    """:class:`~gateway.interfaces.BudgetGuard` on the ``api_keys`` table (SQLite or PostgreSQL)."""
+    """:class:`~gateway.serving.interfaces.BudgetGuard` on the ``api_keys`` table (SQLite or PostgreSQL)."""
 
     def __init__(self, store: Store, *, metrics: Metrics | None = None) -> None:
         self.store = store

@@ -1,6 +1,6 @@
 """The SQL schema: SQLAlchemy 2.0 typed models of every table the gateway keeps.
 
-``migrations/`` is the only thing that changes the schema; its env.py compares against
+``gateway/store/migrations/`` is the only thing that changes the schema; its env.py compares against
 ``Base.metadata`` here (``tests/test_db.py`` checks they agree, like ``alembic check``).
 The same models serve SQLite (the default, one file) and PostgreSQL (several replicas).
 
@@ -8,7 +8,7 @@ Conventions:
 - Every time is stored in UTC. :class:`UTCDateTime` hands back timezone-aware datetimes on
   both databases (SQLite has no time zones; it stores naive UTC).
 - Money is USD in double precision (``Float``; 15-16 significant digits, far below a cent for
-  any budget). Budget checks allow 1e-9 USD of rounding (``gateway.budget.BUDGET_EPSILON_USD``).
+  any budget). Budget checks allow 1e-9 USD of rounding (``gateway.access.budget.BUDGET_EPSILON_USD``).
 - No raw API key is ever stored: ``api_keys.key_hash`` is the SHA-256 of the key and
   ``key_prefix`` a short display prefix.
 - ``models.litellm_params`` keeps ``os.environ/NAME`` references as written, never the

@@ -32,8 +32,9 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeoutError,
 )
-from gateway.forwarding import Attempt, Forwarder, OpenStream, map_exception, shielded
-from gateway.interfaces import (
+from gateway.protocol import PASSTHROUGH_FIELDS, ChatCompletionRequest
+from gateway.serving.forwarding import Attempt, Forwarder, OpenStream, map_exception, shielded
+from gateway.serving.interfaces import (
     Authenticator,
     BudgetGuard,
     MemorySink,
@@ -46,9 +47,8 @@ from gateway.interfaces import (
     RequestSink,
     Reservation,
 )
-from gateway.protocol import PASSTHROUGH_FIELDS, ChatCompletionRequest
-from gateway.registry import ModelEntry, Registry
-from gateway.router import EmbedFn
+from gateway.serving.registry import ModelEntry, Registry
+from gateway.serving.router import EmbedFn
 from routing.policy import GatewayPolicy, RoutingDecision
 
 logger = logging.getLogger("uniroute.service")

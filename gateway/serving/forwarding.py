@@ -31,8 +31,8 @@
 - A request falls back down the ranked candidate list on connection error, 5xx,
   timeout or 429, while nothing has yet been sent to the client (for streams: before
   the first chunk), up to ``max_attempts`` models. Every attempt is recorded.
-- With :class:`~gateway.cooldown.Cooldowns`, retryable failures and successes are reported
-  to it and candidates in cooldown are tried after the healthy ones (``gateway/cooldown.py``).
+- With :class:`~gateway.serving.cooldown.Cooldowns`, retryable failures and successes are reported
+  to it and candidates in cooldown are tried after the healthy ones (``gateway/serving/cooldown.py``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import gateway  # noqa: F401  (offline environment before litellm is imported)
-from gateway.cooldown import Cooldowns
 from gateway.errors import (
     GatewayError,
     InvalidRequestError,
@@ -54,7 +53,8 @@ from gateway.errors import (
     UpstreamRateLimitError,
     UpstreamTimeoutError,
 )
-from gateway.registry import ModelEntry, RegistrySnapshot
+from gateway.serving.cooldown import Cooldowns
+from gateway.serving.registry import ModelEntry, RegistrySnapshot
 
 logger = logging.getLogger("uniroute.forwarding")
 

@@ -35,8 +35,8 @@ from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from gateway.db import ModelEntry, RequestRow, utcnow
-from gateway.interfaces import RequestRecord
+from gateway.serving.interfaces import RequestRecord
+from gateway.store.tables import ModelEntry, RequestRow, utcnow
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
@@ -45,8 +45,7 @@ logger = logging.getLogger("uniroute.store")
 
 DEFAULT_DATABASE_URL = "sqlite:///var/uniroute.db"
 DATABASE_URL_ENV = "UNIROUTE_DATABASE_URL"
-REPO_ROOT = Path(__file__).resolve().parents[1]
-MIGRATIONS_DIR = REPO_ROOT / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _PG_MIGRATION_LOCK = 0x756E69726F757465  # "uniroute": pg_advisory_xact_lock key for concurrent upgrades
 
 
@@ -276,7 +275,7 @@ class Store:
 
 # --------------------------------------------------------------------------- request log writer
 def record_to_row(record: RequestRecord, row_id: str) -> dict[str, Any]:
-    """A :class:`RequestRecord` as a ``requests`` row (attribute keys of :class:`gateway.db.RequestRow`).
+    """A :class:`RequestRecord` as a ``requests`` row (attribute keys of :class:`gateway.store.tables.RequestRow`).
 
     Strings longer than their column are cut to fit, so one odd value cannot fail a batch.
     """
@@ -345,7 +344,7 @@ def _record_from_json(line: str) -> RequestRecord:
 
 
 class RequestLogWriter:
-    """Batched, non-blocking :class:`~gateway.interfaces.RequestSink` backed by the store.
+    """Batched, non-blocking :class:`~gateway.serving.interfaces.RequestSink` backed by the store.
 
     ``submit`` appends to a bounded in-memory buffer and returns at once. A daemon thread
     inserts batches of up to ``batch_size`` rows every ``flush_interval_s`` (sooner when a

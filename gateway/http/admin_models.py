@@ -26,9 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway import catalog
-from gateway.admin import _admin, _error, _json
 from gateway.errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
+from gateway.http.keys import _admin, _error, _json
+from gateway.store import models as catalog
 
 
 async def _body(request: Request) -> Any:
@@ -165,7 +165,7 @@ async def run_reprofile_endpoint(request: Request) -> Response:
         if sched is None or sched.key is None:
             raise InvalidRequestError("re-profiling needs the UniRoute router (router.policy: uniroute)",
                                       code="no_router")
-        from gateway import lease
+        from gateway.store import lease
         from profiling.schedule import LEASE_NAME, run_reprofile
 
         pc = sched.config.profiling

@@ -19,9 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.db import Feedback, RequestRow
 from gateway.errors import InvalidRequestError, NotFoundError, error_body
-from gateway.store import Store
+from gateway.store.engine import Store
+from gateway.store.tables import Feedback, RequestRow
 
 _SOURCE = re.compile(r"^[A-Za-z0-9_.:-]{1,32}$")
 

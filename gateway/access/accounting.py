@@ -1,14 +1,14 @@
 """Who may call, how much they may spend, and the record of what they did.
 
 :class:`Accounting` bundles the store-backed implementations of the chat service's
-contracts (``gateway/interfaces.py``) and their lifecycle, so ``create_app`` wires them in
+contracts (``gateway/serving/interfaces.py``) and their lifecycle, so ``create_app`` wires them in
 a few lines:
 
-- ``authenticator``: :class:`~gateway.auth.KeyAuthenticator` (``auth.mode: keys``) or the
+- ``authenticator``: :class:`~gateway.access.auth.KeyAuthenticator` (``auth.mode: keys``) or the
   open authenticator (``auth.mode: open``, everyone is ``anonymous``);
-- ``budget``: :class:`~gateway.budget.SqlBudgetGuard` (a no-op for ``anonymous``);
+- ``budget``: :class:`~gateway.access.budget.SqlBudgetGuard` (a no-op for ``anonymous``);
 - ``rate_limiter``: Redis when ``redis_url`` is set, else in-process (single process);
-- ``sink``: metrics + :class:`~gateway.store.RequestLogWriter`;
+- ``sink``: metrics + :class:`~gateway.store.engine.RequestLogWriter`;
 - ``admin``: the admin-key guard of ``/admin/*``; ``metrics``: everything ``/metrics`` shows.
 
 Nothing touches the database or Redis until :meth:`Accounting.start` (the lifespan), which
@@ -24,11 +24,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gateway.auth import AdminGuard, KeyAuthenticator
-from gateway.budget import SqlBudgetGuard
+from gateway.access.auth import AdminGuard, KeyAuthenticator
+from gateway.access.budget import SqlBudgetGuard
+from gateway.access.ratelimit import LocalRateLimiter, RedisRateLimiter
 from gateway.config import mask_secrets
 from gateway.errors import ServiceUnavailableError
-from gateway.interfaces import (
+from gateway.metrics import Metrics
+from gateway.serving.interfaces import (
     ANONYMOUS,
     Authenticator,
     OpenAuthenticator,
@@ -36,9 +38,7 @@ from gateway.interfaces import (
     RateLimiter,
     RequestRecord,
 )
-from gateway.metrics import Metrics
-from gateway.ratelimit import LocalRateLimiter, RedisRateLimiter
-from gateway.store import RequestLogWriter, Store
+from gateway.store.engine import RequestLogWriter, Store
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
@@ -107,7 +107,7 @@ def settings_from_config(config: GatewayConfig) -> AccountingSettings:
 
 
 class MetricsSink:
-    """:class:`~gateway.interfaces.RequestSink` that updates the metrics, then queues the row."""
+    """:class:`~gateway.serving.interfaces.RequestSink` that updates the metrics, then queues the row."""
 
     def __init__(self, metrics: Metrics, writer: RequestLogWriter | None, *, store_prompts: bool = False) -> None:
         self.metrics = metrics

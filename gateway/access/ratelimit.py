@@ -32,7 +32,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from gateway.errors import RateLimitError, ServiceUnavailableError
-from gateway.interfaces import Principal
+from gateway.serving.interfaces import Principal
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
@@ -73,7 +73,7 @@ def _refusal(principal: Principal, limit: int, retry_after_s: float) -> RateLimi
 
 
 class RedisRateLimiter:
-    """:class:`~gateway.interfaces.RateLimiter` shared by every replica through Redis."""
+    """:class:`~gateway.serving.interfaces.RateLimiter` shared by every replica through Redis."""
 
     def __init__(
         self,

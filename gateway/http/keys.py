@@ -1,6 +1,6 @@
 """HTTP handlers of the key-facing endpoints: ``GET /v1/usage`` and the admin API ``/admin/keys``.
 
-Thin, like ``endpoints.py``: parse, call :mod:`gateway.auth` / :mod:`gateway.budget`, shape
+Thin, like ``endpoints.py``: parse, call :mod:`gateway.access.auth` / :mod:`gateway.access.budget`, shape
 the response; every error goes through :func:`gateway.errors.error_body`. The admin API
 needs ``Authorization: Bearer $UNIROUTE_ADMIN_KEY`` (401 without a valid key, 403 for a
 client key).
@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.accounting import Accounting
-from gateway.auth import create_key, get_key, key_summary, list_keys, revoke_key
+from gateway.access.accounting import Accounting
+from gateway.access.auth import create_key, get_key, key_summary, list_keys, revoke_key
 from gateway.errors import InvalidRequestError, error_body
 
 

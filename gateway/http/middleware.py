@@ -14,11 +14,14 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import PayloadTooLargeError, error_body
+
+if TYPE_CHECKING:
+    from gateway.metrics import Metrics
 
 REQUEST_ID_HEADER = "x-uniroute-request-id"
 #: upstream calls a chat response took; the handler sets it, and any chat response refused before the
@@ -109,3 +112,21 @@ class RequestContextMiddleware:
 
 def _too_large_message(limit: int) -> str:
     return f"request body is larger than the limit of {limit} bytes (server.max_body_bytes)"
+
+
+class InFlightMiddleware:
+    """Pure-ASGI middleware keeping ``litellm_in_flight_requests`` (``/v1/*`` requests being served)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.gauge = metrics.in_flight
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not str(scope.get("path", "")).startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        self.gauge.inc()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.gauge.dec()

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--workers", type=int, default=None)
-    p.set_defaults(handler=_lazy("gateway.server:serve_command"))
+    p.set_defaults(handler=_lazy("gateway.cli.serve:serve_command"))
 
     # --- replay upstream -----------------------------------------------------------------
     p = sub.add_parser("replay", help="serve a routing benchmark folder as an OpenAI-compatible upstream")
@@ -51,19 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail", action="append", default=[], metavar="MODEL=500|429|timeout",
                    help="inject a fault per model (repeatable; MODEL may be '*')")
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
-    p.set_defaults(handler=_lazy("gateway.replay:replay_command"))
+    p.set_defaults(handler=_lazy("replay.cli:replay_command"))
 
     # --- database ------------------------------------------------------------------------
     p = sub.add_parser("db", help="database migrations (Alembic)")
     dbsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     q = dbsub.add_parser("upgrade", help="apply migrations (default: to the latest)")
     q.add_argument("revision", nargs="?", default="head")
-    q.set_defaults(handler=_lazy("gateway.store:db_upgrade_command"))
+    q.set_defaults(handler=_lazy("gateway.store.engine:db_upgrade_command"))
     q = dbsub.add_parser("downgrade", help="revert migrations down to REV ('base' empties the database)")
     q.add_argument("revision", metavar="REV")
-    q.set_defaults(handler=_lazy("gateway.store:db_downgrade_command"))
+    q.set_defaults(handler=_lazy("gateway.store.engine:db_downgrade_command"))
     q = dbsub.add_parser("current", help="show the database's revision")
-    q.set_defaults(handler=_lazy("gateway.store:db_current_command"))
+    q.set_defaults(handler=_lazy("gateway.store.engine:db_current_command"))
     for q in (*dbsub.choices.values(),):
         q.add_argument("--config", default=None,
                        help="config.yaml whose database_url to use ($UNIROUTE_DATABASE_URL wins)")
@@ -81,14 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--lambda-max", type=float, default=None, help="highest λ a request may ask for (default 10)")
     q.add_argument("--rpm", type=int, default=None, help="requests per minute (omit for no limit)")
     q.add_argument("--models", default=None, help="comma-separated models the key may use (default: all)")
-    q.set_defaults(handler=_lazy("gateway.auth:keys_create_command"))
+    q.set_defaults(handler=_lazy("gateway.access.auth:keys_create_command"))
     q = ksub.add_parser("list", help="list keys (never shows the keys themselves)")
     q.add_argument("--all", action="store_true", help="include revoked keys")
     q.add_argument("--json", action="store_true")
-    q.set_defaults(handler=_lazy("gateway.auth:keys_list_command"))
+    q.set_defaults(handler=_lazy("gateway.access.auth:keys_list_command"))
     q = ksub.add_parser("revoke", help="revoke a key (refused by every replica from the next request)")
     q.add_argument("name")
-    q.set_defaults(handler=_lazy("gateway.auth:keys_revoke_command"))
+    q.set_defaults(handler=_lazy("gateway.access.auth:keys_revoke_command"))
     for q in (*ksub.choices.values(),):
         q.add_argument("--config", default=None,
                        help="config.yaml whose database_url to use ($UNIROUTE_DATABASE_URL wins)")
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     q = msub.add_parser("list", help="list the registry")
     q.add_argument("--json", action="store_true")
-    q.set_defaults(handler=_lazy("gateway.catalog:models_list_command"))
+    q.set_defaults(handler=_lazy("gateway.store.models:models_list_command"))
     for action, help_ in (("add", "add a model (not chosen by `auto` until profiled)"),
                           ("update", "change a model's params or prices")):
         q = msub.add_parser(action, help=help_)
@@ -117,17 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="streams: until the first chunk (default: --timeout-s)")
         if action == "add":
             q.add_argument("--not-routable", action="store_true", help="callable by name only, even once profiled")
-            q.set_defaults(handler=_lazy("gateway.catalog:models_add_command"))
+            q.set_defaults(handler=_lazy("gateway.store.models:models_add_command"))
         else:
             q.add_argument("--routable", choices=["true", "false"], default=None)
             q.add_argument("--enable", action="store_true", help="re-enable a disabled model")
-            q.set_defaults(handler=_lazy("gateway.catalog:models_update_command"))
+            q.set_defaults(handler=_lazy("gateway.store.models:models_update_command"))
     q = msub.add_parser("disable", help="stop serving a model (kept in the table)")
     q.add_argument("name")
-    q.set_defaults(handler=_lazy("gateway.catalog:models_disable_command"))
+    q.set_defaults(handler=_lazy("gateway.store.models:models_disable_command"))
     q = msub.add_parser("remove", help="delete a model from the registry")
     q.add_argument("name")
-    q.set_defaults(handler=_lazy("gateway.catalog:models_remove_command"))
+    q.set_defaults(handler=_lazy("gateway.store.models:models_remove_command"))
     for q in (*msub.choices.values(),):
         q.add_argument("--config", default=None,
                        help="config.yaml whose database_url to use ($UNIROUTE_DATABASE_URL wins)")

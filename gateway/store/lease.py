@@ -12,8 +12,8 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
-from gateway.db import Lease, utcnow
-from gateway.store import Store
+from gateway.store.engine import Store
+from gateway.store.tables import Lease, utcnow
 
 
 def acquire(store: Store, name: str, holder: str, ttl_s: float) -> bool:

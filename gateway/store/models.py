@@ -2,7 +2,7 @@
 
 - CRUD of registry rows (admin API and ``uniroute models``). ``litellm_params`` are stored as
   written: ``os.environ/NAME`` references stay references and are resolved only in memory
-  when a replica builds its :class:`gateway.registry.Registry`.
+  when a replica builds its :class:`gateway.serving.registry.Registry`.
 - Profiles Ψ(h), versioned per (model, router key): a new row per version, the previous kept
   with ``active = false``, exactly one active. The router key is ``"<artifact version>:<variant>"``
   (the membership z(x), hence Ψ, differs per variant).
@@ -26,13 +26,13 @@ import numpy as np
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gateway import registry as reg
 from gateway.config import mask_secrets, resolve_env_refs
-from gateway.db import ModelEntry as ModelRow
-from gateway.db import ModelProfile as ProfileRow
-from gateway.db import utcnow
 from gateway.errors import ConflictError, InvalidRequestError, NotFoundError
-from gateway.store import Store
+from gateway.serving import registry as reg
+from gateway.store.engine import Store
+from gateway.store.tables import ModelEntry as ModelRow
+from gateway.store.tables import ModelProfile as ProfileRow
+from gateway.store.tables import utcnow
 from gateway.tasks import cancel_and_wait
 
 logger = logging.getLogger("uniroute.catalog")
@@ -364,7 +364,7 @@ def with_profiles(entries: Iterable[reg.ModelEntry], profiles: Mapping[str, np.n
 
 # ------------------------------------------------------------------------------------- CLI
 def _cli_store(args: Any) -> Store:
-    from gateway.store import database_url_from_config
+    from gateway.store.engine import database_url_from_config
 
     store = Store(database_url_from_config(getattr(args, "config", None)))
     store.upgrade()

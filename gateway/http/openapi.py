@@ -6,8 +6,11 @@ from typing import Any
 
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
+from starlette.requests import Request
+from starlette.responses import Response
 
 import gateway
+from gateway.http.responses import json_response
 from gateway.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -142,3 +145,10 @@ def build_openapi() -> dict[str, Any]:
         "paths": paths,
         "components": {"schemas": schemas},
     }
+
+
+async def openapi(request: Request) -> Response:
+    doc = getattr(request.app.state, "openapi", None)
+    if doc is None:
+        doc = request.app.state.openapi = build_openapi()
+    return json_response(doc)

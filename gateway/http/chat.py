@@ -1,0 +1,71 @@
+"""``POST /v1/chat/completions``: parse with ``protocol``, call the chat service, shape JSON or SSE.
+
+Response headers: ``x-uniroute-model`` (the model that served), ``x-uniroute-request-id`` (set by
+the middleware), ``x-uniroute-attempts`` (upstream calls made, on every chat response including
+errors; 0 when refused before forwarding) and ``x-uniroute-cost`` (USD, when known before the
+headers are sent, i.e. not for streams; the last chunk's ``uniroute.cost_usd`` has it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from gateway.http.middleware import ATTEMPTS, new_request_id
+from gateway.http.responses import dumps, error_response, json_response, parse_json
+from gateway.protocol import parse_chat_request
+from gateway.serving.service import ChatContext, ChatService, ChatStream
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+def request_id(request: Request) -> str:
+    rid = request.scope.get("state", {}).get("request_id")
+    return str(rid) if rid else new_request_id()
+
+
+async def chat_completions(request: Request) -> Response:
+    service: ChatService = request.app.state.service
+    try:
+        req = parse_chat_request(parse_json(await request.body()))
+        ctx = ChatContext(
+            request_id=request_id(request),
+            authorization=request.headers.get("authorization"),
+            lambda_header=request.headers.get("x-uniroute-lambda"),
+        )
+        if req.stream:
+            stream = await service.stream(req, ctx)
+            return SSEResponse(stream)
+        result = await service.complete(req, ctx)
+    except Exception as exc:  # every chat response carries the attempts made, errors included
+        response = error_response(exc)
+        response.headers[ATTEMPTS] = str(getattr(exc, "attempts", 0))
+        return response
+    headers = {"x-uniroute-model": result.model, ATTEMPTS: str(result.attempts)}
+    if result.cost_usd is not None:
+        headers["x-uniroute-cost"] = f"{result.cost_usd:.10g}"
+    return json_response(result.body, headers=headers)
+
+
+class SSEResponse(StreamingResponse):
+    """Server-sent chat.completion.chunk events ending in ``data: [DONE]``; always closes the stream."""
+
+    def __init__(self, stream: ChatStream) -> None:
+        self.stream = stream
+        super().__init__(self._events(), media_type="text/event-stream",
+                         headers={**SSE_HEADERS, "x-uniroute-model": stream.model,
+                                  ATTEMPTS: str(stream.attempts)})
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        async for chunk in self.stream.chunks:
+            yield b"data: " + dumps(chunk) + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.stream.aclose()

@@ -1,0 +1,85 @@
+"""The HTTP layer's responses: JSON bodies, and the one mapping from an exception to an error response.
+
+Every error goes through :func:`gateway.errors.error_body`, so every error body is OpenAI-shaped.
+``app.py`` registers :func:`gateway_error` for :class:`~gateway.errors.GatewayError` (so a handler
+just raises), :func:`http_exception` for Starlette's 404/405 and :func:`unhandled_exception` as the
+500 safety net.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.errors import GatewayError, InvalidRequestError, MethodNotAllowedError, NotFoundError, error_body
+
+dumps: Any
+loads: Any
+try:
+    import orjson
+
+    dumps, loads = orjson.dumps, orjson.loads
+    _JSONError: type[Exception] = orjson.JSONDecodeError
+except ImportError:  # pragma: no cover
+    import json
+
+    def dumps(obj: Any) -> bytes:
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+    loads = json.loads
+    _JSONError = ValueError
+
+JSON = "application/json"
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(dumps(body), status_code=status, media_type=JSON, headers=headers)
+
+
+def error_response(exc: BaseException) -> Response:
+    status, body, headers = error_body(exc)
+    return json_response(body, status, headers or None)
+
+
+def parse_json(raw: bytes, *, empty: Any = None) -> Any:
+    """The request body as JSON (``empty`` for an empty body); 400 ``invalid_json`` when it is not JSON."""
+    if not raw:
+        return empty
+    try:
+        return loads(raw)
+    except (_JSONError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidRequestError(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+async def json_body(request: Request, *, empty: Any = None) -> Any:
+    """Read and parse the request body (see :func:`parse_json`)."""
+    return parse_json(await request.body(), empty=empty)
+
+
+async def gateway_error(request: Request, exc: Exception) -> Response:
+    """The registered handler for :class:`GatewayError`: handlers raise, this shapes the answer."""
+    return error_response(exc)
+
+
+async def http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    err: GatewayError
+    if exc.status_code == 404:
+        err = NotFoundError(f"no route {request.method} {request.url.path}; see GET /openapi.json")
+    elif exc.status_code == 405:
+        allow = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow") or ""
+        err = MethodNotAllowedError(f"method {request.method} is not allowed on {request.url.path}"
+                                    + (f"; allowed: {allow}" if allow else ""),
+                                    headers={"allow": allow} if allow else None)
+    else:
+        err = GatewayError(str(exc.detail))
+        err.status_code = exc.status_code
+        err.error_type = "invalid_request_error" if exc.status_code < 500 else "internal_error"
+    return error_response(err)
+
+
+async def unhandled_exception(request: Request, exc: Exception) -> Response:
+    return error_response(exc)

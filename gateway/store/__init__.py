@@ -1,0 +1,1 @@
+"""The store: every SQL statement, the table mapping and the Alembic migrations (``migrations/``)."""

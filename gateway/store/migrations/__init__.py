@@ -1,0 +1,1 @@
+"""Alembic environment and revisions (inside the package, so an installed wheel can migrate)."""

@@ -1,0 +1,1 @@
+"""The replay upstream: an OpenAI-compatible server answering as the LLMs of a routing benchmark did."""
