@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -37,7 +37,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-from gateway.serving.interfaces import RequestRecord
+if TYPE_CHECKING:  # the request path depends on metrics, never the other way round
+    from gateway.serving.interfaces import RequestRecord
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
