@@ -1,7 +1,7 @@
 """The replay upstream: an OpenAI-compatible server that answers as a routing benchmark's LLMs did.
 
 ``uniroute replay --dataset DIR`` serves every model of a routing-benchmark-format folder
-(see ``/work/shared/data/FORMAT.md``) on loopback. It stands in for real providers in the
+(see ``docs/DATA.md``) on loopback. It stands in for real providers in the
 demo, the tests and the benchmarks; the gateway reaches it through LiteLLM exactly as it
 reaches any OpenAI-compatible provider (``model: openai/<name>``, ``api_base: http://127.0.0.1:8100/v1``).
 

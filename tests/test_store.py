@@ -195,8 +195,8 @@ def test_database_url_from_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert database_url_from_config(cfg) == f"sqlite:///{tmp_path / 'data' / 'x.db'}"
     cfg.write_text("database_url: postgresql+psycopg://u@h/db\n")
     assert database_url_from_config(cfg) == "postgresql+psycopg://u@h/db"
-    monkeypatch.setenv("UNIROUTE_DATABASE_URL", "sqlite:////tmp/env.db")
-    assert database_url_from_config(cfg) == "sqlite:////tmp/env.db"
+    monkeypatch.setenv("UNIROUTE_DATABASE_URL", f"sqlite:///{tmp_path / 'env.db'}")
+    assert database_url_from_config(cfg) == f"sqlite:///{tmp_path / 'env.db'}"
 
 
 # --------------------------------------------------------------------- PostgreSQL made unreachable

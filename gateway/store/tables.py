@@ -198,7 +198,7 @@ class RequestRow(Base):
     stream: Mapped[bool] = mapped_column(Boolean)
     started_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]
-    prompt_text: Mapped[str | None] = mapped_column(Text)  # only when logging.store_prompts is on
+    prompt_text: Mapped[str | None] = mapped_column(Text)  # only when database.store_prompts is on
 
     __table_args__ = (
         Index(None, "key_id", "started_at"),
