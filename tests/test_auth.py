@@ -21,8 +21,6 @@ from gateway.access.auth import (
     generate_key,
     hash_key,
     key_summary,
-    list_keys,
-    revoke_key,
 )
 from gateway.access.budget import SqlBudgetGuard
 from gateway.errors import (
@@ -34,6 +32,7 @@ from gateway.errors import (
     error_body,
 )
 from gateway.store.engine import Store
+from gateway.store.keys import list_keys, revoke_key
 from gateway.store.tables import ApiKey
 
 

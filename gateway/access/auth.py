@@ -12,6 +12,8 @@ at most ``cache_ttl_s`` (1 s by default), and :class:`gateway.access.budget.SqlB
 once ``uniroute keys revoke`` (or ``DELETE /admin/keys/{name}``) commits, the next request
 with that key is refused by every replica: requests already past the reservation finish,
 no new one starts. Without the SQL budget guard the bound is the cache TTL.
+
+The SQL lives in :mod:`gateway.store.keys`.
 """
 
 from __future__ import annotations
@@ -30,9 +32,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
-
+from gateway.access.budget import period_start_for
 from gateway.errors import (
     AuthenticationError,
     ConflictError,
@@ -41,6 +41,7 @@ from gateway.errors import (
     PermissionDeniedError,
 )
 from gateway.serving.interfaces import Authenticator, Principal
+from gateway.store import keys as key_sql
 from gateway.store.engine import Store
 from gateway.store.tables import BUDGET_PERIODS, ApiKey, utcnow
 
@@ -125,8 +126,7 @@ class KeyAuthenticator:
         return hit[1]
 
     def _lookup(self, digest: str) -> Principal | AuthenticationError:
-        with self.store.sessions() as s:
-            row = s.scalar(sa.select(ApiKey).where(ApiKey.key_hash == digest))
+        row = key_sql.key_by_hash(self.store, digest)
         if row is None or not hmac.compare_digest(row.key_hash, digest):
             return AuthenticationError(f"invalid API key: {_HOW_TO_GET_A_KEY}", code="invalid_api_key")
         if row.revoked_at is not None:
@@ -206,54 +206,17 @@ def create_key(
     models: Sequence[str] | None = None,
 ) -> tuple[str, ApiKey]:
     """Create a key; returns ``(raw key, row)``. The raw key exists only in the return value."""
-    from gateway.access.budget import period_start_for
-
     lam_max = lambda_max if lambda_max is not None else max(10.0, default_lambda)
     _check_key_params(name=name, default_lambda=default_lambda, lambda_min=lambda_min, lambda_max=lam_max,
                       budget_usd=budget_usd, period=period, rpm_limit=rpm_limit, models=models)
     raw = generate_key()
     now = utcnow()
-    row = ApiKey(
-        name=name, key_hash=hash_key(raw), key_prefix=display_prefix(raw), default_lambda=default_lambda,
+    row = key_sql.insert_key(
+        store, name=name, key_hash=hash_key(raw), key_prefix=display_prefix(raw), default_lambda=default_lambda,
         lambda_min=lambda_min, lambda_max=lam_max, budget_usd=budget_usd, budget_period=period,
-        period_start=period_start_for(period, now), spend_usd=0.0, reserved_usd=0.0, total_spend_usd=0.0,
-        rpm_limit=rpm_limit, allowed_models=list(models) if models is not None else None, created_at=now,
+        period_start=period_start_for(period, now), rpm_limit=rpm_limit, allowed_models=models, created_at=now,
     )
-    try:
-        with store.session() as s:
-            s.add(row)
-    except IntegrityError:
-        raise ConflictError(f"a key named {name!r} already exists (names stay taken after revocation); "
-                            "pick another name",
-                            param="name") from None
     return raw, row
-
-
-def list_keys(store: Store, *, include_revoked: bool = True) -> list[ApiKey]:
-    with store.sessions() as s:
-        q = sa.select(ApiKey).order_by(ApiKey.id)
-        if not include_revoked:
-            q = q.where(ApiKey.revoked_at.is_(None))
-        return list(s.scalars(q))
-
-
-def get_key(store: Store, name: str) -> ApiKey:
-    with store.sessions() as s:
-        row = s.scalar(sa.select(ApiKey).where(ApiKey.name == name))
-    if row is None:
-        raise NotFoundError(f"no API key named {name!r}", param="name")
-    return row
-
-
-def revoke_key(store: Store, name: str) -> ApiKey:
-    """Mark a key revoked (idempotent: revoking twice keeps the first time)."""
-    with store.session() as s:
-        row = s.scalar(sa.select(ApiKey).where(ApiKey.name == name).with_for_update())
-        if row is None:
-            raise NotFoundError(f"no API key named {name!r}", param="name")
-        if row.revoked_at is None:
-            row.revoked_at = utcnow()
-    return row
 
 
 def key_summary(row: ApiKey) -> dict[str, Any]:
@@ -302,7 +265,7 @@ def keys_create_command(args: argparse.Namespace) -> int:
 def keys_list_command(args: argparse.Namespace) -> int:
     store = _cli_store(args)
     try:
-        rows = list_keys(store, include_revoked=args.all)
+        rows = key_sql.list_keys(store, include_revoked=args.all)
     finally:
         store.dispose()
     if args.json:
@@ -322,7 +285,7 @@ def keys_list_command(args: argparse.Namespace) -> int:
 def keys_revoke_command(args: argparse.Namespace) -> int:
     store = _cli_store(args)
     try:
-        row = revoke_key(store, args.name)
+        row = key_sql.revoke_key(store, args.name)
     except NotFoundError as exc:
         print(f"uniroute keys revoke: {exc.message}", file=sys.stderr)
         return 2

@@ -14,14 +14,12 @@ import json
 import re
 from typing import Any, Literal
 
-import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.errors import InvalidRequestError, NotFoundError, error_body
-from gateway.store.engine import Store
-from gateway.store.tables import Feedback, RequestRow
+from gateway.store import feedback as feedback_sql
 
 _SOURCE = re.compile(r"^[A-Za-z0-9_.:-]{1,32}$")
 
@@ -64,36 +62,21 @@ def parse_feedback(raw: bytes) -> FeedbackRequest:
                                   + " (fields: request_id, score | thumbs, source)", param=param) from None
 
 
-def request_owned_by(store: Store, request_id: str, key_id: int | None) -> bool:
-    with store.session() as s:
-        q = sa.select(RequestRow.id).where(RequestRow.request_id == request_id)
-        q = q.where(RequestRow.key_id.is_(None) if key_id is None else RequestRow.key_id == key_id)
-        return s.scalars(q.limit(1)).first() is not None
-
-
-def store_feedback(store: Store, request_id: str, key_id: int | None, score: float, source: str) -> int:
-    with store.session() as s:
-        row = Feedback(request_id=request_id, key_id=key_id, score=score, source=source)
-        s.add(row)
-        s.flush()
-        return int(row.id)
-
-
 async def feedback_endpoint(request: Request) -> Response:
     acc: Any = request.app.state.accounting
     try:
         principal = await acc.authenticator.authenticate(request.headers.get("authorization"))
         body = parse_feedback(await request.body())
-        owned = await asyncio.to_thread(request_owned_by, acc.store, body.request_id, principal.key_id)
+        owned = await asyncio.to_thread(feedback_sql.request_owned_by, acc.store, body.request_id, principal.key_id)
         if not owned:
             # the request row may not be written yet (the log writer batches): flush, then look again
             await asyncio.sleep(0.05)
             await asyncio.to_thread(acc.writer.flush, 5.0)
-            owned = await asyncio.to_thread(request_owned_by, acc.store, body.request_id, principal.key_id)
+            owned = await asyncio.to_thread(feedback_sql.request_owned_by, acc.store, body.request_id, principal.key_id)
         if not owned:
             raise NotFoundError(f"no request with id {body.request_id!r}", param="request_id",
                                 code="request_not_found")
-        fid = await asyncio.to_thread(store_feedback, acc.store, body.request_id, principal.key_id, body.value,
+        fid = await asyncio.to_thread(feedback_sql.add_feedback, acc.store, body.request_id, principal.key_id, body.value,
                                       body.source)
         out = {"object": "feedback", "id": fid, "request_id": body.request_id, "score": body.value,
                "source": body.source}

@@ -1,6 +1,7 @@
 """HTTP handlers of the key-facing endpoints: ``GET /v1/usage`` and the admin API ``/admin/keys``.
 
-Thin, like ``endpoints.py``: parse, call :mod:`gateway.access.auth` / :mod:`gateway.access.budget`, shape
+Thin, like ``endpoints.py``: parse, call :mod:`gateway.access.auth` / :mod:`gateway.access.budget` /
+:mod:`gateway.store.keys`, shape
 the response; every error goes through :func:`gateway.errors.error_body`. The admin API
 needs ``Authorization: Bearer $UNIROUTE_ADMIN_KEY`` (401 without a valid key, 403 for a
 client key).
@@ -24,8 +25,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.access.accounting import Accounting
-from gateway.access.auth import create_key, get_key, key_summary, list_keys, revoke_key
+from gateway.access.auth import create_key, key_summary
 from gateway.errors import InvalidRequestError, error_body
+from gateway.store import keys as key_sql
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -74,7 +76,7 @@ async def list_keys_endpoint(request: Request) -> Response:
     try:
         acc = await _admin(request)
         include_revoked = request.query_params.get("all", "true").lower() not in ("0", "false", "no")
-        rows = await asyncio.to_thread(list_keys, acc.store, include_revoked=include_revoked)
+        rows = await asyncio.to_thread(key_sql.list_keys, acc.store, include_revoked=include_revoked)
         return _json({"object": "list", "data": [key_summary(r) for r in rows]})
     except Exception as exc:
         return _error(exc)
@@ -105,7 +107,7 @@ async def create_key_endpoint(request: Request) -> Response:
 async def get_key_endpoint(request: Request) -> Response:
     try:
         acc = await _admin(request)
-        row = await asyncio.to_thread(get_key, acc.store, request.path_params["name"])
+        row = await asyncio.to_thread(key_sql.get_key, acc.store, request.path_params["name"])
         return _json(key_summary(row))
     except Exception as exc:
         return _error(exc)
@@ -114,7 +116,7 @@ async def get_key_endpoint(request: Request) -> Response:
 async def revoke_key_endpoint(request: Request) -> Response:
     try:
         acc = await _admin(request)
-        row = await asyncio.to_thread(revoke_key, acc.store, request.path_params["name"])
+        row = await asyncio.to_thread(key_sql.revoke_key, acc.store, request.path_params["name"])
         if acc.key_authenticator is not None:
             acc.key_authenticator.invalidate()
         return _json(key_summary(row))
