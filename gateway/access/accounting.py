@@ -8,7 +8,7 @@ a few lines:
   open authenticator (``auth.mode: open``, everyone is ``anonymous``);
 - ``budget``: :class:`~gateway.access.budget.SqlBudgetGuard` (a no-op for ``anonymous``);
 - ``rate_limiter``: Redis when ``redis_url`` is set, else in-process (single process);
-- ``sink``: metrics + :class:`~gateway.store.engine.RequestLogWriter`;
+- ``sink``: metrics + :class:`~gateway.store.requestlog.RequestLogWriter`;
 - ``admin``: the admin-key guard of ``/admin/*``; ``metrics``: everything ``/metrics`` shows.
 
 Nothing touches the database or Redis until :meth:`Accounting.start` (the lifespan), which
@@ -38,7 +38,8 @@ from gateway.serving.interfaces import (
     RateLimiter,
     RequestRecord,
 )
-from gateway.store.engine import RequestLogWriter, Store
+from gateway.store.engine import Store
+from gateway.store.requestlog import RequestLogWriter
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig

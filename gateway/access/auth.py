@@ -1,4 +1,4 @@
-"""API keys: creation, hashing, the request-path authenticator, the admin guard, and ``uniroute keys``.
+"""API keys: creation, hashing, the request-path authenticator and the admin guard.
 
 A key looks like ``sk-ur-<43 url-safe characters>`` (256 random bits). Only its SHA-256
 (``api_keys.key_hash``) and a display prefix (``sk-ur-AbCd``) are stored; the raw key is
@@ -13,19 +13,17 @@ once ``uniroute keys revoke`` (or ``DELETE /admin/keys/{name}``) commits, the ne
 with that key is refused by every replica: requests already past the reservation finish,
 no new one starts. Without the SQL budget guard the bound is the cache TTL.
 
-The SQL lives in :mod:`gateway.store.keys`.
+The SQL lives in :mod:`gateway.store.keys`; ``uniroute keys`` is :mod:`gateway.cli.keys`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import hmac
 import math
 import os
 import secrets
-import sys
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -33,13 +31,7 @@ from datetime import datetime
 from typing import Any
 
 from gateway.access.budget import period_start_for
-from gateway.errors import (
-    AuthenticationError,
-    ConflictError,
-    InvalidRequestError,
-    NotFoundError,
-    PermissionDeniedError,
-)
+from gateway.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
 from gateway.serving.interfaces import Authenticator, Principal
 from gateway.store import keys as key_sql
 from gateway.store.engine import Store
@@ -231,65 +223,3 @@ def key_summary(row: ApiKey) -> dict[str, Any]:
         "reserved_usd": row.reserved_usd, "total_spend_usd": row.total_spend_usd, "rpm": row.rpm_limit,
         "models": row.allowed_models, "created_at": iso(row.created_at), "revoked_at": iso(row.revoked_at),
     }
-
-
-# ------------------------------------------------------------------------------------- CLI
-def _cli_store(args: argparse.Namespace) -> Store:
-    from gateway.store.engine import database_url_from_config
-
-    store = Store(database_url_from_config(getattr(args, "config", None)))
-    store.upgrade()
-    return store
-
-
-def keys_create_command(args: argparse.Namespace) -> int:
-    store = _cli_store(args)
-    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
-    try:
-        raw, row = create_key(store, args.name, default_lambda=args.lam, budget_usd=args.budget, period=args.period,
-                              lambda_min=args.lambda_min, lambda_max=args.lambda_max, rpm_limit=args.rpm,
-                              models=models)
-    except (InvalidRequestError, ConflictError) as exc:
-        print(f"uniroute keys create: {exc.message}", file=sys.stderr)
-        return 2
-    finally:
-        store.dispose()
-    budget = f"${row.budget_usd:g}/{row.budget_period}" if row.budget_usd is not None else "no budget cap"
-    print(f"created key {row.name!r}: lambda={row.default_lambda:g} (range {row.lambda_min:g}..{row.lambda_max:g}), "
-          f"{budget}, rpm={row.rpm_limit or 'unlimited'}", file=sys.stderr)
-    print("the key is shown only once; store it now:", file=sys.stderr)
-    print(raw)
-    return 0
-
-
-def keys_list_command(args: argparse.Namespace) -> int:
-    store = _cli_store(args)
-    try:
-        rows = key_sql.list_keys(store, include_revoked=args.all)
-    finally:
-        store.dispose()
-    if args.json:
-        import json
-
-        print(json.dumps([key_summary(r) for r in rows], indent=2))
-        return 0
-    print(f"{'NAME':<20} {'PREFIX':<12} {'LAMBDA':>7} {'BUDGET':>14} {'SPENT':>10} {'RPM':>6}  STATUS")
-    for r in rows:
-        budget = f"{r.budget_usd:.2f}/{r.budget_period}" if r.budget_usd is not None else "-"
-        status = f"revoked {r.revoked_at:%Y-%m-%d}" if r.revoked_at else "active"
-        print(f"{r.name:<20} {r.key_prefix:<12} {r.default_lambda:>7g} {budget:>14} {r.spend_usd:>10.4f} "
-              f"{r.rpm_limit or '-':>6}  {status}")
-    return 0
-
-
-def keys_revoke_command(args: argparse.Namespace) -> int:
-    store = _cli_store(args)
-    try:
-        row = key_sql.revoke_key(store, args.name)
-    except NotFoundError as exc:
-        print(f"uniroute keys revoke: {exc.message}", file=sys.stderr)
-        return 2
-    finally:
-        store.dispose()
-    print(f"revoked key {row.name!r} ({row.key_prefix}...) at {row.revoked_at:%Y-%m-%dT%H:%M:%SZ}")
-    return 0
