@@ -68,6 +68,8 @@ async def test_admin_key_lifecycle_and_usage(client: httpx.AsyncClient) -> None:
         ({"name": "b", "lambda": 0.1, "period": "week"}, 400, "unknown budget period 'week'; valid: day, month"),
         ({"name": "b"}, 400, "lambda: Field required"),
         ({"name": "b", "lambda": 0.1, "colour": "red"}, 400, "colour: Extra inputs are not permitted"),
+        ({"name": "b", "lambda": 20}, 400, "lambda must lie in [0, 10], the λ range the config allows"),
+        ({"name": "b", "lambda": 1, "lambda_max": 11}, 400, "lambda_max must lie in [0, 10]"),
         ("not json", 400, "not valid JSON"),
     ],
 )

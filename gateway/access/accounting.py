@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gateway.access.auth import AdminGuard, KeyAuthenticator
+from gateway.access.auth import DEFAULT_LAMBDA_RANGE, AdminGuard, KeyAuthenticator
 from gateway.access.budget import SqlBudgetGuard
 from gateway.access.ratelimit import LocalRateLimiter, RedisRateLimiter
 from gateway.config import mask_secrets
@@ -67,6 +67,7 @@ class AccountingSettings:
     rate_limit_fail_open: bool = True
     rate_limit_prefix: str = "uniroute:rpm:"
     anonymous: Principal = ANONYMOUS
+    lambda_range: tuple[float, float] = DEFAULT_LAMBDA_RANGE  # router.lambda_min, router.lambda_max: keys stay inside
     seed_models: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
 
 
@@ -103,7 +104,8 @@ def settings_from_config(config: GatewayConfig) -> AccountingSettings:
         log_close_timeout_s=db.log_close_timeout_s,
         redis_url=config.redis_url, rate_limit_fail_open=config.rate_limit.fail_open,
         rate_limit_prefix=config.rate_limit.redis_prefix,
-        anonymous=default_principal(config), seed_models=seed,
+        anonymous=default_principal(config), lambda_range=(config.router.lambda_min, config.router.lambda_max),
+        seed_models=seed,
     )
 
 

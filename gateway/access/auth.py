@@ -31,6 +31,7 @@ from datetime import datetime
 from typing import Any
 
 from gateway.access.budget import period_start_for
+from gateway.config import RouterConfig
 from gateway.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
 from gateway.serving.interfaces import Authenticator, Principal
 from gateway.store import keys as key_sql
@@ -40,6 +41,9 @@ from gateway.store.tables import BUDGET_PERIODS, ApiKey, utcnow
 KEY_PREFIX = "sk-ur-"
 DISPLAY_PREFIX_LEN = len(KEY_PREFIX) + 4
 ADMIN_KEY_ENV = "UNIROUTE_ADMIN_KEY"
+#: The λ range keys may have when no config is given: the defaults of router.lambda_min and router.lambda_max.
+DEFAULT_LAMBDA_RANGE: tuple[float, float] = (RouterConfig.model_fields["lambda_min"].default,
+                                             RouterConfig.model_fields["lambda_max"].default)
 _HOW_TO_GET_A_KEY = "send 'Authorization: Bearer sk-ur-...'; an operator creates keys with `uniroute keys create`"
 
 
@@ -161,15 +165,19 @@ class AdminGuard:
 
 # --------------------------------------------------------------------------------- key admin
 def _check_key_params(
-    *, name: str, default_lambda: float, lambda_min: float, lambda_max: float,
+    *, name: str, default_lambda: float, lambda_min: float, lambda_max: float, lambda_range: tuple[float, float],
     budget_usd: float | None, period: str, rpm_limit: int | None, models: Sequence[str] | None,
 ) -> None:
     if not name or len(name) > 128 or not all(c.isalnum() or c in "-_.@" for c in name):
         raise InvalidRequestError(f"invalid key name {name!r}: 1-128 characters from letters, digits and -_.@",
                                   param="name")
+    lo, hi = lambda_range
     for label, v in (("lambda", default_lambda), ("lambda_min", lambda_min), ("lambda_max", lambda_max)):
         if not math.isfinite(v) or v < 0:
             raise InvalidRequestError(f"{label} must be a finite number >= 0, got {v}", param=label)
+        if not lo <= v <= hi:
+            raise InvalidRequestError(f"{label} must lie in [{lo:g}, {hi:g}], the λ range the config allows "
+                                      f"(router.lambda_min, router.lambda_max), got {v:g}", param=label)
     if not lambda_min <= default_lambda <= lambda_max:
         raise InvalidRequestError(f"need lambda_min <= lambda <= lambda_max, got {lambda_min} <= {default_lambda} "
                                   f"<= {lambda_max}", param="lambda")
@@ -192,20 +200,27 @@ def create_key(
     default_lambda: float,
     budget_usd: float | None = None,
     period: str = "month",
-    lambda_min: float = 0.0,
+    lambda_min: float | None = None,
     lambda_max: float | None = None,
     rpm_limit: int | None = None,
     models: Sequence[str] | None = None,
+    lambda_range: tuple[float, float] = DEFAULT_LAMBDA_RANGE,
 ) -> tuple[str, ApiKey]:
-    """Create a key; returns ``(raw key, row)``. The raw key exists only in the return value."""
-    lam_max = lambda_max if lambda_max is not None else max(10.0, default_lambda)
-    _check_key_params(name=name, default_lambda=default_lambda, lambda_min=lambda_min, lambda_max=lam_max,
-                      budget_usd=budget_usd, period=period, rpm_limit=rpm_limit, models=models)
+    """Create a key; returns ``(raw key, row)``. The raw key exists only in the return value.
+
+    ``lambda_range`` is the λ range the config allows (``router.lambda_min``, ``router.lambda_max``):
+    the key's λ and its own range must lie inside it (400 otherwise), and its range defaults to it.
+    """
+    lam_min = lambda_min if lambda_min is not None else lambda_range[0]
+    lam_max = lambda_max if lambda_max is not None else lambda_range[1]
+    _check_key_params(name=name, default_lambda=default_lambda, lambda_min=lam_min, lambda_max=lam_max,
+                      lambda_range=lambda_range, budget_usd=budget_usd, period=period, rpm_limit=rpm_limit,
+                      models=models)
     raw = generate_key()
     now = utcnow()
     row = key_sql.insert_key(
         store, name=name, key_hash=hash_key(raw), key_prefix=display_prefix(raw), default_lambda=default_lambda,
-        lambda_min=lambda_min, lambda_max=lam_max, budget_usd=budget_usd, budget_period=period,
+        lambda_min=lam_min, lambda_max=lam_max, budget_usd=budget_usd, budget_period=period,
         period_start=period_start_for(period, now), rpm_limit=rpm_limit, allowed_models=models, created_at=now,
     )
     return raw, row

@@ -74,11 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = ksub.add_parser("create", help="create a key and print it (once)")
     q.add_argument("--name", required=True)
     q.add_argument("--lambda", dest="lam", type=float, required=True,
-                   help="the key's default cost/quality trade-off λ (see docs)")
+                   help="the key's default cost/quality trade-off λ, within router.lambda_min..lambda_max")
     q.add_argument("--budget", type=float, default=None, help="USD per period (omit for no cap)")
     q.add_argument("--period", choices=["day", "month"], default="month")
-    q.add_argument("--lambda-min", type=float, default=0.0, help="lowest λ a request may ask for")
-    q.add_argument("--lambda-max", type=float, default=None, help="highest λ a request may ask for (default 10)")
+    q.add_argument("--lambda-min", type=float, default=None,
+                   help="lowest λ a request may ask for (default: router.lambda_min)")
+    q.add_argument("--lambda-max", type=float, default=None,
+                   help="highest λ a request may ask for (default: router.lambda_max)")
     q.add_argument("--rpm", type=int, default=None, help="requests per minute (omit for no limit)")
     q.add_argument("--models", default=None, help="comma-separated models the key may use (default: all)")
     q.set_defaults(handler=_lazy("gateway.cli.keys:keys_create_command"))

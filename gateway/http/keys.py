@@ -9,7 +9,9 @@ client key).
 - ``GET  /v1/usage``              the caller's λ range, budget, spend, remaining budget, period usage
 - ``GET  /admin/keys``            every key (never the key itself or its hash)
 - ``POST /admin/keys``            ``{"name", "lambda", "budget_usd"?, "period"?, "lambda_min"?, "lambda_max"?,
-                                  "rpm"?, "models"?}`` → 201 with ``"key"``: the raw key, shown once
+                                  "rpm"?, "models"?}`` → 201 with ``"key"``: the raw key, shown once. λ and
+                                  the key's range must lie in the config's ``router.lambda_min..lambda_max``,
+                                  which is also the range's default
 - ``GET  /admin/keys/{name}``     one key
 - ``DELETE /admin/keys/{name}``   revoke it (refused by every replica from its next request)
 """
@@ -60,7 +62,7 @@ class KeyCreate(BaseModel):
     lam: float = Field(alias="lambda")
     budget_usd: float | None = None
     period: str = "month"
-    lambda_min: float = 0.0
+    lambda_min: float | None = None
     lambda_max: float | None = None
     rpm: int | None = None
     models: list[str] | None = None
@@ -97,7 +99,7 @@ async def create_key_endpoint(request: Request) -> Response:
         raw, row = await asyncio.to_thread(
             create_key, acc.store, body.name, default_lambda=body.lam, budget_usd=body.budget_usd,
             period=body.period, lambda_min=body.lambda_min, lambda_max=body.lambda_max, rpm_limit=body.rpm,
-            models=body.models,
+            models=body.models, lambda_range=acc.settings.lambda_range,
         )
         return _json({**key_summary(row), "key": raw}, 201, {"cache-control": "no-store"})
     except Exception as exc:
