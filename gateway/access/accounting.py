@@ -78,9 +78,14 @@ def params_for_table(params: Mapping[str, Any]) -> dict[str, Any]:
     return mask_secrets(params, "<redacted: write it as os.environ/NAME to keep a reference>")
 
 
-def settings_from_config(config: GatewayConfig) -> AccountingSettings:
-    from gateway.app import default_principal
+def default_principal(config: GatewayConfig) -> Principal:
+    """The caller of an open gateway (``auth.mode: open``): the router's default λ and λ range."""
+    r = config.router
+    return Principal(key_id=None, key_name="anonymous", key_prefix="", default_lambda=r.default_lambda,
+                     lambda_min=r.lambda_min, lambda_max=r.lambda_max)
 
+
+def settings_from_config(config: GatewayConfig) -> AccountingSettings:
     db = config.database
     seed = tuple(
         {
