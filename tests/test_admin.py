@@ -11,7 +11,9 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from gateway.access.accounting import Accounting, AccountingSettings
+from gateway.errors import GatewayError
 from gateway.http import keys as admin
+from gateway.http.responses import gateway_error
 
 ADMIN = "sk-admin-test-0123456789"
 
@@ -27,7 +29,7 @@ async def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterat
         Route("/admin/keys", admin.create_key_endpoint, methods=["POST"]),
         Route("/admin/keys/{name}", admin.get_key_endpoint, methods=["GET"]),
         Route("/admin/keys/{name}", admin.revoke_key_endpoint, methods=["DELETE"]),
-    ])
+    ], exception_handlers={GatewayError: gateway_error})  # handlers raise; app.py registers the same handler
     app.state.accounting = acc
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
         yield c
