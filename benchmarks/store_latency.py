@@ -26,7 +26,8 @@ import gateway  # noqa: F401
 from gateway.access.auth import create_key, principal_from_row
 from gateway.access.budget import SqlBudgetGuard
 from gateway.serving.interfaces import RequestRecord
-from gateway.store.engine import RequestLogWriter, Store
+from gateway.store.engine import Store
+from gateway.store.requestlog import RequestLogWriter
 
 
 @contextlib.contextmanager

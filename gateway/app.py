@@ -34,7 +34,6 @@ from gateway.http.middleware import CHAT_PATH, RequestContextMiddleware
 from gateway.serving.interfaces import (
     Authenticator,
     BudgetGuard,
-    Principal,
     RateLimiter,
     RequestSink,
 )
@@ -46,12 +45,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("uniroute.app")
 ReadinessCheck = Callable[[], Awaitable[None]]
-
-
-def default_principal(config: GatewayConfig) -> Principal:
-    r = config.router
-    return Principal(key_id=None, key_name="anonymous", key_prefix="", default_lambda=r.default_lambda,
-                     lambda_min=r.lambda_min, lambda_max=r.lambda_max)
 
 
 def create_app(

@@ -7,7 +7,10 @@ Messages say what was wrong and what is valid. They never carry tracebacks or se
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 logger = logging.getLogger("uniroute.errors")
 
@@ -130,6 +133,15 @@ class ServiceUnavailableError(GatewayError):
     status_code = 503
     error_type = "service_unavailable"
     default_code = "service_unavailable"
+
+
+def validation_message(exc: ValidationError, what: str, fields: str) -> str:
+    """One line for a pydantic error: ``invalid <what>: <field>: <problem>; ... (fields: <fields>)``."""
+    parts = []
+    for e in exc.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "body"
+        parts.append(f"{loc}: {str(e['msg']).removeprefix('Value error, ')}")
+    return f"invalid {what}: " + "; ".join(parts) + f" (fields: {fields})"
 
 
 def error_body(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:

@@ -11,7 +11,9 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from gateway.access.accounting import Accounting, AccountingSettings
+from gateway.errors import GatewayError
 from gateway.http import keys as admin
+from gateway.http.responses import gateway_error
 
 ADMIN = "sk-admin-test-0123456789"
 
@@ -27,7 +29,7 @@ async def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterat
         Route("/admin/keys", admin.create_key_endpoint, methods=["POST"]),
         Route("/admin/keys/{name}", admin.get_key_endpoint, methods=["GET"]),
         Route("/admin/keys/{name}", admin.revoke_key_endpoint, methods=["DELETE"]),
-    ])
+    ], exception_handlers={GatewayError: gateway_error})  # handlers raise; app.py registers the same handler
     app.state.accounting = acc
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
         yield c
@@ -68,6 +70,8 @@ async def test_admin_key_lifecycle_and_usage(client: httpx.AsyncClient) -> None:
         ({"name": "b", "lambda": 0.1, "period": "week"}, 400, "unknown budget period 'week'; valid: day, month"),
         ({"name": "b"}, 400, "lambda: Field required"),
         ({"name": "b", "lambda": 0.1, "colour": "red"}, 400, "colour: Extra inputs are not permitted"),
+        ({"name": "b", "lambda": 20}, 400, "lambda must lie in [0, 10], the λ range the config allows"),
+        ({"name": "b", "lambda": 1, "lambda_max": 11}, 400, "lambda_max must lie in [0, 10]"),
         ("not json", 400, "not valid JSON"),
     ],
 )

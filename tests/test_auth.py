@@ -21,8 +21,6 @@ from gateway.access.auth import (
     generate_key,
     hash_key,
     key_summary,
-    list_keys,
-    revoke_key,
 )
 from gateway.access.budget import SqlBudgetGuard
 from gateway.errors import (
@@ -34,6 +32,7 @@ from gateway.errors import (
     error_body,
 )
 from gateway.store.engine import Store
+from gateway.store.keys import list_keys, revoke_key
 from gateway.store.tables import ApiKey
 
 
@@ -89,6 +88,21 @@ def test_create_key_validation(store: Store) -> None:
         create_key(store, "has space", default_lambda=0.2)
     with pytest.raises(NotFoundError, match="no API key named 'nobody'"):
         revoke_key(store, "nobody")
+
+
+def test_create_key_stays_in_the_configs_lambda_range(store: Store) -> None:
+    """A key's λ and λ range lie in router.lambda_min..lambda_max; the range defaults to it (no silent widening)."""
+    _, row = create_key(store, "a", default_lambda=0.2, lambda_range=(0.1, 2.0))
+    assert (row.lambda_min, row.lambda_max) == (0.1, 2.0)
+    _, row = create_key(store, "b", default_lambda=0.2)  # no config: router's defaults
+    assert (row.lambda_min, row.lambda_max) == (0.0, 10.0)
+    for kw, label in (({"default_lambda": 20.0}, "lambda"), ({"default_lambda": 0.2, "lambda_max": 11.0}, "lambda_max"),
+                      ({"default_lambda": 0.2, "lambda_min": 0.05}, "lambda_min")):
+        with pytest.raises(InvalidRequestError, match=rf"^{label} must lie in \[0.1, 10\], the λ range the config "
+                                                      r"allows \(router.lambda_min, router.lambda_max\)") as e:
+            create_key(store, "c", lambda_range=(0.1, 10.0), **kw)  # type: ignore[arg-type]
+        assert e.value.param == label
+    assert [r.name for r in list_keys(store)] == ["a", "b"]
 
 
 async def test_authenticate(store: Store) -> None:
@@ -191,3 +205,31 @@ def test_cli_keys(tmp_path: Path) -> None:
     [row] = list_keys(store)
     assert row.key_hash == hash_key(raw) and row.revoked_at is not None and row.budget_period == "day"
     store.dispose()
+
+
+def test_cli_keys_refuses_what_the_config_forbids_in_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"database_url: sqlite:///{tmp_path / 'k.db'}\nrouter:\n  lambda_min: 0.0\n  lambda_max: 10.0\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("UNIROUTE_DATABASE_URL", None)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gateway.cli.main", "keys", *args, "--config", str(cfg)],
+                              env=env, capture_output=True, text=True, timeout=60)
+
+    for args, needle in ((("--lambda", "20"), "lambda must lie in [0, 10]"),
+                         (("--lambda", "1", "--lambda-max", "11"), "lambda_max must lie in [0, 10]"),
+                         (("--lambda", "1", "--budget", "-1"), "budget must be a number of USD >= 0")):
+        out = run("create", "--name", "alice", *args)
+        assert out.returncode == 1 and out.stdout == "", out.stderr
+        assert out.stderr.startswith(f"error: {needle}") and out.stderr.count("\n") == 1, out.stderr
+    out = run("create", "--name", "alice", "--lambda", "1")
+    assert out.returncode == 0 and "range 0..10" in out.stderr
+    out = run("revoke", "nobody")
+    assert (out.returncode, out.stderr) == (1, "error: no API key named 'nobody'\n")
+    (tmp_path / "bad.yaml").write_text("router:\n  lambda_max: -1\n")
+    out = subprocess.run([sys.executable, "-m", "gateway.cli.main", "keys", "create", "--name", "b", "--lambda", "1",
+                          "--config", str(tmp_path / "bad.yaml")], env=env, capture_output=True, text=True,
+                         cwd=tmp_path, timeout=60)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert "router.lambda_max: Input should be greater than or equal to 0" in out.stderr

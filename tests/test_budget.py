@@ -14,12 +14,13 @@ import pytest
 import sqlalchemy as sa
 from storeutil import database
 
-from gateway.access.auth import create_key, principal_from_row, revoke_key
+from gateway.access.auth import create_key, principal_from_row
 from gateway.access.budget import SqlBudgetGuard, period_end_for, period_start_for
 from gateway.errors import AuthenticationError, BudgetExceededError, error_body
 from gateway.metrics import Metrics
 from gateway.serving.interfaces import ANONYMOUS, Principal
 from gateway.store.engine import Store
+from gateway.store.keys import revoke_key
 from gateway.store.tables import ApiKey
 
 

@@ -123,3 +123,22 @@ def test_plain_alembic_command_works_from_repo_root(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     out = subprocess.run([*cmd, "check"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_cli_db_errors_are_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "UNIROUTE_DATABASE_URL": f"sqlite:///{tmp_path / 'e.db'}"}
+
+    def run(*args: str, url: str | None = env["UNIROUTE_DATABASE_URL"]) -> subprocess.CompletedProcess[str]:
+        run_env = {k: v for k, v in env.items() if k != "UNIROUTE_DATABASE_URL"}
+        if url is not None:
+            run_env["UNIROUTE_DATABASE_URL"] = url
+        return subprocess.run([sys.executable, "-m", "gateway.cli.main", "db", *args], cwd=tmp_path,
+                              env=run_env, capture_output=True, text=True, timeout=60)
+
+    for out, needle in ((run("downgrade", "nonexistent"), "error: Can't locate revision identified by 'nonexistent'"),
+                        (run("current", "--config", "missing.yaml", url=None),
+                         "error: config file 'missing.yaml' not found"),
+                        (run("current", url="mysql://u:secret@h/db"),
+                         "error: unsupported database URL 'mysql://u:***@h/db'")):
+        assert out.returncode == 1 and out.stderr.startswith(needle), out.stderr
+        assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr and "secret" not in out.stderr

@@ -14,7 +14,9 @@ from starlette.routing import Route
 
 from gateway.access.accounting import Accounting, AccountingSettings
 from gateway.access.auth import create_key
+from gateway.errors import GatewayError
 from gateway.http import feedback
+from gateway.http.responses import gateway_error
 from gateway.serving.interfaces import RequestRecord
 from gateway.store.tables import Feedback
 
@@ -22,7 +24,8 @@ from gateway.store.tables import Feedback
 async def _client(tmp_path: Path, mode: str) -> tuple[httpx.AsyncClient, Accounting]:
     acc = Accounting(AccountingSettings(database_url=f"sqlite:///{tmp_path / 'f.db'}", auth_mode=mode))
     await acc.start(["m"])
-    app = Starlette(routes=[Route("/v1/feedback", feedback.feedback_endpoint, methods=["POST"])])
+    app = Starlette(routes=[Route("/v1/feedback", feedback.feedback_endpoint, methods=["POST"])],
+                    exception_handlers={GatewayError: gateway_error})  # handlers raise; as app.py registers
     app.state.accounting = acc
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw"), acc
 

@@ -17,7 +17,8 @@ from storeutil import database, fresh_pg_database
 
 from gateway.metrics import Metrics
 from gateway.serving.interfaces import RequestRecord
-from gateway.store.engine import RequestLogWriter, Store, database_url_from_config
+from gateway.store.engine import Store, database_url_from_config
+from gateway.store.requestlog import RequestLogWriter
 from gateway.store.tables import ModelEntry, RequestRow
 
 

@@ -8,7 +8,7 @@ a few lines:
   open authenticator (``auth.mode: open``, everyone is ``anonymous``);
 - ``budget``: :class:`~gateway.access.budget.SqlBudgetGuard` (a no-op for ``anonymous``);
 - ``rate_limiter``: Redis when ``redis_url`` is set, else in-process (single process);
-- ``sink``: metrics + :class:`~gateway.store.engine.RequestLogWriter`;
+- ``sink``: metrics + :class:`~gateway.store.requestlog.RequestLogWriter`;
 - ``admin``: the admin-key guard of ``/admin/*``; ``metrics``: everything ``/metrics`` shows.
 
 Nothing touches the database or Redis until :meth:`Accounting.start` (the lifespan), which
@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gateway.access.auth import AdminGuard, KeyAuthenticator
+from gateway.access.auth import DEFAULT_LAMBDA_RANGE, AdminGuard, KeyAuthenticator
 from gateway.access.budget import SqlBudgetGuard
 from gateway.access.ratelimit import LocalRateLimiter, RedisRateLimiter
 from gateway.config import mask_secrets
@@ -38,7 +38,8 @@ from gateway.serving.interfaces import (
     RateLimiter,
     RequestRecord,
 )
-from gateway.store.engine import RequestLogWriter, Store
+from gateway.store.engine import Store
+from gateway.store.requestlog import RequestLogWriter
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
@@ -66,6 +67,7 @@ class AccountingSettings:
     rate_limit_fail_open: bool = True
     rate_limit_prefix: str = "uniroute:rpm:"
     anonymous: Principal = ANONYMOUS
+    lambda_range: tuple[float, float] = DEFAULT_LAMBDA_RANGE  # router.lambda_min, router.lambda_max: keys stay inside
     seed_models: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
 
 
@@ -76,9 +78,14 @@ def params_for_table(params: Mapping[str, Any]) -> dict[str, Any]:
     return mask_secrets(params, "<redacted: write it as os.environ/NAME to keep a reference>")
 
 
-def settings_from_config(config: GatewayConfig) -> AccountingSettings:
-    from gateway.app import default_principal
+def default_principal(config: GatewayConfig) -> Principal:
+    """The caller of an open gateway (``auth.mode: open``): the router's default λ and λ range."""
+    r = config.router
+    return Principal(key_id=None, key_name="anonymous", key_prefix="", default_lambda=r.default_lambda,
+                     lambda_min=r.lambda_min, lambda_max=r.lambda_max)
 
+
+def settings_from_config(config: GatewayConfig) -> AccountingSettings:
     db = config.database
     seed = tuple(
         {
@@ -102,7 +109,8 @@ def settings_from_config(config: GatewayConfig) -> AccountingSettings:
         log_close_timeout_s=db.log_close_timeout_s,
         redis_url=config.redis_url, rate_limit_fail_open=config.rate_limit.fail_open,
         rate_limit_prefix=config.rate_limit.redis_prefix,
-        anonymous=default_principal(config), seed_models=seed,
+        anonymous=default_principal(config), lambda_range=(config.router.lambda_min, config.router.lambda_max),
+        seed_models=seed,
     )
 
 

@@ -1,4 +1,4 @@
-"""API keys: creation, hashing, the request-path authenticator, the admin guard, and ``uniroute keys``.
+"""API keys: creation, hashing, the request-path authenticator and the admin guard.
 
 A key looks like ``sk-ur-<43 url-safe characters>`` (256 random bits). Only its SHA-256
 (``api_keys.key_hash``) and a display prefix (``sk-ur-AbCd``) are stored; the raw key is
@@ -12,41 +12,38 @@ at most ``cache_ttl_s`` (1 s by default), and :class:`gateway.access.budget.SqlB
 once ``uniroute keys revoke`` (or ``DELETE /admin/keys/{name}``) commits, the next request
 with that key is refused by every replica: requests already past the reservation finish,
 no new one starts. Without the SQL budget guard the bound is the cache TTL.
+
+The SQL lives in :mod:`gateway.store.keys`; ``uniroute keys`` is :mod:`gateway.cli.keys`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import hmac
 import math
 import os
 import secrets
-import sys
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
-
-from gateway.errors import (
-    AuthenticationError,
-    ConflictError,
-    InvalidRequestError,
-    NotFoundError,
-    PermissionDeniedError,
-)
+from gateway.access.budget import period_start_for
+from gateway.config import RouterConfig
+from gateway.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
 from gateway.serving.interfaces import Authenticator, Principal
+from gateway.store import keys as key_sql
 from gateway.store.engine import Store
 from gateway.store.tables import BUDGET_PERIODS, ApiKey, utcnow
 
 KEY_PREFIX = "sk-ur-"
 DISPLAY_PREFIX_LEN = len(KEY_PREFIX) + 4
 ADMIN_KEY_ENV = "UNIROUTE_ADMIN_KEY"
+#: The λ range keys may have when no config is given: the defaults of router.lambda_min and router.lambda_max.
+DEFAULT_LAMBDA_RANGE: tuple[float, float] = (RouterConfig.model_fields["lambda_min"].default,
+                                             RouterConfig.model_fields["lambda_max"].default)
 _HOW_TO_GET_A_KEY = "send 'Authorization: Bearer sk-ur-...'; an operator creates keys with `uniroute keys create`"
 
 
@@ -125,8 +122,7 @@ class KeyAuthenticator:
         return hit[1]
 
     def _lookup(self, digest: str) -> Principal | AuthenticationError:
-        with self.store.sessions() as s:
-            row = s.scalar(sa.select(ApiKey).where(ApiKey.key_hash == digest))
+        row = key_sql.key_by_hash(self.store, digest)
         if row is None or not hmac.compare_digest(row.key_hash, digest):
             return AuthenticationError(f"invalid API key: {_HOW_TO_GET_A_KEY}", code="invalid_api_key")
         if row.revoked_at is not None:
@@ -169,15 +165,19 @@ class AdminGuard:
 
 # --------------------------------------------------------------------------------- key admin
 def _check_key_params(
-    *, name: str, default_lambda: float, lambda_min: float, lambda_max: float,
+    *, name: str, default_lambda: float, lambda_min: float, lambda_max: float, lambda_range: tuple[float, float],
     budget_usd: float | None, period: str, rpm_limit: int | None, models: Sequence[str] | None,
 ) -> None:
     if not name or len(name) > 128 or not all(c.isalnum() or c in "-_.@" for c in name):
         raise InvalidRequestError(f"invalid key name {name!r}: 1-128 characters from letters, digits and -_.@",
                                   param="name")
+    lo, hi = lambda_range
     for label, v in (("lambda", default_lambda), ("lambda_min", lambda_min), ("lambda_max", lambda_max)):
         if not math.isfinite(v) or v < 0:
             raise InvalidRequestError(f"{label} must be a finite number >= 0, got {v}", param=label)
+        if not lo <= v <= hi:
+            raise InvalidRequestError(f"{label} must lie in [{lo:g}, {hi:g}], the λ range the config allows "
+                                      f"(router.lambda_min, router.lambda_max), got {v:g}", param=label)
     if not lambda_min <= default_lambda <= lambda_max:
         raise InvalidRequestError(f"need lambda_min <= lambda <= lambda_max, got {lambda_min} <= {default_lambda} "
                                   f"<= {lambda_max}", param="lambda")
@@ -200,60 +200,30 @@ def create_key(
     default_lambda: float,
     budget_usd: float | None = None,
     period: str = "month",
-    lambda_min: float = 0.0,
+    lambda_min: float | None = None,
     lambda_max: float | None = None,
     rpm_limit: int | None = None,
     models: Sequence[str] | None = None,
+    lambda_range: tuple[float, float] = DEFAULT_LAMBDA_RANGE,
 ) -> tuple[str, ApiKey]:
-    """Create a key; returns ``(raw key, row)``. The raw key exists only in the return value."""
-    from gateway.access.budget import period_start_for
+    """Create a key; returns ``(raw key, row)``. The raw key exists only in the return value.
 
-    lam_max = lambda_max if lambda_max is not None else max(10.0, default_lambda)
-    _check_key_params(name=name, default_lambda=default_lambda, lambda_min=lambda_min, lambda_max=lam_max,
-                      budget_usd=budget_usd, period=period, rpm_limit=rpm_limit, models=models)
+    ``lambda_range`` is the λ range the config allows (``router.lambda_min``, ``router.lambda_max``):
+    the key's λ and its own range must lie inside it (400 otherwise), and its range defaults to it.
+    """
+    lam_min = lambda_min if lambda_min is not None else lambda_range[0]
+    lam_max = lambda_max if lambda_max is not None else lambda_range[1]
+    _check_key_params(name=name, default_lambda=default_lambda, lambda_min=lam_min, lambda_max=lam_max,
+                      lambda_range=lambda_range, budget_usd=budget_usd, period=period, rpm_limit=rpm_limit,
+                      models=models)
     raw = generate_key()
     now = utcnow()
-    row = ApiKey(
-        name=name, key_hash=hash_key(raw), key_prefix=display_prefix(raw), default_lambda=default_lambda,
-        lambda_min=lambda_min, lambda_max=lam_max, budget_usd=budget_usd, budget_period=period,
-        period_start=period_start_for(period, now), spend_usd=0.0, reserved_usd=0.0, total_spend_usd=0.0,
-        rpm_limit=rpm_limit, allowed_models=list(models) if models is not None else None, created_at=now,
+    row = key_sql.insert_key(
+        store, name=name, key_hash=hash_key(raw), key_prefix=display_prefix(raw), default_lambda=default_lambda,
+        lambda_min=lam_min, lambda_max=lam_max, budget_usd=budget_usd, budget_period=period,
+        period_start=period_start_for(period, now), rpm_limit=rpm_limit, allowed_models=models, created_at=now,
     )
-    try:
-        with store.session() as s:
-            s.add(row)
-    except IntegrityError:
-        raise ConflictError(f"a key named {name!r} already exists (names stay taken after revocation); "
-                            "pick another name",
-                            param="name") from None
     return raw, row
-
-
-def list_keys(store: Store, *, include_revoked: bool = True) -> list[ApiKey]:
-    with store.sessions() as s:
-        q = sa.select(ApiKey).order_by(ApiKey.id)
-        if not include_revoked:
-            q = q.where(ApiKey.revoked_at.is_(None))
-        return list(s.scalars(q))
-
-
-def get_key(store: Store, name: str) -> ApiKey:
-    with store.sessions() as s:
-        row = s.scalar(sa.select(ApiKey).where(ApiKey.name == name))
-    if row is None:
-        raise NotFoundError(f"no API key named {name!r}", param="name")
-    return row
-
-
-def revoke_key(store: Store, name: str) -> ApiKey:
-    """Mark a key revoked (idempotent: revoking twice keeps the first time)."""
-    with store.session() as s:
-        row = s.scalar(sa.select(ApiKey).where(ApiKey.name == name).with_for_update())
-        if row is None:
-            raise NotFoundError(f"no API key named {name!r}", param="name")
-        if row.revoked_at is None:
-            row.revoked_at = utcnow()
-    return row
 
 
 def key_summary(row: ApiKey) -> dict[str, Any]:
@@ -268,65 +238,3 @@ def key_summary(row: ApiKey) -> dict[str, Any]:
         "reserved_usd": row.reserved_usd, "total_spend_usd": row.total_spend_usd, "rpm": row.rpm_limit,
         "models": row.allowed_models, "created_at": iso(row.created_at), "revoked_at": iso(row.revoked_at),
     }
-
-
-# ------------------------------------------------------------------------------------- CLI
-def _cli_store(args: argparse.Namespace) -> Store:
-    from gateway.store.engine import database_url_from_config
-
-    store = Store(database_url_from_config(getattr(args, "config", None)))
-    store.upgrade()
-    return store
-
-
-def keys_create_command(args: argparse.Namespace) -> int:
-    store = _cli_store(args)
-    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
-    try:
-        raw, row = create_key(store, args.name, default_lambda=args.lam, budget_usd=args.budget, period=args.period,
-                              lambda_min=args.lambda_min, lambda_max=args.lambda_max, rpm_limit=args.rpm,
-                              models=models)
-    except (InvalidRequestError, ConflictError) as exc:
-        print(f"uniroute keys create: {exc.message}", file=sys.stderr)
-        return 2
-    finally:
-        store.dispose()
-    budget = f"${row.budget_usd:g}/{row.budget_period}" if row.budget_usd is not None else "no budget cap"
-    print(f"created key {row.name!r}: lambda={row.default_lambda:g} (range {row.lambda_min:g}..{row.lambda_max:g}), "
-          f"{budget}, rpm={row.rpm_limit or 'unlimited'}", file=sys.stderr)
-    print("the key is shown only once; store it now:", file=sys.stderr)
-    print(raw)
-    return 0
-
-
-def keys_list_command(args: argparse.Namespace) -> int:
-    store = _cli_store(args)
-    try:
-        rows = list_keys(store, include_revoked=args.all)
-    finally:
-        store.dispose()
-    if args.json:
-        import json
-
-        print(json.dumps([key_summary(r) for r in rows], indent=2))
-        return 0
-    print(f"{'NAME':<20} {'PREFIX':<12} {'LAMBDA':>7} {'BUDGET':>14} {'SPENT':>10} {'RPM':>6}  STATUS")
-    for r in rows:
-        budget = f"{r.budget_usd:.2f}/{r.budget_period}" if r.budget_usd is not None else "-"
-        status = f"revoked {r.revoked_at:%Y-%m-%d}" if r.revoked_at else "active"
-        print(f"{r.name:<20} {r.key_prefix:<12} {r.default_lambda:>7g} {budget:>14} {r.spend_usd:>10.4f} "
-              f"{r.rpm_limit or '-':>6}  {status}")
-    return 0
-
-
-def keys_revoke_command(args: argparse.Namespace) -> int:
-    store = _cli_store(args)
-    try:
-        row = revoke_key(store, args.name)
-    except NotFoundError as exc:
-        print(f"uniroute keys revoke: {exc.message}", file=sys.stderr)
-        return 2
-    finally:
-        store.dispose()
-    print(f"revoked key {row.name!r} ({row.key_prefix}...) at {row.revoked_at:%Y-%m-%dT%H:%M:%SZ}")
-    return 0

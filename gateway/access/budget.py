@@ -1,6 +1,7 @@
 """Per-key budgets: a hard USD cap per day or month, enforced by one atomic UPDATE per request.
 
-Before forwarding, the chat service reserves an estimate of the request's cost::
+Before forwarding, the chat service reserves an estimate of the request's cost
+(:func:`gateway.store.budget.reserve`, which holds every statement of this module)::
 
     UPDATE api_keys
        SET spend_usd    = CASE WHEN period_start < :current_start THEN 0 ELSE spend_usd END,
@@ -10,7 +11,7 @@ Before forwarding, the chat service reserves an estimate of the request's cost::
        AND (budget_usd IS NULL
             OR (CASE WHEN period_start < :current_start THEN 0 ELSE spend_usd END) + reserved_usd + :estimate
                <= budget_usd + 1e-9)
-    RETURNING spend_usd, reserved_usd, budget_usd, period_start
+    RETURNING name, key_prefix, revoked_at, budget_usd, budget_period, period_start, spend_usd, reserved_usd
 
 (``:current_start`` is the start of the key's current day or month, picked by a CASE on
 ``budget_period``.) The check and the increment are one statement, so on PostgreSQL the
@@ -26,28 +27,28 @@ straddling midnight is charged to the period in which it settles.
 
 The reservation also checks ``revoked_at IS NULL``: this is what makes a revocation
 effective on every replica for the very next request.
+
+This module is the policy around those statements: what is reserved (a finite estimate > 0),
+the period arithmetic (the current day's and month's starts are computed here and passed in),
+and the refusal messages.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
-
-import sqlalchemy as sa
 
 from gateway.errors import AuthenticationError, BudgetExceededError
 from gateway.serving.interfaces import Principal, Reservation
+from gateway.store import budget as budget_sql
+from gateway.store.budget import KeyBudget, PeriodStarts
 from gateway.store.engine import Store
-from gateway.store.tables import ApiKey, RequestRow, utcnow
+from gateway.store.tables import utcnow
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
-
-
-#: Float rounding allowance: 20 x $0.05 must fit a $1 budget although 0.05 * 20 > 1.0 in binary floating point.
-BUDGET_EPSILON_USD = 1e-9
 
 
 def period_start_for(period: str, now: datetime) -> datetime:
@@ -63,16 +64,24 @@ def period_start_for(period: str, now: datetime) -> datetime:
 def period_end_for(period: str, start: datetime) -> datetime:
     """Start of the next period after the one beginning at ``start``."""
     if period == "day":
-        from datetime import timedelta
-
         return start + timedelta(days=1)
     if start.month == 12:
         return start.replace(year=start.year + 1, month=1)
     return start.replace(month=start.month + 1)
 
 
+def period_starts(now: datetime) -> PeriodStarts:
+    """The current day's and month's starts: what the budget statements roll a key over to."""
+    return PeriodStarts(day=period_start_for("day", now), month=period_start_for("month", now))
+
+
 def _usd(x: float) -> str:
     return f"${x:.4f}" if abs(x) < 100 else f"${x:,.2f}"
+
+
+def _amount(x: float) -> float:
+    """A cost as the statements take it: finite and > 0, else 0."""
+    return float(x) if math.isfinite(x) and x > 0 else 0.0
 
 
 class SqlBudgetGuard:
@@ -93,66 +102,22 @@ class SqlBudgetGuard:
             return
         await asyncio.to_thread(self.settle_sync, reservation, actual_usd)
 
-    # -- the statements ------------------------------------------------------------------------------
-    @staticmethod
-    def _current_start(now: datetime) -> Any:
-        return sa.case(
-            (ApiKey.budget_period == "day", sa.literal(period_start_for("day", now), ApiKey.period_start.type)),
-            else_=sa.literal(period_start_for("month", now), ApiKey.period_start.type),
-        )
-
+    # -- the statements (gateway.store.budget) -------------------------------------------------------
     def reserve_sync(self, principal: Principal, estimate_usd: float) -> Reservation:
         assert principal.key_id is not None
-        est = float(estimate_usd) if math.isfinite(estimate_usd) and estimate_usd > 0 else 0.0
+        est = _amount(estimate_usd)
         now = utcnow()
-        cur = self._current_start(now)
-        rolled = ApiKey.period_start < cur
-        spend_now = sa.case((rolled, sa.literal(0.0)), else_=ApiKey.spend_usd)
-        stmt = (
-            sa.update(ApiKey)
-            .where(
-                ApiKey.id == principal.key_id,
-                ApiKey.revoked_at.is_(None),
-                sa.or_(ApiKey.budget_usd.is_(None),
-                       spend_now + ApiKey.reserved_usd + est <= ApiKey.budget_usd + BUDGET_EPSILON_USD),
-            )
-            .values(
-                spend_usd=spend_now,
-                period_start=sa.case((rolled, cur), else_=ApiKey.period_start),
-                reserved_usd=ApiKey.reserved_usd + est,
-            )
-            .returning(ApiKey.period_start, ApiKey.spend_usd, ApiKey.budget_usd)
-            .execution_options(synchronize_session=False)
-        )
-        with self.store.engine.begin() as conn:
-            got = conn.execute(stmt).first()
-            if got is None:
-                row = conn.execute(sa.select(ApiKey.__table__).where(ApiKey.id == principal.key_id)).first()
-        if got is not None:
-            self._observe(principal.key_name, got.budget_usd, got.spend_usd)
-            return Reservation(key_id=principal.key_id, amount_usd=est, period_start=got.period_start, token=now)
-        raise self._refusal(principal, row, est, now)
+        got = budget_sql.reserve(self.store, principal.key_id, est, period_starts(now))
+        if got.held:
+            assert got.key is not None
+            self._observe(principal.key_name, got.key.budget_usd, got.key.spend_usd)
+            return Reservation(key_id=principal.key_id, amount_usd=est, period_start=got.key.period_start, token=now)
+        raise self._refusal(principal, got.key, est, now)
 
     def settle_sync(self, reservation: Reservation, actual_usd: float) -> None:
-        actual = float(actual_usd) if math.isfinite(actual_usd) and actual_usd > 0 else 0.0
-        now = utcnow()
-        cur = self._current_start(now)
-        rolled = ApiKey.period_start < cur
-        left = ApiKey.reserved_usd - reservation.amount_usd
-        stmt = (
-            sa.update(ApiKey)
-            .where(ApiKey.id == reservation.key_id)
-            .values(
-                spend_usd=sa.case((rolled, sa.literal(0.0)), else_=ApiKey.spend_usd) + actual,
-                period_start=sa.case((rolled, cur), else_=ApiKey.period_start),
-                reserved_usd=sa.case((left < 0, sa.literal(0.0)), else_=left),
-                total_spend_usd=ApiKey.total_spend_usd + actual,
-            )
-            .returning(ApiKey.name, ApiKey.spend_usd, ApiKey.budget_usd)
-            .execution_options(synchronize_session=False)
-        )
-        with self.store.engine.begin() as conn:
-            got = conn.execute(stmt).first()
+        assert reservation.key_id is not None
+        got = budget_sql.settle(self.store, reservation.key_id, reservation.amount_usd, _amount(actual_usd),
+                                period_starts(utcnow()))
         if got is not None:
             self._observe(got.name, got.budget_usd, got.spend_usd)
 
@@ -161,12 +126,13 @@ class SqlBudgetGuard:
             self.metrics.set_key_budget(key_name, budget, budget - spend)
 
     @staticmethod
-    def _refusal(principal: Principal, row: Any, est: float, now: datetime) -> Exception:
+    def _refusal(principal: Principal, row: KeyBudget | None, est: float, now: datetime) -> Exception:
         if row is None:
             return AuthenticationError(f"API key {principal.key_name!r} no longer exists", code="invalid_api_key")
         if row.revoked_at is not None:
             return AuthenticationError(f"API key {row.name!r} ({row.key_prefix}...) was revoked",
                                        code="revoked_api_key")
+        assert row.budget_usd is not None
         start = period_start_for(row.budget_period, now)
         spend = row.spend_usd if row.period_start.replace(tzinfo=UTC) >= start else 0.0
         resets = period_end_for(row.budget_period, start)
@@ -185,21 +151,13 @@ class SqlBudgetGuard:
         Request counts come from the request log, which the background writer fills within
         about a second; spend comes from the budget columns and is exact.
         """
-        now = utcnow()
-        with self.store.sessions() as s:
-            row = s.get(ApiKey, key_id)
-            if row is None:
-                raise AuthenticationError("API key no longer exists", code="invalid_api_key")
-            start = period_start_for(row.budget_period, now)
-            spend = row.spend_usd if row.period_start >= start else 0.0
-            agg = s.execute(
-                sa.select(
-                    sa.func.count(RequestRow.id),
-                    sa.func.coalesce(sa.func.sum(RequestRow.prompt_tokens), 0),
-                    sa.func.coalesce(sa.func.sum(RequestRow.completion_tokens), 0),
-                    sa.func.coalesce(sa.func.sum(RequestRow.cost_usd), 0.0),
-                ).where(RequestRow.key_id == key_id, RequestRow.started_at >= start)
-            ).one()
+        starts = period_starts(utcnow())
+        got = budget_sql.usage(self.store, key_id, starts)
+        if got is None:
+            raise AuthenticationError("API key no longer exists", code="invalid_api_key")
+        row, totals = got
+        start = starts.of(row.budget_period)
+        spend = row.spend_usd if row.period_start >= start else 0.0
         remaining = None if row.budget_usd is None else max(0.0, row.budget_usd - spend - row.reserved_usd)
         return {
             "object": "usage",
@@ -217,8 +175,8 @@ class SqlBudgetGuard:
                 "remaining_usd": remaining,
             },
             "period_requests": {
-                "requests": int(agg[0] or 0), "prompt_tokens": int(agg[1] or 0),
-                "completion_tokens": int(agg[2] or 0), "cost_usd": float(agg[3] or 0.0),
+                "requests": totals.requests, "prompt_tokens": totals.prompt_tokens,
+                "completion_tokens": totals.completion_tokens, "cost_usd": totals.cost_usd,
             },
             "total_spend_usd": row.total_spend_usd,
         }

@@ -58,12 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     dbsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     q = dbsub.add_parser("upgrade", help="apply migrations (default: to the latest)")
     q.add_argument("revision", nargs="?", default="head")
-    q.set_defaults(handler=_lazy("gateway.store.engine:db_upgrade_command"))
+    q.set_defaults(handler=_lazy("gateway.cli.db:db_upgrade_command"))
     q = dbsub.add_parser("downgrade", help="revert migrations down to REV ('base' empties the database)")
     q.add_argument("revision", metavar="REV")
-    q.set_defaults(handler=_lazy("gateway.store.engine:db_downgrade_command"))
+    q.set_defaults(handler=_lazy("gateway.cli.db:db_downgrade_command"))
     q = dbsub.add_parser("current", help="show the database's revision")
-    q.set_defaults(handler=_lazy("gateway.store.engine:db_current_command"))
+    q.set_defaults(handler=_lazy("gateway.cli.db:db_current_command"))
     for q in (*dbsub.choices.values(),):
         q.add_argument("--config", default=None,
                        help="config.yaml whose database_url to use ($UNIROUTE_DATABASE_URL wins)")
@@ -74,21 +74,23 @@ def build_parser() -> argparse.ArgumentParser:
     q = ksub.add_parser("create", help="create a key and print it (once)")
     q.add_argument("--name", required=True)
     q.add_argument("--lambda", dest="lam", type=float, required=True,
-                   help="the key's default cost/quality trade-off λ (see docs)")
+                   help="the key's default cost/quality trade-off λ, within router.lambda_min..lambda_max")
     q.add_argument("--budget", type=float, default=None, help="USD per period (omit for no cap)")
     q.add_argument("--period", choices=["day", "month"], default="month")
-    q.add_argument("--lambda-min", type=float, default=0.0, help="lowest λ a request may ask for")
-    q.add_argument("--lambda-max", type=float, default=None, help="highest λ a request may ask for (default 10)")
+    q.add_argument("--lambda-min", type=float, default=None,
+                   help="lowest λ a request may ask for (default: router.lambda_min)")
+    q.add_argument("--lambda-max", type=float, default=None,
+                   help="highest λ a request may ask for (default: router.lambda_max)")
     q.add_argument("--rpm", type=int, default=None, help="requests per minute (omit for no limit)")
     q.add_argument("--models", default=None, help="comma-separated models the key may use (default: all)")
-    q.set_defaults(handler=_lazy("gateway.access.auth:keys_create_command"))
+    q.set_defaults(handler=_lazy("gateway.cli.keys:keys_create_command"))
     q = ksub.add_parser("list", help="list keys (never shows the keys themselves)")
     q.add_argument("--all", action="store_true", help="include revoked keys")
     q.add_argument("--json", action="store_true")
-    q.set_defaults(handler=_lazy("gateway.access.auth:keys_list_command"))
+    q.set_defaults(handler=_lazy("gateway.cli.keys:keys_list_command"))
     q = ksub.add_parser("revoke", help="revoke a key (refused by every replica from the next request)")
     q.add_argument("name")
-    q.set_defaults(handler=_lazy("gateway.access.auth:keys_revoke_command"))
+    q.set_defaults(handler=_lazy("gateway.cli.keys:keys_revoke_command"))
     for q in (*ksub.choices.values(),):
         q.add_argument("--config", default=None,
                        help="config.yaml whose database_url to use ($UNIROUTE_DATABASE_URL wins)")

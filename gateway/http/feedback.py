@@ -10,18 +10,17 @@ request may send feedback on it; for any other key the request does not exist (4
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from typing import Any, Literal
 
-import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.errors import InvalidRequestError, NotFoundError, error_body
-from gateway.store.engine import Store
-from gateway.store.tables import Feedback, RequestRow
+from gateway.errors import InvalidRequestError, NotFoundError, validation_message
+from gateway.http.auth import accounting, authenticate
+from gateway.http.responses import json_body, json_response
+from gateway.store import feedback as feedback_sql
 
 _SOURCE = re.compile(r"^[A-Za-z0-9_.:-]{1,32}$")
 
@@ -49,55 +48,29 @@ class FeedbackRequest(BaseModel):
         return 1.0 if self.thumbs == "up" else 0.0
 
 
-def parse_feedback(raw: bytes) -> FeedbackRequest:
+def parse_feedback(data: Any) -> FeedbackRequest:
+    """The feedback of a parsed JSON body; 400 naming what is wrong and the fields."""
     try:
-        return FeedbackRequest.model_validate(json.loads(raw or b"null"))
-    except json.JSONDecodeError as exc:
-        raise InvalidRequestError(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        return FeedbackRequest.model_validate(data)
     except ValidationError as exc:
-        parts = []
-        for e in exc.errors():
-            loc = ".".join(str(x) for x in e["loc"])
-            parts.append(f"{loc}: {e['msg']}" if loc else str(e["msg"]).removeprefix("Value error, "))
         param = next((str(e["loc"][0]) for e in exc.errors() if e["loc"]), None)
-        raise InvalidRequestError("invalid feedback: " + "; ".join(parts)
-                                  + " (fields: request_id, score | thumbs, source)", param=param) from None
-
-
-def request_owned_by(store: Store, request_id: str, key_id: int | None) -> bool:
-    with store.session() as s:
-        q = sa.select(RequestRow.id).where(RequestRow.request_id == request_id)
-        q = q.where(RequestRow.key_id.is_(None) if key_id is None else RequestRow.key_id == key_id)
-        return s.scalars(q.limit(1)).first() is not None
-
-
-def store_feedback(store: Store, request_id: str, key_id: int | None, score: float, source: str) -> int:
-    with store.session() as s:
-        row = Feedback(request_id=request_id, key_id=key_id, score=score, source=source)
-        s.add(row)
-        s.flush()
-        return int(row.id)
+        raise InvalidRequestError(validation_message(exc, "feedback", "request_id, score | thumbs, source"),
+                                  param=param) from None
 
 
 async def feedback_endpoint(request: Request) -> Response:
-    acc: Any = request.app.state.accounting
-    try:
-        principal = await acc.authenticator.authenticate(request.headers.get("authorization"))
-        body = parse_feedback(await request.body())
-        owned = await asyncio.to_thread(request_owned_by, acc.store, body.request_id, principal.key_id)
-        if not owned:
-            # the request row may not be written yet (the log writer batches): flush, then look again
-            await asyncio.sleep(0.05)
-            await asyncio.to_thread(acc.writer.flush, 5.0)
-            owned = await asyncio.to_thread(request_owned_by, acc.store, body.request_id, principal.key_id)
-        if not owned:
-            raise NotFoundError(f"no request with id {body.request_id!r}", param="request_id",
-                                code="request_not_found")
-        fid = await asyncio.to_thread(store_feedback, acc.store, body.request_id, principal.key_id, body.value,
-                                      body.source)
-        out = {"object": "feedback", "id": fid, "request_id": body.request_id, "score": body.value,
-               "source": body.source}
-        return Response(json.dumps(out), status_code=201, media_type="application/json")
-    except Exception as exc:
-        status, err, headers = error_body(exc)
-        return Response(json.dumps(err), status_code=status, media_type="application/json", headers=headers or None)
+    acc = accounting(request)
+    principal = await authenticate(request)
+    body = parse_feedback(await json_body(request))
+    owned = await asyncio.to_thread(feedback_sql.request_owned_by, acc.store, body.request_id, principal.key_id)
+    if not owned:
+        # the request row may not be written yet (the log writer batches): flush, then look again
+        await asyncio.sleep(0.05)
+        await asyncio.to_thread(acc.writer.flush, 5.0)
+        owned = await asyncio.to_thread(feedback_sql.request_owned_by, acc.store, body.request_id, principal.key_id)
+    if not owned:
+        raise NotFoundError(f"no request with id {body.request_id!r}", param="request_id", code="request_not_found")
+    fid = await asyncio.to_thread(feedback_sql.add_feedback, acc.store, body.request_id, principal.key_id,
+                                  body.value, body.source)
+    return json_response({"object": "feedback", "id": fid, "request_id": body.request_id, "score": body.value,
+                          "source": body.source}, 201)

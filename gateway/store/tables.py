@@ -8,7 +8,7 @@ Conventions:
 - Every time is stored in UTC. :class:`UTCDateTime` hands back timezone-aware datetimes on
   both databases (SQLite has no time zones; it stores naive UTC).
 - Money is USD in double precision (``Float``; 15-16 significant digits, far below a cent for
-  any budget). Budget checks allow 1e-9 USD of rounding (``gateway.access.budget.BUDGET_EPSILON_USD``).
+  any budget). Budget checks allow 1e-9 USD of rounding (``gateway.store.budget.BUDGET_EPSILON_USD``).
 - No raw API key is ever stored: ``api_keys.key_hash`` is the SHA-256 of the key and
   ``key_prefix`` a short display prefix.
 - ``models.litellm_params`` keeps ``os.environ/NAME`` references as written, never the

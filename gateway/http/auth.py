@@ -1,0 +1,34 @@
+"""Who is calling an HTTP handler: the caller's key, and the admin guard every ``/admin/*`` handler starts with.
+
+Both raise :class:`~gateway.errors.GatewayError` (401/403); the registered handler in
+:mod:`gateway.http.responses` shapes the answer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+
+from gateway.serving.interfaces import Principal
+
+if TYPE_CHECKING:
+    from gateway.access.accounting import Accounting
+
+
+def accounting(request: Request) -> Accounting:
+    """The app's :class:`~gateway.access.accounting.Accounting` (keys, budgets, the request log)."""
+    acc: Accounting = request.app.state.accounting
+    return acc
+
+
+async def authenticate(request: Request) -> Principal:
+    """The caller of a client endpoint, from its ``Authorization`` header (401 when refused)."""
+    return await accounting(request).authenticator.authenticate(request.headers.get("authorization"))
+
+
+async def require_admin(request: Request) -> Accounting:
+    """Refuse anyone but the admin key (401 without a valid key, 403 for a client key); returns the accounting."""
+    acc = accounting(request)
+    await acc.admin.check(request.headers.get("authorization"))
+    return acc
