@@ -264,7 +264,7 @@ def fit_artifact(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models: S
                  embedder_path: str | None = None, answers: Sequence[str | None] | None = None
                  ) -> tuple[RouterArtifact, list[ModelProfile]]:
     """Deployment fit: most prompts train the clusters and θ, ``val_size`` prompts profile the models."""
-    from routing.policies import LearnedMap, RoutingTask, UniRouteKMeans
+    from routing.estimators import LearnedMap, RoutingTask, UniRouteKMeans
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")

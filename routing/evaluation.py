@@ -2,7 +2,7 @@
 
 Each seeded trial draws a random 60/10/30 train/validation/test prompt split and a
 random 2/3 training LLMs / 1/3 unseen test LLMs split. Policies are fitted on a
-:class:`~routing.policies.RoutingTask` (test LLMs seen only through their
+:class:`~routing.estimators.RoutingTask` (test LLMs seen only through their
 validation outcomes, except by Clairvoyant) and routed over the test LLMs on the
 test prompts by sweeping λ. Per method and trial: Area, Area(50%), QNC and the
 cost at which the curve reaches 95% of the most accurate test model's score.
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from routing.deferral import DEFAULT_LAMS, area, cost_to_reach, curve_value, deferral_curve, qnc
-from routing.policies import (
+from routing.estimators import (
     AlwaysCheapest,
     AlwaysMostAccurate,
     Clairvoyant,

@@ -1,9 +1,9 @@
-"""Policies on small generated data with known answers (random vectors, no real embedder)."""
+"""Estimators on small generated data with known answers (random vectors, no real embedder)."""
 
 import numpy as np
 import pytest
 
-from routing.policies import (
+from routing.estimators import (
     AlwaysCheapest,
     AlwaysMostAccurate,
     Clairvoyant,
@@ -54,7 +54,7 @@ def test_two_clusters_split_between_their_experts(policy: object) -> None:
     task, x_te, l_te = two_cluster_task()
     pol = policy.fit(task)  # type: ignore[attr-defined]
     assert pol is policy
-    errors = pol.score(x_te)
+    errors = pol.expected_error(x_te)
     assert errors.shape == (len(x_te), 3)
     assert np.all((errors >= 0) & (errors <= 1))
     chosen = decide(errors, task.pool_costs, 0.0)[:, 0]
@@ -64,7 +64,7 @@ def test_two_clusters_split_between_their_experts(policy: object) -> None:
 def test_lambda_extremes() -> None:
     task, x_te, _ = two_cluster_task()
     for pol in (UniRouteKMeans(n_clusters=2).fit(task), LearnedMap(n_clusters=2).fit(task)):
-        errors = pol.score(x_te)
+        errors = pol.expected_error(x_te)
         assert np.all(decide(errors, task.pool_costs, 1e6)[:, 0] == 2)  # λ→∞: the cheapest
         best = decide(errors, task.pool_costs, 0.0)[:, 0]
         assert np.all(errors[np.arange(len(best)), best] == errors.min(axis=1))  # λ=0: least error
@@ -82,7 +82,7 @@ def test_learned_state_and_frozen_theta() -> None:
     z = lm.membership(x_te)
     assert np.allclose(z.sum(1), 1.0)
     theta = lm.theta_.copy()
-    lm.score(x_te)
+    lm.expected_error(x_te)
     assert np.array_equal(theta, lm.theta_)
 
 

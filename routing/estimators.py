@@ -1,10 +1,10 @@
-"""Routing policies behind one estimator interface, shared by the evaluation and the gateway.
+"""Routing estimators behind one interface: what the evaluation fits and measures.
 
 Every policy follows the scikit-learn contract: ``__init__`` only stores parameters,
 ``fit(task)`` learns (state in attributes ending ``_``) and returns ``self``.
 Scoring is kept apart from the decision:
 
-* ``score(x)`` → expected-error matrix, shape (n_prompts, n_pool_models), in [0, 1];
+* ``expected_error(x)`` → expected-error matrix, shape (n_prompts, n_pool_models), in [0, 1];
 * ``decide(errors, costs, lam)`` → models ranked best first by errors + λ·c/max c.
 
 A :class:`RoutingTask` is what a policy may learn from: the training prompts with the
@@ -80,7 +80,7 @@ class RouterEstimator:
     def fit(self, task: RoutingTask) -> RouterEstimator:
         raise NotImplementedError
 
-    def score(self, x: np.ndarray) -> np.ndarray:
+    def expected_error(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     def decide(self, errors: np.ndarray, costs: np.ndarray, lam: float) -> np.ndarray:
@@ -89,7 +89,7 @@ class RouterEstimator:
     def curve(self, x: np.ndarray, true_scores: np.ndarray, costs: np.ndarray,
               lams: np.ndarray = DEFAULT_LAMS) -> tuple[np.ndarray, np.ndarray]:
         """Deferral curve on prompts ``x`` with known ``true_scores`` (n, m_pool)."""
-        return deferral_curve(self.score(x), true_scores, normalise(costs), lams)
+        return deferral_curve(self.expected_error(x), true_scores, normalise(costs), lams)
 
 
 # --------------------------------------------------------------------------- UniRoute
@@ -166,7 +166,7 @@ class UniRouteKMeans(RouterEstimator):
     def membership(self, x: np.ndarray) -> np.ndarray:
         return self.maps_[0].weights(x, self.temperature)
 
-    def score(self, x: np.ndarray) -> np.ndarray:
+    def expected_error(self, x: np.ndarray) -> np.ndarray:
         out = np.zeros((len(x), self.psis_[0].shape[0]))
         for cm, psi in zip(self.maps_, self.psis_, strict=True):
             out += cm.weights(x, self.temperature) @ psi.T
@@ -244,7 +244,7 @@ class LearnedMap(RouterEstimator):
     def membership(self, x: np.ndarray) -> np.ndarray:
         return softmax(_features(np.atleast_2d(x)) @ self.theta_)
 
-    def score(self, x: np.ndarray) -> np.ndarray:
+    def expected_error(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self.membership(x) @ self.psi_.T)
 
 
@@ -261,8 +261,8 @@ class LearnedMapEnsemble(RouterEstimator):
         self.members_ = [LearnedMap(n_clusters=int(k), **self.params).fit(task) for k in self.ks]
         return self
 
-    def score(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(np.mean([m.score(x) for m in self.members_], axis=0))
+    def expected_error(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(np.mean([m.expected_error(x) for m in self.members_], axis=0))
 
 
 # --------------------------------------------------------------------------- baselines
@@ -310,7 +310,7 @@ class KNNRouter(RouterEstimator):
             raise ValueError(f"k must be an int or 'auto', got {self.k!r}")
         return self
 
-    def score(self, x: np.ndarray) -> np.ndarray:
+    def expected_error(self, x: np.ndarray) -> np.ndarray:
         return self._neighbour_means(np.atleast_2d(x), self.x_val_, self.errors_, [self.k_])[self.k_]
 
 
@@ -360,7 +360,7 @@ class ZeroRouter(RouterEstimator):
                 return a, b, float((budget - c[a]) / (c[b] - c[a]))
         return h[-1], h[-1], 1.0
 
-    def score(self, x: np.ndarray) -> np.ndarray:
+    def expected_error(self, x: np.ndarray) -> np.ndarray:
         return np.broadcast_to(self.errors_, (len(x), len(self.errors_))).copy()
 
 
@@ -400,7 +400,7 @@ class Clairvoyant(RouterEstimator):
         self.coef_ = res.x.reshape(shape)
         return self
 
-    def score(self, x: np.ndarray) -> np.ndarray:
+    def expected_error(self, x: np.ndarray) -> np.ndarray:
         u = _features(np.atleast_2d(x)) @ self.coef_
         return np.asarray(1.0 - 1.0 / (1.0 + np.exp(-u)))
 
@@ -418,7 +418,7 @@ class RandomRouter(RouterEstimator):
         self.rng_ = np.random.default_rng(self.seed + task.seed)
         return self
 
-    def score(self, x: np.ndarray) -> np.ndarray:
+    def expected_error(self, x: np.ndarray) -> np.ndarray:
         return self.rng_.uniform(size=(len(x), self.m_))
 
 
@@ -434,7 +434,7 @@ class AlwaysMostAccurate(RouterEstimator):
         self.m_ = len(acc)
         return self
 
-    def score(self, x: np.ndarray) -> np.ndarray:
+    def expected_error(self, x: np.ndarray) -> np.ndarray:
         e = np.ones((len(x), self.m_))
         e[:, self.choice_] = 0.0
         return e
