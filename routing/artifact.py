@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from routing.clusters import softmax, sq_distances
+from routing.clusters import Membership
 from routing.policy import PoolModel, RoutingDecision, normalised_costs, rank_by_objective
 from routing.profiles import ModelProfile, estimate_profile, load_profiles, save_profiles
 
@@ -74,22 +74,20 @@ class RouterArtifact:
         h.update(self.training_set_hash.encode())
         return h.hexdigest()[:16]
 
-    def membership(self, x: np.ndarray, variant: str | None = None) -> np.ndarray:
-        """z(x), shape (n, K), for ``variant`` (default: the artifact's)."""
+    def membership_map(self, variant: str | None = None) -> Membership:
+        """The map z(x) of ``variant`` (default: the artifact's)."""
         v = variant or self.variant
-        x = np.atleast_2d(np.asarray(x, dtype=np.float64))
         if v == "learnedmap":
             if self.theta is None:
                 raise ValueError("this artifact has no LearnedMap θ; use variant 'kmeans'")
-            return softmax(x @ self.theta[:-1] + self.theta[-1])
+            return Membership.learned(self.theta)
         if v == "kmeans":
-            d = sq_distances(x, self.centroids)
-            if self.temperature is None:
-                z = np.zeros_like(d)
-                z[np.arange(len(d)), d.argmin(axis=1)] = 1.0
-                return z
-            return softmax(-d / self.temperature)
+            return Membership.kmeans(self.centroids, self.temperature)
         raise ValueError(f"unknown variant {v!r}; valid: {', '.join(VARIANTS)}")
+
+    def membership(self, x: np.ndarray, variant: str | None = None) -> np.ndarray:
+        """z(x), shape (n, K), for ``variant`` (default: the artifact's)."""
+        return self.membership_map(variant)(np.atleast_2d(x))
 
     # ---------------------------------------------------------------- persistence
     def save(self, directory: str | os.PathLike[str]) -> Path:
@@ -187,27 +185,11 @@ class UniRoutePolicy:
         self.name = f"uniroute-{self.variant}"
         self._k = artifact.k
         self._last: tuple[Sequence[PoolModel], tuple[list[str], np.ndarray, np.ndarray]] | None = None
-        if self.variant == "learnedmap":
-            assert artifact.theta is not None
-            self._w = np.ascontiguousarray(artifact.theta[:-1])
-            self._b = np.ascontiguousarray(artifact.theta[-1])
-        else:
-            mu = artifact.centroids
-            self._w = np.ascontiguousarray(2.0 * mu.T)
-            self._b = -(mu * mu).sum(1)  # argmax of 2x·μ − ‖μ‖² = nearest centroid
+        self._z = artifact.membership_map(self.variant)
 
     def membership(self, embedding: np.ndarray) -> np.ndarray:
-        logits = np.asarray(embedding, dtype=np.float64).reshape(-1) @ self._w + self._b
-        if self.variant == "kmeans" and self.artifact.temperature is None:
-            z = np.zeros(self._k)
-            z[int(np.argmax(logits))] = 1.0
-            return z
-        if self.variant == "kmeans":
-            assert self.artifact.temperature is not None
-            logits = logits / self.artifact.temperature
-        logits = logits - logits.max()
-        e = np.exp(logits)
-        return np.asarray(e / e.sum())
+        """z(x), shape (K,), of one prompt embedding."""
+        return self._z(np.asarray(embedding).reshape(-1))
 
     def _prepared(self, pool: Sequence[PoolModel]) -> tuple[list[str], np.ndarray, np.ndarray]:
         """Names, stacked Ψ (m, K) and normalised costs of the pool's profiled models. Cached for the

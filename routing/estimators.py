@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from routing.clusters import ClusterMap, softmax
+from routing.clusters import ClusterMap, Membership, softmax
 from routing.deferral import DEFAULT_LAMS, area, deferral_curve
 from routing.profiles import shrunk_cluster_errors
 
@@ -215,8 +215,7 @@ class LearnedMap(RouterEstimator):
         acc = 1.0 - psi_train  # (m_train, K)
         phi = _features(task.x_train)
         y = np.asarray(task.train_scores, dtype=np.float64)
-        mu = cm.centroids_
-        theta0 = self.beta * np.vstack([2.0 * mu.T, -(mu * mu).sum(1)[None, :]])  # (d+1, K)
+        theta0 = self.beta * cm.membership().theta  # (d+1, K): softmax(β(2x·μ − ‖μ‖²)) = soft K-means, τ = 1/β
         shape = theta0.shape
         nm = y.size
         eps = 1e-6
@@ -242,7 +241,7 @@ class LearnedMap(RouterEstimator):
         return self
 
     def membership(self, x: np.ndarray) -> np.ndarray:
-        return softmax(_features(np.atleast_2d(x)) @ self.theta_)
+        return Membership.learned(self.theta_)(np.atleast_2d(x))
 
     def expected_error(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self.membership(x) @ self.psi_.T)
