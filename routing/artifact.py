@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 
 from routing.clusters import Membership
-from routing.policy import PoolModel, RoutingDecision, normalised_costs, rank_by_objective
+from routing.decision import Decider, expected_errors
+from routing.policy import PoolModel, RoutingDecision, rank_by_objective
 from routing.profiles import ModelProfile, estimate_profile, load_profiles, save_profiles
 
 ARTIFACT_FORMAT = 1
@@ -171,7 +172,10 @@ class UniRoutePolicy:
     """The gateway's UniRoute policy: r(x) = argmin_h Σ_k z_k(x) Ψ_k(h) + λ·c(h)/max c.
 
     ``PoolModel.psi`` carries each model's profile for this policy's variant; models
-    without a profile are left out of the ranking. ``rank`` is pure numpy.
+    without a profile are left out of the ranking. ``rank`` is pure numpy, and the same
+    code as the evaluation's estimators: z(x) is the artifact's :class:`Membership`, the
+    expected errors :func:`routing.decision.expected_errors`, the ranking a
+    :class:`routing.decision.Decider` (ties: the cheaper model, then the name).
     """
 
     needs_embedding = True
@@ -184,30 +188,32 @@ class UniRoutePolicy:
                              f"valid: {', '.join(artifact.available_variants())}")
         self.name = f"uniroute-{self.variant}"
         self._k = artifact.k
-        self._last: tuple[Sequence[PoolModel], tuple[list[str], np.ndarray, np.ndarray]] | None = None
+        self._last: tuple[Sequence[PoolModel], tuple[list[str], np.ndarray, Decider]] | None = None
         self._z = artifact.membership_map(self.variant)
 
     def membership(self, embedding: np.ndarray) -> np.ndarray:
         """z(x), shape (K,), of one prompt embedding."""
         return self._z(np.asarray(embedding).reshape(-1))
 
-    def _prepared(self, pool: Sequence[PoolModel]) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """Names, stacked Ψ (m, K) and normalised costs of the pool's profiled models. Cached for the
-        last pool seen: the gateway passes the same registry tuple until the registry changes."""
+    def _prepared(self, pool: Sequence[PoolModel]) -> tuple[list[str], np.ndarray, Decider]:
+        """Names, stacked Ψ (m, K) and the :class:`Decider` (normalised costs, tie order) of the pool's
+        profiled models. Cached for the last pool seen: the gateway passes the same registry tuple until
+        the registry changes."""
         last = self._last
         if last is not None and last[0] is pool:
             return last[1]
         eligible = [m for m in pool if m.psi is not None]
         if not eligible:
-            names = ", ".join(m.name for m in pool) or "none"
-            raise ValueError(f"no profiled model in the pool ({names}); profile a model before routing 'auto'")
+            listed = ", ".join(m.name for m in pool) or "none"
+            raise ValueError(f"no profiled model in the pool ({listed}); profile a model before routing 'auto'")
         for m in eligible:
             assert m.psi is not None
             if len(m.psi) != self._k:
                 raise ValueError(f"profile of {m.name!r} has {len(m.psi)} clusters, the router has {self._k}; "
                                  "re-profile it against this artifact")
         psi = np.stack([np.asarray(m.psi, dtype=np.float64) for m in eligible])
-        prepared = ([m.name for m in eligible], psi, normalised_costs(eligible))
+        names = [m.name for m in eligible]
+        prepared = (names, psi, Decider([m.cost for m in eligible], names))
         if isinstance(pool, tuple):  # immutable: safe to remember by identity
             self._last = (pool, prepared)
         return prepared
@@ -215,9 +221,9 @@ class UniRoutePolicy:
     def rank(self, embedding: np.ndarray | None, pool: Sequence[PoolModel], lam: float) -> RoutingDecision:
         if embedding is None:
             raise ValueError(f"{self.name} needs the prompt's embedding")
-        names, psi, costs = self._prepared(pool)
+        names, psi, decider = self._prepared(pool)
         z = self.membership(embedding)
-        return rank_by_objective(names, psi @ z, costs, lam, int(np.argmax(z)))
+        return rank_by_objective(names, expected_errors(z, psi), decider.costs, lam, int(np.argmax(z)), decider)
 
 
 def pool_from_profiles(profiles: Mapping[str, ModelProfile], costs: Mapping[str, float] | None = None

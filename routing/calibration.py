@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from routing.decision import Decider, expected_errors
 from routing.policy import PoolModel, normalised_costs
 
 
@@ -28,12 +29,14 @@ class Calibration:
 
 
 def expected_cost(z: np.ndarray, pool: Sequence[PoolModel], lam: float) -> tuple[float, float]:
-    """(mean normalised cost, mean expected error) of routing prompts with memberships ``z`` (n, K)."""
-    psi = np.stack([np.asarray(m.psi, dtype=np.float64) for m in pool if m.psi is not None])
-    c = normalised_costs([m for m in pool if m.psi is not None])
-    err = z @ psi.T
-    choice = np.argmin(err + lam * c + 1e-9 * c, axis=1)
-    return float(c[choice].mean()), float(err[np.arange(len(err)), choice].mean())
+    """(mean normalised cost, mean expected error) of routing prompts with memberships ``z`` (n, K),
+    deciding as the gateway does (:class:`routing.decision.Decider`) over the pool's profiled models."""
+    profiled = [m for m in pool if m.psi is not None]
+    psi = np.stack([np.asarray(m.psi, dtype=np.float64) for m in profiled])
+    decider = Decider([m.cost for m in profiled], [m.name for m in profiled])
+    err = expected_errors(z, psi)
+    choice = decider.choose(err, lam)
+    return float(decider.costs[choice].mean()), float(err[np.arange(len(err)), choice].mean())
 
 
 def calibrate_lambda(z: np.ndarray, pool: Sequence[PoolModel], target_cost: float, *,

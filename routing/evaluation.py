@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from routing.decision import normalise
 from routing.deferral import DEFAULT_LAMS, area, cost_to_reach, curve_value, deferral_curve, qnc
 from routing.estimators import (
     AlwaysCheapest,
@@ -34,7 +35,6 @@ from routing.estimators import (
     RoutingTask,
     UniRouteKMeans,
     ZeroRouter,
-    normalise,
 )
 
 ORACLE = "oracle"
@@ -103,7 +103,7 @@ def run_trial(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models: Sequ
     for name in methods:
         t0 = time.perf_counter()
         policy = METHODS[name]().fit(task)
-        xs, ys = policy.curve(x[te], test_scores, costs[mte])
+        xs, ys = policy.curve(x[te], test_scores, costs[mte], names=task.pool_names)
         res.metrics[name] = summarise_curve(xs, ys, best)
         res.metrics[name]["fit_seconds"] = time.perf_counter() - t0
         res.curves[name] = curve_value(xs, ys, CURVE_GRID)
@@ -111,7 +111,8 @@ def run_trial(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models: Sequ
             if hasattr(policy, attr):
                 res.info[f"{name}.{attr}"] = getattr(policy, attr)
     if oracle:
-        xs, ys = deferral_curve(1.0 - test_scores, test_scores, normalise(costs[mte]), DEFAULT_LAMS)
+        xs, ys = deferral_curve(1.0 - test_scores, test_scores, normalise(costs[mte]), DEFAULT_LAMS,
+                                task.pool_names)
         res.metrics[ORACLE] = summarise_curve(xs, ys, best)
         res.curves[ORACLE] = curve_value(xs, ys, CURVE_GRID)
     return res

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from routing.decision import expected_errors
 from routing.estimators import (
     AlwaysCheapest,
     AlwaysMostAccurate,
@@ -14,6 +15,7 @@ from routing.estimators import (
     ZeroRouter,
     decide,
 )
+from routing.policy import rank_by_objective
 
 
 def two_cluster_task(seed: int = 0, n: int = 400) -> tuple[RoutingTask, np.ndarray, np.ndarray]:
@@ -73,6 +75,26 @@ def test_lambda_extremes() -> None:
 def test_decide_ties_go_to_the_cheaper_model() -> None:
     ranked = decide(np.array([0.3, 0.3, 0.3]), np.array([3.0, 1.0, 2.0]), 0.0)
     assert ranked.tolist() == [1, 2, 0]
+
+
+def test_decide_ties_go_to_the_cheaper_model_then_by_name_as_the_gateway_ranks() -> None:
+    errors, costs, names = np.array([0.3, 0.3, 0.3, 0.2]), np.array([2.0, 1.0, 2.0, 4.0]), ["b", "c", "a", "d"]
+    assert decide(errors, costs, 0.0, names).tolist() == [3, 1, 2, 0]
+    assert decide(errors, costs, 0.0).tolist() == [3, 1, 0, 2]  # no names: the pool position
+    served = rank_by_objective(names, errors, costs / costs.max(), 0.0, None)
+    assert [c.model for c in served.ranked] == ["d", "c", "a", "b"]
+    assert decide(np.tile(errors, (2, 1)), costs, 0.0, names)[:, 0].tolist() == [3, 3]
+
+
+def test_expected_errors_do_not_depend_on_the_batch_or_the_models_position() -> None:
+    rng = np.random.default_rng(0)
+    psi = rng.random((9, 40))
+    psi[7] = psi[2]  # the same profile twice: an exact tie for the tie-break
+    z = rng.dirichlet(np.ones(40), size=50)
+    batch = expected_errors(z, psi)
+    assert np.array_equal(batch[:, 7], batch[:, 2])
+    assert np.array_equal(np.stack([expected_errors(row.copy(), psi) for row in z]), batch)
+    assert np.allclose(batch, z @ psi.T)
 
 
 def test_learned_state_and_frozen_theta() -> None:
