@@ -27,7 +27,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,6 +35,9 @@ from routing.clusters import Membership
 from routing.decision import Decider, expected_errors
 from routing.policy import PoolModel, RoutingDecision, rank_by_objective
 from routing.profiles import ModelProfile, estimate_profile, load_profiles, save_profiles
+
+if TYPE_CHECKING:
+    from routing.estimators import LearnedMap, RoutingTask, UniRouteKMeans
 
 ARTIFACT_FORMAT = 1
 ARTIFACT_FILE = "artifact.json"
@@ -245,17 +248,12 @@ def load_policy(artifact_dir: str | os.PathLike[str], variant: str | None = None
 
 # --------------------------------------------------------------------------- deployment fit
 
-def fit_artifact(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models: Sequence[str],
-                 prompt_ids: Sequence[str], prompts: Sequence[str], *, embedder_id: str,
-                 training_set_hash: str, k: int | str = "auto", variant: str = "learnedmap",
-                 val_size: int = 500, seed: int = 0, prior_strength: float = 2.0,
-                 embedder_path: str | None = None, answers: Sequence[str | None] | None = None
-                 ) -> tuple[RouterArtifact, list[ModelProfile]]:
-    """Deployment fit: most prompts train the clusters and θ, ``val_size`` prompts profile the models."""
-    from routing.estimators import LearnedMap, RoutingTask, UniRouteKMeans
+def deployment_task(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models: Sequence[str], *,
+                    val_size: int = 500, seed: int = 0) -> tuple[RoutingTask, np.ndarray, np.ndarray]:
+    """The deployment fit's task: ``val_size`` random prompts profile the models, the rest train the
+    clusters and θ. Returns (task, training prompt indices, validation prompt indices)."""
+    from routing.estimators import RoutingTask
 
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
     n = len(x)
     if not 0 < val_size < n:
         raise ValueError(f"--val-size must be in 1..{n - 1}, got {val_size}")
@@ -265,10 +263,38 @@ def fit_artifact(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models: S
     task = RoutingTask(x_train=x[tr], train_scores=scores[tr], train_costs=costs, x_val=x[va],
                        val_train_scores=scores[va], val_scores=scores[va], pool_costs=costs,
                        pool_names=list(models), seed=seed)
+    return task, tr, va
+
+
+def fit_estimators(task: RoutingTask, *, k: int | str = "auto", prior_strength: float = 2.0
+                   ) -> tuple[UniRouteKMeans, LearnedMap]:
+    """The router's two variants, fitted as the evaluation fits them: K-means (K given or selected)
+    and LearnedMap with the same K and clusters."""
+    from routing.estimators import LearnedMap, UniRouteKMeans
+
     km = UniRouteKMeans(n_clusters=k if k == "auto" else int(k), prior_strength=prior_strength).fit(task)
+    assert isinstance(km.k_, int)
+    return km, LearnedMap(n_clusters=km.k_, prior_strength=prior_strength).fit(task)
+
+
+def fit_artifact(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models: Sequence[str],
+                 prompt_ids: Sequence[str], prompts: Sequence[str], *, embedder_id: str,
+                 training_set_hash: str, k: int | str = "auto", variant: str = "learnedmap",
+                 val_size: int = 500, seed: int = 0, prior_strength: float = 2.0,
+                 embedder_path: str | None = None, answers: Sequence[str | None] | None = None
+                 ) -> tuple[RouterArtifact, list[ModelProfile]]:
+    """Deployment fit: most prompts train the clusters and θ, ``val_size`` prompts profile the models.
+
+    The artifact holds the fitted estimators' centroids and θ, and the profiles are the
+    estimators' Ψ: the gateway serves exactly what the evaluation's estimators decide.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
+    task, tr, va = deployment_task(x, scores, costs, models, val_size=val_size, seed=seed)
+    km, lm = fit_estimators(task, k=k, prior_strength=prior_strength)
+    fitted = {"kmeans": (km.psi_, km.counts_), "learnedmap": (lm.psi_, lm.counts_)}
     k_fit = km.k_
     assert isinstance(k_fit, int)
-    lm = LearnedMap(n_clusters=k_fit, prior_strength=prior_strength).fit(task)
     art = RouterArtifact(embedder_id=embedder_id, k=k_fit, centroids=km.centroids_, theta=lm.theta_,
                          val_prompt_ids=[prompt_ids[i] for i in va], val_prompts=[prompts[i] for i in va],
                          val_embeddings=x[va].astype(np.float32), training_set_hash=training_set_hash,
@@ -276,10 +302,14 @@ def fit_artifact(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models: S
                          extra={"n_train": len(tr), "k_selection": "auto" if k == "auto" else "given",
                                 "seed": seed},
                          val_answers=None if answers is None else [answers[i] for i in va])
+    val_scores = np.asarray(task.val_scores, dtype=np.float64)
     profiles: list[ModelProfile] = []
     for j, name in enumerate(models):
-        by_id = {art.val_prompt_ids[i]: float(scores[va[i], j]) for i in range(len(va))}
-        profiles += art.profile_model(name, by_id, cost=float(costs[j]))
+        for v in art.available_variants():
+            psi, counts = fitted[v]
+            profiles.append(ModelProfile(model=name, psi=np.asarray(psi[j]), counts=counts,
+                                         overall_error=float(1.0 - val_scores[:, j].mean()), n_prompts=len(va),
+                                         prior_strength=float(prior_strength), cost=float(costs[j]), variant=v))
     return art, profiles
 
 

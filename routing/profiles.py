@@ -43,7 +43,10 @@ def shrunk_cluster_errors(weights: np.ndarray, errors: np.ndarray, prior_strengt
     if e.ndim == 1:
         e = e[:, None]
     counts = w.sum(axis=0)  # (K,)
-    sums = e.T @ w  # (m, K)
+    # one dot product per (model, cluster), not a matrix product, whose summation order depends on the
+    # model's column and the number of models: Ψ(h) then depends on h's own outcomes only, bit for bit
+    # (profiling h alone, as onboarding does, gives the Ψ a fit over all models gave it)
+    sums = np.vecdot(np.ascontiguousarray(e.T)[:, None, :], np.ascontiguousarray(w.T))  # (m, K)
     overall = e.mean(axis=0)[:, None] if len(e) else np.full((e.shape[1], 1), 0.5)
     m = float(prior_strength)
     denom = counts[None, :] + m
