@@ -19,7 +19,6 @@ Layout of an artifact folder::
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import hashlib
 import json
@@ -34,7 +33,7 @@ import numpy as np
 from routing.clusters import Membership
 from routing.decision import Decider, expected_errors
 from routing.policy import PoolModel, RoutingDecision, rank_by_objective
-from routing.profiles import ModelProfile, estimate_profile, load_profiles, save_profiles
+from routing.profiles import ModelProfile, estimate_profile, load_profiles
 
 if TYPE_CHECKING:
     from routing.estimators import LearnedMap, RoutingTask, UniRouteKMeans
@@ -42,6 +41,7 @@ if TYPE_CHECKING:
 ARTIFACT_FORMAT = 1
 ARTIFACT_FILE = "artifact.json"
 ARRAYS_FILE = "arrays.npz"
+STATIC_EMBEDDER_DIR = "embedder"  # a static embedder copied into the artifact folder by `router fit`
 VARIANTS = ("kmeans", "learnedmap")
 
 
@@ -312,87 +312,6 @@ def fit_artifact(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models: S
                                          prior_strength=float(prior_strength), cost=float(costs[j]), variant=v))
     return art, profiles
 
-
-def select_models(models: Sequence[str], include: str | None, exclude: str | None) -> list[int]:
-    """Column indices of the models to fit on (``--models a,b`` / ``--exclude-models c``)."""
-    names = list(models)
-    chosen = names
-    for opt, value in (("--models", include), ("--exclude-models", exclude)):
-        if not value:
-            continue
-        given = [m.strip() for m in value.split(",") if m.strip()]
-        unknown = [m for m in given if m not in names]
-        if unknown:
-            raise SystemExit(f"{opt}: unknown model(s) {', '.join(unknown)}; known: {', '.join(names)}")
-        chosen = [m for m in chosen if m in given] if opt == "--models" else [m for m in chosen if m not in given]
-    if not chosen:
-        raise SystemExit("no model left to fit on")
-    return [names.index(m) for m in chosen]
-
-
-def fit_command(args: argparse.Namespace) -> int:
-    """``uniroute router fit``."""
-    from routing.dataset import default_dataset_path, load_dataset
-    from routing.embedder import make_embedder
-
-    path = args.dataset or default_dataset_path()
-    if path is None:
-        raise SystemExit("no dataset: pass --dataset DIR or set $UNIROUTE_DATASET")
-    k: int | str = args.k
-    if k != "auto":
-        try:
-            k = int(k)
-        except ValueError:
-            raise SystemExit(f"--k must be an integer or 'auto', got {args.k!r}") from None
-    ds = load_dataset(path, with_responses=False)
-    cols = select_models(ds.models, getattr(args, "models", None), getattr(args, "exclude_models", None))
-    embedder = make_embedder(args.embedder, cache_dir=args.cache_dir, progress=True)
-    embedder_path = args.embedder
-    static_dir = _static_folder(embedder)
-    if static_dir is not None:
-        # the gateway must load exactly these vectors: copy them into the artifact folder
-        import shutil
-
-        dest = Path(args.out) / STATIC_EMBEDDER_DIR
-        if dest.resolve() != static_dir.resolve():
-            if dest.exists():
-                shutil.rmtree(dest)
-            shutil.copytree(static_dir, dest)
-        embedder_path = str(dest.resolve())
-    x = embedder.embed(ds.prompts)
-    art, profiles = fit_artifact(x, ds.scores[:, cols], ds.model_costs[cols], [ds.models[j] for j in cols],
-                                 ds.prompt_ids, ds.prompts, answers=ds.answers,
-                                 embedder_id=embedder.id, training_set_hash=ds.fingerprint(), k=k,
-                                 variant=args.variant, val_size=args.val_size, seed=args.seed,
-                                 embedder_path=embedder_path)
-    out = art.save(args.out)
-    save_profiles(out, profiles, artifact_version=art.version)
-    print(json.dumps({"artifact": str(out), "version": art.version, "k": art.k, "variant": art.variant,
-                      "embedder": art.embedder_id, "val_prompts": len(art.val_prompt_ids),
-                      "models_profiled": len(cols)}))
-    return 0
-
-
-STATIC_EMBEDDER_DIR = "embedder"
-
-
-def _static_folder(embedder: Any) -> Path | None:
-    """The folder of a (cached) static embedder, else None."""
-    from routing.embedder import CachedEmbedder, StaticEmbedder
-
-    inner = embedder.inner if isinstance(embedder, CachedEmbedder) else embedder
-    return inner.path if isinstance(inner, StaticEmbedder) else None
-
-
-def distill_command(args: argparse.Namespace) -> int:
-    """``uniroute router distill``: a static embedding from the local MiniLM (or --model) weights."""
-    from routing.embedder import StaticEmbedder, default_static_path, distill_static
-
-    out = Path(args.out) if args.out else default_static_path(args.cache_dir, args.pca_dims or None)
-    path = distill_static(out, model_path=args.model, pca_dims=args.pca_dims or None, overwrite=args.overwrite)
-    emb = StaticEmbedder(path)
-    print(json.dumps({"path": str(path), "embedder": emb.id, "dim": emb.dim}))
-    return 0
 
 
 def load_pool(artifact_dir: str | os.PathLike[str], variant: str,

@@ -10,8 +10,6 @@ cost at which the curve reaches 95% of the most accurate test model's score.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -224,38 +222,3 @@ def evaluate(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models: Seque
         it = tqdm(seeds, desc="trials", unit="trial")
     results = [run_trial(x, scores, costs, models, s, methods) for s in it]
     return results, aggregate(results)
-
-
-def eval_command(args: argparse.Namespace) -> int:
-    """``uniroute eval``: seeded trials of the paper's protocol on a routing benchmark folder."""
-    from routing.dataset import default_dataset_path, load_dataset
-    from routing.embedder import make_embedder
-
-    path = args.dataset or default_dataset_path()
-    if path is None:
-        raise SystemExit("no dataset: pass --dataset DIR or set $UNIROUTE_DATASET")
-    methods = args.methods.split(",") if args.methods else DEFAULT_METHODS
-    t0 = time.perf_counter()
-    ds = load_dataset(path, with_responses=False)
-    embedder = make_embedder(args.embedder, cache_dir=args.cache_dir, progress=True,
-                             max_seq_length=args.max_seq_length, quantize=getattr(args, "quantize", False))
-    x = embedder.embed(ds.prompts)
-    results, summary = evaluate(x, ds.scores, ds.model_costs, ds.models, trials=args.trials,
-                                seed0=args.seed0, methods=methods)
-    summary["dataset"] = str(path)
-    summary["embedder"] = embedder.id
-    summary["seconds"] = time.perf_counter() - t0
-    table = markdown_table(summary)
-    print(table)
-    print(f"\n{args.trials} trials (seeds {args.seed0}–{args.seed0 + args.trials - 1}) on {path} "
-          f"with {embedder.id}: {summary['seconds']:.1f} s")
-    if args.json:
-        summary["per_trial"] = [{"seed": r.seed, "metrics": r.metrics,
-                                 "info": {k: (list(v) if isinstance(v, tuple) else v) for k, v in r.info.items()}}
-                                for r in results]
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=1, default=float), encoding="utf-8")
-    if args.plot:
-        plot_curves(results, args.plot, f"{Path(path).name}: mean deferral curves, {args.trials} trials")
-        print(f"plot: {args.plot}")
-    return 0
