@@ -19,7 +19,6 @@ Layout of an artifact folder::
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import hashlib
 import json
@@ -27,17 +26,22 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from routing.clusters import softmax, sq_distances
-from routing.policy import PoolModel, RoutingDecision, normalised_costs, rank_by_objective
-from routing.profiles import ModelProfile, estimate_profile, load_profiles, save_profiles
+from routing.clusters import Membership
+from routing.decision import Decider, expected_errors
+from routing.policy import PoolModel, RoutingDecision, rank_by_objective
+from routing.profiles import ModelProfile, estimate_profile, load_profiles
+
+if TYPE_CHECKING:
+    from routing.estimators import LearnedMap, RoutingTask, UniRouteKMeans
 
 ARTIFACT_FORMAT = 1
 ARTIFACT_FILE = "artifact.json"
 ARRAYS_FILE = "arrays.npz"
+STATIC_EMBEDDER_DIR = "embedder"  # a static embedder copied into the artifact folder by `router fit`
 VARIANTS = ("kmeans", "learnedmap")
 
 
@@ -74,22 +78,20 @@ class RouterArtifact:
         h.update(self.training_set_hash.encode())
         return h.hexdigest()[:16]
 
-    def membership(self, x: np.ndarray, variant: str | None = None) -> np.ndarray:
-        """z(x), shape (n, K), for ``variant`` (default: the artifact's)."""
+    def membership_map(self, variant: str | None = None) -> Membership:
+        """The map z(x) of ``variant`` (default: the artifact's)."""
         v = variant or self.variant
-        x = np.atleast_2d(np.asarray(x, dtype=np.float64))
         if v == "learnedmap":
             if self.theta is None:
                 raise ValueError("this artifact has no LearnedMap θ; use variant 'kmeans'")
-            return softmax(x @ self.theta[:-1] + self.theta[-1])
+            return Membership.learned(self.theta)
         if v == "kmeans":
-            d = sq_distances(x, self.centroids)
-            if self.temperature is None:
-                z = np.zeros_like(d)
-                z[np.arange(len(d)), d.argmin(axis=1)] = 1.0
-                return z
-            return softmax(-d / self.temperature)
+            return Membership.kmeans(self.centroids, self.temperature)
         raise ValueError(f"unknown variant {v!r}; valid: {', '.join(VARIANTS)}")
+
+    def membership(self, x: np.ndarray, variant: str | None = None) -> np.ndarray:
+        """z(x), shape (n, K), for ``variant`` (default: the artifact's)."""
+        return self.membership_map(variant)(np.atleast_2d(x))
 
     # ---------------------------------------------------------------- persistence
     def save(self, directory: str | os.PathLike[str]) -> Path:
@@ -173,7 +175,10 @@ class UniRoutePolicy:
     """The gateway's UniRoute policy: r(x) = argmin_h Σ_k z_k(x) Ψ_k(h) + λ·c(h)/max c.
 
     ``PoolModel.psi`` carries each model's profile for this policy's variant; models
-    without a profile are left out of the ranking. ``rank`` is pure numpy.
+    without a profile are left out of the ranking. ``rank`` is pure numpy, and the same
+    code as the evaluation's estimators: z(x) is the artifact's :class:`Membership`, the
+    expected errors :func:`routing.decision.expected_errors`, the ranking a
+    :class:`routing.decision.Decider` (ties: the cheaper model, then the name).
     """
 
     needs_embedding = True
@@ -186,46 +191,32 @@ class UniRoutePolicy:
                              f"valid: {', '.join(artifact.available_variants())}")
         self.name = f"uniroute-{self.variant}"
         self._k = artifact.k
-        self._last: tuple[Sequence[PoolModel], tuple[list[str], np.ndarray, np.ndarray]] | None = None
-        if self.variant == "learnedmap":
-            assert artifact.theta is not None
-            self._w = np.ascontiguousarray(artifact.theta[:-1])
-            self._b = np.ascontiguousarray(artifact.theta[-1])
-        else:
-            mu = artifact.centroids
-            self._w = np.ascontiguousarray(2.0 * mu.T)
-            self._b = -(mu * mu).sum(1)  # argmax of 2x·μ − ‖μ‖² = nearest centroid
+        self._last: tuple[Sequence[PoolModel], tuple[list[str], np.ndarray, Decider]] | None = None
+        self._z = artifact.membership_map(self.variant)
 
     def membership(self, embedding: np.ndarray) -> np.ndarray:
-        logits = np.asarray(embedding, dtype=np.float64).reshape(-1) @ self._w + self._b
-        if self.variant == "kmeans" and self.artifact.temperature is None:
-            z = np.zeros(self._k)
-            z[int(np.argmax(logits))] = 1.0
-            return z
-        if self.variant == "kmeans":
-            assert self.artifact.temperature is not None
-            logits = logits / self.artifact.temperature
-        logits = logits - logits.max()
-        e = np.exp(logits)
-        return np.asarray(e / e.sum())
+        """z(x), shape (K,), of one prompt embedding."""
+        return self._z(np.asarray(embedding).reshape(-1))
 
-    def _prepared(self, pool: Sequence[PoolModel]) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """Names, stacked Ψ (m, K) and normalised costs of the pool's profiled models. Cached for the
-        last pool seen: the gateway passes the same registry tuple until the registry changes."""
+    def _prepared(self, pool: Sequence[PoolModel]) -> tuple[list[str], np.ndarray, Decider]:
+        """Names, stacked Ψ (m, K) and the :class:`Decider` (normalised costs, tie order) of the pool's
+        profiled models. Cached for the last pool seen: the gateway passes the same registry tuple until
+        the registry changes."""
         last = self._last
         if last is not None and last[0] is pool:
             return last[1]
         eligible = [m for m in pool if m.psi is not None]
         if not eligible:
-            names = ", ".join(m.name for m in pool) or "none"
-            raise ValueError(f"no profiled model in the pool ({names}); profile a model before routing 'auto'")
+            listed = ", ".join(m.name for m in pool) or "none"
+            raise ValueError(f"no profiled model in the pool ({listed}); profile a model before routing 'auto'")
         for m in eligible:
             assert m.psi is not None
             if len(m.psi) != self._k:
                 raise ValueError(f"profile of {m.name!r} has {len(m.psi)} clusters, the router has {self._k}; "
                                  "re-profile it against this artifact")
         psi = np.stack([np.asarray(m.psi, dtype=np.float64) for m in eligible])
-        prepared = ([m.name for m in eligible], psi, normalised_costs(eligible))
+        names = [m.name for m in eligible]
+        prepared = (names, psi, Decider([m.cost for m in eligible], names))
         if isinstance(pool, tuple):  # immutable: safe to remember by identity
             self._last = (pool, prepared)
         return prepared
@@ -233,9 +224,9 @@ class UniRoutePolicy:
     def rank(self, embedding: np.ndarray | None, pool: Sequence[PoolModel], lam: float) -> RoutingDecision:
         if embedding is None:
             raise ValueError(f"{self.name} needs the prompt's embedding")
-        names, psi, costs = self._prepared(pool)
+        names, psi, decider = self._prepared(pool)
         z = self.membership(embedding)
-        return rank_by_objective(names, psi @ z, costs, lam, int(np.argmax(z)))
+        return rank_by_objective(names, expected_errors(z, psi), decider.costs, lam, int(np.argmax(z)), decider)
 
 
 def pool_from_profiles(profiles: Mapping[str, ModelProfile], costs: Mapping[str, float] | None = None
@@ -257,17 +248,12 @@ def load_policy(artifact_dir: str | os.PathLike[str], variant: str | None = None
 
 # --------------------------------------------------------------------------- deployment fit
 
-def fit_artifact(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models: Sequence[str],
-                 prompt_ids: Sequence[str], prompts: Sequence[str], *, embedder_id: str,
-                 training_set_hash: str, k: int | str = "auto", variant: str = "learnedmap",
-                 val_size: int = 500, seed: int = 0, prior_strength: float = 2.0,
-                 embedder_path: str | None = None, answers: Sequence[str | None] | None = None
-                 ) -> tuple[RouterArtifact, list[ModelProfile]]:
-    """Deployment fit: most prompts train the clusters and θ, ``val_size`` prompts profile the models."""
-    from routing.policies import LearnedMap, RoutingTask, UniRouteKMeans
+def deployment_task(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models: Sequence[str], *,
+                    val_size: int = 500, seed: int = 0) -> tuple[RoutingTask, np.ndarray, np.ndarray]:
+    """The deployment fit's task: ``val_size`` random prompts profile the models, the rest train the
+    clusters and θ. Returns (task, training prompt indices, validation prompt indices)."""
+    from routing.estimators import RoutingTask
 
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
     n = len(x)
     if not 0 < val_size < n:
         raise ValueError(f"--val-size must be in 1..{n - 1}, got {val_size}")
@@ -277,10 +263,38 @@ def fit_artifact(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models: S
     task = RoutingTask(x_train=x[tr], train_scores=scores[tr], train_costs=costs, x_val=x[va],
                        val_train_scores=scores[va], val_scores=scores[va], pool_costs=costs,
                        pool_names=list(models), seed=seed)
+    return task, tr, va
+
+
+def fit_estimators(task: RoutingTask, *, k: int | str = "auto", prior_strength: float = 2.0
+                   ) -> tuple[UniRouteKMeans, LearnedMap]:
+    """The router's two variants, fitted as the evaluation fits them: K-means (K given or selected)
+    and LearnedMap with the same K and clusters."""
+    from routing.estimators import LearnedMap, UniRouteKMeans
+
     km = UniRouteKMeans(n_clusters=k if k == "auto" else int(k), prior_strength=prior_strength).fit(task)
+    assert isinstance(km.k_, int)
+    return km, LearnedMap(n_clusters=km.k_, prior_strength=prior_strength).fit(task)
+
+
+def fit_artifact(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models: Sequence[str],
+                 prompt_ids: Sequence[str], prompts: Sequence[str], *, embedder_id: str,
+                 training_set_hash: str, k: int | str = "auto", variant: str = "learnedmap",
+                 val_size: int = 500, seed: int = 0, prior_strength: float = 2.0,
+                 embedder_path: str | None = None, answers: Sequence[str | None] | None = None
+                 ) -> tuple[RouterArtifact, list[ModelProfile]]:
+    """Deployment fit: most prompts train the clusters and θ, ``val_size`` prompts profile the models.
+
+    The artifact holds the fitted estimators' centroids and θ, and the profiles are the
+    estimators' Ψ: the gateway serves exactly what the evaluation's estimators decide.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
+    task, tr, va = deployment_task(x, scores, costs, models, val_size=val_size, seed=seed)
+    km, lm = fit_estimators(task, k=k, prior_strength=prior_strength)
+    fitted = {"kmeans": (km.psi_, km.counts_), "learnedmap": (lm.psi_, lm.counts_)}
     k_fit = km.k_
     assert isinstance(k_fit, int)
-    lm = LearnedMap(n_clusters=k_fit, prior_strength=prior_strength).fit(task)
     art = RouterArtifact(embedder_id=embedder_id, k=k_fit, centroids=km.centroids_, theta=lm.theta_,
                          val_prompt_ids=[prompt_ids[i] for i in va], val_prompts=[prompts[i] for i in va],
                          val_embeddings=x[va].astype(np.float32), training_set_hash=training_set_hash,
@@ -288,93 +302,16 @@ def fit_artifact(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models: S
                          extra={"n_train": len(tr), "k_selection": "auto" if k == "auto" else "given",
                                 "seed": seed},
                          val_answers=None if answers is None else [answers[i] for i in va])
+    val_scores = np.asarray(task.val_scores, dtype=np.float64)
     profiles: list[ModelProfile] = []
     for j, name in enumerate(models):
-        by_id = {art.val_prompt_ids[i]: float(scores[va[i], j]) for i in range(len(va))}
-        profiles += art.profile_model(name, by_id, cost=float(costs[j]))
+        for v in art.available_variants():
+            psi, counts = fitted[v]
+            profiles.append(ModelProfile(model=name, psi=np.asarray(psi[j]), counts=counts,
+                                         overall_error=float(1.0 - val_scores[:, j].mean()), n_prompts=len(va),
+                                         prior_strength=float(prior_strength), cost=float(costs[j]), variant=v))
     return art, profiles
 
-
-def select_models(models: Sequence[str], include: str | None, exclude: str | None) -> list[int]:
-    """Column indices of the models to fit on (``--models a,b`` / ``--exclude-models c``)."""
-    names = list(models)
-    chosen = names
-    for opt, value in (("--models", include), ("--exclude-models", exclude)):
-        if not value:
-            continue
-        given = [m.strip() for m in value.split(",") if m.strip()]
-        unknown = [m for m in given if m not in names]
-        if unknown:
-            raise SystemExit(f"{opt}: unknown model(s) {', '.join(unknown)}; known: {', '.join(names)}")
-        chosen = [m for m in chosen if m in given] if opt == "--models" else [m for m in chosen if m not in given]
-    if not chosen:
-        raise SystemExit("no model left to fit on")
-    return [names.index(m) for m in chosen]
-
-
-def fit_command(args: argparse.Namespace) -> int:
-    """``uniroute router fit``."""
-    from routing.dataset import default_dataset_path, load_dataset
-    from routing.embedder import make_embedder
-
-    path = args.dataset or default_dataset_path()
-    if path is None:
-        raise SystemExit("no dataset: pass --dataset DIR or set $UNIROUTE_DATASET")
-    k: int | str = args.k
-    if k != "auto":
-        try:
-            k = int(k)
-        except ValueError:
-            raise SystemExit(f"--k must be an integer or 'auto', got {args.k!r}") from None
-    ds = load_dataset(path, with_responses=False)
-    cols = select_models(ds.models, getattr(args, "models", None), getattr(args, "exclude_models", None))
-    embedder = make_embedder(args.embedder, cache_dir=args.cache_dir, progress=True)
-    embedder_path = args.embedder
-    static_dir = _static_folder(embedder)
-    if static_dir is not None:
-        # the gateway must load exactly these vectors: copy them into the artifact folder
-        import shutil
-
-        dest = Path(args.out) / STATIC_EMBEDDER_DIR
-        if dest.resolve() != static_dir.resolve():
-            if dest.exists():
-                shutil.rmtree(dest)
-            shutil.copytree(static_dir, dest)
-        embedder_path = str(dest.resolve())
-    x = embedder.embed(ds.prompts)
-    art, profiles = fit_artifact(x, ds.scores[:, cols], ds.model_costs[cols], [ds.models[j] for j in cols],
-                                 ds.prompt_ids, ds.prompts, answers=ds.answers,
-                                 embedder_id=embedder.id, training_set_hash=ds.fingerprint(), k=k,
-                                 variant=args.variant, val_size=args.val_size, seed=args.seed,
-                                 embedder_path=embedder_path)
-    out = art.save(args.out)
-    save_profiles(out, profiles, artifact_version=art.version)
-    print(json.dumps({"artifact": str(out), "version": art.version, "k": art.k, "variant": art.variant,
-                      "embedder": art.embedder_id, "val_prompts": len(art.val_prompt_ids),
-                      "models_profiled": len(cols)}))
-    return 0
-
-
-STATIC_EMBEDDER_DIR = "embedder"
-
-
-def _static_folder(embedder: Any) -> Path | None:
-    """The folder of a (cached) static embedder, else None."""
-    from routing.embedder import CachedEmbedder, StaticEmbedder
-
-    inner = embedder.inner if isinstance(embedder, CachedEmbedder) else embedder
-    return inner.path if isinstance(inner, StaticEmbedder) else None
-
-
-def distill_command(args: argparse.Namespace) -> int:
-    """``uniroute router distill``: a static embedding from the local MiniLM (or --model) weights."""
-    from routing.embedder import StaticEmbedder, default_static_path, distill_static
-
-    out = Path(args.out) if args.out else default_static_path(args.cache_dir, args.pca_dims or None)
-    path = distill_static(out, model_path=args.model, pca_dims=args.pca_dims or None, overwrite=args.overwrite)
-    emb = StaticEmbedder(path)
-    print(json.dumps({"path": str(path), "embedder": emb.id, "dim": emb.dim}))
-    return 0
 
 
 def load_pool(artifact_dir: str | os.PathLike[str], variant: str,

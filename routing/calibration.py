@@ -9,13 +9,12 @@ made constructive.
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from routing.decision import Decider, expected_errors
 from routing.policy import PoolModel, normalised_costs
 
 
@@ -28,12 +27,14 @@ class Calibration:
 
 
 def expected_cost(z: np.ndarray, pool: Sequence[PoolModel], lam: float) -> tuple[float, float]:
-    """(mean normalised cost, mean expected error) of routing prompts with memberships ``z`` (n, K)."""
-    psi = np.stack([np.asarray(m.psi, dtype=np.float64) for m in pool if m.psi is not None])
-    c = normalised_costs([m for m in pool if m.psi is not None])
-    err = z @ psi.T
-    choice = np.argmin(err + lam * c + 1e-9 * c, axis=1)
-    return float(c[choice].mean()), float(err[np.arange(len(err)), choice].mean())
+    """(mean normalised cost, mean expected error) of routing prompts with memberships ``z`` (n, K),
+    deciding as the gateway does (:class:`routing.decision.Decider`) over the pool's profiled models."""
+    profiled = [m for m in pool if m.psi is not None]
+    psi = np.stack([np.asarray(m.psi, dtype=np.float64) for m in profiled])
+    decider = Decider([m.cost for m in profiled], [m.name for m in profiled])
+    err = expected_errors(z, psi)
+    choice = decider.choose(err, lam)
+    return float(decider.costs[choice].mean()), float(err[np.arange(len(err)), choice].mean())
 
 
 def calibrate_lambda(z: np.ndarray, pool: Sequence[PoolModel], target_cost: float, *,
@@ -70,33 +71,3 @@ def target_from_fraction(pool: Sequence[PoolModel], overall_errors: Sequence[flo
     c = normalised_costs(pool)
     best = int(np.argmin(np.asarray(overall_errors)))
     return float(fraction * c[best])
-
-
-def calibrate_command(args: argparse.Namespace) -> int:
-    """``uniroute router calibrate``."""
-    from routing.artifact import RouterArtifact, load_pool
-    from routing.profiles import load_profiles
-
-    art = RouterArtifact.load(args.artifact)
-    variant = args.variant or art.variant
-    models = args.models.split(",") if args.models else None
-    try:
-        pool = load_pool(args.artifact, variant, models)
-    except KeyError as exc:
-        raise SystemExit(f"uniroute router calibrate: {exc.args[0]}") from None
-    z = art.membership(art.val_embeddings, variant)
-    if args.fraction_of_best is not None:
-        profiles = load_profiles(args.artifact, variant)
-        target = target_from_fraction(pool, [profiles[m.name].overall_error for m in pool], args.fraction_of_best)
-    else:
-        target = args.target_cost
-    if not 0 < target <= 1:
-        raise SystemExit(f"target mean normalised cost must be in (0, 1], got {target:g}")
-    try:
-        cal = calibrate_lambda(z, pool, target)
-    except ValueError as exc:
-        raise SystemExit(f"uniroute router calibrate: {exc}") from None
-    print(json.dumps({"lambda": cal.lam, "expected_cost": cal.expected_cost,
-                      "expected_error": cal.expected_error, "target_cost": cal.target_cost,
-                      "variant": variant, "pool": [m.name for m in pool]}))
-    return 0

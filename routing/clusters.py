@@ -1,8 +1,11 @@
-"""Prompt clusters: K-means on the unit-norm embeddings of the training prompts.
+"""Prompt clusters and the membership map z(x).
 
-:class:`ClusterMap` holds the centroids and maps a prompt embedding to
-cluster-membership weights z(x): hard nearest-centroid (one-hot), or soft with a
-temperature τ, z_k(x) ∝ exp(−‖x − μ_k‖² / τ).
+:class:`Membership` is the one implementation of z(x), for the estimators, the router
+artifact and the gateway: hard nearest K-means centroid (one-hot), soft K-means
+z_k(x) ∝ exp(−‖x − μ_k‖² / τ), and LearnedMap softmax(θᵀ[x, 1]).
+
+:class:`ClusterMap` fits K-means on the unit-norm embeddings of the training prompts
+and maps prompts through :meth:`Membership.kmeans`.
 """
 
 from __future__ import annotations
@@ -17,11 +20,79 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z
 
 
-def sq_distances(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Squared Euclidean distances, shape (n, K)."""
-    x = np.atleast_2d(x)
-    d = (x * x).sum(1)[:, None] - 2.0 * x @ centroids.T + (centroids * centroids).sum(1)[None, :]
-    return np.maximum(d, 0.0)
+class Membership:
+    """z(x): an affine map of the embedding to K logits, then one-hot or softmax.
+
+    * ``temperature=None``: z is the one-hot of the largest logit (ties: the lowest k);
+    * otherwise z = softmax(logits / temperature).
+
+    K-means (:meth:`kmeans`) has logits 2x·μ_k − ‖μ_k‖² = ‖x‖² − ‖x − μ_k‖²: the largest is
+    the nearest centroid, and softmax(logits/τ) = softmax(−‖x − μ_k‖²/τ) since the ‖x‖²
+    shift cancels. LearnedMap (:meth:`learned`) has logits θᵀ[x, 1] and temperature 1.
+
+    ``x`` is one embedding (d,) → z (K,), or a batch (n, d) → (n, K). The logits are a
+    matrix product, so a prompt's z alone and in a batch may differ in the last bits.
+    """
+
+    __slots__ = ("bias", "temperature", "weight")
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray, temperature: float | None = None) -> None:
+        self.weight = np.ascontiguousarray(weight, dtype=np.float64)  # (d, K)
+        self.bias = np.ascontiguousarray(bias, dtype=np.float64).reshape(-1)  # (K,)
+        self.temperature = None if temperature is None else float(temperature)
+        if self.weight.ndim != 2 or self.weight.shape[1] != len(self.bias):
+            raise ValueError(f"weight {self.weight.shape} and bias {self.bias.shape} do not make K logits")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 or None, got {temperature!r}")
+
+    @classmethod
+    def kmeans(cls, centroids: np.ndarray, temperature: float | None = None) -> Membership:
+        """Nearest centroid (``temperature=None``) or soft K-means with temperature τ."""
+        mu = np.asarray(centroids, dtype=np.float64)
+        return cls(2.0 * mu.T, -(mu * mu).sum(1), temperature)
+
+    @classmethod
+    def learned(cls, theta: np.ndarray) -> Membership:
+        """LearnedMap: z(x) = softmax(θᵀ[x, 1]), θ of shape (d + 1, K)."""
+        theta = np.asarray(theta, dtype=np.float64)
+        return cls(theta[:-1], theta[-1], 1.0)
+
+    @property
+    def k(self) -> int:
+        return len(self.bias)
+
+    @property
+    def theta(self) -> np.ndarray:
+        """The logits' parameters as one (d + 1, K) matrix: logits = θᵀ[x, 1]."""
+        return np.vstack([self.weight, self.bias[None, :]])
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        out: np.ndarray = np.asarray(x, dtype=np.float64) @ self.weight
+        out += self.bias
+        return out
+
+    def nearest(self, x: np.ndarray) -> np.ndarray:
+        """The most likely cluster: the argmax of z, (n,) or a 0-d array for one embedding."""
+        return np.asarray(self.logits(x).argmax(axis=-1))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        logits = self.logits(x)
+        if self.temperature is None:
+            idx = logits.argmax(axis=-1)
+            z = np.zeros_like(logits)
+            if z.ndim == 1:
+                z[idx] = 1.0
+            else:
+                z[np.arange(len(z)), idx] = 1.0
+            return z
+        if self.temperature != 1.0:
+            logits /= self.temperature
+        if logits.ndim == 1:  # one prompt (the gateway): the same steps as softmax() without keepdims
+            logits -= logits.max()
+            np.exp(logits, out=logits)
+            logits /= logits.sum()
+            return logits
+        return softmax(logits)
 
 
 class ClusterMap:
@@ -89,15 +160,14 @@ class ClusterMap:
     def k(self) -> int:
         return int(self.centroids_.shape[0])
 
+    def membership(self, temperature: float | None = None) -> Membership:
+        """z(x) of these clusters: nearest centroid, or soft with ``temperature``."""
+        return Membership.kmeans(self.centroids_, temperature)
+
     def assign(self, x: np.ndarray) -> np.ndarray:
         """Nearest centroid of each row, shape (n,)."""
-        return np.asarray(sq_distances(x, self.centroids_).argmin(axis=1))
+        return self.membership().nearest(np.atleast_2d(x))
 
     def weights(self, x: np.ndarray, temperature: float | None = None) -> np.ndarray:
         """z(x), shape (n, K): one-hot when ``temperature`` is None, else a softmax of −d²/τ."""
-        d = sq_distances(x, self.centroids_)
-        if temperature is None:
-            z = np.zeros_like(d)
-            z[np.arange(len(d)), d.argmin(axis=1)] = 1.0
-            return z
-        return softmax(-d / float(temperature))
+        return self.membership(temperature)(np.atleast_2d(x))

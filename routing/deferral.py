@@ -10,8 +10,11 @@ below the cheapest and beyond the dearest kept point; integrate over [0, 1]
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
+
+from routing.decision import Decider
 
 
 def pareto_points(costs: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -67,20 +70,21 @@ def qnc(costs: np.ndarray, scores: np.ndarray, best_model_score: float) -> float
 
 
 def deferral_curve(errors: np.ndarray, true_scores: np.ndarray, costs: np.ndarray,
-                   lams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Route every prompt with r(x) = argmin_h errors[x, h] + λ·costs[h] for each λ.
+                   lams: np.ndarray, names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Route every prompt with r(x) = argmin_h errors[x, h] + λ·costs[h]/max c for each λ.
 
-    ``costs`` are normalised by the pool's max cost; ties go to the cheaper model.
+    The decision is the gateway's (:class:`routing.decision.Decider`): ties go to the cheaper
+    model, then by ``names`` (pool position without names).
     Returns (mean normalised cost, mean true score), one point per λ.
     """
+    decider = Decider(costs, names)
     e = np.asarray(errors, dtype=np.float64)
-    c = np.asarray(costs, dtype=np.float64)
-    tie = 1e-9 * c
+    c = decider.costs
     xs = np.empty(len(lams))
     ys = np.empty(len(lams))
     rows = np.arange(len(e))
     for t, lam in enumerate(lams):
-        choice = np.argmin(e + (lam * c + tie)[None, :], axis=1)
+        choice = decider.choose(e, float(lam))
         xs[t] = c[choice].mean()
         ys[t] = true_scores[rows, choice].mean()
     return xs, ys

@@ -2,7 +2,7 @@
 
 Each seeded trial draws a random 60/10/30 train/validation/test prompt split and a
 random 2/3 training LLMs / 1/3 unseen test LLMs split. Policies are fitted on a
-:class:`~routing.policies.RoutingTask` (test LLMs seen only through their
+:class:`~routing.estimators.RoutingTask` (test LLMs seen only through their
 validation outcomes, except by Clairvoyant) and routed over the test LLMs on the
 test prompts by sweeping λ. Per method and trial: Area, Area(50%), QNC and the
 cost at which the curve reaches 95% of the most accurate test model's score.
@@ -10,8 +10,6 @@ cost at which the curve reaches 95% of the most accurate test model's score.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -21,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from routing.decision import normalise
 from routing.deferral import DEFAULT_LAMS, area, cost_to_reach, curve_value, deferral_curve, qnc
-from routing.policies import (
+from routing.estimators import (
     AlwaysCheapest,
     AlwaysMostAccurate,
     Clairvoyant,
@@ -34,7 +33,6 @@ from routing.policies import (
     RoutingTask,
     UniRouteKMeans,
     ZeroRouter,
-    normalise,
 )
 
 ORACLE = "oracle"
@@ -103,7 +101,7 @@ def run_trial(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models: Sequ
     for name in methods:
         t0 = time.perf_counter()
         policy = METHODS[name]().fit(task)
-        xs, ys = policy.curve(x[te], test_scores, costs[mte])
+        xs, ys = policy.curve(x[te], test_scores, costs[mte], names=task.pool_names)
         res.metrics[name] = summarise_curve(xs, ys, best)
         res.metrics[name]["fit_seconds"] = time.perf_counter() - t0
         res.curves[name] = curve_value(xs, ys, CURVE_GRID)
@@ -111,7 +109,8 @@ def run_trial(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models: Sequ
             if hasattr(policy, attr):
                 res.info[f"{name}.{attr}"] = getattr(policy, attr)
     if oracle:
-        xs, ys = deferral_curve(1.0 - test_scores, test_scores, normalise(costs[mte]), DEFAULT_LAMS)
+        xs, ys = deferral_curve(1.0 - test_scores, test_scores, normalise(costs[mte]), DEFAULT_LAMS,
+                                task.pool_names)
         res.metrics[ORACLE] = summarise_curve(xs, ys, best)
         res.curves[ORACLE] = curve_value(xs, ys, CURVE_GRID)
     return res
@@ -223,38 +222,3 @@ def evaluate(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models: Seque
         it = tqdm(seeds, desc="trials", unit="trial")
     results = [run_trial(x, scores, costs, models, s, methods) for s in it]
     return results, aggregate(results)
-
-
-def eval_command(args: argparse.Namespace) -> int:
-    """``uniroute eval``: seeded trials of the paper's protocol on a routing benchmark folder."""
-    from routing.dataset import default_dataset_path, load_dataset
-    from routing.embedder import make_embedder
-
-    path = args.dataset or default_dataset_path()
-    if path is None:
-        raise SystemExit("no dataset: pass --dataset DIR or set $UNIROUTE_DATASET")
-    methods = args.methods.split(",") if args.methods else DEFAULT_METHODS
-    t0 = time.perf_counter()
-    ds = load_dataset(path, with_responses=False)
-    embedder = make_embedder(args.embedder, cache_dir=args.cache_dir, progress=True,
-                             max_seq_length=args.max_seq_length, quantize=getattr(args, "quantize", False))
-    x = embedder.embed(ds.prompts)
-    results, summary = evaluate(x, ds.scores, ds.model_costs, ds.models, trials=args.trials,
-                                seed0=args.seed0, methods=methods)
-    summary["dataset"] = str(path)
-    summary["embedder"] = embedder.id
-    summary["seconds"] = time.perf_counter() - t0
-    table = markdown_table(summary)
-    print(table)
-    print(f"\n{args.trials} trials (seeds {args.seed0}–{args.seed0 + args.trials - 1}) on {path} "
-          f"with {embedder.id}: {summary['seconds']:.1f} s")
-    if args.json:
-        summary["per_trial"] = [{"seed": r.seed, "metrics": r.metrics,
-                                 "info": {k: (list(v) if isinstance(v, tuple) else v) for k, v in r.info.items()}}
-                                for r in results]
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=1, default=float), encoding="utf-8")
-    if args.plot:
-        plot_curves(results, args.plot, f"{Path(path).name}: mean deferral curves, {args.trials} trials")
-        print(f"plot: {args.plot}")
-    return 0

@@ -14,11 +14,14 @@ cost unit: λ = 0.1 accepts paying the most expensive model's full cost for a
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
+
+from routing.decision import Decider, normalise
 
 
 @dataclass(frozen=True)
@@ -61,21 +64,28 @@ class GatewayPolicy(Protocol):
 
 
 def normalised_costs(pool: Sequence[PoolModel]) -> np.ndarray:
-    costs = np.asarray([m.cost for m in pool], dtype=np.float64)
-    return costs / costs.max()
+    return normalise([m.cost for m in pool])
 
 
-def rank_by_objective(
-    names: Sequence[str], errors: np.ndarray, costs: np.ndarray, lam: float, cluster: int | None
-) -> RoutingDecision:
-    """Sort candidates by ``errors + lam * costs``; ties go to the cheaper model, then by name."""
-    # plain floats: indexing numpy arrays element by element in the sort key costs ~10x more
-    err: list[float] = np.asarray(errors, dtype=np.float64).tolist()
-    cost: list[float] = np.asarray(costs, dtype=np.float64).tolist()
-    objective: list[float] = (np.asarray(errors, dtype=np.float64) + lam * np.asarray(costs, dtype=np.float64)).tolist()
-    order = sorted(range(len(names)), key=lambda j: (objective[j], cost[j], names[j]))
-    ranked = [Candidate(names[j], err[j], cost[j], objective[j]) for j in order]
-    return RoutingDecision(ranked=ranked, cluster=cluster, lam=lam)
+def rank_by_objective(names: Sequence[str], errors: np.ndarray, costs: np.ndarray, lam: float,
+                      cluster: int | None, decider: Decider | None = None) -> RoutingDecision:
+    """Rank candidates by ``errors + lam * costs / max costs`` with :class:`routing.decision.Decider`
+    (the evaluation's decision): ties go to the cheaper model, then by name.
+
+    ``decider`` is ``Decider(costs, names)`` built once per pool; pass it to skip rebuilding it.
+    """
+    d = decider if decider is not None else Decider(costs, names)
+    err = np.asarray(errors, dtype=np.float64)
+    objective = d.objective(err, lam)
+    order = d.best_first(objective)
+    # permuted as arrays, turned into plain floats once, and tuple.__new__ in C for each candidate:
+    # this runs on every `auto` request, where a Python-level loop over the pool is most of the cost
+    rows = zip([names[j] for j in order.tolist()], err[order].tolist(), d.costs[order].tolist(),
+               objective[order].tolist(), strict=True)
+    return RoutingDecision(ranked=list(map(_candidate, rows)), cluster=cluster, lam=lam)
+
+
+_candidate = functools.partial(tuple.__new__, Candidate)  # Candidate(*row) without the Python-level __new__
 
 
 class CheapestPolicy:

@@ -43,8 +43,13 @@ def shrunk_cluster_errors(weights: np.ndarray, errors: np.ndarray, prior_strengt
     if e.ndim == 1:
         e = e[:, None]
     counts = w.sum(axis=0)  # (K,)
-    sums = e.T @ w  # (m, K)
-    overall = e.mean(axis=0)[:, None] if len(e) else np.full((e.shape[1], 1), 0.5)
+    # each model's sums over its own contiguous row of errors (one dot product per cluster, one mean),
+    # not a matrix product or a column reduction, whose summation order depends on the model's column
+    # and the number of models: Ψ(h) then depends on h's own outcomes only, bit for bit (profiling h
+    # alone, as onboarding does, gives the Ψ a fit over all models gave it; equal outcomes, equal Ψ)
+    e_rows = np.ascontiguousarray(e.T)  # (m, n)
+    sums = np.vecdot(e_rows[:, None, :], np.ascontiguousarray(w.T))  # (m, K)
+    overall = e_rows.mean(axis=1)[:, None] if len(e) else np.full((e.shape[1], 1), 0.5)
     m = float(prior_strength)
     denom = counts[None, :] + m
     with np.errstate(invalid="ignore", divide="ignore"):

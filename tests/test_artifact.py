@@ -116,7 +116,7 @@ def test_fit_with_a_static_embedder_round_trips(tmp_path: Path) -> None:
     import argparse
     import shutil
 
-    from routing.artifact import fit_command
+    from routing.cli import fit_command
     from routing.embedder import make_embedder
     from routing.synthetic import make_synthetic_dataset
     from tests.static_model import make_tiny_static

@@ -56,3 +56,17 @@ def test_profiles_round_trip_and_merge(tmp_path: object) -> None:
     assert list(load_profiles(d, "learnedmap")) == ["b"]
     with pytest.raises(ValueError, match="belong to artifact v1"):
         save_profiles(d, [a], artifact_version="v2")
+
+
+def test_a_models_profile_does_not_depend_on_the_other_models() -> None:
+    """Ψ(h) from h's outcomes alone (onboarding) is bit for bit Ψ(h) from a fit over all models,
+    and two models with the same outcomes get the same Ψ (an exact tie for the router's tie-break)."""
+    rng = np.random.default_rng(0)
+    w = rng.dirichlet(np.ones(7), size=333)
+    e = rng.random((333, 9)).round(3)  # fractional: sums that do not round exactly
+    e[:, 5] = e[:, 2]
+    psi, _ = shrunk_cluster_errors(w, e, 2.0)
+    assert np.array_equal(psi[5], psi[2])
+    for j in range(9):
+        assert np.array_equal(shrunk_cluster_errors(w, e[:, j], 2.0)[0][0], psi[j])
+        assert np.array_equal(shrunk_cluster_errors(w, e[:, [j]], 2.0)[0][0], psi[j])

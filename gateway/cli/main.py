@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--models", default=None, help="comma-separated models to fit and profile (default: all)")
     q.add_argument("--exclude-models", default=None, help="comma-separated models to leave out (e.g. to onboard "
                    "one later with `uniroute profile`)")
-    q.set_defaults(handler=_lazy("routing.artifact:fit_command"))
+    q.set_defaults(handler=_lazy("routing.cli:fit_command"))
     q = rsub.add_parser("distill", help="distil a static embedding from the local MiniLM weights (offline)")
     q.add_argument("--out", default=None,
                    help="folder to write (default: <cache dir>/static/all-MiniLM-L6-v2-m2v<dims>)")
@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--pca-dims", type=int, default=256, help="PCA dimensions (0: keep the model's)")
     q.add_argument("--cache-dir", default=None, help="embedding cache (default: $UNIROUTE_CACHE_DIR)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing folder")
-    q.set_defaults(handler=_lazy("routing.artifact:distill_command"))
+    q.set_defaults(handler=_lazy("routing.cli:distill_command"))
     q = rsub.add_parser("calibrate", help="find the λ meeting a cost target on the validation prompts")
     q.add_argument("--artifact", required=True, help="artifact folder")
     g = q.add_mutually_exclusive_group(required=True)
@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target as a fraction of the most accurate model's normalised cost")
     q.add_argument("--variant", default=None, choices=["kmeans", "learnedmap"])
     q.add_argument("--models", default=None, help="comma-separated pool (default: every profiled model)")
-    q.set_defaults(handler=_lazy("routing.calibration:calibrate_command"))
+    q.set_defaults(handler=_lazy("routing.cli:calibrate_command"))
 
     p = sub.add_parser("eval", help="the paper's evaluation (seeded trials) on a routing benchmark folder")
     p.add_argument("--dataset", default=None, help="routing benchmark folder (default: $UNIROUTE_DATASET)")
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-length", type=int, default=None, help="truncate prompts (tokens)")
     p.add_argument("--quantize", action="store_true", help="dynamic int8 quantisation of the embedder")
     p.add_argument("--cache-dir", default=None, help="embedding cache (default: $UNIROUTE_CACHE_DIR)")
-    p.set_defaults(handler=_lazy("routing.evaluation:eval_command"))
+    p.set_defaults(handler=_lazy("routing.cli:eval_command"))
 
     return parser
 

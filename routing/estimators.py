@@ -1,11 +1,18 @@
-"""Routing policies behind one estimator interface, shared by the evaluation and the gateway.
+"""Routing estimators behind one interface: what the evaluation fits and measures.
 
-Every policy follows the scikit-learn contract: ``__init__`` only stores parameters,
+Every estimator follows the scikit-learn contract: ``__init__`` only stores parameters,
 ``fit(task)`` learns (state in attributes ending ``_``) and returns ``self``.
-Scoring is kept apart from the decision:
+The expected error is kept apart from the decision:
 
-* ``score(x)`` → expected-error matrix, shape (n_prompts, n_pool_models), in [0, 1];
-* ``decide(errors, costs, lam)`` → models ranked best first by errors + λ·c/max c.
+* ``expected_error(x)`` → expected-error matrix, shape (n_prompts, n_pool_models), in [0, 1];
+* ``decide(errors, costs, lam, names)`` → models ranked best first by errors + λ·c/max c.
+
+What is measured is what is served: the UniRoute estimators compute z(x) with
+:class:`routing.clusters.Membership` and Σ_k z_k Ψ_k with
+:func:`routing.decision.expected_errors`, and ``decide`` and the deferral curves decide
+with :class:`routing.decision.Decider` (ties: the cheaper model, then the name) — the
+same code the gateway's :class:`routing.artifact.UniRoutePolicy` runs on a fitted
+artifact (``tests/test_served_equals_evaluated.py`` checks the two agree).
 
 A :class:`RoutingTask` is what a policy may learn from: the training prompts with the
 *training* LLMs' scores, the validation prompts with the training LLMs' and the pool
@@ -26,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from routing.clusters import ClusterMap, softmax
+from routing.clusters import ClusterMap, Membership, softmax
+from routing.decision import Decider, expected_errors, normalise
 from routing.deferral import DEFAULT_LAMS, area, deferral_curve
 from routing.profiles import shrunk_cluster_errors
 
@@ -56,19 +64,13 @@ class RoutingTask:
         return cm
 
 
-def normalise(costs: np.ndarray) -> np.ndarray:
-    c = np.asarray(costs, dtype=np.float64)
-    return c / c.max()
+def decide(errors: np.ndarray, costs: np.ndarray, lam: float, names: Sequence[str] | None = None) -> np.ndarray:
+    """Rank models for each prompt by errors + λ·c/max c, as the gateway does (:class:`Decider`):
+    ties go to the cheaper model, then by ``names`` (pool position without names).
 
-
-def decide(errors: np.ndarray, costs: np.ndarray, lam: float) -> np.ndarray:
-    """Rank models for each prompt by errors + λ·c/max c (ties to the cheaper model).
-
-    ``errors`` (n, m) or (m,); returns indices of the same leading shape, best first.
+    ``errors`` (n, m) or (m,); returns indices of the same shape, best first.
     """
-    c = normalise(costs)
-    obj = np.asarray(errors, dtype=np.float64) + lam * c + 1e-9 * c
-    return np.argsort(obj, axis=-1, kind="stable")
+    return Decider(costs, names).rank(errors, lam)
 
 
 class RouterEstimator:
@@ -80,16 +82,18 @@ class RouterEstimator:
     def fit(self, task: RoutingTask) -> RouterEstimator:
         raise NotImplementedError
 
-    def score(self, x: np.ndarray) -> np.ndarray:
+    def expected_error(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def decide(self, errors: np.ndarray, costs: np.ndarray, lam: float) -> np.ndarray:
-        return decide(errors, costs, lam)
+    def decide(self, errors: np.ndarray, costs: np.ndarray, lam: float,
+               names: Sequence[str] | None = None) -> np.ndarray:
+        return decide(errors, costs, lam, names)
 
     def curve(self, x: np.ndarray, true_scores: np.ndarray, costs: np.ndarray,
-              lams: np.ndarray = DEFAULT_LAMS) -> tuple[np.ndarray, np.ndarray]:
+              lams: np.ndarray = DEFAULT_LAMS, names: Sequence[str] | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
         """Deferral curve on prompts ``x`` with known ``true_scores`` (n, m_pool)."""
-        return deferral_curve(self.score(x), true_scores, normalise(costs), lams)
+        return deferral_curve(self.expected_error(x), true_scores, normalise(costs), lams, names)
 
 
 # --------------------------------------------------------------------------- UniRoute
@@ -109,7 +113,7 @@ def select_k(task: RoutingTask, grid: Sequence[int], prior_strength: float) -> i
     for k in grid:
         cm = task.clusters(int(k))
         psi, _ = shrunk_cluster_errors(cm.weights(task.x_train), 1.0 - task.train_scores, prior_strength)
-        a = _train_area(cm.weights(task.x_val) @ psi.T, task.val_train_scores, task.train_costs)
+        a = _train_area(expected_errors(cm.weights(task.x_val), psi), task.val_train_scores, task.train_costs)
         if a > best:
             best_k, best = int(k), a
     return best_k
@@ -166,11 +170,10 @@ class UniRouteKMeans(RouterEstimator):
     def membership(self, x: np.ndarray) -> np.ndarray:
         return self.maps_[0].weights(x, self.temperature)
 
-    def score(self, x: np.ndarray) -> np.ndarray:
-        out = np.zeros((len(x), self.psis_[0].shape[0]))
-        for cm, psi in zip(self.maps_, self.psis_, strict=True):
-            out += cm.weights(x, self.temperature) @ psi.T
-        return out / len(self.maps_)
+    def expected_error(self, x: np.ndarray) -> np.ndarray:
+        errors = [expected_errors(cm.weights(x, self.temperature), psi)
+                  for cm, psi in zip(self.maps_, self.psis_, strict=True)]
+        return errors[0] if len(errors) == 1 else np.asarray(np.mean(errors, axis=0))
 
 
 def _features(x: np.ndarray) -> np.ndarray:
@@ -215,8 +218,7 @@ class LearnedMap(RouterEstimator):
         acc = 1.0 - psi_train  # (m_train, K)
         phi = _features(task.x_train)
         y = np.asarray(task.train_scores, dtype=np.float64)
-        mu = cm.centroids_
-        theta0 = self.beta * np.vstack([2.0 * mu.T, -(mu * mu).sum(1)[None, :]])  # (d+1, K)
+        theta0 = self.beta * cm.membership().theta  # (d+1, K): softmax(β(2x·μ − ‖μ‖²)) = soft K-means, τ = 1/β
         shape = theta0.shape
         nm = y.size
         eps = 1e-6
@@ -242,10 +244,10 @@ class LearnedMap(RouterEstimator):
         return self
 
     def membership(self, x: np.ndarray) -> np.ndarray:
-        return softmax(_features(np.atleast_2d(x)) @ self.theta_)
+        return Membership.learned(self.theta_)(np.atleast_2d(x))
 
-    def score(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(self.membership(x) @ self.psi_.T)
+    def expected_error(self, x: np.ndarray) -> np.ndarray:
+        return expected_errors(self.membership(x), self.psi_)
 
 
 class LearnedMapEnsemble(RouterEstimator):
@@ -261,8 +263,8 @@ class LearnedMapEnsemble(RouterEstimator):
         self.members_ = [LearnedMap(n_clusters=int(k), **self.params).fit(task) for k in self.ks]
         return self
 
-    def score(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(np.mean([m.score(x) for m in self.members_], axis=0))
+    def expected_error(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(np.mean([m.expected_error(x) for m in self.members_], axis=0))
 
 
 # --------------------------------------------------------------------------- baselines
@@ -310,7 +312,7 @@ class KNNRouter(RouterEstimator):
             raise ValueError(f"k must be an int or 'auto', got {self.k!r}")
         return self
 
-    def score(self, x: np.ndarray) -> np.ndarray:
+    def expected_error(self, x: np.ndarray) -> np.ndarray:
         return self._neighbour_means(np.atleast_2d(x), self.x_val_, self.errors_, [self.k_])[self.k_]
 
 
@@ -360,7 +362,7 @@ class ZeroRouter(RouterEstimator):
                 return a, b, float((budget - c[a]) / (c[b] - c[a]))
         return h[-1], h[-1], 1.0
 
-    def score(self, x: np.ndarray) -> np.ndarray:
+    def expected_error(self, x: np.ndarray) -> np.ndarray:
         return np.broadcast_to(self.errors_, (len(x), len(self.errors_))).copy()
 
 
@@ -400,7 +402,7 @@ class Clairvoyant(RouterEstimator):
         self.coef_ = res.x.reshape(shape)
         return self
 
-    def score(self, x: np.ndarray) -> np.ndarray:
+    def expected_error(self, x: np.ndarray) -> np.ndarray:
         u = _features(np.atleast_2d(x)) @ self.coef_
         return np.asarray(1.0 - 1.0 / (1.0 + np.exp(-u)))
 
@@ -418,7 +420,7 @@ class RandomRouter(RouterEstimator):
         self.rng_ = np.random.default_rng(self.seed + task.seed)
         return self
 
-    def score(self, x: np.ndarray) -> np.ndarray:
+    def expected_error(self, x: np.ndarray) -> np.ndarray:
         return self.rng_.uniform(size=(len(x), self.m_))
 
 
@@ -434,13 +436,14 @@ class AlwaysMostAccurate(RouterEstimator):
         self.m_ = len(acc)
         return self
 
-    def score(self, x: np.ndarray) -> np.ndarray:
+    def expected_error(self, x: np.ndarray) -> np.ndarray:
         e = np.ones((len(x), self.m_))
         e[:, self.choice_] = 0.0
         return e
 
     def curve(self, x: np.ndarray, true_scores: np.ndarray, costs: np.ndarray,
-              lams: np.ndarray = DEFAULT_LAMS) -> tuple[np.ndarray, np.ndarray]:
+              lams: np.ndarray = DEFAULT_LAMS, names: Sequence[str] | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
         return (np.asarray([normalise(costs)[self.choice_]]),
                 np.asarray([np.asarray(true_scores)[:, self.choice_].mean()]))
 

@@ -1,9 +1,10 @@
-"""Policies on small generated data with known answers (random vectors, no real embedder)."""
+"""Estimators on small generated data with known answers (random vectors, no real embedder)."""
 
 import numpy as np
 import pytest
 
-from routing.policies import (
+from routing.decision import expected_errors
+from routing.estimators import (
     AlwaysCheapest,
     AlwaysMostAccurate,
     Clairvoyant,
@@ -14,6 +15,7 @@ from routing.policies import (
     ZeroRouter,
     decide,
 )
+from routing.policy import rank_by_objective
 
 
 def two_cluster_task(seed: int = 0, n: int = 400) -> tuple[RoutingTask, np.ndarray, np.ndarray]:
@@ -54,7 +56,7 @@ def test_two_clusters_split_between_their_experts(policy: object) -> None:
     task, x_te, l_te = two_cluster_task()
     pol = policy.fit(task)  # type: ignore[attr-defined]
     assert pol is policy
-    errors = pol.score(x_te)
+    errors = pol.expected_error(x_te)
     assert errors.shape == (len(x_te), 3)
     assert np.all((errors >= 0) & (errors <= 1))
     chosen = decide(errors, task.pool_costs, 0.0)[:, 0]
@@ -64,7 +66,7 @@ def test_two_clusters_split_between_their_experts(policy: object) -> None:
 def test_lambda_extremes() -> None:
     task, x_te, _ = two_cluster_task()
     for pol in (UniRouteKMeans(n_clusters=2).fit(task), LearnedMap(n_clusters=2).fit(task)):
-        errors = pol.score(x_te)
+        errors = pol.expected_error(x_te)
         assert np.all(decide(errors, task.pool_costs, 1e6)[:, 0] == 2)  # λ→∞: the cheapest
         best = decide(errors, task.pool_costs, 0.0)[:, 0]
         assert np.all(errors[np.arange(len(best)), best] == errors.min(axis=1))  # λ=0: least error
@@ -75,6 +77,26 @@ def test_decide_ties_go_to_the_cheaper_model() -> None:
     assert ranked.tolist() == [1, 2, 0]
 
 
+def test_decide_ties_go_to_the_cheaper_model_then_by_name_as_the_gateway_ranks() -> None:
+    errors, costs, names = np.array([0.3, 0.3, 0.3, 0.2]), np.array([2.0, 1.0, 2.0, 4.0]), ["b", "c", "a", "d"]
+    assert decide(errors, costs, 0.0, names).tolist() == [3, 1, 2, 0]
+    assert decide(errors, costs, 0.0).tolist() == [3, 1, 0, 2]  # no names: the pool position
+    served = rank_by_objective(names, errors, costs / costs.max(), 0.0, None)
+    assert [c.model for c in served.ranked] == ["d", "c", "a", "b"]
+    assert decide(np.tile(errors, (2, 1)), costs, 0.0, names)[:, 0].tolist() == [3, 3]
+
+
+def test_expected_errors_do_not_depend_on_the_batch_or_the_models_position() -> None:
+    rng = np.random.default_rng(0)
+    psi = rng.random((9, 40))
+    psi[7] = psi[2]  # the same profile twice: an exact tie for the tie-break
+    z = rng.dirichlet(np.ones(40), size=50)
+    batch = expected_errors(z, psi)
+    assert np.array_equal(batch[:, 7], batch[:, 2])
+    assert np.array_equal(np.stack([expected_errors(row.copy(), psi) for row in z]), batch)
+    assert np.allclose(batch, z @ psi.T)
+
+
 def test_learned_state_and_frozen_theta() -> None:
     task, x_te, _ = two_cluster_task()
     lm = LearnedMap(n_clusters=2).fit(task)
@@ -82,7 +104,7 @@ def test_learned_state_and_frozen_theta() -> None:
     z = lm.membership(x_te)
     assert np.allclose(z.sum(1), 1.0)
     theta = lm.theta_.copy()
-    lm.score(x_te)
+    lm.expected_error(x_te)
     assert np.array_equal(theta, lm.theta_)
 
 
