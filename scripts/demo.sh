@@ -4,7 +4,7 @@
 # Ctrl-C stops both. `make` has already installed the project into .venv.
 #
 # Environment:
-#   UNIROUTE_DATASET      routing benchmark folder to replay (default ../shared/data/mmlu_pro_27)
+#   UNIROUTE_DATASET      routing benchmark folder to replay (default data/mmlu_pro_27, in the repository)
 #   UNIROUTE_CONFIG       gateway config (default config.yaml)
 #   UNIROUTE_REPLAY_PORT  replay port (default 8100; config.yaml's replay_models.api_base must match)
 #   UNIROUTE_ROUTER_ARTIFACT  the fitted router folder (default var/router; fitted when missing)
@@ -15,7 +15,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV="${VENV:-.venv}"
 UNIROUTE="$VENV/bin/uniroute"
 PY="$VENV/bin/python"
-export UNIROUTE_DATASET="${UNIROUTE_DATASET:-../shared/data/mmlu_pro_27}"
+export UNIROUTE_DATASET="${UNIROUTE_DATASET:-data/mmlu_pro_27}"
 CONFIG="${UNIROUTE_CONFIG:-config.yaml}"
 REPLAY_PORT="${UNIROUTE_REPLAY_PORT:-8100}"
 export LITELLM_LOCAL_MODEL_COST_MAP=True LITELLM_OFFLINE_MODE=true HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

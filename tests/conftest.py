@@ -6,15 +6,18 @@ from pathlib import Path
 
 import pytest
 
-from routing.dataset import default_dataset_path
+from routing.dataset import DATASET_ENV, default_dataset_path
 
 
 @pytest.fixture(scope="session")
 def shared_dataset() -> Path:
-    """The shared routing benchmark folder; skips (with the reason) when it is absent."""
+    """The real routing benchmark: the repository's ``data/mmlu_pro_27`` (``$UNIROUTE_DATASET`` wins).
+
+    It is part of the repository, so a missing folder is an error, not a skip."""
     path = default_dataset_path()
     if path is None or not (path / "models.csv").is_file():
-        pytest.skip("shared routing benchmark (../shared/data/mmlu_pro_27 or $UNIROUTE_DATASET) is absent")
+        pytest.fail(f"no routing benchmark at {path or 'data/mmlu_pro_27'} (${DATASET_ENV} or the repository's "
+                    "data/mmlu_pro_27); the repository ships it, so this checkout is incomplete")
     return path
 
 

@@ -51,16 +51,11 @@ def test_sign_test() -> None:
     assert math.isclose(sign_test([1, 0, 1, 0], [0, 1, 0, 1])["p"], 1.0)
 
 
-def test_real_dataset_eval_one_trial() -> None:
-    from routing.dataset import default_dataset_path
-
-    path = default_dataset_path()
-    if path is None or not path.is_dir():
-        pytest.skip("needs the shared routing benchmark (set $UNIROUTE_DATASET or ../shared/data/mmlu_pro_27)")
+def test_real_dataset_eval_one_trial(shared_dataset: Path) -> None:
     from routing.dataset import load_dataset
     from routing.embedder import EmbeddingCache, default_cache_dir
 
-    ds = load_dataset(path, with_responses=False)
+    ds = load_dataset(shared_dataset, with_responses=False)
     cache = EmbeddingCache("all-MiniLM-L6-v2", default_cache_dir())
     rows, missing = cache.get_many(ds.prompts)
     if rows is None or missing:
