@@ -23,10 +23,14 @@ def shared_dataset() -> Path:
 
 @pytest.fixture(scope="session")
 def shared_router_artifact(shared_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A UniRoute artifact fitted on the shared benchmark (embeddings come from the on-disk cache;
-    the first run on a machine embeds every prompt once, a few minutes)."""
+    """A UniRoute artifact fitted on the real benchmark with the static embedder, as `make demo` fits it.
+
+    ``--embedder static`` distils the static embedding from the local MiniLM weights into the embedding
+    cache once per machine (~1.5 min on 2 loaded cores); embedding the ~10k prompts with it then takes
+    seconds (with MiniLM: 10-30 min on a cold cache)."""
     from gateway.cli import main as cli
 
     out = tmp_path_factory.mktemp("shared-router") / "artifact"
-    assert cli(["router", "fit", "--dataset", str(shared_dataset), "--out", str(out)]) == 0
+    assert cli(["router", "fit", "--dataset", str(shared_dataset), "--out", str(out),
+                "--embedder", "static"]) == 0
     return out

@@ -150,7 +150,8 @@ def test_serve_rejects_bad_config(tmp_path: Path) -> None:
 
 @pytest.mark.data
 def test_demo_config_with_shared_dataset(tmp_path: Path, shared_dataset: Path, shared_router_artifact: Path) -> None:
-    """The repository's config.yaml over the real routing benchmark (the demo), answered by the replay."""
+    """The repository's config.yaml over the real routing benchmark (the demo), answered by the replay,
+    routing with the static-embedder artifact the demo fits."""
     import gzip
     import json
 
