@@ -64,7 +64,8 @@ def free_port() -> int:
 
 
 def benchmark_dataset(dataset_arg: str | None, n: int, tmp: Path) -> tuple[Path, BenchmarkDataset]:
-    """The dataset to replay: ``--dataset``, else the shared one, else a synthetic one (≥ ``n`` prompts) in ``tmp``."""
+    """The dataset to replay: ``--dataset``, else the default one (``$UNIROUTE_DATASET`` or the repository's
+    ``data/mmlu_pro_27``), else a synthetic one (≥ ``n`` prompts) in ``tmp``."""
     from routing.dataset import default_dataset_path, load_dataset
     from routing.synthetic import make_synthetic_dataset
 
@@ -284,7 +285,7 @@ async def measure(
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", default=None,
-                    help="routing benchmark folder (default: $UNIROUTE_DATASET or ../shared/data/mmlu_pro_27; "
+                    help="routing benchmark folder (default: $UNIROUTE_DATASET or the repository's data/mmlu_pro_27; "
                          "a synthetic one when neither exists)")
     ap.add_argument("--prompts", type=int, default=1000, help="distinct dataset prompts to cycle through")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])

@@ -6,7 +6,7 @@
 Fits a router without MODEL (``router fit --exclude-models``), starts ``uniroute replay`` on a
 free loopback port, registers MODEL with ``uniroute models add`` and times ``uniroute profile
 MODEL`` end to end (a fresh process: config, artifact and LiteLLM load included), as an operator
-runs it. Default dataset: the shared MMLU-Pro benchmark when present, else a generated one.
+runs it. Default dataset: ``$UNIROUTE_DATASET`` or the repository's ``data/mmlu_pro_27``, else a generated one.
 Prints the profiling report (it includes the CLI's own wall time) and the end-to-end seconds.
 """
 

@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/routing_speed.py [--n 200] [--max-seq-length N] [--threads T] \
         [--embedder static|PATH]
 
-Prompts are real dataset prompts when the shared benchmark is present (else synthetic),
+Prompts are real dataset prompts (``$UNIROUTE_DATASET`` or the repository's ``data/mmlu_pro_27``; else synthetic),
 never seen before by the embedder (a fresh cache directory). The policy is a UniRoute
 policy over 27 profiled models with K=40 (the rank cost does not depend on the values).
 Prints a markdown table; record it in docs/PERFORMANCE.md.

@@ -242,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--mode", choices=["stream", "plain", "mixed"], default="stream")
     ap.add_argument("--stream-chunks", type=int, default=20, help="content chunks per streamed answer")
     ap.add_argument("--dataset", default=None, help="routing benchmark folder (default: $UNIROUTE_DATASET or "
-                                                    "../shared/data/mmlu_pro_27; a synthetic one when absent)")
+                                                    "the repository's data/mmlu_pro_27; a synthetic one when absent)")
     ap.add_argument("--prompts", type=int, default=1000, help="distinct dataset prompts to cycle through")
     ap.add_argument("--new-prompts", action="store_true", help="a unique suffix on every prompt (no cache hit)")
     ap.add_argument("--static-router", default="var/router-static", metavar="DIR",

@@ -226,7 +226,7 @@ def start_gateway(stack: contextlib.ExitStack, tmp: Path, dataset: Path, rport: 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.vs_litellm_proxy", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", default=None, help="routing benchmark folder (default: $UNIROUTE_DATASET or "
-                                                    "../shared/data/mmlu_pro_27; a synthetic one when absent)")
+                                                    "the repository's data/mmlu_pro_27; a synthetic one when absent)")
     ap.add_argument("--prompts", type=int, default=1000)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--modes", choices=["plain", "stream"], nargs="+", default=["plain", "stream"])

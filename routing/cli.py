@@ -1,11 +1,11 @@
-"""The routing commands of the ``uniroute`` command line (``gateway/cli.py`` builds the parser).
+"""The routing commands of the ``uniroute`` command line (``gateway/cli/main.py`` builds the parser).
 
 ``uniroute router fit | distill | calibrate`` and ``uniroute eval``: each command reads its
 arguments, calls the library (routing.artifact, routing.embedder, routing.calibration,
 routing.evaluation) and prints the result. Argument errors exit with a message
 (``SystemExit``); the library functions raise ordinary exceptions.
 
-``gateway/cli.py`` imports this module only when a routing command runs; torch, model2vec,
+``gateway/cli/main.py`` imports this module only when a routing command runs; torch, model2vec,
 scipy and matplotlib load further down, only when the command needs them.
 """
 

@@ -91,14 +91,19 @@ class BenchmarkDataset:
         return h.hexdigest()
 
 
+#: The routing benchmark shipped with the repository (``data/mmlu_pro_27``, see its DATASET.md).
+REPO_DATASET = Path(__file__).resolve().parent.parent / "data" / "mmlu_pro_27"
+
+
 def default_dataset_path() -> Path | None:
-    """The folder named by ``$UNIROUTE_DATASET``, else ``../shared/data/mmlu_pro_27`` if it exists."""
+    """The folder named by ``$UNIROUTE_DATASET``, else the repository's ``data/mmlu_pro_27``.
+
+    None when neither is set or present (e.g. an installed wheel, which does not carry ``data/``).
+    """
     env = os.environ.get(DATASET_ENV)
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent.parent
-    candidate = here.parent / "shared" / "data" / "mmlu_pro_27"
-    return candidate if candidate.is_dir() else None
+    return REPO_DATASET if (REPO_DATASET / MODELS_FILE).is_file() else None
 
 
 def _open_text(path: Path) -> io.TextIOBase:

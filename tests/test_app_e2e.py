@@ -149,17 +149,15 @@ def test_serve_rejects_bad_config(tmp_path: Path) -> None:
 
 
 @pytest.mark.data
-def test_demo_config_with_shared_dataset(tmp_path: Path, shared_router_artifact: Path) -> None:
-    """The repository's config.yaml over the real routing benchmark (the demo), answered by the replay."""
+def test_demo_config_with_shared_dataset(tmp_path: Path, shared_dataset: Path, shared_router_artifact: Path) -> None:
+    """The repository's config.yaml over the real routing benchmark (the demo), answered by the replay,
+    routing with the static-embedder artifact the demo fits."""
     import gzip
     import json
 
-    from routing.dataset import default_dataset_path
     from tests.procs import ROOT, server_env
 
-    dataset = default_dataset_path()
-    if dataset is None or not (dataset / "models.csv").is_file():
-        pytest.skip("shared routing benchmark (../shared/data/mmlu_pro_27 or $UNIROUTE_DATASET) is absent")
+    dataset = shared_dataset
     with replay_upstream(dataset) as replay_base:
         port = free_port()
         text = (ROOT / "config.yaml").read_text().replace("http://127.0.0.1:8100/v1", replay_base)

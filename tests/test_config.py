@@ -120,9 +120,15 @@ def test_repo_config_with_synthetic_dataset(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_repo_config_with_shared_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
-    path = default_dataset_path()
-    if path is None or not (path / "models.csv").is_file():
-        pytest.skip("shared routing benchmark (../shared/data/mmlu_pro_27 or $UNIROUTE_DATASET) is absent")
-    monkeypatch.setenv("UNIROUTE_DATASET", str(path))
+    """The shipped config.yaml reads the repository's dataset by default and routes with the
+    static-embedder artifact that `make demo` fits (no batching wait: the embedding is sub-millisecond)."""
+    for var in ("UNIROUTE_DATASET", "UNIROUTE_ROUTER_ARTIFACT"):
+        monkeypatch.delenv(var, raising=False)
     cfg = load_config(ROOT / "config.yaml")
-    assert len(cfg.models) >= 2
+    assert len(cfg.models) == 27
+    assert cfg.router.policy == "uniroute" and cfg.router.max_wait_ms == 0
+    assert cfg.router.artifact is not None and Path(cfg.router.artifact) == ROOT / "var" / "router-static"
+    path = default_dataset_path()
+    assert path is not None
+    monkeypatch.setenv("UNIROUTE_DATASET", str(path))
+    assert [m.name for m in load_config(ROOT / "config.yaml").models] == [m.name for m in cfg.models]

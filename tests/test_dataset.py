@@ -75,10 +75,20 @@ def test_missing_folder(tmp_path: Path) -> None:
 
 
 @pytest.mark.data
-def test_shared_mmlu_pro_27() -> None:
-    path = default_dataset_path()
-    if path is None or not path.is_dir():
-        pytest.skip("shared routing benchmark not found: set UNIROUTE_DATASET or place ../shared/data/mmlu_pro_27")
-    ds = load_dataset(path, with_responses=False)
+def test_shared_mmlu_pro_27(shared_dataset: Path) -> None:
+    ds = load_dataset(shared_dataset, with_responses=False)
     assert ds.n_models >= 2
     assert ds.n_prompts > 100
+
+
+def test_default_dataset_is_the_repository_copy(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without $UNIROUTE_DATASET the default is data/mmlu_pro_27 inside the repository (no sibling folder)."""
+    from routing.dataset import DATASET_ENV
+
+    monkeypatch.delenv(DATASET_ENV, raising=False)
+    path = default_dataset_path()
+    assert path is not None and path == Path(__file__).resolve().parent.parent / "data" / "mmlu_pro_27"
+    ds = load_dataset(path, with_responses=False)
+    assert (ds.n_prompts, ds.n_models) == (10308, 27)
+    monkeypatch.setenv(DATASET_ENV, str(tmp_path))
+    assert default_dataset_path() == tmp_path

@@ -26,7 +26,7 @@ from replay.app import (
     render_answer,
     split_pieces,
 )
-from routing.dataset import BenchmarkDataset, default_dataset_path, load_dataset
+from routing.dataset import BenchmarkDataset, load_dataset
 from routing.synthetic import make_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -328,11 +328,8 @@ def test_constructor_rejects_bad_knobs(dataset_dir: Path) -> None:
 
 
 @pytest.mark.data
-def test_real_dataset_answers() -> None:
-    path = default_dataset_path()
-    if path is None or not path.is_dir():
-        pytest.skip("shared routing benchmark folder absent (set $UNIROUTE_DATASET or provide ../shared/data/mmlu_pro_27)")
-    ds = load_dataset(path)
+def test_real_dataset_answers(shared_dataset: Path) -> None:
+    ds = load_dataset(shared_dataset)
     with TestClient(create_replay_app(ds)) as tc:
         for i in (0, ds.n_prompts // 2, ds.n_prompts - 1):
             for j in (0, ds.n_models - 1):

@@ -26,11 +26,11 @@ import numpy as np
 import pytest
 import yaml
 
-from gateway import catalog
-from gateway.cli import main as cli
+from gateway.cli.main import main as cli
 from gateway.config import load_config
-from gateway.registry import Registry
-from gateway.router import RouterBundle, build_router
+from gateway.serving.registry import Registry
+from gateway.serving.router import RouterBundle, build_router
+from gateway.store import models as catalog
 from routing.artifact import RouterArtifact, UniRoutePolicy, deployment_task, fit_estimators
 from routing.calibration import expected_cost
 from routing.dataset import load_dataset, write_dataset
