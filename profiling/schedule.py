@@ -36,7 +36,7 @@ from gateway.config import GatewayConfig
 from gateway.store import lease
 from gateway.store import models as catalog
 from gateway.store.engine import Store
-from gateway.store.tables import Feedback, ModelProfile, ReprofileRun, RequestRow, utcnow
+from gateway.store.tables import Feedback, ProfileRow, ReprofileRun, RequestRow, utcnow
 from gateway.tasks import cancel_and_wait
 from profiling.reprofile import ClusterFeedback, drift_report, format_drift, reprofile
 
@@ -74,9 +74,9 @@ def run_reprofile(store: Store, key: str, *, feedback_weight: float = 1.0, max_f
         changes: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for name, cur in sorted(active.items()):
             with store.session() as s:
-                prior = s.scalars(sa.select(ModelProfile).where(
-                    ModelProfile.model_name == name, ModelProfile.router_version == key,
-                    ModelProfile.source.in_(PRIOR_SOURCES)).order_by(ModelProfile.version.desc())).first()
+                prior = s.scalars(sa.select(ProfileRow).where(
+                    ProfileRow.model_name == name, ProfileRow.router_version == key,
+                    ProfileRow.source.in_(PRIOR_SOURCES)).order_by(ProfileRow.version.desc())).first()
             if prior is None:
                 report["models"][name] = {"status": "skipped: no validation profile (prior)"}
                 continue

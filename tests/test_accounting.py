@@ -22,7 +22,7 @@ from gateway.access.accounting import params_for_table
 from gateway.app import create_app
 from gateway.config import load_config
 from gateway.store.engine import Store
-from gateway.store.tables import ModelEntry, RequestRow
+from gateway.store.tables import ModelRow, RequestRow
 from tests.gateway_setup import make_dataset, replay_args, write_config
 from tests.procs import free_port, replay_upstream, running, server_env
 
@@ -122,7 +122,7 @@ def test_keys_budgets_limits_log_usage_metrics(keyed: tuple[TestClient, str]) ->
     with store.sessions() as s:
         rows = list(s.scalars(sa.select(RequestRow).where(RequestRow.key_name == "alice")
                               .order_by(RequestRow.started_at)))
-        seeded = {m.name: m for m in s.scalars(sa.select(ModelEntry))}
+        seeded = {m.name: m for m in s.scalars(sa.select(ModelRow))}
     store.dispose()
     assert [r.status_code for r in rows] == [200, 200, 200, 400, 429]
     assert [r.requested_model for r in rows[:3]] == ["small-general", "auto", "large-general"]

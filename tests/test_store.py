@@ -19,7 +19,7 @@ from gateway.metrics import Metrics
 from gateway.serving.interfaces import RequestRecord
 from gateway.store.engine import Store, database_url_from_config
 from gateway.store.requestlog import RequestLogWriter
-from gateway.store.tables import ModelEntry, RequestRow
+from gateway.store.tables import ModelRow, RequestRow
 
 
 def _record(i: int, **kw: object) -> RequestRecord:
@@ -183,7 +183,7 @@ def test_seed_models(store: Store) -> None:
     entries[1] = {**entries[1], "router_cost": 4.0}
     assert store.seed_models(entries) == 1
     with store.sessions() as s:
-        rows = {m.name: m for m in s.scalars(sa.select(ModelEntry))}
+        rows = {m.name: m for m in s.scalars(sa.select(ModelRow))}
     assert rows["a"].litellm_params["api_key"] == "os.environ/OPENAI_API_KEY"  # never the resolved secret
     assert rows["b"].router_cost == 4.0 and rows["b"].version == 2 and rows["a"].version == 1
     assert rows["a"].source == "config" and rows["a"].enabled

@@ -24,7 +24,7 @@ from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from gateway.store.tables import ModelEntry, utcnow
+from gateway.store.tables import ModelRow, utcnow
 
 logger = logging.getLogger("uniroute.store")
 
@@ -242,12 +242,12 @@ class Store:
                   "connect_timeout_s", "first_token_timeout_s", "routable")
         changed = 0
         with self.session() as s:
-            existing = {m.name: m for m in s.scalars(sa.select(ModelEntry))}
+            existing = {m.name: m for m in s.scalars(sa.select(ModelRow))}
             for e in entries:
                 row = existing.get(e["name"])
                 values = {f: e[f] for f in fields if f in e}
                 if row is None:
-                    s.add(ModelEntry(name=e["name"], source="config", enabled=True, version=1, **values))
+                    s.add(ModelRow(name=e["name"], source="config", enabled=True, version=1, **values))
                     changed += 1
                 elif row.source == "config" and any(getattr(row, f) != v for f, v in values.items()):
                     for f, v in values.items():

@@ -30,9 +30,7 @@ from gateway.config import mask_secrets, resolve_env_refs
 from gateway.errors import ConflictError, InvalidRequestError, NotFoundError
 from gateway.serving import registry as reg
 from gateway.store.engine import Store
-from gateway.store.tables import ModelEntry as ModelRow
-from gateway.store.tables import ModelProfile as ProfileRow
-from gateway.store.tables import utcnow
+from gateway.store.tables import ModelRow, ProfileRow, utcnow
 from gateway.tasks import cancel_and_wait
 
 logger = logging.getLogger("uniroute.catalog")

@@ -116,7 +116,7 @@ class ApiKey(Base):
     )
 
 
-class ModelEntry(Base):
+class ModelRow(Base):
     """The live model registry. Every replica polls ``updated_at``/``version`` for changes."""
 
     __tablename__ = "models"
@@ -143,7 +143,7 @@ class ModelEntry(Base):
     )
 
 
-class ModelProfile(Base):
+class ProfileRow(Base):
     """Ψ(h) of one model for one router version: the per-cluster error vector, with counts.
 
     No foreign key to ``models``: a profile may be computed before the model is registered.
