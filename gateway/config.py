@@ -150,11 +150,14 @@ class ReplayModelsConfig(_Section):
     timeout_s: float = Field(default=60.0, gt=0.0)
 
 
+AuthMode = Literal["open", "keys"]
+
+
 class AuthConfig(_Section):
     """``keys``: every request needs an API key (``uniroute keys create``). ``open``: no keys, everyone is
     'anonymous' with the router's λ and no budget or rate limit (the demo)."""
 
-    mode: Literal["open", "keys"] = "keys"
+    mode: AuthMode = "keys"  # the one default of auth.mode
     cache_ttl_s: float = Field(default=1.0, gt=0.0, le=60.0)  # bound on how stale a replica's key cache is
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.access.auth import DEFAULT_LAMBDA_RANGE, AdminGuard, KeyAuthenticator
 from gateway.access.budget import SqlBudgetGuard
 from gateway.access.ratelimit import LocalRateLimiter, RedisRateLimiter
-from gateway.config import mask_secrets
+from gateway.config import AuthMode, mask_secrets
 from gateway.errors import ServiceUnavailableError
 from gateway.metrics import Metrics
 from gateway.serving.interfaces import (
@@ -47,12 +47,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger("uniroute.accounting")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AccountingSettings:
     """The settings :class:`Accounting` needs, independent of how the config file spells them."""
 
+    auth_mode: AuthMode  # no default here: the config's auth.mode (gateway.config.AuthConfig) has the one default
     database_url: str = "sqlite:///var/uniroute.db"
-    auth_mode: str = "open"  # "open" | "keys"
     auth_cache_ttl_s: float = 1.0
     auto_migrate: bool = True
     pool_size: int = 5
