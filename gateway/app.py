@@ -71,7 +71,8 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         from gateway.serving.cooldown import Cooldowns
         from gateway.serving.forwarding import Forwarder
-        from gateway.serving.registry import Registry
+        from gateway.serving.registry import Registry, with_profiles
+        from gateway.serving.registry_sync import RegistryPoller
         from gateway.serving.router import RouterBundle, build_router
         from gateway.serving.service import ChatService
         from gateway.store import models as catalog
@@ -92,7 +93,7 @@ def create_app(
             bundle = await build_router(config, on_embedding=acc.metrics.observe_embedding)
         if bundle.profiles:
             # Ψ(h) of each profiled registry model; unprofiled models stay out of `auto`
-            registry.replace(catalog.with_profiles(registry.snapshot.entries, bundle.profiles))
+            registry.replace(with_profiles(registry.snapshot.entries, bundle.profiles))
         pol, embed = bundle.policy, bundle.embed
         app.state.router = bundle
         app.state.started_at = started
@@ -102,7 +103,8 @@ def create_app(
         # the database is the registry's source of truth from here on: every replica polls it
         key = catalog.profile_key(bundle.version, config.router.variant) if bundle.version else None
         app.state.profile_key = key
-        poller = catalog.RegistryPoller(acc.store, registry, key, config.registry.poll_interval_s)
+        poller = RegistryPoller(catalog.TableModelSource(acc.store, key), registry,
+                                config.registry.poll_interval_s)
         try:
             if key is not None and bundle.profile_counts:
                 seeded = await asyncio.to_thread(catalog.seed_profiles, acc.store, key, {

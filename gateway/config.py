@@ -4,8 +4,10 @@ Loading does three things on top of plain YAML:
 
 - ``${VAR}`` and ``${VAR:-default}`` in any string are replaced by the environment
   variable (or the default). An unset ``${VAR}`` without a default is an error.
-- ``os.environ/NAME`` as a whole ``litellm_params`` value is replaced by that environment
-  variable, as in LiteLLM's own proxy config (an unset variable is an error naming it).
+- ``os.environ/NAME`` as a whole ``litellm_params`` value names an environment variable, as in
+  LiteLLM's own proxy config: an unset variable is an error naming it. The ``models:`` entries
+  (:class:`gateway.spec.ModelSpec`) keep the reference as written; it is resolved when the registry
+  entry is built (``gateway/serving/registry.py``), so the ``models`` table never holds the secret.
 - Relative paths (``replay_models.dataset``, ``router.artifact``, a relative
   ``sqlite:///`` database URL) resolve against the folder holding the config file.
 
@@ -26,6 +28,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gateway.spec import ModelSpec
 
 #: Environment variable naming the config file.
 CONFIG_ENV = "UNIROUTE_CONFIG"
@@ -102,44 +106,6 @@ class ForwardingConfig(_Section):
     raw_openai_streams: bool = True  # read OpenAI-wire streams from the SDK stream, not LiteLLM's chunk wrapper
 
 
-class ModelConfig(_Section):
-    """One registry entry: a name clients use, and how LiteLLM reaches it."""
-
-    name: str = Field(min_length=1)
-    litellm_params: dict[str, Any]
-    input_cost_per_1m: float = Field(default=0.0, ge=0.0)  # USD per 1M prompt tokens
-    output_cost_per_1m: float = Field(default=0.0, ge=0.0)  # USD per 1M completion tokens
-    router_cost: float = Field(gt=0.0)  # the scalar c(h) of the routing rule
-    timeout_s: float = Field(default=60.0, gt=0.0)  # the whole call (a stream: until its last chunk)
-    connect_timeout_s: float | None = Field(default=None, gt=0.0)  # TCP/TLS connect; None: 5 s (≤ timeout_s)
-    first_token_timeout_s: float | None = Field(default=None, gt=0.0)  # streams: first chunk; None: timeout_s
-    routable: bool = True  # may ``model: "auto"`` pick it?
-    #: litellm_params before ``os.environ/NAME`` resolution (what the ``models`` table stores); set by
-    #: parse_config, never a YAML key
-    litellm_params_as_written: dict[str, Any] | None = Field(default=None, exclude=True, repr=False)
-
-    @field_validator("litellm_params_as_written")
-    @classmethod
-    def _not_a_key(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None:
-            raise ValueError("not a config key")
-        return v
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if v == "auto":
-            raise ValueError("'auto' is reserved for routing; pick another model name")
-        return v
-
-    @field_validator("litellm_params")
-    @classmethod
-    def _params(cls, v: dict[str, Any]) -> dict[str, Any]:
-        if not isinstance(v.get("model"), str) or not v["model"]:
-            raise ValueError("litellm_params.model is required (e.g. 'openai/gpt-4o-mini')")
-        return v
-
-
 class ReplayModelsConfig(_Section):
     """Expand the models of a routing-benchmark folder into registry entries."""
 
@@ -205,7 +171,7 @@ class GatewayConfig(_Section):
     router: RouterConfig = Field(default_factory=RouterConfig)
     fallback: FallbackConfig = Field(default_factory=FallbackConfig)
     forwarding: ForwardingConfig = Field(default_factory=ForwardingConfig)
-    models: list[ModelConfig] = Field(default_factory=list)
+    models: list[ModelSpec] = Field(default_factory=list)  # litellm_params as written (gateway/spec.py)
     replay_models: ReplayModelsConfig | None = None
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     profiling: ProfilingConfig = Field(default_factory=ProfilingConfig)
@@ -279,7 +245,7 @@ def resolve_env_refs(params: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def _replay_entries(cfg: ReplayModelsConfig, base: GatewayConfig, source: str) -> list[ModelConfig]:
+def _replay_entries(cfg: ReplayModelsConfig, base: GatewayConfig, source: str) -> list[ModelSpec]:
     folder = base.resolve_path(cfg.dataset)
     models_csv = folder / "models.csv"
     if not models_csv.is_file():
@@ -287,7 +253,7 @@ def _replay_entries(cfg: ReplayModelsConfig, base: GatewayConfig, source: str) -
             f"{source}: replay_models.dataset {str(folder)!r} is not a routing benchmark folder "
             f"(no models.csv). Set ${DATASET_ENV} to a dataset folder, or remove replay_models."
         )
-    entries: list[ModelConfig] = []
+    entries: list[ModelSpec] = []
     with open(models_csv, encoding="utf-8", newline="") as fh:
         reader = csv.DictReader(fh)
         for row in reader:
@@ -301,7 +267,7 @@ def _replay_entries(cfg: ReplayModelsConfig, base: GatewayConfig, source: str) -
             if not math.isfinite(cost) or cost <= 0:
                 raise ConfigError(f"{models_csv}:{reader.line_num}: cost of {name!r} must be > 0")
             price = cost * cfg.usd_per_1m_tokens_per_cost_unit
-            entries.append(ModelConfig(
+            entries.append(ModelSpec(
                 name=name,
                 litellm_params={"model": f"openai/{name}", "api_base": cfg.api_base, "api_key": cfg.api_key},
                 input_cost_per_1m=price,
@@ -331,11 +297,9 @@ def parse_config(data: dict[str, Any] | None, *, base_dir: Path | None = None, s
         cfg = GatewayConfig.model_validate({**raw, "base_dir": base_dir or Path.cwd()})
     except ValidationError as exc:
         raise ConfigError(_format_validation(exc, source)) from None
-    models = [
-        m.model_copy(update={"litellm_params": resolve_env_refs(m.litellm_params, f"models[{i}].litellm_params"),
-                             "litellm_params_as_written": dict(m.litellm_params)})
-        for i, m in enumerate(cfg.models)
-    ]
+    for i, m in enumerate(cfg.models):  # fail fast on an unset os.environ/NAME; the spec keeps the reference
+        resolve_env_refs(m.litellm_params, f"models[{i}].litellm_params")
+    models = list(cfg.models)
     if cfg.replay_models is not None:
         known = {m.name for m in models}
         for entry in _replay_entries(cfg.replay_models, cfg, source):

@@ -35,6 +35,7 @@ import sqlalchemy as sa
 
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, InvalidRequestError
+from gateway.serving.registry import ModelEntry
 from gateway.store import models as catalog
 from gateway.store.engine import Store
 from gateway.store.tables import ProfileOutcome
@@ -200,8 +201,8 @@ async def run_profiling(
     pc = config.profiling
     art: RouterArtifact = artifact if artifact is not None else await asyncio.to_thread(load_artifact, config)
     variant = config.router.variant
-    row = await asyncio.to_thread(catalog.get_model, store, model)  # 404 listing the known models
-    entries = {model: catalog.entry_from_row(row)}
+    spec = catalog.spec_from_row(await asyncio.to_thread(catalog.get_model, store, model))  # 404: the known ones
+    entries = {model: ModelEntry.from_spec(spec)}
     grader_name = grader or pc.grader
     if grader_name not in GRADERS:
         raise InvalidRequestError(f"unknown grader {grader_name!r}; known: {', '.join(GRADERS)}", param="grader")
@@ -209,8 +210,8 @@ async def run_profiling(
     if grader_name == "judge":
         if not pc.judge_model:
             raise InvalidRequestError("grader 'judge' needs profiling.judge_model in config.yaml", param="grader")
-        jrow = await asyncio.to_thread(catalog.get_model, store, pc.judge_model)
-        entries[jrow.name] = catalog.entry_from_row(jrow)
+        judge_spec = catalog.spec_from_row(await asyncio.to_thread(catalog.get_model, store, pc.judge_model))
+        entries[judge_spec.name] = ModelEntry.from_spec(judge_spec)
     complete = ForwarderCompleter(forwarder, entries, max_tokens=pc.max_tokens)
     if grader_name == "judge":
         assert pc.judge_model is not None
@@ -229,7 +230,7 @@ async def run_profiling(
     report = await profile_model(model, prompts, complete=complete, grader=g, store=outcomes,
                                  concurrency=concurrency or pc.concurrency, retry=RetryPolicy(attempts=pc.attempts),
                                  progress=progress)
-    return await asyncio.to_thread(_finish, config, store, art, row.router_cost, model, prompts, outcomes, report,
+    return await asyncio.to_thread(_finish, config, store, art, spec.router_cost, model, prompts, outcomes, report,
                                    allow_partial)
 
 

@@ -18,10 +18,10 @@ from starlette.testclient import TestClient
 from storeutil import REDIS_URL, database, require_redis
 from test_metrics import _value, prometheus_server, promql, wait_promql
 
-from gateway.access.accounting import params_for_table
 from gateway.app import create_app
 from gateway.config import load_config
 from gateway.store.engine import Store
+from gateway.store.models import params_for_table
 from gateway.store.tables import ModelRow, RequestRow
 from tests.gateway_setup import make_dataset, replay_args, write_config
 from tests.procs import free_port, replay_upstream, running, server_env

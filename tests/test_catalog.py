@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from gateway.errors import ConflictError, InvalidRequestError, NotFoundError
-from gateway.serving.registry import Registry
+from gateway.serving.registry import ModelEntry, Registry
+from gateway.serving.registry_sync import RegistryPoller
+from gateway.spec import ModelSpec, parse_patch, parse_spec
 from gateway.store import models as catalog
 from gateway.store.engine import Store
 
@@ -20,10 +22,10 @@ def store(tmp_path: Path) -> Store:
     return s
 
 
-def spec(name: str, **kw: object) -> catalog.ModelSpec:
+def spec(name: str, **kw: object) -> ModelSpec:
     body = {"name": name, "router_cost": 2.0,
             "litellm_params": {"model": f"openai/{name}", "api_key": "os.environ/CATALOG_TEST_KEY"}, **kw}
-    return catalog.parse_spec(body)
+    return parse_spec(body)
 
 
 def test_crud_and_errors(store: Store) -> None:
@@ -33,12 +35,12 @@ def test_crud_and_errors(store: Store) -> None:
     with pytest.raises(NotFoundError, match="unknown model 'b'; known: a"):
         catalog.get_model(store, "b")
     with pytest.raises(InvalidRequestError, match="router_cost"):
-        catalog.parse_spec({"name": "x", "litellm_params": {"model": "m"}, "router_cost": 0})
+        parse_spec({"name": "x", "litellm_params": {"model": "m"}, "router_cost": 0})
     with pytest.raises(InvalidRequestError, match="needs 'model'"):
-        catalog.parse_spec({"name": "x", "litellm_params": {}, "router_cost": 1})
-    row = catalog.update_model(store, "a", catalog.parse_patch({"router_cost": 3.0}))
+        parse_spec({"name": "x", "litellm_params": {}, "router_cost": 1})
+    row = catalog.update_model(store, "a", parse_patch({"router_cost": 3.0}))
     assert row.router_cost == 3.0 and row.version == 2
-    assert catalog.update_model(store, "a", catalog.parse_patch({"router_cost": 3.0})).version == 2  # no change
+    assert catalog.update_model(store, "a", parse_patch({"router_cost": 3.0})).version == 2  # no change
     # the env reference is stored as written, never resolved
     assert catalog.get_model(store, "a").litellm_params["api_key"] == "os.environ/CATALOG_TEST_KEY"
     assert not catalog.set_enabled(store, "a", False).enabled
@@ -70,7 +72,7 @@ def test_poller_replaces_on_change_only(store: Store, monkeypatch: pytest.Monkey
     monkeypatch.setenv("CATALOG_TEST_KEY", "sk-resolved")
     key = catalog.profile_key("abc", "kmeans")
     reg = Registry()
-    poller = catalog.RegistryPoller(store, reg, key, 0.1)
+    poller = RegistryPoller(catalog.TableModelSource(store, key), reg, 0.1)
     assert poller.refresh() and len(reg) == 0
     catalog.add_model(store, spec("a"))
     catalog.add_model(store, spec("b"))
@@ -89,7 +91,7 @@ def test_poller_leaves_out_models_with_missing_env(store: Store, monkeypatch: py
     monkeypatch.delenv("CATALOG_TEST_KEY", raising=False)
     catalog.add_model(store, spec("a"))
     reg = Registry()
-    catalog.RegistryPoller(store, reg, None).refresh()
+    RegistryPoller(catalog.TableModelSource(store, None), reg).refresh()
     assert reg.names() == ()
 
 
@@ -118,11 +120,11 @@ def test_per_model_timeouts_round_trip(store: Store, monkeypatch: pytest.MonkeyP
     catalog.add_model(store, spec("t", timeout_s=30.0, connect_timeout_s=2.0))
     row = catalog.get_model(store, "t")
     assert (row.timeout_s, row.connect_timeout_s, row.first_token_timeout_s) == (30.0, 2.0, None)
-    entry = catalog.entry_from_row(row)
+    entry = ModelEntry.from_spec(catalog.spec_from_row(row))
     assert (entry.connect_timeout, entry.first_token_timeout) == (2.0, 30.0)  # first token defaults to timeout_s
-    row = catalog.update_model(store, "t", catalog.parse_patch({"first_token_timeout_s": 4.5}))
-    assert row.version == 2 and catalog.entry_from_row(row).first_token_timeout == 4.5
+    row = catalog.update_model(store, "t", parse_patch({"first_token_timeout_s": 4.5}))
+    assert row.version == 2 and ModelEntry.from_spec(catalog.spec_from_row(row)).first_token_timeout == 4.5
     summary = catalog.model_summary(row)
     assert summary["connect_timeout_s"] == 2.0 and summary["first_token_timeout_s"] == 4.5
     with pytest.raises(InvalidRequestError, match="connect_timeout_s"):
-        catalog.parse_patch({"connect_timeout_s": 0})
+        parse_patch({"connect_timeout_s": 0})

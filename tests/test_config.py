@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from gateway.config import ConfigError, GatewayConfig, expand_vars, load_config, parse_config
+from gateway.serving.registry import Registry
 from routing.dataset import default_dataset_path
 from routing.synthetic import make_synthetic_dataset
 
@@ -39,7 +40,8 @@ def test_env_indirection_in_litellm_params(monkeypatch: pytest.MonkeyPatch) -> N
              "litellm_params": {"model": "openai/gpt-x", "api_key": "os.environ/UR_KEY"}}
     monkeypatch.setenv("UR_KEY", "sk-secret")
     cfg = parse_config({"models": [entry]})
-    assert cfg.models[0].litellm_params["api_key"] == "sk-secret"
+    assert cfg.models[0].litellm_params["api_key"] == "os.environ/UR_KEY"  # the spec keeps the reference
+    assert Registry.from_config(cfg).get("m").litellm_params["api_key"] == "sk-secret"  # type: ignore[union-attr]
     monkeypatch.delenv("UR_KEY")
     with pytest.raises(ConfigError, match=r"models\[0\]\.litellm_params\.api_key: environment variable UR_KEY"):
         parse_config({"models": [entry]})

@@ -11,6 +11,7 @@ import pytest
 
 from gateway.config import parse_config
 from gateway.errors import NotFoundError, UpstreamError
+from gateway.spec import parse_spec
 from gateway.store import models as catalog
 from gateway.store.engine import Store
 from profiling.profiler import SqlOutcomeStore, run_profiling, validation_prompts
@@ -46,7 +47,7 @@ class FakeForwarder:
 def store(tmp_path: Path) -> Store:
     s = Store(f"sqlite:///{tmp_path / 'p.db'}")
     s.upgrade()
-    catalog.add_model(s, catalog.parse_spec({"name": "new", "router_cost": 1.0, "routable": False,
+    catalog.add_model(s, parse_spec({"name": "new", "router_cost": 1.0, "routable": False,
                                              "litellm_params": {"model": "openai/new"}}))
     return s
 
@@ -100,7 +101,7 @@ async def test_unknown_model_and_missing_answers(store: Store) -> None:
 
 
 async def test_judge_grader_asks_the_configured_judge_model(store: Store) -> None:
-    catalog.add_model(store, catalog.parse_spec({"name": "judge", "router_cost": 1.0,
+    catalog.add_model(store, parse_spec({"name": "judge", "router_cost": 1.0,
                                                  "litellm_params": {"model": "openai/judge"}}))
     cfg = parse_config({"router": {"variant": "kmeans"},
                         "profiling": {"min_graded_per_cluster": 1, "judge_model": "judge"}})

@@ -17,7 +17,9 @@ from storeutil import database, fresh_pg_database
 
 from gateway.metrics import Metrics
 from gateway.serving.interfaces import RequestRecord
+from gateway.spec import ModelSpec
 from gateway.store.engine import Store, database_url_from_config
+from gateway.store.models import seed_models
 from gateway.store.requestlog import RequestLogWriter
 from gateway.store.tables import ModelRow, RequestRow
 
@@ -178,10 +180,10 @@ def test_seed_models(store: Store) -> None:
          "input_cost_per_1m": 1.0, "output_cost_per_1m": 2.0, "router_cost": 1.0, "timeout_s": 30.0},
         {"name": "b", "litellm_params": {"model": "openai/b"}, "router_cost": 3.0},
     ]
-    assert store.seed_models(entries) == 2
-    assert store.seed_models(entries) == 0
+    assert seed_models(store, [ModelSpec.model_validate(e) for e in entries]) == 2
+    assert seed_models(store, [ModelSpec.model_validate(e) for e in entries]) == 0
     entries[1] = {**entries[1], "router_cost": 4.0}
-    assert store.seed_models(entries) == 1
+    assert seed_models(store, [ModelSpec.model_validate(e) for e in entries]) == 1
     with store.sessions() as s:
         rows = {m.name: m for m in s.scalars(sa.select(ModelRow))}
     assert rows["a"].litellm_params["api_key"] == "os.environ/OPENAI_API_KEY"  # never the resolved secret

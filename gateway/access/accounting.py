@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from gateway.access.auth import DEFAULT_LAMBDA_RANGE, AdminGuard, KeyAuthenticator
 from gateway.access.budget import SqlBudgetGuard
 from gateway.access.ratelimit import LocalRateLimiter, RedisRateLimiter
-from gateway.config import AuthMode, mask_secrets
+from gateway.config import AuthMode
 from gateway.errors import ServiceUnavailableError
 from gateway.metrics import Metrics
 from gateway.serving.interfaces import (
@@ -38,7 +38,9 @@ from gateway.serving.interfaces import (
     RateLimiter,
     RequestRecord,
 )
+from gateway.spec import ModelSpec
 from gateway.store.engine import Store
+from gateway.store.models import seed_models
 from gateway.store.requestlog import RequestLogWriter
 
 if TYPE_CHECKING:
@@ -68,14 +70,7 @@ class AccountingSettings:
     rate_limit_prefix: str = "uniroute:rpm:"
     anonymous: Principal = ANONYMOUS
     lambda_range: tuple[float, float] = DEFAULT_LAMBDA_RANGE  # router.lambda_min, router.lambda_max: keys stay inside
-    seed_models: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
-
-
-def params_for_table(params: Mapping[str, Any]) -> dict[str, Any]:
-    """litellm_params as the ``models`` table may hold them: ``os.environ/NAME`` references stay,
-    any other value under a secret-looking name is replaced by a placeholder, so no secret reaches
-    the database."""
-    return mask_secrets(params, "<redacted: write it as os.environ/NAME to keep a reference>")
+    seed_models: tuple[ModelSpec, ...] = field(default_factory=tuple)  # the config's models, as written
 
 
 def default_principal(config: GatewayConfig) -> Principal:
@@ -87,20 +82,6 @@ def default_principal(config: GatewayConfig) -> Principal:
 
 def settings_from_config(config: GatewayConfig) -> AccountingSettings:
     db = config.database
-    seed = tuple(
-        {
-            "name": m.name,
-            "litellm_params": params_for_table(m.litellm_params_as_written or m.litellm_params),
-            "input_cost_per_1m": m.input_cost_per_1m,
-            "output_cost_per_1m": m.output_cost_per_1m,
-            "router_cost": m.router_cost,
-            "timeout_s": m.timeout_s,
-            "connect_timeout_s": m.connect_timeout_s,
-            "first_token_timeout_s": m.first_token_timeout_s,
-            "routable": m.routable,
-        }
-        for m in config.models
-    )
     return AccountingSettings(
         database_url=config.database_url, auth_mode=config.auth.mode, auth_cache_ttl_s=config.auth.cache_ttl_s,
         auto_migrate=db.auto_migrate, pool_size=db.pool_size, max_overflow=db.max_overflow,
@@ -110,7 +91,7 @@ def settings_from_config(config: GatewayConfig) -> AccountingSettings:
         redis_url=config.redis_url, rate_limit_fail_open=config.rate_limit.fail_open,
         rate_limit_prefix=config.rate_limit.redis_prefix,
         anonymous=default_principal(config), lambda_range=(config.router.lambda_min, config.router.lambda_max),
-        seed_models=seed,
+        seed_models=tuple(config.models),
     )
 
 
@@ -186,7 +167,7 @@ class Accounting:
                                    "false: run `uniroute db upgrade`", current, Store.head_revision())
         if s.seed_models:
             try:
-                changed = await asyncio.to_thread(self.store.seed_models, s.seed_models)
+                changed = await asyncio.to_thread(seed_models, self.store, s.seed_models)
             except Exception as exc:
                 logger.error("could not seed the models table from the config (%s)", type(exc).__name__)
             else:

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 import gateway  # noqa: F401  (sets the offline environment before anything imports litellm)
+from gateway.cli import models as models_cli  # the `models add/update` flags come from the model spec
 
 
 def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
@@ -100,36 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
     msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     q = msub.add_parser("list", help="list the registry")
     q.add_argument("--json", action="store_true")
-    q.set_defaults(handler=_lazy("gateway.store.models:models_list_command"))
-    for action, help_ in (("add", "add a model (not chosen by `auto` until profiled)"),
-                          ("update", "change a model's params or prices")):
-        q = msub.add_parser(action, help=help_)
-        q.add_argument("name")
-        q.add_argument("--litellm-model", default=None, help="LiteLLM model, e.g. openai/gpt-4o-mini")
-        q.add_argument("--api-base", default=None)
-        q.add_argument("--api-key", default=None, help="best as a reference: os.environ/NAME (stored as written)")
-        q.add_argument("--litellm-params", default=None, help="all LiteLLM params as a JSON object")
-        q.add_argument("--input-cost-per-1m", type=float, default=None, help="USD per 1M prompt tokens")
-        q.add_argument("--output-cost-per-1m", type=float, default=None, help="USD per 1M completion tokens")
-        q.add_argument("--router-cost", type=float, default=None, required=action == "add",
-                       help="the router's cost scalar c(h) > 0")
-        q.add_argument("--timeout-s", type=float, default=None, help="the whole call (default 60)")
-        q.add_argument("--connect-timeout-s", type=float, default=None, help="connecting (default 5)")
-        q.add_argument("--first-token-timeout-s", type=float, default=None,
-                       help="streams: until the first chunk (default: --timeout-s)")
-        if action == "add":
-            q.add_argument("--not-routable", action="store_true", help="callable by name only, even once profiled")
-            q.set_defaults(handler=_lazy("gateway.store.models:models_add_command"))
-        else:
-            q.add_argument("--routable", choices=["true", "false"], default=None)
-            q.add_argument("--enable", action="store_true", help="re-enable a disabled model")
-            q.set_defaults(handler=_lazy("gateway.store.models:models_update_command"))
+    q.set_defaults(handler=_lazy("gateway.cli.models:models_list_command"))
+    q = msub.add_parser("add", help="add a model (not chosen by `auto` until profiled)")
+    models_cli.add_spec_arguments(q, update=False)  # one flag per field of gateway.spec.ModelSpec
+    q.set_defaults(handler=_lazy("gateway.cli.models:models_add_command"))
+    q = msub.add_parser("update", help="change a model's params, prices, router cost, timeouts or routability")
+    models_cli.add_spec_arguments(q, update=True)
+    q.set_defaults(handler=_lazy("gateway.cli.models:models_update_command"))
     q = msub.add_parser("disable", help="stop serving a model (kept in the table)")
     q.add_argument("name")
-    q.set_defaults(handler=_lazy("gateway.store.models:models_disable_command"))
+    q.set_defaults(handler=_lazy("gateway.cli.models:models_disable_command"))
     q = msub.add_parser("remove", help="delete a model from the registry")
     q.add_argument("name")
-    q.set_defaults(handler=_lazy("gateway.store.models:models_remove_command"))
+    q.set_defaults(handler=_lazy("gateway.cli.models:models_remove_command"))
     for q in (*msub.choices.values(),):
         q.add_argument("--config", default=None,
                        help="config.yaml whose database_url to use ($UNIROUTE_DATABASE_URL wins)")

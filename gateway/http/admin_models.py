@@ -26,8 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
+from gateway.errors import InvalidRequestError, NotFoundError, ServiceUnavailableError, validation_message
 from gateway.http.keys import _admin, _error, _json
+from gateway.spec import parse_patch, parse_spec
 from gateway.store import models as catalog
 
 
@@ -66,7 +67,7 @@ async def list_models_endpoint(request: Request) -> Response:
 async def add_model_endpoint(request: Request) -> Response:
     try:
         acc = await _admin(request)
-        spec = catalog.parse_spec(await _body(request))
+        spec = parse_spec(await _body(request))
         row = await asyncio.to_thread(catalog.add_model, acc.store, spec)
         return _json(catalog.model_summary(row), 201)
     except Exception as exc:
@@ -92,8 +93,8 @@ async def get_model_endpoint(request: Request) -> Response:
 async def update_model_endpoint(request: Request) -> Response:
     try:
         acc = await _admin(request)
-        patch = catalog.parse_patch(await _body(request))
-        row = await asyncio.to_thread(catalog.update_model, acc.store, request.path_params["name"], patch)
+        changes = parse_patch(await _body(request))
+        row = await asyncio.to_thread(catalog.update_model, acc.store, request.path_params["name"], changes)
         return _json(catalog.model_summary(row))
     except Exception as exc:
         return _error(exc)
@@ -132,8 +133,8 @@ async def start_profile_endpoint(request: Request) -> Response:
         try:
             opts = ProfileStart.model_validate(await _body(request))
         except ValidationError as exc:
-            raise InvalidRequestError(catalog.validation_message(exc, "profiling request",
-                                                                 "grader, concurrency, allow_partial")) from None
+            raise InvalidRequestError(validation_message(exc, "profiling request",
+                                                         ", ".join(ProfileStart.model_fields))) from None
         jobs = getattr(request.app.state, "profiling", None)
         if jobs is None:
             raise ServiceUnavailableError("profiling is not available (the gateway is starting)")

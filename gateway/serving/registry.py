@@ -3,12 +3,16 @@
 A :class:`Registry` holds one immutable :class:`RegistrySnapshot`. Readers take the
 current snapshot (one attribute read, no lock); a refresh builds a whole new snapshot
 and swaps it in with :meth:`Registry.replace`, so a request never sees half an update.
-Today the snapshot comes from ``config.yaml``; a later store-backed poller can call
-``replace`` with entries read from the database.
+The first snapshot comes from ``config.yaml``; from then on the registry poller
+(``gateway/serving/registry_sync.py``) replaces it with the ``models`` table's entries.
+
+Every :class:`ModelEntry` is built from a :class:`gateway.spec.ModelSpec` by
+:meth:`ModelEntry.from_spec`, the one place that resolves ``os.environ/NAME`` references.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -16,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from gateway.config import GatewayConfig, ModelConfig
+from gateway.config import GatewayConfig, resolve_env_refs
+from gateway.spec import ModelSpec
 from routing.policy import PoolModel
 
 #: Seconds to establish the TCP (and TLS) connection to a provider when the model sets none.
@@ -38,6 +43,7 @@ class ModelEntry:
     created: int = 0  # unix seconds, for /v1/models
     connect_timeout_s: float | None = None  # None: DEFAULT_CONNECT_TIMEOUT_S (at most timeout_s)
     first_token_timeout_s: float | None = None  # streams; None: timeout_s
+    spec: ModelSpec | None = field(default=None, compare=False, repr=False)  # what it was built from (as written)
 
     @property
     def connect_timeout(self) -> float:
@@ -57,18 +63,23 @@ class ModelEntry:
         return model.split("/", 1)[0] if "/" in model else "uniroute"
 
     @classmethod
-    def from_config(cls, m: ModelConfig, created: int = 0) -> ModelEntry:
+    def from_spec(cls, spec: ModelSpec, psi: np.ndarray | None = None, created: int = 0) -> ModelEntry:
+        """The served model of ``spec``, with its Ψ and creation time. Resolves ``os.environ/NAME`` references
+        (a ``ValueError`` names an unset variable)."""
+        params = resolve_env_refs(dict(spec.litellm_params), f"model {spec.name!r}: litellm_params")
         return cls(
-            name=m.name,
-            litellm_params=MappingProxyType(dict(m.litellm_params)),
-            input_cost_per_token=m.input_cost_per_1m / 1e6,
-            output_cost_per_token=m.output_cost_per_1m / 1e6,
-            router_cost=m.router_cost,
-            timeout_s=m.timeout_s,
-            routable=m.routable,
+            name=spec.name,
+            litellm_params=MappingProxyType(params),
+            input_cost_per_token=spec.input_cost_per_1m / 1e6,
+            output_cost_per_token=spec.output_cost_per_1m / 1e6,
+            router_cost=spec.router_cost,
+            timeout_s=spec.timeout_s,
+            routable=spec.routable,
+            psi=psi,
             created=created,
-            connect_timeout_s=m.connect_timeout_s,
-            first_token_timeout_s=m.first_token_timeout_s,
+            connect_timeout_s=spec.connect_timeout_s,
+            first_token_timeout_s=spec.first_token_timeout_s,
+            spec=spec,
         )
 
     def to_pool_model(self) -> PoolModel:
@@ -103,7 +114,7 @@ class Registry:
 
     @classmethod
     def from_config(cls, config: GatewayConfig, created: int = 0) -> Registry:
-        return cls(ModelEntry.from_config(m, created) for m in config.models)
+        return cls(ModelEntry.from_spec(m, created=created) for m in config.models)
 
     @property
     def snapshot(self) -> RegistrySnapshot:
@@ -132,3 +143,8 @@ class Registry:
             listener(snapshot)
         self._snapshot = snapshot
         return snapshot
+
+
+def with_profiles(entries: Iterable[ModelEntry], profiles: Mapping[str, np.ndarray]) -> list[ModelEntry]:
+    """``entries`` with their Ψ from ``profiles`` (None for a model without one: never chosen by ``auto``)."""
+    return [dataclasses.replace(e, psi=profiles.get(e.name)) for e in entries]

@@ -1,12 +1,12 @@
-"""The SQL store: engine, migrations, health, and the ``models`` seed.
+"""The SQL store: engine, migrations and health.
 
 One :class:`Store` per process, built in the app's lifespan (never at import time).
 SQLite is the default (``sqlite:///var/uniroute.db``; WAL journal, busy timeout): fine for
 one host. PostgreSQL (``postgresql+psycopg://...``) is for several replicas.
 
 The statements on each table live in the store's noun modules (``keys.py``, ``budget.py``,
-``feedback.py``, ``lease.py``, ...); the request log's background writer is
-:mod:`gateway.store.requestlog`; ``uniroute db`` is :mod:`gateway.cli.db`.
+``feedback.py``, ``lease.py``, ``models.py`` with the config's ``models`` seed, ...); the request
+log's background writer is :mod:`gateway.store.requestlog`; ``uniroute db`` is :mod:`gateway.cli.db`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,6 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
-
-from gateway.store.tables import ModelRow, utcnow
 
 logger = logging.getLogger("uniroute.store")
 
@@ -228,34 +226,6 @@ class Store:
             return await asyncio.wait_for(asyncio.to_thread(self.ping), timeout_s)
         except TimeoutError:
             return False
-
-    # -- registry seed -----------------------------------------------------------------------
-    def seed_models(self, entries: Iterable[Mapping[str, Any]]) -> int:
-        """Upsert ``source='config'`` registry rows from config entries; returns rows changed.
-
-        Each entry has ``name, litellm_params, input_cost_per_1m, output_cost_per_1m,
-        router_cost, timeout_s`` and optionally ``routable``. ``litellm_params`` must be the
-        params as written (``os.environ/NAME`` references unresolved). Rows added through the
-        admin API (``source='admin'``) are left alone.
-        """
-        fields = ("litellm_params", "input_cost_per_1m", "output_cost_per_1m", "router_cost", "timeout_s",
-                  "connect_timeout_s", "first_token_timeout_s", "routable")
-        changed = 0
-        with self.session() as s:
-            existing = {m.name: m for m in s.scalars(sa.select(ModelRow))}
-            for e in entries:
-                row = existing.get(e["name"])
-                values = {f: e[f] for f in fields if f in e}
-                if row is None:
-                    s.add(ModelRow(name=e["name"], source="config", enabled=True, version=1, **values))
-                    changed += 1
-                elif row.source == "config" and any(getattr(row, f) != v for f, v in values.items()):
-                    for f, v in values.items():
-                        setattr(row, f, v)
-                    row.version += 1
-                    row.updated_at = utcnow()
-                    changed += 1
-        return changed
 
     def dispose(self) -> None:
         self.engine.dispose()

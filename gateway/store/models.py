@@ -1,37 +1,35 @@
-"""The live model catalog: the ``models`` and ``model_profiles`` tables as the registry's source of truth.
+"""The model catalog's SQL: the ``models`` and ``model_profiles`` tables, the registry's source of truth.
 
-- CRUD of registry rows (admin API and ``uniroute models``). ``litellm_params`` are stored as
-  written: ``os.environ/NAME`` references stay references and are resolved only in memory
-  when a replica builds its :class:`gateway.serving.registry.Registry`.
+- Rows ↔ :class:`gateway.spec.ModelSpec`, derived from the spec's fields (:func:`row_values`,
+  :func:`spec_from_row`); the summaries the admin API and the CLI show (:func:`model_summary`).
+- CRUD of registry rows (admin API and ``uniroute models``) and the seed of the config's models
+  (:func:`seed_models`). ``litellm_params`` are stored as written: ``os.environ/NAME`` references stay
+  references and are resolved only in memory, when a replica builds its registry entries.
 - Profiles Ψ(h), versioned per (model, router key): a new row per version, the previous kept
   with ``active = false``, exactly one active. The router key is ``"<artifact version>:<variant>"``
   (the membership z(x), hence Ψ, differs per variant).
-- :class:`RegistryPoller`: every replica re-reads both tables every ``registry.poll_interval_s``
-  when a cheap change token (row counts, max ``updated_at``, version sums, max profile id)
-  moved, and swaps a whole new snapshot into the registry.
+- :class:`TableModelSource`: the registry poller's source (``gateway/serving/registry_sync.py``): a
+  cheap change token (row counts, max ``updated_at``, version sums, max profile id) and every enabled
+  model with its active Ψ.
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 
-from gateway.config import mask_secrets, resolve_env_refs
-from gateway.errors import ConflictError, InvalidRequestError, NotFoundError
-from gateway.serving import registry as reg
+from gateway.config import mask_secrets
+from gateway.errors import ConflictError, NotFoundError, validation_message
+from gateway.spec import SPEC_FIELDS, ModelSpec, StoredModel
 from gateway.store.engine import Store
 from gateway.store.tables import ModelRow, ProfileRow, utcnow
-from gateway.tasks import cancel_and_wait
 
 logger = logging.getLogger("uniroute.catalog")
 
@@ -41,70 +39,22 @@ def profile_key(artifact_version: str, variant: str) -> str:
     return f"{artifact_version}:{variant}"
 
 
-# ------------------------------------------------------------------------------ model specs
-class ModelSpec(BaseModel):
-    """A registry entry as the admin API and the CLI accept it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(min_length=1, max_length=200)
-    litellm_params: dict[str, Any]
-    input_cost_per_1m: float = Field(default=0.0, ge=0.0)
-    output_cost_per_1m: float = Field(default=0.0, ge=0.0)
-    router_cost: float = Field(gt=0.0)
-    timeout_s: float = Field(default=60.0, gt=0.0)
-    connect_timeout_s: float | None = Field(default=None, gt=0.0)
-    first_token_timeout_s: float | None = Field(default=None, gt=0.0)
-    routable: bool = True
-
-    @field_validator("litellm_params")
-    @classmethod
-    def _has_model(cls, v: dict[str, Any]) -> dict[str, Any]:
-        if not isinstance(v.get("model"), str) or not v["model"]:
-            raise ValueError("litellm_params needs 'model' (e.g. 'openai/gpt-4o-mini')")
-        return v
+# --------------------------------------------------------------------------------- row ↔ spec
+def row_values(spec: ModelSpec) -> dict[str, Any]:
+    """The ``models`` columns of ``spec`` (one per spec field)."""
+    return spec.model_dump()
 
 
-class ModelPatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    litellm_params: dict[str, Any] | None = None
-    input_cost_per_1m: float | None = Field(default=None, ge=0.0)
-    output_cost_per_1m: float | None = Field(default=None, ge=0.0)
-    router_cost: float | None = Field(default=None, gt=0.0)
-    timeout_s: float | None = Field(default=None, gt=0.0)
-    connect_timeout_s: float | None = Field(default=None, gt=0.0)
-    first_token_timeout_s: float | None = Field(default=None, gt=0.0)
-    routable: bool | None = None
-    enabled: bool | None = None
+def spec_from_row(row: ModelRow) -> ModelSpec:
+    """The spec a row holds (validated: a row written around the API fails here, with a ValidationError)."""
+    return ModelSpec.model_validate({f: getattr(row, f) for f in SPEC_FIELDS})
 
 
-SPEC_FIELDS = ("name, litellm_params, input_cost_per_1m, output_cost_per_1m, router_cost, timeout_s, "
-               "connect_timeout_s, first_token_timeout_s, routable")
-PATCH_FIELDS = ("litellm_params, input_cost_per_1m, output_cost_per_1m, router_cost, timeout_s, connect_timeout_s, "
-                "first_token_timeout_s, routable, enabled")
-
-
-def validation_message(exc: ValidationError, what: str, fields: str) -> str:
-    parts = [f"{'.'.join(str(x) for x in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()]
-    return f"invalid {what}: " + "; ".join(parts) + f" (fields: {fields})"
-
-
-def parse_spec(data: Any) -> ModelSpec:
-    try:
-        return ModelSpec.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidRequestError(validation_message(exc, "model", SPEC_FIELDS)) from None
-
-
-def parse_patch(data: Any) -> ModelPatch:
-    try:
-        patch = ModelPatch.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidRequestError(validation_message(exc, "model update", PATCH_FIELDS)) from None
-    if patch.litellm_params is not None and not patch.litellm_params.get("model"):
-        raise InvalidRequestError("litellm_params needs 'model'", param="litellm_params")
-    return patch
+def params_for_table(params: Mapping[str, Any]) -> dict[str, Any]:
+    """litellm_params as the config seed writes them: ``os.environ/NAME`` references stay, any other value
+    under a secret-looking name is replaced by a placeholder, so no secret of config.yaml reaches the
+    database."""
+    return mask_secrets(params, "<redacted: write it as os.environ/NAME to keep a reference>")
 
 
 def _redacted(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -113,11 +63,11 @@ def _redacted(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def model_summary(row: ModelRow, profile: ProfileRow | None = None) -> dict[str, Any]:
+    """A row as the admin API and ``uniroute models list --json`` show it: every spec field (literal
+    secrets masked), its state, and its active profile."""
+    spec = {f: getattr(row, f) for f in SPEC_FIELDS}
     return {
-        "name": row.name, "litellm_params": _redacted(row.litellm_params),
-        "input_cost_per_1m": row.input_cost_per_1m, "output_cost_per_1m": row.output_cost_per_1m,
-        "router_cost": row.router_cost, "timeout_s": row.timeout_s, "connect_timeout_s": row.connect_timeout_s,
-        "first_token_timeout_s": row.first_token_timeout_s, "routable": row.routable,
+        **spec, "litellm_params": _redacted(spec["litellm_params"]),
         "enabled": row.enabled, "source": row.source, "version": row.version,
         "created_at": row.created_at.isoformat(), "updated_at": row.updated_at.isoformat(),
         "profile": None if profile is None else profile_summary(profile),
@@ -159,12 +109,7 @@ def add_model(store: Store, spec: ModelSpec) -> ModelRow:
             if s.scalars(sa.select(ModelRow.id).where(ModelRow.name == spec.name)).first() is not None:
                 raise ConflictError(f"model {spec.name!r} already exists; update it with PATCH /admin/models/"
                                     f"{spec.name} (or `uniroute models update`)", param="name", code="model_exists")
-            row = ModelRow(name=spec.name, litellm_params=dict(spec.litellm_params),
-                           input_cost_per_1m=spec.input_cost_per_1m, output_cost_per_1m=spec.output_cost_per_1m,
-                           router_cost=spec.router_cost, timeout_s=spec.timeout_s,
-                           connect_timeout_s=spec.connect_timeout_s,
-                           first_token_timeout_s=spec.first_token_timeout_s, routable=spec.routable,
-                           enabled=True, source="admin", version=1)
+            row = ModelRow(**row_values(spec), enabled=True, source="admin", version=1)
             s.add(row)
             s.flush()
             return row
@@ -172,12 +117,13 @@ def add_model(store: Store, spec: ModelSpec) -> ModelRow:
         raise ConflictError(f"model {spec.name!r} already exists", param="name", code="model_exists") from None
 
 
-def update_model(store: Store, name: str, patch: ModelPatch) -> ModelRow:
+def update_model(store: Store, name: str, changes: Mapping[str, Any]) -> ModelRow:
+    """Apply ``changes`` (from :func:`gateway.spec.parse_patch`: spec fields and ``enabled``); the version is
+    bumped when anything changed."""
     with store.session() as s:
         row = _get(s, name)
-        values = patch.model_dump(exclude_none=True)
         changed = False
-        for f, v in values.items():
+        for f, v in changes.items():
             if getattr(row, f) != v:
                 setattr(row, f, v)
                 changed = True
@@ -188,11 +134,11 @@ def update_model(store: Store, name: str, patch: ModelPatch) -> ModelRow:
 
 
 def set_enabled(store: Store, name: str, enabled: bool) -> ModelRow:
-    return update_model(store, name, ModelPatch(enabled=enabled))
+    return update_model(store, name, {"enabled": enabled})
 
 
 def set_routable(store: Store, name: str, routable: bool) -> ModelRow:
-    return update_model(store, name, ModelPatch(routable=routable))
+    return update_model(store, name, {"routable": routable})
 
 
 def remove_model(store: Store, name: str) -> ModelRow:
@@ -202,6 +148,30 @@ def remove_model(store: Store, name: str) -> ModelRow:
         row = _get(s, name)
         s.delete(row)
         return row
+
+
+def seed_models(store: Store, specs: Iterable[ModelSpec]) -> int:
+    """Upsert ``source='config'`` rows from the config's models; returns the rows added or changed.
+
+    ``litellm_params`` go through :func:`params_for_table` (references kept, literal secrets masked). Rows
+    added through the admin API (``source='admin'``) are left alone.
+    """
+    changed = 0
+    with store.session() as s:
+        existing = {m.name: m for m in s.scalars(sa.select(ModelRow))}
+        for spec in specs:
+            values = {**row_values(spec), "litellm_params": params_for_table(spec.litellm_params)}
+            row = existing.get(spec.name)
+            if row is None:
+                s.add(ModelRow(**values, source="config", enabled=True, version=1))
+                changed += 1
+            elif row.source == "config" and any(getattr(row, f) != v for f, v in values.items()):
+                for f, v in values.items():
+                    setattr(row, f, v)
+                row.version += 1
+                row.updated_at = utcnow()
+                changed += 1
+    return changed
 
 
 # -------------------------------------------------------------------------------- profiles
@@ -287,177 +257,34 @@ def change_token(store: Store, key: str | None) -> tuple[Any, ...]:
         return (*tuple(m), *p)
 
 
-def resolve_params(params: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """Resolve ``os.environ/NAME`` references of a stored model (the config's own resolver)."""
-    return resolve_env_refs(dict(params), f"model {name!r}: litellm_params")
-
-
-def entry_from_row(row: ModelRow, psi: np.ndarray | None = None, created: int = 0) -> reg.ModelEntry:
-    return reg.ModelEntry(
-        name=row.name, litellm_params=MappingProxyType(resolve_params(row.litellm_params, row.name)),
-        input_cost_per_token=row.input_cost_per_1m / 1e6, output_cost_per_token=row.output_cost_per_1m / 1e6,
-        router_cost=row.router_cost, timeout_s=row.timeout_s, routable=row.routable, psi=psi,
-        connect_timeout_s=row.connect_timeout_s, first_token_timeout_s=row.first_token_timeout_s,
-        created=int(row.created_at.timestamp()) if row.created_at else created,
-    )
-
-
-def load_entries(store: Store, key: str | None) -> list[reg.ModelEntry]:
-    """Every enabled model, with its active Ψ for ``key`` (None: no profiles, e.g. the cheapest policy)."""
+def load_models(store: Store, key: str | None) -> list[StoredModel]:
+    """Every enabled model, with its active Ψ for ``key`` (None: no profiles, e.g. the cheapest policy).
+    A row that is not a valid spec (written around the API) is left out, and logged."""
     profiles = active_profiles(store, key) if key is not None else {}
     out = []
     for row in list_models(store):
         if not row.enabled:
             continue
-        prof = profiles.get(row.name)
         try:
-            out.append(entry_from_row(row, None if prof is None else prof.psi))
-        except ValueError as exc:
-            logger.error("registry: %s; model left out", exc)
+            spec = spec_from_row(row)
+        except ValidationError as exc:
+            logger.error("registry: %s; model left out", validation_message(exc, f"model {row.name!r}",
+                                                                               ", ".join(SPEC_FIELDS)))
+            continue
+        prof = profiles.get(row.name)
+        out.append(StoredModel(spec, None if prof is None else prof.psi, int(row.created_at.timestamp())))
     return out
 
 
-class RegistryPoller:
-    """Keeps one replica's registry equal to the database, within ``interval_s``."""
+class TableModelSource:
+    """The ``models`` and ``model_profiles`` tables as the registry poller's source (profiles of ``key``)."""
 
-    def __init__(self, store: Store, registry: reg.Registry, key: str | None, interval_s: float = 2.0) -> None:
+    def __init__(self, store: Store, key: str | None) -> None:
         self.store = store
-        self.registry = registry
         self.key = key
-        self.interval_s = interval_s
-        self._token: tuple[Any, ...] | None = None
-        self._task: asyncio.Task[None] | None = None
 
-    def refresh(self, force: bool = False) -> bool:
-        """Re-read when the change token moved (blocking; call in a thread). True when replaced."""
-        token = change_token(self.store, self.key)
-        if token == self._token and not force:
-            return False
-        entries = load_entries(self.store, self.key)
-        self.registry.replace(entries)
-        self._token = token
-        logger.info("registry: %d models (%d routable with a profile)", len(entries),
-                    sum(1 for e in entries if e.routable and (self.key is None or e.psi is not None)))
-        return True
+    def change_token(self) -> tuple[Any, ...]:
+        return change_token(self.store, self.key)
 
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                await asyncio.to_thread(self.refresh)
-            except Exception as exc:  # the database may be briefly unreachable: keep the last snapshot
-                logger.warning("registry poll failed (%s: %s); keeping the current models", type(exc).__name__, exc)
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self.run(), name="registry-poller")
-
-    async def aclose(self) -> None:
-        await cancel_and_wait(self._task)
-        self._task = None
-
-
-def with_profiles(entries: Iterable[reg.ModelEntry], profiles: Mapping[str, np.ndarray]) -> list[reg.ModelEntry]:
-    return [dataclasses.replace(e, psi=profiles.get(e.name)) for e in entries]
-
-
-# ------------------------------------------------------------------------------------- CLI
-def _cli_store(args: Any) -> Store:
-    from gateway.store.engine import database_url_from_config
-
-    store = Store(database_url_from_config(getattr(args, "config", None)))
-    store.upgrade()
-    return store
-
-
-def _print_rows(rows: Sequence[ModelRow], as_json: bool) -> None:
-    import json
-
-    if as_json:
-        print(json.dumps([model_summary(r) for r in rows], indent=1))
-        return
-    print(f"{'name':32} {'enabled':7} {'routable':8} {'router_cost':>11} {'$/1M in':>9} {'$/1M out':>9} "
-          f"{'source':6} model")
-    for r in rows:
-        print(f"{r.name:32} {r.enabled!s:7} {r.routable!s:8} {r.router_cost:11.4g} {r.input_cost_per_1m:9.4g} "
-              f"{r.output_cost_per_1m:9.4g} {r.source:6} {r.litellm_params.get('model')}")
-
-
-def _params_from_args(args: Any) -> dict[str, Any] | None:
-    import json
-
-    if getattr(args, "litellm_params", None):
-        params = json.loads(args.litellm_params)
-        if not isinstance(params, dict):
-            raise SystemExit("--litellm-params must be a JSON object")
-    else:
-        params = {}
-    for attr, key in (("litellm_model", "model"), ("api_base", "api_base"), ("api_key", "api_key")):
-        v = getattr(args, attr, None)
-        if v is not None:
-            params[key] = v
-    return params or None
-
-
-def _run_cli(args: Any, fn: Any) -> int:
-    import sys
-
-    from gateway.errors import GatewayError
-
-    store = _cli_store(args)
-    try:
-        return int(fn(store) or 0)
-    except GatewayError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 1
-    finally:
-        store.dispose()
-
-
-def models_list_command(args: Any) -> int:
-    return _run_cli(args, lambda store: _print_rows(list_models(store), args.json))
-
-
-def models_add_command(args: Any) -> int:
-    def run(store: Store) -> None:
-        spec = parse_spec({"name": args.name, "litellm_params": _params_from_args(args) or {},
-                           "input_cost_per_1m": args.input_cost_per_1m or 0.0,
-                           "output_cost_per_1m": args.output_cost_per_1m or 0.0,
-                           "router_cost": args.router_cost, "timeout_s": args.timeout_s or 60.0,
-                           "connect_timeout_s": args.connect_timeout_s,
-                           "first_token_timeout_s": args.first_token_timeout_s,
-                           "routable": not args.not_routable})
-        _print_rows([add_model(store, spec)], False)
-
-    return _run_cli(args, run)
-
-
-def models_update_command(args: Any) -> int:
-    def run(store: Store) -> None:
-        data: dict[str, Any] = {k: getattr(args, k) for k in ("input_cost_per_1m", "output_cost_per_1m",
-                                                              "router_cost", "timeout_s", "connect_timeout_s",
-                                                              "first_token_timeout_s")
-                                if getattr(args, k) is not None}
-        params = _params_from_args(args)
-        if params is not None:
-            current = dict(get_model(store, args.name).litellm_params)
-            data["litellm_params"] = params if getattr(args, "litellm_params", None) else {**current, **params}
-        if args.routable is not None:
-            data["routable"] = args.routable == "true"
-        if args.enable:
-            data["enabled"] = True
-        _print_rows([update_model(store, args.name, parse_patch(data))], False)
-
-    return _run_cli(args, run)
-
-
-def models_disable_command(args: Any) -> int:
-    return _run_cli(args, lambda store: _print_rows([set_enabled(store, args.name, False)], False))
-
-
-def models_remove_command(args: Any) -> int:
-    def run(store: Store) -> None:
-        row = remove_model(store, args.name)
-        print(f"removed {row.name}" + (" (a config model: remove it from config.yaml too, or it returns at the "
-                                       "next start)" if row.source == "config" else ""))
-
-    return _run_cli(args, run)
+    def load_models(self) -> list[StoredModel]:
+        return load_models(self.store, self.key)

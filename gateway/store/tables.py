@@ -18,8 +18,10 @@ Conventions:
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from types import NoneType, UnionType
+from typing import Any, ClassVar, Union, get_args, get_origin
 
+from pydantic import BaseModel
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -35,8 +37,10 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.orm import DeclarativeBase, Mapped, MappedColumn, mapped_column
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+from gateway.spec import NAME_MAX_LENGTH, ModelSpec
 
 #: Constraint and index names are deterministic, so migrations can refer to them on both databases.
 NAMING_CONVENTION: dict[str, str] = {
@@ -117,20 +121,18 @@ class ApiKey(Base):
 
 
 class ModelRow(Base):
-    """The live model registry. Every replica polls ``updated_at``/``version`` for changes."""
+    """The live model registry: a :class:`gateway.spec.ModelSpec` per row, plus its state.
+
+    The spec's columns (one per field: ``litellm_params`` with ``os.environ/NAME`` kept as written,
+    prices, ``router_cost``, timeouts, ``routable``) are added below from the spec's fields, by
+    :func:`spec_columns`; read and write them through ``gateway/store/models.py`` (``spec_from_row``).
+    Every replica polls ``updated_at``/``version`` for changes.
+    """
 
     __tablename__ = "models"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(200), unique=True)
-    litellm_params: Mapped[dict[str, Any]] = mapped_column(JSON)  # `os.environ/NAME` kept as written
-    input_cost_per_1m: Mapped[float] = mapped_column(Float, default=0.0)  # USD per 1M prompt tokens
-    output_cost_per_1m: Mapped[float] = mapped_column(Float, default=0.0)  # USD per 1M completion tokens
-    router_cost: Mapped[float] = mapped_column(Float)  # c(h) in the router's cost unit
-    timeout_s: Mapped[float] = mapped_column(Float, default=60.0)
-    connect_timeout_s: Mapped[float | None] = mapped_column(Float, nullable=True)  # NULL: 5 s (≤ timeout_s)
-    first_token_timeout_s: Mapped[float | None] = mapped_column(Float, nullable=True)  # NULL: timeout_s
-    routable: Mapped[bool] = mapped_column(Boolean, default=True)
+    name: Mapped[str] = mapped_column(String(NAME_MAX_LENGTH), unique=True)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     source: Mapped[str] = mapped_column(String(16), default="config")
     version: Mapped[int] = mapped_column(Integer, default=1)  # bumped on every change
@@ -141,6 +143,41 @@ class ModelRow(Base):
         CheckConstraint("source IN ('config', 'admin')", name="source"),
         CheckConstraint("router_cost > 0", name="router_cost_positive"),
     )
+
+
+#: Column type per spec field type (``str`` takes the field's ``max_length``).
+_SPEC_TYPES: dict[Any, type[TypeEngine[Any]]] = {float: Float, bool: Boolean, int: Integer, str: String,
+                                                 dict: JSON, list: JSON}
+
+
+def spec_columns(spec: type[BaseModel] = ModelSpec) -> dict[str, MappedColumn[Any]]:
+    """A column per field of ``spec``: its type (:data:`_SPEC_TYPES`), NULL only when the field may be None,
+    and the field's default."""
+    out: dict[str, MappedColumn[Any]] = {}
+    for field, info in spec.model_fields.items():
+        union = get_origin(info.annotation) in (Union, UnionType)
+        kinds = [a for a in get_args(info.annotation) if a is not NoneType] if union else [info.annotation]
+        kind = get_origin(kinds[0]) or kinds[0]
+        if len(kinds) != 1 or kind not in _SPEC_TYPES or info.default_factory is not None:
+            raise TypeError(f"{spec.__name__}.{field}: no column for {info.annotation} (default factory: "
+                            f"{info.default_factory}); extend spec_columns")
+        if kind is str:
+            sql_type: TypeEngine[Any] = String(next((m.max_length for m in info.metadata
+                                                     if hasattr(m, "max_length")), None))
+        else:
+            sql_type = _SPEC_TYPES[kind]()
+        out[field] = mapped_column(sql_type, nullable=union and NoneType in get_args(info.annotation),
+                                   default=None if info.is_required() else info.default)
+    return out
+
+
+def _add_spec_columns(row: type[Base], spec: type[BaseModel]) -> None:
+    for field, column in spec_columns(spec).items():
+        if field not in row.__table__.c:  # `name` is declared on ModelRow: the identity the queries use
+            setattr(row, field, column)
+
+
+_add_spec_columns(ModelRow, ModelSpec)
 
 
 class ProfileRow(Base):
