@@ -74,3 +74,15 @@ def test_admin_models_across_replicas(tmp_path: Path, monkeypatch: pytest.Monkey
         assert a.post("/admin/reprofile", headers=H).status_code == 400
         assert a.get("/admin/reprofile/last", headers=H).status_code == 404
         assert a.get("/admin/models/seeded/profile").status_code == 401
+
+
+def test_stored_params_beyond_64_bit_integers_are_answered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """litellm_params are free-form (config.yaml, the CLI): an integer orjson cannot encode is still shown."""
+    monkeypatch.setenv("UNIROUTE_ADMIN_KEY", ADMIN)
+    cfg = parse_config({"auth": {"mode": "open"}, "database_url": f"sqlite:///{tmp_path / 'gw.db'}",
+                        "models": [{"name": "big", "router_cost": 1.0,
+                                    "litellm_params": {"model": "openai/big", "seed": 2**70 + 1}}]},
+                       base_dir=tmp_path)
+    with TestClient(create_app(cfg)) as client:
+        r = client.get("/admin/models/big", headers=H)
+        assert r.status_code == 200 and r.json()["litellm_params"]["seed"] == 2**70 + 1

@@ -36,7 +36,13 @@ JSON = "application/json"
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(dumps(body), status_code=status, media_type=JSON, headers=headers)
+    try:
+        content = dumps(body)
+    except TypeError:  # orjson refuses integers beyond 64 bits (e.g. in a model's stored litellm_params)
+        import json
+
+        content = json.dumps(body, separators=(",", ":")).encode()
+    return Response(content, status_code=status, media_type=JSON, headers=headers)
 
 
 def error_response(exc: BaseException) -> Response:
