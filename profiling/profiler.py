@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from gateway.config import GatewayConfig
+from gateway.config import ConfigError, GatewayConfig
 from gateway.errors import GatewayError, InvalidRequestError
+from gateway.serving.registry import ModelEntry
 from gateway.store import models as catalog
 from gateway.store.engine import Store
 from gateway.store.tables import ProfileOutcome
@@ -201,7 +202,7 @@ async def run_profiling(
     art: RouterArtifact = artifact if artifact is not None else await asyncio.to_thread(load_artifact, config)
     variant = config.router.variant
     row = await asyncio.to_thread(catalog.get_model, store, model)  # 404 listing the known models
-    entries = {model: catalog.entry_from_row(row)}
+    entries = {model: _entry(row)}
     grader_name = grader or pc.grader
     if grader_name not in GRADERS:
         raise InvalidRequestError(f"unknown grader {grader_name!r}; known: {', '.join(GRADERS)}", param="grader")
@@ -210,7 +211,7 @@ async def run_profiling(
         if not pc.judge_model:
             raise InvalidRequestError("grader 'judge' needs profiling.judge_model in config.yaml", param="grader")
         jrow = await asyncio.to_thread(catalog.get_model, store, pc.judge_model)
-        entries[jrow.name] = catalog.entry_from_row(jrow)
+        entries[jrow.name] = _entry(jrow)
     complete = ForwarderCompleter(forwarder, entries, max_tokens=pc.max_tokens)
     if grader_name == "judge":
         assert pc.judge_model is not None
@@ -231,6 +232,16 @@ async def run_profiling(
                                  progress=progress)
     return await asyncio.to_thread(_finish, config, store, art, row.router_cost, model, prompts, outcomes, report,
                                    allow_partial)
+
+
+def _entry(row: catalog.ModelRow) -> ModelEntry:
+    """The registry entry of a stored model; an unset ``os.environ/NAME`` in its params is a 400 saying what to do."""
+    try:
+        return catalog.entry_from_row(row)
+    except ConfigError as exc:
+        raise InvalidRequestError(f"{exc}: set it where profiling runs, or change the model's litellm_params "
+                                  f"(`uniroute models update {row.name} ...`, PATCH /admin/models/{row.name})",
+                                  code="unset_variable") from None
 
 
 def _finish(config: GatewayConfig, store: Store, art: RouterArtifact, cost: float, model: str,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -210,7 +211,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(exc: Exception) -> tuple[str, int]:
+    """What a command that raised ``exc`` prints (one line, after ``error: ``) and its exit code:
+    2 for a config error (a missing or invalid file, an unset environment variable), else 1."""
+    from gateway.config import ConfigError
+    from gateway.errors import GatewayError
+
+    if isinstance(exc, ConfigError):
+        return str(exc), 2
+    if isinstance(exc, GatewayError):
+        return exc.message, 1
+    sa_exc = sys.modules.get("sqlalchemy.exc")  # loaded by every command that opens the database
+    if sa_exc is not None and isinstance(exc, sa_exc.ArgumentError):
+        return f"database_url: {exc}", 2
+    if sa_exc is not None and isinstance(exc, sa_exc.DBAPIError):
+        from gateway.store.engine import DATABASE_URL_ENV as env
+
+        if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
+            return (f"cannot use the database ({_first_line(exc.orig)}): check database_url in the config (or "
+                    f"${env}) and that the database is running"), 1
+        return f"database error ({_first_line(exc.orig)}); `uniroute db upgrade` brings the schema up to date", 1
+    if isinstance(exc, OSError):
+        return str(exc), 1
+    return f"{type(exc).__name__}: {_first_line(exc)} (unexpected: UNIROUTE_DEBUG=1 shows the traceback)", 1
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Whatever it raises is printed as one ``error: ...`` line on stderr, never a
+    traceback (``UNIROUTE_DEBUG=1`` re-raises it)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
@@ -218,6 +251,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if os.environ.get("UNIROUTE_DEBUG"):
+            raise
+        message, code = error_line(exc)
+        print("error: " + " ".join(message.split()), file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":
