@@ -75,12 +75,12 @@ def test_unexpected_errors_are_one_line_too(capsys: pytest.CaptureFixture[str],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     message, code = error_line(RuntimeError("boom\n  at line 2"))
     assert code == 1 and message.startswith("RuntimeError: boom (unexpected") and "\n" not in message
-    import profiling.schedule
+    import profiling.cli
 
     def broken(args: Any) -> int:
         raise KeyError("surprise")
 
-    monkeypatch.setattr(profiling.schedule, "reprofile_command", broken)
+    monkeypatch.setattr(profiling.cli, "reprofile_command", broken)
     assert cli(["reprofile"]) == 1
     assert "KeyError: 'surprise'" in _one_error_line(capsys)
     monkeypatch.setenv("UNIROUTE_DEBUG", "1")

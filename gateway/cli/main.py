@@ -148,13 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take reference answers from this dataset (for artifacts fitted without them)")
     p.add_argument("--restart", action="store_true", help="forget stored outcomes and ask every prompt again")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(handler=_lazy("profiling.profiler:profile_command"))
+    p.set_defaults(handler=_lazy("profiling.cli:profile_command"))
 
     p = sub.add_parser("reprofile", help="recompute every model's Ψ from validation outcomes plus feedback")
     p.add_argument("--config", default=None, help="path to config.yaml (default: $UNIROUTE_CONFIG or ./config.yaml)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--top", type=int, default=10, help="rows of the drift report")
-    p.set_defaults(handler=_lazy("profiling.schedule:reprofile_command"))
+    p.set_defaults(handler=_lazy("profiling.cli:reprofile_command"))
 
     # --- routing: router artifact and evaluation -------------------------------------------
     p = sub.add_parser("router", help="fit and calibrate the UniRoute router artifact")
