@@ -54,7 +54,7 @@ def profile_command(args: argparse.Namespace) -> int:
 
 async def _profile(config: GatewayConfig, store: Store, args: argparse.Namespace,
                    answers: dict[str, str | None] | None) -> ProfilingResult:
-    """One profiling run with a progress bar."""
+    """One profiling run with a progress bar; the forwarder's HTTP clients are closed before the loop ends."""
     from tqdm import tqdm
 
     from gateway.serving.forwarding import Forwarder
@@ -71,13 +71,15 @@ async def _profile(config: GatewayConfig, store: Store, args: argparse.Namespace
             bar.update(r.skipped + r.graded + r.failed - bar.n)
             bar.set_postfix(cost=f"${r.cost_usd:.4f}", failed=r.failed, refresh=False)
 
+    forwarder = Forwarder(max_attempts=1)
     try:
-        return await run_profiling(config, store, Forwarder(max_attempts=1), args.model, grader=args.grader,
+        return await run_profiling(config, store, forwarder, args.model, grader=args.grader,
                                    concurrency=args.concurrency, allow_partial=args.allow_partial, answers=answers,
                                    progress=progress, on_start=on_start)
     finally:
         if bar is not None:
             bar.close()
+        await forwarder.aclose()
 
 
 def _format(r: ProfilingResult, wall: float) -> str:

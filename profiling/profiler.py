@@ -126,6 +126,7 @@ class ProfilingResult:
             "partial": self.partial, "message": self.message,
             "prompts": r.total, "graded": r.graded, "failed": r.failed, "already_done": r.skipped,
             "cost_usd": round(r.cost_usd, 8), "seconds": round(r.seconds, 3), "errors": r.errors,
+            "stopped": r.stopped,
             "graded_per_cluster": self.graded_per_cluster, "short_clusters": self.short_clusters,
             "min_graded_per_cluster": self.min_graded_per_cluster, "profile_versions": self.profile_versions,
             "psi": self.psi,
@@ -238,6 +239,10 @@ def _finish(config: GatewayConfig, store: Store, art: RouterArtifact, cost: floa
     res = ProfilingResult(model=model, router_version=art.version, report=report,
                           graded_per_cluster=per_cluster.tolist(), short_clusters=short,
                           min_graded_per_cluster=pc.min_graded_per_cluster)
+    if report.stopped:
+        res.message = (f"{model!r} not activated: profiling {report.stopped}. Check the model's litellm_params "
+                       "(model name, api_base, api_key) and its upstream, then run again (it resumes)")
+        return res
     if not graded:
         res.message = f"no graded answer for {model!r}: not activated ({report.failed} failures)"
         return res

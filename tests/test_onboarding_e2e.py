@@ -9,12 +9,17 @@
 5. ``auto`` traffic on prompts where NEW is the best trade-off (argmin computed offline) reaches it.
 
 Two variants: generated data (MiniLM embedder) and the repository's MMLU-Pro benchmark (static embedder).
-Also: a model whose upstream is down is profiled, its failures reported, and it is not activated.
+Also: a model whose upstream is down is given up on after its first 20 failures, and it is not activated.
+
+``uniroute profile`` against a replay that fails every call (or a refusing port) gives up with a clear
+report, one-line errors and no unclosed HTTP session.
 """
 
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +28,9 @@ import httpx
 import numpy as np
 import yaml
 
+from gateway.store import models as catalog
+from gateway.store.engine import Store
+from gateway.store.profiling import outcome_rows
 from routing.artifact import RouterArtifact, UniRoutePolicy
 from routing.dataset import load_dataset
 from routing.policy import PoolModel
@@ -107,7 +115,9 @@ def _onboard(tmp: Path, dataset: Path, new: str, *, val_size: int, k: str, min_p
             job = _wait(lambda: (j := http.get("/admin/models/dead-model/profile").json())["status"] != "running"
                         and j, 120, "the dead model's profiling job")
             assert job["status"] == "not_activated", job
-            assert job["result"]["failed"] == len(art.val_prompt_ids) and job["result"]["errors"]
+            # it gives up after the first 20 failures (those in flight finish): the other prompts are never sent
+            assert 20 <= job["result"]["failed"] < len(art.val_prompt_ids) and job["result"]["errors"]
+            assert "first 20 answers all failed" in job["result"]["stopped"]
             assert job["result"]["short_clusters"]
             assert job["result"]["graded"] == 0 and "not activated" in job["result"]["message"]
             assert http.get("/admin/models/dead-model").json()["profile"] is None
@@ -193,3 +203,52 @@ def test_onboarding_on_mmlu_pro(tmp_path: Path, shared_dataset: Path) -> None:
     # on a cold cache (the generated-data variant above exercises MiniLM through the same path)
     _onboard(tmp_path, shared_dataset, "Phi-3-mini-4k-instruct", val_size=300, k="auto", min_per_cluster=3,
              embedder="static")
+
+
+
+def _uniroute(argv: list[str], cwd: Path, env: dict[str, str], timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway.cli.main", *argv], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout_s)
+
+
+# ------------------------------------------------------- a model that rejects every call, from the CLI
+def test_profile_cli_gives_up_on_a_model_that_rejects_every_call(tmp_path: Path) -> None:
+    dataset = make_synthetic_dataset(tmp_path / "dataset", n_prompts=40, seed=1)
+    n = 120
+    art = RouterArtifact(embedder_id="t", k=2, centroids=np.eye(2), theta=None,
+                         val_prompt_ids=[f"p{i}" for i in range(n)], val_prompts=[f"question {i}" for i in range(n)],
+                         val_embeddings=np.array([[1.0, 0.0] if i % 2 else [0.0, 1.0] for i in range(n)]),
+                         training_set_hash="h", variant="kmeans", val_answers=["A"] * n)
+    art.save(tmp_path / "art")
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "database_url": f"sqlite:///{tmp_path / 'gw.db'}",
+        "router": {"policy": "uniroute", "artifact": str(tmp_path / "art"), "variant": "kmeans"},
+        "profiling": {"attempts": 2, "concurrency": 8}}))
+    env = server_env(UNIROUTE_CONFIG=str(cfg))
+    env.pop("UNIROUTE_DATABASE_URL", None)
+    with replay_upstream(dataset, "--fail", "small-general=500") as replay:
+        for name, api_base, seen in (("failing", replay, "injected server error"),
+                                     ("refused", f"http://127.0.0.1:{free_port()}/v1", "connection error")):
+            assert _uniroute(["models", "add", name, "--litellm-model", "openai/small-general", "--api-base",
+                              api_base, "--api-key", "replay", "--router-cost", "1"], tmp_path, env).returncode == 0
+            done = _uniroute(["profile", name], tmp_path, env, timeout_s=300)
+            assert done.returncode == 2, (done.stdout, done.stderr[-3000:])
+            assert "Traceback" not in done.stderr and "Unclosed" not in done.stderr, done.stderr[-3000:]
+            assert f"'{name}' not activated: profiling gave up after the first 20 answers all failed" in done.stdout
+            assert "prompts not asked" in done.stdout and "run again" in done.stdout
+            assert f"most often: 502 model '{name}' failed upstream: " in done.stdout and seen in done.stdout
+            store = Store(f"sqlite:///{tmp_path / 'gw.db'}")
+            try:
+                failed = outcome_rows(store, art.version, name)
+                assert 20 <= len(failed) < n and all(o.score is None and o.error for o in failed)
+                assert catalog.active_profiles(store, catalog.profile_key(art.version, "kmeans")) == {}
+            finally:
+                store.dispose()
+    # an unset variable in the stored model: one line saying what to do, no traceback
+    assert _uniroute(["models", "update", "failing", "--api-key", "os.environ/UNIROUTE_TEST_UNSET_KEY"], tmp_path,
+                     env).returncode == 0
+    done = _uniroute(["profile", "failing"], tmp_path, env)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("error: "), done.stderr
+    assert "UNIROUTE_TEST_UNSET_KEY is not set" in done.stderr and "models update failing" in done.stderr
