@@ -1,7 +1,7 @@
 """``uniroute profile MODEL`` and ``uniroute reprofile``.
 
 Errors are not caught here: :func:`gateway.cli.main.main` prints every one of them as one
-``error: ...`` line (exit code 1, or 2 for a config error).
+``error: ...`` line (exit status 1).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every CLI error is one ``error: ...`` line on stderr with exit code 1 (2: a config error), never a traceback."""
+"""Every CLI error is one ``error: ...`` line on stderr with exit status 1, never a traceback."""
 
 from __future__ import annotations
 
@@ -32,12 +32,12 @@ def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
     return err[0]
 
 
-def test_config_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli(["profile", "m", "--config", str(tmp_path / "nope.yaml")]) == 2
+def test_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["profile", "m", "--config", str(tmp_path / "nope.yaml")]) == 1
     assert "config file" in _one_error_line(capsys)
     cfg = _config(tmp_path, models=[{"name": "m", "router_cost": 1.0, "litellm_params": {
         "model": "openai/m", "api_key": "os.environ/UNIROUTE_TEST_UNSET_KEY"}}])
-    assert cli(["reprofile", "--config", str(cfg)]) == 2
+    assert cli(["reprofile", "--config", str(cfg)]) == 1
     assert "environment variable UNIROUTE_TEST_UNSET_KEY is not set" in _one_error_line(capsys)
 
 
@@ -67,14 +67,14 @@ def test_reprofile_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     line = _one_error_line(capsys)
     assert "cannot use the database" in line and "database_url" in line
     bad_url = _config(tmp_path, database_url="not a url")
-    assert cli(["reprofile", "--config", str(bad_url)]) == 2
+    assert cli(["reprofile", "--config", str(bad_url)]) == 1
     assert "database_url" in _one_error_line(capsys)
 
 
 def test_unexpected_errors_are_one_line_too(capsys: pytest.CaptureFixture[str],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    message, code = error_line(RuntimeError("boom\n  at line 2"))
-    assert code == 1 and message.startswith("RuntimeError: boom (unexpected") and "\n" not in message
+    message = error_line(RuntimeError("boom\n  at line 2"))
+    assert message.startswith("RuntimeError: boom (unexpected") and "\n" not in message
     import profiling.cli
 
     def broken(args: Any) -> int:

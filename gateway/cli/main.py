@@ -211,29 +211,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def error_line(exc: Exception) -> tuple[str, int]:
-    """What a command that raised ``exc`` prints (one line, after ``error: ``) and its exit code:
-    2 for a config error (a missing or invalid file, an unset environment variable), else 1."""
-    from gateway.config import ConfigError
+def error_line(exc: Exception) -> str:
+    """What a command that raised ``exc`` prints after ``error: `` (one line): the message of an expected
+    failure — a refused request (any GatewayError), a bad or missing config or an unset variable (ConfigError
+    and other ValueErrors), the database, a migration revision, a file — else the exception's type and first line.
+    """
     from gateway.errors import GatewayError
 
-    if isinstance(exc, ConfigError):
-        return str(exc), 2
     if isinstance(exc, GatewayError):
-        return exc.message, 1
-    sa_exc = sys.modules.get("sqlalchemy.exc")  # loaded by every command that opens the database
-    if sa_exc is not None and isinstance(exc, sa_exc.ArgumentError):
-        return f"database_url: {exc}", 2
-    if sa_exc is not None and isinstance(exc, sa_exc.DBAPIError):
-        from gateway.store.engine import DATABASE_URL_ENV as env
+        return exc.message
+    sa_exc = sys.modules.get("sqlalchemy.exc")  # only loaded modules can have raised: nothing is imported here
+    if sa_exc is not None and isinstance(exc, sa_exc.SQLAlchemyError):
+        from gateway.store.engine import DATABASE_URL_ENV
 
+        if isinstance(exc, sa_exc.ArgumentError):
+            return f"database_url: {exc}"
         if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
             return (f"cannot use the database ({_first_line(exc.orig)}): check database_url in the config (or "
-                    f"${env}) and that the database is running"), 1
-        return f"database error ({_first_line(exc.orig)}); `uniroute db upgrade` brings the schema up to date", 1
-    if isinstance(exc, OSError):
-        return str(exc), 1
-    return f"{type(exc).__name__}: {_first_line(exc)} (unexpected: UNIROUTE_DEBUG=1 shows the traceback)", 1
+                    f"${DATABASE_URL_ENV}) and that the database is running")
+        if isinstance(exc, sa_exc.DBAPIError):
+            return f"database error ({_first_line(exc.orig)}); `uniroute db upgrade` brings the schema up to date"
+        return f"database: {type(exc).__name__}: {_first_line(exc)}"
+    expected: tuple[type[BaseException], ...] = (ValueError, OSError)  # ConfigError is a ValueError
+    for module, name in (("alembic.util", "CommandError"), ("yaml", "YAMLError")):
+        if (cls := getattr(sys.modules.get(module), name, None)) is not None:
+            expected += (cls,)
+    if isinstance(exc, expected):
+        return str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {_first_line(exc)} (unexpected: UNIROUTE_DEBUG=1 shows the traceback)"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -242,8 +247,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command. Whatever it raises is printed as one ``error: ...`` line on stderr, never a
-    traceback (``UNIROUTE_DEBUG=1`` re-raises it)."""
+    """Run one command. Whatever it raises is printed as one ``error: ...`` line on stderr (exit status 1),
+    never as a traceback (``UNIROUTE_DEBUG=1`` re-raises it)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
@@ -254,9 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("UNIROUTE_DEBUG"):
             raise
-        message, code = error_line(exc)
-        print("error: " + " ".join(message.split()), file=sys.stderr)
-        return code
+        print("error: " + " ".join(error_line(exc).split()), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
