@@ -123,12 +123,13 @@ def create_app(
             authenticator=authenticator or acc.authenticator,
             rate_limiter=rate_limiter or acc.rate_limiter, budget=budget or acc.budget, sink=sink or acc.sink,
         )
+        # profiling joins the gateway here only: the admin handlers reach it through these two objects
         from profiling.jobs import ProfilingJobs
-        from profiling.schedule import ReprofileScheduler
+        from profiling.schedule import Reprofiler, ReprofileScheduler
 
         app.state.profiling = ProfilingJobs(config, acc.store, forwarder, key)
-        scheduler = ReprofileScheduler(config, acc.store, key)
-        app.state.reprofile = scheduler
+        app.state.reprofiler = Reprofiler(config, acc.store, key)
+        scheduler = ReprofileScheduler(app.state.reprofiler)
         scheduler.start()
         try:
             yield

@@ -20,25 +20,21 @@ Used by ``uniroute profile MODEL`` and by ``POST /admin/models/{name}/profile``:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import logging
-import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import sqlalchemy as sa
 
-from gateway.config import GatewayConfig
+from gateway.config import ConfigError, GatewayConfig
 from gateway.errors import GatewayError, InvalidRequestError
 from gateway.serving.registry import ModelEntry
+from gateway.spec import ModelSpec
 from gateway.store import models as catalog
+from gateway.store import profiling as profiling_sql
 from gateway.store.engine import Store
-from gateway.store.tables import ProfileOutcome
 from profiling.graders import GRADERS, get_grader
 from profiling.runner import (
     Completion,
@@ -63,35 +59,19 @@ class SqlOutcomeStore:
         self.router_version = router_version
 
     def completed(self, model: str, prompt_ids: Sequence[str]) -> set[str]:
-        wanted = set(prompt_ids)
-        with self.store.session() as s:
-            rows = s.scalars(sa.select(ProfileOutcome.prompt_id).where(
-                ProfileOutcome.model_name == model, ProfileOutcome.router_version == self.router_version,
-                ProfileOutcome.score.is_not(None)))
-            return {pid for pid in rows if pid in wanted}
+        return profiling_sql.graded_prompt_ids(self.store, self.router_version, model) & set(prompt_ids)
 
     def record(self, outcome: Outcome) -> None:
-        with self.store.session() as s:
-            s.execute(sa.delete(ProfileOutcome).where(
-                ProfileOutcome.model_name == outcome.model, ProfileOutcome.router_version == self.router_version,
-                ProfileOutcome.prompt_id == outcome.prompt_id))
-            s.add(ProfileOutcome(model_name=outcome.model, router_version=self.router_version,
-                                 prompt_id=outcome.prompt_id, cluster=outcome.cluster, score=outcome.score,
-                                 answer=(outcome.answer or None) and outcome.answer[:4000],
-                                 cost_usd=outcome.cost_usd, error=outcome.error and outcome.error[:250]))
+        profiling_sql.record_outcome(self.store, self.router_version, model=outcome.model,
+                                     prompt_id=outcome.prompt_id, cluster=outcome.cluster, score=outcome.score,
+                                     answer=outcome.answer, cost_usd=outcome.cost_usd, error=outcome.error)
 
     def outcomes(self, model: str) -> list[Outcome]:
-        with self.store.session() as s:
-            rows = s.scalars(sa.select(ProfileOutcome).where(
-                ProfileOutcome.model_name == model, ProfileOutcome.router_version == self.router_version))
-            return [Outcome(r.model_name, r.prompt_id, r.cluster, r.score, r.answer or "", r.cost_usd, r.error)
-                    for r in rows]
+        return [Outcome(r.model_name, r.prompt_id, r.cluster, r.score, r.answer or "", r.cost_usd, r.error)
+                for r in profiling_sql.outcome_rows(self.store, self.router_version, model)]
 
     def reset(self, model: str) -> int:
-        with self.store.session() as s:
-            res = s.execute(sa.delete(ProfileOutcome).where(
-                ProfileOutcome.model_name == model, ProfileOutcome.router_version == self.router_version))
-            return int(getattr(res, "rowcount", 0) or 0)
+        return profiling_sql.delete_outcomes(self.store, self.router_version, model)
 
 
 # -------------------------------------------------------------------------------- completer
@@ -147,6 +127,7 @@ class ProfilingResult:
             "partial": self.partial, "message": self.message,
             "prompts": r.total, "graded": r.graded, "failed": r.failed, "already_done": r.skipped,
             "cost_usd": round(r.cost_usd, 8), "seconds": round(r.seconds, 3), "errors": r.errors,
+            "stopped": r.stopped,
             "graded_per_cluster": self.graded_per_cluster, "short_clusters": self.short_clusters,
             "min_graded_per_cluster": self.min_graded_per_cluster, "profile_versions": self.profile_versions,
             "psi": self.psi,
@@ -202,7 +183,7 @@ async def run_profiling(
     art: RouterArtifact = artifact if artifact is not None else await asyncio.to_thread(load_artifact, config)
     variant = config.router.variant
     spec = catalog.spec_from_row(await asyncio.to_thread(catalog.get_model, store, model))  # 404: the known ones
-    entries = {model: ModelEntry.from_spec(spec)}
+    entries = {model: _entry(spec)}
     grader_name = grader or pc.grader
     if grader_name not in GRADERS:
         raise InvalidRequestError(f"unknown grader {grader_name!r}; known: {', '.join(GRADERS)}", param="grader")
@@ -211,7 +192,7 @@ async def run_profiling(
         if not pc.judge_model:
             raise InvalidRequestError("grader 'judge' needs profiling.judge_model in config.yaml", param="grader")
         judge_spec = catalog.spec_from_row(await asyncio.to_thread(catalog.get_model, store, pc.judge_model))
-        entries[judge_spec.name] = ModelEntry.from_spec(judge_spec)
+        entries[judge_spec.name] = _entry(judge_spec)
     complete = ForwarderCompleter(forwarder, entries, max_tokens=pc.max_tokens)
     if grader_name == "judge":
         assert pc.judge_model is not None
@@ -234,6 +215,16 @@ async def run_profiling(
                                    allow_partial)
 
 
+def _entry(spec: ModelSpec) -> ModelEntry:
+    """The registry entry of a stored model; an unset ``os.environ/NAME`` in its params is a 400 saying what to do."""
+    try:
+        return ModelEntry.from_spec(spec)
+    except ConfigError as exc:
+        raise InvalidRequestError(f"{exc}: set it where profiling runs, or change the model's litellm_params "
+                                  f"(`uniroute models update {spec.name} ...`, PATCH /admin/models/{spec.name})",
+                                  code="unset_variable") from None
+
+
 def _finish(config: GatewayConfig, store: Store, art: RouterArtifact, cost: float, model: str,
             prompts: Sequence[ValidationPrompt], outcomes: SqlOutcomeStore, report: RunReport,
             allow_partial: bool) -> ProfilingResult:
@@ -249,6 +240,10 @@ def _finish(config: GatewayConfig, store: Store, art: RouterArtifact, cost: floa
     res = ProfilingResult(model=model, router_version=art.version, report=report,
                           graded_per_cluster=per_cluster.tolist(), short_clusters=short,
                           min_graded_per_cluster=pc.min_graded_per_cluster)
+    if report.stopped:
+        res.message = (f"{model!r} not activated: profiling {report.stopped}. Check the model's litellm_params "
+                       "(model name, api_base, api_key) and its upstream, then run again (it resumes)")
+        return res
     if not graded:
         res.message = f"no graded answer for {model!r}: not activated ({report.failed} failures)"
         return res
@@ -270,59 +265,3 @@ def _finish(config: GatewayConfig, store: Store, art: RouterArtifact, cost: floa
                    + (f" — PARTIAL: clusters {short} below {pc.min_graded_per_cluster} graded answers, "
                       f"{len(prompts) - len(graded)} prompts ungraded" if res.partial else ""))
     return res
-
-
-# ------------------------------------------------------------------------------------- CLI
-def profile_command(args: argparse.Namespace) -> int:
-    """``uniroute profile MODEL``."""
-    from tqdm import tqdm
-
-    from gateway.config import load_config
-    from gateway.serving.forwarding import Forwarder
-
-    config = load_config(args.config)
-    store = Store(config.database_url)
-    store.upgrade()
-    t0 = time.perf_counter()
-    bar: Any = None
-
-    def on_start(total: int, done: int) -> None:
-        nonlocal bar
-        bar = tqdm(total=total, initial=done, desc=f"profiling {args.model}", unit="prompt", file=sys.stderr,
-                   dynamic_ncols=True)
-
-    def progress(r: RunReport) -> None:
-        if bar is not None:
-            bar.update(r.skipped + r.graded + r.failed - bar.n)
-            bar.set_postfix(cost=f"${r.cost_usd:.4f}", failed=r.failed, refresh=False)
-
-    try:
-        if args.restart:
-            art = load_artifact(config)
-            n = SqlOutcomeStore(store, art.version).reset(args.model)
-            print(f"deleted {n} stored outcomes of {args.model}", file=sys.stderr)
-        answers = dataset_answers(args.dataset) if args.dataset else None
-        result = asyncio.run(run_profiling(
-            config, store, Forwarder(max_attempts=1), args.model, grader=args.grader, concurrency=args.concurrency,
-            allow_partial=args.allow_partial, answers=answers, progress=progress, on_start=on_start))
-    except GatewayError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 1
-    finally:
-        if bar is not None:
-            bar.close()
-        store.dispose()
-    wall = time.perf_counter() - t0
-    out = result.as_dict()
-    out["wall_seconds"] = round(wall, 3)
-    print(json.dumps(out, indent=1) if args.json else _format(result, wall))
-    if result.partial:
-        print(f"WARNING: {args.model} was activated on PARTIAL data ({result.message})", file=sys.stderr)
-    return 0 if result.activated else 2
-
-
-def _format(r: ProfilingResult, wall: float) -> str:
-    lines = [r.report.summary(), f"wall time {wall:.2f}s", f"graded per cluster: {r.graded_per_cluster}", r.message]
-    if r.psi is not None:
-        lines.append("Ψ: [" + ", ".join(f"{v:.3f}" for v in r.psi) + "]")
-    return "\n".join(lines)

@@ -9,6 +9,10 @@ skipped.
 Concurrency is bounded. A failed call is retried with exponential backoff and jitter; an
 upstream 429 waits at least its ``Retry-After``. A prompt that still fails is recorded as
 a failure (no score) and reported; it never counts as a wrong answer.
+
+A run gives up early when its first ``give_up_after`` answers (default 20, or every prompt
+when there are fewer) all failed: a model that rejects every call (a wrong name, key or
+address) is not asked the remaining prompts. ``RunReport.stopped`` then says why.
 """
 
 from __future__ import annotations
@@ -106,11 +110,15 @@ class RunReport:
     cost_usd: float = 0.0
     seconds: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)  # error message (truncated) -> count
+    stopped: str | None = None  # why the run gave up before asking every prompt
 
     def summary(self) -> str:
         errs = "; ".join(f"{n}× {msg}" for msg, n in sorted(self.errors.items(), key=lambda kv: -kv[1])[:5])
         return (f"{self.model}: {self.graded} graded, {self.failed} failed, {self.skipped} already done "
                 f"of {self.total} in {self.seconds:.1f}s, cost ${self.cost_usd:.4f}" + (f"; errors: {errs}" if errs else ""))
+
+    def most_common_error(self) -> str | None:
+        return max(self.errors.items(), key=lambda kv: kv[1])[0] if self.errors else None
 
 
 @dataclass(frozen=True)
@@ -137,13 +145,19 @@ async def profile_model(
     concurrency: int = 8,
     retry: RetryPolicy | None = None,
     progress: ProgressCallback | None = None,
+    give_up_after: int = 20,
 ) -> RunReport:
-    """Run every not-yet-graded prompt through ``model``; return what happened."""
+    """Run every not-yet-graded prompt through ``model``; return what happened.
+
+    Gives up (``report.stopped``) when the first ``min(give_up_after, prompts to ask)`` answers all
+    failed and prompts remain; the answers in flight then finish without further retries. 0: never.
+    """
     retry = retry or RetryPolicy()
     report = RunReport(model=model, total=len(prompts))
     done = store.completed(model, [p.prompt_id for p in prompts])
     todo = [p for p in prompts if p.prompt_id not in done]
     report.skipped = len(prompts) - len(todo)
+    give_up = min(give_up_after, len(todo))
     started = time.perf_counter()
     queue: asyncio.Queue[ValidationPrompt] = asyncio.Queue()
     for p in todo:
@@ -156,7 +170,7 @@ async def profile_model(
                 result = await complete(model, p.text)
             except CompletionFailed as exc:
                 last_error = str(exc)[:200]
-                if not exc.retryable or attempt == retry.attempts - 1:
+                if not exc.retryable or attempt == retry.attempts - 1 or report.stopped:
                     break
                 await asyncio.sleep(retry.delay(attempt, exc.retry_after))
                 continue
@@ -168,7 +182,7 @@ async def profile_model(
         return Outcome(model, p.prompt_id, p.cluster, None, error=last_error)
 
     async def worker() -> None:
-        while True:
+        while not report.stopped:
             try:
                 p = queue.get_nowait()
             except asyncio.QueueEmpty:
@@ -183,6 +197,10 @@ async def profile_model(
                 report.errors[key] = report.errors.get(key, 0) + 1
             else:
                 report.graded += 1
+            if give_up and not report.stopped and report.graded == 0 and report.failed >= give_up \
+                    and not queue.empty():
+                report.stopped = (f"gave up after the first {report.failed} answers all failed "
+                                  f"(most often: {report.most_common_error()}); {queue.qsize()} prompts not asked")
             report.seconds = time.perf_counter() - started
             if progress is not None:
                 progress(report)

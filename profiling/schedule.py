@@ -1,7 +1,8 @@
 """Re-profiling: every model's Ψ from its validation outcomes (the prior) plus logged feedback.
 
-Run by ``uniroute reprofile`` and, inside ``serve``, every ``profiling.reprofile_interval_s``
-seconds by the replica that holds the ``reprofile`` database lease (:mod:`gateway.store.lease`).
+Run by ``uniroute reprofile``, ``POST /admin/reprofile`` and, inside ``serve``, every
+``profiling.reprofile_interval_s`` seconds, all through :meth:`Reprofiler.run_once`: one pass at a
+time across replicas, under the ``reprofile`` database lease (:mod:`gateway.store.lease`).
 
 Per model with an active profile for the router key (artifact version + variant):
 
@@ -19,64 +20,48 @@ history. The drift report ranks the (model, cluster) pairs by |ΔΨ| and is kept
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import logging
 import os
 import socket
-import sys
+import threading
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-import sqlalchemy as sa
 
 from gateway.config import GatewayConfig
+from gateway.errors import ConflictError, InvalidRequestError
 from gateway.store import lease
 from gateway.store import models as catalog
+from gateway.store import profiling as profiling_sql
 from gateway.store.engine import Store
-from gateway.store.tables import Feedback, ProfileRow, ReprofileRun, RequestRow, utcnow
 from gateway.tasks import cancel_and_wait
 from profiling.reprofile import ClusterFeedback, drift_report, format_drift, reprofile
 
 logger = logging.getLogger("uniroute.reprofile")
 LEASE_NAME = "reprofile"
-PRIOR_SOURCES = ("validation", "validation-partial", "import")
-
-
-def _feedback_by_model(store: Store, k: int) -> dict[str, list[ClusterFeedback]]:
-    out: dict[str, list[ClusterFeedback]] = {}
-    with store.session() as s:
-        q = (sa.select(RequestRow.routed_model, RequestRow.cluster, Feedback.score)
-             .join(RequestRow, RequestRow.request_id == Feedback.request_id)
-             .where(RequestRow.routed_model.is_not(None), RequestRow.cluster.is_not(None),
-                    RequestRow.status_code == 200,
-                    sa.or_(RequestRow.key_id == Feedback.key_id,
-                           sa.and_(RequestRow.key_id.is_(None), Feedback.key_id.is_(None)))))
-        for model, cluster, score in s.execute(q):
-            if cluster is not None and 0 <= int(cluster) < k:
-                out.setdefault(str(model), []).append(ClusterFeedback(int(cluster), float(score)))
-    return out
 
 
 def run_reprofile(store: Store, key: str, *, feedback_weight: float = 1.0, max_feedback_weight_ratio: float = 4.0,
                   holder: str = "cli", top: int = 10) -> dict[str, Any]:
-    """One pass over every profiled model; returns (and stores) the report with its drift table."""
-    started = utcnow()
+    """One pass over every profiled model; returns (and stores) the report with its drift table.
+
+    Takes no lease: call it through :meth:`Reprofiler.run_once`.
+    """
+    started = datetime.now(UTC)
     active = catalog.active_profiles(store, key)
     report: dict[str, Any] = {"router": key, "models": {}, "drift": []}
     if not active:
         report["message"] = f"no active profile for router {key}"
     else:
         k = len(next(iter(active.values())).psi)
-        feedback = _feedback_by_model(store, k)
+        feedback = {name: [ClusterFeedback(c, score) for c, score in rows]
+                    for name, rows in profiling_sql.feedback_by_model(store, k).items()}
         changes: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for name, cur in sorted(active.items()):
-            with store.session() as s:
-                prior = s.scalars(sa.select(ProfileRow).where(
-                    ProfileRow.model_name == name, ProfileRow.router_version == key,
-                    ProfileRow.source.in_(PRIOR_SOURCES)).order_by(ProfileRow.version.desc())).first()
+            prior = profiling_sql.latest_prior(store, name, key)
             if prior is None:
                 report["models"][name] = {"status": "skipped: no validation profile (prior)"}
                 continue
@@ -94,20 +79,8 @@ def run_reprofile(store: Store, key: str, *, feedback_weight: float = 1.0, max_f
         report["drift"] = [{"model": d.model, "cluster": d.cluster, "before": d.before, "after": d.after,
                             "change": d.change, "feedback": d.feedback}
                            for d in drift_report(changes, top=top, min_change=1e-9)]
-    with store.session() as s:
-        s.add(ReprofileRun(holder=holder, router_version=key, started_at=started, finished_at=utcnow(),
-                           report=report))
+    profiling_sql.save_reprofile_run(store, holder=holder, key=key, started_at=started, report=report)
     return report
-
-
-def last_report(store: Store) -> dict[str, Any] | None:
-    with store.session() as s:
-        row = s.scalars(sa.select(ReprofileRun).order_by(ReprofileRun.id.desc())).first()
-        if row is None:
-            return None
-        return {"id": row.id, "holder": row.holder, "router": row.router_version,
-                "started_at": row.started_at.isoformat(),
-                "finished_at": row.finished_at.isoformat() if row.finished_at else None, **row.report}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -127,33 +100,71 @@ def router_key(config: GatewayConfig) -> str:
     return catalog.profile_key(load_artifact(config).version, config.router.variant)
 
 
-class ReprofileScheduler:
-    """The periodic job inside ``serve``; only the lease holder runs a pass."""
+class Reprofiler:
+    """The one way to run a re-profiling pass: the admin endpoint, the scheduled job and the CLI call
+    :meth:`run_once`.
 
-    def __init__(self, config: GatewayConfig, store: Store, key: str | None) -> None:
+    The ``reprofile`` lease means "a pass is running": it is taken for the pass (``lease_ttl_s``,
+    which only matters when the holder dies mid-pass) and released as soon as the pass ends. What
+    keeps replicas from repeating each other's scheduled passes is ``min_interval_s``: the last pass
+    for the router key (by any holder) is read under the lease.
+    """
+
+    def __init__(self, config: GatewayConfig, store: Store, key: str | None, *, holder: str | None = None) -> None:
         self.config = config
         self.store = store
         self.key = key
-        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._running = threading.Lock()  # the lease admits its holder again: one pass per Reprofiler too
+
+    def run_once(self, *, min_interval_s: float = 0.0, top: int = 10) -> dict[str, Any] | None:
+        """Take the lease, run a pass, release the lease; return the pass's report (blocking: call it in a thread).
+
+        None when no pass ran: another holder has the lease, or a pass for this router key finished
+        less than ``min_interval_s`` seconds ago.
+        """
+        if self.key is None:
+            raise InvalidRequestError("re-profiling needs the UniRoute router (router.policy: uniroute)",
+                                      code="no_router")
+        pc = self.config.profiling
+        if not self._running.acquire(blocking=False):
+            return None
+        try:
+            if not lease.acquire(self.store, LEASE_NAME, self.holder, pc.lease_ttl_s):
+                return None
+            try:
+                if min_interval_s > 0:
+                    age = profiling_sql.seconds_since_last_reprofile(self.store, self.key)
+                    if age is not None and age < min_interval_s:
+                        return None
+                return run_reprofile(self.store, self.key, feedback_weight=pc.feedback_weight,
+                                     max_feedback_weight_ratio=pc.max_feedback_weight_ratio, holder=self.holder,
+                                     top=top)
+            finally:
+                lease.release(self.store, LEASE_NAME, self.holder)
+        finally:
+            self._running.release()
+
+    def busy_error(self) -> ConflictError:
+        """The error for a pass refused because another holder has the lease (409; the CLI exits 1)."""
+        holder = lease.holder_of(self.store, LEASE_NAME) or "another replica"
+        return ConflictError(f"re-profiling is running on {holder}; try again later", code="lease_held")
+
+
+class ReprofileScheduler:
+    """The periodic job inside ``serve``: every ``profiling.reprofile_interval_s`` seconds a pass through
+    :meth:`Reprofiler.run_once`, skipped when any replica ran one less than an interval ago."""
+
+    def __init__(self, reprofiler: Reprofiler) -> None:
+        self.reprofiler = reprofiler
+        self.interval_s = reprofiler.config.profiling.reprofile_interval_s
         self._task: asyncio.Task[None] | None = None
 
-    def run_once(self) -> dict[str, Any] | None:
-        """A pass if this replica gets the lease (blocking; call in a thread)."""
-        pc = self.config.profiling
-        if self.key is None:
-            return None
-        # the lease is kept until it expires (not released), so another replica does not repeat the pass
-        if not lease.acquire(self.store, LEASE_NAME, self.holder, min(pc.lease_ttl_s, pc.reprofile_interval_s or
-                                                                          pc.lease_ttl_s)):
-            return None
-        return run_reprofile(self.store, self.key, feedback_weight=pc.feedback_weight,
-                             max_feedback_weight_ratio=pc.max_feedback_weight_ratio, holder=self.holder)
-
-    async def _loop(self, interval: float) -> None:
+    async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.interval_s)
             try:
-                report = await asyncio.to_thread(self.run_once)
+                report = await asyncio.to_thread(self.reprofiler.run_once, min_interval_s=self.interval_s)
                 if report is not None:
                     updated = [m for m, e in report["models"].items() if e.get("status") == "updated"]
                     logger.info("re-profiling: %d models, %d updated", len(report["models"]), len(updated))
@@ -161,41 +172,9 @@ class ReprofileScheduler:
                 logger.exception("re-profiling pass failed")
 
     def start(self) -> None:
-        interval = self.config.profiling.reprofile_interval_s
-        if interval > 0 and self.key is not None:
-            self._task = asyncio.get_running_loop().create_task(self._loop(interval), name="reprofile")
+        if self.interval_s > 0 and self.reprofiler.key is not None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="reprofile")
 
     async def aclose(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
-
-
-def reprofile_command(args: argparse.Namespace) -> int:
-    """``uniroute reprofile``: one pass now (waits for nobody: takes the lease or says who holds it)."""
-    from gateway.config import load_config
-    from gateway.errors import GatewayError
-
-    config = load_config(args.config)
-    store = Store(config.database_url)
-    try:
-        store.upgrade()
-        try:
-            key = router_key(config)
-        except GatewayError as exc:
-            print(f"error: {exc.message}", file=sys.stderr)
-            return 1
-        holder = f"cli:{socket.gethostname()}:{os.getpid()}"
-        if not lease.acquire(store, LEASE_NAME, holder, config.profiling.lease_ttl_s):
-            print(f"error: re-profiling is running on {lease.holder_of(store, LEASE_NAME)}; try again later",
-                  file=sys.stderr)
-            return 1
-        try:
-            pc = config.profiling
-            report = run_reprofile(store, key, feedback_weight=pc.feedback_weight,
-                                   max_feedback_weight_ratio=pc.max_feedback_weight_ratio, holder=holder, top=args.top)
-        finally:
-            lease.release(store, LEASE_NAME, holder)
-    finally:
-        store.dispose()
-    print(json.dumps(report, indent=1) if args.json else format_report(report))
-    return 0

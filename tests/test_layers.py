@@ -32,7 +32,8 @@ ALLOWED: dict[str, set[str]] = {
     "gateway.app": {"gateway", "gateway.http", "gateway.serving", "gateway.access", "gateway.store", "routing",
                     "profiling"},
     "routing": set(),
-    "profiling": {"gateway", "gateway.store", "gateway.serving", "routing"},
+    # profiling reaches models through the forwarder only: never the chat service (nor http/ or app.py)
+    "profiling": {"gateway", "gateway.store", "gateway.serving.forwarding", "gateway.serving.registry", "routing"},
     "replay": {"gateway", "routing"},
 }
 

@@ -9,12 +9,20 @@
 5. ``auto`` traffic on prompts where NEW is the best trade-off (argmin computed offline) reaches it.
 
 Two variants: generated data (MiniLM embedder) and the repository's MMLU-Pro benchmark (static embedder).
-Also: a model whose upstream is down is profiled, its failures reported, and it is not activated.
+Also: a model whose upstream is down is given up on after its first 20 failures, and it is not activated.
+
+The README's onboarding commands run as written against the demo's ``config.yaml`` (the repository's
+file, only its ports changed), on generated data and on the repository's benchmark; and ``uniroute profile``
+against a replay that fails every call gives up with a clear report, one-line errors and no unclosed
+HTTP session.
 """
 
 from __future__ import annotations
 
 import csv
+import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,12 +31,15 @@ import httpx
 import numpy as np
 import yaml
 
+from gateway.store import models as catalog
+from gateway.store.engine import Store
+from gateway.store.profiling import outcome_rows
 from routing.artifact import RouterArtifact, UniRoutePolicy
 from routing.dataset import load_dataset
 from routing.policy import PoolModel
 from routing.profiles import load_profiles
 from routing.synthetic import make_synthetic_dataset
-from tests.procs import free_port, replay_upstream, running, server_env
+from tests.procs import ROOT, free_port, replay_upstream, running, server_env
 
 ADMIN = "sk-admin-onboarding-test"
 VARIANT = "learnedmap"
@@ -107,7 +118,9 @@ def _onboard(tmp: Path, dataset: Path, new: str, *, val_size: int, k: str, min_p
             job = _wait(lambda: (j := http.get("/admin/models/dead-model/profile").json())["status"] != "running"
                         and j, 120, "the dead model's profiling job")
             assert job["status"] == "not_activated", job
-            assert job["result"]["failed"] == len(art.val_prompt_ids) and job["result"]["errors"]
+            # it gives up after the first 20 failures (those in flight finish): the other prompts are never sent
+            assert 20 <= job["result"]["failed"] < len(art.val_prompt_ids) and job["result"]["errors"]
+            assert "first 20 answers all failed" in job["result"]["stopped"]
             assert job["result"]["short_clusters"]
             assert job["result"]["graded"] == 0 and "not activated" in job["result"]["message"]
             assert http.get("/admin/models/dead-model").json()["profile"] is None
@@ -193,3 +206,138 @@ def test_onboarding_on_mmlu_pro(tmp_path: Path, shared_dataset: Path) -> None:
     # on a cold cache (the generated-data variant above exercises MiniLM through the same path)
     _onboard(tmp_path, shared_dataset, "Phi-3-mini-4k-instruct", val_size=300, k="auto", min_per_cluster=3,
              embedder="static")
+
+
+
+# ------------------------------------------------------------------ the README's onboarding example
+README_MODEL = "Phi-3-mini-4k-instruct"  # the replay model the README registers as my-model
+DEMO_REPLAY = "http://127.0.0.1:8100/v1"
+
+
+def _readme_commands() -> list[list[str]]:
+    """The first bash block of the README's "Adding a model" section, one argv per command."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Adding a model"):]
+    block = section[section.index("```bash\n") + len("```bash\n"):]
+    block = block[:block.index("```")].replace("\\\n", " ")
+    commands = [shlex.split(line) for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert commands and all(c[0] == "uniroute" for c in commands), commands
+    return commands
+
+
+def _uniroute(argv: list[str], cwd: Path, env: dict[str, str], timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway.cli.main", *argv], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout_s)
+
+
+def _demo_config(tmp: Path, replay: str) -> tuple[Path, int]:
+    """The repository's config.yaml (the demo), in ``tmp`` (its SQLite file goes to tmp/var), on free ports."""
+    port = free_port()
+    text = (ROOT / "config.yaml").read_text(encoding="utf-8")
+    assert DEMO_REPLAY in text and "port: 8000" in text
+    (tmp / "config.yaml").write_text(text.replace(DEMO_REPLAY, replay).replace("port: 8000", f"port: {port}"))
+    (tmp / "var").mkdir(exist_ok=True)
+    return tmp / "config.yaml", port
+
+
+def _readme_onboarding(tmp: Path, dataset: Path, artifact: Path) -> None:
+    commands = _readme_commands()
+    with replay_upstream(dataset) as replay:
+        cfg, port = _demo_config(tmp, replay)
+        env = server_env(UNIROUTE_DATASET=str(dataset), UNIROUTE_ROUTER_ARTIFACT=str(artifact))
+        env.pop("UNIROUTE_CONFIG", None)
+        env.pop("UNIROUTE_DATABASE_URL", None)
+        base = f"http://127.0.0.1:{port}"
+        with running(["-m", "gateway.cli.main", "serve", "--config", str(cfg)], f"{base}/health/readiness", env=env,
+                     timeout_s=120), httpx.Client(base_url=base, timeout=60) as http:
+            outputs = []
+            for argv in commands:  # from the config's folder, as the README says (./config.yaml)
+                done = _uniroute([a.replace(DEMO_REPLAY, replay) for a in argv[1:]], tmp, env)
+                assert done.returncode == 0, (argv, done.stdout[-2000:], done.stderr[-2000:])
+                assert "Traceback" not in done.stderr and "Unclosed" not in done.stderr, done.stderr[-2000:]
+                outputs.append(done.stdout)
+            profiled = next(out for argv, out in zip(commands, outputs, strict=True) if argv[1] == "profile")
+            assert "activated 'my-model'" in profiled, profiled
+            reprofiled = next(out for argv, out in zip(commands, outputs, strict=True) if argv[1] == "reprofile")
+            assert "my-model: unchanged (0 feedback)" in reprofiled, reprofiled
+
+            # the running gateway picks it up: callable by name, with Ψ measured from the replay's answers
+            _wait(lambda: "my-model" in {m["id"] for m in http.get("/v1/models").json()["data"]}, 15, "the poller")
+            art = RouterArtifact.load(artifact)
+            r = http.post("/v1/chat/completions", json={"model": "my-model", "messages": [
+                {"role": "user", "content": art.val_prompts[0]}]})
+            assert r.status_code == 200 and r.headers["x-uniroute-model"] == "my-model", r.text
+        store = Store(f"sqlite:///{tmp / 'var' / 'uniroute.db'}")
+        try:
+            active = catalog.active_profiles(store, catalog.profile_key(art.version, "learnedmap"))
+            assert active["my-model"].source == "validation"
+            # the same answers as the model it aliases, the same estimator: the Ψ router fit computed for it
+            assert np.allclose(active["my-model"].psi, active[README_MODEL].psi, atol=1e-6), (
+                active["my-model"].psi, active[README_MODEL].psi)
+            assert catalog.get_model(store, "my-model").routable
+        finally:
+            store.dispose()
+
+
+def test_readme_onboarding_on_generated_data(tmp_path: Path) -> None:
+    accuracy = {
+        "small-general": {"math": 0.4, "biology": 0.4, "law": 0.4, "history": 0.4},
+        "math-expert": {"math": 0.95, "biology": 0.2, "law": 0.2, "history": 0.2},
+        README_MODEL: {"math": 0.5, "biology": 0.9, "law": 0.6, "history": 0.3},
+        "large-general": {"math": 0.85, "biology": 0.85, "law": 0.85, "history": 0.85},
+    }
+    costs = {"small-general": 1.0, "math-expert": 2.0, README_MODEL: 3.8, "large-general": 20.0}
+    dataset = make_synthetic_dataset(tmp_path / "dataset", n_prompts=300, accuracy=accuracy, costs=costs, seed=5)
+    from gateway.cli.main import main as cli
+
+    artifact = tmp_path / "var" / "router"
+    assert cli(["router", "fit", "--dataset", str(dataset), "--out", str(artifact), "--val-size", "100",
+                "--k", "4"]) == 0
+    _readme_onboarding(tmp_path, dataset, artifact)
+
+
+def test_readme_onboarding_on_mmlu_pro(tmp_path: Path, shared_dataset: Path, shared_router_artifact: Path) -> None:
+    _readme_onboarding(tmp_path, shared_dataset, shared_router_artifact)
+
+
+# ------------------------------------------------------- a model that rejects every call, from the CLI
+def test_profile_cli_gives_up_on_a_model_that_rejects_every_call(tmp_path: Path) -> None:
+    dataset = make_synthetic_dataset(tmp_path / "dataset", n_prompts=40, seed=1)
+    n = 120
+    art = RouterArtifact(embedder_id="t", k=2, centroids=np.eye(2), theta=None,
+                         val_prompt_ids=[f"p{i}" for i in range(n)], val_prompts=[f"question {i}" for i in range(n)],
+                         val_embeddings=np.array([[1.0, 0.0] if i % 2 else [0.0, 1.0] for i in range(n)]),
+                         training_set_hash="h", variant="kmeans", val_answers=["A"] * n)
+    art.save(tmp_path / "art")
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "database_url": f"sqlite:///{tmp_path / 'gw.db'}",
+        "router": {"policy": "uniroute", "artifact": str(tmp_path / "art"), "variant": "kmeans"},
+        "profiling": {"attempts": 2, "concurrency": 8}}))
+    env = server_env(UNIROUTE_CONFIG=str(cfg))
+    env.pop("UNIROUTE_DATABASE_URL", None)
+    with replay_upstream(dataset, "--fail", "small-general=500") as replay:
+        for name, api_base, seen in (("failing", replay, "injected server error"),
+                                     ("refused", f"http://127.0.0.1:{free_port()}/v1", "connection error")):
+            assert _uniroute(["models", "add", name, "--litellm-model", "openai/small-general", "--api-base",
+                              api_base, "--api-key", "replay", "--router-cost", "1"], tmp_path, env).returncode == 0
+            done = _uniroute(["profile", name], tmp_path, env, timeout_s=300)
+            assert done.returncode == 2, (done.stdout, done.stderr[-3000:])
+            assert "Traceback" not in done.stderr and "Unclosed" not in done.stderr, done.stderr[-3000:]
+            assert f"'{name}' not activated: profiling gave up after the first 20 answers all failed" in done.stdout
+            assert "prompts not asked" in done.stdout and "run again" in done.stdout
+            assert f"most often: 502 model '{name}' failed upstream: " in done.stdout and seen in done.stdout
+            store = Store(f"sqlite:///{tmp_path / 'gw.db'}")
+            try:
+                failed = outcome_rows(store, art.version, name)
+                assert 20 <= len(failed) < n and all(o.score is None and o.error for o in failed)
+                assert catalog.active_profiles(store, catalog.profile_key(art.version, "kmeans")) == {}
+            finally:
+                store.dispose()
+    # an unset variable in the stored model: one line saying what to do, no traceback
+    assert _uniroute(["models", "update", "failing", "--api-key", "os.environ/UNIROUTE_TEST_UNSET_KEY"], tmp_path,
+                     env).returncode == 0
+    done = _uniroute(["profile", "failing"], tmp_path, env)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("error: "), done.stderr
+    assert "UNIROUTE_TEST_UNSET_KEY is not set" in done.stderr and "models update failing" in done.stderr

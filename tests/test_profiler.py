@@ -20,12 +20,12 @@ from routing.artifact import RouterArtifact
 N = 12
 
 
-def _artifact() -> RouterArtifact:
-    emb = np.array([[1.0, 0.0] if i % 2 == 0 else [0.0, 1.0] for i in range(N)])
+def _artifact(n: int = N) -> RouterArtifact:
+    emb = np.array([[1.0, 0.0] if i % 2 == 0 else [0.0, 1.0] for i in range(n)])
     return RouterArtifact(embedder_id="test", k=2, centroids=np.eye(2), theta=None,
-                          val_prompt_ids=[f"p{i}" for i in range(N)], val_prompts=[f"question {i}" for i in range(N)],
+                          val_prompt_ids=[f"p{i}" for i in range(n)], val_prompts=[f"question {i}" for i in range(n)],
                           val_embeddings=emb, training_set_hash="h", variant="kmeans",
-                          val_answers=["A" if i % 3 else "B" for i in range(N)])
+                          val_answers=["A" if i % 3 else "B" for i in range(n)])
 
 
 class FakeForwarder:
@@ -88,6 +88,18 @@ async def test_failures_block_activation_unless_partial(store: Store) -> None:
     assert res.activated and res.partial and "PARTIAL" in res.message
     assert catalog.active_profiles(store, catalog.profile_key(art.version, "kmeans"))["new"].source == \
         "validation-partial"
+
+
+async def test_a_model_that_rejects_every_call_is_given_up_on(store: Store) -> None:
+    art = _artifact(100)
+    fwd = FakeForwarder({f"question {i}" for i in range(100)})
+    res = await run_profiling(_config(1), store, fwd, "new", artifact=art, concurrency=4, allow_partial=True)
+    assert not res.activated and res.report.graded == 0 and 20 <= res.report.failed < 100
+    assert fwd.calls < 100 and res.report.stopped and "boom" in res.report.stopped
+    assert "not activated" in res.message and "first 20 answers all failed" in res.message
+    assert res.as_dict()["stopped"] == res.report.stopped
+    assert catalog.active_profiles(store, catalog.profile_key(art.version, "kmeans")) == {}
+    assert len(SqlOutcomeStore(store, art.version).outcomes("new")) == res.report.failed
 
 
 async def test_unknown_model_and_missing_answers(store: Store) -> None:

@@ -94,3 +94,24 @@ async def test_failures_are_recorded_not_scored() -> None:
 
 def test_retry_after_is_respected() -> None:
     assert RetryPolicy(base_delay_s=0.01).delay(0, retry_after=2.5) >= 2.5
+
+
+async def test_gives_up_when_the_first_answers_all_fail() -> None:
+    prompts = [ValidationPrompt(f"p{i}", f"question {i}", "A", i % 2) for i in range(200)]
+    store = MemoryOutcomeStore()
+    dead = Model(fatal={p.text for p in prompts})
+    report = await profile_model("m", prompts, complete=dead, grader=get_grader("multiple_choice"), store=store,
+                                 concurrency=4, retry=FAST)
+    assert report.graded == 0 and 20 <= report.failed < 20 + 4  # the 20th failure stops it; in-flight ones finish
+    assert sum(dead.calls.values()) == report.failed  # nothing else was asked
+    assert report.stopped and "first 20 answers all failed" in report.stopped
+    assert "upstream said 400" in report.stopped and f"{200 - report.failed} prompts not asked" in report.stopped
+    # one good answer among the first 20: no giving up
+    flaky = Model(fatal={p.text for p in prompts[1:30]})
+    report = await profile_model("m2", prompts[:40], complete=flaky, grader=get_grader("multiple_choice"),
+                                 store=store, concurrency=1, retry=FAST)
+    assert report.stopped is None and report.graded + report.failed == 40
+    # fewer prompts than the threshold, all failing: every one is asked, nothing left to give up on
+    report = await profile_model("m3", prompts[:5], complete=Model(fatal={p.text for p in prompts}),
+                                 grader=get_grader("multiple_choice"), store=store, retry=FAST)
+    assert report.failed == 5 and report.stopped is None

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 from gateway.config import parse_config
+from gateway.store import lease
 from gateway.store import models as catalog
 from gateway.store.engine import Store
+from gateway.store.profiling import last_reprofile_run
 from gateway.store.tables import Feedback, RequestRow
 from profiling.reprofile import ClusterFeedback, reprofile
-from profiling.schedule import ReprofileScheduler, last_report, run_reprofile
+from profiling.schedule import Reprofiler, run_reprofile
 
 KEY = catalog.profile_key("v1", "kmeans")
 
@@ -54,7 +56,7 @@ def test_reprofile_updates_versions_and_reports_drift(store: Store) -> None:
     again = run_reprofile(store, KEY)
     assert again["models"]["a"]["status"] == "unchanged" and again["drift"] == []
     assert catalog.active_profiles(store, KEY)["a"].version == 2
-    assert last_report(store)["models"]["a"]["status"] == "unchanged"  # type: ignore[index]
+    assert last_reprofile_run(store)["models"]["a"]["status"] == "unchanged"  # type: ignore[index]
 
 
 def test_feedback_from_another_key_is_ignored(store: Store) -> None:
@@ -63,20 +65,30 @@ def test_feedback_from_another_key_is_ignored(store: Store) -> None:
     assert run_reprofile(store, KEY)["models"]["a"]["feedback"] == 0
 
 
-def test_only_one_scheduler_runs(store: Store) -> None:
+def test_one_pass_at_a_time_and_one_scheduled_pass_per_interval(store: Store) -> None:
     catalog.save_profile(store, "a", KEY, [0.2, 0.5], [10, 10], "validation")
     cfg = parse_config({"profiling": {"reprofile_interval_s": 60}})
-    s1, s2 = ReprofileScheduler(cfg, store, KEY), ReprofileScheduler(cfg, store, KEY)
-    assert s1.run_once() is not None
-    assert s2.run_once() is None  # s1 holds the lease until it expires
-    assert s1.run_once() is not None  # the holder renews
+    r1, r2 = Reprofiler(cfg, store, KEY), Reprofiler(cfg, store, KEY)
+    assert r1.run_once(min_interval_s=60) is not None
+    assert lease.holder_of(store, "reprofile") is None  # released as soon as the pass ended
+    assert r2.run_once(min_interval_s=60) is None  # the scheduled job: a pass ran less than an interval ago ...
+    assert r1.run_once(min_interval_s=60) is None  # ... whichever replica ran it
+    assert r2.run_once() is not None  # a pass asked for now (admin endpoint, CLI) runs
+    assert lease.acquire(store, "reprofile", "another-replica", 60)  # a pass running elsewhere
+    assert r1.run_once() is None and r1.run_once(min_interval_s=60) is None
+    busy = r1.busy_error()
+    assert busy.status_code == 409 and "running on another-replica" in busy.message
+
+
+def test_reprofiling_needs_a_router_key(store: Store) -> None:
+    with pytest.raises(Exception, match="needs the UniRoute router"):
+        Reprofiler(parse_config({}), store, None).run_once()
 
 
 def test_reprofile_cli(tmp_path: Path, store: Store, capsys: pytest.CaptureFixture[str]) -> None:
     import yaml
 
     from gateway.cli.main import main as cli
-    from gateway.store import lease
     from routing.artifact import RouterArtifact
 
     art = RouterArtifact(embedder_id="t", k=2, centroids=np.eye(2), theta=None, val_prompt_ids=["p0", "p1"],

@@ -1,18 +1,15 @@
 """``uniroute db`` (migrations), and what every database command shares.
 
-:func:`run` opens the store the config names (``$UNIROUTE_DATABASE_URL`` wins), runs the command,
-disposes the store, and reports a failure in one line (``error: ...`` on stderr, exit status 1),
-never as a traceback: a refused request (any :class:`~gateway.errors.GatewayError`), a bad or
-missing config, an unreachable database, an unknown migration revision.
+:func:`run` opens the store the config names (``$UNIROUTE_DATABASE_URL`` wins), runs the command and
+disposes the store. A failure (a refused request, a bad or missing config, an unreachable database, an
+unknown migration revision) is printed in one line by :func:`gateway.cli.main.main`, as for every command.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 
-from gateway.errors import GatewayError
 from gateway.store.engine import Store, database_url_from_config, redact
 
 
@@ -21,41 +18,15 @@ def open_store(args: argparse.Namespace) -> Store:
     return Store(database_url_from_config(getattr(args, "config", None)))
 
 
-def error_line(exc: BaseException, store: Store | None = None) -> str | None:
-    """What a command prints for an expected failure, in one line; None for anything else (a bug)."""
-    import sqlalchemy as sa
-    import yaml
-    from alembic.util import CommandError
-
-    if isinstance(exc, GatewayError):
-        return " ".join(exc.message.split())
-    if isinstance(exc, sa.exc.SQLAlchemyError):
-        lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        where = f"database {redact(store.url)}" if store is not None else "database"
-        return f"{where}: {type(exc).__name__}: {lines[0].strip() if lines else ''}"
-    if isinstance(exc, ValueError | OSError | CommandError | yaml.YAMLError):  # ConfigError is a ValueError
-        return " ".join(str(exc).split()) or type(exc).__name__
-    return None
-
-
 def run(args: argparse.Namespace, command: Callable[[Store], int | None], *, migrate: bool = False) -> int:
-    """Run ``command`` on the configured store (``migrate``: bring its schema up to date first); an expected
-    failure prints ``error: ...`` and returns 1."""
-    store: Store | None = None
+    """Run ``command`` on the configured store (``migrate``: bring its schema up to date first)."""
+    store = open_store(args)
     try:
-        store = open_store(args)
         if migrate:
             store.upgrade()
         return int(command(store) or 0)
-    except Exception as exc:
-        line = error_line(exc, store)
-        if line is None:
-            raise
-        print(f"error: {line}", file=sys.stderr)
-        return 1
     finally:
-        if store is not None:
-            store.dispose()
+        store.dispose()
 
 
 def db_upgrade_command(args: argparse.Namespace) -> int:

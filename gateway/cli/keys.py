@@ -2,7 +2,7 @@
 
 ``keys create`` refuses what the config forbids: the key's λ and its λ range must lie in the
 config's ``router.lambda_min..router.lambda_max`` (the range also defaults to it). Failures
-print one line (:func:`gateway.cli.db.run`).
+print one line (:func:`gateway.cli.main.main`).
 """
 
 from __future__ import annotations

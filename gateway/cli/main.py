@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -131,13 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take reference answers from this dataset (for artifacts fitted without them)")
     p.add_argument("--restart", action="store_true", help="forget stored outcomes and ask every prompt again")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(handler=_lazy("profiling.profiler:profile_command"))
+    p.set_defaults(handler=_lazy("profiling.cli:profile_command"))
 
     p = sub.add_parser("reprofile", help="recompute every model's Ψ from validation outcomes plus feedback")
     p.add_argument("--config", default=None, help="path to config.yaml (default: $UNIROUTE_CONFIG or ./config.yaml)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--top", type=int, default=10, help="rows of the drift report")
-    p.set_defaults(handler=_lazy("profiling.schedule:reprofile_command"))
+    p.set_defaults(handler=_lazy("profiling.cli:reprofile_command"))
 
     # --- routing: router artifact and evaluation -------------------------------------------
     p = sub.add_parser("router", help="fit and calibrate the UniRoute router artifact")
@@ -194,7 +195,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(exc: Exception) -> str:
+    """What a command that raised ``exc`` prints after ``error: `` (one line): the message of an expected
+    failure — a refused request (any GatewayError), a bad or missing config or an unset variable (ConfigError
+    and other ValueErrors), the database, a migration revision, a file — else the exception's type and first line.
+    """
+    from gateway.errors import GatewayError
+
+    if isinstance(exc, GatewayError):
+        return exc.message
+    sa_exc = sys.modules.get("sqlalchemy.exc")  # only loaded modules can have raised: nothing is imported here
+    if sa_exc is not None and isinstance(exc, sa_exc.SQLAlchemyError):
+        from gateway.store.engine import DATABASE_URL_ENV
+
+        if isinstance(exc, sa_exc.ArgumentError):
+            return f"database_url: {exc}"
+        if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
+            return (f"cannot use the database ({_first_line(exc.orig)}): check database_url in the config (or "
+                    f"${DATABASE_URL_ENV}) and that the database is running")
+        if isinstance(exc, sa_exc.DBAPIError):
+            return f"database error ({_first_line(exc.orig)}); `uniroute db upgrade` brings the schema up to date"
+        return f"database: {type(exc).__name__}: {_first_line(exc)}"
+    expected: tuple[type[BaseException], ...] = (ValueError, OSError)  # ConfigError is a ValueError
+    for module, name in (("alembic.util", "CommandError"), ("yaml", "YAMLError")):
+        if (cls := getattr(sys.modules.get(module), name, None)) is not None:
+            expected += (cls,)
+    if isinstance(exc, expected):
+        return str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {_first_line(exc)} (unexpected: UNIROUTE_DEBUG=1 shows the traceback)"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Whatever it raises is printed as one ``error: ...`` line on stderr (exit status 1),
+    never as a traceback (``UNIROUTE_DEBUG=1`` re-raises it)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
@@ -202,6 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if os.environ.get("UNIROUTE_DEBUG"):
+            raise
+        print("error: " + " ".join(error_line(exc).split()), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

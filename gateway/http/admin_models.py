@@ -32,6 +32,7 @@ from gateway.http.keys import _admin, _error, _json  # the two reprofile handler
 from gateway.http.responses import json_body, json_response
 from gateway.spec import parse_patch, parse_spec
 from gateway.store import models as catalog
+from gateway.store import profiling as profiling_sql
 
 
 def _key(request: Request) -> str | None:
@@ -130,29 +131,12 @@ async def profile_status_endpoint(request: Request) -> Response:
 async def run_reprofile_endpoint(request: Request) -> Response:
     try:
         await _admin(request)
-        sched = getattr(request.app.state, "reprofile", None)
-        if sched is None or sched.key is None:
-            raise InvalidRequestError("re-profiling needs the UniRoute router (router.policy: uniroute)",
-                                      code="no_router")
-        from gateway.store import lease
-        from profiling.schedule import LEASE_NAME, run_reprofile
-
-        pc = sched.config.profiling
-
-        def run() -> dict[str, Any] | None:
-            if not lease.acquire(sched.store, LEASE_NAME, sched.holder, pc.lease_ttl_s):
-                return None
-            try:
-                return run_reprofile(sched.store, sched.key, feedback_weight=pc.feedback_weight,
-                                     max_feedback_weight_ratio=pc.max_feedback_weight_ratio, holder=sched.holder)
-            finally:
-                lease.release(sched.store, LEASE_NAME, sched.holder)
-
-        report = await asyncio.to_thread(run)
+        reprofiler = getattr(request.app.state, "reprofiler", None)
+        if reprofiler is None:
+            raise ServiceUnavailableError("re-profiling is not available (the gateway is starting)")
+        report = await asyncio.to_thread(reprofiler.run_once)
         if report is None:
-            from gateway.errors import ConflictError
-
-            raise ConflictError("re-profiling is running on another replica; try again later", code="lease_held")
+            raise reprofiler.busy_error()
         return _json(report)
     except Exception as exc:
         return _error(exc)
@@ -161,9 +145,7 @@ async def run_reprofile_endpoint(request: Request) -> Response:
 async def last_reprofile_endpoint(request: Request) -> Response:
     try:
         acc = await _admin(request)
-        from profiling.schedule import last_report
-
-        report = await asyncio.to_thread(last_report, acc.store)
+        report = await asyncio.to_thread(profiling_sql.last_reprofile_run, acc.store)
         if report is None:
             raise NotFoundError("no re-profiling pass has run yet (POST /admin/reprofile or `uniroute reprofile`)",
                                 code="no_report")

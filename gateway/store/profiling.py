@@ -1,0 +1,112 @@
+"""Profiling's SQL: validation outcomes, the validation prior, feedback per served request, re-profiling runs.
+
+:mod:`profiling` (the profiler and the re-profiling pass) reads and writes the gateway's tables
+only through these functions; the lease it takes is :mod:`gateway.store.lease`, and the
+profile versions it stores are :func:`gateway.store.models.save_profile`.
+
+- ``profile_outcomes``: one row per (model, artifact version, validation prompt), replaced when
+  the prompt is asked again; a row with a score is never asked again (profiling resumes).
+- the *prior* of a re-profiling pass: the model's latest profile measured on validation prompts
+  (:data:`PRIOR_SOURCES`).
+- feedback per (model, cluster): every feedback row on a successful request the model served,
+  sent by the key that made the request.
+- ``reprofile_runs``: one row per pass, with its report (``GET /admin/reprofile/last``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from gateway.store.engine import Store
+from gateway.store.tables import Feedback, ProfileOutcome, ProfileRow, ReprofileRun, RequestRow, utcnow
+
+#: profile sources measured on the validation prompts: the prior of a re-profiling pass
+PRIOR_SOURCES = ("validation", "validation-partial", "import")
+
+
+# ------------------------------------------------------------------------- profile outcomes
+def graded_prompt_ids(store: Store, router_version: str, model: str) -> set[str]:
+    """Prompt ids with a graded outcome (a score) for ``model`` on artifact ``router_version``."""
+    with store.session() as s:
+        return set(s.scalars(sa.select(ProfileOutcome.prompt_id).where(
+            ProfileOutcome.model_name == model, ProfileOutcome.router_version == router_version,
+            ProfileOutcome.score.is_not(None))))
+
+
+def record_outcome(store: Store, router_version: str, *, model: str, prompt_id: str, cluster: int,
+                   score: float | None, answer: str | None, cost_usd: float | None, error: str | None) -> None:
+    """Store one outcome, replacing an earlier one for the same model and prompt."""
+    with store.session() as s:
+        s.execute(sa.delete(ProfileOutcome).where(
+            ProfileOutcome.model_name == model, ProfileOutcome.router_version == router_version,
+            ProfileOutcome.prompt_id == prompt_id))
+        s.add(ProfileOutcome(model_name=model, router_version=router_version, prompt_id=prompt_id, cluster=cluster,
+                             score=score, answer=(answer or None) and answer[:4000], cost_usd=cost_usd,
+                             error=error and error[:250]))
+
+
+def outcome_rows(store: Store, router_version: str, model: str) -> list[ProfileOutcome]:
+    with store.session() as s:
+        return list(s.scalars(sa.select(ProfileOutcome).where(
+            ProfileOutcome.model_name == model, ProfileOutcome.router_version == router_version)))
+
+
+def delete_outcomes(store: Store, router_version: str, model: str) -> int:
+    """Forget ``model``'s outcomes on artifact ``router_version`` (``uniroute profile --restart``)."""
+    with store.session() as s:
+        res = s.execute(sa.delete(ProfileOutcome).where(
+            ProfileOutcome.model_name == model, ProfileOutcome.router_version == router_version))
+        return int(getattr(res, "rowcount", 0) or 0)
+
+
+# ------------------------------------------------------------------------------ re-profiling
+def latest_prior(store: Store, model: str, key: str) -> ProfileRow | None:
+    """``model``'s latest profile for router ``key`` measured on validation prompts (any of PRIOR_SOURCES)."""
+    with store.session() as s:
+        return s.scalars(sa.select(ProfileRow).where(
+            ProfileRow.model_name == model, ProfileRow.router_version == key,
+            ProfileRow.source.in_(PRIOR_SOURCES)).order_by(ProfileRow.version.desc())).first()
+
+
+def feedback_by_model(store: Store, k: int) -> dict[str, list[tuple[int, float]]]:
+    """``{model: [(cluster, score), ...]}``: feedback on successful requests the model served in a
+    cluster ``0 <= cluster < k``, counted only when sent by the key that made the request."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    with store.session() as s:
+        q = (sa.select(RequestRow.routed_model, RequestRow.cluster, Feedback.score)
+             .join(RequestRow, RequestRow.request_id == Feedback.request_id)
+             .where(RequestRow.routed_model.is_not(None), RequestRow.cluster.is_not(None),
+                    RequestRow.status_code == 200,
+                    sa.or_(RequestRow.key_id == Feedback.key_id,
+                           sa.and_(RequestRow.key_id.is_(None), Feedback.key_id.is_(None)))))
+        for model, cluster, score in s.execute(q):
+            if cluster is not None and 0 <= int(cluster) < k:
+                out.setdefault(str(model), []).append((int(cluster), float(score)))
+    return out
+
+
+def save_reprofile_run(store: Store, *, holder: str, key: str, started_at: datetime, report: dict[str, Any]) -> None:
+    with store.session() as s:
+        s.add(ReprofileRun(holder=holder, router_version=key, started_at=started_at, finished_at=utcnow(),
+                           report=report))
+
+
+def last_reprofile_run(store: Store) -> dict[str, Any] | None:
+    """The last pass's report with who ran it and when (any router key); None before the first pass."""
+    with store.session() as s:
+        row = s.scalars(sa.select(ReprofileRun).order_by(ReprofileRun.id.desc())).first()
+        if row is None:
+            return None
+        return {"id": row.id, "holder": row.holder, "router": row.router_version,
+                "started_at": row.started_at.isoformat(),
+                "finished_at": row.finished_at.isoformat() if row.finished_at else None, **row.report}
+
+
+def seconds_since_last_reprofile(store: Store, key: str) -> float | None:
+    """Seconds since the last pass for router ``key`` finished (any holder); None before the first."""
+    with store.session() as s:
+        last = s.scalar(sa.select(sa.func.max(ReprofileRun.finished_at)).where(ReprofileRun.router_version == key))
+    return None if last is None else (utcnow() - last).total_seconds()

@@ -1,0 +1,105 @@
+"""``uniroute profile MODEL`` and ``uniroute reprofile``.
+
+Errors are not caught here: :func:`gateway.cli.main.main` prints every one of them as one
+``error: ...`` line (exit status 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+from gateway.config import GatewayConfig, load_config
+from gateway.store.engine import Store
+from profiling.profiler import (
+    ProfilingResult,
+    SqlOutcomeStore,
+    dataset_answers,
+    load_artifact,
+    run_profiling,
+)
+from profiling.runner import RunReport
+from profiling.schedule import Reprofiler, format_report, router_key
+
+
+def profile_command(args: argparse.Namespace) -> int:
+    """``uniroute profile MODEL``: exit 0 when activated, 2 when not (the report says why)."""
+    config = load_config(args.config)
+    store = Store(config.database_url)
+    t0 = time.perf_counter()
+    try:
+        store.upgrade()
+        if args.restart:
+            art = load_artifact(config)
+            n = SqlOutcomeStore(store, art.version).reset(args.model)
+            print(f"deleted {n} stored outcomes of {args.model}", file=sys.stderr)
+        answers = dataset_answers(args.dataset) if args.dataset else None
+        result = asyncio.run(_profile(config, store, args, answers))
+    finally:
+        store.dispose()
+    wall = time.perf_counter() - t0
+    out = result.as_dict()
+    out["wall_seconds"] = round(wall, 3)
+    print(json.dumps(out, indent=1) if args.json else _format(result, wall))
+    if result.partial:
+        print(f"WARNING: {args.model} was activated on PARTIAL data ({result.message})", file=sys.stderr)
+    return 0 if result.activated else 2
+
+
+async def _profile(config: GatewayConfig, store: Store, args: argparse.Namespace,
+                   answers: dict[str, str | None] | None) -> ProfilingResult:
+    """One profiling run with a progress bar; the forwarder's HTTP clients are closed before the loop ends."""
+    from tqdm import tqdm
+
+    from gateway.serving.forwarding import Forwarder
+
+    bar: Any = None
+
+    def on_start(total: int, done: int) -> None:
+        nonlocal bar
+        bar = tqdm(total=total, initial=done, desc=f"profiling {args.model}", unit="prompt", file=sys.stderr,
+                   dynamic_ncols=True)
+
+    def progress(r: RunReport) -> None:
+        if bar is not None:
+            bar.update(r.skipped + r.graded + r.failed - bar.n)
+            bar.set_postfix(cost=f"${r.cost_usd:.4f}", failed=r.failed, refresh=False)
+
+    forwarder = Forwarder(max_attempts=1)
+    try:
+        return await run_profiling(config, store, forwarder, args.model, grader=args.grader,
+                                   concurrency=args.concurrency, allow_partial=args.allow_partial, answers=answers,
+                                   progress=progress, on_start=on_start)
+    finally:
+        if bar is not None:
+            bar.close()
+        await forwarder.aclose()
+
+
+def _format(r: ProfilingResult, wall: float) -> str:
+    lines = [r.report.summary(), f"wall time {wall:.2f}s", f"graded per cluster: {r.graded_per_cluster}", r.message]
+    if r.psi is not None:
+        lines.append("Ψ: [" + ", ".join(f"{v:.3f}" for v in r.psi) + "]")
+    return "\n".join(lines)
+
+
+def reprofile_command(args: argparse.Namespace) -> int:
+    """``uniroute reprofile``: one pass now; waits for nobody (a pass running elsewhere: exit 1, naming it)."""
+    config = load_config(args.config)
+    store = Store(config.database_url)
+    try:
+        store.upgrade()
+        reprofiler = Reprofiler(config, store, router_key(config), holder=f"cli:{socket.gethostname()}:{os.getpid()}")
+        report = reprofiler.run_once(top=args.top)
+        if report is None:
+            raise reprofiler.busy_error()
+    finally:
+        store.dispose()
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
