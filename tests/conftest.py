@@ -45,3 +45,9 @@ def fake_upstream_url() -> Iterator[str]:
     with fake_upstream() as url:
         yield url
 
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from tests.progress import NeverSilent
+
+    config.pluginmanager.register(NeverSilent(config), "uniroute-never-silent")
