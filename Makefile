@@ -14,8 +14,9 @@ install: $(VENV)/.installed
 
 # pip is not --quiet: a first install downloads about a gigabyte and takes minutes, and its
 # Collecting / Downloading / Installing lines show where it is: progress bars on a terminal,
-# "Progress N of M" lines elsewhere (CI logs), where pip would otherwise print no download progress.
-PIP = $(PY) -m pip install --no-input --progress-bar $$([ -t 1 ] && echo on || echo raw)
+# "Progress N of M" lines elsewhere (CI logs), where pip would otherwise print no download progress;
+# scripts/heartbeat.sh speaks up every 30 s while it unpacks (torch alone takes a while).
+PIP = bash scripts/heartbeat.sh pip $(PY) -m pip install --no-input --progress-bar $$([ -t 1 ] && echo on || echo raw)
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,8 +35,9 @@ services:
 lint: install
 	$(VENV)/bin/ruff check gateway routing profiling replay tests benchmarks
 
+# mypy prints nothing until it is done: about a minute on an empty cache (.mypy_cache), a second after
 typecheck: install
-	$(VENV)/bin/mypy
+	bash scripts/heartbeat.sh mypy $(VENV)/bin/mypy
 
 pytest: install services
 	$(PY) -m pytest -q

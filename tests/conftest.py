@@ -46,7 +46,6 @@ def fake_upstream_url() -> Iterator[str]:
         yield url
 
 
-
 def pytest_configure(config: pytest.Config) -> None:
     from tests.progress import NeverSilent
 
