@@ -12,12 +12,18 @@ export TOKENIZERS_PARALLELISM := false
 
 install: $(VENV)/.installed
 
+# pip is not --quiet: a first install downloads about a gigabyte and takes minutes, and its
+# Collecting / Downloading / Installing lines show where it is: progress bars on a terminal,
+# "Progress N of M" lines elsewhere (CI logs), where pip would otherwise print no download progress;
+# scripts/heartbeat.sh speaks up every 30 s while it unpacks (torch alone takes a while).
+PIP = bash scripts/heartbeat.sh pip $(PY) -m pip install --no-input --progress-bar $$([ -t 1 ] && echo on || echo raw)
+
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --no-input --upgrade pip
 	# torch first, pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build)
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dev]'
 	touch $@
 
 demo: install
@@ -29,8 +35,9 @@ services:
 lint: install
 	$(VENV)/bin/ruff check gateway routing profiling replay tests benchmarks
 
+# mypy prints nothing until it is done: about a minute on an empty cache (.mypy_cache), a second after
 typecheck: install
-	$(VENV)/bin/mypy
+	bash scripts/heartbeat.sh mypy $(VENV)/bin/mypy
 
 pytest: install services
 	$(PY) -m pytest -q

@@ -87,12 +87,13 @@ async def run(base: str, model: str, prompts: Sequence[str], calls: int) -> list
             async for _ in r:
                 pass
 
-    from gateway.serving.forwarding import HTTP_CLIENTS, Forwarder
+    from gateway.serving.forwarding import HTTP_CLIENTS, Forwarder, LiteLLMUpstream
     from gateway.serving.registry import ModelEntry, Registry
 
     entry = ModelEntry(name=model, litellm_params={"model": f"openai/{model}", "api_base": base, "api_key": "x"},
                        input_cost_per_token=1e-6, output_cost_per_token=2e-6, router_cost=1.0, timeout_s=30.0)
-    forwarders = {kind: Forwarder(http_client=kind) for kind in HTTP_CLIENTS}  # aiohttp (default) and httpx
+    # aiohttp (default) and httpx
+    forwarders = {kind: Forwarder(upstream=LiteLLMUpstream(http_client=kind)) for kind in HTTP_CLIENTS}
     for fw in forwarders.values():
         Registry([entry]).on_replace(fw.register)
 

@@ -70,7 +70,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         from gateway.serving.cooldown import Cooldowns
-        from gateway.serving.forwarding import Forwarder
+        from gateway.serving.forwarding import Forwarder, LiteLLMUpstream
         from gateway.serving.registry import Registry, with_profiles
         from gateway.serving.registry_sync import RegistryPoller
         from gateway.serving.router import RouterBundle, build_router
@@ -84,8 +84,8 @@ def create_app(
                               on_enter=acc.metrics.cooldown_entered, on_count=acc.metrics.set_models_in_cooldown)
         acc.metrics.add_collect_hook(lambda: acc.metrics.set_models_in_cooldown(len(cooldowns.active())))
         forwarder = Forwarder(max_attempts=fb.max_attempts, cooldowns=cooldowns,
-                              raw_openai_streams=config.forwarding.raw_openai_streams,
-                              http_client=config.forwarding.http_client)
+                              upstream=LiteLLMUpstream(raw_openai_streams=config.forwarding.raw_openai_streams,
+                                                       http_client=config.forwarding.http_client))
         registry.on_replace(forwarder.register)
         if policy is not None:
             bundle = RouterBundle(policy=policy[0], embed=policy[1])

@@ -18,7 +18,8 @@ redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && echo "services: Redis up"
 # missing and we are root; the package's own service is not started (tests run their own).
 if ! command -v prometheus >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
   echo "services: installing prometheus (apt)"
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) >/dev/null 2>&1 || true
+  bash "$(dirname "$0")/heartbeat.sh" "services: installing prometheus" bash -c "(apt-get update -qq && \
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) >/dev/null 2>&1" || true
 fi
 command -v prometheus >/dev/null 2>&1 && echo "services: prometheus $(prometheus --version 2>&1 | head -n1 | awk '{print $3}')" \
   || echo "services: prometheus unavailable (its tests will skip)"

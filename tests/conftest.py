@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,18 @@ def shared_router_artifact(shared_dataset: Path, tmp_path_factory: pytest.TempPa
     assert cli(["router", "fit", "--dataset", str(shared_dataset), "--out", str(out),
                 "--embedder", "static"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def fake_upstream_url() -> Iterator[str]:
+    """The ``/v1`` base URL of tests/fake_upstream.py served by uvicorn on loopback, one server per session."""
+    from tests.procs import fake_upstream
+
+    with fake_upstream() as url:
+        yield url
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from tests.progress import NeverSilent
+
+    config.pluginmanager.register(NeverSilent(config), "uniroute-never-silent")

@@ -9,6 +9,13 @@ Streams only (timeouts and disconnects): ``-slowfirst`` (headers at once, the fi
 2 s), ``-stall`` (two chunks, then nothing until the client goes away), ``-slowstream`` (40
 chunks, one per 0.1 s). ``GET /streams`` tells, per stream (keyed by the last user message),
 whether its generator ``finished`` or was ``closed`` before the end, and when (``time.time()``).
+
+:class:`FakeUpstream` is the same upstream in memory: a gateway ``Upstream``
+(``gateway/serving/forwarding.py``) for tests of the forwarder and the chat service that need no
+server. Same answers, usage and failures by suffix (``-500``/``-429``/``-400`` are raised as a
+:class:`ProviderError` with the status, message and ``Retry-After``; ``-midfail`` drops its stream
+after the first chunk); the timing suffixes (``-slow``, ``-slowfirst``, ``-stall``,
+``-slowstream``) are the server's only.
 """
 
 from __future__ import annotations
@@ -16,13 +23,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+if TYPE_CHECKING:
+    from gateway.serving.registry import ModelEntry, RegistrySnapshot
 
 PROVIDER_MESSAGE = "fake provider is on fire"
 STREAMS: dict[str, dict[str, Any]] = {}  # last user message -> {"state": "open|finished|closed", "at": time}
@@ -32,48 +42,88 @@ def _err(status: int, message: str, typ: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": typ, "param": None, "code": None}}, status_code=status)
 
 
-async def chat(request: Request) -> Response:
-    body: dict[str, Any] = await request.json()
-    model = str(body.get("model"))
+def failure(model: str) -> tuple[int, str, str] | None:
+    """(status, message, error type) of a model whose suffix makes it fail at once, else None."""
     if model.endswith("-500"):
-        return _err(500, f"{PROVIDER_MESSAGE} ({model})", "server_error")
+        return 500, f"{PROVIDER_MESSAGE} ({model})", "server_error"
     if model.endswith("-429"):
-        response = _err(429, "slow down", "rate_limit_exceeded")
-        response.headers["retry-after"] = "7"
-        return response
+        return 429, "slow down", "rate_limit_exceeded"
     if model.endswith("-400"):
-        return _err(400, "this provider rejects the request", "invalid_request_error")
-    if model.endswith("-slow"):
-        for _ in range(50):  # 5 s, or until the client gives up
-            if await request.is_disconnected():
-                return Response(status_code=499)
-            await asyncio.sleep(0.1)
-    if model.endswith("-echo"):  # answer with the request itself (minus messages) as JSON
+        return 400, "this provider rejects the request", "invalid_request_error"
+    return None
+
+
+def reply(body: Mapping[str, Any]) -> tuple[str, dict[str, int]]:
+    """The answer and usage for a request ``body``: ``-echo`` answers the body itself (minus messages),
+    anything else echoes the last user message (and the sampling parameters it was sent)."""
+    model = str(body.get("model"))
+    if model.endswith("-echo"):
         content = json.dumps({k: v for k, v in body.items() if k != "messages"}, sort_keys=True)
-        return JSONResponse({
-            "id": "chatcmpl-echo", "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-        })
-    text = ""
-    for m in reversed(body.get("messages", [])):
-        if m.get("role") == "user":
-            c = m.get("content")
-            text = c if isinstance(c, str) else " ".join(p.get("text", "") for p in c)
-            break
+        return content, {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+    text = last_user_text(body)
     answer = f"echo: {text}"
     params = {k: body[k] for k in ("temperature", "max_tokens", "seed", "stop", "top_p") if k in body}
     if params:
         answer += " " + json.dumps(params, sort_keys=True)
     usage = {"prompt_tokens": max(1, len(text) // 4), "completion_tokens": max(1, len(answer) // 4)}
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    return answer, usage
+
+
+def last_user_text(body: Mapping[str, Any]) -> str:
+    for m in reversed(body.get("messages", [])):
+        if m.get("role") == "user":
+            c = m.get("content")
+            return c if isinstance(c, str) else " ".join(p.get("text", "") for p in c)
+    return ""
+
+
+def completion(model: str, answer: str, usage: dict[str, int], created: int) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-echo" if model.endswith("-echo") else "chatcmpl-fake", "object": "chat.completion",
+        "created": created, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+        "usage": usage,
+    }
+
+
+def chunks(model: str, answer: str, usage: dict[str, int] | None, created: int) -> list[dict[str, Any]]:
+    """The stream's chunks: one per word of the answer, the finish chunk, the usage chunk (if asked)."""
+    base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": created, "model": model}
+    words = answer.split(" ")
+    if model.endswith("-slowstream"):
+        words = [f"w{i}" for i in range(40)]
+    out = []
+    for i, w in enumerate(words):
+        delta: dict[str, Any] = {"content": (w if i == 0 else " " + w)}
+        if i == 0:
+            delta["role"] = "assistant"
+        out.append({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+    out.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    if usage is not None:
+        out.append({**base, "choices": [], "usage": usage})
+    return out
+
+
+async def chat(request: Request) -> Response:
+    body: dict[str, Any] = await request.json()
+    model = str(body.get("model"))
+    failed = failure(model)
+    if failed is not None:
+        response = _err(*failed)
+        if failed[0] == 429:
+            response.headers["retry-after"] = "7"
+        return response
+    if model.endswith("-slow"):
+        for _ in range(50):  # 5 s, or until the client gives up
+            if await request.is_disconnected():
+                return Response(status_code=499)
+            await asyncio.sleep(0.1)
+    answer, usage = reply(body)
+    text = last_user_text(body)
     created = int(time.time())
-    if not body.get("stream"):
-        return JSONResponse({
-            "id": "chatcmpl-fake", "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
-            "usage": usage,
-        })
+    if not body.get("stream") or model.endswith("-echo"):
+        return JSONResponse(completion(model, answer, usage, created))
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
     async def events() -> AsyncIterator[bytes]:
@@ -87,26 +137,20 @@ async def chat(request: Request) -> Response:
         STREAMS[text] = {"state": "finished", "at": time.time()}
 
     async def _events() -> AsyncIterator[bytes]:
-        base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": created, "model": model}
-        words = answer.split(" ")
-        if model.endswith("-slowstream"):
-            words = [f"w{i}" for i in range(40)]
         if model.endswith("-slowfirst"):
             await asyncio.sleep(2.0)
-        for i, w in enumerate(words):
-            delta: dict[str, Any] = {"content": (w if i == 0 else " " + w)}
-            if i == 0:
-                delta["role"] = "assistant"
-            yield b"data: " + json.dumps({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}).encode() + b"\n\n"
+        parts = chunks(model, answer, usage if include_usage else None, created)
+        n_words = len(parts) - 1 - include_usage
+        for i, chunk in enumerate(parts):
+            yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
+            if i >= n_words:
+                continue
             if model.endswith("-midfail"):
                 raise RuntimeError("connection dropped mid-stream")
             if model.endswith("-stall") and i == 1:
                 await asyncio.sleep(600)  # until the client goes away
             if model.endswith("-slowstream"):
                 await asyncio.sleep(0.1)
-        yield b"data: " + json.dumps({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}).encode() + b"\n\n"
-        if include_usage:
-            yield b"data: " + json.dumps({**base, "choices": [], "usage": usage}).encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
@@ -122,3 +166,65 @@ async def streams(request: Request) -> Response:
 
 app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/health", health),
                         Route("/streams", streams)])
+
+
+# -- the same upstream in memory ---------------------------------------------------------------------
+
+
+class ProviderError(Exception):
+    """What a provider call raises on an HTTP error: its status, the provider's message, its headers."""
+
+    def __init__(self, status_code: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.litellm_response_headers = headers or {}
+
+
+class FakeUpstream:
+    """This module's upstream as a gateway ``Upstream``, in memory: no server, no LiteLLM, no sockets.
+
+    ``calls`` holds each call's request body (the provider's model name, messages and parameters)."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def register(self, snapshot: RegistrySnapshot) -> None:
+        pass
+
+    def _request(self, entry: ModelEntry, messages: list[dict[str, Any]], params: Mapping[str, Any]) -> dict[str, Any]:
+        model = entry.litellm_model.split("/", 1)[-1]  # the provider's own name, as LiteLLM sends it
+        body = {**params, "model": model, "messages": messages}
+        self.calls.append(body)
+        failed = failure(model)
+        if failed is not None:
+            status, message, _ = failed
+            raise ProviderError(status, message, {"retry-after": "7"} if status == 429 else None)
+        return body
+
+    async def complete(self, entry: ModelEntry, messages: list[dict[str, Any]], params: Mapping[str, Any]) -> Any:
+        from openai.types.chat import ChatCompletion
+
+        body = self._request(entry, messages, params)
+        answer, usage = reply(body)
+        return ChatCompletion.model_validate(completion(body["model"], answer, usage, int(time.time())))
+
+    async def stream(self, entry: ModelEntry, messages: list[dict[str, Any]],
+                     params: Mapping[str, Any]) -> AsyncIterator[Any]:
+        body = self._request(entry, messages, params)
+        answer, usage = reply(body)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return self._chunks(body["model"], chunks(body["model"], answer, usage if include_usage else None,
+                                                   int(time.time())))
+
+    @staticmethod
+    async def _chunks(model: str, parts: list[dict[str, Any]]) -> AsyncIterator[Any]:
+        from openai.types.chat import ChatCompletionChunk
+
+        for chunk in parts:
+            yield ChatCompletionChunk.model_validate(chunk)
+            if model.endswith("-midfail"):
+                raise ConnectionError("connection dropped mid-stream")
+
+    async def aclose(self) -> None:
+        pass

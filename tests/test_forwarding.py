@@ -1,4 +1,5 @@
-"""Forwarding through LiteLLM to a real small upstream on loopback (tests/fake_upstream.py); no mocks."""
+"""Forwarding through LiteLLM to a real small upstream on loopback (tests/fake_upstream.py, one server per
+session: the ``fake_upstream_url`` fixture); no mocks."""
 
 from __future__ import annotations
 
@@ -23,20 +24,19 @@ from gateway.serving.forwarding import (
     Attempt,
     Forwarder,
     HttpClientKind,
+    LiteLLMUpstream,
     map_exception,
     provider_message,
 )
 from gateway.serving.registry import ModelEntry, Registry
 from tests.fake_upstream import PROVIDER_MESSAGE
-from tests.procs import fake_upstream
 
 MSG = [{"role": "user", "content": "hello there"}]
 
 
-@pytest.fixture(scope="module")
-def base_url() -> Iterator[str]:
-    with fake_upstream() as url:
-        yield url
+@pytest.fixture
+def base_url(fake_upstream_url: str) -> str:
+    return fake_upstream_url
 
 
 def entry(base_url: str, name: str, *, upstream: str | None = None, timeout_s: float = 5.0) -> ModelEntry:
@@ -46,7 +46,7 @@ def entry(base_url: str, name: str, *, upstream: str | None = None, timeout_s: f
 
 
 def forwarder(*entries: ModelEntry, max_attempts: int = 3, http_client: HttpClientKind = "aiohttp") -> Forwarder:
-    fw = Forwarder(max_attempts=max_attempts, http_client=http_client)
+    fw = Forwarder(max_attempts=max_attempts, upstream=LiteLLMUpstream(http_client=http_client))
     Registry(entries).on_replace(fw.register)
     return fw
 
@@ -109,14 +109,14 @@ async def test_http_clients_carry_the_same_answers_and_timeouts(base_url: str, h
     assert usage and usage[-1].completion_tokens > 0
     with pytest.raises(UpstreamTimeoutError):
         await fw.complete([slow], MSG, {})
-    transport = type(fw._call_kwargs(ok)["client"]._client._transport).__name__
+    transport = type(fw.upstream._call_kwargs(ok)["client"]._client._transport).__name__
     assert ("Aiohttp" in transport) == (http_client == "aiohttp")
     await fw.aclose()
 
 
 def test_unknown_http_client_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown http_client 'curl'; valid: aiohttp, httpx"):
-        Forwarder(http_client="curl")  # type: ignore[arg-type]
+        LiteLLMUpstream(http_client="curl")  # type: ignore[arg-type]
 
 
 async def test_falls_back_down_the_ranking_and_records_attempts(base_url: str) -> None:
@@ -188,7 +188,7 @@ async def test_openai_entries_share_one_fast_client_per_base_and_key(base_url: s
     other = ModelEntry(name="other-key", litellm_params={"model": "openai/good", "api_base": base_url, "api_key": "k2"},
                        input_cost_per_token=0, output_cost_per_token=0, router_cost=1, timeout_s=2)
     fw = forwarder(a, b, other)
-    ca, cb, co = (fw._call_kwargs(e).get("client") for e in (a, b, other))
+    ca, cb, co = (fw.upstream._call_kwargs(e).get("client") for e in (a, b, other))
     assert ca is not None and ca is cb and co is not None and co is not ca
     done = await fw.complete([a], MSG, {})
     assert done.response.choices[0].message.content
@@ -220,7 +220,7 @@ async def test_raw_openai_stream_carries_what_litellms_wrapper_does(base_url: st
     e = entry(base_url, "good")
     seen: dict[bool, tuple[str, Any, str]] = {}
     for raw in (False, True):
-        fw = Forwarder(raw_openai_streams=raw)
+        fw = Forwarder(upstream=LiteLLMUpstream(raw_openai_streams=raw))
         Registry([e]).on_replace(fw.register)
         opened = await fw.open_stream([e], MSG, {"stream_options": {"include_usage": True}})
         text, usage, finish = "", None, ""

@@ -1,8 +1,8 @@
-"""ChatService against a real small upstream on loopback (tests/fake_upstream.py)."""
+"""ChatService in process over the in-memory fake upstream (tests/fake_upstream.py: FakeUpstream); the
+standard parameters are checked end to end, through LiteLLM to the same fake upstream as a real server."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,13 +20,7 @@ from gateway.serving.interfaces import MemorySink, OpenAuthenticator, Principal,
 from gateway.serving.registry import Registry
 from gateway.serving.service import ChatContext, ChatService
 from routing.policy import CheapestPolicy
-from tests.procs import fake_upstream
-
-
-@pytest.fixture(scope="module")
-def base_url() -> Iterator[str]:
-    with fake_upstream() as url:
-        yield url
+from tests.fake_upstream import FakeUpstream
 
 
 class RecordingBudget:
@@ -42,15 +36,20 @@ class RecordingBudget:
         self.settled.append(actual_usd)
 
 
-def make_service(base_url: str, principal: Principal | None = None) -> tuple[ChatService, MemorySink, RecordingBudget]:
+def make_service(principal: Principal | None = None, *,
+                 base_url: str | None = None) -> tuple[ChatService, MemorySink, RecordingBudget]:
+    """The service over five models, in memory (FakeUpstream), or through LiteLLM to the fake upstream
+    server at ``base_url``."""
+    api_base = base_url or "http://fake-upstream.invalid/v1"  # never dialled in memory
+
     def m(name: str, cost: float, upstream: str | None = None) -> dict[str, Any]:
         return {"name": name, "router_cost": cost, "input_cost_per_1m": 1.0, "output_cost_per_1m": 2.0,
-                "litellm_params": {"model": f"openai/{upstream or name}", "api_base": base_url, "api_key": "t"}}
+                "litellm_params": {"model": f"openai/{upstream or name}", "api_base": api_base, "api_key": "t"}}
 
     cfg = parse_config({"models": [m("cheap-500", 1), m("mid", 2), m("big", 10), m("drops-midfail", 50),
                                    {**m("params-echo", 60), "routable": False}]})
     registry = Registry.from_config(cfg)
-    fw = Forwarder(max_attempts=3)
+    fw = Forwarder(max_attempts=3, upstream=None if base_url else FakeUpstream())
     registry.on_replace(fw.register)
     sink, budget = MemorySink(), RecordingBudget()
     auth = OpenAuthenticator(principal) if principal else None
@@ -64,8 +63,8 @@ def req(**kw: Any) -> Any:
 CTX = ChatContext(request_id="req-1")
 
 
-async def test_auto_routes_cheapest_and_falls_back(base_url: str) -> None:
-    svc, sink, budget = make_service(base_url)
+async def test_auto_routes_cheapest_and_falls_back() -> None:
+    svc, sink, budget = make_service()
     res = await svc.complete(req(), CTX)
     assert res.model == "mid" and res.body["model"] == "mid"
     ext = res.body["uniroute"]
@@ -80,15 +79,15 @@ async def test_auto_routes_cheapest_and_falls_back(base_url: str) -> None:
     assert budget.reserved[0] > 0 and budget.settled == [res.cost_usd]
 
 
-async def test_named_model_is_served_by_it(base_url: str) -> None:
-    svc, _, _ = make_service(base_url)
+async def test_named_model_is_served_by_it() -> None:
+    svc, _, _ = make_service()
     res = await svc.complete(req(model="big"), CTX)
     assert res.model == "big"
     assert res.body["uniroute"]["candidates"] == []
 
 
-async def test_unknown_model_lists_known(base_url: str) -> None:
-    svc, sink, _ = make_service(base_url)
+async def test_unknown_model_lists_known() -> None:
+    svc, sink, _ = make_service()
     with pytest.raises(ModelNotFoundError) as info:
         await svc.complete(req(model="gpt-9"), CTX)
     assert info.value.code == "model_not_found"
@@ -96,10 +95,10 @@ async def test_unknown_model_lists_known(base_url: str) -> None:
     assert sink.records[-1].status_code == 404
 
 
-async def test_lambda_from_body_header_and_range(base_url: str) -> None:
+async def test_lambda_from_body_header_and_range() -> None:
     principal = Principal(key_id=1, key_name="k", key_prefix="sk-k", default_lambda=0.2, lambda_min=0.1,
                           lambda_max=1.0)
-    svc, _, _ = make_service(base_url, principal)
+    svc, _, _ = make_service(principal)
     assert (await svc.complete(req(), CTX)).body["uniroute"]["lambda"] == 0.2
     assert (await svc.complete(req(uniroute={"lambda": 0.5}), CTX)).body["uniroute"]["lambda"] == 0.5
     hdr = ChatContext(request_id="r", lambda_header="0.7")
@@ -112,17 +111,17 @@ async def test_lambda_from_body_header_and_range(base_url: str) -> None:
         await svc.complete(req(), ChatContext(request_id="r", lambda_header="lots"))
 
 
-async def test_allowed_models(base_url: str) -> None:
+async def test_allowed_models() -> None:
     principal = Principal(key_id=1, key_name="k", key_prefix="", default_lambda=0.1,
                           allowed_models=frozenset({"big"}))
-    svc, _, _ = make_service(base_url, principal)
+    svc, _, _ = make_service(principal)
     assert (await svc.complete(req(), CTX)).model == "big"
     with pytest.raises(PermissionDeniedError):
         await svc.complete(req(model="mid"), CTX)
 
 
-async def test_stream_relays_and_puts_uniroute_on_last_chunk(base_url: str) -> None:
-    svc, sink, budget = make_service(base_url)
+async def test_stream_relays_and_puts_uniroute_on_last_chunk() -> None:
+    svc, sink, budget = make_service()
     st = await svc.stream(req(stream=True), CTX)
     assert st.model == "mid"
     chunks = [c async for c in st.chunks]
@@ -139,8 +138,8 @@ async def test_stream_relays_and_puts_uniroute_on_last_chunk(base_url: str) -> N
     assert budget.settled[-1] == ext["cost_usd"]
 
 
-async def test_stream_include_usage(base_url: str) -> None:
-    svc, _, _ = make_service(base_url)
+async def test_stream_include_usage() -> None:
+    svc, _, _ = make_service()
     st = await svc.stream(req(model="big", stream=True, stream_options={"include_usage": True}), CTX)
     chunks = [c async for c in st.chunks]
     last = chunks[-1]
@@ -148,8 +147,8 @@ async def test_stream_include_usage(base_url: str) -> None:
     assert last["uniroute"]["cost_usd"] > 0
 
 
-async def test_stream_failing_mid_way_ends_with_error(base_url: str) -> None:
-    svc, sink, _ = make_service(base_url)
+async def test_stream_failing_mid_way_ends_with_error() -> None:
+    svc, sink, _ = make_service()
     st = await svc.stream(req(model="drops-midfail", stream=True), CTX)
     chunks = [c async for c in st.chunks]
     assert chunks[0]["choices"][0]["delta"]["content"] == "echo:"
@@ -157,16 +156,16 @@ async def test_stream_failing_mid_way_ends_with_error(base_url: str) -> None:
     assert sink.records[-1].status_code == 502
 
 
-async def test_stream_errors_before_first_chunk_raise(base_url: str) -> None:
-    svc, sink, _ = make_service(base_url)
+async def test_stream_errors_before_first_chunk_raise() -> None:
+    svc, sink, _ = make_service()
     with pytest.raises(UpstreamError):
         await svc.stream(req(model="cheap-500", stream=True), CTX)
     assert sink.records[-1].status_code == 502 and sink.records[-1].attempts[0]["status"] == 502
 
 
 @pytest.mark.parametrize("consume", [0, 2])
-async def test_stream_closed_early_is_logged_and_settled(base_url: str, consume: int) -> None:
-    svc, sink, budget = make_service(base_url)
+async def test_stream_closed_early_is_logged_and_settled(consume: int) -> None:
+    svc, sink, budget = make_service()
     st = await svc.stream(req(model="big", stream=True), CTX)
     for _ in range(consume):
         await st.chunks.__anext__()
@@ -184,8 +183,8 @@ async def test_stream_closed_early_is_logged_and_settled(base_url: str, consume:
     assert budget.settled[-1] == pytest.approx(rec.cost_usd) and len(budget.settled) == len(budget.reserved)
 
 
-async def test_standard_parameters_reach_the_backend(base_url: str) -> None:
-    svc, _, _ = make_service(base_url)
+async def test_standard_parameters_reach_the_backend(fake_upstream_url: str) -> None:
+    svc, _, _ = make_service(base_url=fake_upstream_url)
     params: dict[str, Any] = {
         "temperature": 0.3, "top_p": 0.9, "max_tokens": 12, "max_completion_tokens": 13, "stop": ["END"], "n": 2,
         "seed": 7, "user": "u-1", "logprobs": True, "top_logprobs": 2, "frequency_penalty": 0.5,

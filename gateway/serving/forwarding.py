@@ -1,5 +1,9 @@
 """Forwarding to the backends: the ONLY caller of ``litellm.acompletion``.
 
+- :class:`Forwarder` tries the ranked candidates one by one (fallback, cooldowns, first-token
+  timeout, prices); each try is one call of an :class:`Upstream`. :class:`LiteLLMUpstream`, the
+  default and the gateway's, calls ``litellm.acompletion``; tests may pass an in-memory one
+  (``tests/fake_upstream.py``) to run the forwarder and the chat service without servers.
 - Prices of every registry entry are registered with LiteLLM; the gateway computes each
   response's cost itself, exactly, from the usage the provider reports × the entry's prices
   (streams: from the final usage chunk), so LiteLLM's own cost bookkeeping is not relied on.
@@ -43,7 +47,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Protocol, get_args
 
 import gateway  # noqa: F401  (offline environment before litellm is imported)
 from gateway.errors import (
@@ -242,17 +246,38 @@ def _cost(entry: ModelEntry, usage: Any) -> float | None:
     return _price(entry, getattr(usage, "prompt_tokens", None) or 0, getattr(usage, "completion_tokens", None) or 0)
 
 
-class Forwarder:
-    """Sends chat requests to backends through LiteLLM, with fallback."""
+class Upstream(Protocol):
+    """One call to one backend, no fallback: what the :class:`Forwarder` tries candidate by candidate.
 
-    def __init__(self, max_attempts: int = 3, raw_openai_streams: bool = True,
-                 http_client: HttpClientKind = "aiohttp", cooldowns: Cooldowns | None = None) -> None:
-        if max_attempts < 1:
-            raise ValueError("max_attempts must be >= 1")
+    :class:`LiteLLMUpstream` (``litellm.acompletion``) is the gateway's; tests may pass an in-memory
+    one. A failure is raised as the provider's exception (mapped by :func:`map_exception`) or as a
+    :class:`~gateway.errors.GatewayError`; the Forwarder adds fallback, cooldowns, the first-token
+    timeout and prices around the calls."""
+
+    def register(self, snapshot: RegistrySnapshot) -> None:
+        """The registry changed: get ready to call its entries."""
+        ...
+
+    async def complete(self, entry: ModelEntry, messages: list[dict[str, Any]], params: Mapping[str, Any]) -> Any:
+        """A non-streaming completion: an OpenAI ``ChatCompletion``-shaped object (``usage``, ``model_dump()``)."""
+        ...
+
+    async def stream(self, entry: ModelEntry, messages: list[dict[str, Any]],
+                     params: Mapping[str, Any]) -> AsyncIterator[Any]:
+        """Open a stream (errors at open are raised here); its ``ChatCompletionChunk``-shaped chunks."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections (optional: pooled keep-alive connections only)."""
+        ...
+
+
+class LiteLLMUpstream:
+    """Calls backends through ``litellm.acompletion`` (the gateway's only caller of it)."""
+
+    def __init__(self, raw_openai_streams: bool = True, http_client: HttpClientKind = "aiohttp") -> None:
         if http_client not in HTTP_CLIENTS:
             raise ValueError(f"unknown http_client {http_client!r}; valid: {', '.join(HTTP_CLIENTS)}")
-        self.max_attempts = max_attempts
-        self.cooldowns = cooldowns if cooldowns is not None and cooldowns.enabled else None
         self.raw_openai_streams = raw_openai_streams
         self.http_client = http_client
         self._litellm = configure_litellm()
@@ -333,6 +358,62 @@ class Forwarder:
 
     # -- calls ------------------------------------------------------------------------
 
+    async def complete(self, entry: ModelEntry, messages: list[dict[str, Any]], params: Mapping[str, Any]) -> Any:
+        token = self._quiet.set(True) if self._quiet is not None else None
+        try:
+            return await self._acompletion(messages=messages, **self._call_kwargs(entry), **params)
+        finally:
+            if token is not None and self._quiet is not None:
+                self._quiet.reset(token)
+
+    async def stream(self, entry: ModelEntry, messages: list[dict[str, Any]],
+                     params: Mapping[str, Any]) -> AsyncIterator[Any]:
+        kwargs = self._call_kwargs(entry)
+        raw = self._raw_stream(kwargs)
+        # LiteLLM's stream wrapper (and its logging) is bypassed for a raw stream
+        token = self._quiet.set(True) if raw and self._quiet is not None else None
+        try:
+            stream = await self._acompletion(messages=messages, stream=True, **kwargs, **params)
+        finally:
+            if token is not None and self._quiet is not None:
+                self._quiet.reset(token)
+        return self._chunks(stream, raw)
+
+    def _raw_stream(self, kwargs: Mapping[str, Any]) -> bool:
+        return self.raw_openai_streams and "client" in kwargs
+
+    def _chunks(self, stream: Any, raw_ok: bool) -> AsyncIterator[Any]:
+        """The stream's chunks. For an entry on a shared OpenAI-wire client (``raw_openai_streams``),
+        the provider's own ``ChatCompletionChunk`` objects that LiteLLM's stream wrapper holds, read
+        directly: the wire format is already OpenAI's, and LiteLLM's per-chunk re-wrapping and
+        end-of-stream re-assembly were ~2/3 of the gateway's CPU per 20-chunk stream."""
+        raw = getattr(stream, "completion_stream", None)
+        if raw_ok and raw is not None and hasattr(raw, "__aiter__"):
+            return _raw_chunks(raw)
+        it: AsyncIterator[Any] = stream.__aiter__()
+        return it
+
+
+class Forwarder:
+    """Sends chat requests to backends through an :class:`Upstream` (LiteLLM unless given), with fallback."""
+
+    def __init__(self, max_attempts: int = 3, cooldowns: Cooldowns | None = None,
+                 upstream: Upstream | None = None) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        self.max_attempts = max_attempts
+        self.cooldowns = cooldowns if cooldowns is not None and cooldowns.enabled else None
+        self.upstream: Upstream = upstream if upstream is not None else LiteLLMUpstream()
+
+    def register(self, snapshot: RegistrySnapshot) -> None:
+        """The registry changed (``Registry.on_replace``): pass it on to the upstream."""
+        self.upstream.register(snapshot)
+
+    async def aclose(self) -> None:
+        await self.upstream.aclose()
+
+    # -- calls ------------------------------------------------------------------------
+
     async def complete(
         self,
         candidates: Sequence[ModelEntry],
@@ -348,9 +429,8 @@ class Forwarder:
         last: GatewayError | None = None
         for entry in self._tries(candidates):
             t0 = time.perf_counter()
-            token = self._quiet.set(True) if self._quiet is not None else None
             try:
-                response = await self._acompletion(messages=messages, **self._call_kwargs(entry), **params)
+                response = await self.upstream.complete(entry, messages, params)
             except Exception as exc:
                 err = map_exception(exc, entry.name)
                 attempts.append(Attempt(entry.name, err.status_code, err.error_type, (time.perf_counter() - t0) * 1e3))
@@ -360,9 +440,6 @@ class Forwarder:
                     self.note_failure(entry.name, err)
                     continue
                 break
-            finally:
-                if token is not None and self._quiet is not None:
-                    self._quiet.reset(token)
             latency = (time.perf_counter() - t0) * 1e3
             attempts.append(Attempt(entry.name, 200, None, latency))
             self.note_success(entry.name)
@@ -383,15 +460,9 @@ class Forwarder:
         for entry in self._tries(candidates):
             t0 = time.perf_counter()
             started = asyncio.get_running_loop().time()
-            token = None
             try:
-                kwargs = self._call_kwargs(entry)
-                raw = self._raw_stream(kwargs)
-                if raw and self._quiet is not None:  # LiteLLM's stream wrapper (and its logging) is bypassed
-                    token = self._quiet.set(True)
                 async with asyncio.timeout(entry.first_token_timeout):
-                    stream = await self._acompletion(messages=messages, stream=True, **kwargs, **params)
-                    it = self._chunks(stream, raw)
+                    it = await self.upstream.stream(entry, messages, params)
                     first = await it.__anext__()
             except StopAsyncIteration:
                 err: GatewayError = UpstreamError(f"model '{entry.name}' returned an empty stream")
@@ -405,9 +476,6 @@ class Forwarder:
                 attempts.append(Attempt(entry.name, 200, None, ttft))
                 self.note_success(entry.name)
                 return OpenStream(entry, first, it, attempts, ttft, started=t0, deadline=started + entry.timeout_s)
-            finally:
-                if token is not None and self._quiet is not None:
-                    self._quiet.reset(token)
             attempts.append(Attempt(entry.name, err.status_code, err.error_type, (time.perf_counter() - t0) * 1e3))
             logger.info("model %s failed (%s): %s", entry.name, err.status_code, err.message)
             last = err
@@ -430,20 +498,6 @@ class Forwarder:
         """Count a retryable failure of ``model`` towards its cooldown (also used for mid-stream failures)."""
         if self.cooldowns is not None and is_retryable(err):
             self.cooldowns.failed(model, getattr(err, "retry_after", None))
-
-    def _raw_stream(self, kwargs: Mapping[str, Any]) -> bool:
-        return self.raw_openai_streams and "client" in kwargs
-
-    def _chunks(self, stream: Any, raw_ok: bool) -> AsyncIterator[Any]:
-        """The stream's chunks. For an entry on a shared OpenAI-wire client (``raw_openai_streams``),
-        the provider's own ``ChatCompletionChunk`` objects that LiteLLM's stream wrapper holds, read
-        directly: the wire format is already OpenAI's, and LiteLLM's per-chunk re-wrapping and
-        end-of-stream re-assembly were ~2/3 of the gateway's CPU per 20-chunk stream."""
-        raw = getattr(stream, "completion_stream", None)
-        if raw_ok and raw is not None and hasattr(raw, "__aiter__"):
-            return _raw_chunks(raw)
-        it: AsyncIterator[Any] = stream.__aiter__()
-        return it
 
     @staticmethod
     def stream_cost(entry: ModelEntry, usage: Any) -> float | None:
