@@ -45,32 +45,48 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # a string right under a field is its description: docs/CONFIG.md is generated from them (gateway/configdoc.py)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class ServerConfig(_Section):
     host: str = "127.0.0.1"
+    """Address the gateway listens on (`uniroute serve --host` overrides)."""
     port: int = Field(default=8000, ge=0, le=65535)
+    """Port the gateway listens on (`--port` overrides)."""
     workers: int = Field(default=1, ge=1)
+    """uvicorn worker processes (`--workers` overrides); metrics are merged across them."""
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    """Larger request bodies get 413."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    """Log level of the gateway and uvicorn."""
     access_log: bool = False
+    """uvicorn's access log."""
 
 
 class RouterConfig(_Section):
     policy: Literal["cheapest", "uniroute"] = "cheapest"
+    """Routing policy for `auto`: `uniroute`, or the prompt-agnostic placeholder `cheapest` (cheapest `router_cost` first)."""
     variant: Literal["learnedmap", "kmeans"] = "learnedmap"
-    artifact: str | None = None  # folder of a fitted UniRoute router (`uniroute router fit --out`)
+    """UniRoute only: `learnedmap` (z(x) = softmax(θᵀφ(x)); alias `learned_map`) or `kmeans` (nearest centroid)."""
+    artifact: str | None = None
+    """UniRoute only (required): folder written by `uniroute router fit --dataset DIR --out DIR`; its `profiles.json` seeds the `model_profiles` table. The artifact fixes the embedder (the demo's: the static embedding distilled from MiniLM)."""
     default_lambda: float = Field(default=0.1, ge=0.0)
+    """λ when the request sets none (a key's own λ wins in `auth.mode: keys`)."""
     lambda_min: float = Field(default=0.0, ge=0.0)
+    """Lowest λ a request or key may use."""
     lambda_max: float = Field(default=10.0, ge=0.0)
-    # Calibration: set one of these to derive default_lambda from the artifact's validation prompts.
-    target_cost: float | None = Field(default=None, gt=0.0, le=1.0)  # mean normalised cost
-    target_fraction_of_best: float | None = Field(default=None, gt=0.0, le=1.0)  # × the best model's cost
-    # Embedding on the request path (uniroute only)
-    embed_cache_dir: str | None = None  # disk cache of prompt embeddings (default: $UNIROUTE_CACHE_DIR)
-    max_batch: int = Field(default=32, ge=1)  # micro-batch size across concurrent requests
-    max_wait_ms: float = Field(default=2.0, ge=0.0)  # how long a prompt waits for company
+    """Highest λ a request or key may use."""
+    target_cost: float | None = Field(default=None, gt=0.0, le=1.0)
+    """Derive `default_lambda` so that the expected mean normalised cost on the artifact's validation prompts is this (as `uniroute router calibrate`)."""
+    target_fraction_of_best: float | None = Field(default=None, gt=0.0, le=1.0)
+    """Or: derive `default_lambda` for this fraction of the most accurate model's cost."""
+    embed_cache_dir: str | None = None
+    """On-disk cache of prompt embeddings (default `$UNIROUTE_CACHE_DIR`, else `~/.cache/uniroute`); the gateway only reads it."""
+    max_batch: int = Field(default=32, ge=1)
+    """Micro-batch size of embeddings across concurrent requests."""
+    max_wait_ms: float = Field(default=2.0, ge=0.0)
+    """How long a prompt waits for company in a micro-batch (0 for a fast static embedder)."""
 
     @field_validator("variant", mode="before")
     @classmethod
@@ -92,28 +108,37 @@ class RouterConfig(_Section):
 
 class FallbackConfig(_Section):
     max_attempts: int = Field(default=3, ge=1)
-    # cooldown (gateway/serving/cooldown.py): this many retryable failures within the window put a model
-    # into cooldown for cooldown_s (at least a 429's Retry-After); `auto` routes around it. 0 = off.
+    """Models tried down the ranking for `auto` (timeouts, 429s, 5xx, connection errors)."""
     cooldown_failures: int = Field(default=3, ge=0)
+    """This many retryable failures of a model within `cooldown_window_s` put it into cooldown: `auto` tries it last (gateway/serving/cooldown.py). 0 turns cooldown off."""
     cooldown_window_s: float = Field(default=60.0, gt=0.0)
+    """The window in which failures are counted."""
     cooldown_s: float = Field(default=30.0, ge=0.0)
+    """How long a cooldown lasts (at least a 429's Retry-After)."""
 
 
 class ForwardingConfig(_Section):
     """How requests reach the backends (always through ``litellm.acompletion``; see gateway/serving/forwarding.py)."""
 
-    http_client: Literal["aiohttp", "httpx"] = "aiohttp"  # HTTP stack of the shared OpenAI-wire clients
-    raw_openai_streams: bool = True  # read OpenAI-wire streams from the SDK stream, not LiteLLM's chunk wrapper
+    http_client: Literal["aiohttp", "httpx"] = "aiohttp"
+    """HTTP stack of the shared OpenAI-wire clients: `aiohttp` (the OpenAI SDK's `DefaultAioHttpClient`, cheaper per request) or `httpx` (the SDK's default)."""
+    raw_openai_streams: bool = True
+    """Read OpenAI-wire streams from the SDK stream `litellm.acompletion` opened rather than through LiteLLM's per-chunk wrapper (docs/PERFORMANCE.md)."""
 
 
 class ReplayModelsConfig(_Section):
     """Expand the models of a routing-benchmark folder into registry entries."""
 
     dataset: str
+    """Routing benchmark folder (docs/DATA.md); one model per row of its `models.csv`, named as there, served by `uniroute replay`."""
     api_base: str = "http://127.0.0.1:8100/v1"
+    """Where `uniroute replay` listens."""
     api_key: str = "replay"
+    """Key sent to the replay upstream (it accepts any)."""
     usd_per_1m_tokens_per_cost_unit: float = Field(default=0.01, gt=0.0)
+    """Both prices of a replayed model: its `models.csv` cost × this (its `router_cost` is that cost)."""
     timeout_s: float = Field(default=60.0, gt=0.0)
+    """Each replayed model's `timeout_s`."""
 
 
 AuthMode = Literal["open", "keys"]
@@ -123,58 +148,95 @@ class AuthConfig(_Section):
     """``keys``: every request needs an API key (``uniroute keys create``). ``open``: no keys, everyone is
     'anonymous' with the router's λ and no budget or rate limit (the demo)."""
 
-    mode: AuthMode = "keys"  # the one default of auth.mode
-    cache_ttl_s: float = Field(default=1.0, gt=0.0, le=60.0)  # bound on how stale a replica's key cache is
+    mode: AuthMode = "keys"
+    """`keys`: every request needs an API key (`uniroute keys create`); `open`: no keys, everyone is `anonymous` with the router's λ and no budget or limit (the shipped demo config)."""
+    cache_ttl_s: float = Field(default=1.0, gt=0.0, le=60.0)
+    """How long a replica caches a key's policy (bounds how stale a revocation can be)."""
 
 
 class DatabaseConfig(_Section):
-    auto_migrate: bool = True  # apply migrations at start (else: `uniroute db upgrade`)
-    pool_size: int = Field(default=5, ge=1)  # PostgreSQL connection pool per worker
+    auto_migrate: bool = True
+    """Apply migrations at start (else run `uniroute db upgrade`)."""
+    pool_size: int = Field(default=5, ge=1)
+    """PostgreSQL connections per worker."""
     max_overflow: int = Field(default=10, ge=0)
-    store_prompts: bool = False  # keep the prompt text in the request log
+    """PostgreSQL connections per worker beyond `pool_size` under load."""
+    store_prompts: bool = False
+    """Keep the prompt text (last user message) in the request log."""
     log_batch_size: int = Field(default=500, ge=1)
+    """Rows per insert of the background request-log writer."""
     log_flush_interval_s: float = Field(default=0.5, gt=0.0)
-    log_max_buffer: int = Field(default=100_000, ge=1)  # request rows held while the database is unreachable
-    spill_dir: str = "var/request-log-spill"  # rows unwritable at shutdown go here, and in at next start
-    log_close_timeout_s: float = Field(default=15.0, ge=0.0)  # how long shutdown keeps retrying before spilling
+    """How often the request-log writer flushes."""
+    log_max_buffer: int = Field(default=100_000, ge=1)
+    """Request rows held in memory while the database is unreachable (beyond: dropped, counted and logged)."""
+    spill_dir: str = "var/request-log-spill"
+    """Rows unwritable at shutdown are spilled here, and written at the next start."""
+    log_close_timeout_s: float = Field(default=15.0, ge=0.0)
+    """How long shutdown keeps retrying the database before spilling."""
 
 
 class RateLimitConfig(_Section):
-    fail_open: bool = True  # when Redis is unreachable: serve (true) or refuse with 503 (false)
-    redis_prefix: str = Field(default="uniroute:rpm:", min_length=1)  # one per deployment sharing a Redis
+    fail_open: bool = True
+    """When Redis is unreachable: serve (true) or refuse with 503 (false)."""
+    redis_prefix: str = Field(default="uniroute:rpm:", min_length=1)
+    """Key prefix in Redis; one per deployment sharing a Redis."""
 
 
 class RegistryConfig(_Section):
-    poll_interval_s: float = Field(default=2.0, gt=0.0, le=5.0)  # how often each replica re-reads `models`
+    poll_interval_s: float = Field(default=2.0, gt=0.0, le=5.0)
+    """How often each replica re-reads the `models` and `model_profiles` tables."""
 
 
 class ProfilingConfig(_Section):
     grader: Literal["multiple_choice", "exact", "numeric", "judge"] = "multiple_choice"
-    judge_model: str | None = None  # registry model the `judge` grader asks
+    """How an answer is scored against the reference."""
+    judge_model: str | None = None
+    """Registry model the `judge` grader asks (rating 0-10)."""
     concurrency: int = Field(default=16, ge=1, le=512)
-    attempts: int = Field(default=4, ge=1)  # per prompt, with exponential backoff (429: at least Retry-After)
-    max_tokens: int | None = Field(default=None, ge=1)  # per answer (None: the provider's default)
-    min_graded_per_cluster: int = Field(default=3, ge=0)  # below this in any cluster: not activated
-    reprofile_interval_s: float = Field(default=0.0, ge=0.0)  # 0 = the scheduled re-profiling job is off
-    feedback_weight: float = Field(default=1.0, ge=0.0)  # one feedback row = this many validation prompts
-    max_feedback_weight_ratio: float = Field(default=4.0, ge=0.0)  # feedback weight ≤ ratio × prior count
-    lease_ttl_s: float = Field(default=300.0, gt=0.0)  # how long a replica holds the re-profiling lease
+    """Profiling requests in flight."""
+    attempts: int = Field(default=4, ge=1)
+    """Tries per prompt, with exponential backoff (a 429 waits at least its Retry-After)."""
+    max_tokens: int | None = Field(default=None, ge=1)
+    """Answer length per profiling prompt (default: the provider's)."""
+    min_graded_per_cluster: int = Field(default=3, ge=0)
+    """A model is activated only when every cluster has this many graded answers, or all its prompts when it has fewer (else `--allow-partial`)."""
+    reprofile_interval_s: float = Field(default=0.0, ge=0.0)
+    """Period of the re-profiling job inside `serve` (0: off); one replica at a time holds a database lease."""
+    feedback_weight: float = Field(default=1.0, ge=0.0)
+    """Weight of one feedback row, in validation prompts."""
+    max_feedback_weight_ratio: float = Field(default=4.0, ge=0.0)
+    """Cap of the feedback weight per cluster, as a multiple of the validation count."""
+    lease_ttl_s: float = Field(default=300.0, gt=0.0)
+    """How long a replica holds the re-profiling lease."""
 
 
 class GatewayConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
+    """Where and how the gateway listens."""
     database_url: str = "sqlite:///var/uniroute.db"
+    """Keys, budgets, registry, profiles and the request log; `postgresql+psycopg://user@host/db` for several replicas (`$UNIROUTE_DATABASE_URL` wins for CLI commands)."""
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    """The store's behaviour."""
     auth: AuthConfig = Field(default_factory=AuthConfig)
-    redis_url: str | None = None  # redis://127.0.0.1:6379/0: rate limits shared by every replica
+    """API keys."""
+    redis_url: str | None = None
+    """`redis://127.0.0.1:6379/0`: per-key rate limits shared by every replica (without it: per process)."""
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    """Rate limiting."""
     router: RouterConfig = Field(default_factory=RouterConfig)
+    """How `model: "auto"` is routed."""
     fallback: FallbackConfig = Field(default_factory=FallbackConfig)
+    """Fallbacks and cooldown."""
     forwarding: ForwardingConfig = Field(default_factory=ForwardingConfig)
-    models: list[ModelSpec] = Field(default_factory=list)  # litellm_params as written (gateway/spec.py)
+    """How calls reach the providers."""
+    models: list[ModelSpec] = Field(default_factory=list)
+    """The registry's seed: one entry per model (gateway/spec.py; then `uniroute models` / `/admin/models`)."""
     replay_models: ReplayModelsConfig | None = None
+    """Add every model of a routing benchmark folder, served by `uniroute replay` (an explicit `models[]` entry of the same name wins)."""
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    """The live registry."""
     profiling: ProfilingConfig = Field(default_factory=ProfilingConfig)
+    """Profiling and re-profiling."""
     #: folder of the config file (relative paths resolve against it); not a YAML key
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
 

@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
     p.set_defaults(handler=_lazy("replay.cli:replay_command"))
 
+    # --- configuration -------------------------------------------------------------------
+    p = sub.add_parser("config", help="the config.yaml reference")
+    csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    q = csub.add_parser("reference", help="print every config key with its type, default and meaning (Markdown; "
+                        "docs/CONFIG.md is this output)")
+    q.set_defaults(handler=_lazy("gateway.configdoc:reference_command"))
+
     # --- database ------------------------------------------------------------------------
     p = sub.add_parser("db", help="database migrations (Alembic)")
     dbsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
