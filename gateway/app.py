@@ -4,7 +4,7 @@ Nothing is built at import time. ``create_app`` only records what to build; the 
 builds the LiteLLM forwarder, the registry, the policy and the chat service once, at
 startup, and every request reuses them.
 
-``readiness_checks`` (``app.state.readiness_checks``, name → async callable that raises
+``readiness_checks`` (``GatewayState.readiness_checks``, name → async callable that raises
 when unhealthy) is the hook a store adds its "database reachable" check to.
 
 The store-backed parts (API keys, budgets, rate limits, the request log, metrics) come
@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,6 +31,7 @@ from starlette.routing import Route
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import GatewayError
 from gateway.http.middleware import CHAT_PATH, RequestContextMiddleware
+from gateway.http.state import GatewayState, ReadinessCheck
 from gateway.serving.interfaces import (
     Authenticator,
     BudgetGuard,
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
     from gateway.access.accounting import Accounting
 
 logger = logging.getLogger("uniroute.app")
-ReadinessCheck = Callable[[], Awaitable[None]]
 
 
 def create_app(
@@ -95,14 +95,12 @@ def create_app(
             # Ψ(h) of each profiled registry model; unprofiled models stay out of `auto`
             registry.replace(with_profiles(registry.snapshot.entries, bundle.profiles))
         pol, embed = bundle.policy, bundle.embed
-        app.state.router = bundle
-        app.state.started_at = started
-        app.state.registry = registry
+        state.started_at = started
         await acc.start(registry.names(), [m.name for m in registry.pool()])
         registry.on_replace(lambda snap: acc.metrics.set_registry(snap.names, [m.name for m in snap.pool]))
         # the database is the registry's source of truth from here on: every replica polls it
         key = catalog.profile_key(bundle.version, config.router.variant) if bundle.version else None
-        app.state.profile_key = key
+        state.profile_key = key
         poller = RegistryPoller(catalog.TableModelSource(acc.store, key), registry,
                                 config.registry.poll_interval_s)
         try:
@@ -116,9 +114,7 @@ def create_app(
             logger.error("could not read the registry from the database (%s: %s); serving the config's models "
                          "until it answers", type(exc).__name__, exc)
         poller.start()
-        app.state.poller = poller
-        app.state.forwarder = forwarder
-        app.state.service = ChatService(
+        state.service = ChatService(
             registry, pol, forwarder, embed=embed,
             authenticator=authenticator or acc.authenticator,
             rate_limiter=rate_limiter or acc.rate_limiter, budget=budget or acc.budget, sink=sink or acc.sink,
@@ -127,15 +123,15 @@ def create_app(
         from profiling.jobs import ProfilingJobs
         from profiling.schedule import Reprofiler, ReprofileScheduler
 
-        app.state.profiling = ProfilingJobs(config, acc.store, forwarder, key)
-        app.state.reprofiler = Reprofiler(config, acc.store, key)
-        scheduler = ReprofileScheduler(app.state.reprofiler)
+        jobs = state.profiling = ProfilingJobs(config, acc.store, forwarder, key)
+        reprofiler = state.reprofiler = Reprofiler(config, acc.store, key)
+        scheduler = ReprofileScheduler(reprofiler)
         scheduler.start()
         try:
             yield
         finally:
             await scheduler.aclose()
-            await app.state.profiling.aclose()
+            await jobs.aclose()
             await poller.aclose()
             await acc.aclose()
             await bundle.aclose()
@@ -176,9 +172,9 @@ def create_app(
         exception_handlers=handlers,
         lifespan=lifespan,
     )
-    app.state.config = config
-    app.state.accounting = acc
-    app.state.readiness_checks = {"database": acc.check_ready, **(readiness_checks or {})}
+    # what the handlers reach (gateway/http/state.py); the lifespan fills in the rest at start-up
+    state = app.state.gateway = GatewayState(
+        accounting=acc, readiness_checks={"database": acc.check_ready, **(readiness_checks or {})})
     return app
 
 

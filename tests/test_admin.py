@@ -14,6 +14,7 @@ from gateway.access.accounting import Accounting, AccountingSettings
 from gateway.errors import GatewayError
 from gateway.http import keys as admin
 from gateway.http.responses import gateway_error
+from gateway.http.state import GatewayState
 
 ADMIN = "sk-admin-test-0123456789"
 
@@ -30,7 +31,7 @@ async def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterat
         Route("/admin/keys/{name}", admin.get_key_endpoint, methods=["GET"]),
         Route("/admin/keys/{name}", admin.revoke_key_endpoint, methods=["DELETE"]),
     ], exception_handlers={GatewayError: gateway_error})  # handlers raise; app.py registers the same handler
-    app.state.accounting = acc
+    app.state.gateway = GatewayState(accounting=acc)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
         yield c
     await acc.aclose()

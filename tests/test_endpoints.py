@@ -112,7 +112,7 @@ def test_readiness_fails_when_a_check_fails(client: TestClient) -> None:
     async def store_down() -> None:
         raise ConnectionError("database unreachable")
 
-    checks = client.app.state.readiness_checks  # type: ignore[attr-defined]
+    checks = client.app.state.gateway.readiness_checks  # type: ignore[attr-defined]
     checks["store"], saved = store_down, checks["store"]
     try:
         r = client.get("/health/readiness")

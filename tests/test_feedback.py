@@ -17,6 +17,7 @@ from gateway.access.auth import create_key
 from gateway.errors import GatewayError
 from gateway.http import feedback
 from gateway.http.responses import gateway_error
+from gateway.http.state import GatewayState
 from gateway.serving.interfaces import RequestRecord
 from gateway.store.tables import Feedback
 
@@ -26,7 +27,7 @@ async def _client(tmp_path: Path, mode: str) -> tuple[httpx.AsyncClient, Account
     await acc.start(["m"])
     app = Starlette(routes=[Route("/v1/feedback", feedback.feedback_endpoint, methods=["POST"])],
                     exception_handlers={GatewayError: gateway_error})  # handlers raise; as app.py registers
-    app.state.accounting = acc
+    app.state.gateway = GatewayState(accounting=acc)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw"), acc
 
 

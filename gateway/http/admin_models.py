@@ -28,16 +28,15 @@ from starlette.responses import Response
 
 from gateway.errors import InvalidRequestError, NotFoundError, ServiceUnavailableError, validation_message
 from gateway.http.auth import require_admin
-from gateway.http.keys import _admin, _error, _json  # the two reprofile handlers only
 from gateway.http.responses import json_body, json_response
+from gateway.http.state import gateway_state
 from gateway.spec import parse_patch, parse_spec
 from gateway.store import models as catalog
 from gateway.store import profiling as profiling_sql
 
 
 def _key(request: Request) -> str | None:
-    key: str | None = getattr(request.app.state, "profile_key", None)
-    return key
+    return gateway_state(request).profile_key
 
 
 async def list_models_endpoint(request: Request) -> Response:
@@ -109,7 +108,7 @@ async def start_profile_endpoint(request: Request) -> Response:
     except ValidationError as exc:
         raise InvalidRequestError(validation_message(exc, "profiling request",
                                                      ", ".join(ProfileStart.model_fields))) from None
-    jobs = getattr(request.app.state, "profiling", None)
+    jobs = gateway_state(request).profiling
     if jobs is None:
         raise ServiceUnavailableError("profiling is not available (the gateway is starting)")
     await asyncio.to_thread(catalog.get_model, acc.store, name)  # 404 listing the known models
@@ -120,7 +119,7 @@ async def start_profile_endpoint(request: Request) -> Response:
 async def profile_status_endpoint(request: Request) -> Response:
     await require_admin(request)
     name = request.path_params["name"]
-    jobs = getattr(request.app.state, "profiling", None)
+    jobs = gateway_state(request).profiling
     job = jobs.get(name) if jobs is not None else None
     if job is None:
         raise NotFoundError(f"no profiling job for {name!r} on this replica; start one with "
@@ -129,26 +128,20 @@ async def profile_status_endpoint(request: Request) -> Response:
 
 
 async def run_reprofile_endpoint(request: Request) -> Response:
-    try:
-        await _admin(request)
-        reprofiler = getattr(request.app.state, "reprofiler", None)
-        if reprofiler is None:
-            raise ServiceUnavailableError("re-profiling is not available (the gateway is starting)")
-        report = await asyncio.to_thread(reprofiler.run_once)
-        if report is None:
-            raise reprofiler.busy_error()
-        return _json(report)
-    except Exception as exc:
-        return _error(exc)
+    await require_admin(request)
+    reprofiler = gateway_state(request).reprofiler
+    if reprofiler is None:
+        raise ServiceUnavailableError("re-profiling is not available (the gateway is starting)")
+    report = await asyncio.to_thread(reprofiler.run_once)
+    if report is None:
+        raise reprofiler.busy_error()
+    return json_response(report)
 
 
 async def last_reprofile_endpoint(request: Request) -> Response:
-    try:
-        acc = await _admin(request)
-        report = await asyncio.to_thread(profiling_sql.last_reprofile_run, acc.store)
-        if report is None:
-            raise NotFoundError("no re-profiling pass has run yet (POST /admin/reprofile or `uniroute reprofile`)",
-                                code="no_report")
-        return _json(report)
-    except Exception as exc:
-        return _error(exc)
+    acc = await require_admin(request)
+    report = await asyncio.to_thread(profiling_sql.last_reprofile_run, acc.store)
+    if report is None:
+        raise NotFoundError("no re-profiling pass has run yet (POST /admin/reprofile or `uniroute reprofile`)",
+                            code="no_report")
+    return json_response(report)

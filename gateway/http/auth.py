@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
+from gateway.http.state import gateway_state
 from gateway.serving.interfaces import Principal
 
 if TYPE_CHECKING:
@@ -18,8 +19,7 @@ if TYPE_CHECKING:
 
 def accounting(request: Request) -> Accounting:
     """The app's :class:`~gateway.access.accounting.Accounting` (keys, budgets, the request log)."""
-    acc: Accounting = request.app.state.accounting
-    return acc
+    return gateway_state(request).accounting
 
 
 async def authenticate(request: Request) -> Principal:

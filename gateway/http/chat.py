@@ -16,8 +16,9 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.http.middleware import ATTEMPTS, new_request_id
 from gateway.http.responses import dumps, error_response, json_response, parse_json
+from gateway.http.state import gateway_state
 from gateway.protocol import parse_chat_request
-from gateway.serving.service import ChatContext, ChatService, ChatStream
+from gateway.serving.service import ChatContext, ChatStream
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
@@ -28,7 +29,7 @@ def request_id(request: Request) -> str:
 
 
 async def chat_completions(request: Request) -> Response:
-    service: ChatService = request.app.state.service
+    service = gateway_state(request).chat_service()
     try:
         req = parse_chat_request(parse_json(await request.body()))
         ctx = ChatContext(

@@ -7,7 +7,7 @@ from starlette.responses import Response
 
 from gateway.errors import ServiceUnavailableError
 from gateway.http.responses import json_response
-from gateway.serving.service import ChatService
+from gateway.http.state import gateway_state
 
 
 async def liveliness(request: Request) -> Response:
@@ -15,9 +15,9 @@ async def liveliness(request: Request) -> Response:
 
 
 async def readiness(request: Request) -> Response:
-    state = request.app.state
+    state = gateway_state(request)
     problems: list[str] = []
-    service: ChatService | None = getattr(state, "service", None)
+    service = state.service
     if service is None:
         problems.append("service not started")
     else:
@@ -25,7 +25,7 @@ async def readiness(request: Request) -> Response:
             problems.append("registry is empty")
         if service.policy is None:
             problems.append("router not loaded")
-    for name, check in getattr(state, "readiness_checks", {}).items():
+    for name, check in state.readiness_checks.items():
         try:
             await check()
         except Exception as exc:

@@ -19,8 +19,6 @@ client key; :func:`gateway.http.auth.require_admin`).
 from __future__ import annotations
 
 import asyncio
-import json
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
@@ -29,7 +27,7 @@ from starlette.responses import Response
 from gateway.access.auth import create_key, key_summary
 from gateway.errors import InvalidRequestError, validation_message
 from gateway.http.auth import accounting, authenticate, require_admin
-from gateway.http.responses import error_response, json_body, json_response
+from gateway.http.responses import json_body, json_response
 from gateway.store import keys as key_sql
 
 KEY_FIELDS = "name, lambda, budget_usd, period, lambda_min, lambda_max, rpm, models"
@@ -86,13 +84,3 @@ async def revoke_key_endpoint(request: Request) -> Response:
     if acc.key_authenticator is not None:
         acc.key_authenticator.invalidate()
     return json_response(key_summary(row))
-
-
-# -- kept for http/admin_models.py until it imports require_admin / json_response / error_response itself.
-# Its _json stays on json.dumps: its reports may carry numpy numbers, which json_response (orjson) refuses.
-_admin = require_admin
-_error = error_response
-
-
-def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(json.dumps(body), status_code=status, media_type="application/json", headers=headers)

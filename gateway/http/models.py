@@ -9,7 +9,8 @@ from starlette.responses import Response
 
 from gateway.errors import ModelNotFoundError
 from gateway.http.responses import json_response
-from gateway.serving.service import AUTO, ChatService
+from gateway.http.state import gateway_state
+from gateway.serving.service import AUTO
 
 
 def _model_card(model_id: str, created: int, owned_by: str) -> dict[str, Any]:
@@ -17,16 +18,16 @@ def _model_card(model_id: str, created: int, owned_by: str) -> dict[str, Any]:
 
 
 async def list_models(request: Request) -> Response:
-    service: ChatService = request.app.state.service
-    created: int = request.app.state.started_at
+    state = gateway_state(request)
+    service, created = state.chat_service(), state.started_at
     data = [_model_card(AUTO, created, "uniroute")]
     data += [_model_card(e.name, e.created or created, e.owned_by) for e in service.registry.snapshot.entries]
     return json_response({"object": "list", "data": data})
 
 
 async def get_model(request: Request) -> Response:
-    service: ChatService = request.app.state.service
-    created: int = request.app.state.started_at
+    state = gateway_state(request)
+    service, created = state.chat_service(), state.started_at
     model_id = request.path_params["model_id"]
     if model_id == AUTO:
         return json_response(_model_card(AUTO, created, "uniroute"))

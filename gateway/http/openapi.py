@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 import gateway
 from gateway.http.responses import json_response
+from gateway.http.state import gateway_state
 from gateway.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -148,7 +149,8 @@ def build_openapi() -> dict[str, Any]:
 
 
 async def openapi(request: Request) -> Response:
-    doc = getattr(request.app.state, "openapi", None)
+    state = gateway_state(request)
+    doc = state.openapi
     if doc is None:
-        doc = request.app.state.openapi = build_openapi()
+        doc = state.openapi = build_openapi()
     return json_response(doc)
