@@ -50,13 +50,13 @@ trap 'exit 130' INT TERM
 # The UniRoute artifact: fitted once from the dataset when missing, with the static embedder (a
 # model2vec embedding distilled offline from the local MiniLM weights, copied into the artifact; the
 # request path then embeds a new prompt in ~1 ms instead of ~30-90 ms). First run on 2 busy cores:
-# ~1.5 min to distil (cached under $UNIROUTE_CACHE_DIR or ~/.cache/uniroute/static for later fits)
-# + ~15 s to embed the ~10k prompts and fit. Written to a temporary folder and moved into place, so
+# ~1 min to distil (cached under $UNIROUTE_CACHE_DIR or ~/.cache/uniroute/static for later fits)
+# + ~20 s to embed the ~10k prompts and fit. Written to a temporary folder and moved into place, so
 # an interrupted fit is redone next time.
 export UNIROUTE_ROUTER_ARTIFACT="${UNIROUTE_ROUTER_ARTIFACT:-var/router-static}"
 if [[ ! -f "$UNIROUTE_ROUTER_ARTIFACT/artifact.json" ]]; then
   echo "demo: fitting the UniRoute router on $UNIROUTE_DATASET -> $UNIROUTE_ROUTER_ARTIFACT (first run only;"
-  echo "demo:   ~1.5 min to distil the static embedding from MiniLM once per machine, then ~15 s)"
+  echo "demo:   ~1 min to distil the static embedding from MiniLM once per machine, then ~20 s)"
   TMP_ARTIFACT="${UNIROUTE_ROUTER_ARTIFACT%/}.tmp$$"
   rm -rf "$TMP_ARTIFACT"
   FIT_START=$SECONDS

@@ -27,7 +27,7 @@ def shared_router_artifact(shared_dataset: Path, tmp_path_factory: pytest.TempPa
     """A UniRoute artifact fitted on the real benchmark with the static embedder, as `make demo` fits it.
 
     ``--embedder static`` distils the static embedding from the local MiniLM weights into the embedding
-    cache once per machine (~1.5 min on 2 loaded cores); embedding the ~10k prompts with it then takes
+    cache once per machine (~1 min on 2 loaded cores); embedding the ~10k prompts with it then takes
     seconds (with MiniLM: 10-30 min on a cold cache)."""
     from gateway.cli.main import main as cli
 
