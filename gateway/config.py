@@ -201,13 +201,15 @@ class ProfilingConfig(_Section):
     min_graded_per_cluster: int = Field(default=3, ge=0)
     """A model is activated only when every cluster has this many graded answers, or all its prompts when it has fewer (else `--allow-partial`)."""
     reprofile_interval_s: float = Field(default=0.0, ge=0.0)
-    """Period of the re-profiling job inside `serve` (0: off); one replica at a time holds a database lease."""
+    """Period of the re-profiling job inside `serve` (0: off); a replica skips its pass when any replica finished one
+    less than this long ago."""
     feedback_weight: float = Field(default=1.0, ge=0.0)
     """Weight of one feedback row, in validation prompts."""
     max_feedback_weight_ratio: float = Field(default=4.0, ge=0.0)
     """Cap of the feedback weight per cluster, as a multiple of the validation count."""
     lease_ttl_s: float = Field(default=300.0, gt=0.0)
-    """How long a replica holds the re-profiling lease."""
+    """The longest a re-profiling pass holds its database lease (released when the pass ends; this bounds a pass
+    whose replica died)."""
 
 
 class GatewayConfig(_Section):

@@ -302,6 +302,8 @@ def test_readme_onboarding_on_mmlu_pro(tmp_path: Path, shared_dataset: Path, sha
 
 # ------------------------------------------------------- a model that rejects every call, from the CLI
 def test_profile_cli_gives_up_on_a_model_that_rejects_every_call(tmp_path: Path) -> None:
+    from gateway.cli.main import main as cli
+
     dataset = make_synthetic_dataset(tmp_path / "dataset", n_prompts=40, seed=1)
     n = 120
     art = RouterArtifact(embedder_id="t", k=2, centroids=np.eye(2), theta=None,
@@ -319,8 +321,8 @@ def test_profile_cli_gives_up_on_a_model_that_rejects_every_call(tmp_path: Path)
     with replay_upstream(dataset, "--fail", "small-general=500") as replay:
         for name, api_base, seen in (("failing", replay, "injected server error"),
                                      ("refused", f"http://127.0.0.1:{free_port()}/v1", "connection error")):
-            assert _uniroute(["models", "add", name, "--litellm-model", "openai/small-general", "--api-base",
-                              api_base, "--api-key", "replay", "--router-cost", "1"], tmp_path, env).returncode == 0
+            assert cli(["models", "add", name, "--litellm-model", "openai/small-general", "--api-base", api_base,
+                        "--api-key", "replay", "--router-cost", "1", "--config", str(cfg)]) == 0
             done = _uniroute(["profile", name], tmp_path, env, timeout_s=300)
             assert done.returncode == 2, (done.stdout, done.stderr[-3000:])
             assert "Traceback" not in done.stderr and "Unclosed" not in done.stderr, done.stderr[-3000:]
@@ -335,8 +337,8 @@ def test_profile_cli_gives_up_on_a_model_that_rejects_every_call(tmp_path: Path)
             finally:
                 store.dispose()
     # an unset variable in the stored model: one line saying what to do, no traceback
-    assert _uniroute(["models", "update", "failing", "--api-key", "os.environ/UNIROUTE_TEST_UNSET_KEY"], tmp_path,
-                     env).returncode == 0
+    assert cli(["models", "update", "failing", "--api-key", "os.environ/UNIROUTE_TEST_UNSET_KEY",
+                "--config", str(cfg)]) == 0
     done = _uniroute(["profile", "failing"], tmp_path, env)
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("error: "), done.stderr
