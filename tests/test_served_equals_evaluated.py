@@ -28,9 +28,8 @@ import yaml
 
 from gateway.cli.main import main as cli
 from gateway.config import load_config
-from gateway.serving.registry import Registry
+from gateway.serving.registry import Registry, with_profiles
 from gateway.serving.router import RouterBundle, build_router
-from gateway.store import models as catalog
 from routing.artifact import RouterArtifact, UniRoutePolicy, deployment_task, fit_estimators
 from routing.calibration import expected_cost
 from routing.dataset import load_dataset, write_dataset
@@ -96,7 +95,7 @@ async def _serve(config_path: Path, texts: list[str]) -> tuple[RouterBundle, Reg
     bundle = await build_router(config, warm_up=False)
     registry = Registry.from_config(config)
     if bundle.profiles:
-        registry.replace(catalog.with_profiles(registry.snapshot.entries, bundle.profiles))
+        registry.replace(with_profiles(registry.snapshot.entries, bundle.profiles))
     embed = bundle.embed
     assert embed is not None
     embeddings = list(await asyncio.gather(*(embed(t) for t in texts)))
