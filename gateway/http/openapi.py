@@ -46,7 +46,11 @@ def build_openapi() -> dict[str, Any]:
             "operationId": "createChatCompletion",
             "parameters": [{"name": "x-uniroute-lambda", "in": "header", "required": False,
                             "schema": {"type": "number", "minimum": 0},
-                            "description": "cost/quality trade-off λ (the body's uniroute.lambda wins)"}],
+                            "description": "cost/quality trade-off λ (the body's uniroute.lambda wins)"},
+                           {"name": "x-uniroute-client-request-id", "in": "header", "required": False,
+                            "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+                            "description": "your own id for the request: logged and echoed, never the gateway's "
+                                           "id (x-uniroute-request-id, which feedback addresses)"}],
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(ChatCompletionRequest)}}},
             "responses": {
                 "200": {
@@ -54,8 +58,8 @@ def build_openapi() -> dict[str, Any]:
                                    "`data: [DONE]` when stream is true. The `uniroute` object is in the body / the "
                                    "last chunk.",
                     "headers": {h: {"schema": {"type": "string"}}
-                                for h in ("x-uniroute-model", "x-uniroute-request-id", "x-uniroute-attempts",
-                                          "x-uniroute-cost")},
+                                for h in ("x-uniroute-model", "x-uniroute-request-id",
+                                          "x-uniroute-client-request-id", "x-uniroute-attempts", "x-uniroute-cost")},
                     "content": {"application/json": {"schema": _ref(ChatCompletion)},
                                 "text/event-stream": {"schema": _ref(ChatCompletionChunk)}},
                 },

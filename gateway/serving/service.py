@@ -63,7 +63,8 @@ TOP_CANDIDATES = 5  # ranked candidates reported in the ``uniroute`` object and 
 class ChatContext:
     """What the HTTP layer knows about the call, in plain types."""
 
-    request_id: str
+    request_id: str  # the gateway's own (unique)
+    client_request_id: str | None = None  # the client's, if it sent one
     authorization: str | None = None
     lambda_header: str | None = None
 
@@ -238,7 +239,8 @@ class ChatService:
     @staticmethod
     def _record(req: ChatCompletionRequest, ctx: ChatContext, stream: bool) -> RequestRecord:
         return RequestRecord(request_id=ctx.request_id, started_at=datetime.now(UTC), requested_model=req.model,
-                             stream=stream, prompt_text=req.routing_text())  # the sink drops it unless configured
+                             stream=stream, prompt_text=req.routing_text(),  # the sink drops it unless configured
+                             client_request_id=ctx.client_request_id)
 
     @staticmethod
     def _fill_plan(record: RequestRecord, plan: _Plan) -> None:
@@ -278,6 +280,7 @@ class ChatService:
                           for c in plan.decision.ranked[:TOP_CANDIDATES]]
         return {
             "request_id": record.request_id,
+            "client_request_id": record.client_request_id,
             "requested_model": record.requested_model,
             "model": record.routed_model,
             "cluster": record.cluster,
