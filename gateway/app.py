@@ -152,6 +152,7 @@ def create_app(
         Route("/admin/keys", keys.list_keys_endpoint, methods=["GET"]),
         Route("/admin/keys", keys.create_key_endpoint, methods=["POST"]),
         Route("/admin/keys/{name}", keys.get_key_endpoint, methods=["GET"]),
+        Route("/admin/keys/{name}", keys.update_key_endpoint, methods=["PATCH"]),
         Route("/admin/keys/{name}", keys.revoke_key_endpoint, methods=["DELETE"]),
         Route("/v1/feedback", feedback.feedback_endpoint, methods=["POST"]),
         Route("/admin/models", admin_models.list_models_endpoint, methods=["GET"]),

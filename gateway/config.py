@@ -158,6 +158,10 @@ class ProfilingConfig(_Section):
     reprofile_interval_s: float = Field(default=0.0, ge=0.0)  # 0 = the scheduled re-profiling job is off
     feedback_weight: float = Field(default=1.0, ge=0.0)  # one feedback row = this many validation prompts
     max_feedback_weight_ratio: float = Field(default=4.0, ge=0.0)  # feedback weight ≤ ratio × prior count
+    max_key_share: float = Field(default=0.1, gt=0.0, le=1.0)
+    """The largest share of a cluster's evidence (validation prompts + weighted feedback) that one API key's feedback may have in a re-profiling pass: one key moves a cluster's Ψ by at most this much, however much feedback it sends. 1 turns the per-key cap off (docs/security/tenants.md)."""
+    feedback_from: Literal["all", "trusted"] = "all"
+    """Whose feedback re-profiling counts: `all` keys (each within `max_key_share`), or only keys marked `trusted` (`uniroute keys create --trusted`, `"trusted": true` on `POST /admin/keys`); anonymous feedback never counts with `trusted`."""
     lease_ttl_s: float = Field(default=300.0, gt=0.0)  # how long a replica holds the re-profiling lease
 
 

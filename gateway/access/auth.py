@@ -205,6 +205,7 @@ def create_key(
     rpm_limit: int | None = None,
     models: Sequence[str] | None = None,
     lambda_range: tuple[float, float] = DEFAULT_LAMBDA_RANGE,
+    trusted: bool = False,
 ) -> tuple[str, ApiKey]:
     """Create a key; returns ``(raw key, row)``. The raw key exists only in the return value.
 
@@ -222,6 +223,7 @@ def create_key(
         store, name=name, key_hash=hash_key(raw), key_prefix=display_prefix(raw), default_lambda=default_lambda,
         lambda_min=lam_min, lambda_max=lam_max, budget_usd=budget_usd, budget_period=period,
         period_start=period_start_for(period, now), rpm_limit=rpm_limit, allowed_models=models, created_at=now,
+        trusted=trusted,
     )
     return raw, row
 
@@ -236,5 +238,6 @@ def key_summary(row: ApiKey) -> dict[str, Any]:
         "lambda_min": row.lambda_min, "lambda_max": row.lambda_max, "budget_usd": row.budget_usd,
         "budget_period": row.budget_period, "period_start": iso(row.period_start), "spend_usd": row.spend_usd,
         "reserved_usd": row.reserved_usd, "total_spend_usd": row.total_spend_usd, "rpm": row.rpm_limit,
-        "models": row.allowed_models, "created_at": iso(row.created_at), "revoked_at": iso(row.revoked_at),
+        "models": row.allowed_models, "trusted": bool(row.trusted), "created_at": iso(row.created_at),
+        "revoked_at": iso(row.revoked_at),
     }

@@ -97,13 +97,17 @@ def build_openapi() -> dict[str, Any]:
             "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
             "get": {"summary": "One API key (admin key)", "operationId": "getKey",
                     "responses": {"200": {"description": "key"}, **_errors(401, 403, 404)}},
+            "patch": {"summary": "Mark an API key trusted or not: {trusted: bool} (admin key)",
+                      "operationId": "updateKey",
+                      "responses": {"200": {"description": "updated"}, **_errors(400, 401, 403, 404)}},
             "delete": {"summary": "Revoke an API key (admin key)", "operationId": "revokeKey",
                        "responses": {"200": {"description": "revoked"}, **_errors(401, 403, 404)}},
         },
         "/v1/feedback": {"post": {
-            "summary": "Score a request you made: {request_id, score in [0,1] | thumbs: up|down, source?}",
+            "summary": "Score a request you made, once: {request_id (its x-uniroute-request-id), score in [0,1] | "
+                       "thumbs: up|down, source?}",
             "operationId": "createFeedback",
-            "responses": {"201": {"description": "recorded"}, **_errors(400, 401, 404)}}},
+            "responses": {"201": {"description": "recorded"}, **_errors(400, 401, 404, 409)}}},
         "/admin/models": {
             "get": {"summary": "List the registry (admin key)", "operationId": "listRegistryModels",
                     "responses": {"200": {"description": "models"}, **_errors(401, 403)}},
