@@ -144,6 +144,14 @@ class RateLimitConfig(_Section):
     redis_prefix: str = Field(default="uniroute:rpm:", min_length=1)  # one per deployment sharing a Redis
 
 
+MetricsAuth = Literal["auto", "token", "none"]
+
+
+class MetricsConfig(_Section):
+    auth: MetricsAuth = "auto"
+    """Who may read `GET /metrics` (it names every API key with its spend and budget): `token` needs `Authorization: Bearer` with `$UNIROUTE_METRICS_TOKEN` or the admin key `$UNIROUTE_ADMIN_KEY` (403 while neither is set); `none` lets anyone read it; `auto` is `token` with `auth.mode: keys` and `none` with `auth.mode: open` (docs/security/tenants.md)."""
+
+
 class RegistryConfig(_Section):
     poll_interval_s: float = Field(default=2.0, gt=0.0, le=5.0)  # how often each replica re-reads `models`
 
@@ -179,6 +187,7 @@ class GatewayConfig(_Section):
     replay_models: ReplayModelsConfig | None = None
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     profiling: ProfilingConfig = Field(default_factory=ProfilingConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     #: folder of the config file (relative paths resolve against it); not a YAML key
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
 

@@ -19,14 +19,18 @@ import json
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 import yaml
+from starlette.testclient import TestClient
 from test_metrics import _value
 
+from gateway.app import create_app
+from gateway.config import parse_config
 from tests.procs import free_port, running, server_env
 
 ADMIN = "sk-admin-" + secrets.token_urlsafe(12)
@@ -128,3 +132,55 @@ def test_requests_the_provider_refuses_are_400_and_never_cool_a_healthy_model(st
                 client.chat.completions.create(model="down", messages=[{"role": "user", "content": "hi"}])
             assert failed.value.status_code == 502
     assert _value(_metrics(stack), "uniroute_cooldowns_total", model="down") == 1
+
+
+# ---------------------------------------------------------------- row 9: /metrics needs a credential
+def test_metrics_need_a_credential_in_keys_mode(stack: Stack) -> None:
+    with httpx.Client(base_url=stack.base, timeout=10) as c:
+        assert c.post("/v1/chat/completions", headers=_bearer(stack.narrow),
+                      json={"model": "good", "messages": [{"role": "user", "content": "hi"}]}).status_code == 200
+        for headers in ({}, _bearer(stack.narrow), _bearer(stack.key), _bearer("not-it"), {"authorization": "Basic x"}):
+            for method in ("GET", "HEAD"):
+                r = c.request(method, "/metrics", headers=headers)
+                assert r.status_code == 401, (headers, method, r.status_code)
+                assert "narrow" not in r.text and "litellm_" not in r.text
+        for token in (SCRAPE, ADMIN):
+            r = c.get("/metrics", headers=_bearer(token))
+            assert r.status_code == 200
+            assert _value(r.text, "litellm_proxy_total_requests_metric_total", api_key_alias="narrow") >= 1
+
+
+@pytest.mark.parametrize(("mode", "setting", "env", "sent", "status"), [
+    ("keys", "auto", {}, None, 403),  # a credential is needed and none is configured: says how to enable it
+    ("keys", "auto", {"UNIROUTE_METRICS_TOKEN": SCRAPE}, None, 401),
+    ("keys", "auto", {"UNIROUTE_METRICS_TOKEN": SCRAPE}, SCRAPE, 200),
+    ("keys", "auto", {"UNIROUTE_ADMIN_KEY": ADMIN}, ADMIN, 200),
+    ("keys", "token", {"UNIROUTE_ADMIN_KEY": ADMIN}, SCRAPE, 401),
+    ("keys", "none", {}, None, 200),  # the operator chose an open /metrics
+    ("open", "auto", {}, None, 200),  # an open gateway has no key names to hide
+    ("open", "token", {"UNIROUTE_METRICS_TOKEN": SCRAPE}, None, 401),
+    ("open", "token", {"UNIROUTE_METRICS_TOKEN": SCRAPE}, SCRAPE, 200),
+])
+def test_metrics_auth_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, setting: str,
+                               env: dict[str, str], sent: str | None, status: int) -> None:
+    for var in ("UNIROUTE_METRICS_TOKEN", "UNIROUTE_ADMIN_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    cfg = parse_config({"auth": {"mode": mode}, "metrics": {"auth": setting},
+                        "database_url": f"sqlite:///{tmp_path / 'm.db'}", "models": _models("http://127.0.0.1:9/v1")},
+                       base_dir=tmp_path)
+    with TestClient(create_app(cfg)) as client:
+        r = client.get("/metrics", headers=_bearer(sent) if sent else {})
+        assert r.status_code == status, r.text
+        if status == 403:
+            assert r.json()["error"]["code"] == "metrics_disabled" and "UNIROUTE_METRICS_TOKEN" in r.text
+        elif status == 401:
+            assert r.json()["error"]["type"] == "authentication_error"
+
+
+def test_metrics_auth_is_a_checked_setting() -> None:
+    from gateway.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"metrics\.auth"):
+        parse_config({"metrics": {"auth": "admin-ish"}})

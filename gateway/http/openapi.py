@@ -143,8 +143,11 @@ def build_openapi() -> dict[str, Any]:
         "/admin/reprofile/last": {"get": {
             "summary": "The last re-profiling run and its drift report (admin key)", "operationId": "lastReprofile",
             "responses": {"200": {"description": "report"}, **_errors(401, 403, 404)}}},
-        "/metrics": {"get": {"summary": "Prometheus metrics (text exposition)", "operationId": "metrics",
-                             "responses": {"200": {"description": "metrics", "content": {"text/plain": {}}}}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics (text exposition); with auth.mode keys it needs "
+                                        "$UNIROUTE_METRICS_TOKEN or the admin key (metrics.auth)",
+                             "operationId": "metrics",
+                             "responses": {"200": {"description": "metrics", "content": {"text/plain": {}}},
+                                           **_errors(401, 403)}}},
     }
     return {
         "openapi": "3.1.0",
