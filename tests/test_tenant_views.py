@@ -134,6 +134,31 @@ def test_requests_the_provider_refuses_are_400_and_never_cool_a_healthy_model(st
     assert _value(_metrics(stack), "uniroute_cooldowns_total", model="down") == 1
 
 
+# ------------------------------------------------------- row 9: the models a key sees, in lists and errors
+def test_a_restricted_key_sees_only_its_models(stack: Stack) -> None:
+    with openai.OpenAI(base_url=stack.base + "/v1", api_key=stack.narrow, max_retries=0) as narrow:
+        assert [m.id for m in narrow.models.list()] == ["auto", "good"]
+        assert narrow.models.retrieve("good").id == "good"
+        for name in ("spare", "nope"):  # another tenant's model looks like no model at all
+            with pytest.raises(openai.NotFoundError) as info:
+                narrow.models.retrieve(name)
+            assert "known: auto, good" in info.value.message and "spare" not in info.value.message.replace(
+                f"'{name}'", "")
+        with pytest.raises(openai.NotFoundError) as nf:
+            narrow.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+        assert "known: auto, good" in nf.value.message and "spare" not in nf.value.message
+        assert "down" not in nf.value.message
+        with pytest.raises(openai.PermissionDeniedError) as denied:
+            narrow.chat.completions.create(model="spare", messages=[{"role": "user", "content": "hi"}])
+        assert denied.value.message.endswith("allowed: auto, good") and "down" not in denied.value.message
+        assert narrow.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}]).model == "good"
+    with openai.OpenAI(base_url=stack.base + "/v1", api_key=stack.key, max_retries=0) as wide:
+        assert [m.id for m in wide.models.list()] == ["auto", "down", "good", "spare"]
+    for path in ("/v1/models", "/v1/models/good"):  # keys mode: the list is the caller's, so it needs a caller
+        r = httpx.get(stack.base + path)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
+
 # ---------------------------------------------------------------- row 9: /metrics needs a credential
 def test_metrics_need_a_credential_in_keys_mode(stack: Stack) -> None:
     with httpx.Client(base_url=stack.base, timeout=10) as c:

@@ -70,14 +70,16 @@ def build_openapi() -> dict[str, Any]:
     _name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
     paths = {
         "/v1/chat/completions": chat,
-        "/v1/models": {"get": {"summary": "List the models, including 'auto'", "operationId": "listModels",
+        "/v1/models": {"get": {"summary": "List the models the caller may use, including 'auto'",
+                               "operationId": "listModels",
                                "responses": {"200": {"description": "models",
-                                                     "content": {"application/json": {"schema": _ref(ModelList)}}}}}},
+                                                     "content": {"application/json": {"schema": _ref(ModelList)}}},
+                                             **_errors(401)}}},
         "/v1/models/{model_id}": {"get": {
             "summary": "One model", "operationId": "retrieveModel",
             "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": {"description": "the model",
-                                  "content": {"application/json": {"schema": _ref(Model)}}}, **_errors(404)}}},
+                                  "content": {"application/json": {"schema": _ref(Model)}}}, **_errors(401, 404)}}},
         "/health/liveliness": {"get": {"summary": "The process is up", "operationId": "liveliness",
                                        "responses": {"200": {"description": "alive"}}}},
         "/health/readiness": {"get": {"summary": "Registry and router loaded, store reachable",
