@@ -61,6 +61,7 @@ def create_app(
     """Build the gateway app. The optional arguments replace the config-built parts (auth, limits, store, router)."""
     from gateway.access.accounting import Accounting, settings_from_config
     from gateway.http import admin_models, chat, feedback, health, keys, models, openapi, responses
+    from gateway.http.auth import GuardedMetrics
     from gateway.http.middleware import InFlightMiddleware
     from gateway.metrics import metrics_app
 
@@ -148,6 +149,7 @@ def create_app(
         Route("/admin/keys", keys.list_keys_endpoint, methods=["GET"]),
         Route("/admin/keys", keys.create_key_endpoint, methods=["POST"]),
         Route("/admin/keys/{name}", keys.get_key_endpoint, methods=["GET"]),
+        Route("/admin/keys/{name}", keys.update_key_endpoint, methods=["PATCH"]),
         Route("/admin/keys/{name}", keys.revoke_key_endpoint, methods=["DELETE"]),
         Route("/v1/feedback", feedback.feedback_endpoint, methods=["POST"]),
         Route("/admin/models", admin_models.list_models_endpoint, methods=["GET"]),
@@ -160,7 +162,7 @@ def create_app(
         Route("/admin/models/{name:path}", admin_models.remove_model_endpoint, methods=["DELETE"]),
         Route("/admin/reprofile", admin_models.run_reprofile_endpoint, methods=["POST"]),
         Route("/admin/reprofile/last", admin_models.last_reprofile_endpoint, methods=["GET"]),
-        Route("/metrics", metrics_app(acc.metrics), methods=["GET", "HEAD"]),
+        Route("/metrics", GuardedMetrics(metrics_app(acc.metrics), acc.metrics_guard), methods=["GET", "HEAD"]),
     ]
     # handlers raise GatewayError; one handler shapes it. 404/405 from routing; anything else is a bug (500)
     handlers: dict[Any, Any] = {GatewayError: responses.gateway_error, HTTPException: responses.http_exception,

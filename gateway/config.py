@@ -182,6 +182,14 @@ class RateLimitConfig(_Section):
     """Key prefix in Redis; one per deployment sharing a Redis."""
 
 
+MetricsAuth = Literal["auto", "token", "none"]
+
+
+class MetricsConfig(_Section):
+    auth: MetricsAuth = "auto"
+    """Who may read `GET /metrics` (it names every API key with its spend and budget): `token` needs `Authorization: Bearer` with `$UNIROUTE_METRICS_TOKEN` or the admin key `$UNIROUTE_ADMIN_KEY` (403 while neither is set); `none` lets anyone read it; `auto` is `token` with `auth.mode: keys` and `none` with `auth.mode: open` (docs/security/tenants.md)."""
+
+
 class RegistryConfig(_Section):
     poll_interval_s: float = Field(default=2.0, gt=0.0, le=5.0)
     """How often each replica re-reads the `models` and `model_profiles` tables."""
@@ -207,6 +215,10 @@ class ProfilingConfig(_Section):
     """Weight of one feedback row, in validation prompts."""
     max_feedback_weight_ratio: float = Field(default=4.0, ge=0.0)
     """Cap of the feedback weight per cluster, as a multiple of the validation count."""
+    max_key_share: float = Field(default=0.1, gt=0.0, le=1.0)
+    """The largest share of a cluster's evidence (validation prompts + weighted feedback) that one API key's feedback may have in a re-profiling pass: one key moves a cluster's Ψ by at most this much, however much feedback it sends. 1 turns the per-key cap off (docs/security/tenants.md)."""
+    feedback_from: Literal["all", "trusted"] = "all"
+    """Whose feedback re-profiling counts: `all` keys (each within `max_key_share`), or only keys marked `trusted` (`uniroute keys create --trusted`, `"trusted": true` on `POST /admin/keys`); anonymous feedback never counts with `trusted`."""
     lease_ttl_s: float = Field(default=300.0, gt=0.0)
     """The longest a re-profiling pass holds its database lease (released when the pass ends; this bounds a pass
     whose replica died)."""
@@ -239,6 +251,8 @@ class GatewayConfig(_Section):
     """The live registry."""
     profiling: ProfilingConfig = Field(default_factory=ProfilingConfig)
     """Profiling and re-profiling."""
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    """Who may read `/metrics`."""
     #: folder of the config file (relative paths resolve against it); not a YAML key
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
 

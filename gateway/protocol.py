@@ -262,7 +262,8 @@ class UnirouteInfo(BaseModel):
     """The documented ``uniroute`` extension object of a response."""
 
     model_config = ConfigDict(populate_by_name=True)
-    request_id: str
+    request_id: str  # the gateway's own id: what POST /v1/feedback addresses
+    client_request_id: str | None = None  # the client's x-uniroute-client-request-id, echoed
     requested_model: str
     model: str | None
     cluster: int | None = None

@@ -15,6 +15,16 @@ validation set is the prior:
 With no feedback ψ' = ψ; as feedback grows it dominates. ``max_feedback_weight_ratio``
 caps w·f_k at a multiple of n_k, so that a flood of biased feedback cannot erase the
 validation evidence completely.
+
+``max_key_share`` s bounds what ONE key can do (docs/security/tenants.md): in every cluster
+the weight W_j of key j's feedback is cut so that W_j ≤ s·(n_k + Σ_{i≠j} W_i), i.e. its share of
+the posterior's weight n_k + Σ_i W_i is at most s. In two steps: every key is first capped
+against the prior alone, R_i = min(w·f_ik, c·n_k) with c = s/(1−s); then
+W_j = min(w·f_jk, c·(n_k + Σ_{i≠j} R_i)). Since W_i ≥ R_i, key j's share is at most s, so
+its feedback moves ψ'_k by at most s (in error units) against the estimate from all the other
+evidence of the pass (alone: against the validation ψ_k), however many rows it sends. Many keys together still count (each up to its share), which a
+cap on the prior alone would not allow. The total cap above then scales every key's weight
+by the same factor, which keeps each share ≤ s. s = 1 turns the per-key cap off.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import numpy as np
 class ClusterFeedback:
     cluster: int
     score: float  # in [0, 1], 1 = good
+    key: int | None = None  # the API key that sent it (None: anonymous); max_key_share is per key
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,17 @@ class Reprofiled:
     psi: np.ndarray  # new per-cluster error
     counts: np.ndarray  # effective observation count per cluster (prior + weighted feedback)
     feedback_counts: np.ndarray  # raw feedback rows per cluster
+    capped_keys: np.ndarray | None = None  # per cluster: keys whose weight max_key_share cut
+
+
+def _key_weights(n_k: float, raw: dict[int | None, float], share: float) -> dict[int | None, float]:
+    """Each key's weight in one cluster after the per-key cap (see the module docstring)."""
+    if share >= 1.0:
+        return raw
+    c = share / (1.0 - share)
+    first = {key: min(v, c * n_k) for key, v in raw.items()}
+    total = sum(first.values())
+    return {key: min(v, c * (n_k + total - first[key])) for key, v in raw.items()}
 
 
 def reprofile(
@@ -45,30 +67,45 @@ def reprofile(
     *,
     feedback_weight: float = 1.0,
     max_feedback_weight_ratio: float = 4.0,
+    max_key_share: float = 1.0,
 ) -> Reprofiled:
     """Posterior-mean per-cluster error from the validation prior and feedback."""
     psi_prior = np.asarray(psi_prior, dtype=np.float64)
     n = np.asarray(prior_counts, dtype=np.float64)
     if psi_prior.shape != n.shape:
         raise ValueError(f"psi has shape {psi_prior.shape} but counts have {n.shape}")
+    if not 0.0 < max_key_share <= 1.0:
+        raise ValueError(f"max_key_share must be in (0, 1], got {max_key_share}")
     k = psi_prior.shape[0]
     f = np.zeros(k)
-    errors = np.zeros(k)
+    # per (cluster, key): [rows, Σ(1 − s)]
+    per_key: dict[int, dict[int | None, list[float]]] = {}
     for fb in feedback:
         if not 0 <= fb.cluster < k:
             raise ValueError(f"feedback cluster {fb.cluster} out of range 0..{k - 1}")
         if not 0.0 <= fb.score <= 1.0:
             raise ValueError(f"feedback score {fb.score} not in [0, 1]")
         f[fb.cluster] += 1
-        errors[fb.cluster] += 1.0 - fb.score
-    w = np.full(k, float(feedback_weight))
-    # cap the feedback's total weight at max_feedback_weight_ratio × the prior count
+        acc = per_key.setdefault(fb.cluster, {}).setdefault(fb.key, [0.0, 0.0])
+        acc[0] += 1
+        acc[1] += 1.0 - fb.score
+    weight = np.zeros(k)  # Σ_j W_j: the feedback's weight per cluster
+    weighted_errors = np.zeros(k)  # Σ_j W_j · (key j's mean error)
+    capped = np.zeros(k, dtype=np.int64)
+    for cluster, keys in per_key.items():
+        raw = {key: float(feedback_weight) * rows for key, (rows, _) in keys.items()}
+        cut = _key_weights(float(n[cluster]), raw, max_key_share)
+        weight[cluster] = sum(cut.values())
+        weighted_errors[cluster] = sum(cut[key] * err / rows for key, (rows, err) in keys.items())
+        capped[cluster] = sum(1 for key in raw if cut[key] < raw[key])
+    # cap the feedback's total weight at max_feedback_weight_ratio × the prior count (every key alike)
     cap = max_feedback_weight_ratio * np.maximum(n, 1.0)
-    heavy = w * f > cap
-    w[heavy] = cap[heavy] / f[heavy]
-    denom = n + w * f
-    new = np.where(denom > 0, (n * psi_prior + w * errors) / np.where(denom > 0, denom, 1.0), psi_prior)
-    return Reprofiled(psi=np.clip(new, 0.0, 1.0), counts=denom, feedback_counts=f)
+    heavy = weight > cap
+    scale = np.where(heavy, cap / np.where(heavy, weight, 1.0), 1.0)
+    weight, weighted_errors = weight * scale, weighted_errors * scale
+    denom = n + weight
+    new = np.where(denom > 0, (n * psi_prior + weighted_errors) / np.where(denom > 0, denom, 1.0), psi_prior)
+    return Reprofiled(psi=np.clip(new, 0.0, 1.0), counts=denom, feedback_counts=f, capped_keys=capped)
 
 
 @dataclass(frozen=True)

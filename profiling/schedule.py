@@ -9,8 +9,10 @@ Per model with an active profile for the router key (artifact version + variant)
 - the prior is its latest *validation* profile (source ``validation``, ``validation-partial``
   or ``import``): Ψ_k and the (soft) count n_k of validation prompts behind it;
 - the evidence is every feedback row on a request that model served (the request row gives
-  the cluster k = argmax z(x) the router computed, and the key that may send feedback);
-- the new Ψ is :func:`profiling.reprofile.reprofile`'s Beta posterior mean (docs/PROFILING.md).
+  the cluster k = argmax z(x) the router computed, and the key that may send feedback); with
+  ``profiling.feedback_from: trusted`` only the feedback of keys marked trusted;
+- the new Ψ is :func:`profiling.reprofile.reprofile`'s Beta posterior mean (docs/PROFILING.md), in
+  which no one key weighs more than ``profiling.max_key_share`` of a cluster (docs/security/tenants.md).
 
 The estimate is recomputed from the prior and ALL feedback each run (idempotent). A new
 profile version (source ``feedback``) is stored only when Ψ moved; the previous stays as
@@ -45,10 +47,13 @@ LEASE_NAME = "reprofile"
 
 
 def run_reprofile(store: Store, key: str, *, feedback_weight: float = 1.0, max_feedback_weight_ratio: float = 4.0,
-                  holder: str = "cli", top: int = 10) -> dict[str, Any]:
+                  max_key_share: float = 1.0, trusted_only: bool = False, holder: str = "cli",
+                  top: int = 10) -> dict[str, Any]:
     """One pass over every profiled model; returns (and stores) the report with its drift table.
 
-    Takes no lease: call it through :meth:`Reprofiler.run_once`.
+    Takes no lease: call it through :meth:`Reprofiler.run_once` (which passes the config's
+    ``profiling.max_key_share`` and ``feedback_from``; the defaults here are the estimator's own: no
+    per-key cap, every key's feedback).
     """
     started = datetime.now(UTC)
     active = catalog.active_profiles(store, key)
@@ -57,8 +62,8 @@ def run_reprofile(store: Store, key: str, *, feedback_weight: float = 1.0, max_f
         report["message"] = f"no active profile for router {key}"
     else:
         k = len(next(iter(active.values())).psi)
-        feedback = {name: [ClusterFeedback(c, score) for c, score in rows]
-                    for name, rows in profiling_sql.feedback_by_model(store, k).items()}
+        feedback = {name: [ClusterFeedback(c, score, key_id) for c, score, key_id in rows]
+                    for name, rows in profiling_sql.feedback_by_model(store, k, trusted_only=trusted_only).items()}
         changes: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for name, cur in sorted(active.items()):
             prior = profiling_sql.latest_prior(store, name, key)
@@ -67,9 +72,14 @@ def run_reprofile(store: Store, key: str, *, feedback_weight: float = 1.0, max_f
                 continue
             fb = feedback.get(name, [])
             new = reprofile(np.asarray(prior.features, dtype=np.float64), np.asarray(prior.counts, dtype=np.float64),
-                            fb, feedback_weight=feedback_weight, max_feedback_weight_ratio=max_feedback_weight_ratio)
+                            fb, feedback_weight=feedback_weight, max_feedback_weight_ratio=max_feedback_weight_ratio,
+                            max_key_share=max_key_share)
             changes[name] = (cur.psi, new.psi, new.feedback_counts)
-            entry: dict[str, Any] = {"feedback": len(fb), "from_version": cur.version, "prior_version": prior.version}
+            entry: dict[str, Any] = {"feedback": len(fb), "from_version": cur.version, "prior_version": prior.version,
+                                     "feedback_keys": len({f.key for f in fb})}
+            capped = int(new.capped_keys.sum()) if new.capped_keys is not None else 0
+            if capped:
+                entry["capped_keys"] = capped  # (cluster, key) pairs whose weight max_key_share cut
             if np.allclose(new.psi, cur.psi, rtol=0, atol=1e-9):
                 entry["status"] = "unchanged"
             else:
@@ -88,7 +98,8 @@ def format_report(report: dict[str, Any]) -> str:
 
     lines = [f"router {report['router']}: {len(report['models'])} models"]
     for name, e in report["models"].items():
-        lines.append(f"  {name}: {e['status']}" + (f" ({e['feedback']} feedback)" if "feedback" in e else ""))
+        capped = f", {e['capped_keys']} key(s) capped by max_key_share" if e.get("capped_keys") else ""
+        lines.append(f"  {name}: {e['status']}" + (f" ({e['feedback']} feedback{capped})" if "feedback" in e else ""))
     rows = [Drift(d["model"], d["cluster"], d["before"], d["after"], d["feedback"]) for d in report["drift"]]
     lines += ["", "drift (largest |ΔΨ| first):", format_drift(rows)]
     return "\n".join(lines)
@@ -138,8 +149,9 @@ class Reprofiler:
                     if age is not None and age < min_interval_s:
                         return None
                 return run_reprofile(self.store, self.key, feedback_weight=pc.feedback_weight,
-                                     max_feedback_weight_ratio=pc.max_feedback_weight_ratio, holder=self.holder,
-                                     top=top)
+                                     max_feedback_weight_ratio=pc.max_feedback_weight_ratio,
+                                     max_key_share=pc.max_key_share, trusted_only=pc.feedback_from == "trusted",
+                                     holder=self.holder, top=top)
             finally:
                 lease.release(self.store, LEASE_NAME, self.holder)
         finally:

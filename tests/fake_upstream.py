@@ -2,8 +2,11 @@
 
 Run: ``python -m uvicorn tests.fake_upstream:app --port P``. The suffix of ``model`` picks
 the behaviour: ``-500`` (server error with a provider message), ``-429`` (rate limited),
-``-400`` (rejects the request), ``-429`` sends ``Retry-After: 7``, ``-echo`` (answers with the request's JSON, minus messages), ``-slow`` (sleeps 5 s), ``-midfail`` (streams one chunk then
-drops the connection); anything else echoes the last user message, streaming too.
+``-400`` (rejects the request), any other ``-4NN`` (answers that 4xx, e.g. ``-401``, ``-404``, ``-413``),
+``-429`` sends ``Retry-After: 7``, ``-echo`` (answers with the request's JSON, minus messages), ``-slow`` (sleeps 5 s), ``-midfail`` (streams one chunk then
+drops the connection); anything else echoes the last user message, streaming too. Any model
+rejects a request whose last user message starts with ``reject:NNN`` with that 4xx status (a
+healthy model refusing one payload, as a provider refuses an invalid one).
 
 Streams only (timeouts and disconnects): ``-slowfirst`` (headers at once, the first chunk after
 2 s), ``-stall`` (two chunks, then nothing until the client goes away), ``-slowstream`` (40
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -42,14 +46,21 @@ def _err(status: int, message: str, typ: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": typ, "param": None, "code": None}}, status_code=status)
 
 
-def failure(model: str) -> tuple[int, str, str] | None:
-    """(status, message, error type) of a model whose suffix makes it fail at once, else None."""
+def failure(model: str, body: Mapping[str, Any] | None = None) -> tuple[int, str, str] | None:
+    """(status, message, error type) of a model whose suffix makes it fail at once, or of a request whose
+    last user message asks to be rejected (``reject:NNN``), else None."""
     if model.endswith("-500"):
         return 500, f"{PROVIDER_MESSAGE} ({model})", "server_error"
     if model.endswith("-429"):
         return 429, "slow down", "rate_limit_exceeded"
     if model.endswith("-400"):
         return 400, "this provider rejects the request", "invalid_request_error"
+    suffix = re.search(r"-(4\d\d)$", model)
+    if suffix:
+        return int(suffix.group(1)), f"this provider answers {suffix.group(1)}", "invalid_request_error"
+    asked = re.match(r"reject:(4\d\d)", last_user_text(body or {}))
+    if asked:
+        return int(asked.group(1)), f"this provider refuses this payload ({asked.group(1)})", "invalid_request_error"
     return None
 
 
@@ -108,7 +119,7 @@ def chunks(model: str, answer: str, usage: dict[str, int] | None, created: int) 
 async def chat(request: Request) -> Response:
     body: dict[str, Any] = await request.json()
     model = str(body.get("model"))
-    failed = failure(model)
+    failed = failure(model, body)
     if failed is not None:
         response = _err(*failed)
         if failed[0] == 429:
@@ -196,7 +207,7 @@ class FakeUpstream:
         model = entry.litellm_model.split("/", 1)[-1]  # the provider's own name, as LiteLLM sends it
         body = {**params, "model": model, "messages": messages}
         self.calls.append(body)
-        failed = failure(model)
+        failed = failure(model, body)
         if failed is not None:
             status, message, _ = failed
             raise ProviderError(status, message, {"retry-after": "7"} if status == 429 else None)

@@ -27,6 +27,7 @@ from tests.gateway_setup import make_dataset, replay_args, write_config
 from tests.procs import free_port, replay_upstream, running, server_env
 
 ADMIN = "sk-admin-" + secrets.token_urlsafe(16)
+SCRAPE = "scrape-" + secrets.token_urlsafe(16)  # UNIROUTE_METRICS_TOKEN of the servers below
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +135,11 @@ def test_keys_budgets_limits_log_usage_metrics(keyed: tuple[TestClient, str]) ->
     assert "literal-secret" not in str(seeded["secret-model"].litellm_params)
     assert {"small-general", "large-general", "bad-500"} <= set(seeded)
 
-    # -- metrics ------------------------------------------------------------------------------------
-    text = client.get("/metrics").text
+    # -- metrics: they name every key, so in keys mode they need a credential (here the admin key) -----
+    for headers in ({}, _bearer(alice), _bearer("sk-ur-not-a-key")):
+        r = client.get("/metrics", headers=headers)
+        assert r.status_code == 401 and "alice" not in r.text, r.text
+    text = client.get("/metrics", headers=_bearer(ADMIN)).text
     assert _value(text, "litellm_proxy_total_requests_metric_total", api_key_alias="alice") == 5
     assert _value(text, "litellm_proxy_total_requests_metric_total", api_key_alias="slow", status_code="429") == 1
     assert _value(text, "litellm_spend_metric_total", api_key_alias="alice") == pytest.approx(sum(costs))
@@ -195,13 +199,15 @@ def test_params_for_table() -> None:
 # ------------------------------------------------------------------ real servers: workers and Prometheus
 @pytest.fixture(scope="module")
 def two_workers(upstream: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """The gateway under `uvicorn --workers 2` in Prometheus multiprocess mode (the documented recipe)."""
+    """The gateway under `uvicorn --workers 2` in Prometheus multiprocess mode (the documented recipe), its
+    /metrics behind the scrape token (metrics.auth: token, $UNIROUTE_METRICS_TOKEN)."""
     root = tmp_path_factory.mktemp("mp")
     prom_dir = root / "prom"
     prom_dir.mkdir()
-    cfg = _config(root, upstream, database_url=f"sqlite:///{root / 'gw.db'}")
+    cfg = _config(root, upstream, database_url=f"sqlite:///{root / 'gw.db'}", metrics={"auth": "token"})
     port = free_port()
-    env = server_env(UNIROUTE_CONFIG=str(cfg), PROMETHEUS_MULTIPROC_DIR=str(prom_dir), UR_TEST_KEY="x")
+    env = server_env(UNIROUTE_CONFIG=str(cfg), PROMETHEUS_MULTIPROC_DIR=str(prom_dir), UR_TEST_KEY="x",
+                     UNIROUTE_METRICS_TOKEN=SCRAPE)
     with running(["-m", "uvicorn", "--factory", "gateway.app:app_from_env", "--host", "127.0.0.1", "--port",
                   str(port), "--workers", "2", "--log-level", "warning"],
                  f"http://127.0.0.1:{port}/health/readiness", env=env):
@@ -226,7 +232,7 @@ def test_multiprocess_metrics_with_two_uvicorn_workers(two_workers: tuple[str, P
             break
     assert len(pids) == 2, f"all {sent} requests went to one worker"
     for _ in range(6):  # whichever worker answers, /metrics counts both workers' requests
-        with httpx.Client() as c:
+        with httpx.Client(headers={"authorization": f"Bearer {SCRAPE}"}) as c:
             text = c.get(f"{base}/metrics").text
         assert _value(text, "litellm_proxy_total_requests_metric_total") == sent
         assert _value(text, "litellm_proxy_total_requests_metric_total", model="large-general") == sent // 2
@@ -238,8 +244,9 @@ def test_multiprocess_metrics_with_two_uvicorn_workers(two_workers: tuple[str, P
 def test_real_prometheus_scrapes_the_gateway(two_workers: tuple[str, Path], tmp_path: Path) -> None:
     base, _ = two_workers
     with httpx.Client() as c:
-        before = _value(c.get(f"{base}/metrics").text, "litellm_proxy_total_requests_metric_total")
-    with prometheus_server([base.removeprefix("http://")], tmp_path) as prom:
+        assert c.get(f"{base}/metrics").status_code == 401  # no token, no metrics
+        before = _value(c.get(f"{base}/metrics", headers=_bearer(SCRAPE)).text, "litellm_proxy_total_requests_metric_total")
+    with prometheus_server([base.removeprefix("http://")], tmp_path, bearer_token=SCRAPE) as prom:
         _send(base, 12)
         total = before + 12
         q = 'sum(litellm_proxy_total_requests_metric_total{job="uniroute", status_code="200"})'

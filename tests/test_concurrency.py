@@ -27,6 +27,7 @@ from tests.procs import ROOT, free_port, replay_upstream, running, server_env
 
 N = 200
 COUNTER = "litellm_proxy_total_requests_metric"  # ..._metric_total on the wire
+SCRAPE = "scrape-token-for-the-load-test"  # UNIROUTE_METRICS_TOKEN: /metrics needs it in keys mode
 
 
 @dataclass
@@ -50,7 +51,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                     database={"spill_dir": str(root / "spill"), "log_flush_interval_s": 0.2})
         cfg.write_text(yaml.safe_dump(data))
         with running(["-m", "gateway.cli.main", "serve", "--config", str(cfg)],
-                     f"http://127.0.0.1:{port}/health/readiness"):
+                     f"http://127.0.0.1:{port}/health/readiness", env=server_env(UNIROUTE_METRICS_TOKEN=SCRAPE)):
             out = subprocess.run(
                 [sys.executable, "-m", "gateway.cli.main", "keys", "create", "--name", "load", "--lambda", "0.2",
                  "--config", str(cfg)],
@@ -61,7 +62,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 def _counted(base: str, *, present: bool = True) -> float:
     """Sum of the Prometheus request counter over all its label sets (no series yet: 0 unless ``present``)."""
-    r = httpx.get(base + "/metrics", timeout=10)
+    r = httpx.get(base + "/metrics", timeout=10, headers={"authorization": f"Bearer {SCRAPE}"})  # keys mode
     r.raise_for_status()
     text = r.text
     assert not present or COUNTER + "_total" in text, text[:2000]

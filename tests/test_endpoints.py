@@ -53,7 +53,10 @@ def test_named_model_json(client: TestClient, dataset: Path) -> None:
     assert body["object"] == "chat.completion" and body["model"] == "large-general"
     assert body["choices"][0]["message"]["content"] == f"The answer is ({ds.responses[0][j]})."
     assert r.headers["x-uniroute-model"] == "large-general"
-    assert r.headers["x-uniroute-request-id"] == "my-id-1" == body["uniroute"]["request_id"]
+    # the client's id is echoed apart; the request id is the gateway's own (what feedback addresses)
+    assert r.headers["x-uniroute-client-request-id"] == "my-id-1" == body["uniroute"]["client_request_id"]
+    assert r.headers["x-uniroute-request-id"] == body["uniroute"]["request_id"]
+    assert body["uniroute"]["request_id"].startswith("req-") and body["uniroute"]["request_id"] != "my-id-1"
     assert float(r.headers["x-uniroute-cost"]) == pytest.approx(body["uniroute"]["cost_usd"]) and body["uniroute"]["cost_usd"] > 0
     assert body["usage"]["prompt_tokens"] > 0
 

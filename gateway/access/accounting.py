@@ -9,7 +9,8 @@ a few lines:
 - ``budget``: :class:`~gateway.access.budget.SqlBudgetGuard` (a no-op for ``anonymous``);
 - ``rate_limiter``: Redis when ``redis_url`` is set, else in-process (single process);
 - ``sink``: metrics + :class:`~gateway.store.requestlog.RequestLogWriter`;
-- ``admin``: the admin-key guard of ``/admin/*``; ``metrics``: everything ``/metrics`` shows.
+- ``admin``: the admin-key guard of ``/admin/*``; ``metrics``: everything ``/metrics`` shows, and
+  ``metrics_guard`` who may read it (``metrics.auth``).
 
 Nothing touches the database or Redis until :meth:`Accounting.start` (the lifespan), which
 applies migrations (unless ``database.auto_migrate: false``), seeds the ``models`` table
@@ -24,10 +25,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from gateway.access.auth import DEFAULT_LAMBDA_RANGE, AdminGuard, KeyAuthenticator
+from gateway.access.auth import (
+    DEFAULT_LAMBDA_RANGE,
+    AdminGuard,
+    KeyAuthenticator,
+    MetricsGuard,
+    metrics_auth_required,
+)
 from gateway.access.budget import SqlBudgetGuard
 from gateway.access.ratelimit import LocalRateLimiter, RedisRateLimiter
-from gateway.config import AuthMode
+from gateway.config import AuthMode, MetricsAuth
 from gateway.errors import ServiceUnavailableError
 from gateway.metrics import Metrics
 from gateway.serving.interfaces import (
@@ -71,6 +78,7 @@ class AccountingSettings:
     anonymous: Principal = ANONYMOUS
     lambda_range: tuple[float, float] = DEFAULT_LAMBDA_RANGE  # router.lambda_min, router.lambda_max: keys stay inside
     seed_models: tuple[ModelSpec, ...] = field(default_factory=tuple)  # the config's models, as written
+    metrics_auth: MetricsAuth = "auto"  # metrics.auth: who may read /metrics
 
 
 def default_principal(config: GatewayConfig) -> Principal:
@@ -91,7 +99,7 @@ def settings_from_config(config: GatewayConfig) -> AccountingSettings:
         redis_url=config.redis_url, rate_limit_fail_open=config.rate_limit.fail_open,
         rate_limit_prefix=config.rate_limit.redis_prefix,
         anonymous=default_principal(config), lambda_range=(config.router.lambda_min, config.router.lambda_max),
-        seed_models=tuple(config.models),
+        seed_models=tuple(config.models), metrics_auth=config.metrics.auth,
     )
 
 
@@ -137,6 +145,7 @@ class Accounting:
             self.key_authenticator = None
             self.authenticator = OpenAuthenticator(s.anonymous)
         self.admin = AdminGuard(authenticator=self.key_authenticator)
+        self.metrics_guard = MetricsGuard(metrics_auth_required(s.metrics_auth, s.auth_mode))
         self.rate_limiter: RateLimiter
         if s.redis_url:
             self.rate_limiter = RedisRateLimiter(s.redis_url, prefix=s.rate_limit_prefix, fail_open=s.rate_limit_fail_open,
@@ -181,6 +190,9 @@ class Accounting:
                            "Set auth.mode: keys and create keys with `uniroute keys create` to require API keys.")
         if not s.redis_url:
             logger.info("rate limits are per process (no redis_url): correct for a single worker only")
+        if self.metrics_guard.required and not self.metrics_guard.configured:
+            logger.warning("/metrics needs a credential (metrics.auth) and none is set: it answers 403 until "
+                           "UNIROUTE_METRICS_TOKEN or UNIROUTE_ADMIN_KEY is set")
 
     async def aclose(self) -> None:
         if self._started:

@@ -41,6 +41,7 @@ from gateway.store.tables import BUDGET_PERIODS, ApiKey, utcnow
 KEY_PREFIX = "sk-ur-"
 DISPLAY_PREFIX_LEN = len(KEY_PREFIX) + 4
 ADMIN_KEY_ENV = "UNIROUTE_ADMIN_KEY"
+METRICS_TOKEN_ENV = "UNIROUTE_METRICS_TOKEN"
 #: The λ range keys may have when no config is given: the defaults of router.lambda_min and router.lambda_max.
 DEFAULT_LAMBDA_RANGE: tuple[float, float] = (RouterConfig.model_fields["lambda_min"].default,
                                              RouterConfig.model_fields["lambda_max"].default)
@@ -163,6 +164,51 @@ class AdminGuard:
                                     code="admin_required")
 
 
+class MetricsGuard:
+    """Guards ``GET /metrics``, which names every key with its spend and budget (``metrics.auth``).
+
+    When required, the caller must send ``Authorization: Bearer <token>`` with the metrics token
+    (``$UNIROUTE_METRICS_TOKEN``: read-only, for Prometheus) or the admin key (``$UNIROUTE_ADMIN_KEY``),
+    compared in constant time; no database is asked (a scrape stays as cheap as before). Missing or
+    wrong → 401; required while neither variable is set → 403 saying how to enable it.
+    """
+
+    def __init__(self, required: bool, *, token: str | None = None, admin_key: str | None = None) -> None:
+        self.required = required
+        token = token if token is not None else os.environ.get(METRICS_TOKEN_ENV) or None
+        admin_key = admin_key if admin_key is not None else os.environ.get(ADMIN_KEY_ENV) or None
+        self._secrets = [s.encode() for s in (token, admin_key) if s]
+
+    @property
+    def configured(self) -> bool:
+        return bool(self._secrets)
+
+    def check(self, authorization: str | None) -> None:
+        if not self.required:
+            return
+        if not self._secrets:
+            raise PermissionDeniedError(f"/metrics needs a credential and none is configured: set {METRICS_TOKEN_ENV} "
+                                        f"(or {ADMIN_KEY_ENV}) and scrape with 'Authorization: Bearer <it>', or set "
+                                        "metrics.auth: none", code="metrics_disabled")
+        if not authorization or not authorization.strip():
+            raise AuthenticationError(f"/metrics needs 'Authorization: Bearer <token>' with {METRICS_TOKEN_ENV} or "
+                                      f"the admin key (metrics.auth)", code="missing_api_key")
+        token = bearer_token(authorization).encode()
+        ok = False
+        for secret in self._secrets:  # compare with every one: no early exit
+            ok |= hmac.compare_digest(token, secret)
+        if not ok:
+            raise AuthenticationError(f"invalid metrics token: send {METRICS_TOKEN_ENV} or the admin key",
+                                      code="invalid_api_key")
+
+
+def metrics_auth_required(setting: str, auth_mode: str) -> bool:
+    """Whether ``metrics.auth`` asks for a credential: ``token`` yes, ``none`` no, ``auto`` with ``auth.mode: keys``."""
+    if setting not in ("auto", "token", "none"):
+        raise ValueError(f"metrics.auth must be 'auto', 'token' or 'none', got {setting!r}")
+    return setting == "token" or (setting == "auto" and auth_mode == "keys")
+
+
 # --------------------------------------------------------------------------------- key admin
 def _check_key_params(
     *, name: str, default_lambda: float, lambda_min: float, lambda_max: float, lambda_range: tuple[float, float],
@@ -205,6 +251,7 @@ def create_key(
     rpm_limit: int | None = None,
     models: Sequence[str] | None = None,
     lambda_range: tuple[float, float] = DEFAULT_LAMBDA_RANGE,
+    trusted: bool = False,
 ) -> tuple[str, ApiKey]:
     """Create a key; returns ``(raw key, row)``. The raw key exists only in the return value.
 
@@ -222,6 +269,7 @@ def create_key(
         store, name=name, key_hash=hash_key(raw), key_prefix=display_prefix(raw), default_lambda=default_lambda,
         lambda_min=lam_min, lambda_max=lam_max, budget_usd=budget_usd, budget_period=period,
         period_start=period_start_for(period, now), rpm_limit=rpm_limit, allowed_models=models, created_at=now,
+        trusted=trusted,
     )
     return raw, row
 
@@ -236,5 +284,6 @@ def key_summary(row: ApiKey) -> dict[str, Any]:
         "lambda_min": row.lambda_min, "lambda_max": row.lambda_max, "budget_usd": row.budget_usd,
         "budget_period": row.budget_period, "period_start": iso(row.period_start), "spend_usd": row.spend_usd,
         "reserved_usd": row.reserved_usd, "total_spend_usd": row.total_spend_usd, "rpm": row.rpm_limit,
-        "models": row.allowed_models, "created_at": iso(row.created_at), "revoked_at": iso(row.revoked_at),
+        "models": row.allowed_models, "trusted": bool(row.trusted), "created_at": iso(row.created_at),
+        "revoked_at": iso(row.revoked_at),
     }

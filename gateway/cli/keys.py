@@ -1,4 +1,4 @@
-"""``uniroute keys``: create, list and revoke API keys.
+"""``uniroute keys``: create, list, revoke and trust API keys.
 
 ``keys create`` refuses what the config forbids: the key's λ and its λ range must lie in the
 config's ``router.lambda_min..router.lambda_max`` (the range also defaults to it). Failures
@@ -54,10 +54,11 @@ def keys_create_command(args: argparse.Namespace) -> int:
         router = router_config(getattr(args, "config", None))
         raw, row = create_key(store, args.name, default_lambda=args.lam, budget_usd=args.budget, period=args.period,
                               lambda_min=args.lambda_min, lambda_max=args.lambda_max, rpm_limit=args.rpm,
-                              models=models, lambda_range=(router.lambda_min, router.lambda_max))
+                              models=models, lambda_range=(router.lambda_min, router.lambda_max),
+                              trusted=args.trusted)
         budget = f"${row.budget_usd:g}/{row.budget_period}" if row.budget_usd is not None else "no budget cap"
         print(f"created key {row.name!r}: lambda={row.default_lambda:g} (range {row.lambda_min:g}..{row.lambda_max:g}), "
-              f"{budget}, rpm={row.rpm_limit or 'unlimited'}", file=sys.stderr)
+              f"{budget}, rpm={row.rpm_limit or 'unlimited'}{', trusted' if row.trusted else ''}", file=sys.stderr)
         print("the key is shown only once; store it now:", file=sys.stderr)
         print(raw)
 
@@ -74,10 +75,19 @@ def keys_list_command(args: argparse.Namespace) -> int:
         for r in rows:
             budget = f"{r.budget_usd:.2f}/{r.budget_period}" if r.budget_usd is not None else "-"
             status = f"revoked {r.revoked_at:%Y-%m-%d}" if r.revoked_at else "active"
+            status += ", trusted" if r.trusted else ""
             print(f"{r.name:<20} {r.key_prefix:<12} {r.default_lambda:>7g} {budget:>14} {r.spend_usd:>10.4f} "
                   f"{r.rpm_limit or '-':>6}  {status}")
 
     return run(args, show, migrate=True)
+
+
+def keys_trust_command(args: argparse.Namespace) -> int:
+    def trust(store: Store) -> None:
+        row = key_sql.set_trusted(store, args.name, not args.off)
+        print(f"key {row.name!r} ({row.key_prefix}...) is {'trusted' if row.trusted else 'not trusted'}")
+
+    return run(args, trust, migrate=True)
 
 
 def keys_revoke_command(args: argparse.Namespace) -> int:

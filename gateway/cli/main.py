@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="highest λ a request may ask for (default: router.lambda_max)")
     q.add_argument("--rpm", type=int, default=None, help="requests per minute (omit for no limit)")
     q.add_argument("--models", default=None, help="comma-separated models the key may use (default: all)")
+    q.add_argument("--trusted", action="store_true",
+                   help="its feedback counts when profiling.feedback_from is 'trusted' (default: not trusted)")
     q.set_defaults(handler=_lazy("gateway.cli.keys:keys_create_command"))
     q = ksub.add_parser("list", help="list keys (never shows the keys themselves)")
     q.add_argument("--all", action="store_true", help="include revoked keys")
@@ -100,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = ksub.add_parser("revoke", help="revoke a key (refused by every replica from the next request)")
     q.add_argument("name")
     q.set_defaults(handler=_lazy("gateway.cli.keys:keys_revoke_command"))
+    q = ksub.add_parser("trust", help="mark a key trusted (or --off: not trusted) for profiling.feedback_from: trusted")
+    q.add_argument("name")
+    q.add_argument("--off", action="store_true", help="take the mark away")
+    q.set_defaults(handler=_lazy("gateway.cli.keys:keys_trust_command"))
     for q in (*ksub.choices.values(),):
         q.add_argument("--config", default=None,
                        help="config.yaml whose database_url to use ($UNIROUTE_DATABASE_URL wins)")

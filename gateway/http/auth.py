@@ -9,12 +9,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.http.state import gateway_state
 from gateway.serving.interfaces import Principal
 
 if TYPE_CHECKING:
     from gateway.access.accounting import Accounting
+    from gateway.access.auth import MetricsGuard
 
 
 def accounting(request: Request) -> Accounting:
@@ -32,3 +34,18 @@ async def require_admin(request: Request) -> Accounting:
     acc = accounting(request)
     await acc.admin.check(request.headers.get("authorization"))
     return acc
+
+
+class GuardedMetrics:
+    """``/metrics`` behind :class:`~gateway.access.auth.MetricsGuard` (pure ASGI: the scrape path stays cheap).
+    A refusal is raised as a GatewayError, shaped by the app's registered handler (401/403)."""
+
+    def __init__(self, app: ASGIApp, guard: MetricsGuard) -> None:
+        self.app = app
+        self.guard = guard
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.guard.required:
+            auth = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+            self.guard.check(auth)
+        await self.app(scope, receive, send)

@@ -1,7 +1,7 @@
 """``POST /v1/chat/completions``: parse with ``protocol``, call the chat service, shape JSON or SSE.
 
-Response headers: ``x-uniroute-model`` (the model that served), ``x-uniroute-request-id`` (set by
-the middleware), ``x-uniroute-attempts`` (upstream calls made, on every chat response including
+Response headers: ``x-uniroute-model`` (the model that served), ``x-uniroute-request-id`` (the
+gateway's own id, set by the middleware; ``x-uniroute-client-request-id`` echoes the client's), ``x-uniroute-attempts`` (upstream calls made, on every chat response including
 errors; 0 when refused before forwarding) and ``x-uniroute-cost`` (USD, when known before the
 headers are sent, i.e. not for streams; the last chunk's ``uniroute.cost_usd`` has it).
 """
@@ -34,6 +34,7 @@ async def chat_completions(request: Request) -> Response:
         req = parse_chat_request(parse_json(await request.body()))
         ctx = ChatContext(
             request_id=request_id(request),
+            client_request_id=request.scope.get("state", {}).get("client_request_id"),
             authorization=request.headers.get("authorization"),
             lambda_header=request.headers.get("x-uniroute-lambda"),
         )

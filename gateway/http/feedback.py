@@ -1,10 +1,14 @@
 """``POST /v1/feedback``: a quality signal for one request the gateway served.
 
 Body: ``{"request_id": str, "score": float in [0, 1]}`` or ``{"request_id", "thumbs": "up"|"down"}``
-(up = 1, down = 0), optional ``"source"`` (default ``"user"``). Only the key that made the
-request may send feedback on it; for any other key the request does not exist (404). In
-``auth.mode: open`` anonymous requests take anonymous feedback. Re-profiling
-(:mod:`profiling.schedule`) folds the scores into the serving model's Ψ for the request's cluster.
+(up = 1, down = 0), optional ``"source"`` (default ``"user"``). ``request_id`` is the gateway's own
+id of the request (``x-uniroute-request-id``, ``uniroute.request_id``), never the client's
+``x-uniroute-client-request-id``. Only the key that made the request may send feedback on it; for
+any other key the request does not exist (404). One feedback per request: a second is 409
+``feedback_exists`` and the first one stands. In ``auth.mode: open`` anonymous requests take
+anonymous feedback. Re-profiling (:mod:`profiling.schedule`) folds the scores into the serving
+model's Ψ for the request's cluster, with at most ``profiling.max_key_share`` of a cluster's weight
+per key (docs/security/tenants.md).
 """
 
 from __future__ import annotations
@@ -69,7 +73,12 @@ async def feedback_endpoint(request: Request) -> Response:
         await asyncio.to_thread(acc.writer.flush, 5.0)
         owned = await asyncio.to_thread(feedback_sql.request_owned_by, acc.store, body.request_id, principal.key_id)
     if not owned:
-        raise NotFoundError(f"no request with id {body.request_id!r}", param="request_id", code="request_not_found")
+        hint = ""
+        if await asyncio.to_thread(feedback_sql.is_client_request_id, acc.store, body.request_id, principal.key_id):
+            hint = ("; that is your own x-uniroute-client-request-id: feedback needs the gateway's id of the request, "
+                    "its x-uniroute-request-id header (uniroute.request_id in the body)")
+        raise NotFoundError(f"no request with id {body.request_id!r}{hint}", param="request_id",
+                            code="request_not_found")
     fid = await asyncio.to_thread(feedback_sql.add_feedback, acc.store, body.request_id, principal.key_id,
                                   body.value, body.source)
     return json_response({"object": "feedback", "id": fid, "request_id": body.request_id, "score": body.value,

@@ -9,10 +9,12 @@ client key; :func:`gateway.http.auth.require_admin`).
 - ``GET  /v1/usage``              the caller's λ range, budget, spend, remaining budget, period usage
 - ``GET  /admin/keys``            every key (never the key itself or its hash)
 - ``POST /admin/keys``            ``{"name", "lambda", "budget_usd"?, "period"?, "lambda_min"?, "lambda_max"?,
-                                  "rpm"?, "models"?}`` → 201 with ``"key"``: the raw key, shown once. λ and
-                                  the key's range must lie in the config's ``router.lambda_min..lambda_max``,
-                                  which is also the range's default
+                                  "rpm"?, "models"?, "trusted"?}`` → 201 with ``"key"``: the raw key, shown once.
+                                  λ and the key's range must lie in the config's
+                                  ``router.lambda_min..lambda_max``, which is also the range's default
 - ``GET  /admin/keys/{name}``     one key
+- ``PATCH /admin/keys/{name}``    ``{"trusted": bool}``: whether its feedback counts with
+                                  ``profiling.feedback_from: trusted``
 - ``DELETE /admin/keys/{name}``   revoke it (refused by every replica from its next request)
 """
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -30,7 +32,7 @@ from gateway.http.auth import accounting, authenticate, require_admin
 from gateway.http.responses import json_body, json_response
 from gateway.store import keys as key_sql
 
-KEY_FIELDS = "name, lambda, budget_usd, period, lambda_min, lambda_max, rpm, models"
+KEY_FIELDS = "name, lambda, budget_usd, period, lambda_min, lambda_max, rpm, models, trusted"
 
 
 async def usage(request: Request) -> Response:
@@ -49,6 +51,13 @@ class KeyCreate(BaseModel):
     lambda_max: float | None = None
     rpm: int | None = None
     models: list[str] | None = None
+    trusted: StrictBool = False
+
+
+class KeyUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    trusted: StrictBool
 
 
 async def list_keys_endpoint(request: Request) -> Response:
@@ -67,7 +76,7 @@ async def create_key_endpoint(request: Request) -> Response:
     raw, row = await asyncio.to_thread(
         create_key, acc.store, body.name, default_lambda=body.lam, budget_usd=body.budget_usd,
         period=body.period, lambda_min=body.lambda_min, lambda_max=body.lambda_max, rpm_limit=body.rpm,
-        models=body.models, lambda_range=acc.settings.lambda_range,
+        models=body.models, lambda_range=acc.settings.lambda_range, trusted=body.trusted,
     )
     return json_response({**key_summary(row), "key": raw}, 201, {"cache-control": "no-store"})
 
@@ -75,6 +84,16 @@ async def create_key_endpoint(request: Request) -> Response:
 async def get_key_endpoint(request: Request) -> Response:
     acc = await require_admin(request)
     row = await asyncio.to_thread(key_sql.get_key, acc.store, request.path_params["name"])
+    return json_response(key_summary(row))
+
+
+async def update_key_endpoint(request: Request) -> Response:
+    acc = await require_admin(request)
+    try:
+        body = KeyUpdate.model_validate(await json_body(request))
+    except ValidationError as exc:
+        raise InvalidRequestError(validation_message(exc, "key update", "trusted")) from None
+    row = await asyncio.to_thread(key_sql.set_trusted, acc.store, request.path_params["name"], body.trusted)
     return json_response(key_summary(row))
 
 

@@ -1,8 +1,14 @@
 """Pure-ASGI middleware: request id, timing, body-size limit.
 
-- Every HTTP response carries ``x-uniroute-request-id`` (the client's own, if it sent a
-  sane one, else a fresh ``req-<hex>``) and ``x-uniroute-time-ms`` (time to headers).
-  The id is in ``scope["state"]["request_id"]`` for handlers.
+- Every HTTP response carries ``x-uniroute-request-id``: the gateway's own id, a fresh
+  ``req-<uuid4 hex>`` per request, unique, and the id ``POST /v1/feedback`` addresses; and
+  ``x-uniroute-time-ms`` (time to headers). The id is in ``scope["state"]["request_id"]``.
+- A client's own id (``x-uniroute-client-request-id``, or for older clients
+  ``x-uniroute-request-id`` sent on the request) is kept apart: if it is sane (1-128 of
+  ``A-Za-z0-9._:-``) it is echoed as ``x-uniroute-client-request-id``, put in
+  ``scope["state"]["client_request_id"]`` and logged with the request. It never replaces the
+  gateway's id: any client may send any id, so a client id identifies nothing
+  (docs/security/tenants.md).
 - Every ``/v1/chat/completions`` response carries ``x-uniroute-attempts``: the handler sets the
   number of upstream calls; a response refused before it ran (413, 405, ...) gets ``0`` here.
 - A body larger than ``max_body_bytes`` gets 413: at once when ``content-length`` says
@@ -24,12 +30,14 @@ if TYPE_CHECKING:
     from gateway.metrics import Metrics
 
 REQUEST_ID_HEADER = "x-uniroute-request-id"
+CLIENT_REQUEST_ID_HEADER = "x-uniroute-client-request-id"
+_CLIENT_ID_BYTES = CLIENT_REQUEST_ID_HEADER.encode()
 #: upstream calls a chat response took; the handler sets it, and any chat response refused before the
 #: handler ran (413, 405, ...) gets 0 here
 ATTEMPTS = "x-uniroute-attempts"
 _ATTEMPTS_BYTES = ATTEMPTS.encode()
 CHAT_PATH = "/v1/chat/completions"
-_SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 _dumps: Any
 try:
     import orjson
@@ -56,19 +64,21 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
-        rid: str | None = None
+        client_id: bytes | None = None
         length: int | None = None
         for k, v in scope["headers"]:
-            if k == b"x-uniroute-request-id":
-                cand = v.decode("latin-1")
-                rid = cand if _SANE_ID.match(cand) else None
+            if k == _CLIENT_ID_BYTES or (k == b"x-uniroute-request-id" and client_id is None):
+                client_id = v if _SANE_ID.match(v.decode("latin-1")) else None
             elif k == b"content-length":
                 try:
                     length = int(v)
                 except ValueError:
                     length = None
-        rid = rid or new_request_id()
-        scope.setdefault("state", {})["request_id"] = rid
+        rid = new_request_id()  # always the gateway's own: unique, whatever the client sends
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        if client_id is not None:
+            state["client_request_id"] = client_id.decode("latin-1")
         rid_bytes = rid.encode()
         limit = self.max_body_bytes
         chat = scope.get("path") == CHAT_PATH
@@ -77,6 +87,8 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 headers.append((b"x-uniroute-request-id", rid_bytes))
+                if client_id is not None:
+                    headers.append((_CLIENT_ID_BYTES, client_id))
                 headers.append((b"x-uniroute-time-ms", f"{(time.perf_counter() - t0) * 1e3:.2f}".encode()))
                 if chat and not any(k == _ATTEMPTS_BYTES for k, _ in headers):
                     headers.append((_ATTEMPTS_BYTES, b"0"))

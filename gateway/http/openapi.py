@@ -47,7 +47,11 @@ def build_openapi() -> dict[str, Any]:
             "operationId": "createChatCompletion",
             "parameters": [{"name": "x-uniroute-lambda", "in": "header", "required": False,
                             "schema": {"type": "number", "minimum": 0},
-                            "description": "cost/quality trade-off λ (the body's uniroute.lambda wins)"}],
+                            "description": "cost/quality trade-off λ (the body's uniroute.lambda wins)"},
+                           {"name": "x-uniroute-client-request-id", "in": "header", "required": False,
+                            "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+                            "description": "your own id for the request: logged and echoed, never the gateway's "
+                                           "id (x-uniroute-request-id, which feedback addresses)"}],
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(ChatCompletionRequest)}}},
             "responses": {
                 "200": {
@@ -55,8 +59,8 @@ def build_openapi() -> dict[str, Any]:
                                    "`data: [DONE]` when stream is true. The `uniroute` object is in the body / the "
                                    "last chunk.",
                     "headers": {h: {"schema": {"type": "string"}}
-                                for h in ("x-uniroute-model", "x-uniroute-request-id", "x-uniroute-attempts",
-                                          "x-uniroute-cost")},
+                                for h in ("x-uniroute-model", "x-uniroute-request-id",
+                                          "x-uniroute-client-request-id", "x-uniroute-attempts", "x-uniroute-cost")},
                     "content": {"application/json": {"schema": _ref(ChatCompletion)},
                                 "text/event-stream": {"schema": _ref(ChatCompletionChunk)}},
                 },
@@ -67,14 +71,16 @@ def build_openapi() -> dict[str, Any]:
     _name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
     paths = {
         "/v1/chat/completions": chat,
-        "/v1/models": {"get": {"summary": "List the models, including 'auto'", "operationId": "listModels",
+        "/v1/models": {"get": {"summary": "List the models the caller may use, including 'auto'",
+                               "operationId": "listModels",
                                "responses": {"200": {"description": "models",
-                                                     "content": {"application/json": {"schema": _ref(ModelList)}}}}}},
+                                                     "content": {"application/json": {"schema": _ref(ModelList)}}},
+                                             **_errors(401)}}},
         "/v1/models/{model_id}": {"get": {
             "summary": "One model", "operationId": "retrieveModel",
             "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": {"description": "the model",
-                                  "content": {"application/json": {"schema": _ref(Model)}}}, **_errors(404)}}},
+                                  "content": {"application/json": {"schema": _ref(Model)}}}, **_errors(401, 404)}}},
         "/health/liveliness": {"get": {"summary": "The process is up", "operationId": "liveliness",
                                        "responses": {"200": {"description": "alive"}}}},
         "/health/readiness": {"get": {"summary": "Registry and router loaded, store reachable",
@@ -94,13 +100,17 @@ def build_openapi() -> dict[str, Any]:
             "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
             "get": {"summary": "One API key (admin key)", "operationId": "getKey",
                     "responses": {"200": {"description": "key"}, **_errors(401, 403, 404)}},
+            "patch": {"summary": "Mark an API key trusted or not: {trusted: bool} (admin key)",
+                      "operationId": "updateKey",
+                      "responses": {"200": {"description": "updated"}, **_errors(400, 401, 403, 404)}},
             "delete": {"summary": "Revoke an API key (admin key)", "operationId": "revokeKey",
                        "responses": {"200": {"description": "revoked"}, **_errors(401, 403, 404)}},
         },
         "/v1/feedback": {"post": {
-            "summary": "Score a request you made: {request_id, score in [0,1] | thumbs: up|down, source?}",
+            "summary": "Score a request you made, once: {request_id (its x-uniroute-request-id), score in [0,1] | "
+                       "thumbs: up|down, source?}",
             "operationId": "createFeedback",
-            "responses": {"201": {"description": "recorded"}, **_errors(400, 401, 404)}}},
+            "responses": {"201": {"description": "recorded"}, **_errors(400, 401, 404, 409)}}},
         "/admin/models": {
             "get": {"summary": "List the registry (admin key)", "operationId": "listRegistryModels",
                     "responses": {"200": {"description": "models"}, **_errors(401, 403)}},
@@ -136,8 +146,11 @@ def build_openapi() -> dict[str, Any]:
         "/admin/reprofile/last": {"get": {
             "summary": "The last re-profiling run and its drift report (admin key)", "operationId": "lastReprofile",
             "responses": {"200": {"description": "report"}, **_errors(401, 403, 404)}}},
-        "/metrics": {"get": {"summary": "Prometheus metrics (text exposition)", "operationId": "metrics",
-                             "responses": {"200": {"description": "metrics", "content": {"text/plain": {}}}}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics (text exposition); with auth.mode keys it needs "
+                                        "$UNIROUTE_METRICS_TOKEN or the admin key (metrics.auth)",
+                             "operationId": "metrics",
+                             "responses": {"200": {"description": "metrics", "content": {"text/plain": {}}},
+                                           **_errors(401, 403)}}},
     }
     return {
         "openapi": "3.1.0",

@@ -1,7 +1,8 @@
 """Cooldown of failing models: a model that keeps failing is skipped by ``auto`` for a while.
 
 A model enters cooldown after ``failures`` retryable failures (timeout, 429, 5xx, connection
-error — never a 400, which is the request's fault) within ``window_s`` seconds, and stays
+error — never a failure caused by the request itself: a provider 4xx such as 400, 413 or 422, or a
+payload that cannot be encoded; ``forwarding.caused_by_request``) within ``window_s`` seconds, and stays
 in it for ``cooldown_s`` (a 429 with ``Retry-After`` stretches that to at least the
 provider's ask). While it cools, :meth:`Cooldowns.order` moves it behind every healthy
 candidate, so ``auto`` goes around it; when every candidate is cooling the ranking is kept

@@ -28,15 +28,20 @@
   non-streaming call; for a stream, ``OpenStream.deadline``, which the chat service enforces
   after the first chunk with one timer per stream). A timeout before the first chunk falls
   back like any other.
-- Provider failures become gateway errors: timeout → 504, 429 → 429, an upstream
-  ``400``/``422`` (the provider rejected the request itself) → 400, anything else
-  (connection error, 5xx, auth/config problems) → 502 with the provider's message,
-  never a traceback.
+- Provider failures become gateway errors: timeout → 504, 429 → 429; a failure caused by the
+  request itself → 400 ``invalid_request_error`` (:func:`caused_by_request`: a provider 4xx other
+  than 401/403/404/407/408/429 — e.g. 400, 409, 413, 415, 422 — or a payload that cannot even be
+  encoded, such as a field nested ~1000 deep); anything else (connection error, 5xx, the gateway's
+  own credential or model name refused: 401/403/404) → 502 with the provider's message, never a
+  traceback.
 - A request falls back down the ranked candidate list on connection error, 5xx,
   timeout or 429, while nothing has yet been sent to the client (for streams: before
   the first chunk), up to ``max_attempts`` models. Every attempt is recorded.
 - With :class:`~gateway.serving.cooldown.Cooldowns`, retryable failures and successes are reported
   to it and candidates in cooldown are tried after the healthy ones (``gateway/serving/cooldown.py``).
+  A failure caused by the request is not retryable, so it never counts toward a cooldown: a client
+  cannot put a healthy model into cooldown by sending payloads the provider refuses
+  (docs/security/tenants.md).
 """
 
 from __future__ import annotations
@@ -135,12 +140,45 @@ def provider_message(exc: BaseException) -> str:
     return msg.splitlines()[0] if msg else type(exc).__name__
 
 
+#: provider 4xx statuses that are not the request's fault: the gateway's own credential (401, 403, 407),
+#: its model name or address (404), a timeout (408), a rate limit (429). Every other 4xx refuses the request.
+_NOT_THE_REQUESTS_FAULT = frozenset({401, 403, 404, 407, 408, 429})
+
+
+def caused_by_request(exc: BaseException, status: Any) -> bool:
+    """Whether a failed call failed because of the request itself, not the model: the provider refused it
+    (a 4xx but those of :data:`_NOT_THE_REQUESTS_FAULT`), or it could not be encoded at all (recursion).
+    Such a failure answers 400, is not retried on another model and never counts toward a cooldown."""
+    import litellm
+
+    if isinstance(exc, litellm.BadRequestError | litellm.UnprocessableEntityError):
+        return True
+    if isinstance(status, int) and 400 <= status < 500 and status not in _NOT_THE_REQUESTS_FAULT:
+        return True
+    return _in_chain(exc, RecursionError) is not None
+
+
+def _in_chain(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of type ``kind`` in ``exc``'s cause/context chain (``exc`` included)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, kind):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def map_exception(exc: BaseException, model: str) -> GatewayError:
     """Turn a LiteLLM/provider exception into the gateway error the client sees."""
     if isinstance(exc, GatewayError):
         return exc
     import litellm
 
+    if _in_chain(exc, RecursionError) is not None:
+        return InvalidRequestError(f"the request could not be sent to model '{model}': a field of it is nested too "
+                                   "deeply to encode", code="request_not_encodable")
     msg = provider_message(exc)
     status = getattr(exc, "status_code", None)
     refused = _refused(exc)
@@ -151,7 +189,7 @@ def map_exception(exc: BaseException, model: str) -> GatewayError:
     if isinstance(exc, litellm.RateLimitError) or status == 429:
         return UpstreamRateLimitError(f"model '{model}' is rate limited upstream: {msg}",
                                       retry_after=_retry_after(exc))
-    if isinstance(exc, litellm.BadRequestError | litellm.UnprocessableEntityError) or status in (400, 422):
+    if caused_by_request(exc, status):
         return InvalidRequestError(f"model '{model}' rejected the request: {msg}", code="upstream_bad_request")
     return UpstreamError(f"model '{model}' failed upstream: {msg}")
 
@@ -361,10 +399,13 @@ class LiteLLMUpstream:
     async def complete(self, entry: ModelEntry, messages: list[dict[str, Any]], params: Mapping[str, Any]) -> Any:
         token = self._quiet.set(True) if self._quiet is not None else None
         try:
-            return await self._acompletion(messages=messages, **self._call_kwargs(entry), **params)
+            response = await self._acompletion(messages=messages, **self._call_kwargs(entry), **params)
         finally:
             if token is not None and self._quiet is not None:
                 self._quiet.reset(token)
+        if response is None:
+            raise _unprocessable(entry)
+        return response
 
     async def stream(self, entry: ModelEntry, messages: list[dict[str, Any]],
                      params: Mapping[str, Any]) -> AsyncIterator[Any]:
@@ -377,6 +418,8 @@ class LiteLLMUpstream:
         finally:
             if token is not None and self._quiet is not None:
                 self._quiet.reset(token)
+        if stream is None:
+            raise _unprocessable(entry)
         return self._chunks(stream, raw)
 
     def _raw_stream(self, kwargs: Mapping[str, Any]) -> bool:
@@ -392,6 +435,14 @@ class LiteLLMUpstream:
             return _raw_chunks(raw)
         it: AsyncIterator[Any] = stream.__aiter__()
         return it
+
+
+def _unprocessable(entry: ModelEntry) -> InvalidRequestError:
+    """LiteLLM's OpenAI-wire call answers None (rather than raising) when the provider refused the request
+    with 422 on both of its tries (it retries once without the parameters the 422 names, as
+    ``drop_params`` asks): the request's fault, like any 422."""
+    return InvalidRequestError(f"model '{entry.name}' rejected the request as unprocessable (422)",
+                               code="upstream_bad_request")
 
 
 class Forwarder:

@@ -52,10 +52,11 @@ class Reservation:
 class RequestRecord:
     """One row of the request log (see the ``requests`` table)."""
 
-    request_id: str
+    request_id: str  # the gateway's own id (unique): what feedback addresses
     started_at: datetime
     requested_model: str
     stream: bool
+    client_request_id: str | None = None  # the id the client sent, if any (not unique: any client may send any)
     key_id: int | None = None
     key_name: str | None = None
     routed_model: str | None = None

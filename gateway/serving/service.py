@@ -63,7 +63,8 @@ TOP_CANDIDATES = 5  # ranked candidates reported in the ``uniroute`` object and 
 class ChatContext:
     """What the HTTP layer knows about the call, in plain types."""
 
-    request_id: str
+    request_id: str  # the gateway's own (unique)
+    client_request_id: str | None = None  # the client's, if it sent one
     authorization: str | None = None
     lambda_header: str | None = None
 
@@ -204,11 +205,12 @@ class ChatService:
         if req.model != AUTO:
             entry = self.registry.get(req.model)
             if entry is None:
-                known = ", ".join((AUTO, *self.registry.names()))
+                known = ", ".join(self.usable_models(principal))
                 raise ModelNotFoundError(f"unknown model '{req.model}'; known: {known}", param="model")
             if allowed is not None and entry.name not in allowed:
                 raise PermissionDeniedError(f"this key may not use model '{entry.name}'; allowed: "
-                                            f"{', '.join(sorted(allowed))}", param="model", code="model_not_allowed")
+                                            f"{', '.join(self.usable_models(principal))}", param="model",
+                                            code="model_not_allowed")
             return _Plan(principal, lam, [entry], None)
         pool = self.registry.pool()
         if allowed is not None:
@@ -219,6 +221,13 @@ class ChatService:
         decision = self.policy.rank(embedding, pool, lam)
         candidates = [e for e in (self.registry.get(c.model) for c in decision.ranked) if e is not None]
         return _Plan(principal, lam, candidates, decision)
+
+    def usable_models(self, principal: Principal) -> list[str]:
+        """The model names ``principal`` may call: ``auto`` and the registry's models its key allows. Every
+        answer that names models (``/v1/models``, a 404's or 403's list) names only these: a key restricted
+        to some models learns nothing of the others (docs/security/tenants.md)."""
+        allowed = principal.allowed_models
+        return [AUTO, *(n for n in self.registry.names() if allowed is None or n in allowed)]
 
     @staticmethod
     def _estimate(req: ChatCompletionRequest, entry: ModelEntry) -> float:
@@ -238,7 +247,8 @@ class ChatService:
     @staticmethod
     def _record(req: ChatCompletionRequest, ctx: ChatContext, stream: bool) -> RequestRecord:
         return RequestRecord(request_id=ctx.request_id, started_at=datetime.now(UTC), requested_model=req.model,
-                             stream=stream, prompt_text=req.routing_text())  # the sink drops it unless configured
+                             stream=stream, prompt_text=req.routing_text(),  # the sink drops it unless configured
+                             client_request_id=ctx.client_request_id)
 
     @staticmethod
     def _fill_plan(record: RequestRecord, plan: _Plan) -> None:
@@ -278,6 +288,7 @@ class ChatService:
                           for c in plan.decision.ranked[:TOP_CANDIDATES]]
         return {
             "request_id": record.request_id,
+            "client_request_id": record.client_request_id,
             "requested_model": record.requested_model,
             "model": record.routed_model,
             "cluster": record.cluster,

@@ -33,6 +33,7 @@ def insert_key(
     rpm_limit: int | None,
     allowed_models: Sequence[str] | None,
     created_at: datetime,
+    trusted: bool = False,
 ) -> ApiKey:
     """Add a key row; 409 when the name is taken (names stay taken after revocation)."""
     row = ApiKey(
@@ -40,7 +41,7 @@ def insert_key(
         lambda_min=lambda_min, lambda_max=lambda_max, budget_usd=budget_usd, budget_period=budget_period,
         period_start=period_start, spend_usd=0.0, reserved_usd=0.0, total_spend_usd=0.0,
         rpm_limit=rpm_limit, allowed_models=list(allowed_models) if allowed_models is not None else None,
-        created_at=created_at,
+        created_at=created_at, trusted=trusted,
     )
     try:
         with store.session() as s:
@@ -71,6 +72,16 @@ def get_key(store: Store, name: str) -> ApiKey:
         row = s.scalar(sa.select(ApiKey).where(ApiKey.name == name))
     if row is None:
         raise NotFoundError(f"no API key named {name!r}", param="name")
+    return row
+
+
+def set_trusted(store: Store, name: str, trusted: bool) -> ApiKey:
+    """Mark a key trusted or not (its feedback counts with ``profiling.feedback_from: trusted``)."""
+    with store.session() as s:
+        row = s.scalar(sa.select(ApiKey).where(ApiKey.name == name).with_for_update())
+        if row is None:
+            raise NotFoundError(f"no API key named {name!r}", param="name")
+        row.trusted = trusted
     return row
 
 

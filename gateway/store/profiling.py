@@ -9,7 +9,8 @@ profile versions it stores are :func:`gateway.store.models.save_profile`.
 - the *prior* of a re-profiling pass: the model's latest profile measured on validation prompts
   (:data:`PRIOR_SOURCES`).
 - feedback per (model, cluster): every feedback row on a successful request the model served,
-  sent by the key that made the request.
+  sent by the key that made the request (with ``trusted_only``, a key marked trusted), counted
+  once even where old rows share a request id.
 - ``reprofile_runs``: one row per pass, with its report (``GET /admin/reprofile/last``).
 """
 
@@ -21,7 +22,15 @@ from typing import Any
 import sqlalchemy as sa
 
 from gateway.store.engine import Store
-from gateway.store.tables import Feedback, ProfileOutcome, ProfileRow, ReprofileRun, RequestRow, utcnow
+from gateway.store.tables import (
+    ApiKey,
+    Feedback,
+    ProfileOutcome,
+    ProfileRow,
+    ReprofileRun,
+    RequestRow,
+    utcnow,
+)
 
 #: profile sources measured on the validation prompts: the prior of a re-profiling pass
 PRIOR_SOURCES = ("validation", "validation-partial", "import")
@@ -71,20 +80,32 @@ def latest_prior(store: Store, model: str, key: str) -> ProfileRow | None:
             ProfileRow.source.in_(PRIOR_SOURCES)).order_by(ProfileRow.version.desc())).first()
 
 
-def feedback_by_model(store: Store, k: int) -> dict[str, list[tuple[int, float]]]:
-    """``{model: [(cluster, score), ...]}``: feedback on successful requests the model served in a
-    cluster ``0 <= cluster < k``, counted only when sent by the key that made the request."""
-    out: dict[str, list[tuple[int, float]]] = {}
+def feedback_by_model(store: Store, k: int, *, trusted_only: bool = False
+                      ) -> dict[str, list[tuple[int, float, int | None]]]:
+    """``{model: [(cluster, score, key id), ...]}``: feedback on successful requests the model served in
+    a cluster ``0 <= cluster < k``, counted only when sent by the key that made the request, and with
+    ``trusted_only`` only from keys marked trusted (never anonymous feedback).
+
+    Each feedback row counts once: rows logged before migration 0005 may share a client-chosen
+    request id, and a feedback row then joins the first of them only."""
+    out: dict[str, list[tuple[int, float, int | None]]] = {}
+    seen: set[int] = set()
     with store.session() as s:
-        q = (sa.select(RequestRow.routed_model, RequestRow.cluster, Feedback.score)
+        q = (sa.select(Feedback.id, RequestRow.routed_model, RequestRow.cluster, Feedback.score, Feedback.key_id)
              .join(RequestRow, RequestRow.request_id == Feedback.request_id)
              .where(RequestRow.routed_model.is_not(None), RequestRow.cluster.is_not(None),
                     RequestRow.status_code == 200,
                     sa.or_(RequestRow.key_id == Feedback.key_id,
-                           sa.and_(RequestRow.key_id.is_(None), Feedback.key_id.is_(None)))))
-        for model, cluster, score in s.execute(q):
+                           sa.and_(RequestRow.key_id.is_(None), Feedback.key_id.is_(None))))
+             .order_by(Feedback.id, RequestRow.started_at, RequestRow.id))
+        if trusted_only:
+            q = q.join(ApiKey, ApiKey.id == Feedback.key_id).where(ApiKey.trusted.is_(True))
+        for fid, model, cluster, score, key_id in s.execute(q):
+            if fid in seen:
+                continue
+            seen.add(fid)
             if cluster is not None and 0 <= int(cluster) < k:
-                out.setdefault(str(model), []).append((int(cluster), float(score)))
+                out.setdefault(str(model), []).append((int(cluster), float(score), key_id))
     return out
 
 

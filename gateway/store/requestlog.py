@@ -45,6 +45,7 @@ def record_to_row(record: RequestRecord, row_id: str) -> dict[str, Any]:
     row = {
         "id": row_id,
         "request_id": record.request_id,
+        "client_request_id": record.client_request_id,
         "key_id": record.key_id,
         "key_name": record.key_name,
         "requested_model": record.requested_model,

@@ -37,6 +37,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy import false as sa_false
 from sqlalchemy.orm import DeclarativeBase, Mapped, MappedColumn, mapped_column
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
@@ -110,6 +111,8 @@ class ApiKey(Base):
     allowed_models: Mapped[list[Any] | None] = mapped_column(JSON)  # None: every model
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
+    # its feedback counts when profiling.feedback_from is 'trusted' (docs/security/tenants.md)
+    trusted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
 
     __table_args__ = (
         CheckConstraint("budget_period IN ('day', 'month')", name="budget_period"),
@@ -208,14 +211,18 @@ class RequestRow(Base):
     """One request as logged by the background writer (``store.RequestLogWriter``).
 
     ``id`` is a row id the writer assigns once per submitted record (so a batch retried after
-    an ambiguous failure is written once); ``request_id`` is the gateway's request id, which a
-    client may choose (``x-uniroute-request-id``), so it is indexed but not unique.
+    an ambiguous failure is written once); ``request_id`` is the gateway's own request id
+    (``req-<uuid4 hex>``, unique by construction: the id feedback addresses) and
+    ``client_request_id`` the id the client sent, if any (``x-uniroute-client-request-id``; any
+    client may send any id, so it identifies nothing). Rows logged before migration 0005 may carry
+    a client-chosen ``request_id``, so ``request_id`` is indexed but not declared unique.
     """
 
     __tablename__ = "requests"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     request_id: Mapped[str] = mapped_column(String(128), index=True)
+    client_request_id: Mapped[str | None] = mapped_column(String(128))
     key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
     key_name: Mapped[str | None] = mapped_column(String(128))
     requested_model: Mapped[str] = mapped_column(String(200))
@@ -245,16 +252,17 @@ class RequestRow(Base):
 
 
 class Feedback(Base):
-    """A quality signal for one request (e.g. thumbs up/down as 1/0).
+    """A quality signal for one request (e.g. thumbs up/down as 1/0): at most one per request.
 
     No foreign key to ``requests``: request rows are written asynchronously, so feedback can
-    arrive before its request row is flushed.
+    arrive before its request row is flushed. ``request_id`` is unique: the request's own key
+    may rate it once (a repeat is 409), whatever it sends.
     """
 
     __tablename__ = "feedback"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    request_id: Mapped[str] = mapped_column(String(128), index=True)
+    request_id: Mapped[str] = mapped_column(String(128), index=True, unique=True)
     key_id: Mapped[int | None] = mapped_column(Integer)
     score: Mapped[float] = mapped_column(Float)  # in [0, 1]
     source: Mapped[str] = mapped_column(String(32), default="user")
