@@ -135,7 +135,7 @@ def _config(up: str, dead: str, root: Path) -> dict[str, Any]:
         "registry": {"poll_interval_s": 0.2},
         "fallback": {"max_attempts": 1, "cooldown_failures": 0},
         "admin": {"allow_literal_keys": True},  # env_allowlist: the default, *_API_KEY
-        "models": [model("m-leak", LEAK_KEY), model("literal", LITERAL_KEY), model("envvar", "${SECRETS_TEST_VAR}"),
+        "models": [model("m-leak", "os.environ/SECRETS_LEAK_API_KEY"), model("literal", LITERAL_KEY), model("envvar", "${SECRETS_TEST_VAR}"),
                    model("ref", "os.environ/SECRETS_TEST_API_KEY"),
                    model("headers", "unused", extra_headers={"X-Api-Key": HEADER_SECRET}),
                    model("dead", LEAK_KEY, base=dead)],
@@ -152,7 +152,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str,
         port = free_port()
         log = root / "gateway.log"
         env = server_env(UNIROUTE_ADMIN_KEY=ADMIN, UNIROUTE_SECRET_KEY=FERNET_KEY, SECRETS_TEST_VAR=VAR_KEY,
-                         SECRETS_TEST_API_KEY=REF_KEY)
+                         SECRETS_TEST_API_KEY=REF_KEY, SECRETS_LEAK_API_KEY=LEAK_KEY)
         with log.open("wb") as fh:
             proc = subprocess.Popen([sys.executable, "-m", "gateway.cli.main", "serve", "--config", str(cfg),
                                      "--port", str(port)], cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
