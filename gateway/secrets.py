@@ -338,7 +338,9 @@ def admin_params(params: Mapping[str, Any], *, env_allowlist: Iterable[str],
             problems.append(f"{where}: holds a masked or encrypted value as shown by the gateway; send the secret "
                             f"itself or an os.environ/NAME reference")
             return value
-        literal = bool(_SECRET_NAME.search(name)) or bool(_URL_PASSWORD.search(value)) or _looks_secret(value)
+        # a short value under a key name is the dummy key of a keyless upstream (EMPTY, none, replay), not a secret
+        literal = (bool(_SECRET_NAME.search(name)) and len(value) >= _MIN_KNOWN) or bool(_URL_PASSWORD.search(value)) \
+            or _looks_secret(value)
         if not literal:
             return value
         if not allow_literal_keys:

@@ -301,11 +301,14 @@ def test_admin_defaults_refuse_literal_keys_and_unlisted_env(database_url: str, 
             (body("c", api_base=f"http://user:{ADMIN_LITERAL}@10.0.0.1/v1"), "api_base"),
             (body("d", api_key="os.environ/UNIROUTE_ADMIN_KEY"), "admin.env_allowlist"),
             (body("e", api_key="os.environ/HOME"), "admin.env_allowlist"),
+            (body("f", api_key="12345678"), "admin.allow_literal_keys"),
         ]:
             r = client.post("/admin/models", headers=h, json=bad)
             assert r.status_code == 400 and needle in r.text and ADMIN_LITERAL not in r.text, r.text
         assert client.post("/admin/models", headers=h, json=body("ok", api_key="os.environ/OPENAI_API_KEY")
                            ).status_code == 201
+        # the dummy key of a keyless upstream (vLLM's EMPTY, the replay upstream's "replay") is no secret
+        assert client.post("/admin/models", headers=h, json=body("local", api_key="EMPTY")).status_code == 201
         r = client.patch("/admin/models/ok", headers=h,
                          json={"litellm_params": {"model": "openai/ok", "api_key": ADMIN_LITERAL}})
         assert r.status_code == 400 and "admin.allow_literal_keys" in r.text
