@@ -32,6 +32,7 @@ from gateway.config import GatewayConfig, load_config
 from gateway.errors import GatewayError
 from gateway.http.middleware import CHAT_PATH, RequestContextMiddleware
 from gateway.http.state import GatewayState, ReadinessCheck
+from gateway.secrets import install_log_scrubber, keep_config_params
 from gateway.serving.interfaces import (
     Authenticator,
     BudgetGuard,
@@ -79,6 +80,7 @@ def create_app(
         from gateway.store import models as catalog
 
         started = int(time.time())
+        keep_config_params(config.models)  # the table holds their secrets masked: the real values stay in memory
         registry = Registry.from_config(config, created=started)
         fb = config.fallback
         cooldowns = Cooldowns(fb.cooldown_failures, fb.cooldown_window_s, fb.cooldown_s,
@@ -176,7 +178,7 @@ def create_app(
     )
     # what the handlers reach (gateway/http/state.py); the lifespan fills in the rest at start-up
     state = app.state.gateway = GatewayState(
-        accounting=acc, readiness_checks={"database": acc.check_ready, **(readiness_checks or {})})
+        accounting=acc, readiness_checks={"database": acc.check_ready, **(readiness_checks or {})}, admin=config.admin)
     return app
 
 
@@ -184,4 +186,5 @@ def app_from_env() -> Starlette:
     """Factory for ``uvicorn --factory`` (and ``--workers N``): config from ``$UNIROUTE_CONFIG``."""
     import gateway  # noqa: F401
 
+    install_log_scrubber()  # a worker process: its log handlers are uvicorn's
     return create_app(load_config())

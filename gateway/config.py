@@ -29,6 +29,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gateway.secrets import mask, resolve
 from gateway.spec import ModelSpec
 
 #: Environment variable naming the config file.
@@ -37,7 +38,6 @@ CONFIG_ENV = "UNIROUTE_CONFIG"
 DATASET_ENV = "UNIROUTE_DATASET"
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-ENV_REF = "os.environ/"
 
 
 class ConfigError(ValueError):
@@ -190,6 +190,15 @@ class MetricsConfig(_Section):
     """Who may read `GET /metrics` (it names every API key with its spend and budget): `token` needs `Authorization: Bearer` with `$UNIROUTE_METRICS_TOKEN` or the admin key `$UNIROUTE_ADMIN_KEY` (403 while neither is set); `none` lets anyone read it; `auto` is `token` with `auth.mode: keys` and `none` with `auth.mode: open` (docs/security/tenants.md)."""
 
 
+class AdminConfig(_Section):
+    """What the admin API (``/admin/models``) may put into a model's ``litellm_params`` (docs/security/secrets.md)."""
+
+    env_allowlist: list[str] = Field(default_factory=lambda: ["*_API_KEY"])
+    """Environment variables a model added or changed through the admin API may name as `os.environ/NAME`: exact names, or patterns (`*_API_KEY`) that never match a `UNIROUTE_*` variable (name one exactly to allow it). Anything else is a 400 naming this list. `[]`: no references through the admin API."""
+    allow_literal_keys: bool = False
+    """Accept literal secrets (an `api_key` value, an `Authorization` header, a URL password, ...) through the admin API; they are stored encrypted with the Fernet key in `$UNIROUTE_SECRET_KEY` and decrypted only in memory. `false`: a 400 asking for `os.environ/NAME`."""
+
+
 class RegistryConfig(_Section):
     poll_interval_s: float = Field(default=2.0, gt=0.0, le=5.0)
     """How often each replica re-reads the `models` and `model_profiles` tables."""
@@ -253,6 +262,8 @@ class GatewayConfig(_Section):
     """Profiling and re-profiling."""
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     """Who may read `/metrics`."""
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    """What the admin API may write into a model's `litellm_params` (environment references, literal keys)."""
     #: folder of the config file (relative paths resolve against it); not a YAML key
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
 
@@ -293,34 +304,22 @@ def expand_vars(value: Any, where: str = "") -> Any:
     return value
 
 
-_SECRET_PARAM = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
-
-
 def mask_secrets(params: Mapping[str, Any], placeholder: str) -> dict[str, Any]:
-    """litellm_params with every literal value under a secret-looking name (``api_key``,
-    ``aws_secret_access_key``, ...) replaced by ``placeholder``; ``os.environ/NAME`` references stay."""
-    out: dict[str, Any] = {}
-    for k, v in params.items():
-        if _SECRET_PARAM.search(k) and not (isinstance(v, str) and v.startswith(ENV_REF)) and v not in ("", None):
-            out[k] = placeholder
-        else:
-            out[k] = v
-    return out
+    """litellm_params with every secret-looking value, however nested (``api_key``, ``aws_secret_access_key``,
+    ``extra_headers.Authorization``, a URL's password, ...), replaced by ``placeholder``; ``os.environ/NAME``
+    references stay (:func:`gateway.secrets.mask`)."""
+    masked: dict[str, Any] = mask(dict(params), placeholder)
+    return masked
 
 
 def resolve_env_refs(params: dict[str, Any], where: str) -> dict[str, Any]:
-    """Replace ``os.environ/NAME`` values (LiteLLM proxy convention) by the variable's value."""
-    out: dict[str, Any] = {}
-    for k, v in params.items():
-        if isinstance(v, str) and v.startswith(ENV_REF):
-            name = v[len(ENV_REF):]
-            got = os.environ.get(name)
-            if got is None:
-                raise ConfigError(f"{where}.{k}: environment variable {name} is not set")
-            out[k] = got
-        else:
-            out[k] = v
-    return out
+    """Replace ``os.environ/NAME`` values (LiteLLM proxy convention, at any depth) by the variable's value and
+    decrypt ``encrypted/…`` values (:func:`gateway.secrets.resolve`); a :class:`ConfigError` says what is
+    missing."""
+    try:
+        return resolve(params, where)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _replay_entries(cfg: ReplayModelsConfig, base: GatewayConfig, source: str) -> list[ModelSpec]:

@@ -16,6 +16,7 @@ from typing import Any
 
 from gateway.config import GatewayConfig
 from gateway.errors import ConflictError, GatewayError, InvalidRequestError
+from gateway.secrets import scrub
 from gateway.store.engine import Store
 from gateway.tasks import cancel_and_wait
 from profiling.runner import RunReport
@@ -82,10 +83,10 @@ class ProfilingJobs:
                 job.result = res.as_dict()
                 job.status = "activated" if res.activated else "not_activated"
             except GatewayError as exc:
-                job.status, job.error = "failed", exc.message
+                job.status, job.error = "failed", scrub(exc.message)
             except Exception as exc:
                 logger.exception("profiling %s failed", model)
-                job.status, job.error = "failed", f"{type(exc).__name__}: {exc}"
+                job.status, job.error = "failed", scrub(f"{type(exc).__name__}: {exc}")
             finally:
                 job.finished_at = time.time()
 

@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from gateway.config import ConfigError, GatewayConfig
+from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, InvalidRequestError
+from gateway.secrets import keep_config_params, scrub
 from gateway.serving.registry import ModelEntry
 from gateway.spec import ModelSpec
 from gateway.store import models as catalog
@@ -98,7 +99,7 @@ class ForwarderCompleter:
                 except ValueError:
                     retry_after = None
             retryable = exc.status_code in (429, 502, 503, 504) or exc.status_code >= 500
-            raise CompletionFailed(f"{exc.status_code} {exc.message}", retryable=retryable,
+            raise CompletionFailed(f"{exc.status_code} {scrub(exc.message)}", retryable=retryable,
                                    retry_after=retry_after) from None
         choice = done.response.choices[0]
         text = getattr(choice.message, "content", None) or ""
@@ -180,6 +181,7 @@ async def run_profiling(
 ) -> ProfilingResult:
     """Profile ``model`` (a registry row) and activate it when every cluster has enough graded answers."""
     pc = config.profiling
+    keep_config_params(config.models)  # config.yaml's secrets, which the table holds masked
     art: RouterArtifact = artifact if artifact is not None else await asyncio.to_thread(load_artifact, config)
     variant = config.router.variant
     spec = catalog.spec_from_row(await asyncio.to_thread(catalog.get_model, store, model))  # 404: the known ones
@@ -219,7 +221,7 @@ def _entry(spec: ModelSpec) -> ModelEntry:
     """The registry entry of a stored model; an unset ``os.environ/NAME`` in its params is a 400 saying what to do."""
     try:
         return ModelEntry.from_spec(spec)
-    except ConfigError as exc:
+    except ValueError as exc:  # ConfigError: an unset variable, an undecryptable value, a masked placeholder
         raise InvalidRequestError(f"{exc}: set it where profiling runs, or change the model's litellm_params "
                                   f"(`uniroute models update {spec.name} ...`, PATCH /admin/models/{spec.name})",
                                   code="unset_variable") from None

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from gateway.secrets import scrub
 from profiling.graders import Grader, GradingError
 
 logger = logging.getLogger("uniroute.profiling")
@@ -169,7 +170,7 @@ async def profile_model(
             try:
                 result = await complete(model, p.text)
             except CompletionFailed as exc:
-                last_error = str(exc)[:200]
+                last_error = scrub(str(exc))[:200]
                 if not exc.retryable or attempt == retry.attempts - 1 or report.stopped:
                     break
                 await asyncio.sleep(retry.delay(attempt, exc.retry_after))
@@ -177,7 +178,7 @@ async def profile_model(
             try:
                 score = await grader.grade(result.text, p.reference, p.text)
             except GradingError as exc:
-                return Outcome(model, p.prompt_id, p.cluster, None, result.text, result.cost_usd, str(exc)[:200])
+                return Outcome(model, p.prompt_id, p.cluster, None, result.text, result.cost_usd, scrub(str(exc))[:200])
             return Outcome(model, p.prompt_id, p.cluster, score, result.text, result.cost_usd)
         return Outcome(model, p.prompt_id, p.cluster, None, error=last_error)
 

@@ -6,7 +6,9 @@ the behaviour: ``-500`` (server error with a provider message), ``-429`` (rate l
 ``-429`` sends ``Retry-After: 7``, ``-echo`` (answers with the request's JSON, minus messages), ``-slow`` (sleeps 5 s), ``-midfail`` (streams one chunk then
 drops the connection); anything else echoes the last user message, streaming too. Any model
 rejects a request whose last user message starts with ``reject:NNN`` with that 4xx status (a
-healthy model refusing one payload, as a provider refuses an invalid one).
+healthy model refusing one payload, as a provider refuses an invalid one). ``-leak`` (a careless provider: 401 whose message echoes the request's
+``Authorization`` header, key included). ``GET /auth`` tells the last ``Authorization`` header received
+per model.
 
 Streams only (timeouts and disconnects): ``-slowfirst`` (headers at once, the first chunk after
 2 s), ``-stall`` (two chunks, then nothing until the client goes away), ``-slowstream`` (40
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
 
 PROVIDER_MESSAGE = "fake provider is on fire"
 STREAMS: dict[str, dict[str, Any]] = {}  # last user message -> {"state": "open|finished|closed", "at": time}
+AUTH: dict[str, str] = {}  # model -> the last Authorization header it received
 
 
 def _err(status: int, message: str, typ: str) -> JSONResponse:
@@ -119,6 +122,10 @@ def chunks(model: str, answer: str, usage: dict[str, int] | None, created: int) 
 async def chat(request: Request) -> Response:
     body: dict[str, Any] = await request.json()
     model = str(body.get("model"))
+    AUTH[model] = request.headers.get("authorization", "")
+    if model.endswith("-leak"):
+        return _err(401, f"Incorrect API key. Request headers: Authorization: {AUTH[model]}; "
+                         f"api-key={AUTH[model].removeprefix('Bearer ')}", "invalid_request_error")
     failed = failure(model, body)
     if failed is not None:
         response = _err(*failed)
@@ -175,8 +182,12 @@ async def streams(request: Request) -> Response:
     return JSONResponse(STREAMS)
 
 
+async def auth(request: Request) -> Response:
+    return JSONResponse(AUTH)
+
+
 app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/health", health),
-                        Route("/streams", streams)])
+                        Route("/streams", streams), Route("/auth", auth)])
 
 
 # -- the same upstream in memory ---------------------------------------------------------------------

@@ -21,6 +21,7 @@ def _config(tmp_path: Path) -> Any:
         "auth": {"mode": "open"},
         "database_url": f"sqlite:///{tmp_path / 'gw.db'}",
         "registry": {"poll_interval_s": 0.2},
+        "admin": {"env_allowlist": ["NEW_KEY_FOR_TEST"]},
         "models": [{"name": "seeded", "router_cost": 1.0,
                     "litellm_params": {"model": "openai/seeded", "api_base": "http://127.0.0.1:9/v1",
                                        "api_key": "x"}}],

@@ -127,8 +127,8 @@ def test_every_field_round_trips_config_table_registry(store: Store, monkeypatch
 
 def test_every_field_is_accepted_by_the_admin_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("UNIROUTE_ADMIN_KEY", ADMIN)
-    cfg = parse_config({"auth": {"mode": "open"}, "database_url": f"sqlite:///{tmp_path / 'gw.db'}"},
-                       base_dir=tmp_path)
+    cfg = parse_config({"auth": {"mode": "open"}, "database_url": f"sqlite:///{tmp_path / 'gw.db'}",
+                        "admin": {"env_allowlist": [KEY_ENV]}}, base_dir=tmp_path)
     first, second = sample_spec(0), sample_spec(1)
     with TestClient(create_app(cfg)) as client:
         r = client.post("/admin/models", headers=H, json=first)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from gateway.config import CONFIG_ENV, ConfigError, default_config_path, load_config
+from gateway.secrets import install_log_scrubber
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -25,6 +26,7 @@ def serve_command(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else config.server.port
     workers = args.workers or config.server.workers
     logging.basicConfig(level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_scrubber()  # no credential (nor, above DEBUG, internal host) of an upstream message is logged
 
     import uvicorn
 

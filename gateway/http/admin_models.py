@@ -30,6 +30,7 @@ from gateway.errors import InvalidRequestError, NotFoundError, ServiceUnavailabl
 from gateway.http.auth import require_admin
 from gateway.http.responses import json_body, json_response
 from gateway.http.state import gateway_state
+from gateway.secrets import admin_params
 from gateway.spec import parse_patch, parse_spec
 from gateway.store import models as catalog
 from gateway.store import profiling as profiling_sql
@@ -37,6 +38,17 @@ from gateway.store import profiling as profiling_sql
 
 def _key(request: Request) -> str | None:
     return gateway_state(request).profile_key
+
+
+def _checked_params(request: Request, params: dict[str, Any]) -> dict[str, Any]:
+    """``litellm_params`` as the table stores them: ``os.environ/NAME`` only for names on
+    ``admin.env_allowlist``; literal secrets refused unless ``admin.allow_literal_keys``, then encrypted
+    (:func:`gateway.secrets.admin_params`). A 400 names each refused value and the setting."""
+    cfg = gateway_state(request).admin
+    stored, problems = admin_params(params, env_allowlist=cfg.env_allowlist, allow_literal_keys=cfg.allow_literal_keys)
+    if problems:
+        raise InvalidRequestError("; ".join(problems), param="litellm_params", code="secret_refused")
+    return stored
 
 
 async def list_models_endpoint(request: Request) -> Response:
@@ -56,6 +68,7 @@ async def list_models_endpoint(request: Request) -> Response:
 async def add_model_endpoint(request: Request) -> Response:
     acc = await require_admin(request)
     spec = parse_spec(await json_body(request, empty={}))
+    spec = spec.model_copy(update={"litellm_params": _checked_params(request, spec.litellm_params)})
     row = await asyncio.to_thread(catalog.add_model, acc.store, spec)
     return json_response(catalog.model_summary(row), 201)
 
@@ -76,6 +89,8 @@ async def get_model_endpoint(request: Request) -> Response:
 async def update_model_endpoint(request: Request) -> Response:
     acc = await require_admin(request)
     changes = parse_patch(await json_body(request, empty={}))
+    if "litellm_params" in changes:
+        changes["litellm_params"] = _checked_params(request, changes["litellm_params"])
     row = await asyncio.to_thread(catalog.update_model, acc.store, request.path_params["name"], changes)
     return json_response(catalog.model_summary(row))
 

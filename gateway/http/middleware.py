@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import PayloadTooLargeError, error_body
+from gateway.secrets import REQUEST_ID
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
@@ -110,7 +111,11 @@ class RequestContextMiddleware:
                     raise PayloadTooLargeError(_too_large_message(limit))
             return message
 
-        await self.app(scope, receive_wrapper, send_wrapper)
+        token = REQUEST_ID.set(rid)  # named in scrubbed upstream connection errors (gateway/secrets.py)
+        try:
+            await self.app(scope, receive_wrapper, send_wrapper)
+        finally:
+            REQUEST_ID.reset(token)
 
     @staticmethod
     async def _too_large(send: Send, limit: int) -> None:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.requests import Request
 
+from gateway.config import AdminConfig
 from gateway.errors import GatewayError, ServiceUnavailableError
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ class Reprofiler(Protocol):
 class GatewayState:
     accounting: Accounting
     readiness_checks: dict[str, ReadinessCheck] = field(default_factory=dict)
+    admin: AdminConfig = field(default_factory=AdminConfig)  # what /admin/models may write (config admin:)
     # set by the lifespan at start-up
     started_at: int = 0
     service: ChatService | None = None

@@ -62,6 +62,7 @@ from gateway.errors import (
     UpstreamRateLimitError,
     UpstreamTimeoutError,
 )
+from gateway.secrets import REQUEST_ID, remember, scrub
 from gateway.serving.cooldown import Cooldowns
 from gateway.serving.registry import ModelEntry, RegistrySnapshot
 
@@ -171,7 +172,9 @@ def _in_chain(exc: BaseException, kind: type[BaseException]) -> BaseException | 
 
 
 def map_exception(exc: BaseException, model: str) -> GatewayError:
-    """Turn a LiteLLM/provider exception into the gateway error the client sees."""
+    """Turn a LiteLLM/provider exception into the gateway error the client sees. The provider's message is
+    scrubbed of credentials and internal hosts (:func:`gateway.secrets.scrub`); a connection error names the
+    model and the request id, its full detail (host and port) goes to the DEBUG log only."""
     if isinstance(exc, GatewayError):
         return exc
     import litellm
@@ -179,11 +182,17 @@ def map_exception(exc: BaseException, model: str) -> GatewayError:
     if _in_chain(exc, RecursionError) is not None:
         return InvalidRequestError(f"the request could not be sent to model '{model}': a field of it is nested too "
                                    "deeply to encode", code="request_not_encodable")
-    msg = provider_message(exc)
+    raw = provider_message(exc)
+    msg = scrub(raw)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("model %s (request %s) failed: %s", model, REQUEST_ID.get(), scrub(raw, hosts=False))
     status = getattr(exc, "status_code", None)
     refused = _refused(exc)
     if refused is not None:
-        return UpstreamError(f"model '{model}' failed upstream: connection error: {refused}")
+        rid = REQUEST_ID.get()
+        logger.debug("model %s (request %s): connection error: %s", model, rid, scrub(str(refused), hosts=False))
+        return UpstreamError(f"model '{model}' failed upstream: connection error"
+                             + (f" (request {rid})" if rid else ""))
     if isinstance(exc, litellm.Timeout) or status in (408, 504):
         return UpstreamTimeoutError(f"model '{model}' timed out: {msg}")
     if isinstance(exc, litellm.RateLimitError) or status == 429:
@@ -457,7 +466,9 @@ class Forwarder:
         self.upstream: Upstream = upstream if upstream is not None else LiteLLMUpstream()
 
     def register(self, snapshot: RegistrySnapshot) -> None:
-        """The registry changed (``Registry.on_replace``): pass it on to the upstream."""
+        """The registry changed (``Registry.on_replace``): pass it on to the upstream; note its keys and hosts
+        for :func:`gateway.secrets.scrub`."""
+        remember(e.litellm_params for e in snapshot.entries)
         self.upstream.register(snapshot)
 
     async def aclose(self) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from gateway.config import GatewayConfig, resolve_env_refs
+from gateway.secrets import restore
 from gateway.spec import ModelSpec
 from routing.policy import PoolModel
 
@@ -64,9 +65,11 @@ class ModelEntry:
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, psi: np.ndarray | None = None, created: int = 0) -> ModelEntry:
-        """The served model of ``spec``, with its Ψ and creation time. Resolves ``os.environ/NAME`` references
-        (a ``ValueError`` names an unset variable)."""
-        params = resolve_env_refs(dict(spec.litellm_params), f"model {spec.name!r}: litellm_params")
+        """The served model of ``spec``, with its Ψ and creation time. Puts back config.yaml's secrets that the
+        table holds masked (:func:`gateway.secrets.restore`), resolves ``os.environ/NAME`` references and
+        decrypts ``encrypted/…`` values (a ``ValueError`` names an unset variable, an undecryptable value or a
+        placeholder that would otherwise be sent)."""
+        params = resolve_env_refs(restore(spec.name, spec.litellm_params), f"model {spec.name!r}: litellm_params")
         return cls(
             name=spec.name,
             litellm_params=MappingProxyType(params),

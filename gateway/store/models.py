@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from gateway.config import mask_secrets
 from gateway.errors import ConflictError, NotFoundError, validation_message
+from gateway.secrets import MASK, TABLE_PLACEHOLDER
 from gateway.spec import SPEC_FIELDS, ModelSpec, StoredModel
 from gateway.store.engine import Store
 from gateway.store.tables import ModelRow, ProfileRow, utcnow
@@ -52,14 +53,14 @@ def spec_from_row(row: ModelRow) -> ModelSpec:
 
 def params_for_table(params: Mapping[str, Any]) -> dict[str, Any]:
     """litellm_params as the config seed writes them: ``os.environ/NAME`` references stay, any other value
-    under a secret-looking name is replaced by a placeholder, so no secret of config.yaml reaches the
-    database."""
-    return mask_secrets(params, "<redacted: write it as os.environ/NAME to keep a reference>")
+    that looks secret, however nested, is replaced by a placeholder, so no secret of config.yaml reaches the
+    database. The serving gateway keeps the real values in memory (:func:`gateway.secrets.restore`)."""
+    return mask_secrets(params, TABLE_PLACEHOLDER)
 
 
 def _redacted(params: Mapping[str, Any]) -> dict[str, Any]:
-    """litellm params for display: env references shown, literal secrets masked."""
-    return mask_secrets(params, "***")
+    """litellm params for display: env references shown, secrets masked wherever they are nested."""
+    return mask_secrets(params, MASK)
 
 
 def model_summary(row: ModelRow, profile: ProfileRow | None = None) -> dict[str, Any]:
