@@ -43,6 +43,7 @@ from gateway.config import parse_config
 from gateway.errors import GatewayError
 from gateway.http import feedback
 from gateway.http.responses import gateway_error
+from gateway.http.state import GatewayState
 from gateway.serving.interfaces import RequestRecord
 from gateway.store import models as catalog
 from gateway.store import profiling as profiling_sql
@@ -77,7 +78,7 @@ async def fb_app(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         await acc.start(["m"])
         app = Starlette(routes=[Route("/v1/feedback", feedback.feedback_endpoint, methods=["POST"])],
                         exception_handlers={GatewayError: gateway_error})
-        app.state.accounting = acc
+        app.state.gateway = GatewayState(accounting=acc)
         alice, arow = create_key(acc.store, "alice", default_lambda=0.1)
         bob, _ = create_key(acc.store, "bob", default_lambda=0.1)
         for rid in ("req-a1", "req-a2"):
@@ -403,7 +404,7 @@ async def test_trusted_flag_through_the_admin_api_and_the_cli(tmp_path: Path, mo
                             Route("/admin/keys/{name}", admin_keys.update_key_endpoint, methods=["PATCH"]),
                             Route("/admin/keys/{name}", admin_keys.get_key_endpoint, methods=["GET"])],
                     exception_handlers={GatewayError: gateway_error})
-    app.state.accounting = acc
+    app.state.gateway = GatewayState(accounting=acc)
     h = _bearer(ADMIN)
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
