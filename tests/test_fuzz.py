@@ -290,7 +290,37 @@ _hostile_bytes = st.sampled_from([
 
 
 def _dump(body: Any) -> bytes:
-    return json.dumps(body, allow_nan=True).encode()  # NaN / Infinity literals and lone surrogates, as sent
+    """JSON as sent: NaN / Infinity literals and lone surrogates kept; ``"__DEEP_n__"`` becomes n nested lists."""
+    out = json.dumps(body, allow_nan=True).encode()
+    for n in (20, 1000, 1100):
+        out = out.replace(b'"__DEEP_%d__"' % n, b"[" * n + b"]" * n)
+    return out
+
+
+# one hostile value in an otherwise valid body reaches the handler's deepest step (the database, the registry)
+HOSTILE_VALUES: list[Any] = [
+    2**31, 2**40, 2**63, 2**64, 2**70, -(2**63) - 1, float("nan"), float("inf"), -float("inf"), 1e308, -1, 0,
+    "a\x00b", "\x00", "模型", "é", "\ud800", "a b", "", "x" * 300, "__DEEP_20__", "__DEEP_1000__", "__DEEP_1100__",
+    [], {}, None, True, ["a\x00"], ["模型"], {"model": "openai/x", "extra": "__DEEP_1000__"},
+    {"model": "a\x00"}, {"model": "openai/x", "t": float("nan")}, {"model": "openai/x", "seed": 2**70}]
+_hostile_value = st.sampled_from(HOSTILE_VALUES)
+_VALID = {
+    "model": {"name": "ok-1", "router_cost": 1.0, "routable": False,
+              "litellm_params": {"model": "openai/ok-1", "api_base": "http://127.0.0.1:9/v1", "api_key": "x"}},
+    "key": {"name": "fz-1", "lambda": 0.1, "budget_usd": 1.0, "rpm": 10, "models": ["small-general"]},
+    "feedback": {"request_id": "{request_id}", "score": 0.5, "source": "fuzz"},
+    "profile": {"concurrency": 1},
+}
+
+
+@st.composite
+def _mutant(draw: st.DrawFn, kind: str) -> dict[str, Any]:
+    body = dict(_VALID[kind])
+    if kind in ("model", "key") and draw(st.booleans()):
+        body["name"] = body["name"] + "-" + str(draw(st.integers(0, 10**6)))  # mostly new rows
+    field = draw(st.sampled_from([*body, "litellm_params", "timeout_s", "input_cost_per_1m", "thumbs"]))
+    body[field] = draw(_hostile_value)
+    return body
 
 
 _ADMIN_ROUTES = [  # (method, path template); {n} is a drawn name
@@ -321,11 +351,15 @@ def admin_requests(draw: st.DrawFn) -> dict[str, Any]:
         headers["content-type"] = draw(st.sampled_from(
             ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
              "application/json; charset=utf-16", "", "application/octet-stream"]))
-    kind = draw(st.sampled_from(["shaped"] * 4 + ["bytes"] * 2 + ["json", "none"]))
-    if kind == "shaped":
+    kind = draw(st.sampled_from(["mutant"] * 4 + ["shaped"] * 3 + ["bytes"] * 2 + ["json", "none"]))
+    if kind == "mutant":
+        body_kind = ("feedback" if feedback else "key" if "/keys" in template
+                     else "profile" if template.endswith("/profile") else "model")
+        body: bytes | None = _dump(draw(_mutant(body_kind)))
+    elif kind == "shaped":
         strategy = (_feedback_body if feedback else _key_body if "/keys" in template
                     else _profile_body if template.endswith("/profile") else _model_body)
-        body: bytes | None = _dump(draw(strategy))
+        body = _dump(draw(strategy))
     elif kind == "bytes":
         body = draw(_hostile_bytes)
     elif kind == "json":
@@ -369,6 +403,53 @@ def test_admin_and_feedback_fuzz(servers: dict[str, Server], http: httpx.Client,
         if r.status_code == 503:
             assert err["error"]["code"] in DOCUMENTED_503, where
     assert r.status_code < 500 or r.status_code == 503, where
+
+
+def _check_answer(r: httpx.Response, where: str) -> None:
+    assert r.status_code < 500 or r.status_code == 503, where
+    if r.status_code >= 400:
+        err = r.json()
+        assert set(err) == {"error"} and set(err["error"]) == {"message", "type", "param", "code"}, where
+        assert isinstance(err["error"]["message"], str) and err["error"]["message"], where
+        assert r.status_code != 503 or err["error"]["code"] in DOCUMENTED_503, where
+
+
+@pytest.mark.parametrize("target", ["keys", "pg"])
+def test_admin_hostile_matrix(servers: dict[str, Server], http: httpx.Client, target: str) -> None:
+    """Every hostile value in every field of an otherwise valid body of every admin/feedback route, and every
+    hostile name in every admin path, with the admin key (the random fuzz above may miss a combination)."""
+    if target not in servers:
+        pytest.skip("PostgreSQL is not reachable")
+    server = servers[target]
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    client = {"authorization": f"Bearer {server.key}"}
+    routes = [("POST", "/admin/keys", "key", admin), ("POST", "/admin/models", "model", admin),
+              ("PATCH", "/admin/models/ok-1", "model", admin), ("POST", "/admin/models/small-general/profile",
+                                                                "profile", admin),
+              ("POST", "/v1/feedback", "feedback", client)]
+    http.post(server.base + "/admin/models", headers=admin, content=_dump(_VALID["model"]))
+    sent = 0
+    for method, path, kind, headers in routes:
+        base = _VALID[kind]
+        for field in [*base, "litellm_params", "timeout_s", "source"]:
+            for i, value in enumerate(HOSTILE_VALUES):
+                body = {**base, field: value}
+                if kind in ("key", "model") and method == "POST":
+                    body["name"] = value if field == "name" else f"{base['name']}-m{i}-{field}"
+                raw = _dump(body).replace(b"{request_id}", (server.request_id or "r").encode())
+                r = http.request(method, server.base + path, headers=headers, content=raw)
+                _check_answer(r, f"{method} {path} on {target}: {r.status_code} {r.text[:300]!r} (body {raw[:200]!r})")
+                sent += 1
+    for name in [*_HOSTILE_NAMES, "%00", "a%00b", "%FF", "%E6%A8%A1", "%"]:
+        raw_name = name if "%" in name else quote(name, safe="", errors="surrogatepass")
+        for method, template in _ADMIN_ROUTES:
+            if "{n}" not in template or (method == "DELETE" and name in ("fuzzer", "small-general")):
+                continue
+            path = template.replace("{n}", raw_name or "%20")
+            r = http.request(method, server.base + path, headers=admin, content=b"{}")
+            _check_answer(r, f"{method} {path} on {target}: {r.status_code} {r.text[:300]!r}")
+            sent += 1
+    assert sent > 500 and http.get(server.base + "/health/readiness").status_code == 200
 
 
 def test_admin_fuzz_reached_the_handlers_and_left_the_servers_healthy(servers: dict[str, Server],
