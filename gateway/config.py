@@ -45,8 +45,9 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    # a string right under a field is its description: docs/CONFIG.md is generated from them (gateway/configdoc.py)
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    # a string right under a field is its description: docs/CONFIG.md is generated from them (gateway/configdoc.py);
+    # every number is finite (.inf / .nan in YAML are refused)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 class ServerConfig(_Section):

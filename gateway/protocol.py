@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from gateway.errors import InvalidRequestError
+from gateway.spec import NAME_MAX_LENGTH
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -142,7 +143,7 @@ class UnirouteOptions(BaseModel):
 
 class ChatCompletionRequest(_Open):
     messages: list[ChatMessage] = Field(min_length=1)
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=NAME_MAX_LENGTH)
     audio: dict[str, Any] | None = None
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
@@ -174,6 +175,13 @@ class ChatCompletionRequest(_Open):
     functions: list[FunctionDefinition] | None = None
     # gateway extension
     uniroute: UnirouteOptions | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, v: str) -> str:
+        if not v.isprintable():  # no model has such a name; NUL and control characters go no further
+            raise ValueError("a model name has no control characters; see GET /v1/models for the names")
+        return v
 
     def routing_text(self) -> str:
         """The text the router sees: the LAST user message's text ('' if there is none).

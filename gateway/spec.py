@@ -20,6 +20,8 @@ Layer-free: this module imports pydantic and :mod:`gateway.errors` only, so ever
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -34,12 +36,71 @@ if TYPE_CHECKING:
 RESERVED_NAMES = frozenset({"auto"})
 #: Longest model name (the ``models.name`` column).
 NAME_MAX_LENGTH = 200
+#: The characters of a model name: an ASCII letter or digit, then letters, digits and ``. _ : / @ + -``
+#: (so ``openai/gpt-4o-mini``, ``llama3.1:8b``, ``org/model@v2`` are names; spaces, control characters,
+#: NUL and anything beyond ASCII are not). A name is echoed in the ``x-uniroute-model`` response header,
+#: in URLs (``/admin/models/{name}``), metric labels and database columns, and this set is safe in all.
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]*")
+MODEL_NAME_RULE = (f"1-{NAME_MAX_LENGTH} characters: an ASCII letter or digit, then ASCII letters, digits "
+                   "and . _ : / @ + -")
+#: Bounds of a model's numbers (finite, and far beyond any real value): USD per 1M tokens, the router cost,
+#: and seconds for a timeout (asyncio and httpx refuse timeouts beyond a few hundred years).
+MAX_PRICE_PER_1M = 1e6
+MAX_ROUTER_COST = 1e9
+MAX_TIMEOUT_S = 86_400.0
+#: How deep ``litellm_params`` may nest (objects and lists), and the longest string in it.
+PARAMS_MAX_DEPTH = 16
+PARAMS_MAX_STRING = 65_536
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a valid model name (None: it is one); see :data:`MODEL_NAME_PATTERN`."""
+    if not isinstance(name, str) or not 1 <= len(name) <= NAME_MAX_LENGTH or not MODEL_NAME_PATTERN.fullmatch(name):
+        return f"invalid model name {str(name)[:80]!r}: {MODEL_NAME_RULE}"
+    return None
+
+
+def _valid_name(name: str) -> str:
+    problem = model_name_problem(name)
+    if problem is not None:
+        raise ValueError(problem)
+    return name
 
 
 def _not_reserved(name: str) -> str:
     if name in RESERVED_NAMES:
         raise ValueError(f"{name!r} is reserved for routing; pick another model name")
     return name
+
+
+def _json_safe(value: Any, where: str = "litellm_params", depth: int = 0) -> None:
+    """Refuse what no database column or provider call can take: deep nesting, non-string keys, NaN/±inf,
+    NUL characters and huge strings (ValueError naming where)."""
+    if depth > PARAMS_MAX_DEPTH:
+        raise ValueError(f"{where[:60]}...: nested deeper than {PARAMS_MAX_DEPTH} levels")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{where}: keys must be strings, got {k!r}")
+            _json_safe(k, f"{where} key", depth + 1)
+            _json_safe(v, f"{where}.{k[:40]}", depth + 1)
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _json_safe(v, f"{where}[{i}]", depth + 1)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where}: numbers must be finite, got {value}")
+    elif isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError(f"{where}: NUL characters are not allowed")
+        if len(value) > PARAMS_MAX_STRING:
+            raise ValueError(f"{where}: strings are at most {PARAMS_MAX_STRING} characters")
+    elif value is not None and not isinstance(value, bool | int | float):
+        raise ValueError(f"{where}: {type(value).__name__} is not a JSON value")
+
+
+def _params_safe(params: dict[str, Any]) -> dict[str, Any]:
+    _json_safe(params)
+    return params
 
 
 def _has_model(params: dict[str, Any]) -> dict[str, Any]:
@@ -58,19 +119,22 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     """One model entry: a name clients use, how LiteLLM reaches it, its prices, router cost and timeouts."""
 
-    name: Annotated[str, Field(min_length=1, max_length=NAME_MAX_LENGTH), AfterValidator(_not_reserved)] = Field(
-        description="the name clients ask for (not 'auto')")
-    litellm_params: Annotated[dict[str, Any], AfterValidator(_has_model)] = Field(
+    name: Annotated[str, Field(min_length=1, max_length=NAME_MAX_LENGTH), AfterValidator(_valid_name),
+                    AfterValidator(_not_reserved)] = Field(
+        description="the name clients ask for (not 'auto'): an ASCII letter or digit, then ASCII letters, digits "
+                    "and . _ : / @ + -")
+    litellm_params: Annotated[dict[str, Any], AfterValidator(_has_model), AfterValidator(_params_safe)] = Field(
         description="how LiteLLM reaches it: model (required, e.g. openai/gpt-4o-mini), api_base, api_key "
                     "(best as a reference: os.environ/NAME), ...")
-    input_cost_per_1m: float = Field(default=0.0, ge=0.0, description="USD per 1M prompt tokens")
-    output_cost_per_1m: float = Field(default=0.0, ge=0.0, description="USD per 1M completion tokens")
-    router_cost: float = Field(gt=0.0, description="the router's cost scalar c(h) > 0")
-    timeout_s: float = Field(default=60.0, gt=0.0,
+    input_cost_per_1m: float = Field(default=0.0, ge=0.0, le=MAX_PRICE_PER_1M, description="USD per 1M prompt tokens")
+    output_cost_per_1m: float = Field(default=0.0, ge=0.0, le=MAX_PRICE_PER_1M,
+                                      description="USD per 1M completion tokens")
+    router_cost: float = Field(gt=0.0, le=MAX_ROUTER_COST, description="the router's cost scalar c(h) > 0")
+    timeout_s: float = Field(default=60.0, gt=0.0, le=MAX_TIMEOUT_S,
                              description="seconds for the whole call (a stream: until its last chunk)")
-    connect_timeout_s: float | None = Field(default=None, gt=0.0,
+    connect_timeout_s: float | None = Field(default=None, gt=0.0, le=MAX_TIMEOUT_S,
                                             description="seconds to connect (TCP/TLS); default 5 (at most timeout_s)")
-    first_token_timeout_s: float | None = Field(default=None, gt=0.0,
+    first_token_timeout_s: float | None = Field(default=None, gt=0.0, le=MAX_TIMEOUT_S,
                                                 description="streams: seconds until the first chunk; default timeout_s")
     routable: bool = Field(default=True, description="may `auto` pick it (once profiled)?")
 

@@ -3,10 +3,17 @@
 Issue 6, item 3: at least 1000 generated bodies, headers and paths; zero 5xx; every error OpenAI-shaped
 (``{"error": {"message", "type", "param", "code"}}``). Two servers: ``auth.mode: keys`` with a key made by
 ``uniroute keys create`` (requests carry it, a bogus one, a malformed header, or none) and ``auth.mode: open``.
+
+Issue 10, row 11: :func:`test_admin_and_feedback_fuzz` drives ``/v1/feedback`` and every admin route
+(``/admin/keys*``, ``/admin/models*``, ``/admin/reprofile*``) WITH the admin key, on the SQLite server and on a
+third one on PostgreSQL, with hostile shapes: deep nesting, invalid UTF-8, huge integers, NaN/Infinity
+literals, NUL, lone surrogates and non-Latin-1 names, wrong types, empty bodies, wrong content types. Zero
+5xx but a documented 503, every error OpenAI-shaped, every server healthy after.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -16,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -25,23 +33,29 @@ from hypothesis import strategies as st
 
 from tests.gateway_setup import make_dataset, replay_args, write_config
 from tests.procs import ROOT, free_port, replay_upstream, running, server_env
+from tests.storeutil import fresh_pg_database, require_pg
 
 # ≥ 1000 requests in total, each a fresh (server, method, path, headers, body); raise it to explore
 EXAMPLES = int(os.environ.get("UNIROUTE_FUZZ_EXAMPLES", "1100"))
+# admin + feedback requests (each sent to the SQLite server and, when it is up, the PostgreSQL one)
+ADMIN_EXAMPLES = int(os.environ.get("UNIROUTE_FUZZ_ADMIN_EXAMPLES", "400"))
+ADMIN_KEY = "sk-admin-fuzz-0123456789"
 
 
 @dataclass
 class Server:
     base: str  # http://127.0.0.1:PORT
     key: str | None  # a valid API key (keys mode) or None (open mode)
+    request_id: str | None = None  # the id of a request the key made (feedback on it is accepted)
 
 
-def _serve(root: Path, dataset: Path, replay_base: str, mode: str) -> tuple[Path, int]:
+def _serve(root: Path, dataset: Path, replay_base: str, mode: str, database_url: str | None = None,
+           ) -> tuple[Path, int]:
     port = free_port()
     cfg = write_config(root, dataset, replay_base, port=port, max_body_bytes=8192, log_level="warning")
     data = yaml.safe_load(cfg.read_text())
     data["auth"] = {"mode": mode}
-    data["database_url"] = f"sqlite:///{root / 'gateway.store.tables'}"
+    data["database_url"] = database_url or f"sqlite:///{root / 'gateway.store.tables'}"
     data["database"] = {"spill_dir": str(root / "spill")}
     cfg.write_text(yaml.safe_dump(data))
     return cfg, port
@@ -57,16 +71,46 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serv
         open_root.mkdir()
         kcfg, kport = _serve(keys_root, dataset, replay_base, "keys")
         ocfg, oport = _serve(open_root, dataset, replay_base, "open")
-        with running(["-m", "gateway.cli.main", "serve", "--config", str(kcfg)],
-                     f"http://127.0.0.1:{kport}/health/liveliness"), \
-             running(["-m", "gateway.cli.main", "serve", "--config", str(ocfg)],
-                     f"http://127.0.0.1:{oport}/health/liveliness"):
-            out = subprocess.run(
-                [sys.executable, "-m", "gateway.cli.main", "keys", "create", "--name", "fuzzer", "--lambda", "0.2",
-                 "--config", str(kcfg)],
-                cwd=ROOT, env=server_env(), capture_output=True, text=True, check=True, timeout=60)
-            key = out.stdout.strip().splitlines()[-1]
-            yield {"keys": Server(f"http://127.0.0.1:{kport}", key), "open": Server(f"http://127.0.0.1:{oport}", None)}
+        env = server_env(UNIROUTE_ADMIN_KEY=ADMIN_KEY)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(running(["-m", "gateway.cli.main", "serve", "--config", str(kcfg)],
+                                        f"http://127.0.0.1:{kport}/health/liveliness", env=env))
+            stack.enter_context(running(["-m", "gateway.cli.main", "serve", "--config", str(ocfg)],
+                                        f"http://127.0.0.1:{oport}/health/liveliness", env=env))
+            out: dict[str, Server] = {"keys": Server(f"http://127.0.0.1:{kport}", _create_key(kcfg)),
+                                      "open": Server(f"http://127.0.0.1:{oport}", None)}
+            if pg_up():  # the same keys-mode server on PostgreSQL, for the admin and feedback fuzz
+                pg_root = top / "pg"
+                pg_root.mkdir()
+                url = stack.enter_context(fresh_pg_database())
+                pcfg, pport = _serve(pg_root, dataset, replay_base, "keys", url)
+                stack.enter_context(running(["-m", "gateway.cli.main", "serve", "--config", str(pcfg)],
+                                            f"http://127.0.0.1:{pport}/health/liveliness", env=env))
+                out["pg"] = Server(f"http://127.0.0.1:{pport}", _create_key(pcfg))
+            for server in out.values():  # one answered request, so that feedback on its id is accepted
+                if server.key is not None:
+                    r = httpx.post(server.base + "/v1/chat/completions", timeout=30.0,
+                                   headers={"authorization": f"Bearer {server.key}"},
+                                   json={"model": "small-general", "messages": [{"role": "user", "content": "hi"}]})
+                    assert r.status_code == 200, r.text
+                    server.request_id = r.headers["x-uniroute-request-id"]
+            yield out
+
+
+def _create_key(cfg: Path) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.cli.main", "keys", "create", "--name", "fuzzer", "--lambda", "0.2",
+         "--config", str(cfg)],
+        cwd=ROOT, env=server_env(), capture_output=True, text=True, check=True, timeout=60)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def pg_up() -> bool:
+    try:
+        require_pg()
+    except pytest.skip.Exception:
+        return False
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +253,220 @@ def test_every_documented_path_is_fuzzed(servers: dict[str, Server], http: httpx
         for k, v in fill.items():
             path = path.replace(k, v)
         assert path in KNOWN_PATHS, f"{template} is documented but not fuzzed"
+
+
+# ------------------------------------------------------------------ /v1/feedback and the admin API (issue 10)
+_HOSTILE_NAMES = ["small-general", "fuzzer", "ok-1", "fuzz/model:1@v2", "a\x00b", "\x00", "模型", "é", "a b", "",
+                  "auto", "x" * 129, "y" * 201, "\ud800", "a\nb", "%", "../etc", "-lead"]
+_name = st.sampled_from(_HOSTILE_NAMES) | _text
+_huge = st.sampled_from([2**31 - 1, 2**31, 2**63 - 1, 2**63, 2**64, 2**70, -(2**63) - 1, 10**400 // 10**100])
+_number = (_huge | st.integers() | st.floats(allow_nan=True, allow_infinity=True)
+           | st.sampled_from([0, -1, 0.0, 1e-320, 1e308]))
+_value = _number | _name | _json | st.booleans() | st.none()
+_nested = st.integers(1, 40).map(lambda n: {"model": "openai/x", "extra": json.loads("[" * n + "]" * n)})
+_params = st.fixed_dictionaries({"model": _value}, optional={
+    "api_base": st.sampled_from(["http://127.0.0.1:9/v1", "ftp://x", ""]) | _value, "api_key": _value,
+    "extra_headers": _json, "seed": _huge, "temperature": _number}) | _nested | _json
+_model_body = st.fixed_dictionaries({}, optional={
+    "name": _name, "litellm_params": _params, "router_cost": _number, "input_cost_per_1m": _number,
+    "output_cost_per_1m": _number, "timeout_s": _number, "connect_timeout_s": _number,
+    "first_token_timeout_s": _number, "routable": _value, "enabled": _value, "colour": _value})
+_key_body = st.fixed_dictionaries({}, optional={
+    "name": _name, "lambda": _number, "budget_usd": _number, "period": _value, "lambda_min": _number,
+    "lambda_max": _number, "rpm": _number, "models": st.lists(_name, max_size=3) | _value})
+_feedback_body = st.fixed_dictionaries({}, optional={
+    "request_id": st.sampled_from(["{request_id}"]) | _name, "score": _number, "thumbs": _value, "source": _name})
+_profile_body = st.fixed_dictionaries({}, optional={"grader": _value, "concurrency": _number,
+                                                   "allow_partial": _value})
+_hostile_bytes = st.sampled_from([
+    b"", b"null", b"[]", b'"text"', b"1", b"{", b"{}" * 2, b"\xff\xfe\xfd", b'{"name": "\xff\xfe"}',
+    b'{"name": "a\\u0000b", "lambda": 0.1}', b'{"name": "\\ud800", "lambda": 0.1}',
+    b'{"router_cost": Infinity}', b'{"router_cost": NaN}', b'{"rpm": -Infinity}', b'{"score": 1e999}',
+    b'{"rpm": 1180591620717411303424}', b'{"name": "k", "lambda": 0.1, "rpm": 99999999999999999999999999}',
+    b"[" * 5000 + b"]" * 5000, b'{"a":' * 1100 + b"1" + b"}" * 1100, b'{"request_id":' + b"[" * 3000,
+    b'{"name": "n", "router_cost": 1, "litellm_params": {"model": "x", "e": ' + b"[" * 1000 + b"]" * 1000 + b"}}",
+    b"\x00" * 64, "{\"name\": \"模型\"}".encode("utf-16"),
+])
+
+
+def _dump(body: Any) -> bytes:
+    """JSON as sent: NaN / Infinity literals and lone surrogates kept; ``"__DEEP_n__"`` becomes n nested lists."""
+    out = json.dumps(body, allow_nan=True).encode()
+    for n in (20, 1000, 1100):
+        out = out.replace(b'"__DEEP_%d__"' % n, b"[" * n + b"]" * n)
+    return out
+
+
+# one hostile value in an otherwise valid body reaches the handler's deepest step (the database, the registry)
+HOSTILE_VALUES: list[Any] = [
+    2**31, 2**40, 2**63, 2**64, 2**70, -(2**63) - 1, float("nan"), float("inf"), -float("inf"), 1e308, -1, 0,
+    "a\x00b", "\x00", "模型", "é", "\ud800", "a b", "", "x" * 300, "__DEEP_20__", "__DEEP_1000__", "__DEEP_1100__",
+    [], {}, None, True, ["a\x00"], ["模型"], {"model": "openai/x", "extra": "__DEEP_1000__"},
+    {"model": "a\x00"}, {"model": "openai/x", "t": float("nan")}, {"model": "openai/x", "seed": 2**70}]
+_hostile_value = st.sampled_from(HOSTILE_VALUES)
+_VALID = {
+    "model": {"name": "ok-1", "router_cost": 1.0, "routable": False,
+              "litellm_params": {"model": "openai/ok-1", "api_base": "http://127.0.0.1:9/v1", "api_key": "x"}},
+    "key": {"name": "fz-1", "lambda": 0.1, "budget_usd": 1.0, "rpm": 10, "models": ["small-general"]},
+    "feedback": {"request_id": "{request_id}", "score": 0.5, "source": "fuzz"},
+    "profile": {"concurrency": 1},
+}
+
+
+@st.composite
+def _mutant(draw: st.DrawFn, kind: str) -> dict[str, Any]:
+    body = dict(_VALID[kind])
+    if kind in ("model", "key") and draw(st.booleans()):
+        body["name"] = body["name"] + "-" + str(draw(st.integers(0, 10**6)))  # mostly new rows
+    field = draw(st.sampled_from([*body, "litellm_params", "timeout_s", "input_cost_per_1m", "thumbs"]))
+    body[field] = draw(_hostile_value)
+    return body
+
+
+_ADMIN_ROUTES = [  # (method, path template); {n} is a drawn name
+    ("GET", "/admin/keys"), ("POST", "/admin/keys"), ("GET", "/admin/keys/{n}"), ("DELETE", "/admin/keys/{n}"),
+    ("GET", "/admin/models"), ("POST", "/admin/models"), ("GET", "/admin/models/{n}"),
+    ("PATCH", "/admin/models/{n}"), ("DELETE", "/admin/models/{n}"), ("POST", "/admin/models/{n}/disable"),
+    ("POST", "/admin/models/{n}/profile"), ("GET", "/admin/models/{n}/profile"), ("POST", "/admin/reprofile"),
+    ("GET", "/admin/reprofile/last"), ("POST", "/v1/feedback"), ("POST", "/v1/feedback"), ("POST", "/v1/feedback"),
+]
+
+
+@st.composite
+def admin_requests(draw: st.DrawFn) -> dict[str, Any]:
+    method, template = draw(st.sampled_from(_ADMIN_ROUTES))
+    if draw(st.integers(0, 9)) == 0:
+        method = draw(st.sampled_from(["PUT", "PATCH", "GET", "DELETE", "POST"]))
+    encoded = ["%00", "%FF", "a%00b", "%E6%A8%A1", "%2F", "%"]  # sent as they are
+    name = draw(_name | st.sampled_from(encoded))
+    raw_name = name if name in encoded else quote(name, safe="", errors="surrogatepass")
+    path = template.replace("{n}", raw_name or "%20")
+    feedback = template == "/v1/feedback"
+    auth = draw(st.sampled_from(["client"] * 4 + ["admin", "wrong", "none"] if feedback else
+                                ["admin"] * 6 + ["client", "wrong", "none", "raw"]))
+    headers = {"admin": {"authorization": f"Bearer {ADMIN_KEY}"}, "client": {"authorization": "Bearer {key}"},
+               "wrong": {"authorization": "Bearer sk-admin-" + draw(_ascii)}, "none": {},
+               "raw": {"authorization": draw(_ascii)}}[auth]
+    if draw(st.integers(0, 3)) == 0:
+        headers["content-type"] = draw(st.sampled_from(
+            ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+             "application/json; charset=utf-16", "", "application/octet-stream"]))
+    kind = draw(st.sampled_from(["mutant"] * 4 + ["shaped"] * 3 + ["bytes"] * 2 + ["json", "none"]))
+    if kind == "mutant":
+        body_kind = ("feedback" if feedback else "key" if "/keys" in template
+                     else "profile" if template.endswith("/profile") else "model")
+        body: bytes | None = _dump(draw(_mutant(body_kind)))
+    elif kind == "shaped":
+        strategy = (_feedback_body if feedback else _key_body if "/keys" in template
+                    else _profile_body if template.endswith("/profile") else _model_body)
+        body = _dump(draw(strategy))
+    elif kind == "bytes":
+        body = draw(_hostile_bytes)
+    elif kind == "json":
+        body = _dump(draw(_json))
+    else:
+        body = None
+    target = draw(st.sampled_from(["keys", "pg"]))
+    return {"target": target, "method": method, "path": path, "headers": headers, "body": body}
+
+
+ADMIN_SEEN: list[tuple[str, str, int]] = []  # (target, path, status)
+#: the documented 503s of the admin API: profiling and re-profiling before start-up finished
+DOCUMENTED_503 = {"service_unavailable"}
+
+
+@seed(int(os.environ.get("UNIROUTE_FUZZ_SEED", "20261127")))
+@settings(max_examples=ADMIN_EXAMPLES, deadline=None, derandomize=False, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large, HealthCheck.filter_too_much])
+@given(req=admin_requests())
+def test_admin_and_feedback_fuzz(servers: dict[str, Server], http: httpx.Client, req: dict[str, Any]) -> None:
+    server = servers.get(req["target"]) or servers["keys"]  # no PostgreSQL: everything goes to SQLite
+    body = req["body"]
+    if body is not None and server.request_id is not None:
+        body = body.replace(b"{request_id}", server.request_id.encode())
+    headers = {k: v.replace("{key}", server.key or "") for k, v in req["headers"].items()}
+    path = req["path"]
+    if req["method"] == "DELETE" and path.startswith("/admin/keys/fuzzer"):
+        path = "/admin/keys/nobody"  # keep the fuzzer's own key for the rest of the run
+    if req["method"] in ("DELETE", "POST") and path.rstrip("/").endswith(("/small-general", "/small-general/disable")):
+        path = path.replace("small-general", "ok-1")  # keep the model the answered request used
+    r = http.request(req["method"], server.base + path, headers=headers, content=body)
+    ADMIN_SEEN.append((req["target"] if req["target"] in servers else "keys", path, r.status_code))
+    where = f"{req['method']} {path} on {req['target']}: {r.status_code} {r.text[:300]!r} (body {body[:200]!r})" \
+        if body is not None else f"{req['method']} {path}: {r.status_code} {r.text[:300]!r}"
+    if r.status_code >= 400:
+        err = r.json()
+        assert isinstance(err, dict) and set(err) == {"error"}, where
+        assert set(err["error"]) == {"message", "type", "param", "code"}, where
+        assert isinstance(err["error"]["message"], str) and err["error"]["message"], where
+        if r.status_code == 503:
+            assert err["error"]["code"] in DOCUMENTED_503, where
+    assert r.status_code < 500 or r.status_code == 503, where
+
+
+def _check_answer(r: httpx.Response, where: str) -> None:
+    assert r.status_code < 500 or r.status_code == 503, where
+    if r.status_code >= 400:
+        err = r.json()
+        assert set(err) == {"error"} and set(err["error"]) == {"message", "type", "param", "code"}, where
+        assert isinstance(err["error"]["message"], str) and err["error"]["message"], where
+        assert r.status_code != 503 or err["error"]["code"] in DOCUMENTED_503, where
+
+
+@pytest.mark.parametrize("target", ["keys", "pg"])
+def test_admin_hostile_matrix(servers: dict[str, Server], http: httpx.Client, target: str) -> None:
+    """Every hostile value in every field of an otherwise valid body of every admin/feedback route, and every
+    hostile name in every admin path, with the admin key (the random fuzz above may miss a combination)."""
+    if target not in servers:
+        pytest.skip("PostgreSQL is not reachable")
+    server = servers[target]
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    client = {"authorization": f"Bearer {server.key}"}
+    routes = [("POST", "/admin/keys", "key", admin), ("POST", "/admin/models", "model", admin),
+              ("PATCH", "/admin/models/ok-1", "model", admin), ("POST", "/admin/models/small-general/profile",
+                                                                "profile", admin),
+              ("POST", "/v1/feedback", "feedback", client)]
+    http.post(server.base + "/admin/models", headers=admin, content=_dump(_VALID["model"]))
+    sent = 0
+    for method, path, kind, headers in routes:
+        base = _VALID[kind]
+        for field in [*base, "litellm_params", "timeout_s", "source"]:
+            for i, value in enumerate(HOSTILE_VALUES):
+                body = {**base, field: value}
+                if kind in ("key", "model") and method == "POST":
+                    body["name"] = value if field == "name" else f"{base['name']}-m{i}-{field}"
+                raw = _dump(body).replace(b"{request_id}", (server.request_id or "r").encode())
+                r = http.request(method, server.base + path, headers=headers, content=raw)
+                _check_answer(r, f"{method} {path} on {target}: {r.status_code} {r.text[:300]!r} (body {raw[:200]!r})")
+                sent += 1
+    for name in [*_HOSTILE_NAMES, "%00", "a%00b", "%FF", "%E6%A8%A1", "%"]:
+        raw_name = name if "%" in name else quote(name, safe="", errors="surrogatepass")
+        for method, template in _ADMIN_ROUTES:
+            if "{n}" not in template or (method == "DELETE" and name in ("fuzzer", "small-general")):
+                continue
+            path = template.replace("{n}", raw_name or "%20")
+            r = http.request(method, server.base + path, headers=admin, content=b"{}")
+            _check_answer(r, f"{method} {path} on {target}: {r.status_code} {r.text[:300]!r}")
+            sent += 1
+    assert sent > 500 and http.get(server.base + "/health/readiness").status_code == 200
+
+
+def test_admin_fuzz_reached_the_handlers_and_left_the_servers_healthy(servers: dict[str, Server],
+                                                                     http: httpx.Client) -> None:
+    """Runs after the admin property (file order): it got past authentication on every server, created
+    things, refused things, and every server still answers its health checks and the admin API."""
+    if len(ADMIN_SEEN) < ADMIN_EXAMPLES:
+        pytest.skip(f"the admin fuzz ran {len(ADMIN_SEEN)} requests (run the whole file)")
+    for target in {t for t, _, _ in ADMIN_SEEN}:
+        statuses = Counter(s for t, _, s in ADMIN_SEEN if t == target)
+        assert statuses[200] + statuses[201] > 0 and statuses[400] > 0 and statuses[401] > 0, (target, statuses)
+        assert not [s for s in statuses if s >= 500 and s != 503], (target, statuses)
+    for name, server in servers.items():
+        assert http.get(server.base + "/health/liveliness").status_code == 200, name
+        assert http.get(server.base + "/health/readiness").status_code == 200, name
+        if server.key is not None:
+            r = http.get(server.base + "/admin/models", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+            assert r.status_code == 200, (name, r.text[:300])
+            r = http.get(server.base + "/v1/usage", headers={"authorization": f"Bearer {server.key}"})
+            assert r.status_code == 200, (name, r.text[:300])

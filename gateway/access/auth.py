@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import math
 import os
+import re
 import secrets
 import time
 from collections import OrderedDict
@@ -34,6 +35,7 @@ from gateway.access.budget import period_start_for
 from gateway.config import RouterConfig
 from gateway.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
 from gateway.serving.interfaces import Authenticator, Principal
+from gateway.spec import RESERVED_NAMES, model_name_problem
 from gateway.store import keys as key_sql
 from gateway.store.engine import Store
 from gateway.store.tables import BUDGET_PERIODS, ApiKey, utcnow
@@ -45,6 +47,12 @@ METRICS_TOKEN_ENV = "UNIROUTE_METRICS_TOKEN"
 #: The λ range keys may have when no config is given: the defaults of router.lambda_min and router.lambda_max.
 DEFAULT_LAMBDA_RANGE: tuple[float, float] = (RouterConfig.model_fields["lambda_min"].default,
                                              RouterConfig.model_fields["lambda_max"].default)
+#: A key's name: 1-128 ASCII letters, digits and ``. _ @ -`` (the ``api_keys.name`` column; echoed in metric
+#: labels, logs and ``/admin/keys/{name}``).
+KEY_NAME_PATTERN = re.compile(r"[A-Za-z0-9._@-]{1,128}")
+KEY_NAME_RULE = "1-128 characters from ASCII letters, digits and . _ @ -"
+#: The largest ``rpm`` a key may have: the ``api_keys.rpm_limit`` column is a 32-bit integer on PostgreSQL.
+RPM_MAX = 2**31 - 1
 _HOW_TO_GET_A_KEY = "send 'Authorization: Bearer sk-ur-...'; an operator creates keys with `uniroute keys create`"
 
 
@@ -141,8 +149,9 @@ class KeyAuthenticator:
 class AdminGuard:
     """Guards ``/admin/*``: the admin key from ``$UNIROUTE_ADMIN_KEY`` (compared in constant time).
 
-    Missing or unknown key → 401; a valid client key that is not the admin key → 403;
-    no admin key configured → 403 saying how to enable the admin API.
+    No key → 401 ``missing_api_key`` saying which header to send; a valid client key → 403
+    ``admin_required``; any other key → 401 ``invalid_admin_key``; no admin key configured → 403
+    ``admin_disabled`` saying how to enable the admin API.
     """
 
     def __init__(self, admin_key: str | None = None, authenticator: Authenticator | None = None) -> None:
@@ -150,18 +159,27 @@ class AdminGuard:
         self.authenticator = authenticator
 
     async def check(self, authorization: str | None) -> None:
+        if not authorization or not authorization.strip():
+            raise AuthenticationError(f"missing admin key: send 'Authorization: Bearer <the admin key>' "
+                                      f"(${ADMIN_KEY_ENV})", code="missing_api_key")
         token = bearer_token(authorization)
         if self.admin_key and hmac.compare_digest(token.encode(), self.admin_key.encode()):
             return
-        if self.authenticator is not None:
-            await self.authenticator.authenticate(authorization)  # 401 unless a valid client key
-        elif self.admin_key:
-            raise AuthenticationError("invalid admin key", code="invalid_api_key")
         if not self.admin_key:
             raise PermissionDeniedError(f"the admin API is disabled: set {ADMIN_KEY_ENV} to enable it",
                                         code="admin_disabled")
-        raise PermissionDeniedError("this endpoint needs the admin key; client API keys cannot use it",
-                                    code="admin_required")
+        client_key = False
+        if self.authenticator is not None:
+            try:
+                await self.authenticator.authenticate(authorization)
+                client_key = True
+            except AuthenticationError:
+                pass
+        if client_key:
+            raise PermissionDeniedError("this endpoint needs the admin key; client API keys cannot use it",
+                                        code="admin_required")
+        raise AuthenticationError(f"invalid admin key: the bearer token is not the admin key (${ADMIN_KEY_ENV})",
+                                  code="invalid_admin_key")
 
 
 class MetricsGuard:
@@ -214,9 +232,8 @@ def _check_key_params(
     *, name: str, default_lambda: float, lambda_min: float, lambda_max: float, lambda_range: tuple[float, float],
     budget_usd: float | None, period: str, rpm_limit: int | None, models: Sequence[str] | None,
 ) -> None:
-    if not name or len(name) > 128 or not all(c.isalnum() or c in "-_.@" for c in name):
-        raise InvalidRequestError(f"invalid key name {name!r}: 1-128 characters from letters, digits and -_.@",
-                                  param="name")
+    if not isinstance(name, str) or not KEY_NAME_PATTERN.fullmatch(name):
+        raise InvalidRequestError(f"invalid key name {str(name)[:80]!r}: {KEY_NAME_RULE}", param="name")
     lo, hi = lambda_range
     for label, v in (("lambda", default_lambda), ("lambda_min", lambda_min), ("lambda_max", lambda_max)):
         if not math.isfinite(v) or v < 0:
@@ -232,11 +249,16 @@ def _check_key_params(
     if period not in BUDGET_PERIODS:
         raise InvalidRequestError(f"unknown budget period {period!r}; valid: {', '.join(BUDGET_PERIODS)}",
                                   param="period")
-    if rpm_limit is not None and rpm_limit < 1:
-        raise InvalidRequestError(f"rpm must be >= 1 (omit it for no limit), got {rpm_limit}", param="rpm")
+    if rpm_limit is not None and not 1 <= rpm_limit <= RPM_MAX:
+        raise InvalidRequestError(f"rpm must be an integer in [1, {RPM_MAX}] (omit it for no limit), got {rpm_limit}",
+                                  param="rpm")
     if models is not None and (not models or any(not m for m in models)):
         raise InvalidRequestError("models must be a non-empty list of model names (omit it for every model)",
                                   param="models")
+    for m in models or ():
+        problem = model_name_problem(m) if m not in RESERVED_NAMES else None
+        if problem is not None:
+            raise InvalidRequestError(f"models: {problem}", param="models")
 
 
 def create_key(

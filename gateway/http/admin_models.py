@@ -28,10 +28,10 @@ from starlette.responses import Response
 
 from gateway.errors import InvalidRequestError, NotFoundError, ServiceUnavailableError, validation_message
 from gateway.http.auth import require_admin
-from gateway.http.responses import json_body, json_response
+from gateway.http.responses import json_body, json_response, path_name
 from gateway.http.state import gateway_state
 from gateway.secrets import admin_params
-from gateway.spec import parse_patch, parse_spec
+from gateway.spec import NAME_MAX_LENGTH, parse_patch, parse_spec
 from gateway.store import models as catalog
 from gateway.store import profiling as profiling_sql
 
@@ -75,7 +75,7 @@ async def add_model_endpoint(request: Request) -> Response:
 
 async def get_model_endpoint(request: Request) -> Response:
     acc = await require_admin(request)
-    name, key = request.path_params["name"], _key(request)
+    name, key = path_name(request, "model", NAME_MAX_LENGTH), _key(request)
 
     def load() -> dict[str, Any]:
         row = catalog.get_model(acc.store, name)
@@ -91,19 +91,22 @@ async def update_model_endpoint(request: Request) -> Response:
     changes = parse_patch(await json_body(request, empty={}))
     if "litellm_params" in changes:
         changes["litellm_params"] = _checked_params(request, changes["litellm_params"])
-    row = await asyncio.to_thread(catalog.update_model, acc.store, request.path_params["name"], changes)
+    name = path_name(request, "model", NAME_MAX_LENGTH)
+    row = await asyncio.to_thread(catalog.update_model, acc.store, name, changes)
     return json_response(catalog.model_summary(row))
 
 
 async def remove_model_endpoint(request: Request) -> Response:
     acc = await require_admin(request)
-    row = await asyncio.to_thread(catalog.remove_model, acc.store, request.path_params["name"])
+    name = path_name(request, "model", NAME_MAX_LENGTH)
+    row = await asyncio.to_thread(catalog.remove_model, acc.store, name)
     return json_response({"object": "model", "name": row.name, "deleted": True})
 
 
 async def disable_model_endpoint(request: Request) -> Response:
     acc = await require_admin(request)
-    row = await asyncio.to_thread(catalog.set_enabled, acc.store, request.path_params["name"], False)
+    name = path_name(request, "model", NAME_MAX_LENGTH)
+    row = await asyncio.to_thread(catalog.set_enabled, acc.store, name, False)
     return json_response(catalog.model_summary(row))
 
 
@@ -117,7 +120,7 @@ class ProfileStart(BaseModel):
 
 async def start_profile_endpoint(request: Request) -> Response:
     acc = await require_admin(request)
-    name = request.path_params["name"]
+    name = path_name(request, "model", NAME_MAX_LENGTH)
     try:
         opts = ProfileStart.model_validate(await json_body(request, empty={}))
     except ValidationError as exc:
@@ -133,7 +136,7 @@ async def start_profile_endpoint(request: Request) -> Response:
 
 async def profile_status_endpoint(request: Request) -> Response:
     await require_admin(request)
-    name = request.path_params["name"]
+    name = path_name(request, "model", NAME_MAX_LENGTH)
     jobs = gateway_state(request).profiling
     job = jobs.get(name) if jobs is not None else None
     if job is None:

@@ -15,7 +15,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gateway.http.middleware import ATTEMPTS, new_request_id
-from gateway.http.responses import dumps, error_response, json_response, parse_json
+from gateway.http.responses import dumps, error_response, header_value, json_response, parse_json
 from gateway.http.state import gateway_state
 from gateway.protocol import parse_chat_request
 from gateway.serving.service import ChatContext, ChatStream
@@ -40,13 +40,17 @@ async def chat_completions(request: Request) -> Response:
         )
         if req.stream:
             stream = await service.stream(req, ctx)
-            return SSEResponse(stream)
+            try:
+                return SSEResponse(stream)
+            except BaseException:  # never leave an opened stream (its reservation, its log row) behind
+                await stream.aclose()
+                raise
         result = await service.complete(req, ctx)
     except Exception as exc:  # every chat response carries the attempts made, errors included
         response = error_response(exc)
         response.headers[ATTEMPTS] = str(getattr(exc, "attempts", 0))
         return response
-    headers = {"x-uniroute-model": result.model, ATTEMPTS: str(result.attempts)}
+    headers = {"x-uniroute-model": header_value(result.model), ATTEMPTS: str(result.attempts)}
     if result.cost_usd is not None:
         headers["x-uniroute-cost"] = f"{result.cost_usd:.10g}"
     return json_response(result.body, headers=headers)
@@ -58,7 +62,7 @@ class SSEResponse(StreamingResponse):
     def __init__(self, stream: ChatStream) -> None:
         self.stream = stream
         super().__init__(self._events(), media_type="text/event-stream",
-                         headers={**SSE_HEADERS, "x-uniroute-model": stream.model,
+                         headers={**SSE_HEADERS, "x-uniroute-model": header_value(stream.model),
                                   ATTEMPTS: str(stream.attempts)})
 
     async def _events(self) -> AsyncIterator[bytes]:

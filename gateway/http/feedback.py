@@ -23,9 +23,11 @@ from starlette.responses import Response
 
 from gateway.errors import InvalidRequestError, NotFoundError, validation_message
 from gateway.http.auth import accounting, authenticate
+from gateway.http.middleware import REQUEST_ID_PATTERN, REQUEST_ID_RULE
 from gateway.http.responses import json_body, json_response
 from gateway.store import feedback as feedback_sql
 
+#: A feedback ``source``: 1-32 ASCII letters, digits and ``_ . : -`` (the ``feedback.source`` column).
 _SOURCE = re.compile(r"^[A-Za-z0-9_.:-]{1,32}$")
 
 
@@ -41,7 +43,9 @@ class FeedbackRequest(BaseModel):
     def _one_signal(self) -> FeedbackRequest:
         if (self.score is None) == (self.thumbs is None):
             raise ValueError("give exactly one of 'score' (a number in [0, 1]) or 'thumbs' ('up' or 'down')")
-        if not _SOURCE.match(self.source):
+        if not REQUEST_ID_PATTERN.fullmatch(self.request_id):
+            raise ValueError(f"'request_id' is {REQUEST_ID_RULE} (the x-uniroute-request-id of a response)")
+        if not _SOURCE.fullmatch(self.source):
             raise ValueError("'source' must be 1-32 characters of letters, digits, '_', '.', ':' or '-'")
         return self
 

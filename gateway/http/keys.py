@@ -29,7 +29,7 @@ from starlette.responses import Response
 from gateway.access.auth import create_key, key_summary
 from gateway.errors import InvalidRequestError, validation_message
 from gateway.http.auth import accounting, authenticate, require_admin
-from gateway.http.responses import json_body, json_response
+from gateway.http.responses import json_body, json_response, path_name
 from gateway.store import keys as key_sql
 
 KEY_FIELDS = "name, lambda, budget_usd, period, lambda_min, lambda_max, rpm, models, trusted"
@@ -83,7 +83,7 @@ async def create_key_endpoint(request: Request) -> Response:
 
 async def get_key_endpoint(request: Request) -> Response:
     acc = await require_admin(request)
-    row = await asyncio.to_thread(key_sql.get_key, acc.store, request.path_params["name"])
+    row = await asyncio.to_thread(key_sql.get_key, acc.store, path_name(request, "API key", 128))
     return json_response(key_summary(row))
 
 
@@ -99,7 +99,7 @@ async def update_key_endpoint(request: Request) -> Response:
 
 async def revoke_key_endpoint(request: Request) -> Response:
     acc = await require_admin(request)
-    row = await asyncio.to_thread(key_sql.revoke_key, acc.store, request.path_params["name"])
+    row = await asyncio.to_thread(key_sql.revoke_key, acc.store, path_name(request, "API key", 128))
     if acc.key_authenticator is not None:
         acc.key_authenticator.invalidate()
     return json_response(key_summary(row))

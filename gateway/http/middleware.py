@@ -39,6 +39,9 @@ ATTEMPTS = "x-uniroute-attempts"
 _ATTEMPTS_BYTES = ATTEMPTS.encode()
 CHAT_PATH = "/v1/chat/completions"
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
+#: What a request id is (a client's own ``x-uniroute-request-id`` outside it is replaced by a fresh one)
+REQUEST_ID_PATTERN = _SANE_ID
+REQUEST_ID_RULE = "1-128 characters from ASCII letters, digits and . _ : -"
 _dumps: Any
 try:
     import orjson

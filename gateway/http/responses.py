@@ -9,6 +9,7 @@ just raises), :func:`http_exception` for Starlette's 404/405 and :func:`unhandle
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -63,6 +64,24 @@ def parse_json(raw: bytes, *, empty: Any = None) -> Any:
 async def json_body(request: Request, *, empty: Any = None) -> Any:
     """Read and parse the request body (see :func:`parse_json`)."""
     return parse_json(await request.body(), empty=empty)
+
+
+def path_name(request: Request, what: str, max_length: int) -> str:
+    """The ``{name}`` of an admin path; 404 at once for a name no row can have (NUL, longer than its column),
+    which PostgreSQL would refuse to even look up."""
+    name: str = request.path_params["name"]
+    if "\x00" in name or len(name) > max_length:
+        raise NotFoundError(f"no {what} named {name[:80]!r} (names are at most {max_length} characters, no NUL)",
+                            param="name")
+    return name
+
+
+def header_value(text: str) -> str:
+    """``text`` as a response header value: printable ASCII as is, anything else percent-encoded (UTF-8),
+    so a header echoing a name can always be sent (HTTP headers are Latin-1 at best)."""
+    if text.isascii() and text.isprintable():
+        return text
+    return quote(text, safe="".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%"))
 
 
 async def gateway_error(request: Request, exc: Exception) -> Response:

@@ -40,7 +40,8 @@ logger = logging.getLogger("uniroute.store")
 def record_to_row(record: RequestRecord, row_id: str) -> dict[str, Any]:
     """A :class:`RequestRecord` as a ``requests`` row (attribute keys of :class:`gateway.store.tables.RequestRow`).
 
-    Strings longer than their column are cut to fit, so one odd value cannot fail a batch.
+    Strings longer than their column are cut to fit and NUL characters (which PostgreSQL text cannot hold)
+    become U+FFFD, so one odd value cannot fail a batch.
     """
     row = {
         "id": row_id,
@@ -71,6 +72,9 @@ def record_to_row(record: RequestRecord, row_id: str) -> dict[str, Any]:
         v = row.get(key)
         if isinstance(v, str) and len(v) > limit:
             row[key] = v[:limit]
+    for key, v in row.items():
+        if isinstance(v, str) and "\x00" in v:
+            row[key] = v.replace("\x00", "\ufffd")
     return row
 
 
