@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from tests.gateway_setup import make_dataset, replay_args, write_config
-from tests.procs import ROOT, free_port, replay_upstream, running, server_env
+from tests.procs import ROOT, ServerSpec, free_port, replay_server, running_all, server_env
 
 # ≥ 1000 requests in total, each a fresh (server, method, path, headers, body); raise it to explore
 EXAMPLES = int(os.environ.get("UNIROUTE_FUZZ_EXAMPLES", "1100"))
@@ -51,22 +51,21 @@ def _serve(root: Path, dataset: Path, replay_base: str, mode: str) -> tuple[Path
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
     top = tmp_path_factory.mktemp("fuzz")
     dataset = make_dataset(top)
-    with replay_upstream(dataset, *replay_args()) as replay_base:
-        keys_root, open_root = top / "keys", top / "open"
-        keys_root.mkdir()
-        open_root.mkdir()
-        kcfg, kport = _serve(keys_root, dataset, replay_base, "keys")
-        ocfg, oport = _serve(open_root, dataset, replay_base, "open")
-        with running(["-m", "gateway.cli.main", "serve", "--config", str(kcfg)],
-                     f"http://127.0.0.1:{kport}/health/liveliness"), \
-             running(["-m", "gateway.cli.main", "serve", "--config", str(ocfg)],
-                     f"http://127.0.0.1:{oport}/health/liveliness"):
-            out = subprocess.run(
-                [sys.executable, "-m", "gateway.cli.main", "keys", "create", "--name", "fuzzer", "--lambda", "0.2",
-                 "--config", str(kcfg)],
-                cwd=ROOT, env=server_env(), capture_output=True, text=True, check=True, timeout=60)
-            key = out.stdout.strip().splitlines()[-1]
-            yield {"keys": Server(f"http://127.0.0.1:{kport}", key), "open": Server(f"http://127.0.0.1:{oport}", None)}
+    replay, replay_base = replay_server(dataset, *replay_args())
+    keys_root, open_root = top / "keys", top / "open"
+    keys_root.mkdir()
+    open_root.mkdir()
+    kcfg, kport = _serve(keys_root, dataset, replay_base, "keys")
+    ocfg, oport = _serve(open_root, dataset, replay_base, "open")
+    serve = ["-m", "gateway.cli.main", "serve", "--config"]
+    with running_all(replay, ServerSpec([*serve, str(kcfg)], f"http://127.0.0.1:{kport}/health/liveliness"),
+                     ServerSpec([*serve, str(ocfg)], f"http://127.0.0.1:{oport}/health/liveliness")):  # all at once
+        out = subprocess.run(
+            [sys.executable, "-m", "gateway.cli.main", "keys", "create", "--name", "fuzzer", "--lambda", "0.2",
+             "--config", str(kcfg)],
+            cwd=ROOT, env=server_env(), capture_output=True, text=True, check=True, timeout=60)
+        key = out.stdout.strip().splitlines()[-1]
+        yield {"keys": Server(f"http://127.0.0.1:{kport}", key), "open": Server(f"http://127.0.0.1:{oport}", None)}
 
 
 @pytest.fixture(scope="module")
