@@ -12,7 +12,7 @@ import pytest
 
 from routing.dataset import BenchmarkDataset, load_dataset
 from tests.gateway_setup import make_dataset, replay_args, write_config
-from tests.procs import free_port, replay_upstream, running
+from tests.procs import free_port, gateway_server, replay_server, running_all
 
 
 @dataclass
@@ -25,11 +25,11 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("e2e")
     dataset = make_dataset(root)
-    with replay_upstream(dataset, *replay_args()) as replay_base:
-        port = free_port()
-        cfg = write_config(root, dataset, replay_base, port=port)
-        with running(["-m", "gateway.cli.main", "serve", "--config", str(cfg)], f"http://127.0.0.1:{port}/health/readiness"):
-            yield Stack(f"http://127.0.0.1:{port}/v1", load_dataset(dataset))
+    replay, replay_base = replay_server(dataset, *replay_args())
+    port = free_port()
+    cfg = write_config(root, dataset, replay_base, port=port)
+    with running_all(replay, gateway_server(cfg)):  # both start at once
+        yield Stack(f"http://127.0.0.1:{port}/v1", load_dataset(dataset))
 
 
 @pytest.fixture
@@ -158,22 +158,21 @@ def test_demo_config_with_shared_dataset(tmp_path: Path, shared_dataset: Path, s
     from tests.procs import ROOT, server_env
 
     dataset = shared_dataset
-    with replay_upstream(dataset) as replay_base:
-        port = free_port()
-        text = (ROOT / "config.yaml").read_text().replace("http://127.0.0.1:8100/v1", replay_base)
-        cfg = tmp_path / "config.yaml"
-        cfg.write_text(text.replace("port: 8000", f"port: {port}"))
-        env = server_env(UNIROUTE_DATASET=str(dataset), UNIROUTE_ROUTER_ARTIFACT=str(shared_router_artifact))
-        with running(["-m", "gateway.cli.main", "serve", "--config", str(cfg)],
-                     f"http://127.0.0.1:{port}/health/readiness", env=env):
-            with gzip.open(dataset / "prompts.jsonl.gz", "rt") as fh:
-                prompt = json.loads(fh.readline())["prompt"]
-            with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0) as c:
-                auto = c.chat.completions.create(model="auto", messages=[{"role": "user", "content": prompt}])
-                assert auto.model in {m.id for m in c.models.list()}
-                assert auto.model_extra and auto.model_extra["uniroute"]["cluster"] is not None
-                assert (auto.choices[0].message.content or "").startswith(("The answer is", "I cannot"))
-                chunks = list(c.chat.completions.create(model=auto.model, stream=True,
-                                                        messages=[{"role": "user", "content": prompt}]))
-                assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == \
-                    auto.choices[0].message.content
+    replay, replay_base = replay_server(dataset)
+    port = free_port()
+    text = (ROOT / "config.yaml").read_text().replace("http://127.0.0.1:8100/v1", replay_base)
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(text.replace("port: 8000", f"port: {port}"))
+    env = server_env(UNIROUTE_DATASET=str(dataset), UNIROUTE_ROUTER_ARTIFACT=str(shared_router_artifact))
+    with running_all(replay, gateway_server(cfg, env=env)):  # both start at once
+        with gzip.open(dataset / "prompts.jsonl.gz", "rt") as fh:
+            prompt = json.loads(fh.readline())["prompt"]
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0) as c:
+            auto = c.chat.completions.create(model="auto", messages=[{"role": "user", "content": prompt}])
+            assert auto.model in {m.id for m in c.models.list()}
+            assert auto.model_extra and auto.model_extra["uniroute"]["cluster"] is not None
+            assert (auto.choices[0].message.content or "").startswith(("The answer is", "I cannot"))
+            chunks = list(c.chat.completions.create(model=auto.model, stream=True,
+                                                    messages=[{"role": "user", "content": prompt}]))
+            assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == \
+                auto.choices[0].message.content

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from routing.dataset import BenchmarkDataset, load_dataset
 from tests.gateway_setup import make_dataset, replay_args, write_config
-from tests.procs import ROOT, free_port, replay_upstream, running, server_env
+from tests.procs import ROOT, free_port, gateway_server, replay_server, running_all, server_env
 
 N = 200
 COUNTER = "litellm_proxy_total_requests_metric"  # ..._metric_total on the wire
@@ -42,22 +42,21 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("conc")
     dataset = make_dataset(root)
-    with replay_upstream(dataset, *replay_args()) as replay_base:
-        port = free_port()
-        cfg = write_config(root, dataset, replay_base, port=port, log_level="warning")
-        data = yaml.safe_load(cfg.read_text())
-        db_url = f"sqlite:///{root / 'gateway.store.tables'}"
-        data.update(auth={"mode": "keys"}, database_url=db_url,
-                    database={"spill_dir": str(root / "spill"), "log_flush_interval_s": 0.2})
-        cfg.write_text(yaml.safe_dump(data))
-        with running(["-m", "gateway.cli.main", "serve", "--config", str(cfg)],
-                     f"http://127.0.0.1:{port}/health/readiness", env=server_env(UNIROUTE_METRICS_TOKEN=SCRAPE)):
-            out = subprocess.run(
-                [sys.executable, "-m", "gateway.cli.main", "keys", "create", "--name", "load", "--lambda", "0.2",
-                 "--config", str(cfg)],
-                cwd=ROOT, env=server_env(), capture_output=True, text=True, check=True, timeout=60)
-            yield Stack(f"http://127.0.0.1:{port}", out.stdout.strip().splitlines()[-1], db_url,
-                        load_dataset(dataset))
+    replay, replay_base = replay_server(dataset, *replay_args())
+    port = free_port()
+    cfg = write_config(root, dataset, replay_base, port=port, log_level="warning")
+    data = yaml.safe_load(cfg.read_text())
+    db_url = f"sqlite:///{root / 'gateway.store.tables'}"
+    data.update(auth={"mode": "keys"}, database_url=db_url,
+                database={"spill_dir": str(root / "spill"), "log_flush_interval_s": 0.2})
+    cfg.write_text(yaml.safe_dump(data))
+    with running_all(replay, gateway_server(cfg, env=server_env(UNIROUTE_METRICS_TOKEN=SCRAPE))):  # both start at once
+        out = subprocess.run(
+            [sys.executable, "-m", "gateway.cli.main", "keys", "create", "--name", "load", "--lambda", "0.2",
+             "--config", str(cfg)],
+            cwd=ROOT, env=server_env(), capture_output=True, text=True, check=True, timeout=60)
+        yield Stack(f"http://127.0.0.1:{port}", out.stdout.strip().splitlines()[-1], db_url,
+                    load_dataset(dataset))
 
 
 def _counted(base: str, *, present: bool = True) -> float:

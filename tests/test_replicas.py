@@ -11,11 +11,9 @@ the per-key rate-limit window (Redis) counts requests through both.
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -24,7 +22,7 @@ import yaml
 from storeutil import REDIS_URL, fresh_pg_database, require_redis
 
 from tests.gateway_setup import make_dataset, write_config
-from tests.procs import free_port, replay_upstream, running, server_env
+from tests.procs import free_port, gateway_server, replay_server, running_all, server_env
 
 pytestmark = pytest.mark.postgres
 
@@ -38,8 +36,9 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
     """(A's base URL, B's base URL, the replay upstream's /v1 URL)."""
     root = tmp_path_factory.mktemp("replicas")
     dataset = make_dataset(root)
-    with fresh_pg_database() as url, replay_upstream(dataset) as upstream, contextlib.ExitStack() as stack:
-        starts, bases = [], []
+    replay, upstream = replay_server(dataset)
+    with fresh_pg_database() as url:
+        starts, bases = [replay], []
         prefix = f"uniroute:test-replicas:{secrets.token_hex(4)}:"  # one Redis namespace for both replicas
         for name in ("a", "b"):
             folder = root / name  # each replica has its own config folder (spill dir), same database
@@ -54,18 +53,12 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
             env = server_env(UNIROUTE_ADMIN_KEY=ADMIN)
             env.pop("PROMETHEUS_MULTIPROC_DIR", None)
             workers = ["--workers", "2"] if name == "b" else []  # B: two uvicorn workers, multiprocess metrics
-            starts.append(running(["-m", "gateway.cli.main", "serve", "--config", str(cfg), "--port", str(port), *workers],
-                                  f"http://127.0.0.1:{port}/health/readiness", env=env))
+            # three gateway processes start together (B has two workers): give them time on 2 loaded cores
+            starts.append(gateway_server(cfg, "--port", str(port), *workers, env=env, timeout_s=120))
             bases.append(f"http://127.0.0.1:{port}")
-        # both start at once on the empty database: migrations and the models seed run concurrently
-        with ThreadPoolExecutor(2) as pool:
-            futures = [pool.submit(cm.__enter__) for cm in starts]
-        for cm, fut in zip(starts, futures, strict=True):
-            if fut.exception() is None:
-                stack.push(cm)
-        for fut in futures:
-            fut.result()
-        yield bases[0], bases[1], upstream
+        # both replicas start at once on the empty database: migrations and the models seed run concurrently
+        with running_all(*starts):
+            yield bases[0], bases[1], upstream
 
 
 def _bearer(key: str) -> dict[str, str]:

@@ -23,7 +23,7 @@ from gateway.config import ConfigError, load_config
 from gateway.serving.router import calibrated
 from routing.dataset import BenchmarkDataset, load_dataset
 from routing.synthetic import make_synthetic_dataset
-from tests.procs import free_port, replay_upstream, running, server_env
+from tests.procs import free_port, gateway_server, replay_server, running_all, server_env
 
 ACCURACY = {
     "small-general": {"math": 0.4, "biology": 0.4},
@@ -73,12 +73,11 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 @pytest.fixture(scope="module")
 def stack(fitted: tuple[Path, Path, Path]) -> Iterator[Stack]:
     root, dataset, artifact = fitted
-    with replay_upstream(dataset) as replay_base:
-        port = free_port()
-        cfg = _write_config(root, dataset, artifact, replay_base, port)
-        with running(["-m", "gateway.cli.main", "serve", "--config", str(cfg)],
-                     f"http://127.0.0.1:{port}/health/readiness", env=server_env(), timeout_s=120):
-            yield Stack(f"http://127.0.0.1:{port}/v1", load_dataset(dataset), cfg)
+    replay, replay_base = replay_server(dataset)
+    port = free_port()
+    cfg = _write_config(root, dataset, artifact, replay_base, port)
+    with running_all(replay, gateway_server(cfg, env=server_env(), timeout_s=120)):  # both start at once
+        yield Stack(f"http://127.0.0.1:{port}/v1", load_dataset(dataset), cfg)
 
 
 def _auto(client: openai.OpenAI, prompt: str, lam: float | None = None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from tests.procs import free_port, running, server_env
+from tests.procs import ServerSpec, free_port, gateway_server, running_all, server_env
 
 PRICE = {"input_cost_per_1m": 100.0, "output_cost_per_1m": 200.0}
 
@@ -53,10 +53,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             model("x-slowstream", 10, routable=False),  # 40 chunks, 0.1 s apart
         ],
     }))
-    with running(["-m", "uvicorn", "tests.fake_upstream:app", "--host", "127.0.0.1", "--port", str(up_port),
-                  "--log-level", "warning"], f"{upstream}/health"), \
-            running(["-m", "gateway.cli.main", "serve", "--config", str(cfg)], f"http://127.0.0.1:{port}/health/readiness",
-                    env=server_env()):
+    fake = ServerSpec(["-m", "uvicorn", "tests.fake_upstream:app", "--host", "127.0.0.1", "--port", str(up_port),
+                       "--log-level", "warning"], f"{upstream}/health")
+    with running_all(fake, gateway_server(cfg, env=server_env())):  # both start at once
+        # one stream first: the gateway's first call through LiteLLM imports its provider code (a second or
+        # more on a loaded machine), which the timing assertions below are not about
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
+                          json={"model": "b-ok", "stream": True, "messages": [{"role": "user", "content": "warm-up"}]}
+                          ) as r:
+            assert r.status_code == 200 and list(r.iter_lines())
         yield Stack(f"http://127.0.0.1:{port}", upstream, db_url)
 
 
