@@ -66,12 +66,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def _row(stack: Stack, request_id: str, timeout_s: float = 5.0) -> Any:
+    """The logged row of the request the client sent with x-uniroute-request-id ``request_id`` (the gateway
+    logs it as the client id beside its own request id)."""
     engine = sa.create_engine(stack.db_url)
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             with engine.connect() as conn:
-                row = conn.execute(sa.text("SELECT * FROM requests WHERE request_id = :r"), {"r": request_id}).first()
+                row = conn.execute(sa.text("SELECT * FROM requests WHERE client_request_id = :r"), {"r": request_id}).first()
             if row is not None or time.monotonic() > deadline:
                 return row
             time.sleep(0.1)
