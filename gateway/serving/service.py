@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway.errors import (
     GatewayError,
@@ -52,6 +52,7 @@ from gateway.serving.router import EmbedFn
 from routing.policy import GatewayPolicy, RoutingDecision
 
 logger = logging.getLogger("uniroute.service")
+T = TypeVar("T")
 
 AUTO = "auto"
 _PASSTHROUGH: set[str] = set(PASSTHROUGH_FIELDS) - {"stream_options"}
@@ -66,6 +67,8 @@ class ChatContext:
     request_id: str
     authorization: str | None = None
     lambda_header: str | None = None
+    principal: Principal | None = None  # set by ChatService.authenticate, from the headers, before the body is read
+    body_bytes: int = 0  # the request body's size: above the service's offload_bytes, CPU-heavy steps run in a thread
 
 
 @dataclass
@@ -161,6 +164,7 @@ class ChatService:
         rate_limiter: RateLimiter | None = None,
         budget: BudgetGuard | None = None,
         sink: RequestSink | None = None,
+        offload_bytes: int = 64 * 1024,
     ) -> None:
         if policy.needs_embedding and embed is None:
             raise ValueError(f"policy {policy.name!r} needs an embed function")
@@ -172,6 +176,7 @@ class ChatService:
         self.rate_limiter: RateLimiter = rate_limiter or NoRateLimit()
         self.budget: BudgetGuard = budget or NoBudget()
         self.sink: RequestSink = sink or MemorySink()
+        self.offload_bytes = offload_bytes  # requests with larger bodies count tokens etc. in a worker thread
 
     # -- steps ------------------------------------------------------------------------
 
@@ -194,8 +199,31 @@ class ChatService:
                                       param=param, code="lambda_out_of_range")
         return lam
 
+    async def authenticate(self, ctx: ChatContext) -> Principal:
+        """Who is calling, from the ``Authorization`` header alone: the HTTP layer calls this before it reads
+        the body, so a refused caller costs no body read or parse. A refusal is logged (its model is unknown)."""
+        if ctx.principal is not None:
+            return ctx.principal
+        t0 = time.perf_counter()
+        try:
+            ctx.principal = await self.authenticator.authenticate(ctx.authorization)
+        except BaseException as exc:
+            record = RequestRecord(request_id=ctx.request_id, started_at=datetime.now(UTC), requested_model="",
+                                   stream=False)
+            self._fail(record, exc)
+            self._finish(record, t0)
+            raise
+        return ctx.principal
+
+    async def off_loop(self, ctx: ChatContext, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, in a worker thread when the request's body is larger than ``offload_bytes`` (token
+        counting and other CPU-heavy steps on big payloads must not stall the event loop)."""
+        if ctx.body_bytes > self.offload_bytes:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
+
     async def plan(self, req: ChatCompletionRequest, ctx: ChatContext, record: RequestRecord | None = None) -> _Plan:
-        principal = await self.authenticator.authenticate(ctx.authorization)
+        principal = ctx.principal or await self.authenticator.authenticate(ctx.authorization)
         if record is not None:  # attribute refusals after this point (bad λ, rate limit, model) to the key
             record.key_id, record.key_name = principal.key_id, principal.key_name
         lam = self.resolve_lambda(req, ctx.lambda_header, principal)
@@ -298,7 +326,8 @@ class ChatService:
         try:
             plan = await self.plan(req, ctx, record)
             self._fill_plan(record, plan)
-            reservation = await self.budget.reserve(plan.principal, self._estimate(req, plan.candidates[0]))
+            estimate = await self.off_loop(ctx, self._estimate, req, plan.candidates[0])
+            reservation = await self.budget.reserve(plan.principal, estimate)
             done = await self.forwarder.complete(plan.candidates, self._messages(req), self._params(req), attempts)
             usage = getattr(done.response, "usage", None)
             record.routed_model = done.entry.name
@@ -336,7 +365,8 @@ class ChatService:
         try:
             plan = await self.plan(req, ctx, record)
             self._fill_plan(record, plan)
-            reservation = await self.budget.reserve(plan.principal, self._estimate(req, plan.candidates[0]))
+            estimate = await self.off_loop(ctx, self._estimate, req, plan.candidates[0])
+            reservation = await self.budget.reserve(plan.principal, estimate)
             params = self._params(req)
             params["stream_options"] = {"include_usage": True}  # the gateway always needs usage for the cost
             messages = self._messages(req)
