@@ -68,7 +68,7 @@ def create_app(
     acc = accounting if accounting is not None else Accounting(settings_from_config(config))
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         from gateway.serving.cooldown import Cooldowns
         from gateway.serving.forwarding import Forwarder, LiteLLMUpstream
         from gateway.serving.registry import Registry, with_profiles
@@ -132,8 +132,12 @@ def create_app(
         app.state.reprofiler = Reprofiler(config, acc.store, key)
         scheduler = ReprofileScheduler(app.state.reprofiler)
         scheduler.start()
+        from gateway.http.server import STATE_KEY, ClientLimits
+
+        srv = config.server
         try:
-            yield
+            # lifespan state: the uvicorn protocols of `uniroute serve` read their deadlines here
+            yield {STATE_KEY: ClientLimits(srv.header_timeout_s, srv.body_timeout_s, srv.max_header_bytes)}
         finally:
             await scheduler.aclose()
             await app.state.profiling.aclose()
@@ -173,7 +177,8 @@ def create_app(
     app = Starlette(
         routes=routes,
         middleware=[Middleware(InFlightMiddleware, metrics=acc.metrics),
-                    Middleware(RequestContextMiddleware, max_body_bytes=config.server.max_body_bytes)],
+                    Middleware(RequestContextMiddleware, max_body_bytes=config.server.max_body_bytes,
+                               body_timeout_s=config.server.body_timeout_s)],
         exception_handlers=handlers,
         lifespan=lifespan,
     )

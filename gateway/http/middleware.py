@@ -1,4 +1,4 @@
-"""Pure-ASGI middleware: request id, timing, body-size limit.
+"""Pure-ASGI middleware: request id, timing, body-size limit, body read timeout.
 
 - Every HTTP response carries ``x-uniroute-request-id`` (the client's own, if it sent a
   sane one, else a fresh ``req-<hex>``) and ``x-uniroute-time-ms`` (time to headers).
@@ -7,10 +7,18 @@
   number of upstream calls; a response refused before it ran (413, 405, ...) gets ``0`` here.
 - A body larger than ``max_body_bytes`` gets 413: at once when ``content-length`` says
   so, else as soon as the streamed body crosses the limit.
+- A body that has not arrived completely ``body_timeout_s`` after the request started (a client
+  trickling it) gets 408 when the handler next waits for it. Both close the connection.
+- A response sent before the handler read the whole body (a 401 from the headers alone, a 400 from
+  the first bytes) keeps the connection only when ``content-length`` promises at most
+  :data:`DRAIN_MAX_BYTES` more (uvicorn reads and discards them); otherwise it closes the connection
+  rather than read megabytes nobody will use (a client still sending may then see a reset instead of
+  the answer: the price of not reading what an unauthenticated client sends).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -18,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import PayloadTooLargeError, error_body
+from gateway.errors import PayloadTooLargeError, RequestTimeoutError, error_body
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
@@ -30,6 +38,9 @@ ATTEMPTS = "x-uniroute-attempts"
 _ATTEMPTS_BYTES = ATTEMPTS.encode()
 CHAT_PATH = "/v1/chat/completions"
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_CLOSE = {"connection": "close"}
+#: the most unread body bytes a response sent early still reads (and discards) to keep the connection
+DRAIN_MAX_BYTES = 1024 * 1024
 _dumps: Any
 try:
     import orjson
@@ -47,9 +58,10 @@ def new_request_id() -> str:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int = 10 * 1024 * 1024) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int = 10 * 1024 * 1024, body_timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -58,6 +70,7 @@ class RequestContextMiddleware:
         t0 = time.perf_counter()
         rid: str | None = None
         length: int | None = None
+        has_body = False
         for k, v in scope["headers"]:
             if k == b"x-uniroute-request-id":
                 cand = v.decode("latin-1")
@@ -67,11 +80,15 @@ class RequestContextMiddleware:
                     length = int(v)
                 except ValueError:
                     length = None
+            elif k == b"transfer-encoding":
+                has_body = True
         rid = rid or new_request_id()
         scope.setdefault("state", {})["request_id"] = rid
         rid_bytes = rid.encode()
         limit = self.max_body_bytes
         chat = scope.get("path") == CHAT_PATH
+        body_done = not (has_body or length)  # nothing (more) to read
+        received = 0
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -80,6 +97,10 @@ class RequestContextMiddleware:
                 headers.append((b"x-uniroute-time-ms", f"{(time.perf_counter() - t0) * 1e3:.2f}".encode()))
                 if chat and not any(k == _ATTEMPTS_BYTES for k, _ in headers):
                     headers.append((_ATTEMPTS_BYTES, b"0"))
+                if (not body_done and (length is None or length - received > DRAIN_MAX_BYTES)
+                        and not any(k == b"connection" for k, _ in headers)):
+                    # answered before the body was read: do not read (and discard) megabytes, or an unbounded rest
+                    headers.append((b"connection", b"close"))
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -87,15 +108,26 @@ class RequestContextMiddleware:
             await self._too_large(send_wrapper, limit)
             return
 
-        received = 0
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
+        timeout_s = self.body_timeout_s
 
         async def receive_wrapper() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # e.g. a streaming response listening for the disconnect: no deadline
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise RequestTimeoutError(f"the request body did not arrive within {timeout_s:g} s "
+                                          "(server.body_timeout_s)", headers=_CLOSE) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise PayloadTooLargeError(_too_large_message(limit))
+                    raise PayloadTooLargeError(_too_large_message(limit), headers=_CLOSE)
+                body_done = not message.get("more_body", False)
+            else:
+                body_done = True
             return message
 
         await self.app(scope, receive_wrapper, send_wrapper)
