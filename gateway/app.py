@@ -85,7 +85,8 @@ def create_app(
         acc.metrics.add_collect_hook(lambda: acc.metrics.set_models_in_cooldown(len(cooldowns.active())))
         forwarder = Forwarder(max_attempts=fb.max_attempts, cooldowns=cooldowns,
                               upstream=LiteLLMUpstream(raw_openai_streams=config.forwarding.raw_openai_streams,
-                                                       http_client=config.forwarding.http_client))
+                                                       http_client=config.forwarding.http_client,
+                                                       max_response_bytes=config.forwarding.max_response_bytes))
         registry.on_replace(forwarder.register)
         if policy is not None:
             bundle = RouterBundle(policy=policy[0], embed=policy[1])

@@ -33,7 +33,7 @@ from gateway.errors import (
     UpstreamTimeoutError,
 )
 from gateway.protocol import PASSTHROUGH_FIELDS, ChatCompletionRequest
-from gateway.serving.forwarding import Attempt, Forwarder, OpenStream, map_exception, shielded
+from gateway.serving.forwarding import Attempt, Forwarder, OpenStream, RelayedText, map_exception, shielded
 from gateway.serving.interfaces import (
     Authenticator,
     BudgetGuard,
@@ -104,15 +104,17 @@ class _StreamEnd:
 
     A stream cut short (client disconnect: 499; upstream failure or total timeout mid-way) whose
     usage chunk never came is logged with its partial usage — prompt tokens of the messages,
-    completion tokens of the text relayed so far — priced with the entry's prices, and the budget
-    reservation is settled with that cost. The record is logged before anything is awaited, and
-    closing upstream and settling are shielded: a disconnect cancels the task that runs this."""
+    completion tokens of the text relayed so far (``relayed``: counts, never the text itself) —
+    priced with the entry's prices, and the budget reservation is settled with that cost. Counting,
+    logging, closing upstream and settling run in one shielded task (a disconnect cancels the task that
+    runs this); the counting runs in a worker thread when the request body was large (``offload``)."""
 
     def __init__(self, service: ChatService, record: RequestRecord, reservation: Reservation | None,
-                 opened: OpenStream, t0: float, messages: list[dict[str, Any]]) -> None:
+                 opened: OpenStream, t0: float, messages: list[dict[str, Any]], offload: bool = False) -> None:
         self.service, self.record, self.reservation, self.opened, self.t0 = service, record, reservation, opened, t0
         self.messages = messages
-        self.parts: list[str] = []  # content relayed so far
+        self.relayed = RelayedText(opened.entry.litellm_model)  # content relayed so far, as running counts
+        self.offload = offload
         self.settled = 0.0
         self.done = False
 
@@ -128,12 +130,18 @@ class _StreamEnd:
                 await self.service.budget.settle(self.reservation, self.settled)
             self.service._finish(record, self.t0)
             return
+        await shielded(self._cut_short())
+
+    async def _cut_short(self) -> None:
+        record = self.record
         if record.completion_tokens is None:
-            pt, ct, cost = self.service.forwarder.partial_usage(self.opened.entry, self.messages, "".join(self.parts))
+            usage = self.service.forwarder.partial_usage
+            args = (self.opened.entry, self.messages, self.relayed)
+            pt, ct, cost = await asyncio.to_thread(usage, *args) if self.offload else usage(*args)
             record.prompt_tokens, record.completion_tokens, record.cost_usd = pt, ct, cost
             self.settled = cost
         self.service._finish(record, self.t0)
-        await shielded(self._release())
+        await self._release()
 
     async def _release(self) -> None:
         aclose = getattr(self.opened.rest, "aclose", None)
@@ -384,7 +392,7 @@ class ChatService:
         record.ttft_ms = (time.perf_counter() - t0) * 1e3
         record.attempts = [a.as_dict() for a in attempts]
         want_usage = bool(req.stream_options and req.stream_options.include_usage)
-        end = _StreamEnd(self, record, reservation, opened, t0, messages)
+        end = _StreamEnd(self, record, reservation, opened, t0, messages, offload=ctx.body_bytes > self.offload_bytes)
         return ChatStream(model=opened.entry.name, chunks=self._relay(opened, record, plan, end, want_usage),
                           _finish=end, attempts=len(attempts))
 
@@ -406,7 +414,7 @@ class ChatService:
         name = entry.name
         held: dict[str, Any] | None = None
         template: dict[str, Any] = {}
-        parts = end.parts
+        relayed = end.relayed
         task: asyncio.Task[Any] | None = None  # the task awaiting upstream right now
         waiting = expired = False
 
@@ -436,7 +444,7 @@ class ChatService:
                 if choices:
                     content = choices[0].get("delta", {}).get("content")
                     if content:
-                        parts.append(content)
+                        relayed.add(content)
                 if choices or "usage" in d:
                     ends = not choices or any(c.get("finish_reason") for c in choices)
                     if held is not None:
