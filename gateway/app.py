@@ -70,7 +70,7 @@ def create_app(
     acc = accounting if accounting is not None else Accounting(settings_from_config(config))
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         from gateway.serving.cooldown import Cooldowns
         from gateway.serving.forwarding import Forwarder, LiteLLMUpstream
         from gateway.serving.registry import Registry, with_profiles
@@ -88,7 +88,8 @@ def create_app(
         acc.metrics.add_collect_hook(lambda: acc.metrics.set_models_in_cooldown(len(cooldowns.active())))
         forwarder = Forwarder(max_attempts=fb.max_attempts, cooldowns=cooldowns,
                               upstream=LiteLLMUpstream(raw_openai_streams=config.forwarding.raw_openai_streams,
-                                                       http_client=config.forwarding.http_client))
+                                                       http_client=config.forwarding.http_client,
+                                                       max_response_bytes=config.forwarding.max_response_bytes))
         registry.on_replace(forwarder.register)
         if policy is not None:
             bundle = RouterBundle(policy=policy[0], embed=policy[1])
@@ -121,6 +122,7 @@ def create_app(
             registry, pol, forwarder, embed=embed,
             authenticator=authenticator or acc.authenticator,
             rate_limiter=rate_limiter or acc.rate_limiter, budget=budget or acc.budget, sink=sink or acc.sink,
+            offload_bytes=config.limits.offload_bytes,
         )
         # profiling joins the gateway here only: the admin handlers reach it through these two objects
         from profiling.jobs import ProfilingJobs
@@ -130,8 +132,12 @@ def create_app(
         reprofiler = state.reprofiler = Reprofiler(config, acc.store, key)
         scheduler = ReprofileScheduler(reprofiler)
         scheduler.start()
+        from gateway.http.server import STATE_KEY, ClientLimits
+
+        srv = config.server
         try:
-            yield
+            # lifespan state: the uvicorn protocols of `uniroute serve` read their deadlines here
+            yield {STATE_KEY: ClientLimits(srv.header_timeout_s, srv.body_timeout_s, srv.max_header_bytes)}
         finally:
             await scheduler.aclose()
             await jobs.aclose()
@@ -172,7 +178,8 @@ def create_app(
     app = Starlette(
         routes=routes,
         middleware=[Middleware(InFlightMiddleware, metrics=acc.metrics),
-                    Middleware(RequestContextMiddleware, max_body_bytes=config.server.max_body_bytes)],
+                    Middleware(RequestContextMiddleware, max_body_bytes=config.server.max_body_bytes,
+                               body_timeout_s=config.server.body_timeout_s)],
         exception_handlers=handlers,
         lifespan=lifespan,
     )

@@ -63,6 +63,17 @@ class ServerConfig(_Section):
     """Log level of the gateway and uvicorn."""
     access_log: bool = False
     """uvicorn's access log."""
+    header_timeout_s: float = Field(
+        default=10.0, gt=0.0,
+        description="a connection must deliver a request's headers within this time (from its first byte, or from "
+                    "the connection's opening) or it is closed with 408 (`uniroute serve` only; docs/security)")
+    body_timeout_s: float = Field(
+        default=30.0, gt=0.0,
+        description="a request's body must have arrived completely this long after its headers, or the request "
+                    "gets 408 and the connection is closed")
+    max_header_bytes: int = Field(
+        default=64 * 1024, ge=1024,
+        description="request line plus headers larger than this get 431 and the connection is closed")
 
 
 class RouterConfig(_Section):
@@ -125,6 +136,33 @@ class ForwardingConfig(_Section):
     """HTTP stack of the shared OpenAI-wire clients: `aiohttp` (the OpenAI SDK's `DefaultAioHttpClient`, cheaper per request) or `httpx` (the SDK's default)."""
     raw_openai_streams: bool = True
     """Read OpenAI-wire streams from the SDK stream `litellm.acompletion` opened rather than through LiteLLM's per-chunk wrapper (docs/PERFORMANCE.md)."""
+    max_response_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=1024,
+        description="an upstream answer (non-streaming), or one event of a stream, larger than this (after "
+                    "decompression) fails as 502 once this many bytes arrived; it is never buffered whole. "
+                    "Enforced on the shared OpenAI-wire clients (gateway/serving/bounded.py)")
+
+
+class LimitsConfig(_Section):
+    """Cheap structural limits on request bodies, checked while the body arrives and before it is parsed or
+    validated (gateway/http/bodies.py). Over a limit: 400 naming the limit and this config key."""
+
+    max_messages: int = Field(default=2048, ge=1, description="messages in one chat request")
+    max_content_parts: int = Field(default=512, ge=1,
+                                   description="content parts (text, image, ...) in one message's content list")
+    max_tools: int = Field(default=128, ge=0, description="entries of `tools` (and of the legacy `functions`)")
+    max_json_depth: int = Field(
+        default=64, ge=2, le=128,
+        description="nesting depth of any JSON request body (arrays and objects); deeper bodies would reach "
+                    "recursion limits further down (orjson, pydantic, LiteLLM)")
+    max_json_items: int = Field(
+        default=100_000, ge=10,
+        description="JSON values of any request body (array elements and object members, at any depth; each "
+                    "container counts once): bounds what the parser must build")
+    offload_bytes: int = Field(
+        default=64 * 1024, ge=0,
+        description="a body larger than this is parsed, validated and token-counted in a worker thread, off "
+                    "the event loop (smaller ones inline: the thread hop would cost more than the work)")
 
 
 class ReplayModelsConfig(_Section):
@@ -253,6 +291,8 @@ class GatewayConfig(_Section):
     """Fallbacks and cooldown."""
     forwarding: ForwardingConfig = Field(default_factory=ForwardingConfig)
     """How calls reach the providers."""
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    """Cheap structural limits on request bodies (checked before parsing)."""
     models: list[ModelSpec] = Field(default_factory=list)
     """The registry's seed: one entry per model (gateway/spec.py; then `uniroute models` / `/admin/models`)."""
     replay_models: ReplayModelsConfig | None = None

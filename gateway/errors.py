@@ -73,6 +73,22 @@ class MethodNotAllowedError(GatewayError):
     default_code = "method_not_allowed"
 
 
+class RequestTimeoutError(GatewayError):
+    """The client did not send its request (body) in time: 408, and the connection is closed."""
+
+    status_code = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"
+
+
+class ClientDisconnectedError(GatewayError):
+    """The client went away while its request was being read (499 in the log; nobody gets the answer)."""
+
+    status_code = 499
+    error_type = "client_disconnected"
+    default_code = "client_disconnected"
+
+
 class ConflictError(GatewayError):
     status_code = 409
     error_type = "invalid_request_error"

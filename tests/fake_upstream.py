@@ -12,7 +12,10 @@ per model.
 
 Streams only (timeouts and disconnects): ``-slowfirst`` (headers at once, the first chunk after
 2 s), ``-stall`` (two chunks, then nothing until the client goes away), ``-slowstream`` (40
-chunks, one per 0.1 s). ``GET /streams`` tells, per stream (keyed by the last user message),
+chunks, one per 0.1 s).
+
+Size (server only): ``-huge`` answers a 300 MB completion (chunked, no ``content-length``, sent
+1 MiB at a time as the client reads; streaming requests get one normal chunk, then a 300 MB event). ``GET /streams`` tells, per stream (keyed by the last user message),
 whether its generator ``finished`` or was ``closed`` before the end, and when (``time.time()``).
 
 :class:`FakeUpstream` is the same upstream in memory: a gateway ``Upstream``
@@ -41,6 +44,8 @@ if TYPE_CHECKING:
     from gateway.serving.registry import ModelEntry, RegistrySnapshot
 
 PROVIDER_MESSAGE = "fake provider is on fire"
+HUGE_BYTES = 300 * 1024 * 1024
+_MIB = b"a" * (1024 * 1024)
 STREAMS: dict[str, dict[str, Any]] = {}  # last user message -> {"state": "open|finished|closed", "at": time}
 AUTH: dict[str, str] = {}  # model -> the last Authorization header it received
 
@@ -140,6 +145,9 @@ async def chat(request: Request) -> Response:
     answer, usage = reply(body)
     text = last_user_text(body)
     created = int(time.time())
+    if model.endswith("-huge"):
+        return StreamingResponse(_huge(model, bool(body.get("stream")), created),
+                                 media_type="text/event-stream" if body.get("stream") else "application/json")
     if not body.get("stream") or model.endswith("-echo"):
         return JSONResponse(completion(model, answer, usage, created))
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -172,6 +180,21 @@ async def chat(request: Request) -> Response:
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def _huge(model: str, stream: bool, created: int) -> AsyncIterator[bytes]:
+    """A 300 MB answer (or, streaming, a normal first chunk and then a 300 MB event), 1 MiB per write."""
+    if stream:
+        first = chunks(model, "big", None, created)[0]
+        yield b"data: " + json.dumps(first).encode() + b"\n\n"
+        yield b'data: {"id": "chatcmpl-fake", "choices": [{"index": 0, "delta": {"content": "'
+    else:
+        head = completion(model, "", {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}, created)
+        text = json.dumps(head)
+        yield text[:text.index('"content": "') + len('"content": "')].encode()
+    for _ in range(HUGE_BYTES // len(_MIB)):
+        yield _MIB
+    yield b'"}}]}\n\n' if stream else b'"}, "finish_reason": "stop"}]}'
 
 
 async def health(request: Request) -> Response:

@@ -109,7 +109,9 @@ async def test_http_clients_carry_the_same_answers_and_timeouts(base_url: str, h
     assert usage and usage[-1].completion_tokens > 0
     with pytest.raises(UpstreamTimeoutError):
         await fw.complete([slow], MSG, {})
-    transport = type(fw.upstream._call_kwargs(ok)["client"]._client._transport).__name__
+    bounded = fw.upstream._call_kwargs(ok)["client"]._client._transport
+    assert type(bounded).__name__ == "BoundedTransport"  # responses bounded in bytes (gateway/serving/bounded.py)
+    transport = type(bounded.inner).__name__
     assert ("Aiohttp" in transport) == (http_client == "aiohttp")
     await fw.aclose()
 

@@ -12,6 +12,10 @@ from pathlib import Path
 from gateway.config import CONFIG_ENV, ConfigError, default_config_path, load_config
 from gateway.secrets import install_log_scrubber
 
+#: import strings of gateway.http.server's protocols (uvicorn imports them in each worker)
+_BOUNDED_HTTPTOOLS = "gateway.http.server:BoundedHttpToolsProtocol"
+_BOUNDED_H11 = "gateway.http.server:BoundedH11Protocol"
+
 
 def serve_command(args: argparse.Namespace) -> int:
     path = Path(args.config) if getattr(args, "config", None) else default_config_path()
@@ -41,7 +45,9 @@ def serve_command(args: argparse.Namespace) -> int:
             port=port,
             workers=workers,
             loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-            http="httptools" if importlib.util.find_spec("httptools") else "h11",
+            # uvicorn's protocols with header/body deadlines and a header size bound (gateway/http/server.py)
+            http=(_BOUNDED_HTTPTOOLS if importlib.util.find_spec("httptools") else _BOUNDED_H11),
+            h11_max_incomplete_event_size=config.server.max_header_bytes,
             log_level=config.server.log_level,
             access_log=config.server.access_log,
             timeout_graceful_shutdown=10,

@@ -4,6 +4,11 @@ Response headers: ``x-uniroute-model`` (the model that served), ``x-uniroute-req
 gateway's own id, set by the middleware; ``x-uniroute-client-request-id`` echoes the client's), ``x-uniroute-attempts`` (upstream calls made, on every chat response including
 errors; 0 when refused before forwarding) and ``x-uniroute-cost`` (USD, when known before the
 headers are sent, i.e. not for streams; the last chunk's ``uniroute.cost_usd`` has it).
+
+Bounded work before authentication: the key is checked from the headers before a byte of the body is
+read (a refused caller gets its 401 whatever it sends); the body is then read under the structural
+limits of ``limits:`` (gateway/http/bodies.py: 400 at the first one broken, without reading the rest),
+and a body over ``limits.offload_bytes`` is parsed and validated in a worker thread.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from gateway.http.bodies import chat_shape, limits_of, off_loop, read_body
 from gateway.http.middleware import ATTEMPTS, new_request_id
 from gateway.http.responses import dumps, error_response, header_value, json_response, parse_json
 from gateway.http.state import gateway_state
-from gateway.protocol import parse_chat_request
+from gateway.protocol import ChatCompletionRequest, parse_chat_request
 from gateway.serving.service import ChatContext, ChatStream
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -28,16 +34,24 @@ def request_id(request: Request) -> str:
     return str(rid) if rid else new_request_id()
 
 
+def _parse(raw: bytes) -> ChatCompletionRequest:
+    return parse_chat_request(parse_json(raw))
+
+
 async def chat_completions(request: Request) -> Response:
     service = gateway_state(request).chat_service()
+    limits = limits_of(request)
+    ctx = ChatContext(
+        request_id=request_id(request),
+        client_request_id=request.scope.get("state", {}).get("client_request_id"),
+        authorization=request.headers.get("authorization"),
+        lambda_header=request.headers.get("x-uniroute-lambda"),
+    )
     try:
-        req = parse_chat_request(parse_json(await request.body()))
-        ctx = ChatContext(
-            request_id=request_id(request),
-            client_request_id=request.scope.get("state", {}).get("client_request_id"),
-            authorization=request.headers.get("authorization"),
-            lambda_header=request.headers.get("x-uniroute-lambda"),
-        )
+        await service.authenticate(ctx)  # from the headers: a refused key costs no body read
+        raw = await read_body(request, chat_shape(limits))
+        ctx.body_bytes = len(raw)
+        req = await off_loop(len(raw), limits, _parse, raw)
         if req.stream:
             stream = await service.stream(req, ctx)
             try:

@@ -1,4 +1,4 @@
-"""Pure-ASGI middleware: request id, timing, body-size limit.
+"""Pure-ASGI middleware: request id, timing, body-size limit, body read timeout.
 
 - Every HTTP response carries ``x-uniroute-request-id``: the gateway's own id, a fresh
   ``req-<uuid4 hex>`` per request, unique, and the id ``POST /v1/feedback`` addresses; and
@@ -13,10 +13,18 @@
   number of upstream calls; a response refused before it ran (413, 405, ...) gets ``0`` here.
 - A body larger than ``max_body_bytes`` gets 413: at once when ``content-length`` says
   so, else as soon as the streamed body crosses the limit.
+- A body that has not arrived completely ``body_timeout_s`` after the request started (a client
+  trickling it) gets 408 when the handler next waits for it. Both close the connection.
+- A response sent before the handler read the whole body (a 401 from the headers alone, a 400 from
+  the first bytes) keeps the connection only when ``content-length`` promises at most
+  :data:`DRAIN_MAX_BYTES` more (uvicorn reads and discards them); otherwise it closes the connection
+  rather than read megabytes nobody will use (a client still sending may then see a reset instead of
+  the answer: the price of not reading what an unauthenticated client sends).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -24,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import PayloadTooLargeError, error_body
+from gateway.errors import PayloadTooLargeError, RequestTimeoutError, error_body
 from gateway.secrets import REQUEST_ID
 
 if TYPE_CHECKING:
@@ -42,6 +50,9 @@ _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 #: What a request id is (a client's own ``x-uniroute-request-id`` outside it is replaced by a fresh one)
 REQUEST_ID_PATTERN = _SANE_ID
 REQUEST_ID_RULE = "1-128 characters from ASCII letters, digits and . _ : -"
+_CLOSE = {"connection": "close"}
+#: the most unread body bytes a response sent early still reads (and discards) to keep the connection
+DRAIN_MAX_BYTES = 1024 * 1024
 _dumps: Any
 try:
     import orjson
@@ -59,9 +70,10 @@ def new_request_id() -> str:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int = 10 * 1024 * 1024) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int = 10 * 1024 * 1024, body_timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -70,6 +82,7 @@ class RequestContextMiddleware:
         t0 = time.perf_counter()
         client_id: bytes | None = None
         length: int | None = None
+        has_body = False
         for k, v in scope["headers"]:
             if k == _CLIENT_ID_BYTES or (k == b"x-uniroute-request-id" and client_id is None):
                 client_id = v if _SANE_ID.match(v.decode("latin-1")) else None
@@ -78,6 +91,8 @@ class RequestContextMiddleware:
                     length = int(v)
                 except ValueError:
                     length = None
+            elif k == b"transfer-encoding":
+                has_body = True
         rid = new_request_id()  # always the gateway's own: unique, whatever the client sends
         state = scope.setdefault("state", {})
         state["request_id"] = rid
@@ -86,6 +101,8 @@ class RequestContextMiddleware:
         rid_bytes = rid.encode()
         limit = self.max_body_bytes
         chat = scope.get("path") == CHAT_PATH
+        body_done = not (has_body or length)  # nothing (more) to read
+        received = 0
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -96,6 +113,10 @@ class RequestContextMiddleware:
                 headers.append((b"x-uniroute-time-ms", f"{(time.perf_counter() - t0) * 1e3:.2f}".encode()))
                 if chat and not any(k == _ATTEMPTS_BYTES for k, _ in headers):
                     headers.append((_ATTEMPTS_BYTES, b"0"))
+                if (not body_done and (length is None or length - received > DRAIN_MAX_BYTES)
+                        and not any(k == b"connection" for k, _ in headers)):
+                    # answered before the body was read: do not read (and discard) megabytes, or an unbounded rest
+                    headers.append((b"connection", b"close"))
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -103,15 +124,26 @@ class RequestContextMiddleware:
             await self._too_large(send_wrapper, limit)
             return
 
-        received = 0
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
+        timeout_s = self.body_timeout_s
 
         async def receive_wrapper() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # e.g. a streaming response listening for the disconnect: no deadline
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise RequestTimeoutError(f"the request body did not arrive within {timeout_s:g} s "
+                                          "(server.body_timeout_s)", headers=_CLOSE) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise PayloadTooLargeError(_too_large_message(limit))
+                    raise PayloadTooLargeError(_too_large_message(limit), headers=_CLOSE)
+                body_done = not message.get("more_body", False)
+            else:
+                body_done = True
             return message
 
         token = REQUEST_ID.set(rid)  # named in scrubbed upstream connection errors (gateway/secrets.py)

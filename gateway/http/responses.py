@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.errors import GatewayError, InvalidRequestError, MethodNotAllowedError, NotFoundError, error_body
+from gateway.http.bodies import json_shape, limits_of, off_loop, read_body
 
 dumps: Any
 loads: Any
@@ -51,7 +52,7 @@ def error_response(exc: BaseException) -> Response:
     return json_response(body, status, headers or None)
 
 
-def parse_json(raw: bytes, *, empty: Any = None) -> Any:
+def parse_json(raw: bytes, empty: Any = None) -> Any:
     """The request body as JSON (``empty`` for an empty body); 400 ``invalid_json`` when it is not JSON."""
     if not raw:
         return empty
@@ -62,8 +63,12 @@ def parse_json(raw: bytes, *, empty: Any = None) -> Any:
 
 
 async def json_body(request: Request, *, empty: Any = None) -> Any:
-    """Read and parse the request body (see :func:`parse_json`)."""
-    return parse_json(await request.body(), empty=empty)
+    """Read the request body under the structural limits every JSON body has (``limits.max_json_depth``,
+    ``limits.max_json_items``: 400 at the first one broken) and parse it (see :func:`parse_json`); in a
+    worker thread when it is larger than ``limits.offload_bytes``."""
+    limits = limits_of(request)
+    raw = await read_body(request, json_shape(limits))
+    return await off_loop(len(raw), limits, parse_json, raw, empty)
 
 
 def path_name(request: Request, what: str, max_length: int) -> str:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.requests import Request
 
-from gateway.config import AdminConfig
+from gateway.config import AdminConfig, LimitsConfig
 from gateway.errors import GatewayError, ServiceUnavailableError
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ class Reprofiler(Protocol):
 class GatewayState:
     accounting: Accounting
     readiness_checks: dict[str, ReadinessCheck] = field(default_factory=dict)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)  # structural limits of request bodies
     admin: AdminConfig = field(default_factory=AdminConfig)  # what /admin/models may write (config admin:)
     # set by the lifespan at start-up
     started_at: int = 0

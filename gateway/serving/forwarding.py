@@ -18,7 +18,9 @@
   per-chunk re-wrapping and end-of-stream re-assembly (~10 ms CPU per 20-chunk stream).
   The shared clients send over aiohttp (``http_client="aiohttp"``, the OpenAI SDK's own
   ``DefaultAioHttpClient``) instead of the SDK's default httpx stack, which cost about a third of
-  the gateway's CPU per request; ``http_client="httpx"`` restores the default.
+  the gateway's CPU per request; ``http_client="httpx"`` restores the default. Either way their
+  responses are bounded in bytes (``max_response_bytes``, gateway/serving/bounded.py): a larger
+  answer, or stream event, fails as a 502 without being buffered whole.
   Non-streaming calls (and those streams) run with LiteLLM's "internal call" flag set, which
   skips LiteLLM's own success/failure logging: the gateway logs and prices every request itself.
 - Timeouts per model: ``connect_timeout_s`` (an ``httpx.Timeout`` on the call: honoured by
@@ -52,7 +54,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, get_args
+from typing import Any, Literal, Protocol, TypeVar, get_args
 
 import gateway  # noqa: F401  (offline environment before litellm is imported)
 from gateway.errors import (
@@ -63,10 +65,14 @@ from gateway.errors import (
     UpstreamTimeoutError,
 )
 from gateway.secrets import REQUEST_ID, remember, scrub
+from gateway.serving.bounded import UpstreamBodyError, bounded_client
 from gateway.serving.cooldown import Cooldowns
 from gateway.serving.registry import ModelEntry, RegistrySnapshot
 
 logger = logging.getLogger("uniroute.forwarding")
+E = TypeVar("E", bound=BaseException)
+#: default bound on one upstream answer (or stream event), in bytes (forwarding.max_response_bytes)
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 
 #: HTTP stack of the shared upstream clients: aiohttp (the OpenAI SDK's ``DefaultAioHttpClient``) or httpx
 HttpClientKind = Literal["aiohttp", "httpx"]
@@ -182,6 +188,9 @@ def map_exception(exc: BaseException, model: str) -> GatewayError:
     if _in_chain(exc, RecursionError) is not None:
         return InvalidRequestError(f"the request could not be sent to model '{model}': a field of it is nested too "
                                    "deeply to encode", code="request_not_encodable")
+    body = _cause(exc, UpstreamBodyError)
+    if body is not None:
+        return UpstreamError(f"model '{model}' failed upstream: {scrub(str(body))}", code="upstream_response_refused")
     raw = provider_message(exc)
     msg = scrub(raw)
     if logger.isEnabledFor(logging.DEBUG):
@@ -201,6 +210,19 @@ def map_exception(exc: BaseException, model: str) -> GatewayError:
     if caused_by_request(exc, status):
         return InvalidRequestError(f"model '{model}' rejected the request: {msg}", code="upstream_bad_request")
     return UpstreamError(f"model '{model}' failed upstream: {msg}")
+
+
+def _cause(exc: BaseException, kind: type[E]) -> E | None:
+    """The first exception of type ``kind`` in ``exc``'s chain (the SDK and LiteLLM re-raise what the HTTP
+    stack raised, keeping it as the cause or context)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, kind):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 def _refused(exc: BaseException) -> BaseException | None:
@@ -322,11 +344,13 @@ class Upstream(Protocol):
 class LiteLLMUpstream:
     """Calls backends through ``litellm.acompletion`` (the gateway's only caller of it)."""
 
-    def __init__(self, raw_openai_streams: bool = True, http_client: HttpClientKind = "aiohttp") -> None:
+    def __init__(self, raw_openai_streams: bool = True, http_client: HttpClientKind = "aiohttp",
+                 max_response_bytes: int = MAX_RESPONSE_BYTES) -> None:
         if http_client not in HTTP_CLIENTS:
             raise ValueError(f"unknown http_client {http_client!r}; valid: {', '.join(HTTP_CLIENTS)}")
         self.raw_openai_streams = raw_openai_streams
         self.http_client = http_client
+        self.max_response_bytes = max_response_bytes
         self._litellm = configure_litellm()
         self._acompletion = self._litellm.acompletion
         self._quiet = _internal_call_flag()
@@ -347,13 +371,11 @@ class LiteLLMUpstream:
         if client is None:
             if self._client_cls is None:
                 self._client_cls = _fast_client_class()
-            # timeouts are passed per request (the entry's timeout_s); retries are the gateway's fallback
-            extra: dict[str, Any] = {}
-            if self.http_client == "aiohttp":
-                import openai
-
-                extra["http_client"] = openai.DefaultAioHttpClient()
-            client = self._client_cls(base_url=base, api_key=key, organization=ident[2], max_retries=0, **extra)
+            # timeouts are passed per request (the entry's timeout_s); retries are the gateway's fallback.
+            # The SDK's own HTTP client (aiohttp or httpx), its responses bounded in bytes
+            http = bounded_client(self.http_client, self.max_response_bytes)
+            client = self._client_cls(base_url=base, api_key=key, organization=ident[2], max_retries=0,
+                                      http_client=http)
             self._clients[ident] = client
         return client
 
@@ -567,12 +589,51 @@ class Forwarder:
         return _cost(entry, usage)
 
     @staticmethod
-    def partial_usage(entry: ModelEntry, messages: list[dict[str, Any]], relayed: str) -> tuple[int, int, float]:
+    def partial_usage(entry: ModelEntry, messages: list[dict[str, Any]],
+                      relayed: RelayedText | str) -> tuple[int, int, float]:
         """(prompt tokens, completion tokens, cost) of a stream cut short before its usage chunk: the
-        messages and the text relayed so far, counted with LiteLLM's token counter, × the entry's prices."""
+        messages and the text relayed so far, counted with LiteLLM's token counter, × the entry's prices.
+        CPU-heavy for a large prompt: the chat service calls it in a worker thread then."""
         pt = count_tokens(entry.litellm_model, messages=messages)
-        ct = count_tokens(entry.litellm_model, text=relayed) if relayed else 0
+        if isinstance(relayed, RelayedText):
+            ct = relayed.tokens()
+        else:
+            ct = count_tokens(entry.litellm_model, text=relayed) if relayed else 0
         return pt, ct, _price(entry, pt, ct)
+
+
+class RelayedText:
+    """What a stream has relayed so far, as running counts (the text itself is not kept): characters, and
+    tokens by LiteLLM's counter, counted per batch of about :attr:`BATCH` characters. Memory is one batch,
+    whatever the stream's length; a stream that ends normally with its usage chunk never counts (a
+    batch is counted only when it fills, or when :meth:`tokens` is asked)."""
+
+    BATCH = 4096
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.chars = 0
+        self._tokens = 0
+        self._pending: list[str] = []
+        self._pending_chars = 0
+
+    def add(self, text: str) -> None:
+        self.chars += len(text)
+        self._pending.append(text)
+        self._pending_chars += len(text)
+        if self._pending_chars >= self.BATCH:
+            self._count()
+
+    def _count(self) -> None:
+        if self._pending:
+            self._tokens += count_tokens(self.model, text="".join(self._pending))
+            self._pending.clear()
+            self._pending_chars = 0
+
+    def tokens(self) -> int:
+        """Completion tokens relayed so far (counts the pending batch)."""
+        self._count()
+        return self._tokens
 
 
 async def _raw_chunks(raw: Any) -> AsyncIterator[Any]:

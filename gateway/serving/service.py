@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway.errors import (
     GatewayError,
@@ -33,7 +33,7 @@ from gateway.errors import (
     UpstreamTimeoutError,
 )
 from gateway.protocol import PASSTHROUGH_FIELDS, ChatCompletionRequest
-from gateway.serving.forwarding import Attempt, Forwarder, OpenStream, map_exception, shielded
+from gateway.serving.forwarding import Attempt, Forwarder, OpenStream, RelayedText, map_exception, shielded
 from gateway.serving.interfaces import (
     Authenticator,
     BudgetGuard,
@@ -52,6 +52,7 @@ from gateway.serving.router import EmbedFn
 from routing.policy import GatewayPolicy, RoutingDecision
 
 logger = logging.getLogger("uniroute.service")
+T = TypeVar("T")
 
 AUTO = "auto"
 _PASSTHROUGH: set[str] = set(PASSTHROUGH_FIELDS) - {"stream_options"}
@@ -67,6 +68,8 @@ class ChatContext:
     client_request_id: str | None = None  # the client's, if it sent one
     authorization: str | None = None
     lambda_header: str | None = None
+    principal: Principal | None = None  # set by ChatService.authenticate, from the headers, before the body is read
+    body_bytes: int = 0  # the request body's size: above the service's offload_bytes, CPU-heavy steps run in a thread
 
 
 @dataclass
@@ -102,15 +105,17 @@ class _StreamEnd:
 
     A stream cut short (client disconnect: 499; upstream failure or total timeout mid-way) whose
     usage chunk never came is logged with its partial usage — prompt tokens of the messages,
-    completion tokens of the text relayed so far — priced with the entry's prices, and the budget
-    reservation is settled with that cost. The record is logged before anything is awaited, and
-    closing upstream and settling are shielded: a disconnect cancels the task that runs this."""
+    completion tokens of the text relayed so far (``relayed``: counts, never the text itself) —
+    priced with the entry's prices, and the budget reservation is settled with that cost. Counting,
+    logging, closing upstream and settling run in one shielded task (a disconnect cancels the task that
+    runs this); the counting runs in a worker thread when the request body was large (``offload``)."""
 
     def __init__(self, service: ChatService, record: RequestRecord, reservation: Reservation | None,
-                 opened: OpenStream, t0: float, messages: list[dict[str, Any]]) -> None:
+                 opened: OpenStream, t0: float, messages: list[dict[str, Any]], offload: bool = False) -> None:
         self.service, self.record, self.reservation, self.opened, self.t0 = service, record, reservation, opened, t0
         self.messages = messages
-        self.parts: list[str] = []  # content relayed so far
+        self.relayed = RelayedText(opened.entry.litellm_model)  # content relayed so far, as running counts
+        self.offload = offload
         self.settled = 0.0
         self.done = False
 
@@ -126,12 +131,18 @@ class _StreamEnd:
                 await self.service.budget.settle(self.reservation, self.settled)
             self.service._finish(record, self.t0)
             return
+        await shielded(self._cut_short())
+
+    async def _cut_short(self) -> None:
+        record = self.record
         if record.completion_tokens is None:
-            pt, ct, cost = self.service.forwarder.partial_usage(self.opened.entry, self.messages, "".join(self.parts))
+            usage = self.service.forwarder.partial_usage
+            args = (self.opened.entry, self.messages, self.relayed)
+            pt, ct, cost = await asyncio.to_thread(usage, *args) if self.offload else usage(*args)
             record.prompt_tokens, record.completion_tokens, record.cost_usd = pt, ct, cost
             self.settled = cost
         self.service._finish(record, self.t0)
-        await shielded(self._release())
+        await self._release()
 
     async def _release(self) -> None:
         aclose = getattr(self.opened.rest, "aclose", None)
@@ -162,6 +173,7 @@ class ChatService:
         rate_limiter: RateLimiter | None = None,
         budget: BudgetGuard | None = None,
         sink: RequestSink | None = None,
+        offload_bytes: int = 64 * 1024,
     ) -> None:
         if policy.needs_embedding and embed is None:
             raise ValueError(f"policy {policy.name!r} needs an embed function")
@@ -173,6 +185,7 @@ class ChatService:
         self.rate_limiter: RateLimiter = rate_limiter or NoRateLimit()
         self.budget: BudgetGuard = budget or NoBudget()
         self.sink: RequestSink = sink or MemorySink()
+        self.offload_bytes = offload_bytes  # requests with larger bodies count tokens etc. in a worker thread
 
     # -- steps ------------------------------------------------------------------------
 
@@ -195,8 +208,31 @@ class ChatService:
                                       param=param, code="lambda_out_of_range")
         return lam
 
+    async def authenticate(self, ctx: ChatContext) -> Principal:
+        """Who is calling, from the ``Authorization`` header alone: the HTTP layer calls this before it reads
+        the body, so a refused caller costs no body read or parse. A refusal is logged (its model is unknown)."""
+        if ctx.principal is not None:
+            return ctx.principal
+        t0 = time.perf_counter()
+        try:
+            ctx.principal = await self.authenticator.authenticate(ctx.authorization)
+        except BaseException as exc:
+            record = RequestRecord(request_id=ctx.request_id, started_at=datetime.now(UTC), requested_model="",
+                                   stream=False)
+            self._fail(record, exc)
+            self._finish(record, t0)
+            raise
+        return ctx.principal
+
+    async def off_loop(self, ctx: ChatContext, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, in a worker thread when the request's body is larger than ``offload_bytes`` (token
+        counting and other CPU-heavy steps on big payloads must not stall the event loop)."""
+        if ctx.body_bytes > self.offload_bytes:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
+
     async def plan(self, req: ChatCompletionRequest, ctx: ChatContext, record: RequestRecord | None = None) -> _Plan:
-        principal = await self.authenticator.authenticate(ctx.authorization)
+        principal = ctx.principal or await self.authenticator.authenticate(ctx.authorization)
         if record is not None:  # attribute refusals after this point (bad λ, rate limit, model) to the key
             record.key_id, record.key_name = principal.key_id, principal.key_name
         lam = self.resolve_lambda(req, ctx.lambda_header, principal)
@@ -309,7 +345,8 @@ class ChatService:
         try:
             plan = await self.plan(req, ctx, record)
             self._fill_plan(record, plan)
-            reservation = await self.budget.reserve(plan.principal, self._estimate(req, plan.candidates[0]))
+            estimate = await self.off_loop(ctx, self._estimate, req, plan.candidates[0])
+            reservation = await self.budget.reserve(plan.principal, estimate)
             done = await self.forwarder.complete(plan.candidates, self._messages(req), self._params(req), attempts)
             usage = getattr(done.response, "usage", None)
             record.routed_model = done.entry.name
@@ -347,7 +384,8 @@ class ChatService:
         try:
             plan = await self.plan(req, ctx, record)
             self._fill_plan(record, plan)
-            reservation = await self.budget.reserve(plan.principal, self._estimate(req, plan.candidates[0]))
+            estimate = await self.off_loop(ctx, self._estimate, req, plan.candidates[0])
+            reservation = await self.budget.reserve(plan.principal, estimate)
             params = self._params(req)
             params["stream_options"] = {"include_usage": True}  # the gateway always needs usage for the cost
             messages = self._messages(req)
@@ -365,7 +403,7 @@ class ChatService:
         record.ttft_ms = (time.perf_counter() - t0) * 1e3
         record.attempts = [a.as_dict() for a in attempts]
         want_usage = bool(req.stream_options and req.stream_options.include_usage)
-        end = _StreamEnd(self, record, reservation, opened, t0, messages)
+        end = _StreamEnd(self, record, reservation, opened, t0, messages, offload=ctx.body_bytes > self.offload_bytes)
         return ChatStream(model=opened.entry.name, chunks=self._relay(opened, record, plan, end, want_usage),
                           _finish=end, attempts=len(attempts))
 
@@ -387,7 +425,7 @@ class ChatService:
         name = entry.name
         held: dict[str, Any] | None = None
         template: dict[str, Any] = {}
-        parts = end.parts
+        relayed = end.relayed
         task: asyncio.Task[Any] | None = None  # the task awaiting upstream right now
         waiting = expired = False
 
@@ -417,7 +455,7 @@ class ChatService:
                 if choices:
                     content = choices[0].get("delta", {}).get("content")
                     if content:
-                        parts.append(content)
+                        relayed.add(content)
                 if choices or "usage" in d:
                     ends = not choices or any(c.get("finish_reason") for c in choices)
                     if held is not None:
