@@ -185,7 +185,8 @@ def create_app(
     )
     # what the handlers reach (gateway/http/state.py); the lifespan fills in the rest at start-up
     state = app.state.gateway = GatewayState(
-        accounting=acc, readiness_checks={"database": acc.check_ready, **(readiness_checks or {})}, admin=config.admin)
+        accounting=acc, readiness_checks={"database": acc.check_ready, **(readiness_checks or {})}, admin=config.admin,
+        limits=config.limits)
     return app
 
 

@@ -36,6 +36,8 @@ BODY_TIMEOUT_S = 3.0
 #: the adversarial body of issue 10 row 2: 9 MB, 300k tiny messages
 ADVERSARIAL = orjson.dumps({"model": "echo", "messages": [{"role": "user", "content": "a"}] * 300_000})
 
+ADMIN_KEY = "sk-admin-bounded-test"
+
 
 @dataclass
 class Gateway:
@@ -82,12 +84,12 @@ def gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     cfg = _config(root, fake_upstream_url, port)
     if request.param == "httptools":  # what `uniroute serve` runs
         args = ["-m", "gateway.cli.main", "serve", "--config", str(cfg)]
-        env = server_env()
+        env = server_env(UNIROUTE_ADMIN_KEY=ADMIN_KEY)  # enabled: a missing or wrong key is a 401
     else:  # the same app on uvicorn's h11 protocol (what `uniroute serve` picks without httptools)
         args = ["-m", "uvicorn", "gateway.app:app_from_env", "--factory", "--host", "127.0.0.1", "--port", str(port),
                 "--http", "gateway.http.server:BoundedH11Protocol", "--h11-max-incomplete-event-size", "65536",
                 "--log-level", "warning"]
-        env = server_env(UNIROUTE_CONFIG=str(cfg))
+        env = server_env(UNIROUTE_CONFIG=str(cfg), UNIROUTE_ADMIN_KEY=ADMIN_KEY)
     with running(args, f"http://127.0.0.1:{port}/health/readiness", env=env, timeout_s=120) as proc:
         yield Gateway(port, (root / "key").read_text(), proc.pid, request.param)
 
