@@ -165,8 +165,9 @@ def caused_by_request(exc: BaseException, status: Any) -> bool:
     return _in_chain(exc, RecursionError) is not None
 
 
-def _in_chain(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
-    """The first exception of type ``kind`` in ``exc``'s cause/context chain (``exc`` included)."""
+def _in_chain(exc: BaseException, kind: type[E]) -> E | None:
+    """The first exception of type ``kind`` in ``exc``'s cause/context chain (``exc`` included): the SDK and
+    LiteLLM re-raise what the HTTP stack raised, keeping it as the cause or context."""
     seen: set[int] = set()
     cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:
@@ -188,7 +189,7 @@ def map_exception(exc: BaseException, model: str) -> GatewayError:
     if _in_chain(exc, RecursionError) is not None:
         return InvalidRequestError(f"the request could not be sent to model '{model}': a field of it is nested too "
                                    "deeply to encode", code="request_not_encodable")
-    body = _cause(exc, UpstreamBodyError)
+    body = _in_chain(exc, UpstreamBodyError)
     if body is not None:
         return UpstreamError(f"model '{model}' failed upstream: {scrub(str(body))}", code="upstream_response_refused")
     raw = provider_message(exc)
@@ -210,19 +211,6 @@ def map_exception(exc: BaseException, model: str) -> GatewayError:
     if caused_by_request(exc, status):
         return InvalidRequestError(f"model '{model}' rejected the request: {msg}", code="upstream_bad_request")
     return UpstreamError(f"model '{model}' failed upstream: {msg}")
-
-
-def _cause(exc: BaseException, kind: type[E]) -> E | None:
-    """The first exception of type ``kind`` in ``exc``'s chain (the SDK and LiteLLM re-raise what the HTTP
-    stack raised, keeping it as the cause or context)."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, kind):
-            return cur
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return None
 
 
 def _refused(exc: BaseException) -> BaseException | None:
