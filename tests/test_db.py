@@ -108,7 +108,7 @@ def test_cli_db_commands(tmp_path: Path) -> None:
         return out.stdout
 
     assert "none (empty database)" in run("current")
-    assert "at revision 0003" in run("upgrade")
+    assert "at revision 0004_reservation_holders" in run("upgrade")
     assert (tmp_path / "var" / "test.db").is_file()  # relative to the config's folder
     assert "up to date" in run("current")
     assert "base (empty)" in run("downgrade", "base")
