@@ -137,6 +137,12 @@ class DatabaseConfig(_Section):
     log_max_buffer: int = Field(default=100_000, ge=1)  # request rows held while the database is unreachable
     spill_dir: str = "var/request-log-spill"  # rows unwritable at shutdown go here, and in at next start
     log_close_timeout_s: float = Field(default=15.0, ge=0.0)  # how long shutdown keeps retrying before spilling
+    # durability (docs/security/durability.md)
+    journal: bool = True  # append every finished request to a journal in spill_dir before its response ends (kill -9)
+    journal_fsync: bool = False  # fsync each journal append: survives a machine crash too, one disk flush per request
+    settle_timeout_s: float = Field(default=2.0, gt=0.0)  # longest a response waits for its budget charge to be written
+    reservation_ttl_s: float = Field(default=120.0, gt=0.0)  # a process silent this long loses its budget reservations
+    sqlite_busy_timeout_s: float = Field(default=30.0, gt=0.0)  # how long SQLite waits for a lock before a 503
 
 
 class RateLimitConfig(_Section):
