@@ -323,3 +323,28 @@ def test_a_journal_append_costs_little(tmp_path: Path, capsys: pytest.CaptureFix
               f"(+{extra:.1f} µs per request)")
     assert extra < 1000  # generous under a loaded machine; measured ~10-30 µs
     store.dispose()
+
+
+async def test_a_shutdown_with_the_store_down_leaves_its_reservations_to_the_next_start(store: Store,
+                                                                                       tmp_path: Path) -> None:
+    spill = tmp_path / "spill"
+    p = _key(store)
+    guard = SqlBudgetGuard(store, holder="h-1")
+    writer = RequestLogWriter(store, spill_dir=spill, holder="h-1").start()
+    await guard.reserve(p, 0.25)  # settled later by nobody: the process stops with the store unreachable
+    down = Store("postgresql+psycopg://nobody@127.0.0.1:1/none", connect_timeout_s=1)
+    assert await ReservationKeeper(down, "h-1", ttl_s=3600).aclose() is False
+    down.dispose()
+    writer.close()
+    writer.leave_holder_marker()
+    assert _budget(store, p.key_id)[1] == pytest.approx(0.25)
+
+    nxt = RequestLogWriter(store, spill_dir=spill, holder="h-2", flush_interval_s=0.05).start()
+    assert nxt.adopted_holders == ["h-1"]
+    keeper = ReservationKeeper(store, "h-2", ttl_s=3600)
+    await keeper.start(nxt.adopted_holders)
+    assert _budget(store, p.key_id)[1] == 0.0 and reservations_sql.held(store) == []
+    await keeper.aclose()
+    assert nxt.flush(5)
+    nxt.close()
+    assert not list(spill.glob("journal-*"))

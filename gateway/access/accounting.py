@@ -207,7 +207,8 @@ class Accounting:
     async def aclose(self) -> None:
         if self._started:
             await asyncio.to_thread(self.writer.close)
-            await self.keeper.aclose()
+            if not await self.keeper.aclose():  # the store is down: the next start here releases this holder
+                await asyncio.to_thread(self.writer.leave_holder_marker)
             self._started = False
         aclose = getattr(self.rate_limiter, "aclose", None)
         if aclose is not None:

@@ -103,9 +103,10 @@ class ReservationKeeper:
         if n and self.metrics is not None:
             self.metrics.reservations_released.labels(reason=reason).inc(n)
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> bool:
         """Stop ticking, then release what this process still holds (nothing, after a clean drain) and
-        unregister it. With the store down, the next start or the TTL does it."""
+        unregister it. False when the store could not be reached (the next start on this host does it, if
+        the caller leaves a marker: ``RequestLogWriter.leave_holder_marker``; else the TTL)."""
         with contextlib.suppress(Exception):
             await cancel_and_wait(self._task)
         self._task = None
@@ -113,7 +114,9 @@ class ReservationKeeper:
             n = await asyncio.to_thread(reservations_sql.release_holders, self.store, [self.holder])
         except Exception as exc:
             logger.warning("reservations: could not unregister this process (%s); its reservations are released "
-                           "after database.reservation_ttl_s", type(exc).__name__)
-            return
+                           "at the next start on this host, or after database.reservation_ttl_s",
+                           type(exc).__name__)
+            return False
         if n:
             logger.warning("reservations: released %d still held at shutdown", n)
+        return True

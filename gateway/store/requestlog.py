@@ -510,6 +510,13 @@ class RequestLogWriter:
             orphan.release(delete=True)
         self._orphans.clear()
 
+    def leave_holder_marker(self) -> None:
+        """After :meth:`close`: leave this process's (unlocked, empty) journal lock file behind, so the next
+        start in ``spill_dir`` takes this holder for dead and releases its budget reservations."""
+        if self.journal is not None:
+            with contextlib.suppress(OSError):
+                self.journal.lock_path.touch()
+
     def _journal_error(self) -> None:
         if self.metrics is not None:
             self.metrics.request_journal_errors.inc()
