@@ -91,8 +91,6 @@ def period_starts(now: datetime) -> PeriodStarts:
 
 logger = logging.getLogger("uniroute.budget")
 T = TypeVar("T")
-#: The holder id of reservations made by a guard built without one (tests, one-off tools): one per process.
-_PROCESS_HOLDER = new_holder_id()
 
 
 async def store_call(fn: Callable[..., T], *args: Any) -> T:
@@ -128,7 +126,7 @@ class SqlBudgetGuard:
                  settle_timeout_s: float = 2.0) -> None:
         self.store = store
         self.metrics = metrics
-        self.holder = holder or _PROCESS_HOLDER
+        self.holder = holder or new_holder_id()  # a guard built without one (tests, tools) is its own holder
         self.settle_timeout_s = settle_timeout_s
         self.unsure: set[str] = set()  # reservations whose commit may have happened unseen: dropped when the store is back
         self._background: set[asyncio.Future[Any]] = set()
