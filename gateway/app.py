@@ -65,6 +65,7 @@ def create_app(
     from gateway.http.auth import GuardedMetrics
     from gateway.http.middleware import InFlightMiddleware
     from gateway.metrics import metrics_app
+    from gateway.store.engine import OUTAGE_ERRORS
 
     config = calibrated(config)  # router.target_cost -> default λ (cheap: numpy only, no embedder)
     acc = accounting if accounting is not None else Accounting(settings_from_config(config))
@@ -174,6 +175,7 @@ def create_app(
     ]
     # handlers raise GatewayError; one handler shapes it. 404/405 from routing; anything else is a bug (500)
     handlers: dict[Any, Any] = {GatewayError: responses.gateway_error, HTTPException: responses.http_exception,
+                                **{cls: responses.store_unavailable for cls in OUTAGE_ERRORS},
                                 Exception: responses.unhandled_exception}
     app = Starlette(
         routes=routes,

@@ -212,6 +212,16 @@ class DatabaseConfig(_Section):
     """Rows unwritable at shutdown are spilled here, and written at the next start."""
     log_close_timeout_s: float = Field(default=15.0, ge=0.0)
     """How long shutdown keeps retrying the database before spilling."""
+    journal: bool = True
+    """Append every finished request to a journal in `spill_dir` before its response ends, replayed at start: `kill -9` loses no answered request's row (docs/security/durability.md)."""
+    journal_fsync: bool = False
+    """fsync each journal append: survives a machine crash too, at one disk flush per request."""
+    settle_timeout_s: float = Field(default=2.0, gt=0.0)
+    """The longest a response waits for its budget charge to be written; past it the charge is written with the request's log row when the database is back."""
+    reservation_ttl_s: float = Field(default=120.0, gt=0.0)
+    """A gateway process silent this long loses its budget reservations (any replica releases them)."""
+    sqlite_busy_timeout_s: float = Field(default=30.0, gt=0.0)
+    """How long SQLite waits for a lock before the request gets a 503."""
 
 
 class RateLimitConfig(_Section):

@@ -151,6 +151,25 @@ class ServiceUnavailableError(GatewayError):
     default_code = "service_unavailable"
 
 
+#: Seconds a client is told to wait (``Retry-After``) when the gateway's database is unavailable.
+STORE_RETRY_AFTER_S = 2
+
+
+class StoreUnavailableError(ServiceUnavailableError):
+    """The gateway's database is unreachable, down, locked or read-only: 503 with ``Retry-After``.
+
+    Raised for every request that needs the store before it can answer (an API key not in the
+    cache, a budget reservation, ``/v1/usage``, ``/v1/feedback``, the admin API). The message names
+    the failure's class only, never the database's address."""
+
+    def __init__(self, message: str | None = None, *, cause: BaseException | None = None,
+                 retry_after: float = STORE_RETRY_AFTER_S, **kw: Any) -> None:
+        what = f" ({type(cause).__name__})" if cause is not None else ""
+        super().__init__(message or f"the gateway's database is unavailable{what}; retry in {retry_after:g} s", **kw)
+        self.retry_after = retry_after
+        self.headers.setdefault("retry-after", str(max(1, int(retry_after + 0.999))))
+
+
 def validation_message(exc: ValidationError, what: str, fields: str) -> str:
     """One line for a pydantic error: ``invalid <what>: <field>: <problem>; ... (fields: <fields>)``."""
     parts = []

@@ -167,6 +167,26 @@ class Metrics:
         self.request_log_buffer = Gauge(
             "uniroute_request_log_buffer_rows", "Request rows waiting to be written",
             registry=r, multiprocess_mode="livesum")
+        self.request_journal_replayed = Counter(
+            "uniroute_request_journal_replayed",
+            "Request rows read back at start from the journal of a process that died (kill -9, crash)", registry=r)
+        self.request_journal_errors = Counter(
+            "uniroute_request_journal_errors", "Failed appends to the local request journal (rows kept in memory)",
+            registry=r)
+
+        # -- durability of budgets -----------------------------------------------------------------
+        self.settlements_deferred = Counter(
+            "uniroute_budget_settlements_deferred",
+            "Budget settlements the request path could not write (database down, or slower than "
+            "database.settle_timeout_s): written with the request's log row once the database answers",
+            registry=r)
+        self.reservations_released = Counter(
+            "uniroute_budget_reservations_released",
+            "Budget reservations released without a settlement, by reason: holder_restarted (its process died and "
+            "the next one on its host started), holder_expired (no heartbeat for database.reservation_ttl_s), "
+            "abandoned (nobody will settle it: the request went away while it was being written, or its commit "
+            "went unseen)",
+            ["reason"], registry=r)
 
     # -- label hygiene ---------------------------------------------------------------------------
     def set_registry(self, models: Iterable[str], routable: Iterable[str] | None = None) -> None:

@@ -15,6 +15,11 @@ a few lines:
 Nothing touches the database or Redis until :meth:`Accounting.start` (the lifespan), which
 applies migrations (unless ``database.auto_migrate: false``), seeds the ``models`` table
 from the config, and starts the log writer. :meth:`Accounting.aclose` flushes the log.
+
+This process is one *holder* of budget reservations (``holder``): the budget guard writes it on
+every reservation, the log writer names its kill -9 journal after it, and the
+:class:`~gateway.access.reservations.ReservationKeeper` keeps its heartbeat and releases the
+reservations of dead holders (docs/security/durability.md).
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ from gateway.access.auth import (
     MetricsGuard,
     metrics_auth_required,
 )
-from gateway.access.budget import SqlBudgetGuard
+from gateway.access.budget import SqlBudgetGuard, period_starts
 from gateway.access.ratelimit import LocalRateLimiter, RedisRateLimiter
+from gateway.access.reservations import ReservationKeeper
 from gateway.config import AuthMode, MetricsAuth
 from gateway.errors import ServiceUnavailableError
 from gateway.metrics import Metrics
@@ -49,6 +55,8 @@ from gateway.spec import ModelSpec
 from gateway.store.engine import Store
 from gateway.store.models import seed_models
 from gateway.store.requestlog import RequestLogWriter
+from gateway.store.reservations import new_holder_id
+from gateway.store.tables import utcnow
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
@@ -72,6 +80,11 @@ class AccountingSettings:
     log_max_buffer: int = 100_000
     spill_dir: str | None = None
     log_close_timeout_s: float = 15.0
+    journal: bool = True  # the kill -9 journal under spill_dir
+    journal_fsync: bool = False
+    settle_timeout_s: float = 2.0
+    reservation_ttl_s: float = 120.0
+    sqlite_busy_timeout_s: float = 30.0
     redis_url: str | None = None
     rate_limit_fail_open: bool = True
     rate_limit_prefix: str = "uniroute:rpm:"
@@ -95,7 +108,9 @@ def settings_from_config(config: GatewayConfig) -> AccountingSettings:
         auto_migrate=db.auto_migrate, pool_size=db.pool_size, max_overflow=db.max_overflow,
         store_prompts=db.store_prompts, log_batch_size=db.log_batch_size,
         log_flush_interval_s=db.log_flush_interval_s, log_max_buffer=db.log_max_buffer, spill_dir=db.spill_dir,
-        log_close_timeout_s=db.log_close_timeout_s,
+        log_close_timeout_s=db.log_close_timeout_s, journal=db.journal, journal_fsync=db.journal_fsync,
+        settle_timeout_s=db.settle_timeout_s, reservation_ttl_s=db.reservation_ttl_s,
+        sqlite_busy_timeout_s=db.sqlite_busy_timeout_s,
         redis_url=config.redis_url, rate_limit_fail_open=config.rate_limit.fail_open,
         rate_limit_prefix=config.rate_limit.redis_prefix,
         anonymous=default_principal(config), lambda_range=(config.router.lambda_min, config.router.lambda_max),
@@ -129,14 +144,20 @@ class Accounting:
             raise ValueError(f"auth.mode must be 'open' or 'keys', got {s.auth_mode!r}")
         self.settings = s
         self.metrics = metrics or Metrics()
-        self.store = Store(s.database_url, pool_size=s.pool_size, max_overflow=s.max_overflow)
+        self.store = Store(s.database_url, pool_size=s.pool_size, max_overflow=s.max_overflow,
+                           sqlite_busy_timeout_ms=int(s.sqlite_busy_timeout_s * 1000))
+        self.holder = new_holder_id()
         self.writer = RequestLogWriter(
             self.store, batch_size=s.log_batch_size, flush_interval_s=s.log_flush_interval_s,
             max_buffer=s.log_max_buffer, spill_dir=s.spill_dir, close_timeout_s=s.log_close_timeout_s,
-            metrics=self.metrics,
+            metrics=self.metrics, journal=s.journal, journal_fsync=s.journal_fsync, holder=self.holder,
+            period_starts=lambda: period_starts(utcnow()),
         )
         self.sink = MetricsSink(self.metrics, self.writer, store_prompts=s.store_prompts)
-        self.budget = SqlBudgetGuard(self.store, metrics=self.metrics)
+        self.budget = SqlBudgetGuard(self.store, metrics=self.metrics, holder=self.holder,
+                                     settle_timeout_s=s.settle_timeout_s)
+        self.keeper = ReservationKeeper(self.store, self.holder, ttl_s=s.reservation_ttl_s, guard=self.budget,
+                                        metrics=self.metrics)
         self.authenticator: Authenticator
         if s.auth_mode == "keys":
             self.key_authenticator: KeyAuthenticator | None = KeyAuthenticator(self.store, cache_ttl_s=s.auth_cache_ttl_s)
@@ -183,7 +204,8 @@ class Accounting:
                 if changed:
                     logger.info("models table: %d entries added or updated from the config", changed)
         self.metrics.set_registry(model_names, routable)
-        self.writer.start()
+        self.writer.start()  # takes over the journals of processes that died here: their holders are released now
+        await self.keeper.start(self.writer.adopted_holders)
         self._started = True
         if s.auth_mode == "open":
             logger.warning("auth.mode is 'open': every caller is 'anonymous' with no budget or rate limit. "
@@ -197,6 +219,8 @@ class Accounting:
     async def aclose(self) -> None:
         if self._started:
             await asyncio.to_thread(self.writer.close)
+            if not await self.keeper.aclose():  # the store is down: the next start here releases this holder
+                await asyncio.to_thread(self.writer.leave_holder_marker)
             self._started = False
         aclose = getattr(self.rate_limiter, "aclose", None)
         if aclose is not None:

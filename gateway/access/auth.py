@@ -18,7 +18,6 @@ The SQL lives in :mod:`gateway.store.keys`; ``uniroute keys`` is :mod:`gateway.c
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import math
@@ -31,7 +30,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from gateway.access.budget import period_start_for
+from gateway.access.budget import period_start_for, store_call
 from gateway.config import RouterConfig
 from gateway.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
 from gateway.serving.interfaces import Authenticator, Principal
@@ -120,7 +119,7 @@ class KeyAuthenticator:
         now = time.monotonic()
         hit = self._cache.get(digest)
         if hit is None or now - hit[0] > self.cache_ttl_s:
-            result = await asyncio.to_thread(self._lookup, digest)
+            result = await store_call(self._lookup, digest)  # a store outage: 503, nothing cached
             hit = (time.monotonic(), result)
             self._cache[digest] = hit
             while len(self._cache) > self.max_entries:

@@ -28,6 +28,16 @@ straddling midnight is charged to the period in which it settles.
 The reservation also checks ``revoked_at IS NULL``: this is what makes a revocation
 effective on every replica for the very next request.
 
+Durability (docs/security/durability.md): each reservation also writes a ``reservations`` row
+naming this process (its *holder* id), in the same transaction, and its settlement deletes that
+row in the same transaction as the charge, so a settlement is applied at most once. The chat
+service journals the request's record with its :class:`~gateway.serving.interfaces.Settlement`
+before it settles, so when the store fails (or takes longer than ``settle_timeout_s``) after the
+provider answered, the client still gets its answer and the request-log writer applies the charge
+with the row once the store is back. A store outage on ``reserve`` or ``usage`` is a
+:class:`~gateway.errors.StoreUnavailableError` (503 with ``Retry-After``). Reservations of dead
+processes are released by :mod:`gateway.access.reservations`.
+
 This module is the policy around those statements: what is reserved (a finite estimate > 0),
 the period arithmetic (the current day's and month's starts are computed here and passed in),
 and the refusal messages.
@@ -36,15 +46,19 @@ and the refusal messages.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from gateway.errors import AuthenticationError, BudgetExceededError
+from gateway.errors import AuthenticationError, BudgetExceededError, StoreUnavailableError
 from gateway.serving.interfaces import Principal, Reservation
 from gateway.store import budget as budget_sql
 from gateway.store.budget import KeyBudget, PeriodStarts
-from gateway.store.engine import Store
+from gateway.store.engine import Store, is_unavailable, unavailable_error
+from gateway.store.reservations import new_holder_id
 from gateway.store.tables import utcnow
 
 if TYPE_CHECKING:
@@ -75,6 +89,21 @@ def period_starts(now: datetime) -> PeriodStarts:
     return PeriodStarts(day=period_start_for("day", now), month=period_start_for("month", now))
 
 
+logger = logging.getLogger("uniroute.budget")
+T = TypeVar("T")
+
+
+async def store_call(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a thread; a store outage becomes :class:`~gateway.errors.StoreUnavailableError` (503)."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except Exception as exc:
+        err = unavailable_error(exc)
+        if err is None:
+            raise
+        raise err from exc
+
+
 def _usd(x: float) -> str:
     return f"${x:.4f}" if abs(x) < 100 else f"${x:,.2f}"
 
@@ -85,39 +114,101 @@ def _amount(x: float) -> float:
 
 
 class SqlBudgetGuard:
-    """:class:`~gateway.serving.interfaces.BudgetGuard` on the ``api_keys`` table (SQLite or PostgreSQL)."""
+    """:class:`~gateway.serving.interfaces.BudgetGuard` on the ``api_keys`` table (SQLite or PostgreSQL).
 
-    def __init__(self, store: Store, *, metrics: Metrics | None = None) -> None:
+    ``holder`` names this process in the ``reservations`` rows (``gateway.store.reservations``).
+    ``settle_timeout_s`` bounds how long a settlement may keep a response waiting: past it (or when the
+    store fails) :meth:`settle` raises :class:`~gateway.errors.StoreUnavailableError` while the statement
+    goes on in the background; the request's journaled record carries the charge either way.
+    """
+
+    def __init__(self, store: Store, *, metrics: Metrics | None = None, holder: str | None = None,
+                 settle_timeout_s: float = 2.0) -> None:
         self.store = store
         self.metrics = metrics
+        self.holder = holder or new_holder_id()  # a guard built without one (tests, tools) is its own holder
+        self.settle_timeout_s = settle_timeout_s
+        self.unsure: set[str] = set()  # reservations whose commit may have happened unseen: dropped when the store is back
+        self._background: set[asyncio.Future[Any]] = set()
 
     # -- BudgetGuard -------------------------------------------------------------------------------
     async def reserve(self, principal: Principal, estimate_usd: float) -> Reservation:
         if principal.key_id is None:
             return Reservation(key_id=None, amount_usd=0.0)
-        return await asyncio.to_thread(self.reserve_sync, principal, estimate_usd)
+        rid = uuid.uuid4().hex
+        work = self._keep(asyncio.ensure_future(asyncio.to_thread(self.reserve_sync, principal, estimate_usd, rid)))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # the request went away while the statement ran: release what it holds once it is done
+            work.add_done_callback(self._abandoned)
+            raise
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
+            self.unsure.add(rid)  # e.g. the connection broke at COMMIT: it may hold, with nobody to settle it
+            raise StoreUnavailableError(cause=exc) from exc
 
     async def settle(self, reservation: Reservation, actual_usd: float) -> None:
         if reservation.key_id is None:
             return
-        await asyncio.to_thread(self.settle_sync, reservation, actual_usd)
+        work = self._keep(asyncio.ensure_future(asyncio.to_thread(self.settle_sync, reservation, actual_usd)))
+        try:
+            await asyncio.wait_for(asyncio.shield(work), self.settle_timeout_s)
+        except TimeoutError:
+            self._deferred()
+            raise StoreUnavailableError(f"settling the budget took longer than {self.settle_timeout_s:g} s "
+                                        "(database.settle_timeout_s)") from None
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
+            self._deferred()
+            raise StoreUnavailableError(cause=exc) from exc
+
+    def _keep(self, fut: asyncio.Future[T]) -> asyncio.Future[T]:
+        self._background.add(fut)
+        fut.add_done_callback(self._background.discard)
+        return fut
+
+    def _abandoned(self, work: asyncio.Future[Reservation]) -> None:
+        if work.cancelled() or work.exception() is not None:
+            return
+        held = work.result()
+        if self.metrics is not None:
+            self.metrics.reservations_released.labels(reason="abandoned").inc()
+        self._keep(asyncio.ensure_future(self._release_quietly(self.settle(held, 0.0), held.id)))
+
+    async def _release_quietly(self, aw: Awaitable[None], reservation_id: str | None) -> None:
+        try:
+            await aw
+        except Exception as exc:
+            if reservation_id is not None:  # the keeper drops it once the store answers
+                self.unsure.add(reservation_id)
+            logger.warning("releasing an abandoned reservation failed (%s); retried later", type(exc).__name__)
+
+    def _deferred(self) -> None:
+        if self.metrics is not None:
+            self.metrics.settlements_deferred.inc()
 
     # -- the statements (gateway.store.budget) -------------------------------------------------------
-    def reserve_sync(self, principal: Principal, estimate_usd: float) -> Reservation:
+    def reserve_sync(self, principal: Principal, estimate_usd: float, reservation_id: str | None = None) -> Reservation:
         assert principal.key_id is not None
         est = _amount(estimate_usd)
         now = utcnow()
-        got = budget_sql.reserve(self.store, principal.key_id, est, period_starts(now))
+        rid = reservation_id or uuid.uuid4().hex
+        got = budget_sql.reserve(self.store, principal.key_id, est, period_starts(now), reservation_id=rid,
+                                 holder=self.holder)
         if got.held:
             assert got.key is not None
             self._observe(principal.key_name, got.key.budget_usd, got.key.spend_usd)
-            return Reservation(key_id=principal.key_id, amount_usd=est, period_start=got.key.period_start, token=now)
+            return Reservation(key_id=principal.key_id, amount_usd=est, period_start=got.key.period_start, token=now,
+                               id=rid)
         raise self._refusal(principal, got.key, est, now)
 
     def settle_sync(self, reservation: Reservation, actual_usd: float) -> None:
         assert reservation.key_id is not None
         got = budget_sql.settle(self.store, reservation.key_id, reservation.amount_usd, _amount(actual_usd),
-                                period_starts(utcnow()))
+                                period_starts(utcnow()), reservation_id=reservation.id)
         if got is not None:
             self._observe(got.name, got.budget_usd, got.spend_usd)
 
@@ -185,4 +276,4 @@ class SqlBudgetGuard:
         if principal.key_id is None:
             return {"object": "usage", "key": None, "budget": None,
                     "note": "open gateway: no API key, so no budget or usage is tracked per caller"}
-        return await asyncio.to_thread(self.usage_sync, principal.key_id)
+        return await store_call(self.usage_sync, principal.key_id)

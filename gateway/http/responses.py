@@ -2,8 +2,9 @@
 
 Every error goes through :func:`gateway.errors.error_body`, so every error body is OpenAI-shaped.
 ``app.py`` registers :func:`gateway_error` for :class:`~gateway.errors.GatewayError` (so a handler
-just raises), :func:`http_exception` for Starlette's 404/405 and :func:`unhandled_exception` as the
-500 safety net.
+just raises), :func:`http_exception` for Starlette's 404/405, :func:`store_unavailable` for the
+database's outage exceptions (``gateway.store.engine.OUTAGE_ERRORS``: 503 with ``Retry-After``, never
+a 500) and :func:`unhandled_exception` as the 500 safety net.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from starlette.responses import Response
 
 from gateway.errors import GatewayError, InvalidRequestError, MethodNotAllowedError, NotFoundError, error_body
 from gateway.http.bodies import json_shape, limits_of, off_loop, read_body
+from gateway.store.engine import unavailable_error
 
 dumps: Any
 loads: Any
@@ -48,6 +50,8 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 
 
 def error_response(exc: BaseException) -> Response:
+    """The OpenAI-shaped answer for ``exc``; a database outage is a 503 with ``Retry-After``."""
+    exc = unavailable_error(exc) or exc
     status, body, headers = error_body(exc)
     return json_response(body, status, headers or None)
 
@@ -109,6 +113,11 @@ async def http_exception(request: Request, exc: Exception) -> Response:
         err.status_code = exc.status_code
         err.error_type = "invalid_request_error" if exc.status_code < 500 else "internal_error"
     return error_response(err)
+
+
+async def store_unavailable(request: Request, exc: Exception) -> Response:
+    """The registered handler for the database's outage exceptions: 503 ``service_unavailable`` + ``Retry-After``."""
+    return error_response(exc)
 
 
 async def unhandled_exception(request: Request, exc: Exception) -> Response:

@@ -46,6 +46,19 @@ class Reservation:
     amount_usd: float
     period_start: datetime | None = None
     token: Any = None  # implementation detail of the guard
+    id: str | None = None  # the hold's identity in the guard's store (settled at most once); None: nothing to settle
+
+
+@dataclass
+class Settlement:
+    """What a finished request owes its key: release ``reserved_usd`` held as ``reservation_id``, charge
+    ``actual_usd``. It travels with the request's :class:`RequestRecord`, so a charge the request path
+    could not write (the store down or slow) is written with the log row, exactly once (per reservation)."""
+
+    key_id: int
+    reservation_id: str
+    reserved_usd: float
+    actual_usd: float
 
 
 @dataclass
@@ -74,6 +87,7 @@ class RequestRecord:
     error_type: str | None = None
     finished_at: datetime | None = None
     prompt_text: str | None = None  # stored only when configured
+    settlement: Settlement | None = None  # the key's charge, when the request held a reservation (not a column)
 
 
 class Authenticator(Protocol):
@@ -94,13 +108,14 @@ class BudgetGuard(Protocol):
         ...
 
     async def settle(self, reservation: Reservation, actual_usd: float) -> None:
-        """Replace the held estimate by the actual cost."""
+        """Replace the held estimate by the actual cost. May raise when the store fails; the chat service
+        then answers anyway (the settlement rides with the request's record, see :class:`Settlement`)."""
         ...
 
 
 class RequestSink(Protocol):
     def submit(self, record: RequestRecord) -> None:
-        """Queue a finished request for logging. Must not block or raise."""
+        """Queue a finished request for logging (with its ``settlement``, if any). Must not block or raise."""
         ...
 
 

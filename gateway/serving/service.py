@@ -1,7 +1,12 @@
 """The chat service: everything a chat completion does, with no HTTP types.
 
 For one request: authenticate → resolve λ → rate-limit → pick the model(s) →
-reserve budget → forward (with fallback) → settle → log a :class:`RequestRecord`.
+reserve budget → forward (with fallback) → log a :class:`RequestRecord` → settle.
+
+The record goes to the sink (which journals it) BEFORE the budget is settled, carrying its
+:class:`~gateway.serving.interfaces.Settlement`: a settlement that fails or is slow (the store is
+down after the provider answered) never fails the answer, and the sink writes the charge with
+the row once the store is back.
 
 - ``model`` naming a registry entry is served by that model (no fallback).
 - ``model: "auto"`` asks the policy to rank the routable pool for the prompt; the
@@ -46,6 +51,7 @@ from gateway.serving.interfaces import (
     RequestRecord,
     RequestSink,
     Reservation,
+    Settlement,
 )
 from gateway.serving.registry import ModelEntry, Registry
 from gateway.serving.router import EmbedFn
@@ -101,14 +107,15 @@ def _total_timeout(entry: ModelEntry) -> UpstreamTimeoutError:
 
 
 class _StreamEnd:
-    """Finishes a stream exactly once: close upstream, settle the budget, log the record.
+    """Finishes a stream exactly once: close upstream, log the record, settle the budget.
 
     A stream cut short (client disconnect: 499; upstream failure or total timeout mid-way) whose
     usage chunk never came is logged with its partial usage — prompt tokens of the messages,
     completion tokens of the text relayed so far (``relayed``: counts, never the text itself) —
-    priced with the entry's prices, and the budget reservation is settled with that cost. Counting,
-    logging, closing upstream and settling run in one shielded task (a disconnect cancels the task that
-    runs this); the counting runs in a worker thread when the request body was large (``offload``)."""
+    priced with the entry's prices, and the budget reservation is settled with that cost. The record
+    (with its settlement) is logged before anything is awaited; counting, logging, closing upstream and
+    settling run in one shielded task (a disconnect cancels the task that runs this); the counting runs in
+    a worker thread when the request body was large (``offload``)."""
 
     def __init__(self, service: ChatService, record: RequestRecord, reservation: Reservation | None,
                  opened: OpenStream, t0: float, messages: list[dict[str, Any]], offload: bool = False) -> None:
@@ -127,9 +134,7 @@ class _StreamEnd:
         if record.status_code == 200 and record.upstream_latency_ms is None:  # stopped before the end
             record.status_code, record.error_type = 499, "client_disconnected"
         if record.status_code == 200:
-            if self.reservation is not None:
-                await self.service.budget.settle(self.reservation, self.settled)
-            self.service._finish(record, self.t0)
+            await self.service._close(record, self.t0, self.reservation, self.settled)
             return
         await shielded(self._cut_short())
 
@@ -141,6 +146,7 @@ class _StreamEnd:
             pt, ct, cost = await asyncio.to_thread(usage, *args) if self.offload else usage(*args)
             record.prompt_tokens, record.completion_tokens, record.cost_usd = pt, ct, cost
             self.settled = cost
+        self.service._attach_settlement(record, self.reservation, self.settled)
         self.service._finish(record, self.t0)
         await self._release()
 
@@ -150,7 +156,7 @@ class _StreamEnd:
             with contextlib.suppress(Exception):
                 await aclose()
         if self.reservation is not None:
-            await self.service.budget.settle(self.reservation, self.settled)
+            await self.service._settle(self.record, self.reservation, self.settled)
 
 
 @dataclass
@@ -316,6 +322,31 @@ class ChatService:
             logger.exception("request sink failed")
 
     @staticmethod
+    def _attach_settlement(record: RequestRecord, reservation: Reservation | None, actual_usd: float) -> None:
+        """Put the charge the request owes on its record, so the sink can write it if settling fails."""
+        if reservation is not None and reservation.id is not None and reservation.key_id is not None:
+            record.settlement = Settlement(key_id=reservation.key_id, reservation_id=reservation.id,
+                                           reserved_usd=reservation.amount_usd, actual_usd=actual_usd)
+
+    async def _settle(self, record: RequestRecord, reservation: Reservation, actual_usd: float) -> None:
+        """Settle the reservation; a failure is logged, never raised (the answer may be billed already)."""
+        try:
+            await self.budget.settle(reservation, actual_usd)
+        except Exception as exc:
+            later = ("its log record carries the charge, written when the store answers" if record.settlement
+                     else "the charge is lost")
+            logger.warning("request %s: settling the budget failed (%s: %s); %s", record.request_id,
+                           type(exc).__name__, exc, later)
+
+    async def _close(self, record: RequestRecord, t0: float, reservation: Reservation | None,
+                     actual_usd: float) -> None:
+        """The end of a request: log the record (journaled, with its settlement), then settle the budget."""
+        self._attach_settlement(record, reservation, actual_usd)
+        self._finish(record, t0)
+        if reservation is not None:
+            await self._settle(record, reservation, actual_usd)
+
+    @staticmethod
     def extension(record: RequestRecord, plan: _Plan | None) -> dict[str, Any]:
         """The documented ``uniroute`` response object."""
         candidates: list[dict[str, Any]] = []
@@ -369,9 +400,7 @@ class ChatService:
                 exc.attempts = len(attempts)
             raise
         finally:
-            if reservation is not None:
-                await self.budget.settle(reservation, settled)
-            self._finish(record, t0)
+            await self._close(record, t0, reservation, settled)
 
     # -- streaming --------------------------------------------------------------------
 
@@ -395,9 +424,7 @@ class ChatService:
             self._fail(record, exc)
             if isinstance(exc, GatewayError):
                 exc.attempts = len(attempts)
-            if reservation is not None:
-                await self.budget.settle(reservation, 0.0)
-            self._finish(record, t0)
+            await self._close(record, t0, reservation, 0.0)
             raise
         record.routed_model = opened.entry.name
         record.ttft_ms = (time.perf_counter() - t0) * 1e3

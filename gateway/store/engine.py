@@ -24,12 +24,33 @@ from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
+from gateway.errors import StoreUnavailableError
+
 logger = logging.getLogger("uniroute.store")
 
 DEFAULT_DATABASE_URL = "sqlite:///var/uniroute.db"
 DATABASE_URL_ENV = "UNIROUTE_DATABASE_URL"
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _PG_MIGRATION_LOCK = 0x756E69726F757465  # "uniroute": pg_advisory_xact_lock key for concurrent upgrades
+
+
+# --------------------------------------------------------------------------------------- outages
+#: The exceptions of a store outage (unreachable, down, locked, read-only, pool exhausted), as opposed to a
+#: statement the database refuses (bad data: IntegrityError, DataError, ProgrammingError). The HTTP layer
+#: answers them 503 with Retry-After (``gateway.errors.StoreUnavailableError``), never 500.
+OUTAGE_ERRORS: tuple[type[Exception], ...] = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` says the database cannot be used right now (retrying later may work)."""
+    if isinstance(exc, OUTAGE_ERRORS):
+        return True
+    return isinstance(exc, sa.exc.DBAPIError) and bool(exc.connection_invalidated)
+
+
+def unavailable_error(exc: BaseException) -> StoreUnavailableError | None:
+    """The 503 to answer for ``exc`` when it is a store outage, else None."""
+    return StoreUnavailableError(cause=exc) if is_unavailable(exc) else None
 
 
 # --------------------------------------------------------------------------------------- engine

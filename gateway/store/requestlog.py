@@ -7,28 +7,42 @@ buffer and the thread retries with exponential backoff; ``close()`` flushes ever
 on graceful shutdown. Nothing is dropped silently: a row that does not fit the buffer is
 counted (``uniroute_request_log_dropped_total``) and logged, and rows still unwritten when
 ``close()`` gives up are spilled to a JSONL file that the next start re-ingests.
+
+Two promises hold beyond a graceful shutdown:
+
+- *kill -9*: with a ``spill_dir``, ``submit`` first appends the record to a local journal
+  (:mod:`gateway.store.journal`, one ``write(2)`` per request, before the response ends); the next
+  start in the same ``spill_dir`` takes a dead process's journal over and writes its rows. A row's id
+  is chosen once, at ``submit``, and travels with it (journal, spill file), so a row written before
+  the death is skipped (``ON CONFLICT (id) DO NOTHING``).
+- *settlement survives the store*: a record's :class:`~gateway.serving.interfaces.Settlement` (the
+  charge of its key) is applied in the same transaction as its row. It is a no-op when the request
+  path settled it already (its ``reservations`` row is gone), so it only matters when the store failed
+  or was slow after the provider answered: the charge is then written when the store is back.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
 import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import sqlalchemy as sa
 
-from gateway.serving.interfaces import RequestRecord
+from gateway.serving.interfaces import RequestRecord, Settlement
+from gateway.store import budget as budget_sql
+from gateway.store.budget import PeriodStarts
 from gateway.store.engine import Store
+from gateway.store.journal import Journal, Orphan, dumps_line
 from gateway.store.tables import RequestRow
 
 if TYPE_CHECKING:
@@ -95,20 +109,34 @@ def _is_permanent(exc: BaseException) -> bool:
     return isinstance(exc, sa.exc.StatementError | TypeError | ValueError)
 
 
-def _record_to_json(record: RequestRecord) -> str:
-    d = dataclasses.asdict(record)
-    for k in ("started_at", "finished_at"):
-        if d[k] is not None:
-            d[k] = d[k].isoformat()
-    return json.dumps(d, default=str)
+class _Item(NamedTuple):
+    """A buffered row: its id (chosen once, at submit), the record, and its journal segment (None: not journaled)."""
+
+    rid: str
+    record: RequestRecord
+    seq: int | None = None
 
 
-def _record_from_json(line: str) -> RequestRecord:
-    d = json.loads(line)
+def _record_to_line(rid: str, record: RequestRecord) -> bytes:
+    """A journal or spill-file line: ``{"row_id", "record"}`` as JSON, newline-terminated."""
+    return dumps_line({"row_id": rid, "record": record})
+
+
+def _record_from_dict(d: dict[str, Any]) -> RequestRecord:
     for k in ("started_at", "finished_at"):
         if d.get(k):
             d[k] = datetime.fromisoformat(d[k])
+    if d.get("settlement") is not None:
+        d["settlement"] = Settlement(**d["settlement"])
     return RequestRecord(**d)
+
+
+def _record_from_line(line: str | bytes, fallback_id: str) -> tuple[str, RequestRecord]:
+    """(row id, record) of a line; a spill file of an older version has the record alone (``fallback_id``)."""
+    d = json.loads(line)
+    if isinstance(d, dict) and "record" in d and "row_id" in d:
+        return str(d["row_id"]), _record_from_dict(d["record"])
+    return fallback_id, _record_from_dict(d)
 
 
 class RequestLogWriter:
@@ -127,6 +155,11 @@ class RequestLogWriter:
     worst); when full, the NEW row is dropped, counted in ``dropped`` and the metric
     ``uniroute_request_log_dropped_total``, and logged (at most once per 10 s). Requests are
     never slowed or failed because the log is behind.
+
+    With ``spill_dir`` and ``journal`` (the default), :meth:`start` opens this process's journal
+    (named by ``holder``) and takes over the journals of dead processes found there; their holder ids
+    are then in ``adopted_holders`` (the caller releases their budget reservations). ``period_starts``
+    gives the period starts the settlements roll keys over to (``gateway.access.budget.period_starts``).
     """
 
     def __init__(
@@ -140,6 +173,10 @@ class RequestLogWriter:
         close_timeout_s: float = 15.0,
         spill_dir: str | os.PathLike[str] | None = None,
         metrics: Metrics | None = None,
+        journal: bool = True,
+        journal_fsync: bool = False,
+        holder: str | None = None,
+        period_starts: Callable[[], PeriodStarts] | None = None,
     ) -> None:
         if batch_size < 1 or max_buffer < batch_size:
             raise ValueError(f"need 1 <= batch_size <= max_buffer, got batch_size={batch_size}, max_buffer={max_buffer}")
@@ -151,7 +188,14 @@ class RequestLogWriter:
         self.close_timeout_s = close_timeout_s
         self.spill_dir = Path(spill_dir) if spill_dir is not None else None
         self.metrics = metrics
-        self._buf: deque[tuple[str, RequestRecord]] = deque()  # (row id, record)
+        self.period_starts = period_starts
+        self.holder = holder or f"writer-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.journal: Journal | None = None
+        if journal and self.spill_dir is not None:
+            self.journal = Journal(self.spill_dir, self.holder, fsync=journal_fsync, on_error=self._journal_error)
+        self.adopted_holders: list[str] = []
+        self._orphans: list[Orphan] = []
+        self._buf: deque[_Item] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -170,12 +214,23 @@ class RequestLogWriter:
 
     # -- RequestSink ---------------------------------------------------------------------------
     def submit(self, record: RequestRecord) -> None:
+        """Journal the record (when journaling), then queue it. Never blocks on the database, never raises.
+
+        A record's settlement is usually applied by the request path right after this (the writer then finds
+        nothing to do); when that fails, the writer applies it with the row."""
+        rid = uuid.uuid4().hex
         with self._lock:
             if len(self._buf) >= self.max_buffer:
                 self.dropped += 1
                 dropped = self.dropped
             else:
-                self._buf.append((uuid.uuid4().hex, record))
+                seq = None
+                if self.journal is not None:
+                    try:
+                        seq = self.journal.append(_record_to_line(rid, record))
+                    except Exception:  # an unserialisable value: the row still goes to the database
+                        logger.exception("request journal: could not write request %s", record.request_id)
+                self._buf.append(_Item(rid, record, seq))
                 dropped = 0
                 if len(self._buf) >= self.batch_size:
                     self._wake.set()
@@ -200,17 +255,27 @@ class RequestLogWriter:
         if self._thread is not None:
             return self
         self._load_spills()
+        if self.journal is not None and not self.journal.is_open:
+            try:
+                self.journal.open()
+            except OSError as exc:
+                logger.error("request journal: cannot open it in %s (%s); serving without it: rows finished "
+                             "shortly before a crash may be lost", self.spill_dir, exc)
+                self.journal = None
+            else:
+                self._adopt_journals()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="uniroute-request-log", daemon=True)
         self._thread.start()
         return self
 
     def flush(self, timeout_s: float = 10.0) -> bool:
-        """Wait until every submitted row is written (or ``timeout_s`` passes). For tests and shutdown."""
+        """Wait until every submitted row is written, and the journals taken over are deleted (or ``timeout_s``
+        passes). For tests and shutdown."""
         deadline = time.monotonic() + timeout_s
         self._wake.set()
         with self._idle:
-            while self._buf or self._in_flight:
+            while self._buf or self._in_flight or self._orphans:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -225,14 +290,23 @@ class RequestLogWriter:
         if thread is None:
             if self._buf:  # never started: write synchronously
                 self._drain()
-            self._spill_leftovers()
+            self._finish_files(self._spill_leftovers())
             return
         self._deadline = time.monotonic() + timeout
         self._stop.set()
         self._wake.set()
         thread.join(timeout + 5.0)
         self._thread = None
-        self._spill_leftovers()
+        self._finish_files(self._spill_leftovers())
+
+    def _finish_files(self, safe: bool) -> None:
+        """After the last write: delete the journals (ours, adopted ones) when every row is in the database or
+        in a spill file (``safe``); else leave them for the next start."""
+        for orphan in self._orphans:
+            orphan.release(delete=safe)
+        self._orphans.clear()
+        if self.journal is not None:
+            self.journal.close(delete=safe)
 
     # -- worker --------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -266,6 +340,10 @@ class RequestLogWriter:
                     self._idle.notify_all()
                 if self._loaded_spills:
                     self._delete_loaded_spills()
+                if self._orphans:
+                    self._release_orphans()
+                    with self._idle:
+                        self._idle.notify_all()
                 return True
             try:
                 self._write(batch)
@@ -285,17 +363,25 @@ class RequestLogWriter:
                 logger.warning("request log: writing %d rows failed (%s); keeping %d rows and retrying",
                                len(batch), type(exc).__name__, len(self._buf))
                 return False
-            self._written(len(batch))
+            self._written(batch)
 
-    def _written(self, n: int) -> None:
+    def _written(self, items: Sequence[_Item]) -> None:
+        n = len(items)
         with self._lock:
             self._in_flight = max(0, self._in_flight - n)
+        self._committed(items)
         self.written += n
         if self.metrics is not None:
             self.metrics.request_log_written.inc(n)
             self.metrics.request_log_buffer.dec(n)
 
-    def _write_one_by_one(self, batch: list[tuple[str, RequestRecord]]) -> list[tuple[str, RequestRecord]]:
+    def _committed(self, items: Sequence[_Item]) -> None:
+        if self.journal is None:
+            return
+        for seq, n in Counter(item.seq for item in items if item.seq is not None).items():
+            self.journal.committed(seq, n)
+
+    def _write_one_by_one(self, batch: list[_Item]) -> list[_Item]:
         """Isolate rows the database refuses (bad data): reject those, write the rest.
 
         Returns the rows still to retry (from the first transient failure on), or [] when done.
@@ -311,17 +397,20 @@ class RequestLogWriter:
                 self.rejected += 1
                 with self._lock:
                     self._in_flight = max(0, self._in_flight - 1)
+                self._committed([item])  # a row the database refuses is not kept for a replay either
                 if self.metrics is not None:
                     self.metrics.request_log_rejected.inc()
                     self.metrics.request_log_buffer.dec()
                 logger.error("request log: the database refused the row of request %s (%s: %s); row dropped",
                              item[1].request_id, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
                 continue
-            self._written(1)
+            self._written([item])
         return []
 
-    def _write(self, batch: Sequence[tuple[str, RequestRecord]]) -> None:
-        rows = [{_COLUMN_NAMES[k]: v for k, v in record_to_row(r, rid).items()} for rid, r in batch]
+    def _write(self, batch: Sequence[_Item]) -> None:
+        """Insert the rows (a row already there is skipped by id) and apply their settlements, in one transaction."""
+        rows = [{_COLUMN_NAMES[k]: v for k, v in record_to_row(item[1], item[0]).items()} for item in batch]
+        settlements = [item[1].settlement for item in batch if item[1].settlement is not None]
         table = cast(sa.Table, RequestRow.__table__)
         if self.store.dialect == "postgresql":
             from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -335,24 +424,48 @@ class RequestLogWriter:
             stmt = sa.insert(table)
         with self.store.engine.begin() as conn:
             conn.execute(stmt, rows)
+            budgets = self._settle(conn, settlements) if settlements else []
+        if self.metrics is not None:
+            for b in budgets:
+                if b.budget_usd is not None:
+                    self.metrics.set_key_budget(b.name, b.budget_usd, b.budget_usd - b.spend_usd)
+
+    def _settle(self, conn: sa.Connection, settlements: list[Settlement]) -> list[budget_sql.KeyBudget]:
+        if self.period_starts is None:
+            logger.error("request log: %d settlements skipped (the writer has no period_starts)", len(settlements))
+            return []
+        budgets = budget_sql.settle_many(conn, settlements, self.period_starts())
+        if budgets:
+            logger.warning("request log: %d budget settlements the request path could not write are written now",
+                           len(budgets))
+        return budgets
 
     # -- spill files (graceful shutdown with the database down) -------------------------------------
-    def _spill_leftovers(self) -> None:
+    def _spill_leftovers(self) -> bool:
+        """Write the rows still unwritten to a spill file; True when nothing is left only in memory or journals."""
         with self._lock:
-            left = [r for _rid, r in self._buf]
+            left = list(self._buf)
             self._buf.clear()
         if not left:
-            return
+            return True
         if self.spill_dir is None:
             logger.error("request log: database unreachable at shutdown and no spill_dir: %d rows LOST", len(left))
-            return
-        self.spill_dir.mkdir(parents=True, exist_ok=True)
-        path = self.spill_dir / f"requests-{datetime.now(UTC):%Y%m%dT%H%M%S}-{os.getpid()}.jsonl"
-        with open(path, "a", encoding="utf-8") as fh:
-            for r in left:
-                fh.write(_record_to_json(r) + "\n")
+            return True
+        try:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            path = self.spill_dir / f"requests-{datetime.now(UTC):%Y%m%dT%H%M%S}-{os.getpid()}.jsonl"
+            with open(path, "ab") as fh:
+                for item in left:
+                    fh.write(_record_to_line(item.rid, item.record))
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            logger.error("request log: database unreachable at shutdown and the spill file failed (%s); %d rows "
+                         "stay in the journal for the next start", exc, len(left))
+            return False
         logger.error("request log: database unreachable at shutdown; %d rows spilled to %s "
                      "(written at next start)", len(left), path)
+        return True
 
     def _load_spills(self) -> None:
         if self.spill_dir is None or not self.spill_dir.is_dir():
@@ -362,8 +475,8 @@ class RequestLogWriter:
             with open(path, encoding="utf-8") as fh:
                 for line in fh:
                     if line.strip():
-                        self._buf.append((uuid.uuid5(uuid.NAMESPACE_URL, f"{path.name}:{n}").hex,
-                                          _record_from_json(line)))
+                        self._buf.append(_Item(*_record_from_line(
+                            line, uuid.uuid5(uuid.NAMESPACE_URL, f"{path.name}:{n}").hex)))
                         n += 1
             self._loaded_spills.append(path)
             logger.info("request log: re-ingesting %d spilled rows from %s", n, path)
@@ -373,3 +486,42 @@ class RequestLogWriter:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         self._loaded_spills.clear()
+
+    # -- journals of dead processes (kill -9) ----------------------------------------------------------
+    def _adopt_journals(self) -> None:
+        assert self.journal is not None
+        for orphan in self.journal.adopt_orphans():
+            n = bad = 0
+            for i, line in enumerate(orphan.lines):
+                try:
+                    rid, record = _record_from_line(line, uuid.uuid5(uuid.NAMESPACE_URL,
+                                                                      f"{orphan.holder}:{i}").hex)
+                except Exception:  # a line torn by the crash
+                    bad += 1
+                    continue
+                self._buf.append(_Item(rid, record))
+                n += 1
+            self._orphans.append(orphan)
+            self.adopted_holders.append(orphan.holder)
+            if self.metrics is not None:
+                self.metrics.request_journal_replayed.inc(n)
+                self.metrics.request_log_buffer.inc(n)
+            logger.warning("request log: process %s ended without closing its journal; replaying its %d rows "
+                           "(rows already written are skipped)%s", orphan.holder, n,
+                           f", {bad} unreadable lines skipped" if bad else "")
+
+    def _release_orphans(self) -> None:
+        for orphan in self._orphans:
+            orphan.release(delete=True)
+        self._orphans.clear()
+
+    def leave_holder_marker(self) -> None:
+        """After :meth:`close`: leave this process's (unlocked, empty) journal lock file behind, so the next
+        start in ``spill_dir`` takes this holder for dead and releases its budget reservations."""
+        if self.journal is not None:
+            with contextlib.suppress(OSError):
+                self.journal.lock_path.touch()
+
+    def _journal_error(self) -> None:
+        if self.metrics is not None:
+            self.metrics.request_journal_errors.inc()

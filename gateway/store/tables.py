@@ -123,6 +123,43 @@ class ApiKey(Base):
     )
 
 
+class ReservationHolder(Base):
+    """A gateway process that may hold budget reservations, and when it last said it is alive.
+
+    ``holder`` is the process's id (``<host>-<pid>-<random>``, new at every start). Every process
+    refreshes ``heartbeat_at`` several times per ``database.reservation_ttl_s``; the reservations of a
+    holder whose heartbeat is older than that are released by any replica (``gateway/store/reservations.py``).
+    """
+
+    __tablename__ = "reservation_holders"
+
+    holder: Mapped[str] = mapped_column(String(128), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class ReservationRow(Base):
+    """One budget reservation of an in-flight request: the ledger behind ``api_keys.reserved_usd``.
+
+    Written with the reservation (same transaction) and deleted by its settlement (same transaction as
+    the charge), so a settlement retried or replayed finds no row and charges nothing twice. A
+    reservation of a dead holder is *released* instead: ``released_at`` is set and its amount leaves
+    ``reserved_usd``; the row stays (a tombstone) so a settlement that arrives later still charges the
+    cost without releasing twice. Tombstones are forgotten after a week.
+    """
+
+    __tablename__ = "reservations"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    holder: Mapped[str] = mapped_column(String(128), index=True)
+    amount_usd: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    released_at: Mapped[datetime | None] = mapped_column(index=True)
+
+
 class ModelRow(Base):
     """The live model registry: a :class:`gateway.spec.ModelSpec` per row, plus its state.
 

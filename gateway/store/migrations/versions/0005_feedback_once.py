@@ -9,7 +9,7 @@
   ``request_id`` column holds the gateway's own id from now on.
 
 Revision ID: 0005_feedback_once
-Revises: 0003
+Revises: 0004_reservation_holders
 Create Date: 2026-12-03 09:00:00
 """
 
@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = '0005_feedback_once'
-down_revision: str | None = '0003'
+down_revision: str | None = '0004_reservation_holders'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
