@@ -292,7 +292,7 @@ def test_every_endpoint_that_needs_the_store_answers_503_with_retry_after(
             r = client.post("/v1/chat/completions", json=chat, headers=as_key(cached))
             assert r.status_code == 200, r.text
             rid = r.headers["x-uniroute-request-id"]
-            assert client.app.state.accounting.writer.flush(10)  # type: ignore[attr-defined]
+            assert client.app.state.gateway.accounting.writer.flush(10)  # type: ignore[attr-defined]
             cut.cut()
             try:
                 calls: list[tuple[str, str, dict[str, Any] | None, dict[str, str]]] = [
