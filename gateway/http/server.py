@@ -64,6 +64,15 @@ class _Deadlines:
     _sent_bytes: bool = False  # the client sent bytes of the request whose headers we wait for
     _refusal: bytes | None = None  # a response to send instead of uvicorn's generic 400
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]  # the uvicorn protocol after this mixin
+        self._sent_bytes = False
+        self._arm("headers")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)  # type: ignore[misc]
+
     @property
     def _limits(self) -> ClientLimits:
         limits = self.app_state.get(STATE_KEY)
@@ -109,15 +118,6 @@ class BoundedHttpToolsProtocol(_Deadlines, HttpToolsProtocol):
     """uvicorn's httptools protocol with the header/body deadlines and the header size bound."""
 
     _header_bytes = 0
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._sent_bytes = False
-        self._arm("headers")
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._phase == "headers" or self._phase is None:
@@ -172,15 +172,6 @@ class BoundedHttpToolsProtocol(_Deadlines, HttpToolsProtocol):
 
 class BoundedH11Protocol(_Deadlines, H11Protocol):
     """uvicorn's h11 protocol with the header/body deadlines (h11 bounds the header size itself)."""
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._sent_bytes = False
-        self._arm("headers")
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self.conn.their_state is h11.IDLE:
