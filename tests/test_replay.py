@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -28,18 +27,12 @@ from replay.app import (
 )
 from routing.dataset import BenchmarkDataset, load_dataset
 from routing.synthetic import make_synthetic_dataset
+from tests.procs import replay_server, running_all
 
 ROOT = Path(__file__).resolve().parent.parent
 SLOW_MODEL = "large-general"
 SLOW_MS = 300.0
 FAILING_MODEL = "bio-expert"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclasses.dataclass
@@ -50,34 +43,9 @@ class ReplayServer:
 
 
 def _start(dataset_dir: Path, *extra: str) -> Iterator[ReplayServer]:
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "gateway.cli.main", "replay", "--dataset", str(dataset_dir), "--port", str(port), *extra]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        with httpx.Client(timeout=0.5) as client:  # one client: httpx.get() costs ~30 ms of CPU per call
-            while True:
-                if proc.poll() is not None:
-                    err = proc.stderr.read().decode() if proc.stderr else ""
-                    raise RuntimeError(f"replay server exited with {proc.returncode}: {err}")
-                try:
-                    if client.get(f"{base}/health").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("replay server did not become ready in 30 s")
-                time.sleep(0.05)
-        yield ReplayServer(f"{base}/v1", load_dataset(dataset_dir), proc)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    spec, base = replay_server(dataset_dir, *extra)
+    with running_all(spec) as (proc,):
+        yield ReplayServer(base, load_dataset(dataset_dir), proc)
 
 
 @pytest.fixture(scope="module")
