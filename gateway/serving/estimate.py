@@ -239,7 +239,7 @@ def _prediction_text(req: ChatCompletionRequest) -> str:
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    return json.dumps(value, ensure_ascii=False, default=str)  # with spaces: tokenizes to more, not fewer
 
 
 def usage_numbers(usage: Any) -> tuple[Any, Any]:
