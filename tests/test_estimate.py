@@ -13,7 +13,7 @@ import pytest
 
 from gateway.config import BudgetConfig, parse_config
 from gateway.protocol import parse_chat_request
-from gateway.serving.estimate import Estimate, Estimator, counted_completion, count_text
+from gateway.serving.estimate import Estimate, Estimator, count_text, counted_completion
 from gateway.serving.registry import ModelEntry, Registry
 
 CFG = BudgetConfig()
