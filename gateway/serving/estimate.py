@@ -108,8 +108,10 @@ class Estimator:
                         tolerance=cfg.usage_tolerance)
 
     # -- prompt -------------------------------------------------------------------------------------
-    def prompt_tokens(self, req: ChatCompletionRequest, model: str) -> int:
-        """Bound on the prompt tokens of ``req`` (see the module's docstring)."""
+    def prompt_tokens(self, req: ChatCompletionRequest, model: str, *, counted: bool = False) -> int:
+        """Bound on the prompt tokens of ``req`` (see the module's docstring). ``counted``: the count instead of
+        the bound — every part the same way, but the text by LiteLLM's counter alone (no byte bound, no
+        ``prompt_factor``, no slack): the figure charged when the provider reports no usage or impossible usage."""
         cfg = self.config
         texts: list[str] = []
         images = 0
@@ -120,8 +122,13 @@ class Estimator:
             texts.append(_dumps(tool.model_dump(exclude_none=True)))
         if req.response_format is not None and req.response_format.json_schema is not None:
             texts.append(_dumps(req.response_format.json_schema))
-        tokens = self._text_bound("\n".join(texts), model)
-        tokens += cfg.prompt_slack_tokens + cfg.message_overhead_tokens * len(req.messages) + images
+        text = "\n".join(texts)
+        if counted:
+            n = count_text(model, text) if text else 0
+            tokens = n if n is not None else len(text) // 4
+        else:
+            tokens = self._text_bound(text, model) + cfg.prompt_slack_tokens
+        tokens += cfg.message_overhead_tokens * len(req.messages) + images
         if tools:
             tokens += cfg.tool_prompt_tokens
         return tokens

@@ -111,18 +111,20 @@ class _StreamEnd:
     """Finishes a stream exactly once: close upstream, log the record, settle the budget.
 
     A stream cut short (client disconnect: 499; upstream failure or total timeout mid-way) whose
-    usage chunk never came is logged with its partial usage — prompt tokens of the messages,
-    completion tokens of the text relayed so far (``relayed``: counts, never the text itself) —
-    priced with the entry's prices, and the budget reservation is settled with that cost. The record
+    usage chunk never came is logged with its partial usage — prompt tokens of everything the prompt
+    bills (messages, tools, schemas, images), completion tokens of the text relayed so far (``relayed``:
+    counts, never the text itself) — priced with the entry's prices, and the budget reservation is settled
+    with that cost. A stream that ends without a usage chunk, or with an impossible one, is priced the
+    same way (``counted``). The record
     (with its settlement) is logged before anything is awaited; counting, logging, closing upstream and
     settling run in one shielded task (a disconnect cancels the task that runs this); the counting runs in
     a worker thread when the request body was large (``offload``)."""
 
     def __init__(self, service: ChatService, record: RequestRecord, reservation: Reservation | None,
-                 opened: OpenStream, t0: float, messages: list[dict[str, Any]], offload: bool = False,
+                 opened: OpenStream, t0: float, req: ChatCompletionRequest, offload: bool = False,
                  estimate: Estimate | None = None) -> None:
         self.service, self.record, self.reservation, self.opened, self.t0 = service, record, reservation, opened, t0
-        self.messages = messages
+        self.req = req
         self.estimate = estimate
         self.relayed = RelayedText(opened.entry.litellm_model)  # content relayed so far, as running counts
         self.offload = offload
@@ -142,10 +144,15 @@ class _StreamEnd:
         await shielded(self._cut_short())
 
     async def counted(self) -> tuple[int, int, float]:
-        """(prompt tokens, completion tokens, cost) counted: the messages and what was relayed so far."""
-        usage = self.service.forwarder.partial_usage
-        args = (self.opened.entry, self.messages, self.relayed)
-        return await asyncio.to_thread(usage, *args) if self.offload else usage(*args)
+        """(prompt tokens, completion tokens, cost) counted: everything the prompt bills (messages, tools,
+        schemas, images: ``Estimator.prompt_tokens(counted=True)``) and what was relayed so far."""
+        return await asyncio.to_thread(self._count) if self.offload else self._count()
+
+    def _count(self) -> tuple[int, int, float]:
+        entry = self.opened.entry
+        pt = self.service.estimator.prompt_tokens(self.req, entry.litellm_model, counted=True)
+        ct = self.relayed.tokens()
+        return pt, ct, self.service.forwarder.price(entry, pt, ct)
 
     async def _cut_short(self) -> None:
         record = self.record
@@ -323,8 +330,9 @@ class ChatService:
                        estimate.tolerance)
         return False
 
-    def _counted(self, entry: ModelEntry, messages: list[dict[str, Any]], response: Any) -> tuple[int, int, float]:
-        pt, _ct, _cost = self.forwarder.partial_usage(entry, messages, "")
+    def _counted(self, entry: ModelEntry, req: ChatCompletionRequest, response: Any) -> tuple[int, int, float]:
+        """(prompt tokens, completion tokens, cost) of an answer, counted (see ``_StreamEnd.counted``)."""
+        pt = self.estimator.prompt_tokens(req, entry.litellm_model, counted=True)
         ct = counted_completion(entry.litellm_model, response)
         return pt, ct, self.forwarder.price(entry, pt, ct)
 
@@ -440,7 +448,7 @@ class ChatService:
             pt, ct = usage_numbers(usage)
             if usage is None or not self._checked_usage(record, estimate, done.entry, pt, ct):
                 # no usage, or impossible usage: count what was sent and answered
-                pt, ct, done.cost_usd = await self.off_loop(ctx, self._counted, done.entry, messages, done.response)
+                pt, ct, done.cost_usd = await self.off_loop(ctx, self._counted, done.entry, req, done.response)
                 record.cost_usd = done.cost_usd
                 if usage is not None:
                     usage.prompt_tokens, usage.completion_tokens = pt, ct
@@ -493,7 +501,7 @@ class ChatService:
         record.ttft_ms = (time.perf_counter() - t0) * 1e3
         record.attempts = [a.as_dict() for a in attempts]
         want_usage = bool(req.stream_options and req.stream_options.include_usage)
-        end = _StreamEnd(self, record, reservation, opened, t0, messages, offload=ctx.body_bytes > self.offload_bytes,
+        end = _StreamEnd(self, record, reservation, opened, t0, req, offload=ctx.body_bytes > self.offload_bytes,
                          estimate=estimate)
         return ChatStream(model=opened.entry.name, chunks=self._relay(opened, record, plan, end, want_usage),
                           _finish=end, attempts=len(attempts))
