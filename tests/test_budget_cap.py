@@ -356,3 +356,19 @@ async def test_without_max_tokens_a_budgeted_key_gets_the_bound_sent_upstream(en
     await e.service.complete(parse_chat_request(body), ChatContext(request_id="req-long"))
     # `plain` has no max_output_tokens and LiteLLM does not know it: budget.default_max_output_tokens is forced
     assert e.upstream.billed["long"].completion_tokens == 4096
+
+
+def test_a_corrected_usage_is_counted_in_the_metric() -> None:
+    from datetime import UTC, datetime
+
+    from prometheus_client import CollectorRegistry
+
+    from gateway.metrics import Metrics
+    from gateway.serving.interfaces import RequestRecord
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    for corrected in (True, False, True):
+        metrics.observe_request(RequestRecord(request_id="r", started_at=datetime.now(UTC), requested_model="m",
+                                              stream=False, usage_corrected=corrected))
+    assert registry.get_sample_value("uniroute_usage_corrected_total") == 2
