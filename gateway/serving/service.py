@@ -447,7 +447,9 @@ class ChatService:
             record.upstream_latency_ms = done.upstream_latency_ms
             pt, ct = usage_numbers(usage)
             if usage is None or not self._checked_usage(record, estimate, done.entry, pt, ct):
-                # no usage, or impossible usage: count what was sent and answered
+                # no usage, or impossible usage: count what was sent and answered (until counted, the bound is owed:
+                # a client that goes away meanwhile is charged the reservation, never $0)
+                settled = estimate.usd
                 pt, ct, done.cost_usd = await self.off_loop(ctx, self._counted, done.entry, req, done.response)
                 record.cost_usd = done.cost_usd
                 if usage is not None:
@@ -588,10 +590,11 @@ class ChatService:
                     raise _total_timeout(entry) from None
                 finally:
                     waiting = False
-            record.upstream_latency_ms = (time.perf_counter() - opened.started) * 1e3
+            upstream_ms = (time.perf_counter() - opened.started) * 1e3
             if record.completion_tokens is None:  # the provider sent no usage chunk: count what was relayed
                 pt, ct, record.cost_usd = await end.counted()
                 record.prompt_tokens, record.completion_tokens = pt, ct
+            record.upstream_latency_ms = upstream_ms  # set once priced: a disconnect before is a stream cut short
             end.settled = record.cost_usd or 0.0
             if held is None:
                 held = {**template, "object": "chat.completion.chunk", "model": name, "choices": []}
