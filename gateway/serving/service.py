@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from gateway.errors import (
+    BudgetExceededError,
     GatewayError,
     InvalidRequestError,
     ModelNotFoundError,
@@ -38,6 +39,7 @@ from gateway.errors import (
     UpstreamTimeoutError,
 )
 from gateway.protocol import PASSTHROUGH_FIELDS, ChatCompletionRequest
+from gateway.serving.estimate import Estimate, Estimator, counted_completion, usage_numbers
 from gateway.serving.forwarding import Attempt, Forwarder, OpenStream, RelayedText, map_exception, shielded
 from gateway.serving.interfaces import (
     Authenticator,
@@ -62,7 +64,6 @@ T = TypeVar("T")
 
 AUTO = "auto"
 _PASSTHROUGH: set[str] = set(PASSTHROUGH_FIELDS) - {"stream_options"}
-_DEFAULT_COMPLETION_TOKENS = 512  # budget estimate when the request sets no max_tokens
 TOP_CANDIDATES = 5  # ranked candidates reported in the ``uniroute`` object and the request log
 
 
@@ -110,17 +111,21 @@ class _StreamEnd:
     """Finishes a stream exactly once: close upstream, log the record, settle the budget.
 
     A stream cut short (client disconnect: 499; upstream failure or total timeout mid-way) whose
-    usage chunk never came is logged with its partial usage — prompt tokens of the messages,
-    completion tokens of the text relayed so far (``relayed``: counts, never the text itself) —
-    priced with the entry's prices, and the budget reservation is settled with that cost. The record
+    usage chunk never came is logged with its partial usage — prompt tokens of everything the prompt
+    bills (messages, tools, schemas, images), completion tokens of the text relayed so far (``relayed``:
+    counts, never the text itself) — priced with the entry's prices, and the budget reservation is settled
+    with that cost. A stream that ends without a usage chunk, or with an impossible one, is priced the
+    same way (``counted``). The record
     (with its settlement) is logged before anything is awaited; counting, logging, closing upstream and
     settling run in one shielded task (a disconnect cancels the task that runs this); the counting runs in
     a worker thread when the request body was large (``offload``)."""
 
     def __init__(self, service: ChatService, record: RequestRecord, reservation: Reservation | None,
-                 opened: OpenStream, t0: float, messages: list[dict[str, Any]], offload: bool = False) -> None:
+                 opened: OpenStream, t0: float, req: ChatCompletionRequest, offload: bool = False,
+                 estimate: Estimate | None = None) -> None:
         self.service, self.record, self.reservation, self.opened, self.t0 = service, record, reservation, opened, t0
-        self.messages = messages
+        self.req = req
+        self.estimate = estimate
         self.relayed = RelayedText(opened.entry.litellm_model)  # content relayed so far, as running counts
         self.offload = offload
         self.settled = 0.0
@@ -138,12 +143,21 @@ class _StreamEnd:
             return
         await shielded(self._cut_short())
 
+    async def counted(self) -> tuple[int, int, float]:
+        """(prompt tokens, completion tokens, cost) counted: everything the prompt bills (messages, tools,
+        schemas, images: ``Estimator.prompt_tokens(counted=True)``) and what was relayed so far."""
+        return await asyncio.to_thread(self._count) if self.offload else self._count()
+
+    def _count(self) -> tuple[int, int, float]:
+        entry = self.opened.entry
+        pt = self.service.estimator.prompt_tokens(self.req, entry.litellm_model, counted=True)
+        ct = self.relayed.tokens()
+        return pt, ct, self.service.forwarder.price(entry, pt, ct)
+
     async def _cut_short(self) -> None:
         record = self.record
         if record.completion_tokens is None:
-            usage = self.service.forwarder.partial_usage
-            args = (self.opened.entry, self.messages, self.relayed)
-            pt, ct, cost = await asyncio.to_thread(usage, *args) if self.offload else usage(*args)
+            pt, ct, cost = await self.counted()
             record.prompt_tokens, record.completion_tokens, record.cost_usd = pt, ct, cost
             self.settled = cost
         self.service._attach_settlement(record, self.reservation, self.settled)
@@ -180,6 +194,7 @@ class ChatService:
         budget: BudgetGuard | None = None,
         sink: RequestSink | None = None,
         offload_bytes: int = 64 * 1024,
+        estimator: Estimator | None = None,
     ) -> None:
         if policy.needs_embedding and embed is None:
             raise ValueError(f"policy {policy.name!r} needs an embed function")
@@ -192,6 +207,7 @@ class ChatService:
         self.budget: BudgetGuard = budget or NoBudget()
         self.sink: RequestSink = sink or MemorySink()
         self.offload_bytes = offload_bytes  # requests with larger bodies count tokens etc. in a worker thread
+        self.estimator = estimator or Estimator()  # what a request may cost at most (budget: config)
 
     # -- steps ------------------------------------------------------------------------
 
@@ -271,11 +287,54 @@ class ChatService:
         allowed = principal.allowed_models
         return [AUTO, *(n for n in self.registry.names() if allowed is None or n in allowed)]
 
+    def _estimate(self, req: ChatCompletionRequest, tries: Sequence[ModelEntry], principal: Principal) -> Estimate:
+        """The most ``req`` may cost on any model of ``tries`` (gateway/serving/estimate.py)."""
+        return self.estimator.estimate(req, tries, budgeted=principal.budget_usd is not None)
+
+    async def _reserve(self, req: ChatCompletionRequest, ctx: ChatContext, plan: _Plan,
+                       record: RequestRecord) -> tuple[list[ModelEntry], Estimate, Reservation]:
+        """Price every model the forwarder will try and reserve for the dearest; a refusal says what the
+        estimate counted and what to change. Returns the models to try (exactly those priced)."""
+        tries = list(self.forwarder.tries(plan.candidates))
+        estimate = await self.off_loop(ctx, self._estimate, req, tries, plan.principal)
+        try:
+            reservation = await self.budget.reserve(plan.principal, estimate.usd)
+        except BudgetExceededError as exc:
+            exc.message += self.refusal_advice(estimate)
+            exc.args = (exc.message,)
+            raise
+        return tries, estimate, reservation
+
     @staticmethod
-    def _estimate(req: ChatCompletionRequest, entry: ModelEntry) -> float:
-        chars = sum(len(m.text()) for m in req.messages)
-        out = req.max_completion_tokens or req.max_tokens or _DEFAULT_COMPLETION_TOKENS
-        return (chars / 4) * entry.input_cost_per_token + out * (req.n or 1) * entry.output_cost_per_token
+    def refusal_advice(estimate: Estimate) -> str:
+        """What a budget refusal adds: what the estimate counted, and what to change."""
+        where = {"max_tokens": "max_tokens x n", "registry": "the model's max_output_tokens (no max_tokens sent)",
+                 "litellm": "the model's maximum output (no max_tokens sent)",
+                 "default": "budget.default_max_output_tokens (no max_tokens sent)"}[estimate.output_source]
+        return (f" The estimate covers up to {estimate.prompt_tokens} prompt tokens (messages, tools, schemas, "
+                f"images) and {estimate.output_tokens} completion tokens ({where}) on model '{estimate.model}', "
+                "the dearest this request may be served by. Send a lower max_tokens (or a shorter prompt, fewer "
+                "tools) to fit what remains, or wait for the budget to reset.")
+
+    def _checked_usage(self, record: RequestRecord, estimate: Estimate, entry: ModelEntry,
+                       prompt_tokens: Any, completion_tokens: Any) -> bool:
+        """Whether usage reported by ``entry`` is possible for this request; if not, log it (WARNING) and flag
+        the record (``usage_corrected``): the caller replaces it by the counted figure."""
+        if estimate.plausible(entry.name, prompt_tokens, completion_tokens):
+            return True
+        record.usage_corrected = True
+        logger.warning("request %s: model %s reported impossible usage (prompt_tokens=%r, completion_tokens=%r; "
+                       "bounds %d and %d x budget.usage_tolerance %g): the counted figure is logged and charged "
+                       "instead", record.request_id, entry.name, prompt_tokens, completion_tokens,
+                       estimate.prompt_tokens, estimate.output_by_model.get(entry.name, estimate.output_tokens),
+                       estimate.tolerance)
+        return False
+
+    def _counted(self, entry: ModelEntry, req: ChatCompletionRequest, response: Any) -> tuple[int, int, float]:
+        """(prompt tokens, completion tokens, cost) of an answer, counted (see ``_StreamEnd.counted``)."""
+        pt = self.estimator.prompt_tokens(req, entry.litellm_model, counted=True)
+        ct = counted_completion(entry.litellm_model, response)
+        return pt, ct, self.forwarder.price(entry, pt, ct)
 
     @staticmethod
     def _params(req: ChatCompletionRequest) -> dict[str, Any]:
@@ -376,15 +435,28 @@ class ChatService:
         try:
             plan = await self.plan(req, ctx, record)
             self._fill_plan(record, plan)
-            estimate = await self.off_loop(ctx, self._estimate, req, plan.candidates[0])
-            reservation = await self.budget.reserve(plan.principal, estimate)
-            done = await self.forwarder.complete(plan.candidates, self._messages(req), self._params(req), attempts)
+            tries, estimate, reservation = await self._reserve(req, ctx, plan, record)
+            params = self._params(req)
+            if estimate.force_max_tokens is not None:
+                params["max_tokens"] = estimate.force_max_tokens
+            messages = self._messages(req)
+            done = await self.forwarder.complete(tries, messages, params, attempts)
             usage = getattr(done.response, "usage", None)
             record.routed_model = done.entry.name
             record.cost_usd = done.cost_usd
             record.upstream_latency_ms = done.upstream_latency_ms
-            record.prompt_tokens = getattr(usage, "prompt_tokens", None)
-            record.completion_tokens = getattr(usage, "completion_tokens", None)
+            pt, ct = usage_numbers(usage)
+            if usage is None or not self._checked_usage(record, estimate, done.entry, pt, ct):
+                # no usage, or impossible usage: count what was sent and answered (until counted, the bound is owed:
+                # a client that goes away meanwhile is charged the reservation, never $0)
+                settled = estimate.usd
+                pt, ct, done.cost_usd = await self.off_loop(ctx, self._counted, done.entry, req, done.response)
+                record.cost_usd = done.cost_usd
+                if usage is not None:
+                    usage.prompt_tokens, usage.completion_tokens = pt, ct
+                    with contextlib.suppress(Exception):
+                        usage.total_tokens = pt + ct
+            record.prompt_tokens, record.completion_tokens = pt, ct
             settled = done.cost_usd or 0.0
             record.attempts = [a.as_dict() for a in attempts]
             body: dict[str, Any] = done.response.model_dump(exclude_none=True)
@@ -413,12 +485,13 @@ class ChatService:
         try:
             plan = await self.plan(req, ctx, record)
             self._fill_plan(record, plan)
-            estimate = await self.off_loop(ctx, self._estimate, req, plan.candidates[0])
-            reservation = await self.budget.reserve(plan.principal, estimate)
+            tries, estimate, reservation = await self._reserve(req, ctx, plan, record)
             params = self._params(req)
+            if estimate.force_max_tokens is not None:
+                params["max_tokens"] = estimate.force_max_tokens
             params["stream_options"] = {"include_usage": True}  # the gateway always needs usage for the cost
             messages = self._messages(req)
-            opened = await self.forwarder.open_stream(plan.candidates, messages, params, attempts)
+            opened = await self.forwarder.open_stream(tries, messages, params, attempts)
         except BaseException as exc:
             record.attempts = [a.as_dict() for a in attempts]
             self._fail(record, exc)
@@ -430,7 +503,8 @@ class ChatService:
         record.ttft_ms = (time.perf_counter() - t0) * 1e3
         record.attempts = [a.as_dict() for a in attempts]
         want_usage = bool(req.stream_options and req.stream_options.include_usage)
-        end = _StreamEnd(self, record, reservation, opened, t0, messages, offload=ctx.body_bytes > self.offload_bytes)
+        end = _StreamEnd(self, record, reservation, opened, t0, req, offload=ctx.body_bytes > self.offload_bytes,
+                         estimate=estimate)
         return ChatStream(model=opened.entry.name, chunks=self._relay(opened, record, plan, end, want_usage),
                           _finish=end, attempts=len(attempts))
 
@@ -470,19 +544,29 @@ class ChatService:
                 d["model"] = name
                 if not template:
                     template = {k: d[k] for k in ("id", "object", "created") if k in d}
+                choices: Sequence[dict[str, Any]] = d.get("choices") or []
+                for c in choices:  # every choice (n > 1), tool-call arguments too: all of it is billed
+                    delta = c.get("delta") or {}
+                    content = delta.get("content")
+                    if content:
+                        relayed.add(content)
+                    for call in delta.get("tool_calls") or ():
+                        args = (call.get("function") or {}).get("arguments")
+                        if args:
+                            relayed.add(args)
                 usage = d.pop("usage", None)
                 if usage is not None:
-                    record.prompt_tokens = usage.get("prompt_tokens")
-                    record.completion_tokens = usage.get("completion_tokens")
-                    record.cost_usd = self.forwarder.stream_cost(entry, getattr(chunk, "usage", None))
+                    pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
+                    if end.estimate is None or self._checked_usage(record, end.estimate, entry, pt, ct):
+                        record.prompt_tokens, record.completion_tokens = pt, ct
+                        record.cost_usd = self.forwarder.stream_cost(entry, getattr(chunk, "usage", None))
+                    else:  # impossible usage: count what was sent and relayed
+                        pt, ct, record.cost_usd = await end.counted()
+                        record.prompt_tokens, record.completion_tokens = pt, ct
+                        usage.update(prompt_tokens=pt, completion_tokens=ct, total_tokens=pt + ct)
                     if want_usage:
                         usage.pop("cost", None)
                         d["usage"] = usage
-                choices: Sequence[dict[str, Any]] = d.get("choices") or []
-                if choices:
-                    content = choices[0].get("delta", {}).get("content")
-                    if content:
-                        relayed.add(content)
                 if choices or "usage" in d:
                     ends = not choices or any(c.get("finish_reason") for c in choices)
                     if held is not None:
@@ -506,7 +590,11 @@ class ChatService:
                     raise _total_timeout(entry) from None
                 finally:
                     waiting = False
-            record.upstream_latency_ms = (time.perf_counter() - opened.started) * 1e3
+            upstream_ms = (time.perf_counter() - opened.started) * 1e3
+            if record.completion_tokens is None:  # the provider sent no usage chunk: count what was relayed
+                pt, ct, record.cost_usd = await end.counted()
+                record.prompt_tokens, record.completion_tokens = pt, ct
+            record.upstream_latency_ms = upstream_ms  # set once priced: a disconnect before is a stream cut short
             end.settled = record.cost_usd or 0.0
             if held is None:
                 held = {**template, "object": "chat.completion.chunk", "model": name, "choices": []}
