@@ -99,6 +99,8 @@ class RouterConfig(_Section):
     """Micro-batch size of embeddings across concurrent requests."""
     max_wait_ms: float = Field(default=2.0, ge=0.0)
     """How long a prompt waits for company in a micro-batch (0 for a fast static embedder)."""
+    pace_interval_s: float = Field(default=1.0, gt=0.0)
+    """Keys with `budget_policy: pace`: how often their λ is re-paced to their budget (the replicas together; docs/PACING.md)."""
 
     @field_validator("variant", mode="before")
     @classmethod
