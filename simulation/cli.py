@@ -41,6 +41,9 @@ def simulate_command(args: argparse.Namespace) -> int:
         print(f"  best fixed λ in hindsight with no more spend: λ={s['best_fixed_lambda']:.4g}, spend "
               f"${s['best_fixed_spend_usd']:.4f}, mean score {100 * s['best_fixed_mean_score']:.2f} points "
               f"(paced - fixed: {s['score_minus_best_fixed_points']:+.2f} points)")
+    if s["fixed_frontier_at_same_spend"] is not None:
+        print(f"  fixed-λ frontier interpolated to the paced spend: {100 * s['fixed_frontier_at_same_spend']:.2f} "
+              "points")
     print(f"  spend this traffic can have at a fixed λ: ${lo:.4f} (cheapest) to ${hi:.4f} (most accurate); "
           f"{s['wall_seconds']:.1f} s")
     if args.plot:

@@ -112,7 +112,8 @@ class SimulationResult:
             "lambda_median": float(np.median(self.lam)),
             "best_fixed_lambda": h.get("lambda"), "best_fixed_spend_usd": h.get("spend_usd"),
             "best_fixed_mean_score": h.get("mean_score"),
-            "score_minus_best_fixed_points": (100 * (self.mean_score - h["mean_score"])) if h else None,
+            "score_minus_best_fixed_points": (100 * (self.mean_score - h["mean_score"])) if "mean_score" in h else None,
+            "fixed_frontier_at_same_spend": h.get("interpolated_mean_score"),
             "feasible_spend_usd": h.get("feasible_spend_usd"), "wall_seconds": self.seconds,
         }
 
@@ -308,6 +309,11 @@ async def _hindsight(ds: BenchmarkDataset, rows: np.ndarray, registry: Registry,
     if ok.any():
         best = int(np.flatnonzero(ok)[np.argmax(means[ok])])
         out.update({"lambda": float(grid[best]), "spend_usd": float(spends[best]), "mean_score": float(means[best])})
+        above = np.flatnonzero(~ok)
+        if len(above):  # the fixed-λ frontier at exactly the paced spend: mixing the two neighbouring λ
+            nxt = int(above[np.argmin(spends[above])])
+            w = (spend - spends[best]) / (spends[nxt] - spends[best])
+            out["interpolated_mean_score"] = float(means[best] + w * (means[nxt] - means[best]))
     return out
 
 
