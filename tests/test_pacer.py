@@ -25,6 +25,7 @@ from gateway.metrics import Metrics
 from gateway.pacing import DEFAULT_LAMBDA_GRID, CostCurve
 from gateway.store import pacing as pace_sql
 from gateway.store.engine import Store
+from gateway.store.keys import set_budget_policy
 from tests.gateway_setup import make_dataset, replay_args, write_config
 from tests.procs import replay_upstream
 
@@ -85,6 +86,26 @@ async def test_replicas_share_one_paced_lambda_that_rises_as_spend_runs_ahead(st
     await guard.settle(held, 4.0)
     clock.now += timedelta(minutes=5)
     assert await a.paced_lambda(key, CURVE) == key.lambda_max
+
+
+async def test_changing_the_policy_forgets_the_pace_and_an_unreachable_store_serves_the_last_lambda(
+        store: Store) -> None:
+    _raw, row = create_key(store, "p2", default_lambda=0.3, budget_usd=1.0, period="day", budget_policy="pace")
+    key = principal_from_row(row)
+    clock = Clock(period_start_for("day", datetime.now(UTC)) + timedelta(hours=1))
+    pacer = SqlPacer(store, clock=clock)
+    lam = await pacer.paced_lambda(key, CURVE)
+    assert (got := pace_sql.read(store, row.id)) is not None and got[1] is not None
+    set_budget_policy(store, "p2", "block")
+    assert (got := pace_sql.read(store, row.id)) is not None and got[1] is None and got[0].budget_policy == "block"
+    down = Store("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    try:
+        assert await SqlPacer(down, clock=clock).paced_lambda(key, CURVE) == key.default_lambda  # never read
+        pacer.store = down  # the database goes away after a step
+        clock.now += timedelta(minutes=1)
+        assert await pacer.paced_lambda(key, CURVE) == lam  # the last λ, not an error
+    finally:
+        down.dispose()
 
 
 def test_pace_needs_a_budget_and_a_known_policy(store: Store) -> None:
