@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take reference answers from this dataset (for artifacts fitted without them)")
     p.add_argument("--restart", action="store_true", help="forget stored outcomes and ask every prompt again")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-activate", action="store_true",
+                   help="profile and print the impact report only; activate later with a second call without it "
+                        "(no prompt is asked again; docs/IMPACT.md)")
+    p.add_argument("--impact-plot", default=None, metavar="PNG", help="also draw the impact report here")
     p.set_defaults(handler=_lazy("profiling.cli:profile_command"))
 
     p = sub.add_parser("reprofile", help="recompute every model's Ψ from validation outcomes plus feedback")
