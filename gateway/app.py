@@ -77,7 +77,7 @@ def create_app(
         from gateway.serving.forwarding import Forwarder, LiteLLMUpstream
         from gateway.serving.registry import Registry, with_profiles
         from gateway.serving.registry_sync import RegistryPoller
-        from gateway.serving.router import RouterBundle, build_router
+        from gateway.serving.router import CostCurves, RouterBundle, build_router
         from gateway.serving.service import ChatService
         from gateway.store import models as catalog
 
@@ -124,7 +124,7 @@ def create_app(
             registry, pol, forwarder, embed=embed,
             authenticator=authenticator or acc.authenticator,
             rate_limiter=rate_limiter or acc.rate_limiter, budget=budget or acc.budget, sink=sink or acc.sink,
-            offload_bytes=config.limits.offload_bytes, estimator=Estimator(config.budget),
+            offload_bytes=config.limits.offload_bytes, estimator=Estimator(config.budget), pacer=acc.pacer, cost_curve=CostCurves(pol, registry.pool),
         )
         # profiling joins the gateway here only: the admin handlers reach it through these two objects
         from profiling.jobs import ProfilingJobs

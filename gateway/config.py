@@ -99,6 +99,8 @@ class RouterConfig(_Section):
     """Micro-batch size of embeddings across concurrent requests."""
     max_wait_ms: float = Field(default=2.0, ge=0.0)
     """How long a prompt waits for company in a micro-batch (0 for a fast static embedder)."""
+    pace_interval_s: float = Field(default=1.0, gt=0.0)
+    """Keys with `budget_policy: pace`: how often their λ is re-paced to their budget (the replicas together; docs/PACING.md)."""
 
     @field_validator("variant", mode="before")
     @classmethod
@@ -302,6 +304,8 @@ class ProfilingConfig(_Section):
     """The largest share of a cluster's evidence (validation prompts + weighted feedback) that one API key's feedback may have in a re-profiling pass: one key moves a cluster's Ψ by at most this much, however much feedback it sends. 1 turns the per-key cap off (docs/security/tenants.md)."""
     feedback_from: Literal["all", "trusted"] = "all"
     """Whose feedback re-profiling counts: `all` keys (each within `max_key_share`), or only keys marked `trusted` (`uniroute keys create --trusted`, `"trusted": true` on `POST /admin/keys`); anonymous feedback never counts with `trusted`."""
+    impact_window_s: float = Field(default=7 * 86400.0, gt=0.0)
+    """The impact report of profiling (docs/IMPACT.md) weighs clusters by the `auto` requests of the request log this far back."""
     lease_ttl_s: float = Field(default=300.0, gt=0.0)
     """The longest a re-profiling pass holds its database lease (released when the pass ends; this bounds a pass
     whose replica died)."""

@@ -151,6 +151,10 @@ class Metrics:
         self.max_budget = Gauge(
             "litellm_api_key_max_budget_metric", "The key's budget per period, USD",
             [key], registry=r, multiprocess_mode="mostrecent")
+        self.key_lambda = Gauge(
+            "uniroute_key_lambda",
+            "The λ a key with budget_policy 'pace' is served with now (docs/PACING.md)",
+            [key], registry=r, multiprocess_mode="mostrecent")
         self.rate_limiter_errors = Counter(
             "uniroute_rate_limiter_errors", "Rate-limit checks that could not reach Redis", registry=r)
 
@@ -228,6 +232,9 @@ class Metrics:
 
     def set_models_in_cooldown(self, count: int) -> None:
         self.models_in_cooldown.set(count)
+
+    def set_key_lambda(self, key_name: str, lam: float) -> None:
+        self.key_lambda.labels(api_key_alias=key_name).set(lam)
 
     def set_key_budget(self, key_name: str, budget_usd: float, remaining_usd: float) -> None:
         self.max_budget.labels(api_key_alias=key_name).set(budget_usd)

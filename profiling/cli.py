@@ -29,7 +29,8 @@ from profiling.schedule import Reprofiler, format_report, router_key
 
 
 def profile_command(args: argparse.Namespace) -> int:
-    """``uniroute profile MODEL``: exit 0 when activated, 2 when not (the report says why)."""
+    """``uniroute profile MODEL``: exit 0 when activated (or profiled with ``--no-activate``), 2 when not (the
+    report says why)."""
     config = load_config(args.config)
     store = Store(config.database_url)
     t0 = time.perf_counter()
@@ -47,9 +48,13 @@ def profile_command(args: argparse.Namespace) -> int:
     out = result.as_dict()
     out["wall_seconds"] = round(wall, 3)
     print(json.dumps(out, indent=1) if args.json else _format(result, wall))
+    if args.impact_plot and result.impact is not None:
+        from routing.impact import plot_report
+
+        print(f"impact plot: {plot_report(result.impact, args.impact_plot)}", file=sys.stderr)
     if result.partial:
         print(f"WARNING: {args.model} was activated on PARTIAL data ({result.message})", file=sys.stderr)
-    return 0 if result.activated else 2
+    return 0 if result.activated or (args.no_activate and result.psi is not None) else 2
 
 
 async def _profile(config: GatewayConfig, store: Store, args: argparse.Namespace,
@@ -75,7 +80,7 @@ async def _profile(config: GatewayConfig, store: Store, args: argparse.Namespace
     try:
         return await run_profiling(config, store, forwarder, args.model, grader=args.grader,
                                    concurrency=args.concurrency, allow_partial=args.allow_partial, answers=answers,
-                                   progress=progress, on_start=on_start)
+                                   progress=progress, on_start=on_start, activate=not args.no_activate)
     finally:
         if bar is not None:
             bar.close()
@@ -86,6 +91,10 @@ def _format(r: ProfilingResult, wall: float) -> str:
     lines = [r.report.summary(), f"wall time {wall:.2f}s", f"graded per cluster: {r.graded_per_cluster}", r.message]
     if r.psi is not None:
         lines.append("Ψ: [" + ", ".join(f"{v:.3f}" for v in r.psi) + "]")
+    if r.impact is not None:
+        lines += ["", f"impact of {r.model} on routing (before activation; docs/IMPACT.md):", r.impact.table()]
+    elif r.impact_error:
+        lines.append(f"no impact report: {r.impact_error}")
     return "\n".join(lines)
 
 

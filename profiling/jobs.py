@@ -57,7 +57,7 @@ class ProfilingJobs:
         self.jobs: dict[str, Job] = {}
 
     def start(self, model: str, *, grader: str | None = None, concurrency: int | None = None,
-              allow_partial: bool = False) -> Job:
+              allow_partial: bool = False, activate: bool = True) -> Job:
         from profiling.profiler import run_profiling
 
         if self.key is None:
@@ -78,10 +78,11 @@ class ProfilingJobs:
         async def run() -> None:
             try:
                 res = await run_profiling(self.config, self.store, self.forwarder, model, grader=grader,
-                                          concurrency=concurrency, allow_partial=allow_partial,
+                                          concurrency=concurrency, allow_partial=allow_partial, activate=activate,
                                           progress=progress, on_start=on_start)
                 job.result = res.as_dict()
-                job.status = "activated" if res.activated else "not_activated"
+                job.status = ("activated" if res.activated else "reported" if not activate and res.psi is not None
+                              else "not_activated")
             except GatewayError as exc:
                 job.status, job.error = "failed", scrub(exc.message)
             except Exception as exc:

@@ -37,6 +37,7 @@ from gateway.store import models as catalog
 from gateway.store import profiling as profiling_sql
 from gateway.store.engine import Store
 from profiling.graders import GRADERS, get_grader
+from profiling.impact import store_impact
 from profiling.runner import (
     Completion,
     CompletionFailed,
@@ -47,6 +48,7 @@ from profiling.runner import (
     profile_model,
 )
 from routing.artifact import RouterArtifact
+from routing.impact import ImpactReport
 
 logger = logging.getLogger("uniroute.profiling")
 
@@ -120,6 +122,8 @@ class ProfilingResult:
     profile_versions: dict[str, int] = field(default_factory=dict)  # profile key -> version
     psi: list[float] | None = None  # for the configured variant
     message: str = ""
+    impact: ImpactReport | None = None  # what activating it changes (docs/IMPACT.md), computed before activation
+    impact_error: str | None = None  # why there is no impact report (e.g. no other profiled model)
 
     def as_dict(self) -> dict[str, Any]:
         r = self.report
@@ -131,7 +135,8 @@ class ProfilingResult:
             "stopped": r.stopped,
             "graded_per_cluster": self.graded_per_cluster, "short_clusters": self.short_clusters,
             "min_graded_per_cluster": self.min_graded_per_cluster, "profile_versions": self.profile_versions,
-            "psi": self.psi,
+            "psi": self.psi, "impact": self.impact.as_dict() if self.impact is not None else None,
+            "impact_error": self.impact_error,
         }
 
 
@@ -178,8 +183,10 @@ async def run_profiling(
     artifact: RouterArtifact | None = None,
     progress: Callable[[RunReport], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
+    activate: bool = True,
 ) -> ProfilingResult:
-    """Profile ``model`` (a registry row) and activate it when every cluster has enough graded answers."""
+    """Profile ``model`` (a registry row), report what activating it changes, and activate it (unless not
+    ``activate``) when every cluster has enough graded answers."""
     pc = config.profiling
     keep_config_params(config.models)  # config.yaml's secrets, which the table holds masked
     art: RouterArtifact = artifact if artifact is not None else await asyncio.to_thread(load_artifact, config)
@@ -214,7 +221,7 @@ async def run_profiling(
                                  concurrency=concurrency or pc.concurrency, retry=RetryPolicy(attempts=pc.attempts),
                                  progress=progress)
     return await asyncio.to_thread(_finish, config, store, art, spec.router_cost, model, prompts, outcomes, report,
-                                   allow_partial)
+                                   allow_partial, activate)
 
 
 def _entry(spec: ModelSpec) -> ModelEntry:
@@ -229,7 +236,7 @@ def _entry(spec: ModelSpec) -> ModelEntry:
 
 def _finish(config: GatewayConfig, store: Store, art: RouterArtifact, cost: float, model: str,
             prompts: Sequence[ValidationPrompt], outcomes: SqlOutcomeStore, report: RunReport,
-            allow_partial: bool) -> ProfilingResult:
+            allow_partial: bool, activate: bool = True) -> ProfilingResult:
     pc = config.profiling
     valid = {p.prompt_id for p in prompts}
     graded = {o.prompt_id: float(o.score) for o in outcomes.outcomes(model) if o.score is not None
@@ -256,11 +263,22 @@ def _finish(config: GatewayConfig, store: Store, art: RouterArtifact, cost: floa
         return res
     res.partial = bool(short) or len(graded) < len(prompts)
     source = "validation-partial" if res.partial else "validation"
-    for prof in art.profile_model(model, graded, cost=cost):
-        key = catalog.profile_key(art.version, prof.variant)
-        res.profile_versions[key] = catalog.save_profile(store, model, key, prof.psi, prof.counts, source)
+    profiles = art.profile_model(model, graded, cost=cost)
+    for prof in profiles:
         if prof.variant == config.router.variant:
             res.psi = [float(v) for v in prof.psi]
+            try:
+                res.impact = store_impact(config, store, art, model, prof.psi, cost)
+            except ValueError as exc:  # e.g. no other profiled model to compare with
+                res.impact_error = str(exc)
+    if not activate:
+        res.message = (f"{model!r} profiled from {len(graded)} of {len(prompts)} prompts and NOT activated: the "
+                       f"impact report shows what activating it changes; activate with `uniroute profile {model}` "
+                       "(no prompt is asked again)")
+        return res
+    for prof in profiles:
+        key = catalog.profile_key(art.version, prof.variant)
+        res.profile_versions[key] = catalog.save_profile(store, model, key, prof.psi, prof.counts, source)
     catalog.set_routable(store, model, True)
     res.activated = True
     res.message = (f"activated {model!r} with a profile from {len(graded)} of {len(prompts)} prompts"

@@ -37,6 +37,19 @@ def expected_cost(z: np.ndarray, pool: Sequence[PoolModel], lam: float) -> tuple
     return float(decider.costs[choice].mean()), float(err[np.arange(len(err)), choice].mean())
 
 
+def cost_curve(z: np.ndarray, pool: Sequence[PoolModel], lams: Sequence[float]) -> np.ndarray:
+    """C(λ) at each of ``lams``: the expected mean normalised cost of routing prompts with memberships ``z``
+    (as :func:`expected_cost`, with the decider built once). The budget pacer's feed-forward
+    (gateway/pacing.py) inverts it."""
+    profiled = [m for m in pool if m.psi is not None]
+    if not profiled:
+        raise ValueError("no profiled model in the pool")
+    psi = np.stack([np.asarray(m.psi, dtype=np.float64) for m in profiled])
+    decider = Decider([m.cost for m in profiled], [m.name for m in profiled])
+    err = expected_errors(z, psi)
+    return np.asarray([float(decider.costs[decider.choose(err, float(lam))].mean()) for lam in lams])
+
+
 def calibrate_lambda(z: np.ndarray, pool: Sequence[PoolModel], target_cost: float, *,
                      tol: float = 1e-7, max_iter: int = 200) -> Calibration:
     """The least λ ≥ 0 whose expected mean normalised cost is ≤ ``target_cost``."""

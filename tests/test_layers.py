@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ROOTS = ("gateway", "routing", "profiling", "replay")
+ROOTS = ("gateway", "routing", "profiling", "replay", "simulation")
 GATEWAY_LAYERS = ("http", "serving", "access", "store", "cli")
 
 #: layer -> the layers it may import (besides itself). "gateway" is the top-level modules of the
@@ -35,6 +35,8 @@ ALLOWED: dict[str, set[str]] = {
     # profiling reaches models through the forwarder only: never the chat service (nor http/ or app.py)
     "profiling": {"gateway", "gateway.store", "gateway.serving.forwarding", "gateway.serving.registry", "routing"},
     "replay": {"gateway", "routing"},
+    # `uniroute simulate` composes the request path as app.py does (minus HTTP) with the replay upstream in process
+    "simulation": {"gateway", "gateway.serving", "gateway.access", "gateway.store", "routing", "replay"},
 }
 
 

@@ -7,6 +7,7 @@ a few lines:
 - ``authenticator``: :class:`~gateway.access.auth.KeyAuthenticator` (``auth.mode: keys``) or the
   open authenticator (``auth.mode: open``, everyone is ``anonymous``);
 - ``budget``: :class:`~gateway.access.budget.SqlBudgetGuard` (a no-op for ``anonymous``);
+- ``pacer``: :class:`~gateway.access.pacing.SqlPacer`, the λ of keys with ``budget_policy: pace``;
 - ``rate_limiter``: Redis when ``redis_url`` is set, else in-process (single process);
 - ``sink``: metrics + :class:`~gateway.store.requestlog.RequestLogWriter`;
 - ``admin``: the admin-key guard of ``/admin/*``; ``metrics``: everything ``/metrics`` shows, and
@@ -38,6 +39,7 @@ from gateway.access.auth import (
     metrics_auth_required,
 )
 from gateway.access.budget import SqlBudgetGuard, period_starts
+from gateway.access.pacing import SqlPacer
 from gateway.access.ratelimit import LocalRateLimiter, RedisRateLimiter
 from gateway.access.reservations import ReservationKeeper
 from gateway.config import AuthMode, MetricsAuth
@@ -92,6 +94,7 @@ class AccountingSettings:
     lambda_range: tuple[float, float] = DEFAULT_LAMBDA_RANGE  # router.lambda_min, router.lambda_max: keys stay inside
     seed_models: tuple[ModelSpec, ...] = field(default_factory=tuple)  # the config's models, as written
     metrics_auth: MetricsAuth = "auto"  # metrics.auth: who may read /metrics
+    pace_interval_s: float = 1.0  # router.pace_interval_s: how often a paced key's λ is stepped
 
 
 def default_principal(config: GatewayConfig) -> Principal:
@@ -115,6 +118,7 @@ def settings_from_config(config: GatewayConfig) -> AccountingSettings:
         rate_limit_prefix=config.rate_limit.redis_prefix,
         anonymous=default_principal(config), lambda_range=(config.router.lambda_min, config.router.lambda_max),
         seed_models=tuple(config.models), metrics_auth=config.metrics.auth,
+        pace_interval_s=config.router.pace_interval_s,
     )
 
 
@@ -156,6 +160,7 @@ class Accounting:
         self.sink = MetricsSink(self.metrics, self.writer, store_prompts=s.store_prompts)
         self.budget = SqlBudgetGuard(self.store, metrics=self.metrics, holder=self.holder,
                                      settle_timeout_s=s.settle_timeout_s)
+        self.pacer = SqlPacer(self.store, metrics=self.metrics, interval_s=s.pace_interval_s)
         self.keeper = ReservationKeeper(self.store, self.holder, ttl_s=s.reservation_ttl_s, guard=self.budget,
                                         metrics=self.metrics)
         self.authenticator: Authenticator

@@ -37,7 +37,7 @@ from gateway.serving.interfaces import Authenticator, Principal
 from gateway.spec import RESERVED_NAMES, model_name_problem
 from gateway.store import keys as key_sql
 from gateway.store.engine import Store
-from gateway.store.tables import BUDGET_PERIODS, ApiKey, utcnow
+from gateway.store.tables import BUDGET_PERIODS, BUDGET_POLICIES, ApiKey, utcnow
 
 KEY_PREFIX = "sk-ur-"
 DISPLAY_PREFIX_LEN = len(KEY_PREFIX) + 4
@@ -93,6 +93,7 @@ def principal_from_row(row: ApiKey) -> Principal:
         rpm_limit=row.rpm_limit,
         budget_usd=row.budget_usd,
         budget_period=row.budget_period,
+        budget_policy=row.budget_policy,
     )
 
 
@@ -230,6 +231,7 @@ def metrics_auth_required(setting: str, auth_mode: str) -> bool:
 def _check_key_params(
     *, name: str, default_lambda: float, lambda_min: float, lambda_max: float, lambda_range: tuple[float, float],
     budget_usd: float | None, period: str, rpm_limit: int | None, models: Sequence[str] | None,
+    budget_policy: str = "block",
 ) -> None:
     if not isinstance(name, str) or not KEY_NAME_PATTERN.fullmatch(name):
         raise InvalidRequestError(f"invalid key name {str(name)[:80]!r}: {KEY_NAME_RULE}", param="name")
@@ -245,6 +247,7 @@ def _check_key_params(
                                   f"<= {lambda_max}", param="lambda")
     if budget_usd is not None and (not math.isfinite(budget_usd) or budget_usd < 0):
         raise InvalidRequestError(f"budget must be a number of USD >= 0, got {budget_usd}", param="budget_usd")
+    check_budget_policy(budget_policy, budget_usd)
     if period not in BUDGET_PERIODS:
         raise InvalidRequestError(f"unknown budget period {period!r}; valid: {', '.join(BUDGET_PERIODS)}",
                                   param="period")
@@ -260,6 +263,16 @@ def _check_key_params(
             raise InvalidRequestError(f"models: {problem}", param="models")
 
 
+def check_budget_policy(policy: str, budget_usd: float | None) -> None:
+    """400 unless ``policy`` is a budget policy, and ``pace`` comes with a budget to pace against."""
+    if policy not in BUDGET_POLICIES:
+        raise InvalidRequestError(f"unknown budget policy {str(policy)[:40]!r}; valid: {', '.join(BUDGET_POLICIES)}",
+                                  param="budget_policy")
+    if policy == "pace" and budget_usd is None:
+        raise InvalidRequestError("budget_policy 'pace' paces spend against the key's budget: set budget_usd too",
+                                  param="budget_policy")
+
+
 def create_key(
     store: Store,
     name: str,
@@ -273,24 +286,26 @@ def create_key(
     models: Sequence[str] | None = None,
     lambda_range: tuple[float, float] = DEFAULT_LAMBDA_RANGE,
     trusted: bool = False,
+    budget_policy: str = "block",
 ) -> tuple[str, ApiKey]:
     """Create a key; returns ``(raw key, row)``. The raw key exists only in the return value.
 
     ``lambda_range`` is the λ range the config allows (``router.lambda_min``, ``router.lambda_max``):
     the key's λ and its own range must lie inside it (400 otherwise), and its range defaults to it.
+    ``budget_policy`` is ``block`` (the budget's hard cap) or ``pace`` (λ also paced; needs a budget).
     """
     lam_min = lambda_min if lambda_min is not None else lambda_range[0]
     lam_max = lambda_max if lambda_max is not None else lambda_range[1]
     _check_key_params(name=name, default_lambda=default_lambda, lambda_min=lam_min, lambda_max=lam_max,
                       lambda_range=lambda_range, budget_usd=budget_usd, period=period, rpm_limit=rpm_limit,
-                      models=models)
+                      models=models, budget_policy=budget_policy)
     raw = generate_key()
     now = utcnow()
     row = key_sql.insert_key(
         store, name=name, key_hash=hash_key(raw), key_prefix=display_prefix(raw), default_lambda=default_lambda,
         lambda_min=lam_min, lambda_max=lam_max, budget_usd=budget_usd, budget_period=period,
         period_start=period_start_for(period, now), rpm_limit=rpm_limit, allowed_models=models, created_at=now,
-        trusted=trusted,
+        trusted=trusted, budget_policy=budget_policy,
     )
     return raw, row
 
@@ -303,7 +318,7 @@ def key_summary(row: ApiKey) -> dict[str, Any]:
     return {
         "name": row.name, "prefix": row.key_prefix, "lambda": row.default_lambda,
         "lambda_min": row.lambda_min, "lambda_max": row.lambda_max, "budget_usd": row.budget_usd,
-        "budget_period": row.budget_period, "period_start": iso(row.period_start), "spend_usd": row.spend_usd,
+        "budget_period": row.budget_period, "budget_policy": row.budget_policy, "period_start": iso(row.period_start), "spend_usd": row.spend_usd,
         "reserved_usd": row.reserved_usd, "total_spend_usd": row.total_spend_usd, "rpm": row.rpm_limit,
         "models": row.allowed_models, "trusted": bool(row.trusted), "created_at": iso(row.created_at),
         "revoked_at": iso(row.revoked_at),

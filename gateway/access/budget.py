@@ -123,8 +123,9 @@ class SqlBudgetGuard:
     """
 
     def __init__(self, store: Store, *, metrics: Metrics | None = None, holder: str | None = None,
-                 settle_timeout_s: float = 2.0) -> None:
+                 settle_timeout_s: float = 2.0, clock: Callable[[], datetime] = utcnow) -> None:
         self.store = store
+        self.clock = clock  # the time periods roll over by (UTC now; the simulation passes its own)
         self.metrics = metrics
         self.holder = holder or new_holder_id()  # a guard built without one (tests, tools) is its own holder
         self.settle_timeout_s = settle_timeout_s
@@ -194,7 +195,7 @@ class SqlBudgetGuard:
     def reserve_sync(self, principal: Principal, estimate_usd: float, reservation_id: str | None = None) -> Reservation:
         assert principal.key_id is not None
         est = _amount(estimate_usd)
-        now = utcnow()
+        now = self.clock()
         rid = reservation_id or uuid.uuid4().hex
         got = budget_sql.reserve(self.store, principal.key_id, est, period_starts(now), reservation_id=rid,
                                  holder=self.holder)
@@ -208,7 +209,7 @@ class SqlBudgetGuard:
     def settle_sync(self, reservation: Reservation, actual_usd: float) -> None:
         assert reservation.key_id is not None
         got = budget_sql.settle(self.store, reservation.key_id, reservation.amount_usd, _amount(actual_usd),
-                                period_starts(utcnow()), reservation_id=reservation.id)
+                                period_starts(self.clock()), reservation_id=reservation.id)
         if got is not None:
             self._observe(got.name, got.budget_usd, got.spend_usd)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from gateway.access.auth import create_key, key_summary
+from gateway.access.auth import check_budget_policy, create_key, key_summary
 from gateway.cli.db import run
 from gateway.config import ConfigError, RouterConfig, default_config_path, expand_vars
 from gateway.store import keys as key_sql
@@ -55,10 +55,11 @@ def keys_create_command(args: argparse.Namespace) -> int:
         raw, row = create_key(store, args.name, default_lambda=args.lam, budget_usd=args.budget, period=args.period,
                               lambda_min=args.lambda_min, lambda_max=args.lambda_max, rpm_limit=args.rpm,
                               models=models, lambda_range=(router.lambda_min, router.lambda_max),
-                              trusted=args.trusted)
+                              trusted=args.trusted, budget_policy=args.budget_policy)
         budget = f"${row.budget_usd:g}/{row.budget_period}" if row.budget_usd is not None else "no budget cap"
         print(f"created key {row.name!r}: lambda={row.default_lambda:g} (range {row.lambda_min:g}..{row.lambda_max:g}), "
-              f"{budget}, rpm={row.rpm_limit or 'unlimited'}{', trusted' if row.trusted else ''}", file=sys.stderr)
+              f"{budget}{', paced' if row.budget_policy == 'pace' else ''}, rpm={row.rpm_limit or 'unlimited'}"
+              f"{', trusted' if row.trusted else ''}", file=sys.stderr)
         print("the key is shown only once; store it now:", file=sys.stderr)
         print(raw)
 
@@ -76,6 +77,7 @@ def keys_list_command(args: argparse.Namespace) -> int:
             budget = f"{r.budget_usd:.2f}/{r.budget_period}" if r.budget_usd is not None else "-"
             status = f"revoked {r.revoked_at:%Y-%m-%d}" if r.revoked_at else "active"
             status += ", trusted" if r.trusted else ""
+            status += ", paced" if r.budget_policy == "pace" else ""
             print(f"{r.name:<20} {r.key_prefix:<12} {r.default_lambda:>7g} {budget:>14} {r.spend_usd:>10.4f} "
                   f"{r.rpm_limit or '-':>6}  {status}")
 
@@ -88,6 +90,16 @@ def keys_trust_command(args: argparse.Namespace) -> int:
         print(f"key {row.name!r} ({row.key_prefix}...) is {'trusted' if row.trusted else 'not trusted'}")
 
     return run(args, trust, migrate=True)
+
+
+def keys_policy_command(args: argparse.Namespace) -> int:
+    def set_policy(store: Store) -> None:
+        row = key_sql.get_key(store, args.name)
+        check_budget_policy(args.policy, row.budget_usd)
+        row = key_sql.set_budget_policy(store, args.name, args.policy)
+        print(f"key {row.name!r} ({row.key_prefix}...): budget policy {row.budget_policy}")
+
+    return run(args, set_policy, migrate=True)
 
 
 def keys_revoke_command(args: argparse.Namespace) -> int:

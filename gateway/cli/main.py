@@ -55,6 +55,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
     p.set_defaults(handler=_lazy("replay.cli:replay_command"))
 
+    # --- budget pacing simulation --------------------------------------------------------
+    p = sub.add_parser("simulate", help="replay a budget period of traffic through the chat service with a "
+                       "budget-paced key; print and plot spend, λ and quality (docs/PACING.md)")
+    p.add_argument("--dataset", default=None, help="routing benchmark folder (default: $UNIROUTE_DATASET)")
+    p.add_argument("--artifact", default=None,
+                   help="router artifact (default: $UNIROUTE_ROUTER_ARTIFACT, else var/router-static)")
+    p.add_argument("--budget", type=float, required=True, help="the paced key's budget for the period, USD")
+    p.add_argument("--period", choices=["day", "month"], default="day", help="the budget period simulated")
+    p.add_argument("--rate", type=float, required=True, help="mean requests per simulated hour")
+    p.add_argument("--burst", action="append", default=[], metavar="START:LENGTH:FACTOR",
+                   help="traffic x FACTOR from START for LENGTH (shares of the period), e.g. 0.3:0.1:4 (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--start-lambda", type=float, default=0.1, help="the key's λ, where the pace starts")
+    p.add_argument("--database-url", default=None, help="database for the run (default: a temporary SQLite file)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write spend, λ and quality over the period here")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the summary as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(handler=_lazy("simulation.cli:simulate_command"))
+
     # --- configuration -------------------------------------------------------------------
     p = sub.add_parser("config", help="the config.yaml reference")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -94,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--models", default=None, help="comma-separated models the key may use (default: all)")
     q.add_argument("--trusted", action="store_true",
                    help="its feedback counts when profiling.feedback_from is 'trusted' (default: not trusted)")
+    q.add_argument("--budget-policy", choices=["block", "pace"], default="block",
+                   help="block: refuse what does not fit the budget (429); pace: also adjust the key's λ so its "
+                        "spend tracks budget × elapsed share of the period (needs --budget; docs/PACING.md)")
     q.set_defaults(handler=_lazy("gateway.cli.keys:keys_create_command"))
     q = ksub.add_parser("list", help="list keys (never shows the keys themselves)")
     q.add_argument("--all", action="store_true", help="include revoked keys")
@@ -106,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name")
     q.add_argument("--off", action="store_true", help="take the mark away")
     q.set_defaults(handler=_lazy("gateway.cli.keys:keys_trust_command"))
+    q = ksub.add_parser("policy", help="set a key's budget policy: block (hard cap) or pace (λ paced to the budget)")
+    q.add_argument("name")
+    q.add_argument("policy", choices=["block", "pace"])
+    q.set_defaults(handler=_lazy("gateway.cli.keys:keys_policy_command"))
     for q in (*ksub.choices.values(),):
         q.add_argument("--config", default=None,
                        help="config.yaml whose database_url to use ($UNIROUTE_DATABASE_URL wins)")
@@ -145,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take reference answers from this dataset (for artifacts fitted without them)")
     p.add_argument("--restart", action="store_true", help="forget stored outcomes and ask every prompt again")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-activate", action="store_true",
+                   help="profile and print the impact report only; activate later with a second call without it "
+                        "(no prompt is asked again; docs/IMPACT.md)")
+    p.add_argument("--impact-plot", default=None, metavar="PNG", help="also draw the impact report here")
     p.set_defaults(handler=_lazy("profiling.cli:profile_command"))
 
     p = sub.add_parser("reprofile", help="recompute every model's Ψ from validation outcomes plus feedback")

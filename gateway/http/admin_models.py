@@ -7,7 +7,8 @@
                                              and ``enabled``
 - ``DELETE /admin/models/{name}``            remove it
 - ``POST   /admin/models/{name}/disable``    stop serving it (kept in the table)
-- ``POST   /admin/models/{name}/profile``    ``{grader?, concurrency?, allow_partial?}`` → 202 with the job id
+- ``POST   /admin/models/{name}/profile``    ``{grader?, concurrency?, allow_partial?, activate?}`` → 202 with the job
+                                             id; its report has the impact report (``activate: false``: only that)
 - ``GET    /admin/models/{name}/profile``    the job's progress and report
 - ``POST   /admin/reprofile``                one re-profiling pass now (takes the lease) → its report
 - ``GET    /admin/reprofile/last``           the last pass's report and drift table
@@ -116,6 +117,7 @@ class ProfileStart(BaseModel):
     grader: str | None = None
     concurrency: int | None = Field(default=None, ge=1, le=512)
     allow_partial: bool = False
+    activate: bool = True  # false: profile and report the impact only (docs/IMPACT.md)
 
 
 async def start_profile_endpoint(request: Request) -> Response:
@@ -130,7 +132,8 @@ async def start_profile_endpoint(request: Request) -> Response:
     if jobs is None:
         raise ServiceUnavailableError("profiling is not available (the gateway is starting)")
     await asyncio.to_thread(catalog.get_model, acc.store, name)  # 404 listing the known models
-    job = jobs.start(name, grader=opts.grader, concurrency=opts.concurrency, allow_partial=opts.allow_partial)
+    job = jobs.start(name, grader=opts.grader, concurrency=opts.concurrency, allow_partial=opts.allow_partial,
+                     activate=opts.activate)
     return json_response({"object": "profiling.job", **job.as_dict()}, 202)
 
 

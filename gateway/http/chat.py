@@ -2,8 +2,9 @@
 
 Response headers: ``x-uniroute-model`` (the model that served), ``x-uniroute-request-id`` (the
 gateway's own id, set by the middleware; ``x-uniroute-client-request-id`` echoes the client's), ``x-uniroute-attempts`` (upstream calls made, on every chat response including
-errors; 0 when refused before forwarding) and ``x-uniroute-cost`` (USD, when known before the
-headers are sent, i.e. not for streams; the last chunk's ``uniroute.cost_usd`` has it).
+errors; 0 when refused before forwarding), ``x-uniroute-lambda`` (the λ it was routed with: the request's, the
+key's default or, for a key with ``budget_policy: pace``, the paced one) and ``x-uniroute-cost`` (USD, when known
+before the headers are sent, i.e. not for streams; the last chunk's ``uniroute.cost_usd`` has it).
 
 Bounded work before authentication: the key is checked from the headers before a byte of the body is
 read (a refused caller gets its 401 whatever it sends); the body is then read under the structural
@@ -27,6 +28,7 @@ from gateway.protocol import ChatCompletionRequest, parse_chat_request
 from gateway.serving.service import ChatContext, ChatStream
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+LAMBDA = "x-uniroute-lambda"  # the λ the request was routed with (the request header of the same name asks for one)
 
 
 def request_id(request: Request) -> str:
@@ -65,6 +67,8 @@ async def chat_completions(request: Request) -> Response:
         response.headers[ATTEMPTS] = str(getattr(exc, "attempts", 0))
         return response
     headers = {"x-uniroute-model": header_value(result.model), ATTEMPTS: str(result.attempts)}
+    if result.lam is not None:
+        headers[LAMBDA] = f"{result.lam:.10g}"
     if result.cost_usd is not None:
         headers["x-uniroute-cost"] = f"{result.cost_usd:.10g}"
     return json_response(result.body, headers=headers)
@@ -75,9 +79,10 @@ class SSEResponse(StreamingResponse):
 
     def __init__(self, stream: ChatStream) -> None:
         self.stream = stream
-        super().__init__(self._events(), media_type="text/event-stream",
-                         headers={**SSE_HEADERS, "x-uniroute-model": header_value(stream.model),
-                                  ATTEMPTS: str(stream.attempts)})
+        headers = {**SSE_HEADERS, "x-uniroute-model": header_value(stream.model), ATTEMPTS: str(stream.attempts)}
+        if stream.lam is not None:
+            headers[LAMBDA] = f"{stream.lam:.10g}"
+        super().__init__(self._events(), media_type="text/event-stream", headers=headers)
 
     async def _events(self) -> AsyncIterator[bytes]:
         async for chunk in self.stream.chunks:

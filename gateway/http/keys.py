@@ -8,13 +8,14 @@ client key; :func:`gateway.http.auth.require_admin`).
 
 - ``GET  /v1/usage``              the caller's λ range, budget, spend, remaining budget, period usage
 - ``GET  /admin/keys``            every key (never the key itself or its hash)
-- ``POST /admin/keys``            ``{"name", "lambda", "budget_usd"?, "period"?, "lambda_min"?, "lambda_max"?,
+- ``POST /admin/keys``            ``{"name", "lambda", "budget_usd"?, "period"?, "budget_policy"?, "lambda_min"?, "lambda_max"?,
                                   "rpm"?, "models"?, "trusted"?}`` → 201 with ``"key"``: the raw key, shown once.
                                   λ and the key's range must lie in the config's
                                   ``router.lambda_min..lambda_max``, which is also the range's default
 - ``GET  /admin/keys/{name}``     one key
 - ``PATCH /admin/keys/{name}``    ``{"trusted": bool}``: whether its feedback counts with
-                                  ``profiling.feedback_from: trusted``
+                                  ``profiling.feedback_from: trusted``; ``{"budget_policy": "block"|"pace"}``:
+                                  whether its λ is paced to its budget (docs/PACING.md)
 - ``DELETE /admin/keys/{name}``   revoke it (refused by every replica from its next request)
 """
 
@@ -26,13 +27,13 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.access.auth import create_key, key_summary
+from gateway.access.auth import check_budget_policy, create_key, key_summary
 from gateway.errors import InvalidRequestError, validation_message
 from gateway.http.auth import accounting, authenticate, require_admin
 from gateway.http.responses import json_body, json_response, path_name
 from gateway.store import keys as key_sql
 
-KEY_FIELDS = "name, lambda, budget_usd, period, lambda_min, lambda_max, rpm, models, trusted"
+KEY_FIELDS = "name, lambda, budget_usd, period, budget_policy, lambda_min, lambda_max, rpm, models, trusted"
 
 
 async def usage(request: Request) -> Response:
@@ -47,6 +48,7 @@ class KeyCreate(BaseModel):
     lam: float = Field(alias="lambda")
     budget_usd: float | None = None
     period: str = "month"
+    budget_policy: str = "block"
     lambda_min: float | None = None
     lambda_max: float | None = None
     rpm: int | None = None
@@ -57,7 +59,8 @@ class KeyCreate(BaseModel):
 class KeyUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    trusted: StrictBool
+    trusted: StrictBool | None = None
+    budget_policy: str | None = None
 
 
 async def list_keys_endpoint(request: Request) -> Response:
@@ -77,6 +80,7 @@ async def create_key_endpoint(request: Request) -> Response:
         create_key, acc.store, body.name, default_lambda=body.lam, budget_usd=body.budget_usd,
         period=body.period, lambda_min=body.lambda_min, lambda_max=body.lambda_max, rpm_limit=body.rpm,
         models=body.models, lambda_range=acc.settings.lambda_range, trusted=body.trusted,
+        budget_policy=body.budget_policy,
     )
     return json_response({**key_summary(row), "key": raw}, 201, {"cache-control": "no-store"})
 
@@ -92,8 +96,18 @@ async def update_key_endpoint(request: Request) -> Response:
     try:
         body = KeyUpdate.model_validate(await json_body(request))
     except ValidationError as exc:
-        raise InvalidRequestError(validation_message(exc, "key update", "trusted")) from None
-    row = await asyncio.to_thread(key_sql.set_trusted, acc.store, request.path_params["name"], body.trusted)
+        raise InvalidRequestError(validation_message(exc, "key update", "trusted, budget_policy")) from None
+    if body.trusted is None and body.budget_policy is None:
+        raise InvalidRequestError("a key update needs 'trusted' or 'budget_policy'", param="trusted")
+    name = path_name(request, "API key", 128)
+    row = await asyncio.to_thread(key_sql.get_key, acc.store, name)
+    if body.budget_policy is not None:
+        check_budget_policy(body.budget_policy, row.budget_usd)
+        row = await asyncio.to_thread(key_sql.set_budget_policy, acc.store, name, body.budget_policy)
+    if body.trusted is not None:
+        row = await asyncio.to_thread(key_sql.set_trusted, acc.store, name, body.trusted)
+    if acc.key_authenticator is not None:  # this replica serves the change from the next request
+        acc.key_authenticator.invalidate()
     return json_response(key_summary(row))
 
 

@@ -60,7 +60,8 @@ def build_openapi() -> dict[str, Any]:
                                    "last chunk.",
                     "headers": {h: {"schema": {"type": "string"}}
                                 for h in ("x-uniroute-model", "x-uniroute-request-id",
-                                          "x-uniroute-client-request-id", "x-uniroute-attempts", "x-uniroute-cost")},
+                                          "x-uniroute-client-request-id", "x-uniroute-attempts", "x-uniroute-lambda",
+                                          "x-uniroute-cost")},
                     "content": {"application/json": {"schema": _ref(ChatCompletion)},
                                 "text/event-stream": {"schema": _ref(ChatCompletionChunk)}},
                 },

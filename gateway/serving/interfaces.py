@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from gateway.pacing import CostCurve
+
 
 @dataclass(frozen=True)
 class Principal:
@@ -28,6 +30,7 @@ class Principal:
     rpm_limit: int | None = None
     budget_usd: float | None = None  # None = no cap
     budget_period: str = "month"  # "day" | "month"
+    budget_policy: str = "block"  # "block" | "pace": a paced key's λ comes from the LambdaPacer
 
     @property
     def metric_label(self) -> str:
@@ -114,6 +117,14 @@ class BudgetGuard(Protocol):
         ...
 
 
+class LambdaPacer(Protocol):
+    async def paced_lambda(self, principal: Principal, curve: CostCurve | None) -> float:
+        """The λ a key with ``budget_policy: pace`` is served with now (docs/PACING.md); ``curve`` is the
+        router's expected cost per request against λ (None: the router has none). Never raises: when its state
+        cannot be read the key's last λ (or its default) is served."""
+        ...
+
+
 class RequestSink(Protocol):
     def submit(self, record: RequestRecord) -> None:
         """Queue a finished request for logging (with its ``settlement``, if any). Must not block or raise."""
@@ -141,6 +152,13 @@ class NoBudget:
 
     async def settle(self, reservation: Reservation, actual_usd: float) -> None:
         return None
+
+
+class NoPacing:
+    """No pacer configured: a paced key is served with its default λ."""
+
+    async def paced_lambda(self, principal: Principal, curve: CostCurve | None) -> float:
+        return principal.default_lambda
 
 
 class MemorySink:

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from gateway.config import ConfigError, GatewayConfig
-from routing.policy import CheapestPolicy, GatewayPolicy
+from gateway.pacing import DEFAULT_LAMBDA_GRID, CostCurve
+from routing.policy import CheapestPolicy, GatewayPolicy, PoolModel
 
 EmbedFn = Callable[[str], Awaitable[np.ndarray]]
 logger = logging.getLogger("uniroute.router")
@@ -144,6 +145,44 @@ def calibrated(config: GatewayConfig) -> GatewayConfig:
     logger.info("router calibration: target cost %.4f -> default λ %.6g (expected cost %.4f, error %.4f)",
                 target, lam, cal.expected_cost, cal.expected_error)
     return config.model_copy(update={"router": r.model_copy(update={"default_lambda": lam})})
+
+
+class CostCurves:
+    """The served policy's calibration curve C(λ) over the registry's current pool: the budget pacer's
+    feed-forward (gateway/pacing.py).
+
+    For the UniRoute policy, C(λ) is the expected mean normalised cost of routing the artifact's validation
+    prompts at λ (:func:`routing.calibration.cost_curve`, the curve ``uniroute router calibrate`` bisects), on
+    :data:`~gateway.pacing.DEFAULT_LAMBDA_GRID`; it is computed again when the pool changes (a few ms). Other
+    policies have none (None)."""
+
+    def __init__(self, policy: GatewayPolicy, pool: Callable[[], Sequence[PoolModel]],
+                 grid: Sequence[float] = DEFAULT_LAMBDA_GRID) -> None:
+        self.policy = policy
+        self.pool = pool
+        self.grid = tuple(grid)
+        self._z: np.ndarray | None = None
+        self._last: tuple[Sequence[PoolModel], CostCurve | None] | None = None
+
+    def __call__(self) -> CostCurve | None:
+        from routing.artifact import UniRoutePolicy
+
+        if not isinstance(self.policy, UniRoutePolicy):
+            return None
+        pool = self.pool()
+        last = self._last
+        if last is not None and last[0] is pool:
+            return last[1]
+        from routing.calibration import cost_curve
+
+        if self._z is None:
+            self._z = self.policy.artifact.membership(self.policy.artifact.val_embeddings, self.policy.variant)
+        try:
+            curve: CostCurve | None = CostCurve.from_points(self.grid, cost_curve(self._z, pool, self.grid).tolist())
+        except ValueError:  # no profiled model: nothing to pace with
+            curve = None
+        self._last = (pool, curve)
+        return curve
 
 
 def build_policy(config: GatewayConfig) -> tuple[GatewayPolicy, EmbedFn | None]:

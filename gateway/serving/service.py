@@ -13,7 +13,8 @@ the row once the store is back.
   gateway then falls back down that ranking. The text routed on is the LAST user
   message's text (see :meth:`ChatCompletionRequest.routing_text`).
 - λ comes from the request (``uniroute.lambda``), else the ``x-uniroute-lambda`` header,
-  else the caller's default; it must lie in the caller's ``[lambda_min, lambda_max]``.
+  else the caller's default; it must lie in the caller's ``[lambda_min, lambda_max]``. A key with
+  ``budget_policy: pace`` gets, instead of its default, the λ its :class:`LambdaPacer` paces its spend with.
 """
 
 from __future__ import annotations
@@ -38,14 +39,17 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeoutError,
 )
+from gateway.pacing import CostCurve
 from gateway.protocol import PASSTHROUGH_FIELDS, ChatCompletionRequest
 from gateway.serving.estimate import Estimate, Estimator, counted_completion, usage_numbers
 from gateway.serving.forwarding import Attempt, Forwarder, OpenStream, RelayedText, map_exception, shielded
 from gateway.serving.interfaces import (
     Authenticator,
     BudgetGuard,
+    LambdaPacer,
     MemorySink,
     NoBudget,
+    NoPacing,
     NoRateLimit,
     OpenAuthenticator,
     Principal,
@@ -85,6 +89,7 @@ class ChatResult:
     model: str
     cost_usd: float | None
     attempts: int = 1  # upstream calls made
+    lam: float | None = None  # the λ the request was routed with
 
 
 @dataclass
@@ -96,6 +101,7 @@ class ChatStream:
     chunks: AsyncGenerator[dict[str, Any], None]  # chat.completion.chunk dicts; ``{"error": ...}`` on failure
     _finish: Callable[[], Awaitable[None]]
     attempts: int = 1  # upstream calls made to open it
+    lam: float | None = None  # the λ the request was routed with
 
     async def aclose(self) -> None:
         await self.chunks.aclose()
@@ -195,6 +201,8 @@ class ChatService:
         sink: RequestSink | None = None,
         offload_bytes: int = 64 * 1024,
         estimator: Estimator | None = None,
+        pacer: LambdaPacer | None = None,
+        cost_curve: Callable[[], CostCurve | None] | None = None,
     ) -> None:
         if policy.needs_embedding and embed is None:
             raise ValueError(f"policy {policy.name!r} needs an embed function")
@@ -208,6 +216,8 @@ class ChatService:
         self.sink: RequestSink = sink or MemorySink()
         self.offload_bytes = offload_bytes  # requests with larger bodies count tokens etc. in a worker thread
         self.estimator = estimator or Estimator()  # what a request may cost at most (budget: config)
+        self.pacer: LambdaPacer = pacer or NoPacing()
+        self.cost_curve = cost_curve or (lambda: None)  # the router's C(λ), the pacer's feed-forward
 
     # -- steps ------------------------------------------------------------------------
 
@@ -229,6 +239,13 @@ class ChatService:
             raise InvalidRequestError(f"{param} = {lam} is outside the allowed range [{lo}, {hi}] for this key",
                                       param=param, code="lambda_out_of_range")
         return lam
+
+    async def choose_lambda(self, req: ChatCompletionRequest, header: str | None, principal: Principal) -> float:
+        """:meth:`resolve_lambda`, except that a key with ``budget_policy: pace`` that names no λ gets the paced one."""
+        explicit = (req.uniroute is not None and req.uniroute.lam is not None) or bool(header and header.strip())
+        if principal.budget_policy == "pace" and not explicit:
+            return await self.pacer.paced_lambda(principal, self.cost_curve())
+        return self.resolve_lambda(req, header, principal)
 
     async def authenticate(self, ctx: ChatContext) -> Principal:
         """Who is calling, from the ``Authorization`` header alone: the HTTP layer calls this before it reads
@@ -257,7 +274,7 @@ class ChatService:
         principal = ctx.principal or await self.authenticator.authenticate(ctx.authorization)
         if record is not None:  # attribute refusals after this point (bad λ, rate limit, model) to the key
             record.key_id, record.key_name = principal.key_id, principal.key_name
-        lam = self.resolve_lambda(req, ctx.lambda_header, principal)
+        lam = await self.choose_lambda(req, ctx.lambda_header, principal)
         await self.rate_limiter.check(principal)
         allowed = principal.allowed_models
         if req.model != AUTO:
@@ -464,7 +481,8 @@ class ChatService:
             for choice in body.get("choices", ()):
                 choice.pop("provider_specific_fields", None)
             body["uniroute"] = self.extension(record, plan)
-            return ChatResult(body=body, model=done.entry.name, cost_usd=done.cost_usd, attempts=len(attempts))
+            return ChatResult(body=body, model=done.entry.name, cost_usd=done.cost_usd, attempts=len(attempts),
+                              lam=plan.lam)
         except BaseException as exc:
             record.attempts = [a.as_dict() for a in attempts]
             self._fail(record, exc)
@@ -506,7 +524,7 @@ class ChatService:
         end = _StreamEnd(self, record, reservation, opened, t0, req, offload=ctx.body_bytes > self.offload_bytes,
                          estimate=estimate)
         return ChatStream(model=opened.entry.name, chunks=self._relay(opened, record, plan, end, want_usage),
-                          _finish=end, attempts=len(attempts))
+                          _finish=end, attempts=len(attempts), lam=plan.lam)
 
     async def _relay(
         self,

@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 
 from gateway.errors import ConflictError, NotFoundError
 from gateway.store.engine import Store
-from gateway.store.tables import ApiKey, utcnow
+from gateway.store.tables import ApiKey, KeyPacing, utcnow
 
 
 def insert_key(
@@ -34,6 +34,7 @@ def insert_key(
     allowed_models: Sequence[str] | None,
     created_at: datetime,
     trusted: bool = False,
+    budget_policy: str = "block",
 ) -> ApiKey:
     """Add a key row; 409 when the name is taken (names stay taken after revocation)."""
     row = ApiKey(
@@ -41,7 +42,7 @@ def insert_key(
         lambda_min=lambda_min, lambda_max=lambda_max, budget_usd=budget_usd, budget_period=budget_period,
         period_start=period_start, spend_usd=0.0, reserved_usd=0.0, total_spend_usd=0.0,
         rpm_limit=rpm_limit, allowed_models=list(allowed_models) if allowed_models is not None else None,
-        created_at=created_at, trusted=trusted,
+        created_at=created_at, trusted=trusted, budget_policy=budget_policy,
     )
     try:
         with store.session() as s:
@@ -82,6 +83,17 @@ def set_trusted(store: Store, name: str, trusted: bool) -> ApiKey:
         if row is None:
             raise NotFoundError(f"no API key named {name!r}", param="name")
         row.trusted = trusted
+    return row
+
+
+def set_budget_policy(store: Store, name: str, policy: str) -> ApiKey:
+    """Set a key's ``budget_policy``; its pacing state (``key_pacing``) is forgotten, so a new pace starts."""
+    with store.session() as s:
+        row = s.scalar(sa.select(ApiKey).where(ApiKey.name == name).with_for_update())
+        if row is None:
+            raise NotFoundError(f"no API key named {name!r}", param="name")
+        row.budget_policy = policy
+        s.execute(sa.delete(KeyPacing).where(KeyPacing.key_id == row.id))
     return row
 
 

@@ -131,3 +131,21 @@ def seconds_since_last_reprofile(store: Store, key: str) -> float | None:
     with store.session() as s:
         last = s.scalar(sa.select(sa.func.max(ReprofileRun.finished_at)).where(ReprofileRun.router_version == key))
     return None if last is None else (utcnow() - last).total_seconds()
+
+
+def recent_auto_clusters(store: Store, since: datetime) -> list[int]:
+    """The most likely cluster of every successful ``auto`` request logged since ``since`` (the impact report's
+    traffic mix, docs/IMPACT.md)."""
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(RequestRow.cluster).where(
+            RequestRow.requested_model == "auto", RequestRow.started_at >= since, RequestRow.status_code == 200,
+            RequestRow.cluster.is_not(None)))
+        return [int(r[0]) for r in rows if r[0] is not None]
+
+
+def key_lambdas(store: Store) -> list[tuple[str, float]]:
+    """(name, λ) of every active key: its default λ (the impact report's per-key rows)."""
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(ApiKey.name, ApiKey.default_lambda).where(ApiKey.revoked_at.is_(None))
+                            .order_by(ApiKey.name))
+        return [(str(r[0]), float(r[1])) for r in rows]

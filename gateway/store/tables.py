@@ -53,6 +53,9 @@ NAMING_CONVENTION: dict[str, str] = {
 }
 
 BUDGET_PERIODS = ("day", "month")
+#: What happens as a key's spend nears its budget: ``block`` refuses (429) what does not fit; ``pace`` also
+#: adjusts the key's λ so its spend tracks budget × elapsed share of the period (docs/PACING.md).
+BUDGET_POLICIES = ("block", "pace")
 MODEL_SOURCES = ("config", "admin")
 
 
@@ -113,14 +116,35 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None]
     # its feedback counts when profiling.feedback_from is 'trusted' (docs/security/tenants.md)
     trusted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+    # block: the budget's hard cap alone; pace: λ is also paced (docs/PACING.md; state in key_pacing)
+    budget_policy: Mapped[str] = mapped_column(String(8), default="block", server_default="block")
 
     __table_args__ = (
         CheckConstraint("budget_period IN ('day', 'month')", name="budget_period"),
+        CheckConstraint("budget_policy IN ('block', 'pace')", name="budget_policy"),
         CheckConstraint("lambda_min >= 0 AND lambda_min <= default_lambda AND default_lambda <= lambda_max",
                         name="lambda_range"),
         CheckConstraint("budget_usd IS NULL OR budget_usd >= 0", name="budget_nonneg"),
         CheckConstraint("rpm_limit IS NULL OR rpm_limit > 0", name="rpm_positive"),
     )
+
+
+class KeyPacing(Base):
+    """The budget pacer's state of a key with ``budget_policy: pace`` (gateway/pacing.py), shared by every replica.
+
+    One row per paced key. A replica that steps the controller writes it back only if ``version`` is still the
+    one it read (compare and set): concurrent steps of several replicas never interleave.
+    """
+
+    __tablename__ = "key_pacing"
+
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True)
+    lam: Mapped[float] = mapped_column(Float)  # the λ in use
+    integral: Mapped[float] = mapped_column(Float, default=0.0)  # the PI controller's integral
+    exposure: Mapped[float] = mapped_column(Float, default=0.0)  # ∫ C(λ) dt this period (normalised cost × s)
+    period_start: Mapped[datetime]  # the budget period the state belongs to
+    updated_at: Mapped[datetime]  # when the controller last stepped (its clock)
+    version: Mapped[int] = mapped_column(Integer, default=1)  # bumped by every write (compare and set)
 
 
 class ReservationHolder(Base):

@@ -1,0 +1,86 @@
+"""The impact report of a model before it serves (routing/impact.py; profiling with ``activate=False``)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_profiler import FakeForwarder, _artifact, _config
+
+from gateway.access.auth import create_key
+from gateway.serving.interfaces import RequestRecord
+from gateway.spec import parse_spec
+from gateway.store import models as catalog
+from gateway.store.engine import Store
+from gateway.store.requestlog import RequestLogWriter
+from profiling.profiler import run_profiling
+from routing.impact import cluster_traffic, impact_report, plot_report
+from routing.policy import PoolModel
+
+
+def test_share_cost_and_error_follow_the_traffic_mix() -> None:
+    z = np.array([[1.0, 0.0]] * 4 + [[0.0, 1.0]] * 2)  # validation prompts: 4 of cluster 0, 2 of cluster 1
+    pool = [PoolModel("old", 1.0, np.array([0.2, 0.6]))]
+    new = PoolModel("new", 0.5, np.array([0.3, 0.3]))
+    rep = impact_report(z, pool, new, np.array([0.25, 0.75]), [("grid", 0.0), ("grid", 1.0), ("key a", 0.05)])
+    assert rep.pool_best == [0.2, 0.6] and rep.pool_best_model == ["old", "old"] and rep.coverage == 1.0
+    at0, at1, key = rep.lambdas
+    assert at0.clusters_won == [1] and at0.traffic_share == pytest.approx(0.75)
+    assert at0.mean_error_after == pytest.approx(0.25 * 0.2 + 0.75 * 0.3)
+    assert at0.mean_cost_after == pytest.approx(0.25 * 1.0 + 0.75 * 0.5) and at0.mean_cost_before == 1.0
+    assert at1.clusters_won == [0, 1] and at1.traffic_share == 1.0  # cheaper and good enough everywhere at λ=1
+    assert key.label == "key a" and key.lam == 0.05
+    # no logged traffic: the validation prompts' own mix (4:2)
+    assert impact_report(z, pool, new, None, [("grid", 0.0)]).lambdas[0].traffic_share == pytest.approx(2 / 6)
+    # traffic in a cluster without validation prompts is left out, and said so
+    z3 = np.hstack([z, np.zeros((6, 1))])
+    pool3 = [PoolModel("old", 1.0, np.array([0.2, 0.6, 0.5]))]
+    rep3 = impact_report(z3, pool3, PoolModel("new", 0.5, np.array([0.3, 0.3, 0.3])), np.array([0.2, 0.6, 0.2]),
+                         [("grid", 0.0)])
+    assert rep3.coverage == pytest.approx(0.8) and rep3.lambdas[0].traffic_share == pytest.approx(0.75)
+    assert cluster_traffic([0, 1, 1, None, 7], 2).tolist() == [1 / 3, 2 / 3]
+    assert "| 1 | 75.0% | 0.300 **<** | 0.600 | old |" in rep.table()
+
+
+def test_impact_needs_a_profile_and_someone_to_compare_with() -> None:
+    z = np.eye(2)
+    with pytest.raises(ValueError, match="no profile"):
+        impact_report(z, [PoolModel("old", 1.0, np.array([0.2, 0.6]))], PoolModel("new", 1.0), None, [])
+    with pytest.raises(ValueError, match="no other profiled model"):
+        impact_report(z, [], PoolModel("new", 1.0, np.array([0.2, 0.6])), None, [])
+
+
+async def test_profiling_reports_the_impact_before_activation(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'p.db'}")
+    store.upgrade()
+    art = _artifact()
+    for name, routable in (("old", True), ("new", False)):
+        catalog.add_model(store, parse_spec({"name": name, "router_cost": 1.0, "routable": routable,
+                                             "litellm_params": {"model": f"openai/{name}"}}))
+    key = catalog.profile_key(art.version, "kmeans")
+    catalog.save_profile(store, "old", key, np.array([0.2, 0.6]), np.array([6.0, 6.0]), "validation")
+    create_key(store, "alice", default_lambda=0.4)
+    writer = RequestLogWriter(store, spill_dir=tmp_path / "spill", journal=False).start()  # recent traffic: 10 requests of cluster 0, 30 of cluster 1
+    for i in range(40):
+        writer.submit(RequestRecord(request_id=f"r{i}", started_at=datetime.now(UTC), requested_model="auto",
+                                    stream=False, cluster=0 if i < 10 else 1, routed_model="old"))
+    writer.close()
+    fwd = FakeForwarder()
+    res = await run_profiling(_config(3), store, fwd, "new", artifact=art, activate=False)
+    # "new" answers (A) everywhere: wrong on a third of each cluster, so Ψ ≈ [0.33, 0.33] against old's [0.2, 0.6]
+    assert not res.activated and res.impact is not None and res.psi is not None
+    assert "NOT activated" in res.message and not catalog.get_model(store, "new").routable
+    assert "new" not in catalog.active_profiles(store, key)
+    assert res.impact.traffic_requests == 40 and res.impact.traffic == pytest.approx([0.25, 0.75])
+    at0 = next(x for x in res.impact.lambdas if x.label == "grid" and x.lam == 0.0)
+    assert at0.clusters_won == [1] and at0.traffic_share == pytest.approx(0.75)
+    assert [x.lam for x in res.impact.lambdas if x.label == "key alice"] == [0.4]
+    assert res.as_dict()["impact"]["traffic_requests"] == 40
+    assert plot_report(res.impact, tmp_path / "impact.png").stat().st_size > 10_000
+    # the second call activates, asking nothing again
+    again = await run_profiling(_config(3), store, fwd, "new", artifact=art)
+    assert again.activated and again.impact is not None and fwd.calls == 12
+    assert "new" in catalog.active_profiles(store, key) and catalog.get_model(store, "new").routable
+    store.dispose()
