@@ -61,7 +61,7 @@ def create_app(
 ) -> Starlette:
     """Build the gateway app. The optional arguments replace the config-built parts (auth, limits, store, router)."""
     from gateway.access.accounting import Accounting, settings_from_config
-    from gateway.http import admin_models, chat, feedback, health, keys, models, openapi, responses
+    from gateway.http import admin_models, chat, feedback, health, keys, models, openapi, responses, route
     from gateway.http.auth import GuardedMetrics
     from gateway.http.middleware import InFlightMiddleware
     from gateway.metrics import metrics_app
@@ -161,6 +161,7 @@ def create_app(
         Route("/admin/keys/{name}", keys.update_key_endpoint, methods=["PATCH"]),
         Route("/admin/keys/{name}", keys.revoke_key_endpoint, methods=["DELETE"]),
         Route("/v1/feedback", feedback.feedback_endpoint, methods=["POST"]),
+        Route("/v1/route", route.route_endpoint, methods=["POST"]),
         Route("/admin/models", admin_models.list_models_endpoint, methods=["GET"]),
         Route("/admin/models", admin_models.add_model_endpoint, methods=["POST"]),
         Route("/admin/models/{name:path}/disable", admin_models.disable_model_endpoint, methods=["POST"]),

@@ -111,6 +111,12 @@ def build_openapi() -> dict[str, Any]:
                        "thumbs: up|down, source?}",
             "operationId": "createFeedback",
             "responses": {"201": {"description": "recorded"}, **_errors(400, 401, 404, 409)}}},
+        "/v1/route": {"post": {
+            "summary": "Routing dry-run: a chat body (messages) or a Responses body (input) and λ → the full ranking "
+                       "(expected error, normalised cost, objective), cluster and membership, the model it would be "
+                       "sent to, and the models left out and why; no model is called, nothing charged or logged",
+            "operationId": "routeDryRun",
+            "responses": {"200": {"description": "the routing decision"}, **_errors(400, 401, 403, 404, 429, 503)}}},
         "/admin/models": {
             "get": {"summary": "List the registry (admin key)", "operationId": "listRegistryModels",
                     "responses": {"200": {"description": "models"}, **_errors(401, 403)}},

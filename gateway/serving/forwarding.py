@@ -499,7 +499,7 @@ class Forwarder:
         """
         attempts = [] if attempts is None else attempts
         last: GatewayError | None = None
-        for entry in self._tries(candidates):
+        for entry in self.tries(candidates):
             t0 = time.perf_counter()
             try:
                 response = await self.upstream.complete(entry, messages, params)
@@ -529,7 +529,7 @@ class Forwarder:
         """Start a stream: fall back until some candidate yields its first chunk."""
         attempts = [] if attempts is None else attempts
         last: GatewayError | None = None
-        for entry in self._tries(candidates):
+        for entry in self.tries(candidates):
             t0 = time.perf_counter()
             started = asyncio.get_running_loop().time()
             try:
@@ -556,7 +556,11 @@ class Forwarder:
             self.note_failure(entry.name, err)
         raise _exhausted(last, attempts)
 
-    def _tries(self, candidates: Sequence[ModelEntry]) -> Sequence[ModelEntry]:
+    def cooling(self, model: str) -> bool:
+        """True while ``model`` is in cooldown (tried after every healthy candidate)."""
+        return self.cooldowns is not None and self.cooldowns.cooling(model)
+
+    def tries(self, candidates: Sequence[ModelEntry]) -> Sequence[ModelEntry]:
         """The candidates to try, in order: cooling ones behind the healthy ones, at most ``max_attempts``."""
         if self.cooldowns is not None:
             candidates = self.cooldowns.order(candidates, _name)

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import numpy as np
+
 from gateway.errors import (
     GatewayError,
     InvalidRequestError,
@@ -38,6 +40,7 @@ from gateway.errors import (
     UpstreamTimeoutError,
 )
 from gateway.protocol import PASSTHROUGH_FIELDS, ChatCompletionRequest
+from gateway.serving import dryrun
 from gateway.serving.forwarding import Attempt, Forwarder, OpenStream, RelayedText, map_exception, shielded
 from gateway.serving.interfaces import (
     Authenticator,
@@ -165,6 +168,7 @@ class _Plan:
     lam: float
     candidates: list[ModelEntry]
     decision: RoutingDecision | None
+    embedding: np.ndarray | None = None  # the prompt's, when the policy ranked on it
 
 
 class ChatService:
@@ -262,7 +266,16 @@ class ChatService:
         embedding = await self.embed(req.routing_text()) if self.policy.needs_embedding and self.embed else None
         decision = self.policy.rank(embedding, pool, lam)
         candidates = [e for e in (self.registry.get(c.model) for c in decision.ranked) if e is not None]
-        return _Plan(principal, lam, candidates, decision)
+        return _Plan(principal, lam, candidates, decision, embedding)
+
+    async def route(self, req: ChatCompletionRequest, ctx: ChatContext) -> dict[str, Any]:
+        """The routing dry-run (``POST /v1/route``): :meth:`plan` as a chat request runs it (auth, λ, rate limit,
+        ranking) and what it would try (gateway/serving/dryrun.py). No model is called, nothing is reserved,
+        charged or logged."""
+        plan = await self.plan(req, ctx)
+        return dryrun.route_report(requested_model=req.model, principal=plan.principal, lam=plan.lam,
+                                   candidates=plan.candidates, decision=plan.decision, embedding=plan.embedding,
+                                   policy=self.policy, snapshot=self.registry.snapshot, forwarder=self.forwarder)
 
     def usable_models(self, principal: Principal) -> list[str]:
         """The model names ``principal`` may call: ``auto`` and the registry's models its key allows. Every
