@@ -127,12 +127,15 @@ def create_app(
         )
         # profiling joins the gateway here only: the admin handlers reach it through these two objects
         from profiling.jobs import ProfilingJobs
-        from profiling.schedule import Reprofiler, ReprofileScheduler
+        from profiling.schedule import DriftExporter, Reprofiler, ReprofileScheduler
 
         jobs = state.profiling = ProfilingJobs(config, acc.store, forwarder, key)
         reprofiler = state.reprofiler = Reprofiler(config, acc.store, key)
         scheduler = ReprofileScheduler(reprofiler)
         scheduler.start()
+        drift = DriftExporter(acc.store, key, acc.metrics.set_profile_drift,
+                              interval_s=min(10.0, max(1.0, 5 * config.registry.poll_interval_s)))
+        drift.start()
         from gateway.http.server import STATE_KEY, ClientLimits
 
         srv = config.server
@@ -141,6 +144,7 @@ def create_app(
             yield {STATE_KEY: ClientLimits(srv.header_timeout_s, srv.body_timeout_s, srv.max_header_bytes)}
         finally:
             await scheduler.aclose()
+            await drift.aclose()
             await jobs.aclose()
             await poller.aclose()
             await acc.aclose()
