@@ -58,6 +58,7 @@ from gateway.serving.interfaces import (
 )
 from gateway.serving.registry import ModelEntry, Registry
 from gateway.serving.router import EmbedFn
+from gateway.serving.tenants import TenantOverlays
 from routing.policy import GatewayPolicy, RoutingDecision
 
 logger = logging.getLogger("uniroute.service")
@@ -169,6 +170,7 @@ class _Plan:
     candidates: list[ModelEntry]
     decision: RoutingDecision | None
     embedding: np.ndarray | None = None  # the prompt's, when the policy ranked on it
+    profile: str = "global"  # "key": ranked with the key's tenant-private profile overlay (serving/tenants.py)
 
 
 class ChatService:
@@ -184,6 +186,7 @@ class ChatService:
         budget: BudgetGuard | None = None,
         sink: RequestSink | None = None,
         offload_bytes: int = 64 * 1024,
+        overlays: TenantOverlays | None = None,
     ) -> None:
         if policy.needs_embedding and embed is None:
             raise ValueError(f"policy {policy.name!r} needs an embed function")
@@ -196,6 +199,7 @@ class ChatService:
         self.budget: BudgetGuard = budget or NoBudget()
         self.sink: RequestSink = sink or MemorySink()
         self.offload_bytes = offload_bytes  # requests with larger bodies count tokens etc. in a worker thread
+        self.overlays = overlays  # tenant-private profiles: a key's own labels, for its own routing only
 
     # -- steps ------------------------------------------------------------------------
 
@@ -259,6 +263,9 @@ class ChatService:
                                             code="model_not_allowed")
             return _Plan(principal, lam, [entry], None)
         pool = self.registry.pool()
+        mine = self.overlays.pool(principal.key_id, pool) if self.overlays is not None else None
+        if mine is not None:
+            pool = mine
         if allowed is not None:
             pool = tuple(m for m in pool if m.name in allowed)
         if not pool:
@@ -266,7 +273,7 @@ class ChatService:
         embedding = await self.embed(req.routing_text()) if self.policy.needs_embedding and self.embed else None
         decision = self.policy.rank(embedding, pool, lam)
         candidates = [e for e in (self.registry.get(c.model) for c in decision.ranked) if e is not None]
-        return _Plan(principal, lam, candidates, decision, embedding)
+        return _Plan(principal, lam, candidates, decision, embedding, "global" if mine is None else "key")
 
     async def route(self, req: ChatCompletionRequest, ctx: ChatContext) -> dict[str, Any]:
         """The routing dry-run (``POST /v1/route``): :meth:`plan` as a chat request runs it (auth, λ, rate limit,
@@ -275,7 +282,8 @@ class ChatService:
         plan = await self.plan(req, ctx)
         return dryrun.route_report(requested_model=req.model, principal=plan.principal, lam=plan.lam,
                                    candidates=plan.candidates, decision=plan.decision, embedding=plan.embedding,
-                                   policy=self.policy, snapshot=self.registry.snapshot, forwarder=self.forwarder)
+                                   policy=self.policy, snapshot=self.registry.snapshot, forwarder=self.forwarder,
+                                   profile=plan.profile)
 
     def usable_models(self, principal: Principal) -> list[str]:
         """The model names ``principal`` may call: ``auto`` and the registry's models its key allows. Every
