@@ -39,7 +39,9 @@ from gateway.errors import ConflictError, InvalidRequestError
 from gateway.store import lease
 from gateway.store import models as catalog
 from gateway.store import profiling as profiling_sql
+from gateway.store import tenants as tenant_sql
 from gateway.store.engine import Store
+from gateway.store.tenants import LabelStats
 from gateway.tasks import cancel_and_wait
 from profiling.reprofile import ClusterFeedback, cluster_drift, drift_report, format_drift, reprofile
 
@@ -50,12 +52,14 @@ LEASE_NAME = "reprofile"
 def run_reprofile(store: Store, key: str, *, feedback_weight: float = 1.0, max_feedback_weight_ratio: float = 4.0,
                   max_key_share: float = 1.0, trusted_only: bool = False, holder: str = "cli",
                   top: int = 10, drift_min_feedback: int = 20, drift_confidence: float = 0.95,
-                  drift_demote: bool = False) -> dict[str, Any]:
+                  drift_demote: bool = False, tenant_feedback: bool = False) -> dict[str, Any]:
     """One pass over every profiled model; returns (and stores) the report with its drift table.
 
     ``report["cluster_drift"]`` holds every (model, cluster) with at least ``drift_min_feedback`` feedback rows:
     its realised error against the Ψ the pass leaves active, with a Hoeffding bound at ``drift_confidence``
     (:func:`profiling.reprofile.cluster_drift`); with ``drift_demote`` a cluster in alert is demoted.
+    With ``tenant_feedback`` each key's own feedback (every key's, whatever ``trusted_only`` says: it only
+    ever changes that key's routing) is stored as its tenant-private profile's ``feedback`` rows.
 
     Takes no lease: call it through :meth:`Reprofiler.run_once` (which passes the config's
     ``profiling.max_key_share`` and ``feedback_from``; the defaults here are the estimator's own: no
@@ -98,12 +102,36 @@ def run_reprofile(store: Store, key: str, *, feedback_weight: float = 1.0, max_f
                 entry["version"] = catalog.save_profile(store, name, key, psi, new.counts, "feedback")
                 entry["status"] = "updated"
             report["models"][name] = entry
+        if tenant_feedback:
+            own = feedback if not trusted_only else {
+                name: [ClusterFeedback(c, score, key_id) for c, score, key_id in rows]
+                for name, rows in profiling_sql.feedback_by_model(store, k).items()}
+            stats = tenant_feedback_stats(own, k)
+            written = tenant_sql.replace_feedback(store, key, stats)
+            report["tenant_feedback"] = {"keys": len(stats), "rows": written}
         report["cluster_drift"].sort(key=lambda r: (-r["drift"], r["model"], r["cluster"]))
         report["drift"] = [{"model": d.model, "cluster": d.cluster, "before": d.before, "after": d.after,
                             "change": d.change, "feedback": d.feedback}
                            for d in drift_report(changes, top=top, min_change=1e-9)]
     profiling_sql.save_reprofile_run(store, holder=holder, key=key, started_at=started, report=report)
     return report
+
+
+def tenant_feedback_stats(feedback: dict[str, list[ClusterFeedback]], k: int) -> dict[int, dict[str, LabelStats]]:
+    """Per key (anonymous feedback left out) and model: the sums of its own feedback, one-hot on the request's
+    cluster, as a tenant-private profile's label statistics."""
+    sums: dict[int, dict[str, tuple[np.ndarray, np.ndarray, int]]] = {}
+    for model, rows in feedback.items():
+        for fb in rows:
+            if fb.key is None:
+                continue
+            errors, counts, n = sums.setdefault(fb.key, {}).get(model, (np.zeros(k), np.zeros(k), 0))
+            errors, counts = errors.copy(), counts.copy()
+            errors[fb.cluster] += 1.0 - fb.score
+            counts[fb.cluster] += 1.0
+            sums[fb.key][model] = (errors, counts, n + 1)
+    return {key: {m: LabelStats(tuple(e.tolist()), tuple(c.tolist()), n) for m, (e, c, n) in by_model.items()}
+            for key, by_model in sums.items()}
 
 
 def format_report(report: dict[str, Any], top: int = 10) -> str:
@@ -173,7 +201,8 @@ class Reprofiler:
                                      max_feedback_weight_ratio=pc.max_feedback_weight_ratio,
                                      max_key_share=pc.max_key_share, trusted_only=pc.feedback_from == "trusted",
                                      holder=self.holder, top=top, drift_min_feedback=pc.drift_min_feedback,
-                                     drift_confidence=pc.drift_confidence, drift_demote=pc.drift_demote)
+                                     drift_confidence=pc.drift_confidence, drift_demote=pc.drift_demote,
+                                     tenant_feedback=pc.tenant_feedback)
             finally:
                 lease.release(self.store, LEASE_NAME, self.holder)
         finally:

@@ -80,7 +80,8 @@ def replay(fitted: tuple[Path, Path]) -> Iterator[str]:
 @pytest.fixture(params=DBS)
 def base(request: pytest.FixtureRequest, tmp_path: Path, fitted: tuple[Path, Path], replay: str) -> Iterator[str]:
     data, art = fitted
-    with database(request.param, tmp_path) as url, gateway(tmp_path, data, art, replay, url) as gw:
+    with database(request.param, tmp_path) as url, \
+            gateway(tmp_path, data, art, replay, url, profiling={"tenant_feedback": True}) as gw:
         yield gw
 
 
@@ -181,6 +182,27 @@ def test_a_keys_labels_route_its_cluster_to_b_while_another_key_stays_on_a(base:
     r = httpx.post(base + "/admin/keys/bob/profile", json=good, headers={"authorization": f"Bearer {bob}"})
     assert r.status_code == 403
     assert httpx.post(base + "/admin/keys/bob/profile", json=good).status_code == 401
+    # its own feedback (profiling.tenant_feedback): 20 thumbs down on accurate's answers in cluster c, one pass
+    with openai.OpenAI(base_url=base + "/v1", api_key=bob, max_retries=0) as b_client, \
+            httpx.Client(base_url=base, headers={"authorization": f"Bearer {bob}"}, timeout=30) as h:
+        for _ in range(20):
+            raw = b_client.chat.completions.with_raw_response.create(
+                model="auto", messages=[{"role": "user", "content": PROMPT}])
+            assert raw.parse().model == "accurate"
+            r = h.post("/v1/feedback", json={"request_id": raw.headers["x-uniroute-request-id"], "thumbs": "down"})
+            assert r.status_code == 201, r.text
+    report = admin.post("/admin/reprofile").json()
+    assert report["tenant_feedback"] == {"keys": 1, "rows": 1}, report
+    own = admin.get("/admin/keys/bob/profile").json()["models"]["accurate"]
+    assert own["labels"] == 20 and own["labels_per_cluster"][c] == 20
+    assert own["psi_key"][c] == pytest.approx((20 + M * own["psi_global"][c]) / (20 + M))
+    deadline = time.monotonic() + 10
+    while _route(base, bob, PROMPT)["model"] != "middling" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    bob_route = _route(base, bob, PROMPT)
+    assert bob_route["model"] == "middling" and bob_route["profile"] == "key"
+    alice_route = _route(base, alice, PROMPT)  # the global Ψ moved by at most max_key_share: alice stays
+    assert alice_route["model"] == "accurate" and alice_route["profile"] == "global"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x", "scores": {"middling": 1}}\n{"prompt": 3}\n')
     out = subprocess.run([sys.executable, "-m", "gateway.cli.main", "profiles", "upload", "--key", "bob", str(bad)],

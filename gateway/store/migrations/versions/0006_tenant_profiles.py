@@ -30,8 +30,8 @@ def upgrade() -> None:
     sa.Column('source', sa.String(length=32), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_tenant_profiles')),
-    sa.UniqueConstraint('key_id', 'router_version', 'model_name',
-                        name=op.f('uq_tenant_profiles_key_id_router_version_model_name'))
+    sa.UniqueConstraint('key_id', 'router_version', 'model_name', 'source',
+                        name=op.f('uq_tenant_profiles_key_id_router_version_model_name_source'))
     )
     with op.batch_alter_table('tenant_profiles', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_tenant_profiles_key_id'), ['key_id'], unique=False)
