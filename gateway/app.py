@@ -128,8 +128,11 @@ def create_app(
             overlays = TenantOverlays(config.profiling.tenant_prior_weight)
             tenant_poller = TenantPoller(lambda: tenant_sql.load_all(acc.store, key), overlays,
                                          config.registry.poll_interval_s)
-            with contextlib.suppress(Exception):  # the store is down: the poller retries
+            try:
                 await tenant_poller.refresh()
+            except Exception as exc:
+                logger.error("could not read the tenant profiles (%s: %s); the poller retries", type(exc).__name__,
+                             exc)
             tenant_poller.start()
         state.service = ChatService(
             registry, pol, forwarder, embed=embed,

@@ -253,14 +253,15 @@ class DriftExporter:
         self.store, self.key, self.on_rows, self.interval_s = store, key, on_rows, interval_s
         self._task: asyncio.Task[None] | None = None
 
-    def refresh(self) -> None:
+    async def refresh(self) -> None:
+        """Read the rows in a worker thread, set the gauges on the loop (a scrape never sees half of them)."""
         if self.key is not None:
-            self.on_rows(profiling_sql.last_cluster_drift(self.store, self.key))
+            self.on_rows(await asyncio.to_thread(profiling_sql.last_cluster_drift, self.store, self.key))
 
     async def _loop(self) -> None:
         while True:
             try:
-                await asyncio.to_thread(self.refresh)
+                await self.refresh()
             except Exception as exc:  # the store is down: keep the last values, try again
                 logger.warning("drift gauges: could not read the last re-profiling pass (%s: %s)",
                                type(exc).__name__, exc)
