@@ -161,6 +161,14 @@ def test_a_keys_labels_route_its_cluster_to_b_while_another_key_stays_on_a(base:
     # a key without labels, created after the upload, routes with the global Ψ too
     carol = key("carol")
     assert _route(base, carol, PROMPT)["ranking"] == target["ranking"]
+    # a group: the same labels for carol and dave (repeated --key); each is routed with them, alice still is not
+    dave = key("dave")
+    out = subprocess.run([sys.executable, "-m", "gateway.cli.main", "profiles", "upload", "--key", "carol", "--key",
+                          "dave", str(labels), "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for member in (carol, dave):
+        assert _route(base, member, PROMPT)["model"] == "middling"
+    assert _route(base, alice, PROMPT)["ranking"] == target["ranking"]
     # deleting the labels puts bob back on the global profile
     out = subprocess.run([sys.executable, "-m", "gateway.cli.main", "profiles", "delete", "--key", "bob"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)

@@ -34,7 +34,8 @@ def add_arguments(sub: Any) -> None:
     q = psub.add_parser("delete", help="forget the key's labels (it routes with the global Ψ again)")
     q.set_defaults(handler_name="delete_command")
     for q in psub.choices.values():
-        q.add_argument("--key", required=True, help="the API key's name")
+        q.add_argument("--key", required=True, action="append",
+                       help="the API key's name; repeat it for a group of keys (each gets the same labels)")
         q.add_argument("--url", default=None, help=f"the gateway (default: ${URL_ENV} or {DEFAULT_URL})")
         q.add_argument("--admin-key", default=None, help=f"default: ${ADMIN_ENV}")
         q.add_argument("--json", action="store_true", help="print the gateway's JSON answer")
@@ -67,14 +68,14 @@ def read_labels(path: str | Path) -> list[dict[str, Any]]:
     return [row for _, row in rows]
 
 
-def _call(args: argparse.Namespace, method: str, body: Any = None) -> dict[str, Any]:
+def _call(args: argparse.Namespace, key: str, method: str, body: Any = None) -> dict[str, Any]:
     import httpx
 
     url = (args.url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/").removesuffix("/v1")
     admin = args.admin_key or os.environ.get(ADMIN_ENV)
     if not admin:
         raise ValueError(f"the admin key is needed: --admin-key or ${ADMIN_ENV}")
-    target = f"{url}/admin/keys/{args.key}/profile"
+    target = f"{url}/admin/keys/{key}/profile"
     try:
         r = httpx.request(method, target, json=body, headers={"authorization": f"Bearer {admin}"}, timeout=300)
     except httpx.HTTPError as exc:
@@ -107,13 +108,14 @@ def _print(args: argparse.Namespace, data: dict[str, Any]) -> None:
 
 
 def profiles_command(args: argparse.Namespace) -> int:
-    if args.handler_name == "upload_command":
-        data = _call(args, "POST", {"labels": read_labels(args.file)})
-        _print(args, data)
-    elif args.handler_name == "show_command":
-        _print(args, _call(args, "GET"))
-    else:
-        data = _call(args, "DELETE")
-        print(json.dumps(data, indent=2) if args.json else
-              f"key {data['key']}: " + ("labels deleted" if data["deleted"] else "had no labels"))
+    labels = read_labels(args.file) if args.handler_name == "upload_command" else None
+    for key in args.key:  # a group of keys: each gets the same labels (and its own overlay)
+        if labels is not None:
+            _print(args, _call(args, key, "POST", {"labels": labels}))
+        elif args.handler_name == "show_command":
+            _print(args, _call(args, key, "GET"))
+        else:
+            data = _call(args, key, "DELETE")
+            print(json.dumps(data, indent=2) if args.json else
+                  f"key {data['key']}: " + ("labels deleted" if data["deleted"] else "had no labels"))
     return 0
