@@ -65,6 +65,23 @@ def test_cluster_drift_alert_and_demotion_need_more_than_one_key() -> None:
     assert rows[0].alert and rows[0].demoted_to is None and np.array_equal(new, psi)
 
 
+def test_drift_gauges_keep_to_registry_models_and_drop_pairs_no_longer_measured() -> None:
+    from gateway.metrics import Metrics
+
+    m = Metrics()
+    m.set_registry(["a", "b"])
+    row = {"drift": 0.3, "bound": 0.1, "feedback": 40}
+    m.set_profile_drift([{**row, "model": "a", "cluster": 0}, {**row, "model": "gone", "cluster": 1},
+                         {**row, "model": "b", "cluster": 2}])
+    text = m.render().decode()
+    assert 'uniroute_profile_drift{cluster="0",model="a"} 0.3' in text
+    assert 'uniroute_profile_drift_feedback{cluster="2",model="b"} 40.0' in text
+    assert 'model="gone"' not in text and 'model="other"' not in text  # never a model outside the registry
+    m.set_profile_drift([{**row, "model": "b", "cluster": 2}])  # the next pass measured only b
+    text = m.render().decode()
+    assert 'model="a"' not in text and 'uniroute_profile_drift_bound{cluster="2",model="b"} 0.1' in text
+
+
 # -------------------------------------------------------------------------------------- the shipped rules
 def _promtool() -> str:
     path = shutil.which("promtool")
@@ -209,6 +226,11 @@ def test_drift_gauges_alert_and_demotion_on_a_real_gateway(base: str) -> None:
     psi = admin.get("/admin/models/accurate").json()["profile"]["psi"]
     assert psi[cluster] == pytest.approx(row["demoted_to"])
     assert all(p < 0.5 for k, p in enumerate(psi) if k != cluster)  # the other cluster keeps its profile
+    # the next pass recomputes from the prior and all feedback: the demotion holds, nothing new is stored
+    again = admin.post("/admin/reprofile").json()
+    assert again["models"]["accurate"]["demoted_clusters"] == [cluster]
+    assert again["models"]["accurate"]["status"] == "unchanged"
+    assert admin.get("/admin/models/accurate").json()["profile"]["psi"] == psi
     # the registry poll brings the demoted profile: auto now routes this cluster elsewhere, with Ψ_k as demoted
 
     def moved() -> dict[str, Any] | None:
