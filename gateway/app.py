@@ -61,7 +61,8 @@ def create_app(
 ) -> Starlette:
     """Build the gateway app. The optional arguments replace the config-built parts (auth, limits, store, router)."""
     from gateway.access.accounting import Accounting, settings_from_config
-    from gateway.http import admin_models, chat, feedback, health, keys, models, openapi, responses
+    from gateway.http import admin_models, chat, feedback, health, keys, models, openapi, responses, route
+    from gateway.http import tenants as key_profiles
     from gateway.http.auth import GuardedMetrics
     from gateway.http.middleware import InFlightMiddleware
     from gateway.metrics import metrics_app
@@ -120,20 +121,38 @@ def create_app(
             logger.error("could not read the registry from the database (%s: %s); serving the config's models "
                          "until it answers", type(exc).__name__, exc)
         poller.start()
+        overlays = tenant_poller = None
+        if key is not None:  # tenant-private profiles: every key's labels, reloaded like the registry
+            from gateway.serving.tenants import TenantOverlays, TenantPoller
+            from gateway.store import tenants as tenant_sql
+
+            overlays = TenantOverlays(config.profiling.tenant_prior_weight)
+            tenant_poller = TenantPoller(lambda: tenant_sql.load_all(acc.store, key), overlays,
+                                         config.registry.poll_interval_s)
+            try:
+                await tenant_poller.refresh()
+            except Exception as exc:
+                logger.error("could not read the tenant profiles (%s: %s); the poller retries", type(exc).__name__,
+                             exc)
+            tenant_poller.start()
         state.service = ChatService(
             registry, pol, forwarder, embed=embed,
             authenticator=authenticator or acc.authenticator,
             rate_limiter=rate_limiter or acc.rate_limiter, budget=budget or acc.budget, sink=sink or acc.sink,
             offload_bytes=config.limits.offload_bytes, estimator=Estimator(config.budget), pacer=acc.pacer, cost_curve=CostCurves(pol, registry.pool),
+            overlays=overlays,
         )
         # profiling joins the gateway here only: the admin handlers reach it through these two objects
         from profiling.jobs import ProfilingJobs
-        from profiling.schedule import Reprofiler, ReprofileScheduler
+        from profiling.schedule import DriftExporter, Reprofiler, ReprofileScheduler
 
         jobs = state.profiling = ProfilingJobs(config, acc.store, forwarder, key)
         reprofiler = state.reprofiler = Reprofiler(config, acc.store, key)
         scheduler = ReprofileScheduler(reprofiler)
         scheduler.start()
+        drift = DriftExporter(acc.store, key, acc.metrics.set_profile_drift,
+                              interval_s=min(10.0, max(1.0, 5 * config.registry.poll_interval_s)))
+        drift.start()
         from gateway.http.server import STATE_KEY, ClientLimits
 
         srv = config.server
@@ -142,8 +161,11 @@ def create_app(
             yield {STATE_KEY: ClientLimits(srv.header_timeout_s, srv.body_timeout_s, srv.max_header_bytes)}
         finally:
             await scheduler.aclose()
+            await drift.aclose()
             await jobs.aclose()
             await poller.aclose()
+            if tenant_poller is not None:
+                await tenant_poller.aclose()
             await acc.aclose()
             await bundle.aclose()
             await forwarder.aclose()
@@ -161,7 +183,11 @@ def create_app(
         Route("/admin/keys/{name}", keys.get_key_endpoint, methods=["GET"]),
         Route("/admin/keys/{name}", keys.update_key_endpoint, methods=["PATCH"]),
         Route("/admin/keys/{name}", keys.revoke_key_endpoint, methods=["DELETE"]),
+        Route("/admin/keys/{name}/profile", key_profiles.upload_profile_endpoint, methods=["POST"]),
+        Route("/admin/keys/{name}/profile", key_profiles.get_profile_endpoint, methods=["GET"]),
+        Route("/admin/keys/{name}/profile", key_profiles.delete_profile_endpoint, methods=["DELETE"]),
         Route("/v1/feedback", feedback.feedback_endpoint, methods=["POST"]),
+        Route("/v1/route", route.route_endpoint, methods=["POST"]),
         Route("/admin/models", admin_models.list_models_endpoint, methods=["GET"]),
         Route("/admin/models", admin_models.add_model_endpoint, methods=["POST"]),
         Route("/admin/models/{name:path}/disable", admin_models.disable_model_endpoint, methods=["POST"]),

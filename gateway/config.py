@@ -309,6 +309,16 @@ class ProfilingConfig(_Section):
     lease_ttl_s: float = Field(default=300.0, gt=0.0)
     """The longest a re-profiling pass holds its database lease (released when the pass ends; this bounds a pass
     whose replica died)."""
+    drift_min_feedback: int = Field(default=20, ge=1)
+    """Feedback rows a (model, cluster) needs before a re-profiling pass measures its drift, realised error − Ψ (the `uniroute_profile_drift` gauge; docs/ROUTING_FEATURES.md)."""
+    drift_confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
+    """Confidence of the drift bound (Hoeffding): a drift above `uniroute_profile_drift_bound` says the model does worse on the cluster than its profile, at this confidence."""
+    tenant_prior_weight: float = Field(default=20.0, gt=0.0)
+    """m of the tenant-private profiles: a key's own labels on a cluster weigh n/(n+m) against the global Ψ when it routes (n: its labels there; docs/ROUTING_FEATURES.md)."""
+    tenant_feedback: bool = False
+    """Each key's own feedback also forms its tenant-private profile (like uploaded labels, one-hot on the request's cluster), rebuilt by every re-profiling pass; for that key's routing only."""
+    drift_demote: bool = False
+    """Demote a model on a cluster whose drift exceeds the bound at the next re-profiling pass (Ψ_k := the lower confidence bound of its realised error), that cluster only; never on one key's feedback alone."""
 
 
 class GatewayConfig(_Section):

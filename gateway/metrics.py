@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -143,6 +143,20 @@ class Metrics:
             "uniroute_registry_models", "Models in the live registry, by state (enabled, routable)",
             ["state"], registry=r, multiprocess_mode="mostrecent")
 
+        # -- profile drift (the last re-profiling pass, read from the store by every replica) ------------------
+        drift_labels = ["model", "cluster"]
+        self.profile_drift = Gauge(
+            "uniroute_profile_drift", "Realised error (1 − mean feedback score) minus the profile's Ψ, per model and "
+            "cluster with at least profiling.drift_min_feedback feedback rows, from the last re-profiling pass",
+            drift_labels, registry=r, multiprocess_mode="mostrecent")
+        self.profile_drift_bound = Gauge(
+            "uniroute_profile_drift_bound", "Hoeffding half-width of the realised error at profiling.drift_confidence: "
+            "drift above it says the model does worse on the cluster than its profile",
+            drift_labels, registry=r, multiprocess_mode="mostrecent")
+        self.profile_drift_feedback = Gauge(
+            "uniroute_profile_drift_feedback", "Feedback rows behind uniroute_profile_drift",
+            drift_labels, registry=r, multiprocess_mode="mostrecent")
+
         # -- budgets and limits ------------------------------------------------------------------
         self.remaining_budget = Gauge(
             "litellm_remaining_api_key_budget_metric",
@@ -239,6 +253,21 @@ class Metrics:
     def set_key_budget(self, key_name: str, budget_usd: float, remaining_usd: float) -> None:
         self.max_budget.labels(api_key_alias=key_name).set(budget_usd)
         self.remaining_budget.labels(api_key_alias=key_name).set(remaining_usd)
+
+    def set_profile_drift(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """The drift gauges from the last re-profiling pass's ``cluster_drift`` rows; the pairs it did not measure
+        (and models outside the registry) are dropped, so the series stay within registry models × K clusters."""
+        gauges = (self.profile_drift, self.profile_drift_bound, self.profile_drift_feedback)
+        for g in gauges:
+            g.clear()
+        for row in rows:
+            model = str(row.get("model"))
+            if model not in self._known_models:
+                continue
+            labels = {"model": model, "cluster": str(int(row["cluster"]))}
+            self.profile_drift.labels(**labels).set(float(row["drift"]))
+            self.profile_drift_bound.labels(**labels).set(float(row["bound"]))
+            self.profile_drift_feedback.labels(**labels).set(float(row["feedback"]))
 
     def observe_embedding(self, source: str) -> None:
         """One request prompt's embedding came from ``source`` (memory, disk or computed)."""

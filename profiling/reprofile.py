@@ -142,3 +142,82 @@ def format_drift(rows: Sequence[Drift]) -> str:
     lines += [f"| {d.model} | {d.cluster} | {d.before:.3f} | {d.after:.3f} | {d.change:+.3f} | {d.feedback} |"
               for d in rows]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------- per-cluster drift (issue #13 point 3)
+@dataclass(frozen=True)
+class ClusterDrift:
+    """Realised error of one (model, cluster) against the Ψ routing uses, with a confidence bound.
+
+    ``realised`` is the mean of 1 − s over the ``feedback`` rows; ``drift = realised − psi``; ``bound`` is
+    Hoeffding's half-width sqrt(ln(2/δ) / 2n) at confidence 1 − δ (scores in [0, 1], no other assumption), so
+    ``drift > bound`` says, at that confidence, that the model does worse on the cluster than its profile.
+    ``demoted_to`` is the Ψ the pass stored instead (``profiling.drift_demote``), else None.
+    """
+
+    model: str
+    cluster: int
+    feedback: int
+    keys: int
+    realised: float
+    psi: float
+    bound: float
+    demoted_to: float | None = None
+
+    @property
+    def drift(self) -> float:
+        return self.realised - self.psi
+
+    @property
+    def alert(self) -> bool:
+        return self.drift > self.bound
+
+    def as_dict(self) -> dict[str, object]:
+        return {"model": self.model, "cluster": self.cluster, "feedback": self.feedback, "keys": self.keys,
+                "realised_error": self.realised, "psi": self.psi, "drift": self.drift, "bound": self.bound,
+                "alert": self.alert, "demoted_to": self.demoted_to}
+
+
+def hoeffding_bound(n: int, confidence: float) -> float:
+    """Half-width of a two-sided Hoeffding interval for a mean of ``n`` values in [0, 1]."""
+    if n <= 0:
+        return float("inf")
+    return float(np.sqrt(np.log(2.0 / (1.0 - confidence)) / (2.0 * n)))
+
+
+def cluster_drift(model: str, psi: np.ndarray, feedback: Sequence[ClusterFeedback], *, min_feedback: int,
+                  confidence: float, demote: bool = False) -> tuple[list[ClusterDrift], np.ndarray]:
+    """Every cluster of ``model`` with at least ``min_feedback`` feedback rows, against ``psi`` (the Ψ routing uses).
+
+    With ``demote``, a cluster in alert gets Ψ_k := the lower confidence bound of its realised error — but
+    only when the drift holds without the feedback of the key that sent the most rows there (that key's
+    rows left out, the rest still has ``min_feedback`` rows and drifts beyond its own bound), so no one key
+    can demote a model (docs/security/tenants.md); the lower of the two bounds is stored. Returns the rows and
+    the (possibly demoted) Ψ.
+    """
+    psi = np.asarray(psi, dtype=np.float64).copy()
+    by_cluster: dict[int, list[ClusterFeedback]] = {}
+    for fb in feedback:
+        by_cluster.setdefault(fb.cluster, []).append(fb)
+    rows: list[ClusterDrift] = []
+    for k in sorted(by_cluster):
+        fbs = by_cluster[k]
+        if len(fbs) < min_feedback or not 0 <= k < len(psi):
+            continue
+        n = len(fbs)
+        realised = float(np.mean([1.0 - f.score for f in fbs]))
+        keys: dict[int | None, list[float]] = {}
+        for f in fbs:
+            keys.setdefault(f.key, []).append(1.0 - f.score)
+        row = ClusterDrift(model, k, n, len(keys), realised, float(psi[k]), hoeffding_bound(n, confidence))
+        if demote and row.alert:
+            top = max(keys, key=lambda key: len(keys[key]))
+            rest = [e for key, errs in keys.items() if key != top for e in errs]
+            if len(rest) >= min_feedback:
+                rest_realised, rest_bound = float(np.mean(rest)), hoeffding_bound(len(rest), confidence)
+                if rest_realised - psi[k] > rest_bound:
+                    target = min(realised - row.bound, rest_realised - rest_bound)
+                    psi[k] = target
+                    row = ClusterDrift(model, k, n, len(keys), realised, row.psi, row.bound, target)
+        rows.append(row)
+    return rows, psi

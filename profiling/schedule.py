@@ -28,6 +28,7 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,9 +39,11 @@ from gateway.errors import ConflictError, InvalidRequestError
 from gateway.store import lease
 from gateway.store import models as catalog
 from gateway.store import profiling as profiling_sql
+from gateway.store import tenants as tenant_sql
 from gateway.store.engine import Store
+from gateway.store.tenants import LabelStats
 from gateway.tasks import cancel_and_wait
-from profiling.reprofile import ClusterFeedback, drift_report, format_drift, reprofile
+from profiling.reprofile import ClusterFeedback, cluster_drift, drift_report, format_drift, reprofile
 
 logger = logging.getLogger("uniroute.reprofile")
 LEASE_NAME = "reprofile"
@@ -48,8 +51,15 @@ LEASE_NAME = "reprofile"
 
 def run_reprofile(store: Store, key: str, *, feedback_weight: float = 1.0, max_feedback_weight_ratio: float = 4.0,
                   max_key_share: float = 1.0, trusted_only: bool = False, holder: str = "cli",
-                  top: int = 10) -> dict[str, Any]:
+                  top: int = 10, drift_min_feedback: int = 20, drift_confidence: float = 0.95,
+                  drift_demote: bool = False, tenant_feedback: bool = False) -> dict[str, Any]:
     """One pass over every profiled model; returns (and stores) the report with its drift table.
+
+    ``report["cluster_drift"]`` holds every (model, cluster) with at least ``drift_min_feedback`` feedback rows:
+    its realised error against the Ψ the pass leaves active, with a Hoeffding bound at ``drift_confidence``
+    (:func:`profiling.reprofile.cluster_drift`); with ``drift_demote`` a cluster in alert is demoted.
+    With ``tenant_feedback`` each key's own feedback (every key's, whatever ``trusted_only`` says: it only
+    ever changes that key's routing) is stored as its tenant-private profile's ``feedback`` rows.
 
     Takes no lease: call it through :meth:`Reprofiler.run_once` (which passes the config's
     ``profiling.max_key_share`` and ``feedback_from``; the defaults here are the estimator's own: no
@@ -57,7 +67,7 @@ def run_reprofile(store: Store, key: str, *, feedback_weight: float = 1.0, max_f
     """
     started = datetime.now(UTC)
     active = catalog.active_profiles(store, key)
-    report: dict[str, Any] = {"router": key, "models": {}, "drift": []}
+    report: dict[str, Any] = {"router": key, "models": {}, "drift": [], "cluster_drift": []}
     if not active:
         report["message"] = f"no active profile for router {key}"
     else:
@@ -74,18 +84,32 @@ def run_reprofile(store: Store, key: str, *, feedback_weight: float = 1.0, max_f
             new = reprofile(np.asarray(prior.features, dtype=np.float64), np.asarray(prior.counts, dtype=np.float64),
                             fb, feedback_weight=feedback_weight, max_feedback_weight_ratio=max_feedback_weight_ratio,
                             max_key_share=max_key_share)
-            changes[name] = (cur.psi, new.psi, new.feedback_counts)
+            rows, psi = cluster_drift(name, new.psi, fb, min_feedback=drift_min_feedback,
+                                      confidence=drift_confidence, demote=drift_demote)
+            report["cluster_drift"] += [r.as_dict() for r in rows]
+            changes[name] = (cur.psi, psi, new.feedback_counts)
             entry: dict[str, Any] = {"feedback": len(fb), "from_version": cur.version, "prior_version": prior.version,
                                      "feedback_keys": len({f.key for f in fb})}
             capped = int(new.capped_keys.sum()) if new.capped_keys is not None else 0
             if capped:
                 entry["capped_keys"] = capped  # (cluster, key) pairs whose weight max_key_share cut
-            if np.allclose(new.psi, cur.psi, rtol=0, atol=1e-9):
+            demoted = [r.cluster for r in rows if r.demoted_to is not None]
+            if demoted:
+                entry["demoted_clusters"] = demoted  # drift beyond the bound: Ψ_k set to its realised error's lower bound
+            if np.allclose(psi, cur.psi, rtol=0, atol=1e-9):
                 entry["status"] = "unchanged"
             else:
-                entry["version"] = catalog.save_profile(store, name, key, new.psi, new.counts, "feedback")
+                entry["version"] = catalog.save_profile(store, name, key, psi, new.counts, "feedback")
                 entry["status"] = "updated"
             report["models"][name] = entry
+        if tenant_feedback:
+            own = feedback if not trusted_only else {
+                name: [ClusterFeedback(c, score, key_id) for c, score, key_id in rows]
+                for name, rows in profiling_sql.feedback_by_model(store, k).items()}
+            stats = tenant_feedback_stats(own, k)
+            written = tenant_sql.replace_feedback(store, key, stats)
+            report["tenant_feedback"] = {"keys": len(stats), "rows": written}
+        report["cluster_drift"].sort(key=lambda r: (-r["drift"], r["model"], r["cluster"]))
         report["drift"] = [{"model": d.model, "cluster": d.cluster, "before": d.before, "after": d.after,
                             "change": d.change, "feedback": d.feedback}
                            for d in drift_report(changes, top=top, min_change=1e-9)]
@@ -93,7 +117,24 @@ def run_reprofile(store: Store, key: str, *, feedback_weight: float = 1.0, max_f
     return report
 
 
-def format_report(report: dict[str, Any]) -> str:
+def tenant_feedback_stats(feedback: dict[str, list[ClusterFeedback]], k: int) -> dict[int, dict[str, LabelStats]]:
+    """Per key (anonymous feedback left out) and model: the sums of its own feedback, one-hot on the request's
+    cluster, as a tenant-private profile's label statistics."""
+    sums: dict[int, dict[str, tuple[np.ndarray, np.ndarray, int]]] = {}
+    for model, rows in feedback.items():
+        for fb in rows:
+            if fb.key is None:
+                continue
+            errors, counts, n = sums.setdefault(fb.key, {}).get(model, (np.zeros(k), np.zeros(k), 0))
+            errors, counts = errors.copy(), counts.copy()
+            errors[fb.cluster] += 1.0 - fb.score
+            counts[fb.cluster] += 1.0
+            sums[fb.key][model] = (errors, counts, n + 1)
+    return {key: {m: LabelStats(tuple(e.tolist()), tuple(c.tolist()), n) for m, (e, c, n) in by_model.items()}
+            for key, by_model in sums.items()}
+
+
+def format_report(report: dict[str, Any], top: int = 10) -> str:
     from profiling.reprofile import Drift
 
     lines = [f"router {report['router']}: {len(report['models'])} models"]
@@ -102,6 +143,14 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  {name}: {e['status']}" + (f" ({e['feedback']} feedback{capped})" if "feedback" in e else ""))
     rows = [Drift(d["model"], d["cluster"], d["before"], d["after"], d["feedback"]) for d in report["drift"]]
     lines += ["", "drift (largest |ΔΨ| first):", format_drift(rows)]
+    cd = report.get("cluster_drift") or []
+    if cd:
+        lines += ["", "realised error against Ψ (clusters with enough feedback, largest drift first):",
+                  "| model | cluster | feedback | realised | Ψ | drift | bound | alert |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {d['model']} | {d['cluster']} | {d['feedback']} | {d['realised_error']:.3f} | {d['psi']:.3f} | "
+                  f"{d['drift']:+.3f} | {d['bound']:.3f} | "
+                  + ("demoted to " + f"{d['demoted_to']:.3f}" if d.get("demoted_to") is not None
+                     else "yes" if d["alert"] else "") + " |" for d in cd[:top]]
     return "\n".join(lines)
 
 
@@ -151,7 +200,9 @@ class Reprofiler:
                 return run_reprofile(self.store, self.key, feedback_weight=pc.feedback_weight,
                                      max_feedback_weight_ratio=pc.max_feedback_weight_ratio,
                                      max_key_share=pc.max_key_share, trusted_only=pc.feedback_from == "trusted",
-                                     holder=self.holder, top=top)
+                                     holder=self.holder, top=top, drift_min_feedback=pc.drift_min_feedback,
+                                     drift_confidence=pc.drift_confidence, drift_demote=pc.drift_demote,
+                                     tenant_feedback=pc.tenant_feedback)
             finally:
                 lease.release(self.store, LEASE_NAME, self.holder)
         finally:
@@ -186,6 +237,39 @@ class ReprofileScheduler:
     def start(self) -> None:
         if self.interval_s > 0 and self.reprofiler.key is not None:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="reprofile")
+
+    async def aclose(self) -> None:
+        await cancel_and_wait(self._task)
+        self._task = None
+
+
+class DriftExporter:
+    """Keeps the ``uniroute_profile_drift*`` gauges of this replica equal to the last re-profiling pass's drift
+    rows for the router key: every ``interval_s`` it reads them from the store (``reprofile_runs``), so every
+    replica exports what the one that ran the pass measured. Nothing is computed per request."""
+
+    def __init__(self, store: Store, key: str | None, on_rows: Callable[[list[dict[str, Any]]], None], *,
+                 interval_s: float = 10.0) -> None:
+        self.store, self.key, self.on_rows, self.interval_s = store, key, on_rows, interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def refresh(self) -> None:
+        """Read the rows in a worker thread, set the gauges on the loop (a scrape never sees half of them)."""
+        if self.key is not None:
+            self.on_rows(await asyncio.to_thread(profiling_sql.last_cluster_drift, self.store, self.key))
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception as exc:  # the store is down: keep the last values, try again
+                logger.warning("drift gauges: could not read the last re-profiling pass (%s: %s)",
+                               type(exc).__name__, exc)
+            await asyncio.sleep(self.interval_s)
+
+    def start(self) -> None:
+        if self.key is not None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="drift-gauges")
 
     async def aclose(self) -> None:
         await cancel_and_wait(self._task)

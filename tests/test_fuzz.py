@@ -151,7 +151,7 @@ _segment = st.text(alphabet=st.characters(codec="ascii", categories=("L", "N", "
 KNOWN_PATHS = [
         "/v1/chat/completions", "/v1/models", "/v1/models/small-general", "/v1/models/auto", "/v1/models/nope",
         "/health/liveliness", "/health/readiness", "/openapi.json", "/metrics", "/v1/usage", "/admin/keys",
-        "/admin/keys/fuzzer", "/admin/keys/nobody", "/v1/feedback", "/admin/models", "/admin/models/small-general",
+        "/admin/keys/fuzzer", "/admin/keys/nobody", "/admin/keys/fuzzer/profile", "/v1/feedback", "/v1/route", "/admin/models", "/admin/models/small-general",
         "/admin/models/nope/disable", "/admin/models/nope/profile", "/admin/reprofile/last", "/admin/reprofile",
         "/admin/models/fuzzer", "/admin/models/fuzzer/disable", "/admin/models/fuzzer/profile",
         "/v1/chat/completions/", "/v1/", "/", "/v2/chat/completions", "/v1/completions", "/v1/embeddings"]

@@ -275,6 +275,7 @@ def test_dashboard_queries_parse_and_use_only_our_metrics(tmp_path: Path) -> Non
     auth = yaml.safe_load(shipped)["scrape_configs"][0]["authorization"]
     assert auth["type"] == "Bearer" and auth["credentials_file"] == "uniroute-metrics-token"
     (tmp_path / "prometheus.yml").write_text(shipped)
+    shutil.copy(REPO_ROOT / "deploy" / "alerts.yml", tmp_path / "alerts.yml")  # its rule_files
     (tmp_path / "uniroute-metrics-token").write_text("a-scrape-token")
     out = subprocess.run([str(promtool), "check", "config", str(tmp_path / "prometheus.yml")],
                          capture_output=True, text=True, timeout=60)

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 
 import gateway  # noqa: F401  (sets the offline environment before anything imports litellm)
 from gateway.cli import models as models_cli  # the `models add/update` flags come from the model spec
+from gateway.cli import profiles as profiles_cli
+from gateway.cli import route as route_cli
 
 
 def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
@@ -157,6 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     for q in (*msub.choices.values(),):
         q.add_argument("--config", default=None,
                        help="config.yaml whose database_url to use ($UNIROUTE_DATABASE_URL wins)")
+
+    # --- routing dry-run -----------------------------------------------------------------
+    p = sub.add_parser("route", help="routing dry-run against a running gateway: the ranking, cluster and "
+                       "excluded models for a prompt (no model called, nothing charged)")
+    route_cli.add_arguments(p)
+    p.set_defaults(handler=_lazy("gateway.cli.route:route_command"))
+
+    p = sub.add_parser("profiles", help="a key's tenant-private profile: upload its labelled set, show, delete "
+                       "(through a running gateway)")
+    profiles_cli.add_arguments(p)
+    p.set_defaults(handler=_lazy("gateway.cli.profiles:profiles_command"))
 
     # --- profiling and re-profiling ----------------------------------------------------------
     p = sub.add_parser("profile", help="profile a registered model on the router's validation prompts and activate it")

@@ -107,11 +107,30 @@ def build_openapi() -> dict[str, Any]:
             "delete": {"summary": "Revoke an API key (admin key)", "operationId": "revokeKey",
                        "responses": {"200": {"description": "revoked"}, **_errors(401, 403, 404)}},
         },
+        "/admin/keys/{name}/profile": {
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "post": {"summary": "Upload the key's labelled set {labels: [{prompt, scores: {model: 0..1}}]}, replacing "
+                                "its previous one: its tenant-private profile overlay, used for its own routing only "
+                                "(admin key)", "operationId": "uploadKeyProfile",
+                     "responses": {"200": {"description": "the key's overlay"}, **_errors(400, 401, 403, 404)}},
+            "get": {"summary": "The key's labels and overlay Ψ against the global Ψ (admin key)",
+                    "operationId": "getKeyProfile",
+                    "responses": {"200": {"description": "the key's overlay"}, **_errors(400, 401, 403, 404)}},
+            "delete": {"summary": "Forget the key's labels: it routes with the global Ψ again (admin key)",
+                       "operationId": "deleteKeyProfile",
+                       "responses": {"200": {"description": "deleted"}, **_errors(400, 401, 403, 404)}},
+        },
         "/v1/feedback": {"post": {
             "summary": "Score a request you made, once: {request_id (its x-uniroute-request-id), score in [0,1] | "
                        "thumbs: up|down, source?}",
             "operationId": "createFeedback",
             "responses": {"201": {"description": "recorded"}, **_errors(400, 401, 404, 409)}}},
+        "/v1/route": {"post": {
+            "summary": "Routing dry-run: a chat body (messages) or a Responses body (input) and λ → the full ranking "
+                       "(expected error, normalised cost, objective), cluster and membership, the model it would be "
+                       "sent to, and the models left out and why; no model is called, nothing charged or logged",
+            "operationId": "routeDryRun",
+            "responses": {"200": {"description": "the routing decision"}, **_errors(400, 401, 403, 404, 429, 503)}}},
         "/admin/models": {
             "get": {"summary": "List the registry (admin key)", "operationId": "listRegistryModels",
                     "responses": {"200": {"description": "models"}, **_errors(401, 403)}},

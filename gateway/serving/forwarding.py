@@ -556,6 +556,10 @@ class Forwarder:
             self.note_failure(entry.name, err)
         raise _exhausted(last, attempts)
 
+    def cooling(self, model: str) -> bool:
+        """True while ``model`` is in cooldown (tried after every healthy candidate)."""
+        return self.cooldowns is not None and self.cooldowns.cooling(model)
+
     def tries(self, candidates: Sequence[ModelEntry]) -> Sequence[ModelEntry]:
         """The candidates to try, in order: cooling ones behind the healthy ones, at most ``max_attempts``.
         The chat service prices each of them before the call (the budget reserves for the dearest) and passes

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from gateway.pacing import CostCurve
 
@@ -92,6 +92,15 @@ class RequestRecord:
     prompt_text: str | None = None  # stored only when configured
     usage_corrected: bool = False  # the provider's usage was impossible; the counted figure replaced it
     settlement: Settlement | None = None  # the key's charge, when the request held a reservation (not a column)
+
+
+class LabelStats(NamedTuple):
+    """One key's labels for one model, per cluster k: ``counts[k]`` = Σ z_k(x), ``errors[k]`` = Σ z_k(x)·(1 − score)
+    over its labelled prompts x (a tenant-private profile, gateway/serving/tenants.py)."""
+
+    errors: tuple[float, ...]
+    counts: tuple[float, ...]
+    labels: int  # labelled prompts with a score for the model
 
 
 class Authenticator(Protocol):

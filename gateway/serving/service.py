@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import numpy as np
+
 from gateway.errors import (
     BudgetExceededError,
     GatewayError,
@@ -41,6 +43,7 @@ from gateway.errors import (
 )
 from gateway.pacing import CostCurve
 from gateway.protocol import PASSTHROUGH_FIELDS, ChatCompletionRequest
+from gateway.serving import dryrun
 from gateway.serving.estimate import Estimate, Estimator, counted_completion, usage_numbers
 from gateway.serving.forwarding import Attempt, Forwarder, OpenStream, RelayedText, map_exception, shielded
 from gateway.serving.interfaces import (
@@ -61,6 +64,7 @@ from gateway.serving.interfaces import (
 )
 from gateway.serving.registry import ModelEntry, Registry
 from gateway.serving.router import EmbedFn
+from gateway.serving.tenants import TenantOverlays
 from routing.policy import GatewayPolicy, RoutingDecision
 
 logger = logging.getLogger("uniroute.service")
@@ -185,6 +189,8 @@ class _Plan:
     lam: float
     candidates: list[ModelEntry]
     decision: RoutingDecision | None
+    embedding: np.ndarray | None = None  # the prompt's, when the policy ranked on it
+    profile: str = "global"  # "key": ranked with the key's tenant-private profile overlay (serving/tenants.py)
 
 
 class ChatService:
@@ -203,6 +209,7 @@ class ChatService:
         estimator: Estimator | None = None,
         pacer: LambdaPacer | None = None,
         cost_curve: Callable[[], CostCurve | None] | None = None,
+        overlays: TenantOverlays | None = None,
     ) -> None:
         if policy.needs_embedding and embed is None:
             raise ValueError(f"policy {policy.name!r} needs an embed function")
@@ -218,6 +225,7 @@ class ChatService:
         self.estimator = estimator or Estimator()  # what a request may cost at most (budget: config)
         self.pacer: LambdaPacer = pacer or NoPacing()
         self.cost_curve = cost_curve or (lambda: None)  # the router's C(λ), the pacer's feed-forward
+        self.overlays = overlays  # tenant-private profiles: a key's own labels, for its own routing only
 
     # -- steps ------------------------------------------------------------------------
 
@@ -288,6 +296,9 @@ class ChatService:
                                             code="model_not_allowed")
             return _Plan(principal, lam, [entry], None)
         pool = self.registry.pool()
+        mine = self.overlays.pool(principal.key_id, pool) if self.overlays is not None else None
+        if mine is not None:
+            pool = mine
         if allowed is not None:
             pool = tuple(m for m in pool if m.name in allowed)
         if not pool:
@@ -295,7 +306,17 @@ class ChatService:
         embedding = await self.embed(req.routing_text()) if self.policy.needs_embedding and self.embed else None
         decision = self.policy.rank(embedding, pool, lam)
         candidates = [e for e in (self.registry.get(c.model) for c in decision.ranked) if e is not None]
-        return _Plan(principal, lam, candidates, decision)
+        return _Plan(principal, lam, candidates, decision, embedding, "global" if mine is None else "key")
+
+    async def route(self, req: ChatCompletionRequest, ctx: ChatContext) -> dict[str, Any]:
+        """The routing dry-run (``POST /v1/route``): :meth:`plan` as a chat request runs it (auth, λ, rate limit,
+        ranking) and what it would try (gateway/serving/dryrun.py). No model is called, nothing is reserved,
+        charged or logged."""
+        plan = await self.plan(req, ctx)
+        return dryrun.route_report(requested_model=req.model, principal=plan.principal, lam=plan.lam,
+                                   candidates=plan.candidates, decision=plan.decision, embedding=plan.embedding,
+                                   policy=self.policy, snapshot=self.registry.snapshot, forwarder=self.forwarder,
+                                   profile=plan.profile)
 
     def usable_models(self, principal: Principal) -> list[str]:
         """The model names ``principal`` may call: ``auto`` and the registry's models its key allows. Every

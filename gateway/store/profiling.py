@@ -126,6 +126,16 @@ def last_reprofile_run(store: Store) -> dict[str, Any] | None:
                 "finished_at": row.finished_at.isoformat() if row.finished_at else None, **row.report}
 
 
+def last_cluster_drift(store: Store, key: str) -> list[dict[str, Any]]:
+    """The per-cluster drift rows of the last pass for router ``key`` (``[]`` before the first, or when that
+    pass measured none): what the ``uniroute_profile_drift`` gauges export."""
+    with store.session() as s:
+        report = s.scalar(sa.select(ReprofileRun.report).where(ReprofileRun.router_version == key)
+                          .order_by(ReprofileRun.id.desc()).limit(1))
+    rows = (report or {}).get("cluster_drift") or []
+    return [dict(r) for r in rows if isinstance(r, dict)]
+
+
 def seconds_since_last_reprofile(store: Store, key: str) -> float | None:
     """Seconds since the last pass for router ``key`` finished (any holder); None before the first."""
     with store.session() as s:

@@ -379,3 +379,29 @@ class ReprofileRun(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
     report: Mapped[dict[str, Any]] = mapped_column(JSON)  # {models: {...}, drift: [...]}
+
+
+class TenantProfile(Base):
+    """One key's labels for one model on one router (its tenant-private profile overlay, docs/ROUTING_FEATURES.md).
+
+    Stored as sufficient statistics per cluster k: ``counts[k]`` = Σ z_k(x) and ``errors[k]`` = Σ z_k(x)·(1 − s)
+    over the key's labelled prompts x with score s for this model (z: the router's membership); with
+    ``profiling.tenant_feedback`` the re-profiling pass adds a ``feedback`` row from the key's own feedback
+    (one-hot on the request's cluster). The overlay sums a key's rows of both sources. The gateway
+    shrinks them toward the global Ψ when it routes for this key only: Ψ'_k = (errors_k + m·Ψ_k) / (counts_k + m).
+    No foreign key to ``api_keys`` (keys are revoked, never deleted; like ``feedback.key_id``).
+    """
+
+    __tablename__ = "tenant_profiles"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_id: Mapped[int] = mapped_column(Integer, index=True)
+    router_version: Mapped[str] = mapped_column(String(64))  # the profile key: artifact version + variant
+    model_name: Mapped[str] = mapped_column(String(200))
+    errors: Mapped[list[Any]] = mapped_column(JSON)  # Σ z_k·(1 − score), one float per cluster
+    counts: Mapped[list[Any]] = mapped_column(JSON)  # Σ z_k, one float per cluster
+    labels: Mapped[int] = mapped_column(Integer)  # labelled prompts with a score for this model
+    source: Mapped[str] = mapped_column(String(32), default="labels")  # "labels" (uploaded) | "feedback" (its own)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (UniqueConstraint("key_id", "router_version", "model_name", "source"),)
