@@ -179,9 +179,11 @@ def create_app(
                                 Exception: responses.unhandled_exception}
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(InFlightMiddleware, metrics=acc.metrics),
-                    Middleware(RequestContextMiddleware, max_body_bytes=config.server.max_body_bytes,
-                               body_timeout_s=config.server.body_timeout_s)],
+        # outermost first: the request id is set before admission, so a 503 overloaded carries it
+        middleware=[Middleware(RequestContextMiddleware, max_body_bytes=config.server.max_body_bytes,
+                               body_timeout_s=config.server.body_timeout_s),
+                    Middleware(InFlightMiddleware, metrics=acc.metrics, max_in_flight=config.server.max_in_flight,
+                               sink=sink or acc.sink)],
         exception_handlers=handlers,
         lifespan=lifespan,
     )
