@@ -3,8 +3,9 @@
 Starts the replay upstream and the gateway as :mod:`benchmarks.stalls` does (the demo's setup: one
 worker, open mode, ``model: "auto"`` through UniRoute LearnedMap with the static-embedder artifact,
 ``max_wait_ms: 0``, the SQLite request log with its journal), drives it with a new prompt on every request
-(:mod:`benchmarks.loadgen`) and records the gateway with ``py-spy record --format raw`` (every thread,
-idle stacks left out) for the whole run. Each sampled stack is attributed to ONE stage, by its innermost
+(:mod:`benchmarks.loadgen`) and records the gateway with ``py-spy record --gil --format raw`` for the whole
+run: each sample is the stack of the thread holding the GIL (the event loop's or a worker thread's), so a
+thread waiting for the GIL is not counted as busy (``--all-threads`` samples every non-idle thread). Each sampled stack is attributed to ONE stage, by its innermost
 frame that belongs to a stage (:data:`STAGES`, checked leaf to root), so LiteLLM's own calls into pydantic,
 httpx or aiohttp count as forwarding, and a pydantic validation under the request parser counts as parsing.
 A stage's share of the samples times the gateway's CPU time (from ``/proc``) over the run, divided by the
@@ -48,8 +49,8 @@ from benchmarks.overhead import (
 )
 from benchmarks.stalls import OFFLINE_ENV, gateway_config, py_spy
 
-#: (stage, regular expression over one frame ``function (file:line)``), first match wins per frame; a stack is
-#: attributed to the stage of its innermost matching frame. Order matters only within one frame.
+#: (stage, regular expression over one frame ``function (file:line)``). A stack is attributed to the stage of its
+#: innermost frame that matches one of these; only a stack none of them matches falls to :data:`GENERIC`.
 STAGES: list[tuple[str, str]] = [
     ("metrics", r"gateway/metrics\.py|prometheus_client/"),
     ("logging (request log, journal)", r"gateway/store/requestlog\.py|gateway/store/journal\.py|"
@@ -62,22 +63,37 @@ STAGES: list[tuple[str, str]] = [
                                  r"resolve_lambda \(gateway/serving/service\.py"),
     ("parse and validate", r"gateway/http/bodies\.py|gateway/protocol\.py|parse_json|_parse \(gateway/http/chat"),
     ("shaping (response JSON / SSE)", r"gateway/http/(chat|responses)\.py|extension \(gateway/serving/service"),
-    ("chat service (other)", r"gateway/serving/service\.py"),
-    ("HTTP server, ASGI, middleware", r"uvicorn/|starlette/|httptools|gateway/http/(middleware|server)\.py"),
-    ("event loop, other", r"asyncio/|uvloop|concurrent/futures|threading\.py"),
+    ("chat service (other)", r"gateway/serving/service\.py|gateway/serving/registry\.py"),
+    ("registry poller, background jobs", r"gateway/serving/registry_sync\.py|gateway/access/reservations\.py|"
+                                         r"profiling/"),
 ]
-_COMPILED = [(name, re.compile(rx)) for name, rx in STAGES]
+#: the stages of what is left: the HTTP server (uvicorn, Starlette, the middleware, writing the response), the
+#: event loop itself (uvloop's C code: no Python frame below the loop's ``run``)
+GENERIC: list[tuple[str, str]] = [
+    ("HTTP server, ASGI, middleware", r"uvicorn/protocols|starlette/|httptools|gateway/http/(middleware|server)\.py"),
+    ("event loop, other", r"."),
+]
+#: a thread waiting (a pool worker on its queue, a writer on its event): not CPU, though py-spy sampled it
+IDLE = re.compile(r"^(_worker \(concurrent/futures/thread\.py|(Event|Condition)\.wait \(threading\.py|"
+                  r"TMonitor\.run|_wait_for_tstate_lock)")
+IDLE_STAGE = "idle (waiting threads; left out)"
+_SPECIFIC = [(name, re.compile(rx)) for name, rx in STAGES]
+_GENERIC = [(name, re.compile(rx)) for name, rx in GENERIC]
 OTHER = "other"
 #: the stages outside LiteLLM's own call (the 0.5 ms bar of issue 14 is over these)
-OUTSIDE_LITELLM = [name for name, _ in STAGES if not name.startswith("forwarding")]
+OUTSIDE_LITELLM = [name for name, _ in STAGES + GENERIC if not name.startswith("forwarding")]
 
 
 def stage_of(frames: Sequence[str]) -> str:
-    """The stage of one stack (root first): the stage of its innermost frame that matches one."""
-    for frame in reversed(frames):
-        for name, rx in _COMPILED:
-            if rx.search(frame):
-                return name
+    """The stage of one stack (root first): the stage of its innermost frame that matches a specific stage, else
+    of its innermost frame that matches a generic one; a waiting thread is :data:`IDLE_STAGE`."""
+    if frames and IDLE.search(frames[-1]):
+        return IDLE_STAGE
+    for rules in (_SPECIFIC, _GENERIC):
+        for frame in reversed(frames):
+            for name, rx in rules:
+                if rx.search(frame):
+                    return name
     return OTHER
 
 
@@ -94,8 +110,9 @@ def parse_raw(lines: Iterable[str]) -> Counter[str]:
 
 
 def breakdown(samples: Counter[str], cpu_ms_per_req: float) -> list[dict[str, Any]]:
-    total = sum(samples.values()) or 1
-    names = [name for name, _ in STAGES] + [OTHER]
+    """Each stage's share of the busy samples (idle ones left out) and its CPU ms per request."""
+    total = sum(n for stage, n in samples.items() if stage != IDLE_STAGE) or 1
+    names = [name for name, _ in STAGES + GENERIC] + [OTHER]
     return [{"stage": n, "samples": samples.get(n, 0), "share": samples.get(n, 0) / total,
              "cpu_ms_per_req": cpu_ms_per_req * samples.get(n, 0) / total} for n in names]
 
@@ -105,7 +122,7 @@ def markdown(rows: list[dict[str, Any]], cpu_ms_per_req: float) -> str:
     for r in rows:
         lines.append(f"| {r['stage']} | {r['samples']} | {100 * r['share']:.1f}% | {r['cpu_ms_per_req']:.3f} |")
     outside = sum(r["cpu_ms_per_req"] for r in rows if r["stage"] in OUTSIDE_LITELLM or r["stage"] == OTHER)
-    lines.append(f"| **all** | {sum(r['samples'] for r in rows)} | 100% | **{cpu_ms_per_req:.3f}** |")
+    lines.append(f"| **all (busy samples)** | {sum(r['samples'] for r in rows)} | 100% | **{cpu_ms_per_req:.3f}** |")
     lines.append(f"| outside LiteLLM's call (all but forwarding) |  |  | **{outside:.3f}** |")
     return "\n".join(lines)
 
@@ -119,6 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--stream", action="store_true", help="streaming requests (20 chunks)")
     ap.add_argument("--static-router", default="var/router-static", metavar="DIR")
     ap.add_argument("--server", action="append", default=[], metavar="KEY=VALUE", help="extra server: settings")
+    ap.add_argument("--all-threads", action="store_true",
+                    help="sample every busy thread, not only the GIL holder (counts native code that releases the "
+                         "GIL, e.g. SQLite, but also threads waiting to get it back)")
     ap.add_argument("--profile-out", default=None, help="keep the raw py-spy profile here")
     ap.add_argument("--from-raw", default=None, help="classify this saved raw profile instead of running")
     ap.add_argument("--cpu-ms-per-req", type=float, default=None, help="with --from-raw: the measured CPU per request")
@@ -164,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  max_seconds=30, new_prompts=True))  # LiteLLM's first-call imports: not measured
             cpu0 = cpu_seconds(gproc.pid)
             t0 = time.monotonic()
-            with py_spy(gproc.pid, raw, args.seconds):
+            with py_spy(gproc.pid, raw, args.seconds, gil=not args.all_threads):
                 res = asyncio.run(run_load(f"{url}/v1/chat/completions", bodies, concurrency=args.concurrency,
                                            max_requests=10**9, max_seconds=args.seconds, new_prompts=True))
             wall = time.monotonic() - t0

@@ -110,15 +110,16 @@ def added_latency(rows: Sequence[tuple[dt.datetime, float, float | None, int]]) 
 
 
 @contextlib.contextmanager
-def py_spy(pid: int, out: Path | None, seconds: float) -> Iterator[None]:
-    """``py-spy record`` of ``pid`` for ``seconds`` into ``out`` (raw folded stacks), when ``out`` is given."""
+def py_spy(pid: int, out: Path | None, seconds: float, gil: bool = False) -> Iterator[None]:
+    """``py-spy record`` of ``pid`` for ``seconds`` into ``out`` (raw folded stacks), when ``out`` is given;
+    ``gil``: only the thread holding the GIL is sampled (a thread waiting for it is not counted as busy)."""
     if out is None:
         yield
         return
     exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     out.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([exe, "record", "--pid", str(pid), "--duration", str(int(seconds) + 1), "--rate", "200",
-                             "--format", "raw", "--output", str(out), "--nonblocking"],
+                             "--format", "raw", "--output", str(out), "--nonblocking", *(["--gil"] if gil else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         yield
