@@ -60,7 +60,7 @@ class Sample:
     ttft_s: float | None  # streams only
     error: str | None = None
     end_s: float = 0.0  # time.perf_counter() when it completed
-    retry_after: bool = False  # the response carried a Retry-After header (a 503 overloaded, a 429)
+    retry_after: float | None = None  # the response's Retry-After, seconds (a 503 overloaded, a 429)
 
 
 @dataclass
@@ -93,7 +93,7 @@ class LoadResult:
     @property
     def shed(self) -> int:
         """Responses refused as overloaded: 503 with ``Retry-After`` (the gateway's ``server.max_in_flight``)."""
-        return sum(1 for s in self.samples if s.status == 503 and s.retry_after and s.error is None)
+        return sum(1 for s in self.samples if s.status == 503 and s.retry_after is not None and s.error is None)
 
     def summary(self) -> dict[str, Any]:
         status: dict[str, int] = {}
@@ -157,7 +157,7 @@ class Connection:
         length: int | None = None
         chunked = False
         keep_alive = True
-        retry_after = False
+        retry_after: float | None = None
         while True:
             line = await reader.readline()
             if line in (b"\r\n", b"\n", b""):
@@ -171,7 +171,10 @@ class Connection:
             elif lname == b"connection" and b"close" in value.lower():
                 keep_alive = False
             elif lname == b"retry-after":
-                retry_after = True
+                try:
+                    retry_after = float(value.strip())
+                except ValueError:
+                    retry_after = 1.0
         ttft: float | None = None
         watch = stream and status == 200
         check = check and status == 200
@@ -240,11 +243,14 @@ async def run_load(
     timeout_s: float = 60.0,
     new_prompts: bool = False,
     check_streams: bool = False,
+    honor_retry_after: bool = False,
 ) -> LoadResult:
     """Closed-loop load: ``concurrency`` workers cycle through ``bodies`` until a bound is hit.
 
     Each body may stream or not (a mix is fine). ``new_prompts``: a unique suffix on every request's
-    prompt (see the module doc); ``check_streams``: incomplete 200 responses count as errors.
+    prompt (see the module doc); ``check_streams``: incomplete 200 responses count as errors;
+    ``honor_retry_after``: a worker answered 429/503 with ``Retry-After`` waits that long (at most until the
+    run ends) before its next request, as the OpenAI SDK does, instead of retrying at once.
     """
     if not bodies:
         raise ValueError("need at least one request body")
@@ -274,6 +280,8 @@ async def run_load(
                     await conn.close()
                 sample.end_s = time.perf_counter()
                 result.samples.append(sample)
+                if honor_retry_after and sample.retry_after is not None and sample.status in (429, 503):
+                    await asyncio.sleep(max(0.0, min(sample.retry_after, deadline - time.perf_counter())))
         finally:
             await conn.close()
 

@@ -39,7 +39,8 @@ targets (e.g. ``direct uniroute`` for the two-worker point), and a concurrency a
 ``server.max_in_flight`` (``--max-in-flight``, default the shipped default) is an overload point: its
 503s with ``Retry-After`` are reported apart from other errors (``shed``), the latency percentiles are
 those of the admitted (200) requests, and ``GET /health/liveliness`` is probed every 50 ms during every
-gateway run (``live p99`` / ``live max``).
+gateway run (``live p99`` / ``live max``). A client refused with ``Retry-After`` waits that long before its
+next request, as the OpenAI SDK does (``--ignore-retry-after``: it retries at once).
 
     bash benchmarks/setup_litellm_proxy.sh
     python -m benchmarks.vs_litellm_proxy --json var/vs_litellm_proxy.json
@@ -189,6 +190,7 @@ async def measure(
     sent: dict[str, int] | None = None,
     targets: Sequence[str] = TARGETS,
     live_urls: dict[str, str] | None = None,
+    honor_retry_after: bool = True,
 ) -> list[dict[str, Any]]:
     """Run every cell; ``sent`` (if given) counts the requests sent to each target, warm-ups included;
     ``live_urls``: target → a liveliness URL probed every 50 ms during its runs."""
@@ -202,7 +204,8 @@ async def measure(
             for t in targets:
                 if procs[server_of[t]].poll() is None:
                     warm = await run_load(urls[t], bodies[t], concurrency=conc, max_requests=warmup, max_seconds=10,
-                                          headers=headers[t], new_prompts=new_prompts)
+                                          headers=headers[t], new_prompts=new_prompts,
+                                          honor_retry_after=honor_retry_after)
                     sent[t] = sent.get(t, 0) + len(warm.samples)
             runs: dict[str, list[LoadResult]] = {t: [] for t in targets}
             cpu = dict.fromkeys(targets, 0.0)
@@ -216,7 +219,7 @@ async def measure(
                     try:
                         runs[t].append(await run_load(urls[t], bodies[t], concurrency=conc, max_requests=requests,
                                                       max_seconds=seconds, headers=headers[t],
-                                                      new_prompts=new_prompts))
+                                                      new_prompts=new_prompts, honor_retry_after=honor_retry_after))
                     finally:
                         stop.set()
                     if prober is not None:
@@ -299,6 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="the gateway's server.max_in_flight (default: the shipped default)")
     ap.add_argument("--database-url", default=None, help="the gateway's request log (default: SQLite in the temp "
                                                          "folder), e.g. a fresh PostgreSQL database")
+    ap.add_argument("--ignore-retry-after", action="store_true",
+                    help="a client refused with Retry-After (503 overloaded, 429) retries at once instead of waiting "
+                         "as the OpenAI SDK does")
     ap.add_argument("--proxy-venv", default=str(PROXY_VENV))
     ap.add_argument("--cpu-layout", choices=["split", "none"], default="split")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (configs, server logs)")
@@ -340,12 +346,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     info: dict[str, Any] = {
         "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m benchmarks.vs_litellm_proxy " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine(), "versions": {**versions(), "litellm_proxy": proxy_version(venv)},
+        "machine": machine(), "versions": {**versions(), "litellm_proxy": proxy_version(venv) if "litellm-proxy" in targets else "not run"},
         "cpu_layout": layout, "dataset": str(dataset), "n_prompts": len(prompts),
         "stream_chunks": args.stream_chunks, "requests_per_run": args.requests, "seconds_per_run": args.seconds,
         "repeat": args.repeat, "warmup": args.warmup, "new_prompts": args.new_prompts,
         "router": {k: v for k, v in router_extra.items() if k != "embed_cache_dir"},
-        "targets": targets, "gateway_server": server_extra, "database": "postgresql" if args.database_url and
+        "targets": targets, "gateway_server": server_extra, "honor_retry_after": not args.ignore_retry_after, "database": "postgresql" if args.database_url and
         args.database_url.startswith("postgres") else "sqlite",
     }
     print(f"vs_litellm_proxy: dataset {dataset}; {layout}; temp {tmp}", file=sys.stderr)
@@ -382,7 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 concurrencies=args.concurrency, modes=[m == "stream" for m in args.modes],
                 requests=args.requests, seconds=args.seconds, warmup=args.warmup, repeat=args.repeat,
                 new_prompts=args.new_prompts, sent=sent, targets=targets,
-                live_urls={"uniroute": f"http://127.0.0.1:{gport}/health/liveliness"}))
+                live_urls={"uniroute": f"http://127.0.0.1:{gport}/health/liveliness"},
+                honor_retry_after=not args.ignore_retry_after))
             if gproc.poll() is None:
                 info["gateway_prompt_embeddings"] = prompt_embeddings(f"http://127.0.0.1:{gport}")
         info["requests_sent"] = sent

@@ -192,13 +192,22 @@ class InFlightMiddleware:
         self.limit = max_in_flight
         self.sink = sink
         self.active = 0
+        # the refusal is the same every time: built once, so that refusing costs far less than serving
+        status, body, headers = error_body(OverloadedError(max_in_flight or 0))
+        payload = _dumps(body)
+        self._refusal_status = status
+        self._refusal_start: Message = {
+            "type": "http.response.start", "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                        *((k.encode(), v.encode()) for k, v in headers.items())]}
+        self._refusal_body: Message = {"type": "http.response.body", "body": payload}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not str(scope.get("path", "")).startswith(API_PREFIX):
             await self.app(scope, receive, send)
             return
         if self.limit is not None and self.active >= self.limit:
-            await self._shed(scope, send, self.limit)
+            await self._shed(scope, send)
             return
         self.active += 1
         self.gauge.inc()
@@ -208,14 +217,11 @@ class InFlightMiddleware:
             self.active -= 1
             self.gauge.dec()
 
-    async def _shed(self, scope: Scope, send: Send, limit: int) -> None:
+    async def _shed(self, scope: Scope, send: Send) -> None:
         t0 = time.perf_counter()
-        status, body, headers = error_body(OverloadedError(limit))
-        payload = _dumps(body)
-        out = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-        out += [(k.encode(), v.encode()) for k, v in headers.items()]
-        await send({"type": "http.response.start", "status": status, "headers": out})
-        await send({"type": "http.response.body", "body": payload})
+        status = self._refusal_status
+        await send({**self._refusal_start, "headers": list(self._refusal_start["headers"])})
+        await send(self._refusal_body)
         self.metrics.requests_shed.inc()
         if self.sink is not None:
             state = scope.get("state") or {}
