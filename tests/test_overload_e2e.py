@@ -161,3 +161,22 @@ def test_streams_hold_their_slot_until_they_end(stack: Stack) -> None:
     r = httpx.post(f"{stack.base}/v1/chat/completions", timeout=30,
                    json={"model": "b-ok", "messages": [{"role": "user", "content": "after the streams"}]})
     assert r.status_code == 200
+
+
+def test_as_many_clients_as_slots_are_never_refused(stack: Stack) -> None:
+    """LIMIT clients sending streams back to back on kept-alive connections: a client's next request may arrive
+    while the handler of its previous one still finishes (log row, settlement); it must not be refused."""
+    def client(i: int) -> list[int]:
+        out = []
+        with httpx.Client(timeout=30) as c:
+            for j in range(15):
+                body = {"model": "b-ok", "stream": j % 2 == 0, "messages": [{"role": "user", "content": f"{i}-{j}"}]}
+                with c.stream("POST", f"{stack.base}/v1/chat/completions", json=body) as r:
+                    for _ in r.iter_bytes():
+                        pass
+                    out.append(r.status_code)
+        return out
+
+    with ThreadPoolExecutor(LIMIT) as pool:
+        statuses = [s for f in [pool.submit(client, i) for i in range(LIMIT)] for s in f.result()]
+    assert statuses == [200] * (15 * LIMIT)

@@ -174,8 +174,8 @@ def _too_large_message(limit: int) -> str:
 class InFlightMiddleware:
     """Pure-ASGI admission control of the API routes (``/v1/*``), and the ``litellm_in_flight_requests`` gauge.
 
-    At most ``max_in_flight`` API requests are served at once by this worker; a stream counts until it
-    ends. One more is answered at once with 503 ``overloaded`` and ``Retry-After`` (OpenAI-shaped,
+    At most ``max_in_flight`` API requests are served at once by this worker; a request holds its slot
+    until the last byte of its response is sent (a stream: until it ends) or its handler returns. One more is answered at once with 503 ``overloaded`` and ``Retry-After`` (OpenAI-shaped,
     :class:`~gateway.errors.OverloadedError`), before its body is read: counted in
     ``uniroute_requests_shed_total`` and handed to ``sink`` as a request-log row (status 503, error type
     ``overloaded``, no model or key: nothing was read), so the logged rows still equal the request
@@ -211,11 +211,26 @@ class InFlightMiddleware:
             return
         self.active += 1
         self.gauge.inc()
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self.active -= 1
+                self.gauge.dec()
+
+        async def send_and_release(message: Message) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                # the client has the whole answer and may send its next request on this connection now, while
+                # the handler still finishes (a stream's log row and settlement): that request must find the slot
+                release()
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_and_release)
         finally:
-            self.active -= 1
-            self.gauge.dec()
+            release()
 
     async def _shed(self, scope: Scope, send: Send) -> None:
         t0 = time.perf_counter()
