@@ -175,7 +175,8 @@ class InFlightMiddleware:
     """Pure-ASGI admission control of the API routes (``/v1/*``), and the ``litellm_in_flight_requests`` gauge.
 
     At most ``max_in_flight`` API requests are served at once by this worker; a request holds its slot
-    until the last byte of its response is sent (a stream: until it ends) or its handler returns. One more is answered at once with 503 ``overloaded`` and ``Retry-After`` (OpenAI-shaped,
+    until the last byte of its response is sent (a stream: until it ends) or its handler returns. One more
+    is answered at once with 503 ``overloaded`` and ``Retry-After`` (OpenAI-shaped,
     :class:`~gateway.errors.OverloadedError`), before its body is read: counted in
     ``uniroute_requests_shed_total`` and handed to ``sink`` as a request-log row (status 503, error type
     ``overloaded``, no model or key: nothing was read), so the logged rows still equal the request

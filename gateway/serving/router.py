@@ -68,8 +68,9 @@ def load_profiles_with_counts(config: GatewayConfig
             profiles_artifact_version(config.router.artifact))
 
 
-#: prompts up to this many characters are embedded on the event loop by the static embedder (≤ ~0.3 ms); longer
-#: ones in the embedder's worker thread, so that no prompt holds the loop for long
+#: prompts up to this many characters are embedded on the event loop by the static embedder (a 700-character
+#: MMLU-Pro prompt ~0.6 ms of CPU, 4,096 characters ~1.4 ms, on the loaded dev VM); longer ones in the embedder's
+#: worker thread, so that no prompt holds the loop for long
 INLINE_EMBED_MAX_CHARS = 4096
 
 
