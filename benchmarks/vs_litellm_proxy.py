@@ -39,7 +39,8 @@ targets (e.g. ``direct uniroute`` for the two-worker point), and a concurrency a
 ``server.max_in_flight`` (``--max-in-flight``, default the shipped default) is an overload point: its
 503s with ``Retry-After`` are reported apart from other errors (``shed``), the latency percentiles are
 those of the admitted (200) requests, and ``GET /health/liveliness`` is probed every 50 ms during every
-gateway run (``live p99`` / ``live max``). A client refused with ``Retry-After`` waits that long before its
+gateway run (``live p99`` / ``live max``; the probes, 20/s, are in the gateway's CPU but not in its request
+count). A client refused with ``Retry-After`` waits that long before its
 next request, as the OpenAI SDK does (``--ignore-retry-after``: it retries at once).
 
     bash benchmarks/setup_litellm_proxy.sh

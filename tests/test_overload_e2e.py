@@ -180,3 +180,19 @@ def test_as_many_clients_as_slots_are_never_refused(stack: Stack) -> None:
     with ThreadPoolExecutor(LIMIT) as pool:
         statuses = [s for f in [pool.submit(client, i) for i in range(LIMIT)] for s in f.result()]
     assert statuses == [200] * (15 * LIMIT)
+
+
+def test_the_openai_sdk_waits_retry_after_and_retries(stack: Stack) -> None:
+    """docs/DEPLOY.md: a refused request is retried by the OpenAI SDK after Retry-After (here: refused again,
+    the slots are held for 5 s)."""
+    with ThreadPoolExecutor(LIMIT) as pool:
+        futures = _fill(stack, pool, f"sdk-{time.time_ns()}")
+        shed_before = _metric(stack.base, "uniroute_requests_shed_total")
+        t0 = time.monotonic()
+        with openai.OpenAI(base_url=f"{stack.base}/v1", api_key="unused", max_retries=1) as client, \
+                pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(model="b-ok", messages=[{"role": "user", "content": "retry me"}])
+        took = time.monotonic() - t0
+        assert _metric(stack.base, "uniroute_requests_shed_total") == shed_before + 2  # the SDK tried twice
+        assert 0.9 <= took < 4.0, took  # ... waiting Retry-After: 1 s in between
+        assert [f.result() for f in futures] == [200] * LIMIT
