@@ -60,6 +60,7 @@ class Sample:
     ttft_s: float | None  # streams only
     error: str | None = None
     end_s: float = 0.0  # time.perf_counter() when it completed
+    retry_after: float | None = None  # the response's Retry-After, seconds (a 503 overloaded, a 429)
 
 
 @dataclass
@@ -89,6 +90,11 @@ class LoadResult:
         out["max"] = float(arr.max())
         return out
 
+    @property
+    def shed(self) -> int:
+        """Responses refused as overloaded: 503 with ``Retry-After`` (the gateway's ``server.max_in_flight``)."""
+        return sum(1 for s in self.samples if s.status == 503 and s.retry_after is not None and s.error is None)
+
     def summary(self) -> dict[str, Any]:
         status: dict[str, int] = {}
         for s in self.samples:
@@ -101,6 +107,7 @@ class LoadResult:
             "requests": len(self.samples),
             "ok": len(self.ok),
             "errors": self.errors,
+            "shed_503_retry_after": self.shed,
             "status": status,
             "wall_s": round(self.wall_s, 3),
             "throughput_rps": round(len(self.ok) / self.wall_s, 2) if self.wall_s > 0 else 0.0,
@@ -150,6 +157,7 @@ class Connection:
         length: int | None = None
         chunked = False
         keep_alive = True
+        retry_after: float | None = None
         while True:
             line = await reader.readline()
             if line in (b"\r\n", b"\n", b""):
@@ -162,6 +170,11 @@ class Connection:
                 chunked = True
             elif lname == b"connection" and b"close" in value.lower():
                 keep_alive = False
+            elif lname == b"retry-after":
+                try:
+                    retry_after = float(value.strip())
+                except ValueError:
+                    retry_after = 1.0
         ttft: float | None = None
         watch = stream and status == 200
         check = check and status == 200
@@ -207,7 +220,8 @@ class Connection:
         error = None
         if check and not (finished and (not stream or end.rstrip().endswith(_DONE))):
             error = "incomplete"
-        return Sample(status=status, latency_s=latency, ttft_s=ttft if stream else None, error=error)
+        return Sample(status=status, latency_s=latency, ttft_s=ttft if stream else None, error=error,
+                      retry_after=retry_after)
 
 
 def build_request(host: str, port: int, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> bytes:
@@ -229,11 +243,14 @@ async def run_load(
     timeout_s: float = 60.0,
     new_prompts: bool = False,
     check_streams: bool = False,
+    honor_retry_after: bool = False,
 ) -> LoadResult:
     """Closed-loop load: ``concurrency`` workers cycle through ``bodies`` until a bound is hit.
 
     Each body may stream or not (a mix is fine). ``new_prompts``: a unique suffix on every request's
-    prompt (see the module doc); ``check_streams``: incomplete 200 responses count as errors.
+    prompt (see the module doc); ``check_streams``: incomplete 200 responses count as errors;
+    ``honor_retry_after``: a worker answered 429/503 with ``Retry-After`` waits that long (at most until the
+    run ends) before its next request, as the OpenAI SDK does, instead of retrying at once.
     """
     if not bodies:
         raise ValueError("need at least one request body")
@@ -263,6 +280,8 @@ async def run_load(
                     await conn.close()
                 sample.end_s = time.perf_counter()
                 result.samples.append(sample)
+                if honor_retry_after and sample.retry_after is not None and sample.status in (429, 503):
+                    await asyncio.sleep(max(0.0, min(sample.retry_after, deadline - time.perf_counter())))
         finally:
             await conn.close()
 

@@ -30,10 +30,26 @@ ms/request of each server process (from /proc), and whether a server died. "Maxi
 throughput" is the highest req/s over the concurrencies measured.
 
 CPU layout (``split``, default): load generator on CPU 0, upstream + gateway + proxy on CPU 1
-(only one of the two servers is driven at a time).
+(only one of the two servers is driven at a time). With ``--workers 2`` the gateway's workers are
+not pinned (they need both cores; the load generator stays on CPU 0 and shares it).
+
+Issue 14's points: ``--workers 2`` runs the gateway with ``server.workers: 2`` (CPU is summed over its
+worker processes), ``--database-url`` puts its request log in PostgreSQL, ``--targets`` runs only some
+targets (e.g. ``direct uniroute`` for the two-worker point), and a concurrency above the gateway's
+``server.max_in_flight`` (``--max-in-flight``, default the shipped default) is an overload point: its
+503s with ``Retry-After`` are reported apart from other errors (``shed``), the latency percentiles are
+those of the admitted (200) requests, and ``GET /health/liveliness`` is probed every 50 ms during every
+gateway run (``live p99`` / ``live max``; the probes, 20/s, are in the gateway's CPU but not in its request
+count). A client refused with ``Retry-After`` waits that long before its
+next request, as the OpenAI SDK does (``--ignore-retry-after``: it retries at once).
 
     bash benchmarks/setup_litellm_proxy.sh
     python -m benchmarks.vs_litellm_proxy --json var/vs_litellm_proxy.json
+    # the default config, new prompts, plus the overload point (issue 14)
+    python -m benchmarks.vs_litellm_proxy --static-router var/router-static --new-prompts --concurrency 1 16 64 256
+    # two workers against one, PostgreSQL request log (createdb first)
+    python -m benchmarks.vs_litellm_proxy --static-router var/router-static --new-prompts --targets direct uniroute \
+        --workers 2 --database-url postgresql+psycopg://postgres@127.0.0.1:5432/uniroute_bench
 """
 
 from __future__ import annotations
@@ -53,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import yaml
 
 from benchmarks.loadgen import LoadResult, install_uvloop, prompt_bodies, run_load
@@ -71,6 +88,7 @@ from benchmarks.overhead import (
     versions,
     write_json,
 )
+from benchmarks.stalls import probe_liveliness
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXY_VENV = ROOT / "benchmarks" / ".venv-litellm-proxy"
@@ -87,10 +105,11 @@ def proxy_version(venv: Path) -> str:
 
 
 def gateway_config(tmp: Path, dataset: Path, rport: int, gport: int, router: dict[str, Any],
-                   database_url: str | None = None) -> Path:
-    """A one-worker gateway config: the replayed dataset's models, ``router``, a SQLite log in ``tmp`` by default."""
+                   database_url: str | None = None, server: dict[str, Any] | None = None) -> Path:
+    """A gateway config (one worker unless ``server`` says otherwise): the replayed dataset's models, ``router``,
+    a SQLite log in ``tmp`` by default."""
     config = {
-        "server": {"host": "127.0.0.1", "port": gport, "log_level": "warning", "access_log": False},
+        "server": {"host": "127.0.0.1", "port": gport, "log_level": "warning", "access_log": False, **(server or {})},
         "database_url": database_url or f"sqlite:///{tmp / 'bench.db'}",
         # like the proxy's single master key, no per-key budgets or limits: open mode
         "auth": {"mode": "open"},
@@ -115,28 +134,43 @@ def proxy_config(tmp: Path, models: Sequence[str], rport: int) -> Path:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| mode | c | target | requests | errors | p50 ms | p99 ms | added p50 ms | added p99 ms | req/s "
-             "| server CPU ms/req |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| mode | c | target | requests | errors | shed (503 + Retry-After) | p50 ms | p99 ms | added p50 ms "
+             "| added p99 ms | req/s | server CPU ms/req | live p99 / max ms |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         add50 = "" if r["target"] == "direct" else f"{r['added_p50_ms']:+.2f}"
         add99 = "" if r["target"] == "direct" else f"{r['added_p99_ms']:+.2f}"
         dead = " (server died)" if r.get("crashed") else ""
+        live = f"{r['live_p99_ms']:.1f} / {r['live_max_ms']:.1f}" if r.get("live_p99_ms") is not None else ""
         lines.append(
             f"| {'stream TTFT' if r['stream'] else 'non-stream'} | {r['concurrency']} | {r['target']}{dead} "
-            f"| {r['requests']} | {r['errors']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {add50} | {add99} "
-            f"| {r['throughput_rps']:.0f} | {r['server_cpu_ms_per_req']:.2f} |")
+            f"| {r['requests']} | {r['errors'] - r.get('shed', 0)} | {r.get('shed', 0)} | {r['p50_ms']:.2f} "
+            f"| {r['p99_ms']:.2f} | {add50} | {add99} | {r['throughput_rps']:.0f} | {r['server_cpu_ms_per_req']:.2f} "
+            f"| {live} |")
     return "\n".join(lines)
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and its child processes (uvicorn's workers), from /proc."""
+    total = cpu_seconds(pid)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[1] == str(pid):
+            total += cpu_seconds(int(stat.parent.name))
+    return total
 
 
 def maxima(rows: list[dict[str, Any]]) -> str:
     lines = ["| target | max req/s non-streaming | max streams/s (20 chunks) | errors (all cells) |",
              "|---|---:|---:|---:|"]
-    for t in TARGETS:
+    for t in sorted({r["target"] for r in rows}, key=TARGETS.index):
         mine = [r for r in rows if r["target"] == t]
         plain = max((r["throughput_rps"] for r in mine if not r["stream"]), default=0.0)
         stream = max((r["throughput_rps"] for r in mine if r["stream"]), default=0.0)
-        lines.append(f"| {t} | {plain:.0f} | {stream:.0f} | {sum(r['errors'] for r in mine)} |")
+        lines.append(f"| {t} | {plain:.0f} | {stream:.0f} | {sum(r['errors'] - r.get('shed', 0) for r in mine)} |")
     return "\n".join(lines)
 
 
@@ -155,32 +189,48 @@ async def measure(
     repeat: int,
     new_prompts: bool = False,
     sent: dict[str, int] | None = None,
+    targets: Sequence[str] = TARGETS,
+    live_urls: dict[str, str] | None = None,
+    honor_retry_after: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run every cell; ``sent`` (if given) counts the requests sent to each target, warm-ups included."""
+    """Run every cell; ``sent`` (if given) counts the requests sent to each target, warm-ups included;
+    ``live_urls``: target → a liveliness URL probed every 50 ms during its runs."""
     rows: list[dict[str, Any]] = []
+    live_urls = live_urls or {}
     sent = {} if sent is None else sent
     server_of = {"direct": "replay", "uniroute": "uniroute", "litellm-proxy": "litellm-proxy"}
     for stream in modes:
         for conc in concurrencies:
-            bodies = {t: prompt_bodies(prompts, models[t], stream=stream) for t in TARGETS}
-            for t in TARGETS:
+            bodies = {t: prompt_bodies(prompts, models[t], stream=stream) for t in targets}
+            for t in targets:
                 if procs[server_of[t]].poll() is None:
                     warm = await run_load(urls[t], bodies[t], concurrency=conc, max_requests=warmup, max_seconds=10,
-                                          headers=headers[t], new_prompts=new_prompts)
+                                          headers=headers[t], new_prompts=new_prompts,
+                                          honor_retry_after=honor_retry_after)
                     sent[t] = sent.get(t, 0) + len(warm.samples)
-            runs: dict[str, list[LoadResult]] = {t: [] for t in TARGETS}
-            cpu = dict.fromkeys(TARGETS, 0.0)
+            runs: dict[str, list[LoadResult]] = {t: [] for t in targets}
+            cpu = dict.fromkeys(targets, 0.0)
+            live: dict[str, list[float]] = {t: [] for t in targets}
             for _ in range(repeat):
-                for t in TARGETS:
+                for t in targets:
                     pid = procs[server_of[t]].pid
-                    before = cpu_seconds(pid)
-                    runs[t].append(await run_load(urls[t], bodies[t], concurrency=conc, max_requests=requests,
-                                                  max_seconds=seconds, headers=headers[t], new_prompts=new_prompts))
-                    cpu[t] += cpu_seconds(pid) - before
+                    before = tree_cpu_seconds(pid)
+                    stop = asyncio.Event()
+                    prober = asyncio.create_task(probe_liveliness(live_urls[t], stop)) if t in live_urls else None
+                    try:
+                        runs[t].append(await run_load(urls[t], bodies[t], concurrency=conc, max_requests=requests,
+                                                      max_seconds=seconds, headers=headers[t],
+                                                      new_prompts=new_prompts, honor_retry_after=honor_retry_after))
+                    finally:
+                        stop.set()
+                    if prober is not None:
+                        live[t] += await prober
+                    cpu[t] += tree_cpu_seconds(pid) - before
                     sent[t] = sent.get(t, 0) + len(runs[t][-1].samples)
-            merged = {t: merge(runs[t]) for t in TARGETS}
-            base = pct(merged["direct"], stream)
-            for t in TARGETS:
+            merged = {t: merge(runs[t]) for t in targets}
+            nan = {"p50": float("nan"), "p99": float("nan")}
+            base = pct(merged["direct"], stream) if "direct" in merged else nan
+            for t in targets:
                 p = pct(merged[t], stream)
                 s = merged[t].summary()
                 crashed = procs[server_of[t]].poll() is not None
@@ -191,9 +241,12 @@ async def measure(
                     "added_p50_ms": p["p50"] - base["p50"], "added_p99_ms": p["p99"] - base["p99"],
                     "throughput_rps": s["throughput_rps"], "crashed": crashed,
                     "server_cpu_ms_per_req": 1000.0 * cpu[t] / max(1, s["requests"]),
+                    "shed": merged[t].shed,
+                    "live_p99_ms": float(np.percentile(live[t], 99)) if live[t] else None,
+                    "live_max_ms": float(max(live[t])) if live[t] else None,
                 })
                 print(f"  {'stream' if stream else 'plain '} c={conc:<3} {t:<14} n={s['requests']:<6} "
-                      f"err={s['errors']:<4} p50={p['p50']:.2f} p99={p['p99']:.2f} ms rps={s['throughput_rps']:.0f} "
+                      f"err={s['errors']:<4} shed={merged[t].shed:<5} p50={p['p50']:.2f} p99={p['p99']:.2f} ms rps={s['throughput_rps']:.0f} "
                       f"cpu={rows[-1]['server_cpu_ms_per_req']:.2f} ms/req{' DIED' if crashed else ''}",
                       file=sys.stderr, flush=True)
     return rows
@@ -201,12 +254,13 @@ async def measure(
 
 def start_gateway(stack: contextlib.ExitStack, tmp: Path, dataset: Path, rport: int, gport: int,
                   router_extra: dict[str, Any], cpus: str | None, *, fallback: bool = True,
-                  database_url: str | None = None) -> tuple[subprocess.Popen[bytes], str, str]:
+                  database_url: str | None = None,
+                  server_extra: dict[str, Any] | None = None) -> tuple[subprocess.Popen[bytes], str, str]:
     """Start the gateway: learned routing if it starts, else (``fallback``) the placeholder policy, with the reason."""
     reason = ""
     routers = [{"policy": "uniroute", **router_extra}] + ([{"policy": "cheapest"}] if fallback else [])
     for router in routers:
-        cfg = gateway_config(tmp, dataset, rport, gport, router, database_url)
+        cfg = gateway_config(tmp, dataset, rport, gport, router, database_url, server_extra)
         cmd = [sys.executable, "-m", "gateway.cli.main", "serve", "--config", str(cfg), "--host", "127.0.0.1",
                "--port", str(gport)]
         log = tmp / f"gateway-{router['policy']}.log"
@@ -242,6 +296,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                         "(e.g. the UniRoute artifact path)")
     ap.add_argument("--new-prompts", action="store_true",
                     help="a unique suffix on every prompt: the gateway embeds every request's prompt (no cache hit)")
+    ap.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS),
+                    help="which targets to drive (the added-latency columns need direct)")
+    ap.add_argument("--workers", type=int, default=1, help="the gateway's server.workers (2: the two-worker point)")
+    ap.add_argument("--max-in-flight", type=int, default=None,
+                    help="the gateway's server.max_in_flight (default: the shipped default)")
+    ap.add_argument("--database-url", default=None, help="the gateway's request log (default: SQLite in the temp "
+                                                         "folder), e.g. a fresh PostgreSQL database")
+    ap.add_argument("--ignore-retry-after", action="store_true",
+                    help="a client refused with Retry-After (503 overloaded, 429) retries at once instead of waiting "
+                         "as the OpenAI SDK does")
     ap.add_argument("--proxy-venv", default=str(PROXY_VENV))
     ap.add_argument("--cpu-layout", choices=["split", "none"], default="split")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (configs, server logs)")
@@ -251,7 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import gateway  # noqa: F401  (offline environment for anything importing litellm)
 
     venv = Path(args.proxy_venv)
-    if not (venv / "bin" / "litellm").exists():
+    targets = [t for t in TARGETS if t in args.targets]
+    if "litellm-proxy" in targets and not (venv / "bin" / "litellm").exists():
         ap.error(f"no LiteLLM proxy at {venv}; run: bash benchmarks/setup_litellm_proxy.sh")
     tmp = Path(tempfile.mkdtemp(prefix="uniroute-vs-litellm-"))
     dataset, data = benchmark_dataset(args.dataset, args.prompts, tmp)
@@ -268,6 +333,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     cpus = "1" if split else None
     layout = ("load generator pinned to CPU 0; replay upstream, UniRoute gateway and LiteLLM proxy pinned to "
               "CPU 1 (taskset; one server driven at a time)" if split else "no pinning (OS scheduler)")
+    server_extra: dict[str, Any] = {"workers": args.workers}
+    if args.max_in_flight is not None:
+        server_extra["max_in_flight"] = args.max_in_flight
+    gateway_cpus = cpus if args.workers == 1 else None
+    if split and args.workers > 1:
+        layout += f"; except the gateway's {args.workers} workers: not pinned (both cores)"
     rport, gport, pport = free_port(), free_port(), free_port()
     replay_cmd = [sys.executable, "-m", "gateway.cli.main", "replay", "--dataset", str(dataset), "--port", str(rport),
                   "--stream-chunks", str(args.stream_chunks)]
@@ -276,11 +347,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     info: dict[str, Any] = {
         "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m benchmarks.vs_litellm_proxy " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine(), "versions": {**versions(), "litellm_proxy": proxy_version(venv)},
+        "machine": machine(), "versions": {**versions(), "litellm_proxy": proxy_version(venv) if "litellm-proxy" in targets else "not run"},
         "cpu_layout": layout, "dataset": str(dataset), "n_prompts": len(prompts),
         "stream_chunks": args.stream_chunks, "requests_per_run": args.requests, "seconds_per_run": args.seconds,
         "repeat": args.repeat, "warmup": args.warmup, "new_prompts": args.new_prompts,
         "router": {k: v for k, v in router_extra.items() if k != "embed_cache_dir"},
+        "targets": targets, "gateway_server": server_extra, "honor_retry_after": not args.ignore_retry_after, "database": "postgresql" if args.database_url and
+        args.database_url.startswith("postgres") else "sqlite",
     }
     print(f"vs_litellm_proxy: dataset {dataset}; {layout}; temp {tmp}", file=sys.stderr)
     master_key = "sk-bench-" + secrets.token_hex(16)  # the proxy refuses to start without one
@@ -290,8 +363,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             rproc = stack.enter_context(server(replay_cmd, tmp / "replay.log", f"http://127.0.0.1:{rport}/health",
                                                cpus))
             pproc = stack.enter_context(server(proxy_cmd, tmp / "litellm-proxy.log",
-                                               f"http://127.0.0.1:{pport}/health/liveliness", cpus))
-            gproc, policy, reason = start_gateway(stack, tmp, dataset, rport, gport, router_extra, cpus)
+                                               f"http://127.0.0.1:{pport}/health/liveliness", cpus)) \
+                if "litellm-proxy" in targets else rproc  # (not driven)
+            gproc, policy, reason = start_gateway(stack, tmp, dataset, rport, gport, router_extra, gateway_cpus,
+                                                  database_url=args.database_url, server_extra=server_extra)
             info["policy"] = policy
             if policy != "uniroute":
                 info["policy_note"] = f"learned routing unavailable, placeholder policy served: {reason}"
@@ -313,7 +388,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 {"direct": {}, "uniroute": {}, "litellm-proxy": {"Authorization": f"Bearer {master_key}"}},
                 concurrencies=args.concurrency, modes=[m == "stream" for m in args.modes],
                 requests=args.requests, seconds=args.seconds, warmup=args.warmup, repeat=args.repeat,
-                new_prompts=args.new_prompts, sent=sent))
+                new_prompts=args.new_prompts, sent=sent, targets=targets,
+                live_urls={"uniroute": f"http://127.0.0.1:{gport}/health/liveliness"},
+                honor_retry_after=not args.ignore_retry_after))
             if gproc.poll() is None:
                 info["gateway_prompt_embeddings"] = prompt_embeddings(f"http://127.0.0.1:{gport}")
         info["requests_sent"] = sent

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -58,8 +59,12 @@ def create_app(
     policy: tuple[GatewayPolicy, EmbedFn | None] | None = None,
     readiness_checks: dict[str, ReadinessCheck] | None = None,
     accounting: Accounting | None = None,
+    tune_gc: bool = False,
 ) -> Starlette:
-    """Build the gateway app. The optional arguments replace the config-built parts (auth, limits, store, router)."""
+    """Build the gateway app. The optional arguments replace the config-built parts (auth, limits, store, router).
+
+    ``tune_gc``: the server process's collector settings (:func:`freeze_heap`) at the end of start-up; set by
+    :func:`app_from_env` (``uniroute serve``), not by tests that build many apps in one process."""
     from gateway.access.accounting import Accounting, settings_from_config
     from gateway.http import admin_models, chat, feedback, health, keys, models, openapi, responses, route
     from gateway.http import tenants as key_profiles
@@ -156,10 +161,17 @@ def create_app(
         from gateway.http.server import STATE_KEY, ClientLimits
 
         srv = config.server
+        refreeze = None
+        if tune_gc:
+            freeze_heap()  # the start-up's objects (LiteLLM, the router, the registry) leave the collector's view
+            # and once more when the first requests have imported LiteLLM's provider code (lazily, on first use)
+            refreeze = asyncio.get_running_loop().call_later(REFREEZE_AFTER_S, gc.freeze)
         try:
             # lifespan state: the uvicorn protocols of `uniroute serve` read their deadlines here
             yield {STATE_KEY: ClientLimits(srv.header_timeout_s, srv.body_timeout_s, srv.max_header_bytes)}
         finally:
+            if refreeze is not None:
+                refreeze.cancel()
             await scheduler.aclose()
             await drift.aclose()
             await jobs.aclose()
@@ -206,9 +218,11 @@ def create_app(
                                 Exception: responses.unhandled_exception}
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(InFlightMiddleware, metrics=acc.metrics),
-                    Middleware(RequestContextMiddleware, max_body_bytes=config.server.max_body_bytes,
-                               body_timeout_s=config.server.body_timeout_s)],
+        # outermost first: the request id is set before admission, so a 503 overloaded carries it
+        middleware=[Middleware(RequestContextMiddleware, max_body_bytes=config.server.max_body_bytes,
+                               body_timeout_s=config.server.body_timeout_s),
+                    Middleware(InFlightMiddleware, metrics=acc.metrics, max_in_flight=config.server.max_in_flight,
+                               sink=sink or acc.sink)],
         exception_handlers=handlers,
         lifespan=lifespan,
     )
@@ -219,9 +233,32 @@ def create_app(
     return app
 
 
+#: the collector's thresholds while serving: generation 0 is collected every this many net allocations
+#: (CPython's default: 700), so a request's short-lived objects are mostly freed by reference counting
+#: before a collection sees them, and fewer are promoted to the older generations
+GC_THRESHOLDS = (50_000, 20, 100)
+#: seconds after start-up when what the first requests imported and built is frozen too (``gc.freeze`` alone:
+#: no collection, no pause)
+REFREEZE_AFTER_S = 60.0
+
+
+def freeze_heap() -> None:
+    """Move every object alive now into the collector's permanent generation and raise its thresholds.
+
+    Once started the gateway holds ~0.5 million long-lived objects (LiteLLM's modules and cost map, the
+    router, the registry). CPython's full (generation-2) collection walks all of them, 0.3-1 s on the 2 shared
+    cores, and under load it ran every ~20 s: those were the intermittent half-second stalls of issue 14
+    (docs/PERFORMANCE.md, "Stalls"). Frozen objects are never scanned again; what the gateway allocates
+    later is collected as before.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def app_from_env() -> Starlette:
     """Factory for ``uvicorn --factory`` (and ``--workers N``): config from ``$UNIROUTE_CONFIG``."""
     import gateway  # noqa: F401
 
     install_log_scrubber()  # a worker process: its log handlers are uvicorn's
-    return create_app(load_config())
+    return create_app(load_config(), tune_gc=True)

@@ -59,6 +59,8 @@ class ServerConfig(_Section):
     """uvicorn worker processes (`--workers` overrides); metrics are merged across them."""
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
     """Larger request bodies get 413."""
+    max_in_flight: int = Field(default=64, ge=1)
+    """API requests (`/v1/*`) one worker serves at once, streams counted while open; one more gets 503 `overloaded` with `Retry-After: 1` at once instead of queueing (counted in `uniroute_requests_shed_total`, logged). Health, metrics and admin routes are never refused. Raise it when the upstreams are slow (each open stream holds a slot); docs/PERFORMANCE.md."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     """Log level of the gateway and uvicorn."""
     access_log: bool = False

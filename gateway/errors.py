@@ -151,6 +151,25 @@ class ServiceUnavailableError(GatewayError):
     default_code = "service_unavailable"
 
 
+#: Seconds a client is told to wait (``Retry-After``) when a worker is at ``server.max_in_flight``.
+OVERLOAD_RETRY_AFTER_S = 1
+
+
+class OverloadedError(ServiceUnavailableError):
+    """This worker already serves ``server.max_in_flight`` requests: 503 with ``Retry-After`` at once, instead of
+    queueing the request behind the others (gateway/http/middleware.py)."""
+
+    error_type = "overloaded"
+    default_code = "overloaded"
+
+    def __init__(self, limit: int, *, retry_after: float = OVERLOAD_RETRY_AFTER_S, **kw: Any) -> None:
+        super().__init__(f"the gateway is overloaded: this worker is already serving its limit of {limit} requests "
+                         f"(server.max_in_flight); nothing was done with this request, retry it in {retry_after:g} s",
+                         **kw)
+        self.retry_after = retry_after
+        self.headers.setdefault("retry-after", str(max(1, int(retry_after + 0.999))))
+
+
 #: Seconds a client is told to wait (``Retry-After``) when the gateway's database is unavailable.
 STORE_RETRY_AFTER_S = 2
 

@@ -90,6 +90,9 @@ class Metrics:
         self.in_flight = Gauge(
             "litellm_in_flight_requests", "Requests being served right now (all workers)",
             registry=r, multiprocess_mode="livesum")
+        self.requests_shed = Counter(
+            "uniroute_requests_shed", "API requests refused with 503 overloaded because their worker was already "
+            "serving server.max_in_flight requests", registry=r)
 
         # -- tokens and spend ----------------------------------------------------------------------
         labels = ["model", "requested_model", key]

@@ -6,6 +6,12 @@ to ``max_batch`` texts, and are embedded in ONE worker thread off the event loop
 concurrent requests share one forward pass. While a forward pass runs, new misses
 queue up and go together as the next batch the moment the worker is free (so under
 load batches form without any timer, and an idle batcher adds at most ``max_wait_ms``).
+
+``inline_max_chars`` (for an embedder that costs well under a millisecond per short text, the static
+one): a miss no longer than this many characters, arriving while no batch is pending or running, is
+embedded right on the loop, without the thread hop (handing the text to the worker thread, waking it,
+passing the GIL and the result back cost more CPU than the static embedding itself). Longer texts and
+misses under load still go to the worker thread.
 """
 
 from __future__ import annotations
@@ -28,12 +34,13 @@ class MicroBatcher:
 
     def __init__(self, embedder: Embedder, *, max_batch: int = 32, max_wait_ms: float = 2.0,
                  lru_size: int = 10_000, on_lookup: Callable[[str], None] | None = None,
-                 disk: EmbeddingCache | None = None) -> None:
+                 disk: EmbeddingCache | None = None, inline_max_chars: int = 0) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
         self.embedder = embedder
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
+        self.inline_max_chars = inline_max_chars
         self.lru_size = lru_size
         #: called once per ``embed`` with where the vector came from: "memory", "disk" or "computed"
         self.on_lookup = on_lookup
@@ -78,6 +85,11 @@ class MicroBatcher:
             return vec
         if self.on_lookup is not None:
             self.on_lookup("computed")
+        if len(text) <= self.inline_max_chars and not self._pending and self._inflight == 0:
+            self.batches += 1
+            vec = np.asarray(self.embedder.embed([text]), dtype=np.float32)[0]
+            self._remember(key, vec)
+            return vec
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[np.ndarray] = loop.create_future()
         self._pending.append((key, text, fut))

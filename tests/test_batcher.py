@@ -101,3 +101,35 @@ async def test_disk_cache_is_read_but_never_grown(tmp_path: Path) -> None:
     assert not (tmp_path / "none").exists()
     await b.aclose()
     await empty.aclose()
+
+
+class ThreadRecordingEmbedder(SlowEmbedder):
+    """Records the thread each batch ran in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[str] = []
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        import threading
+
+        self.threads.append(threading.current_thread().name)
+        return super().embed(texts)
+
+
+async def test_short_misses_are_embedded_inline_long_ones_and_bursts_in_the_worker() -> None:
+    import threading
+
+    inner = ThreadRecordingEmbedder()
+    b = MicroBatcher(inner, max_batch=8, max_wait_ms=0, inline_max_chars=20)
+    short = await b.embed("short prompt")
+    assert short[0] == len("short prompt") and inner.threads == [threading.current_thread().name]
+    assert (await b.embed("short prompt"))[0] == short[0] and len(inner.threads) == 1  # remembered in the LRU
+    await b.embed("x" * 21)  # longer than inline_max_chars: the worker thread
+    assert inner.threads[-1].startswith("embedder")
+    # while a batch runs in the worker, a short miss queues for the next batch rather than running inline
+    texts = ["y" * 30, "a", "b"]
+    vecs = await asyncio.gather(*(b.embed(t) for t in texts))
+    assert [v[0] for v in vecs] == [len(t) for t in texts]
+    assert all(name.startswith("embedder") for name in inner.threads[2:]), inner.threads
+    await b.aclose()

@@ -47,6 +47,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     cfg = write_config(root, dataset, replay_base, port=port, log_level="warning")
     data = yaml.safe_load(cfg.read_text())
     db_url = f"sqlite:///{root / 'gateway.store.tables'}"
+    # 200 streams open at once in one worker: above the default server.max_in_flight (tests/test_overload_e2e.py)
+    data["server"]["max_in_flight"] = 256
     data.update(auth={"mode": "keys"}, database_url=db_url,
                 database={"spill_dir": str(root / "spill"), "log_flush_interval_s": 0.2})
     cfg.write_text(yaml.safe_dump(data))

@@ -28,15 +28,18 @@ import asyncio
 import re
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import PayloadTooLargeError, RequestTimeoutError, error_body
+from gateway.errors import OverloadedError, PayloadTooLargeError, RequestTimeoutError, error_body
 from gateway.secrets import REQUEST_ID
+from gateway.serving.interfaces import RequestRecord
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
+    from gateway.serving.interfaces import RequestSink
 
 REQUEST_ID_HEADER = "x-uniroute-request-id"
 CLIENT_REQUEST_ID_HEADER = "x-uniroute-client-request-id"
@@ -46,6 +49,8 @@ _CLIENT_ID_BYTES = CLIENT_REQUEST_ID_HEADER.encode()
 ATTEMPTS = "x-uniroute-attempts"
 _ATTEMPTS_BYTES = ATTEMPTS.encode()
 CHAT_PATH = "/v1/chat/completions"
+#: the API routes: counted in flight and refused beyond ``server.max_in_flight`` (health, metrics, admin never)
+API_PREFIX = "/v1/"
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 #: What a request id is (a client's own ``x-uniroute-request-id`` outside it is replaced by a fresh one)
 REQUEST_ID_PATTERN = _SANE_ID
@@ -167,18 +172,78 @@ def _too_large_message(limit: int) -> str:
 
 
 class InFlightMiddleware:
-    """Pure-ASGI middleware keeping ``litellm_in_flight_requests`` (``/v1/*`` requests being served)."""
+    """Pure-ASGI admission control of the API routes (``/v1/*``), and the ``litellm_in_flight_requests`` gauge.
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    At most ``max_in_flight`` API requests are served at once by this worker; a request holds its slot
+    until the last byte of its response is sent (a stream: until it ends) or its handler returns. One more
+    is answered at once with 503 ``overloaded`` and ``Retry-After`` (OpenAI-shaped,
+    :class:`~gateway.errors.OverloadedError`), before its body is read: counted in
+    ``uniroute_requests_shed_total`` and handed to ``sink`` as a request-log row (status 503, error type
+    ``overloaded``, no model or key: nothing was read), so the logged rows still equal the request
+    counter. Health, metrics and admin routes are never refused (the probes must answer under load).
+    ``None``: no limit. It sits inside :class:`RequestContextMiddleware`, so a refusal carries its
+    request id.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_in_flight: int | None = None,
+                 sink: RequestSink | None = None) -> None:
         self.app = app
+        self.metrics = metrics
         self.gauge = metrics.in_flight
+        self.limit = max_in_flight
+        self.sink = sink
+        self.active = 0
+        # the refusal is the same every time: built once, so that refusing costs far less than serving
+        status, body, headers = error_body(OverloadedError(max_in_flight or 0))
+        payload = _dumps(body)
+        self._refusal_status = status
+        self._refusal_start: Message = {
+            "type": "http.response.start", "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                        *((k.encode(), v.encode()) for k, v in headers.items())]}
+        self._refusal_body: Message = {"type": "http.response.body", "body": payload}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not str(scope.get("path", "")).startswith("/v1/"):
+        if scope["type"] != "http" or not str(scope.get("path", "")).startswith(API_PREFIX):
             await self.app(scope, receive, send)
             return
+        if self.limit is not None and self.active >= self.limit:
+            await self._shed(scope, send)
+            return
+        self.active += 1
         self.gauge.inc()
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self.active -= 1
+                self.gauge.dec()
+
+        async def send_and_release(message: Message) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                # the client has the whole answer and may send its next request on this connection now, while
+                # the handler still finishes (a stream's log row and settlement): that request must find the slot
+                release()
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_and_release)
         finally:
-            self.gauge.dec()
+            release()
+
+    async def _shed(self, scope: Scope, send: Send) -> None:
+        t0 = time.perf_counter()
+        status = self._refusal_status
+        await send({**self._refusal_start, "headers": list(self._refusal_start["headers"])})
+        await send(self._refusal_body)
+        self.metrics.requests_shed.inc()
+        if self.sink is not None:
+            state = scope.get("state") or {}
+            now = datetime.now(UTC)
+            record = RequestRecord(request_id=str(state.get("request_id") or new_request_id()), started_at=now,
+                                   requested_model="", stream=False, client_request_id=state.get("client_request_id"),
+                                   status_code=status, error_type=OverloadedError.error_type, finished_at=now,
+                                   latency_ms=(time.perf_counter() - t0) * 1e3)
+            self.sink.submit(record)
