@@ -30,7 +30,7 @@ from starlette.routing import Route
 
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import GatewayError
-from gateway.http.middleware import CHAT_PATH, RequestContextMiddleware
+from gateway.http.middleware import CHAT_PATH, MESSAGES_PATH, RequestContextMiddleware
 from gateway.http.state import GatewayState, ReadinessCheck
 from gateway.secrets import install_log_scrubber, keep_config_params
 from gateway.serving.interfaces import (
@@ -61,7 +61,7 @@ def create_app(
 ) -> Starlette:
     """Build the gateway app. The optional arguments replace the config-built parts (auth, limits, store, router)."""
     from gateway.access.accounting import Accounting, settings_from_config
-    from gateway.http import admin_models, chat, feedback, health, keys, models, openapi, responses
+    from gateway.http import admin_models, chat, endpoints, feedback, health, keys, models, openapi, responses
     from gateway.http.auth import GuardedMetrics
     from gateway.http.middleware import InFlightMiddleware
     from gateway.metrics import metrics_app
@@ -149,6 +149,9 @@ def create_app(
 
     routes = [
         Route(CHAT_PATH, chat.chat_completions, methods=["POST"]),
+        Route("/v1/responses", endpoints.responses, methods=["POST"]),
+        Route(MESSAGES_PATH, endpoints.messages, methods=["POST"]),
+        Route("/v1/embeddings", endpoints.embeddings, methods=["POST"]),
         Route("/v1/models", models.list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", models.get_model, methods=["GET"]),
         Route("/health/liveliness", health.liveliness, methods=["GET"]),

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import PayloadTooLargeError, RequestTimeoutError, error_body
+from gateway.errors import PayloadTooLargeError, RequestTimeoutError, anthropic_error_body, error_body
 from gateway.secrets import REQUEST_ID
 
 if TYPE_CHECKING:
@@ -46,6 +46,10 @@ _CLIENT_ID_BYTES = CLIENT_REQUEST_ID_HEADER.encode()
 ATTEMPTS = "x-uniroute-attempts"
 _ATTEMPTS_BYTES = ATTEMPTS.encode()
 CHAT_PATH = "/v1/chat/completions"
+#: The Anthropic Messages API: its errors are Anthropic-shaped (gateway.errors.anthropic_error_body)
+MESSAGES_PATH = "/v1/messages"
+#: The endpoints served through the chat service: every answer carries x-uniroute-attempts
+SERVED_PATHS = frozenset({CHAT_PATH, "/v1/responses", MESSAGES_PATH, "/v1/embeddings"})
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 #: What a request id is (a client's own ``x-uniroute-request-id`` outside it is replaced by a fresh one)
 REQUEST_ID_PATTERN = _SANE_ID
@@ -100,7 +104,8 @@ class RequestContextMiddleware:
             state["client_request_id"] = client_id.decode("latin-1")
         rid_bytes = rid.encode()
         limit = self.max_body_bytes
-        chat = scope.get("path") == CHAT_PATH
+        path = scope.get("path")
+        chat = path in SERVED_PATHS
         body_done = not (has_body or length)  # nothing (more) to read
         received = 0
 
@@ -121,7 +126,7 @@ class RequestContextMiddleware:
             await send(message)
 
         if length is not None and length > limit:
-            await self._too_large(send_wrapper, limit)
+            await self._too_large(send_wrapper, limit, anthropic=path == MESSAGES_PATH)
             return
 
         deadline = asyncio.get_running_loop().time() + self.body_timeout_s
@@ -153,8 +158,9 @@ class RequestContextMiddleware:
             REQUEST_ID.reset(token)
 
     @staticmethod
-    async def _too_large(send: Send, limit: int) -> None:
-        status, body, _ = error_body(PayloadTooLargeError(_too_large_message(limit)))
+    async def _too_large(send: Send, limit: int, anthropic: bool = False) -> None:
+        shape = anthropic_error_body if anthropic else error_body
+        status, body, _ = shape(PayloadTooLargeError(_too_large_message(limit)))
         payload = _dumps(body)
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),

@@ -1,4 +1,5 @@
-"""Forwarding to the backends: the ONLY caller of ``litellm.acompletion``.
+"""Forwarding to the backends: the ONLY caller of ``litellm.acompletion`` (and of ``litellm.aresponses``,
+``litellm.anthropic.messages.acreate`` and ``litellm.aembedding``, for the other endpoints).
 
 - :class:`Forwarder` tries the ranked candidates one by one (fallback, cooldowns, first-token
   timeout, prices); each try is one call of an :class:`Upstream`. :class:`LiteLLMUpstream`, the
@@ -52,7 +53,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar, get_args
 
@@ -92,6 +93,9 @@ def configure_litellm() -> Any:
     litellm.set_verbose = False
     litellm.turn_off_message_logging = False  # True would deep-copy every request to redact logs nobody reads
     litellm.drop_params = True  # a backend that lacks a standard parameter ignores it instead of failing
+    # /v1/messages on OpenAI-wire models: through chat completions (every OpenAI-compatible server has them),
+    # not LiteLLM's default for the openai provider, the Responses API (which few of those servers have)
+    litellm.use_chat_completions_url_for_anthropic_messages = True
     litellm.include_cost_in_streaming_usage = False  # the gateway prices usage itself (exact, cheaper)
     litellm.callbacks = []
     litellm.success_callback = []
@@ -297,10 +301,31 @@ def _price(entry: ModelEntry, prompt_tokens: int, completion_tokens: int) -> flo
     return prompt_tokens * entry.input_cost_per_token + completion_tokens * entry.output_cost_per_token
 
 
+def usage_of(response: Any) -> Any:
+    """A response's ``usage`` (an attribute, or a key of a dict answer); None if it has none."""
+    if isinstance(response, Mapping):
+        return response.get("usage")
+    return getattr(response, "usage", None)
+
+
+def token_counts(usage: Any) -> tuple[int | None, int | None]:
+    """(prompt, completion) tokens of a usage object or dict, named as OpenAI's chat and embeddings do
+    (``prompt_tokens``/``completion_tokens``) or as the Responses and Anthropic APIs do
+    (``input_tokens``/``output_tokens``)."""
+    if usage is None:
+        return None, None
+    get = usage.get if isinstance(usage, Mapping) else lambda name: getattr(usage, name, None)
+    pt, ct = get("prompt_tokens"), get("completion_tokens")
+    if pt is None and ct is None:
+        pt, ct = get("input_tokens"), get("output_tokens")
+    return (pt if isinstance(pt, int) else None), (ct if isinstance(ct, int) else None)
+
+
 def _cost(entry: ModelEntry, usage: Any) -> float | None:
     if usage is None:
         return None
-    return _price(entry, getattr(usage, "prompt_tokens", None) or 0, getattr(usage, "completion_tokens", None) or 0)
+    pt, ct = token_counts(usage)
+    return _price(entry, pt or 0, ct or 0)
 
 
 class Upstream(Protocol):
@@ -322,6 +347,12 @@ class Upstream(Protocol):
     async def stream(self, entry: ModelEntry, messages: list[dict[str, Any]],
                      params: Mapping[str, Any]) -> AsyncIterator[Any]:
         """Open a stream (errors at open are raised here); its ``ChatCompletionChunk``-shaped chunks."""
+        ...
+
+    async def call(self, entry: ModelEntry, endpoint: str, payload: Mapping[str, Any], stream: bool) -> Any:
+        """One call of another endpoint (``responses``, ``messages``, ``embeddings``) with ``payload`` (the
+        request's fields): its answer as a dict (with ``usage``), or, for a stream (errors at open raised
+        here), an async iterator of its events as dicts (each with its ``type``)."""
         ...
 
     async def aclose(self) -> None:
@@ -384,7 +415,8 @@ class LiteLLMUpstream:
             model = params.pop("model")
             provider = params.get("custom_llm_provider") or (model.split("/", 1)[0] if "/" in model else None)
             info: dict[str, Any] = {"input_cost_per_token": e.input_cost_per_token,
-                                    "output_cost_per_token": e.output_cost_per_token, "mode": "chat"}
+                                    "output_cost_per_token": e.output_cost_per_token,
+                                    "mode": "embedding" if e.kind == "embedding" else "chat"}
             if provider:
                 info["litellm_provider"] = provider
             prices[model] = info
@@ -441,6 +473,30 @@ class LiteLLMUpstream:
             raise _unprocessable(entry)
         return self._chunks(stream, raw)
 
+    async def call(self, entry: ModelEntry, endpoint: str, payload: Mapping[str, Any], stream: bool) -> Any:
+        """``litellm.aresponses`` (through LiteLLM's bridge to chat completions, which every OpenAI-compatible
+        server has), ``litellm.anthropic.messages.acreate`` (LiteLLM's Anthropic adapter: any model, chat
+        completions underneath) or ``litellm.aembedding``; answers and events as dicts."""
+        kwargs = self._call_kwargs(entry)
+        token = self._quiet.set(True) if self._quiet is not None else None
+        try:
+            if endpoint == "responses":
+                out = await self._litellm.aresponses(**kwargs, **payload, stream=stream, use_chat_completions_api=True)
+            elif endpoint == "messages":
+                out = await self._litellm.anthropic.messages.acreate(**kwargs, **payload, stream=stream)
+            elif endpoint == "embeddings" and not stream:
+                out = await self._litellm.aembedding(**kwargs, **payload)
+            else:
+                raise ValueError(f"no such endpoint call: {endpoint} (stream={stream})")
+        finally:
+            if token is not None and self._quiet is not None:
+                self._quiet.reset(token)
+        if out is None:
+            raise _unprocessable(entry)
+        if not stream:
+            return _as_dict(out)
+        return _sse_events(out) if endpoint == "messages" else _dict_events(out)
+
     def _raw_stream(self, kwargs: Mapping[str, Any]) -> bool:
         return self.raw_openai_streams and "client" in kwargs
 
@@ -454,6 +510,49 @@ class LiteLLMUpstream:
             return _raw_chunks(raw)
         it: AsyncIterator[Any] = stream.__aiter__()
         return it
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    out: dict[str, Any] = obj.model_dump(mode="json", exclude_none=True)
+    return out
+
+
+async def _dict_events(stream: Any) -> AsyncIterator[dict[str, Any]]:
+    """A LiteLLM stream of typed events (pydantic objects) as dicts; always closed."""
+    try:
+        async for event in stream:
+            yield _as_dict(event)
+    finally:
+        close = getattr(stream, "aclose", None)
+        if close is not None:
+            await shielded(close())
+
+
+async def _sse_events(stream: Any) -> AsyncIterator[dict[str, Any]]:
+    """A LiteLLM stream of server-sent events (bytes, possibly several or a part of one per chunk) as the
+    dicts of their ``data:`` lines; always closed."""
+    import json
+
+    buffer = b""
+    try:
+        async for chunk in stream:
+            if isinstance(chunk, Mapping):
+                yield dict(chunk)
+                continue
+            buffer += chunk if isinstance(chunk, bytes) else str(chunk).encode()
+            while b"\n\n" in buffer:
+                event, buffer = buffer.split(b"\n\n", 1)
+                for line in event.splitlines():
+                    if line.startswith(b"data:"):
+                        data = json.loads(line[5:].strip())
+                        if isinstance(data, dict):
+                            yield data
+    finally:
+        close = getattr(stream, "aclose", None)
+        if close is not None:
+            await shielded(close())
 
 
 def _unprocessable(entry: ModelEntry) -> InvalidRequestError:
@@ -497,12 +596,29 @@ class Forwarder:
 
         Every attempt is appended to ``attempts`` (pass a list to see them even when this raises).
         """
+        return await self._complete(candidates, lambda entry: self.upstream.complete(entry, messages, params),
+                                    attempts)
+
+    async def call(self, candidates: Sequence[ModelEntry], endpoint: str, payload: Mapping[str, Any],
+                   attempts: list[Attempt] | None = None) -> Completion:
+        """A non-streaming call of another endpoint (:meth:`Upstream.call`), with the same fallback."""
+        return await self._complete(candidates, lambda entry: self.upstream.call(entry, endpoint, payload, False),
+                                    attempts)
+
+    async def open_call_stream(self, candidates: Sequence[ModelEntry], endpoint: str, payload: Mapping[str, Any],
+                               attempts: list[Attempt] | None = None) -> OpenStream:
+        """A stream of another endpoint's events (:meth:`Upstream.call`), with the same fallback and timeouts."""
+        return await self._open(candidates, lambda entry: self.upstream.call(entry, endpoint, payload, True),
+                                attempts)
+
+    async def _complete(self, candidates: Sequence[ModelEntry], call: Callable[[ModelEntry], Awaitable[Any]],
+                        attempts: list[Attempt] | None) -> Completion:
         attempts = [] if attempts is None else attempts
         last: GatewayError | None = None
         for entry in self._tries(candidates):
             t0 = time.perf_counter()
             try:
-                response = await self.upstream.complete(entry, messages, params)
+                response = await call(entry)
             except Exception as exc:
                 err = map_exception(exc, entry.name)
                 attempts.append(Attempt(entry.name, err.status_code, err.error_type, (time.perf_counter() - t0) * 1e3))
@@ -515,7 +631,7 @@ class Forwarder:
             latency = (time.perf_counter() - t0) * 1e3
             attempts.append(Attempt(entry.name, 200, None, latency))
             self.note_success(entry.name)
-            cost = _cost(entry, getattr(response, "usage", None))
+            cost = _cost(entry, usage_of(response))
             return Completion(entry, response, attempts, cost, latency)
         raise _exhausted(last, attempts)
 
@@ -527,6 +643,10 @@ class Forwarder:
         attempts: list[Attempt] | None = None,
     ) -> OpenStream:
         """Start a stream: fall back until some candidate yields its first chunk."""
+        return await self._open(candidates, lambda entry: self.upstream.stream(entry, messages, params), attempts)
+
+    async def _open(self, candidates: Sequence[ModelEntry], start: Callable[[ModelEntry], Awaitable[Any]],
+                    attempts: list[Attempt] | None) -> OpenStream:
         attempts = [] if attempts is None else attempts
         last: GatewayError | None = None
         for entry in self._tries(candidates):
@@ -534,7 +654,7 @@ class Forwarder:
             started = asyncio.get_running_loop().time()
             try:
                 async with asyncio.timeout(entry.first_token_timeout):
-                    it = await self.upstream.stream(entry, messages, params)
+                    it = await start(entry)
                     first = await it.__anext__()
             except StopAsyncIteration:
                 err: GatewayError = UpstreamError(f"model '{entry.name}' returned an empty stream")

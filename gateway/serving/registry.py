@@ -45,6 +45,7 @@ class ModelEntry:
     connect_timeout_s: float | None = None  # None: DEFAULT_CONNECT_TIMEOUT_S (at most timeout_s)
     first_token_timeout_s: float | None = None  # streams; None: timeout_s
     spec: ModelSpec | None = field(default=None, compare=False, repr=False)  # what it was built from (as written)
+    kind: str = "chat"  # chat or embedding (gateway.spec.MODEL_KINDS): an embedding model is never routed
 
     @property
     def connect_timeout(self) -> float:
@@ -83,6 +84,7 @@ class ModelEntry:
             connect_timeout_s=spec.connect_timeout_s,
             first_token_timeout_s=spec.first_token_timeout_s,
             spec=spec,
+            kind=spec.kind,
         )
 
     def to_pool_model(self) -> PoolModel:
@@ -104,7 +106,7 @@ class RegistrySnapshot:
             if e.name in by_name:
                 raise ValueError(f"model name {e.name!r} appears twice in the registry")
             by_name[e.name] = e
-        pool = tuple(e.to_pool_model() for e in items if e.routable)
+        pool = tuple(e.to_pool_model() for e in items if e.routable and e.kind == "chat")
         return cls(entries=items, by_name=MappingProxyType(by_name), pool=pool, names=tuple(by_name))
 
 

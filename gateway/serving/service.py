@@ -26,7 +26,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from gateway.errors import (
     GatewayError,
@@ -37,8 +37,18 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeoutError,
 )
-from gateway.protocol import PASSTHROUGH_FIELDS, ChatCompletionRequest
-from gateway.serving.forwarding import Attempt, Forwarder, OpenStream, RelayedText, map_exception, shielded
+from gateway.protocol import PASSTHROUGH_FIELDS, ChatCompletionRequest, UnirouteOptions
+from gateway.serving.forwarding import (
+    Attempt,
+    Completion,
+    Forwarder,
+    OpenStream,
+    RelayedText,
+    map_exception,
+    shielded,
+    token_counts,
+    usage_of,
+)
 from gateway.serving.interfaces import (
     Authenticator,
     BudgetGuard,
@@ -53,17 +63,32 @@ from gateway.serving.interfaces import (
     Reservation,
     Settlement,
 )
+from gateway.serving.operations import Operation
 from gateway.serving.registry import ModelEntry, Registry
 from gateway.serving.router import EmbedFn
 from routing.policy import GatewayPolicy, RoutingDecision
 
 logger = logging.getLogger("uniroute.service")
 T = TypeVar("T")
+#: One forwarding step of the service: (candidates, the attempts list to fill) → a completion or open stream.
+Forward = Callable[[list[ModelEntry], list[Attempt]], Awaitable[T]]
 
 AUTO = "auto"
 _PASSTHROUGH: set[str] = set(PASSTHROUGH_FIELDS) - {"stream_options"}
 _DEFAULT_COMPLETION_TOKENS = 512  # budget estimate when the request sets no max_tokens
 TOP_CANDIDATES = 5  # ranked candidates reported in the ``uniroute`` object and the request log
+
+
+class RoutedRequest(Protocol):
+    """What the service reads of any request it serves (a chat completion, or another endpoint's request)."""
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def uniroute(self) -> UnirouteOptions | None: ...
+
+    def routing_text(self) -> str: ...
 
 
 @dataclass
@@ -196,7 +221,7 @@ class ChatService:
     # -- steps ------------------------------------------------------------------------
 
     @staticmethod
-    def resolve_lambda(req: ChatCompletionRequest, header: str | None, principal: Principal) -> float:
+    def resolve_lambda(req: RoutedRequest, header: str | None, principal: Principal) -> float:
         lo, hi = principal.lambda_min, principal.lambda_max
         if req.uniroute is not None and req.uniroute.lam is not None:
             lam, param = req.uniroute.lam, "uniroute.lambda"
@@ -237,7 +262,9 @@ class ChatService:
             return await asyncio.to_thread(fn, *args)
         return fn(*args)
 
-    async def plan(self, req: ChatCompletionRequest, ctx: ChatContext, record: RequestRecord | None = None) -> _Plan:
+    async def plan(self, req: RoutedRequest, ctx: ChatContext, record: RequestRecord | None = None,
+                   kind: str = "chat") -> _Plan:
+        """Who, λ, rate limit, and the candidates: the named model (of ``kind``), or ``auto``'s ranking."""
         principal = ctx.principal or await self.authenticator.authenticate(ctx.authorization)
         if record is not None:  # attribute refusals after this point (bad λ, rate limit, model) to the key
             record.key_id, record.key_name = principal.key_id, principal.key_name
@@ -253,6 +280,8 @@ class ChatService:
                 raise PermissionDeniedError(f"this key may not use model '{entry.name}'; allowed: "
                                             f"{', '.join(self.usable_models(principal))}", param="model",
                                             code="model_not_allowed")
+            if entry.kind != kind:
+                raise InvalidRequestError(_wrong_kind(entry.name, entry.kind), param="model", code="wrong_model_kind")
             return _Plan(principal, lam, [entry], None)
         pool = self.registry.pool()
         if allowed is not None:
@@ -287,10 +316,10 @@ class ChatService:
         return out
 
     @staticmethod
-    def _record(req: ChatCompletionRequest, ctx: ChatContext, stream: bool) -> RequestRecord:
+    def _record(req: RoutedRequest, ctx: ChatContext, stream: bool, endpoint: str = "chat") -> RequestRecord:
         return RequestRecord(request_id=ctx.request_id, started_at=datetime.now(UTC), requested_model=req.model,
                              stream=stream, prompt_text=req.routing_text(),  # the sink drops it unless configured
-                             client_request_id=ctx.client_request_id)
+                             client_request_id=ctx.client_request_id, endpoint=endpoint)
 
     @staticmethod
     def _fill_plan(record: RequestRecord, plan: _Plan) -> None:
@@ -368,29 +397,46 @@ class ChatService:
     # -- non-streaming ----------------------------------------------------------------
 
     async def complete(self, req: ChatCompletionRequest, ctx: ChatContext) -> ChatResult:
+        return await self._complete(req, ctx, req, lambda candidates, attempts: self.forwarder.complete(
+            candidates, self._messages(req), self._params(req), attempts), self._chat_body)
+
+    async def run(self, op: Operation, ctx: ChatContext) -> ChatResult:
+        """Another endpoint's request (gateway/serving/operations.py), non-streaming: the same steps."""
+        return await self._complete(op.request, ctx, op.request.estimate_request(),
+                                    lambda candidates, attempts: self.forwarder.call(
+                                        candidates, op.endpoint, op.payload(), attempts),
+                                    op.body, op.endpoint, op.kind)
+
+    @staticmethod
+    def _chat_body(done: Completion) -> dict[str, Any]:
+        body: dict[str, Any] = done.response.model_dump(exclude_none=True)
+        body["model"] = done.entry.name
+        for choice in body.get("choices", ()):
+            choice.pop("provider_specific_fields", None)
+        return body
+
+    async def _complete(self, req: RoutedRequest, ctx: ChatContext, estimated: ChatCompletionRequest,
+                        forward: Forward[Completion], shape: Callable[[Completion], dict[str, Any]],
+                        endpoint: str = "chat", kind: str = "chat") -> ChatResult:
+        """Plan → reserve the estimate of ``estimated`` → ``forward`` → log and settle; ``shape`` makes the body."""
         t0 = time.perf_counter()
-        record = self._record(req, ctx, stream=False)
+        record = self._record(req, ctx, stream=False, endpoint=endpoint)
         attempts: list[Attempt] = []
         reservation: Reservation | None = None
         settled = 0.0
         try:
-            plan = await self.plan(req, ctx, record)
+            plan = await self.plan(req, ctx, record, kind)
             self._fill_plan(record, plan)
-            estimate = await self.off_loop(ctx, self._estimate, req, plan.candidates[0])
+            estimate = await self.off_loop(ctx, self._estimate, estimated, plan.candidates[0])
             reservation = await self.budget.reserve(plan.principal, estimate)
-            done = await self.forwarder.complete(plan.candidates, self._messages(req), self._params(req), attempts)
-            usage = getattr(done.response, "usage", None)
+            done = await forward(plan.candidates, attempts)
             record.routed_model = done.entry.name
             record.cost_usd = done.cost_usd
             record.upstream_latency_ms = done.upstream_latency_ms
-            record.prompt_tokens = getattr(usage, "prompt_tokens", None)
-            record.completion_tokens = getattr(usage, "completion_tokens", None)
+            record.prompt_tokens, record.completion_tokens = token_counts(usage_of(done.response))
             settled = done.cost_usd or 0.0
             record.attempts = [a.as_dict() for a in attempts]
-            body: dict[str, Any] = done.response.model_dump(exclude_none=True)
-            body["model"] = done.entry.name
-            for choice in body.get("choices", ()):
-                choice.pop("provider_specific_fields", None)
+            body = shape(done)
             body["uniroute"] = self.extension(record, plan)
             return ChatResult(body=body, model=done.entry.name, cost_usd=done.cost_usd, attempts=len(attempts))
         except BaseException as exc:
@@ -406,19 +452,41 @@ class ChatService:
 
     async def stream(self, req: ChatCompletionRequest, ctx: ChatContext) -> ChatStream:
         """Open the stream (fallback happens here, before any byte is sent) and return its chunks."""
+        params = self._params(req)
+        params["stream_options"] = {"include_usage": True}  # the gateway always needs usage for the cost
+        messages = self._messages(req)
+        opened, record, plan, end, tries = await self._open(
+            req, ctx, req, messages,
+            lambda candidates, attempts: self.forwarder.open_stream(candidates, messages, params, attempts))
+        want_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return ChatStream(model=opened.entry.name, chunks=self._relay(opened, record, plan, end, want_usage),
+                          _finish=end, attempts=tries)
+
+    async def run_stream(self, op: Operation, ctx: ChatContext) -> ChatStream:
+        """Another endpoint's request, streaming: its events (dicts with a ``type``), the last with ``uniroute``."""
+        estimated = op.request.estimate_request()
+        opened, record, plan, end, tries = await self._open(
+            op.request, ctx, estimated, self._messages(estimated),
+            lambda candidates, attempts: self.forwarder.open_call_stream(candidates, op.endpoint, op.payload(),
+                                                                         attempts), op.endpoint, op.kind)
+        return ChatStream(model=opened.entry.name, chunks=self._relay_events(opened, record, plan, end, op),
+                          _finish=end, attempts=tries)
+
+    async def _open(self, req: RoutedRequest, ctx: ChatContext, estimated: ChatCompletionRequest,
+                    messages: list[dict[str, Any]], forward: Forward[OpenStream], endpoint: str = "chat",
+                    kind: str = "chat") -> tuple[OpenStream, RequestRecord, _Plan, _StreamEnd, int]:
+        """Plan → reserve → open the stream with ``forward`` (``messages``: the prompt a cut-short stream is
+        charged for); on failure, log and settle at once."""
         t0 = time.perf_counter()
-        record = self._record(req, ctx, stream=True)
+        record = self._record(req, ctx, stream=True, endpoint=endpoint)
         attempts: list[Attempt] = []
         reservation: Reservation | None = None
         try:
-            plan = await self.plan(req, ctx, record)
+            plan = await self.plan(req, ctx, record, kind)
             self._fill_plan(record, plan)
-            estimate = await self.off_loop(ctx, self._estimate, req, plan.candidates[0])
+            estimate = await self.off_loop(ctx, self._estimate, estimated, plan.candidates[0])
             reservation = await self.budget.reserve(plan.principal, estimate)
-            params = self._params(req)
-            params["stream_options"] = {"include_usage": True}  # the gateway always needs usage for the cost
-            messages = self._messages(req)
-            opened = await self.forwarder.open_stream(plan.candidates, messages, params, attempts)
+            opened = await forward(plan.candidates, attempts)
         except BaseException as exc:
             record.attempts = [a.as_dict() for a in attempts]
             self._fail(record, exc)
@@ -429,30 +497,15 @@ class ChatService:
         record.routed_model = opened.entry.name
         record.ttft_ms = (time.perf_counter() - t0) * 1e3
         record.attempts = [a.as_dict() for a in attempts]
-        want_usage = bool(req.stream_options and req.stream_options.include_usage)
         end = _StreamEnd(self, record, reservation, opened, t0, messages, offload=ctx.body_bytes > self.offload_bytes)
-        return ChatStream(model=opened.entry.name, chunks=self._relay(opened, record, plan, end, want_usage),
-                          _finish=end, attempts=len(attempts))
+        return opened, record, plan, end, len(attempts)
 
-    async def _relay(
-        self,
-        opened: OpenStream,
-        record: RequestRecord,
-        plan: _Plan,
-        end: _StreamEnd,
-        want_usage: bool,
-    ) -> AsyncGenerator[dict[str, Any], None]:
-        """Yield client chunks. Chunks that end the stream (finish_reason / usage) are held back so
-        the ``uniroute`` object, with the final cost, rides on the last one.
-
-        The whole stream must end by ``opened.deadline`` (the model's ``timeout_s``): one timer per
-        stream marks it expired, and cancels the wait if it fires while upstream is awaited; the
-        stream then ends with a timeout error event (504 in the log)."""
+    @staticmethod
+    async def _timed(opened: OpenStream) -> AsyncGenerator[Any, None]:
+        """``opened``'s chunks (the first included), ending by ``opened.deadline`` (the model's ``timeout_s``):
+        one timer per stream marks it expired, and cancels the wait if it fires while upstream is awaited;
+        the stream then fails with a timeout error (504 in the log)."""
         entry = opened.entry
-        name = entry.name
-        held: dict[str, Any] | None = None
-        template: dict[str, Any] = {}
-        relayed = end.relayed
         task: asyncio.Task[Any] | None = None  # the task awaiting upstream right now
         waiting = expired = False
 
@@ -466,39 +519,14 @@ class ChatService:
         try:
             chunk: Any = opened.first
             while True:
-                d: dict[str, Any] = chunk.model_dump(exclude_none=True)
-                d["model"] = name
-                if not template:
-                    template = {k: d[k] for k in ("id", "object", "created") if k in d}
-                usage = d.pop("usage", None)
-                if usage is not None:
-                    record.prompt_tokens = usage.get("prompt_tokens")
-                    record.completion_tokens = usage.get("completion_tokens")
-                    record.cost_usd = self.forwarder.stream_cost(entry, getattr(chunk, "usage", None))
-                    if want_usage:
-                        usage.pop("cost", None)
-                        d["usage"] = usage
-                choices: Sequence[dict[str, Any]] = d.get("choices") or []
-                if choices:
-                    content = choices[0].get("delta", {}).get("content")
-                    if content:
-                        relayed.add(content)
-                if choices or "usage" in d:
-                    ends = not choices or any(c.get("finish_reason") for c in choices)
-                    if held is not None:
-                        yield held
-                        held = None
-                    if ends:
-                        held = d
-                    else:
-                        yield d
+                yield chunk
                 if expired:
                     raise _total_timeout(entry)
                 task, waiting = asyncio.current_task(), True
                 try:
                     chunk = await opened.rest.__anext__()
                 except StopAsyncIteration:
-                    break
+                    return
                 except asyncio.CancelledError:
                     if not expired or task is None:
                         raise
@@ -506,6 +534,64 @@ class ChatService:
                     raise _total_timeout(entry) from None
                 finally:
                     waiting = False
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _mid_stream_error(self, exc: Exception, name: str, record: RequestRecord) -> GatewayError:
+        """A stream failed after its first chunk: the error to send, counted toward the model's cooldown."""
+        err = map_exception(exc, name)
+        if not isinstance(err, UpstreamError):
+            err = UpstreamError(f"model '{name}' failed mid-stream: {err.message}")
+        self.forwarder.note_failure(name, err)
+        record.status_code, record.error_type = err.status_code, err.error_type
+        return err
+
+    async def _relay(
+        self,
+        opened: OpenStream,
+        record: RequestRecord,
+        plan: _Plan,
+        end: _StreamEnd,
+        want_usage: bool,
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """Yield client chunks. Chunks that end the stream (finish_reason / usage) are held back so
+        the ``uniroute`` object, with the final cost, rides on the last one. The whole stream must end by
+        ``opened.deadline`` (:meth:`_timed`)."""
+        entry = opened.entry
+        name = entry.name
+        held: dict[str, Any] | None = None
+        template: dict[str, Any] = {}
+        relayed = end.relayed
+        try:
+            async with contextlib.aclosing(self._timed(opened)) as upstream:
+                async for chunk in upstream:
+                    d: dict[str, Any] = chunk.model_dump(exclude_none=True)
+                    d["model"] = name
+                    if not template:
+                        template = {k: d[k] for k in ("id", "object", "created") if k in d}
+                    usage = d.pop("usage", None)
+                    if usage is not None:
+                        record.prompt_tokens = usage.get("prompt_tokens")
+                        record.completion_tokens = usage.get("completion_tokens")
+                        record.cost_usd = self.forwarder.stream_cost(entry, getattr(chunk, "usage", None))
+                        if want_usage:
+                            usage.pop("cost", None)
+                            d["usage"] = usage
+                    choices: Sequence[dict[str, Any]] = d.get("choices") or []
+                    if choices:
+                        content = choices[0].get("delta", {}).get("content")
+                        if content:
+                            relayed.add(content)
+                    if choices or "usage" in d:
+                        ends = not choices or any(c.get("finish_reason") for c in choices)
+                        if held is not None:
+                            yield held
+                            held = None
+                        if ends:
+                            held = d
+                        else:
+                            yield d
             record.upstream_latency_ms = (time.perf_counter() - opened.started) * 1e3
             end.settled = record.cost_usd or 0.0
             if held is None:
@@ -516,15 +602,55 @@ class ChatService:
             record.status_code, record.error_type = 499, "client_disconnected"
             raise
         except Exception as exc:
-            err = map_exception(exc, name)
-            if not isinstance(err, UpstreamError):
-                err = UpstreamError(f"model '{name}' failed mid-stream: {err.message}")
-            self.forwarder.note_failure(name, err)
-            record.status_code, record.error_type = err.status_code, err.error_type
+            err = self._mid_stream_error(exc, name, record)
             if held is not None:
                 yield held
             yield err.to_body()
         finally:
-            if timer is not None:
-                timer.cancel()
             await end()
+
+    async def _relay_events(self, opened: OpenStream, record: RequestRecord, plan: _Plan, end: _StreamEnd,
+                            op: Operation) -> AsyncGenerator[dict[str, Any], None]:
+        """Yield another endpoint's events (``op`` reads their usage and text, names the served model in them);
+        the last one is held back to carry the ``uniroute`` object with the final cost. A failure mid-way
+        ends the stream with ``op``'s error event."""
+        entry = opened.entry
+        held: dict[str, Any] | None = None
+        try:
+            async with contextlib.aclosing(self._timed(opened)) as upstream:
+                async for raw in upstream:
+                    event = op.event(raw, entry.name)
+                    pt, ct = op.event_usage(event)
+                    if pt is not None or ct is not None:
+                        record.prompt_tokens = pt if pt is not None else record.prompt_tokens
+                        record.completion_tokens = ct if ct is not None else record.completion_tokens
+                        record.cost_usd = self.forwarder.stream_cost(entry, {
+                            "prompt_tokens": record.prompt_tokens or 0,
+                            "completion_tokens": record.completion_tokens or 0})
+                    text = op.event_text(event)
+                    if text:
+                        end.relayed.add(text)
+                    if held is not None:
+                        yield held
+                    held = event
+            record.upstream_latency_ms = (time.perf_counter() - opened.started) * 1e3
+            end.settled = record.cost_usd or 0.0
+            if held is not None:
+                held["uniroute"] = self.extension(record, plan)
+                yield held
+        except GeneratorExit:
+            record.status_code, record.error_type = 499, "client_disconnected"
+            raise
+        except Exception as exc:
+            err = self._mid_stream_error(exc, entry.name, record)
+            if held is not None:
+                yield held
+            yield op.error_event(err)
+        finally:
+            await end()
+
+
+def _wrong_kind(name: str, kind: str) -> str:
+    if kind == "embedding":
+        return f"model '{name}' is an embedding model: call it through POST /v1/embeddings"
+    return f"model '{name}' is a {kind} model; POST /v1/embeddings serves embedding models only (see GET /v1/models)"

@@ -1,0 +1,123 @@
+"""The endpoints beyond chat completions as the chat service runs them: one :class:`Operation` per request.
+
+The service (``service.py``) runs every endpoint through the same steps (auth, λ, rate limit, plan, reserve,
+forward with fallback and timeouts, log, settle; ``ChatService.run`` / ``run_stream``). An operation adds
+only what differs per API:
+
+- ``endpoint`` (the log column, the metric label) and the model ``kind`` it serves (``embedding`` for
+  ``/v1/embeddings``, else ``chat``);
+- :meth:`payload`: the request's fields for LiteLLM (``Upstream.call``);
+- :meth:`body`: the answer with ``model`` = the model that served;
+- for streams, per event (dicts with a ``type``): :meth:`event` (names the served model), :meth:`event_usage`
+  (tokens, for the cost), :meth:`event_text` (text relayed, for the partial cost of a cut-short stream) and
+  :meth:`error_event` (how a failure mid-stream is told, in the API's own shape).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.errors import GatewayError, anthropic_error
+from gateway.protocol_endpoints import EmbeddingsRequest, EndpointRequest, MessagesRequest, ResponsesRequest
+from gateway.serving.forwarding import Completion, token_counts
+
+
+class Operation:
+    """A request of another endpoint; subclasses say how its answers and events read."""
+
+    def __init__(self, request: EndpointRequest) -> None:
+        self.request = request
+        self.endpoint: str = request.endpoint
+        self.kind: str = request.kind
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.request.stream)
+
+    def payload(self) -> dict[str, Any]:
+        return self.request.payload()
+
+    def body(self, done: Completion) -> dict[str, Any]:
+        body: dict[str, Any] = dict(done.response)
+        body["model"] = done.entry.name
+        return body
+
+    def event(self, raw: dict[str, Any], model: str) -> dict[str, Any]:
+        return raw
+
+    def event_usage(self, event: dict[str, Any]) -> tuple[int | None, int | None]:
+        return None, None
+
+    def event_text(self, event: dict[str, Any]) -> str | None:
+        return None
+
+    def error_event(self, err: GatewayError) -> dict[str, Any]:
+        return {"type": "error", "code": err.code, "message": err.message, "param": err.param}
+
+
+class ResponsesOperation(Operation):
+    """``POST /v1/responses``: typed ``response.*`` events; usage on ``response.completed``."""
+
+    _WITH_RESPONSE = frozenset({"response.created", "response.in_progress", "response.completed",
+                                "response.incomplete", "response.failed"})
+
+    def event(self, raw: dict[str, Any], model: str) -> dict[str, Any]:
+        if raw.get("type") in self._WITH_RESPONSE and isinstance(raw.get("response"), dict):
+            raw["response"]["model"] = model
+        return raw
+
+    def event_usage(self, event: dict[str, Any]) -> tuple[int | None, int | None]:
+        response = event.get("response")
+        if event.get("type") in self._WITH_RESPONSE and isinstance(response, dict):
+            return token_counts(response.get("usage"))
+        return None, None
+
+    def event_text(self, event: dict[str, Any]) -> str | None:
+        if event.get("type") in ("response.output_text.delta", "response.function_call_arguments.delta"):
+            delta = event.get("delta")
+            return delta if isinstance(delta, str) else None
+        return None
+
+
+class MessagesOperation(Operation):
+    """``POST /v1/messages``: ``message_start`` … ``message_stop`` events; usage on ``message_start`` (input)
+    and ``message_delta`` (both); errors in Anthropic's shape."""
+
+    def event(self, raw: dict[str, Any], model: str) -> dict[str, Any]:
+        if raw.get("type") == "message_start" and isinstance(raw.get("message"), dict):
+            raw["message"]["model"] = model
+        return raw
+
+    def event_usage(self, event: dict[str, Any]) -> tuple[int | None, int | None]:
+        kind = event.get("type")
+        if kind == "message_start" and isinstance(event.get("message"), dict):
+            pt, ct = token_counts(event["message"].get("usage"))
+            return (pt or None), (ct or None)  # a bridged stream announces zeros before it knows
+        if kind == "message_delta":
+            return token_counts(event.get("usage"))
+        return None, None
+
+    def event_text(self, event: dict[str, Any]) -> str | None:
+        delta = event.get("delta")
+        if event.get("type") == "content_block_delta" and isinstance(delta, dict):
+            text = delta.get("text", delta.get("partial_json"))
+            return text if isinstance(text, str) else None
+        return None
+
+    def error_event(self, err: GatewayError) -> dict[str, Any]:
+        return anthropic_error(err.status_code, err.message)
+
+
+class EmbeddingsOperation(Operation):
+    """``POST /v1/embeddings``: never streamed."""
+
+
+def operation(request: EndpointRequest) -> Operation:
+    """The operation that runs ``request``."""
+    if isinstance(request, ResponsesRequest):
+        return ResponsesOperation(request)
+    if isinstance(request, MessagesRequest):
+        return MessagesOperation(request)
+    if isinstance(request, EmbeddingsRequest):
+        return EmbeddingsOperation(request)
+    raise TypeError(f"no operation for {type(request).__name__}")
