@@ -259,3 +259,15 @@ def parse_endpoint_request(cls: type[_Request], data: Any) -> Any:
         return cls.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc) from None
+
+
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicErrorResponse(BaseModel):
+    """An error on ``/v1/messages``: ``{"type": "error", "error": {"type", "message"}}``."""
+
+    type: Literal["error"] = "error"
+    error: AnthropicErrorDetail

@@ -111,7 +111,7 @@ def _spend(stack: Stack) -> float:
 
 def _logged(stack: Stack, rid: str, endpoint: str, *, stream: bool) -> dict[str, Any]:
     row = _rows(stack, [rid])[rid]
-    assert row["endpoint"] == endpoint and row["requested_model"] == "auto" or endpoint == "embeddings"
+    assert (row["endpoint"] == endpoint and row["requested_model"] == "auto") or endpoint == "embeddings"
     assert row["status_code"] == 200 and bool(row["stream"]) == stream
     assert row["cost_usd"] > 0 and row["prompt_tokens"] > 0
     return row
@@ -258,9 +258,9 @@ def test_messages_tool_use_round_trip(stack: Stack, an: anthropic.Anthropic) -> 
 
 
 def test_messages_errors_are_anthropic_shaped(stack: Stack, an: anthropic.Anthropic) -> None:
-    with anthropic.Anthropic(base_url=stack.base, api_key="sk-ur-not-a-key", max_retries=0) as bad:
-        with pytest.raises(anthropic.AuthenticationError) as auth:
-            bad.messages.create(model="auto", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+    with (anthropic.Anthropic(base_url=stack.base, api_key="sk-ur-not-a-key", max_retries=0) as bad,
+          pytest.raises(anthropic.AuthenticationError) as auth):
+        bad.messages.create(model="auto", max_tokens=10, messages=[{"role": "user", "content": "x"}])
     assert auth.value.body == {"type": "error", "error": {"type": "authentication_error",
                                                           "message": auth.value.body["error"]["message"]}}
     with pytest.raises(anthropic.NotFoundError) as missing:
