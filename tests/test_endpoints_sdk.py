@@ -31,6 +31,7 @@ from tests.gateway_setup import make_dataset, replay_args, write_config
 from tests.procs import ROOT, free_port, gateway_server, replay_server, running_all, server_env
 
 EMBED = "embed-small"
+SCRAPE = "scrape-token-for-the-sdk-test"  # UNIROUTE_METRICS_TOKEN
 TOOL = {"name": "get_weather", "description": "The weather in a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
 
@@ -62,7 +63,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                            "litellm_params": {"model": f"openai/{EMBED}", "api_base": replay_base,
                                               "api_key": "replay"}})
     cfg.write_text(yaml.safe_dump(data))
-    with running_all(replay, gateway_server(cfg)):
+    with running_all(replay, gateway_server(cfg, env=server_env(UNIROUTE_METRICS_TOKEN=SCRAPE))):
         out = subprocess.run(
             [sys.executable, "-m", "gateway.cli.main", "keys", "create", "--name", "sdk", "--lambda", "0.2",
              "--budget", "100", "--config", str(cfg)],
@@ -274,3 +275,28 @@ def test_messages_errors_are_anthropic_shaped(stack: Stack, an: anthropic.Anthro
                                                    "message": "missing required field 'max_tokens'"}}
     r = httpx.get(stack.base + "/v1/messages", headers={"x-api-key": stack.key})
     assert r.status_code == 405 and r.json()["type"] == "error"
+    with pytest.raises(anthropic.BadRequestError) as lam:  # the same λ rules as chat: the key's range is [0, 2]
+        an.messages.create(model="auto", max_tokens=10, messages=[{"role": "user", "content": "x"}],
+                           extra_body={"uniroute": {"lambda": 9}})
+    assert "outside the allowed range" in lam.value.body["error"]["message"]
+    with pytest.raises(anthropic.APIStatusError) as upstream:  # a named rate-limited model: no fallback, its 429
+        an.messages.create(model="bad-429", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+    assert upstream.value.status_code == 429 and upstream.value.body["error"]["type"] == "rate_limit_error"
+
+
+def test_metrics_count_requests_per_endpoint(stack: Stack, oa: openai.OpenAI, an: anthropic.Anthropic) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    oa.embeddings.create(model=EMBED, input="x")
+    an.messages.create(model="auto", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+    oa.responses.create(model="auto", input="x")
+    text = httpx.get(stack.base + "/metrics", headers={"authorization": f"Bearer {SCRAPE}"}, timeout=10).text
+    counted: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "litellm_proxy_total_requests_metric":
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels["status_code"] == "200":
+                    endpoint = sample.labels["endpoint"]
+                    counted[endpoint] = counted.get(endpoint, 0) + sample.value
+    assert {"responses", "messages", "embeddings"} <= set(counted), counted
+    assert all(v >= 1 for v in counted.values()), counted
