@@ -11,6 +11,7 @@ endpoint, and its cost is charged to the key.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -28,7 +29,7 @@ import yaml
 from replay.app import embed_text
 from routing.dataset import BenchmarkDataset, load_dataset
 from tests.gateway_setup import make_dataset, replay_args, write_config
-from tests.procs import ROOT, free_port, gateway_server, replay_server, running_all, server_env
+from tests.procs import ROOT, fake_upstream, free_port, gateway_server, replay_server, running_all, server_env
 
 EMBED = "embed-small"
 SCRAPE = "scrape-token-for-the-sdk-test"  # UNIROUTE_METRICS_TOKEN
@@ -62,7 +63,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     data["models"].append({"name": EMBED, "kind": "embedding", "router_cost": 1, "input_cost_per_1m": 100.0,
                            "litellm_params": {"model": f"openai/{EMBED}", "api_base": replay_base,
                                               "api_key": "replay"}})
-    cfg.write_text(yaml.safe_dump(data))
+    with fake_upstream() as fake_base:  # its -echo model answers the body it was sent
+        for name in ("echo", "midfail"):  # -midfail: the stream breaks after its first chunk
+            data["models"].append({"name": name, "router_cost": 1, "routable": False, "input_cost_per_1m": 1.0,
+                                   "litellm_params": {"model": f"openai/fake-{name}", "api_base": fake_base,
+                                                      "api_key": "x"}})
+        cfg.write_text(yaml.safe_dump(data))
+        yield from _serve(cfg, replay, port, db_url, dataset)
+
+
+def _serve(cfg: Any, replay: Any, port: int, db_url: str, dataset: Any) -> Iterator[Stack]:
     with running_all(replay, gateway_server(cfg, env=server_env(UNIROUTE_METRICS_TOKEN=SCRAPE))):
         out = subprocess.run(
             [sys.executable, "-m", "gateway.cli.main", "keys", "create", "--name", "sdk", "--lambda", "0.2",
@@ -172,6 +182,17 @@ def test_responses_tool_call_round_trip(stack: Stack, oa: openai.OpenAI) -> None
     assert second.output_text == stack.answer("small-general", 2)
 
 
+def test_responses_parameters_reach_the_model(oa: openai.OpenAI) -> None:
+    """instructions, max_output_tokens, temperature and text.format arrive upstream (as chat parameters)."""
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"],
+              "additionalProperties": False}
+    r = oa.responses.create(model="echo", input="x", instructions="Be brief.", max_output_tokens=33, temperature=0.5,
+                            text={"format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}})
+    sent = json.loads(r.output_text)
+    assert sent["max_tokens"] == 33 and sent["temperature"] == 0.5
+    assert sent["response_format"]["type"] == "json_schema" and sent["response_format"]["json_schema"]["schema"] == schema
+
+
 def test_responses_previous_response_id_is_refused(stack: Stack, oa: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         oa.responses.create(model="auto", input="hi", previous_response_id="resp_123")
@@ -186,8 +207,8 @@ def test_embeddings_named_model(stack: Stack, oa: openai.OpenAI) -> None:
     result = raw.parse()
     assert raw.headers["x-uniroute-model"] == EMBED
     assert [d.embedding for d in result.data] == [pytest.approx(embed_text("alpha")), pytest.approx(embed_text("beta"))]
-    single = oa.embeddings.create(model=EMBED, input="alpha", encoding_format="float")
-    assert single.data[0].embedding == pytest.approx(embed_text("alpha"))
+    single = oa.embeddings.create(model=EMBED, input="alpha", encoding_format="float", dimensions=8)
+    assert single.data[0].embedding == pytest.approx(embed_text("alpha", 8))
     row = _logged(stack, raw.headers["x-uniroute-request-id"], "embeddings", stream=False)
     assert row["requested_model"] == EMBED and _spend(stack) > before
 
@@ -258,6 +279,14 @@ def test_messages_tool_use_round_trip(stack: Stack, an: anthropic.Anthropic) -> 
     assert second.content[0].type == "text" and second.content[0].text == stack.answer("small-general", 5)
 
 
+def test_messages_parameters_reach_the_model(an: anthropic.Anthropic) -> None:
+    m = an.messages.create(model="echo", max_tokens=44, stop_sequences=["END"], system="Be brief.",
+                           messages=[{"role": "user", "content": "x"}], extra_body={"temperature": 0.25})
+    assert m.content[0].type == "text"
+    sent = json.loads(m.content[0].text)
+    assert sent["max_tokens"] == 44 and sent["temperature"] == 0.25 and sent["stop"] == ["END"]
+
+
 def test_messages_errors_are_anthropic_shaped(stack: Stack, an: anthropic.Anthropic) -> None:
     with (anthropic.Anthropic(base_url=stack.base, api_key="sk-ur-not-a-key", max_retries=0) as bad,
           pytest.raises(anthropic.AuthenticationError) as auth):
@@ -300,3 +329,23 @@ def test_metrics_count_requests_per_endpoint(stack: Stack, oa: openai.OpenAI, an
                     counted[endpoint] = counted.get(endpoint, 0) + sample.value
     assert {"responses", "messages", "embeddings"} <= set(counted), counted
     assert all(v >= 1 for v in counted.values()), counted
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/responses"])
+def test_a_stream_broken_mid_way_ends_with_an_error_event(stack: Stack, path: str) -> None:
+    body: dict[str, Any] = {"model": "midfail", "stream": True}
+    body.update({"max_tokens": 50, "messages": [{"role": "user", "content": "one two three"}]}
+                if path == "/v1/messages" else {"input": "one two three"})
+    with httpx.stream("POST", stack.base + path, json=body, timeout=30,
+                      headers={"authorization": f"Bearer {stack.key}"}) as r:
+        assert r.status_code == 200
+        rid = r.headers["x-uniroute-request-id"]
+        events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+    assert events[-1]["type"] == "error", events
+    if path == "/v1/messages":
+        assert events[-1]["error"]["type"] == "api_error" and "midfail" in events[-1]["error"]["message"]
+    else:
+        assert events[-1]["code"] == "bad_gateway" and "midfail" in events[-1]["message"]
+    row = _rows(stack, [rid])[rid]
+    assert row["status_code"] == 502 and row["endpoint"] == path.rsplit("/", 1)[-1]
+    assert row["prompt_tokens"] > 0  # the partial usage is charged

@@ -421,8 +421,9 @@ class LiteLLMUpstream:
                 info["litellm_provider"] = provider
             prices[model] = info
             if provider in _PASS_USER:
-                # LiteLLM drops `user` for OpenAI-compatible servers that are not OpenAI's own catalog
-                params.setdefault("allowed_openai_params", ["user"])
+                # LiteLLM drops `user` (and, for embeddings, `dimensions`) for OpenAI-compatible servers that are
+                # not OpenAI's own catalog
+                params.setdefault("allowed_openai_params", ["user", "dimensions"] if e.kind == "embedding" else ["user"])
             params.setdefault("timeout", _timeout(e))
             params.setdefault("max_retries", 0)  # the gateway does its own fallback
             params["num_retries"] = 0

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.errors import GatewayError, anthropic_error
+from gateway.errors import GatewayError, UpstreamError, anthropic_error
+from gateway.secrets import scrub
 from gateway.protocol_endpoints import EmbeddingsRequest, EndpointRequest, MessagesRequest, ResponsesRequest
 from gateway.serving.forwarding import Completion, token_counts
 
@@ -43,6 +44,12 @@ class Operation:
         return body
 
     def event(self, raw: dict[str, Any], model: str) -> dict[str, Any]:
+        """``raw`` as the client gets it (naming ``model``). An ``error`` event (LiteLLM's adapters report a
+        failure mid-stream as one) raises: the service ends the stream with its own, scrubbed, error event."""
+        if raw.get("type") == "error":
+            detail = raw.get("error")
+            message = detail.get("message") if isinstance(detail, dict) else raw.get("message")
+            raise UpstreamError(f"model '{model}' failed mid-stream: {scrub(str(message or 'error event'))}")
         return raw
 
     def event_usage(self, event: dict[str, Any]) -> tuple[int | None, int | None]:
@@ -62,6 +69,7 @@ class ResponsesOperation(Operation):
                                 "response.incomplete", "response.failed"})
 
     def event(self, raw: dict[str, Any], model: str) -> dict[str, Any]:
+        raw = super().event(raw, model)
         if raw.get("type") in self._WITH_RESPONSE and isinstance(raw.get("response"), dict):
             raw["response"]["model"] = model
         return raw
@@ -84,6 +92,7 @@ class MessagesOperation(Operation):
     and ``message_delta`` (both); errors in Anthropic's shape."""
 
     def event(self, raw: dict[str, Any], model: str) -> dict[str, Any]:
+        raw = super().event(raw, model)
         if raw.get("type") == "message_start" and isinstance(raw.get("message"), dict):
             raw["message"]["model"] = model
         return raw
