@@ -18,8 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.errors import GatewayError, UpstreamError, anthropic_error
-from gateway.secrets import scrub
 from gateway.protocol_endpoints import EmbeddingsRequest, EndpointRequest, MessagesRequest, ResponsesRequest
+from gateway.secrets import scrub
 from gateway.serving.forwarding import Completion, token_counts
 
 
