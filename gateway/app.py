@@ -79,7 +79,11 @@ def create_app(
         from gateway.serving.router import RouterBundle, build_router
         from gateway.serving.service import ChatService
         from gateway.store import models as catalog
+        from gateway.telemetry import NO_TRACING, otlp_tracing
 
+        tel = config.telemetry
+        tracing = (otlp_tracing(tel.otlp_endpoint, tel.service_name, tel.schedule_delay_ms) if tel.otlp_endpoint
+                   else NO_TRACING)
         started = int(time.time())
         keep_config_params(config.models)  # the table holds their secrets masked: the real values stay in memory
         registry = Registry.from_config(config, created=started)
@@ -90,7 +94,8 @@ def create_app(
         forwarder = Forwarder(max_attempts=fb.max_attempts, cooldowns=cooldowns,
                               upstream=LiteLLMUpstream(raw_openai_streams=config.forwarding.raw_openai_streams,
                                                        http_client=config.forwarding.http_client,
-                                                       max_response_bytes=config.forwarding.max_response_bytes))
+                                                       max_response_bytes=config.forwarding.max_response_bytes),
+                              tracing=tracing)
         registry.on_replace(forwarder.register)
         if policy is not None:
             bundle = RouterBundle(policy=policy[0], embed=policy[1])
@@ -123,7 +128,7 @@ def create_app(
             registry, pol, forwarder, embed=embed,
             authenticator=authenticator or acc.authenticator,
             rate_limiter=rate_limiter or acc.rate_limiter, budget=budget or acc.budget, sink=sink or acc.sink,
-            offload_bytes=config.limits.offload_bytes,
+            offload_bytes=config.limits.offload_bytes, tracing=tracing,
         )
         # profiling joins the gateway here only: the admin handlers reach it through these two objects
         from profiling.jobs import ProfilingJobs
@@ -146,6 +151,7 @@ def create_app(
             await acc.aclose()
             await bundle.aclose()
             await forwarder.aclose()
+            await asyncio.to_thread(tracing.shutdown)  # export the spans still pending
 
     routes = [
         Route(CHAT_PATH, chat.chat_completions, methods=["POST"]),

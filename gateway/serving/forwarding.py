@@ -54,6 +54,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar, get_args
 
@@ -69,6 +70,7 @@ from gateway.secrets import REQUEST_ID, remember, scrub
 from gateway.serving.bounded import UpstreamBodyError, bounded_client
 from gateway.serving.cooldown import Cooldowns
 from gateway.serving.registry import ModelEntry, RegistrySnapshot
+from gateway.telemetry import NO_TRACING, OPERATIONS, Tracing
 
 logger = logging.getLogger("uniroute.forwarding")
 E = TypeVar("E", bound=BaseException)
@@ -568,12 +570,13 @@ class Forwarder:
     """Sends chat requests to backends through an :class:`Upstream` (LiteLLM unless given), with fallback."""
 
     def __init__(self, max_attempts: int = 3, cooldowns: Cooldowns | None = None,
-                 upstream: Upstream | None = None) -> None:
+                 upstream: Upstream | None = None, tracing: Tracing = NO_TRACING) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
         self.max_attempts = max_attempts
         self.cooldowns = cooldowns if cooldowns is not None and cooldowns.enabled else None
         self.upstream: Upstream = upstream if upstream is not None else LiteLLMUpstream()
+        self.tracing = tracing  # a span per attempt (gateway/telemetry.py)
 
     def register(self, snapshot: RegistrySnapshot) -> None:
         """The registry changed (``Registry.on_replace``): pass it on to the upstream; note its keys and hosts
@@ -604,22 +607,27 @@ class Forwarder:
                    attempts: list[Attempt] | None = None) -> Completion:
         """A non-streaming call of another endpoint (:meth:`Upstream.call`), with the same fallback."""
         return await self._complete(candidates, lambda entry: self.upstream.call(entry, endpoint, payload, False),
-                                    attempts)
+                                    attempts, OPERATIONS.get(endpoint, endpoint))
 
     async def open_call_stream(self, candidates: Sequence[ModelEntry], endpoint: str, payload: Mapping[str, Any],
                                attempts: list[Attempt] | None = None) -> OpenStream:
         """A stream of another endpoint's events (:meth:`Upstream.call`), with the same fallback and timeouts."""
         return await self._open(candidates, lambda entry: self.upstream.call(entry, endpoint, payload, True),
-                                attempts)
+                                attempts, OPERATIONS.get(endpoint, endpoint))
 
     async def _complete(self, candidates: Sequence[ModelEntry], call: Callable[[ModelEntry], Awaitable[Any]],
-                        attempts: list[Attempt] | None) -> Completion:
+                        attempts: list[Attempt] | None, operation: str = "chat") -> Completion:
         attempts = [] if attempts is None else attempts
         last: GatewayError | None = None
         for entry in self._tries(candidates):
             t0 = time.perf_counter()
             try:
-                response = await call(entry)
+                with self._attempt(operation, entry) as span:
+                    response = await call(entry)
+                    if span is not None:
+                        pt, ct = token_counts(usage_of(response))
+                        span.set_attributes({k: v for k, v in (("gen_ai.usage.input_tokens", pt),
+                                                               ("gen_ai.usage.output_tokens", ct)) if v is not None})
             except Exception as exc:
                 err = map_exception(exc, entry.name)
                 attempts.append(Attempt(entry.name, err.status_code, err.error_type, (time.perf_counter() - t0) * 1e3))
@@ -646,17 +654,24 @@ class Forwarder:
         """Start a stream: fall back until some candidate yields its first chunk."""
         return await self._open(candidates, lambda entry: self.upstream.stream(entry, messages, params), attempts)
 
+    def _attempt(self, operation: str, entry: ModelEntry) -> AbstractContextManager[Any]:
+        """The span of one upstream attempt (GenAI conventions: ``{operation} {model}``, kind CLIENT)."""
+        return self.tracing.span(f"{operation} {entry.name}", {
+            "gen_ai.operation.name": operation, "gen_ai.request.model": entry.litellm_model,
+            "gen_ai.provider.name": entry.owned_by, "uniroute.model": entry.name}, client=True)
+
     async def _open(self, candidates: Sequence[ModelEntry], start: Callable[[ModelEntry], Awaitable[Any]],
-                    attempts: list[Attempt] | None) -> OpenStream:
+                    attempts: list[Attempt] | None, operation: str = "chat") -> OpenStream:
         attempts = [] if attempts is None else attempts
         last: GatewayError | None = None
         for entry in self._tries(candidates):
             t0 = time.perf_counter()
             started = asyncio.get_running_loop().time()
             try:
-                async with asyncio.timeout(entry.first_token_timeout):
-                    it = await start(entry)
-                    first = await it.__anext__()
+                with self._attempt(operation, entry):
+                    async with asyncio.timeout(entry.first_token_timeout):
+                        it = await start(entry)
+                        first = await it.__anext__()
             except StopAsyncIteration:
                 err: GatewayError = UpstreamError(f"model '{entry.name}' returned an empty stream")
             except TimeoutError:

@@ -14,6 +14,11 @@ the row once the store is back.
   message's text (see :meth:`ChatCompletionRequest.routing_text`).
 - λ comes from the request (``uniroute.lambda``), else the ``x-uniroute-lambda`` header,
   else the caller's default; it must lie in the caller's ``[lambda_min, lambda_max]``.
+
+The other endpoints (``/v1/responses``, ``/v1/messages``, ``/v1/embeddings``) run through the same steps:
+:meth:`ChatService.run` / :meth:`ChatService.run_stream` take an :class:`~gateway.serving.operations.Operation`
+and share ``_complete`` / ``_open`` and the stream timer ``_timed`` with the chat path; only the upstream
+call and the reading of answers and events differ (the operation's).
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ from gateway.serving.interfaces import (
 from gateway.serving.operations import Operation
 from gateway.serving.registry import ModelEntry, Registry
 from gateway.serving.router import EmbedFn
+from gateway.telemetry import NO_TRACING, Tracing
 from routing.policy import GatewayPolicy, RoutingDecision
 
 logger = logging.getLogger("uniroute.service")
@@ -205,6 +211,7 @@ class ChatService:
         budget: BudgetGuard | None = None,
         sink: RequestSink | None = None,
         offload_bytes: int = 64 * 1024,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         if policy.needs_embedding and embed is None:
             raise ValueError(f"policy {policy.name!r} needs an embed function")
@@ -217,6 +224,8 @@ class ChatService:
         self.budget: BudgetGuard = budget or NoBudget()
         self.sink: RequestSink = sink or MemorySink()
         self.offload_bytes = offload_bytes  # requests with larger bodies count tokens etc. in a worker thread
+        self.tracing = tracing
+        self._spans: dict[int, Any] = {}  # id(record) -> its request span, until _finish ends it
 
     # -- steps ------------------------------------------------------------------------
 
@@ -288,8 +297,16 @@ class ChatService:
             pool = tuple(m for m in pool if m.name in allowed)
         if not pool:
             raise ServiceUnavailableError("no routable model is available for 'auto'")
-        embedding = await self.embed(req.routing_text()) if self.policy.needs_embedding and self.embed else None
-        decision = self.policy.rank(embedding, pool, lam)
+        with self.tracing.span("uniroute.route", {"uniroute.lambda": lam, "uniroute.pool_size": len(pool)}) as span:
+            embedding = None
+            if self.policy.needs_embedding and self.embed:
+                with self.tracing.span("uniroute.embed"):
+                    embedding = await self.embed(req.routing_text())
+            with self.tracing.span("uniroute.rank", {"uniroute.policy": self.policy.name}):
+                decision = self.policy.rank(embedding, pool, lam)
+            if span is not None:
+                span.set_attributes({"uniroute.cluster": decision.cluster if decision.cluster is not None else -1,
+                                     "uniroute.candidates": [c.model for c in decision.ranked[:TOP_CANDIDATES]]})
         candidates = [e for e in (self.registry.get(c.model) for c in decision.ranked) if e is not None]
         return _Plan(principal, lam, candidates, decision)
 
@@ -315,11 +332,13 @@ class ChatService:
         out: list[dict[str, Any]] = req.model_dump(include={"messages"}, exclude_none=True)["messages"]
         return out
 
-    @staticmethod
-    def _record(req: RoutedRequest, ctx: ChatContext, stream: bool, endpoint: str = "chat") -> RequestRecord:
-        return RequestRecord(request_id=ctx.request_id, started_at=datetime.now(UTC), requested_model=req.model,
-                             stream=stream, prompt_text=req.routing_text(),  # the sink drops it unless configured
-                             client_request_id=ctx.client_request_id, endpoint=endpoint)
+    def _record(self, req: RoutedRequest, ctx: ChatContext, stream: bool, endpoint: str = "chat") -> RequestRecord:
+        record = RequestRecord(request_id=ctx.request_id, started_at=datetime.now(UTC), requested_model=req.model,
+                               stream=stream, prompt_text=req.routing_text(),  # the sink drops it unless configured
+                               client_request_id=ctx.client_request_id, endpoint=endpoint)
+        if self.tracing.enabled:
+            self._spans[id(record)] = self.tracing.request(endpoint, req.model, ctx.request_id, stream)
+        return record
 
     @staticmethod
     def _fill_plan(record: RequestRecord, plan: _Plan) -> None:
@@ -345,6 +364,8 @@ class ChatService:
     def _finish(self, record: RequestRecord, t0: float) -> None:
         record.finished_at = datetime.now(UTC)
         record.latency_ms = (time.perf_counter() - t0) * 1e3
+        if self._spans:
+            self.tracing.end_request(self._spans.pop(id(record), None), record)
         try:
             self.sink.submit(record)
         except Exception:  # the sink must not fail a request
@@ -425,11 +446,12 @@ class ChatService:
         reservation: Reservation | None = None
         settled = 0.0
         try:
-            plan = await self.plan(req, ctx, record, kind)
-            self._fill_plan(record, plan)
-            estimate = await self.off_loop(ctx, self._estimate, estimated, plan.candidates[0])
-            reservation = await self.budget.reserve(plan.principal, estimate)
-            done = await forward(plan.candidates, attempts)
+            with self.tracing.current(self._spans.get(id(record))):
+                plan = await self.plan(req, ctx, record, kind)
+                self._fill_plan(record, plan)
+                estimate = await self.off_loop(ctx, self._estimate, estimated, plan.candidates[0])
+                reservation = await self.budget.reserve(plan.principal, estimate)
+                done = await forward(plan.candidates, attempts)
             record.routed_model = done.entry.name
             record.cost_usd = done.cost_usd
             record.upstream_latency_ms = done.upstream_latency_ms
@@ -482,11 +504,12 @@ class ChatService:
         attempts: list[Attempt] = []
         reservation: Reservation | None = None
         try:
-            plan = await self.plan(req, ctx, record, kind)
-            self._fill_plan(record, plan)
-            estimate = await self.off_loop(ctx, self._estimate, estimated, plan.candidates[0])
-            reservation = await self.budget.reserve(plan.principal, estimate)
-            opened = await forward(plan.candidates, attempts)
+            with self.tracing.current(self._spans.get(id(record))):
+                plan = await self.plan(req, ctx, record, kind)
+                self._fill_plan(record, plan)
+                estimate = await self.off_loop(ctx, self._estimate, estimated, plan.candidates[0])
+                reservation = await self.budget.reserve(plan.principal, estimate)
+                opened = await forward(plan.candidates, attempts)
         except BaseException as exc:
             record.attempts = [a.as_dict() for a in attempts]
             self._fail(record, exc)
