@@ -73,6 +73,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         from gateway.serving.cooldown import Cooldowns
+        from gateway.serving.estimate import Estimator
         from gateway.serving.forwarding import Forwarder, LiteLLMUpstream
         from gateway.serving.registry import Registry, with_profiles
         from gateway.serving.registry_sync import RegistryPoller
@@ -128,7 +129,7 @@ def create_app(
             registry, pol, forwarder, embed=embed,
             authenticator=authenticator or acc.authenticator,
             rate_limiter=rate_limiter or acc.rate_limiter, budget=budget or acc.budget, sink=sink or acc.sink,
-            offload_bytes=config.limits.offload_bytes, tracing=tracing,
+            offload_bytes=config.limits.offload_bytes, tracing=tracing, estimator=Estimator(config.budget),
         )
         # profiling joins the gateway here only: the admin handlers reach it through these two objects
         from profiling.jobs import ProfilingJobs

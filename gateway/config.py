@@ -165,6 +165,31 @@ class LimitsConfig(_Section):
                     "the event loop (smaller ones inline: the thread hop would cost more than the work)")
 
 
+class BudgetConfig(_Section):
+    """How a request's cost is bounded before it is sent: the estimate the budget reserves
+    (gateway/serving/estimate.py, docs/security/budgets.md). Over-estimating only holds budget a little
+    longer; under-estimating is what lets a key overspend."""
+
+    prompt_factor: float = Field(default=1.5, ge=1.0, le=100.0)
+    """The counted prompt tokens are multiplied by this (tokenizers differ per model: the count is LiteLLM's tokenizer for the first model tried, the bill is the provider's)."""
+    prompt_slack_tokens: int = Field(default=64, ge=0)
+    """Tokens added to every prompt estimate (the chat template's start and end)."""
+    message_overhead_tokens: int = Field(default=8, ge=0)
+    """Tokens added per message (role and separators of the chat template)."""
+    tool_prompt_tokens: int = Field(default=512, ge=0)
+    """Tokens added when the request has `tools` or `functions` (the system prompt a provider writes around them)."""
+    image_tokens: int = Field(default=2500, ge=0)
+    """Tokens an image not marked `detail: low` may cost (the largest of the providers' documented formulas: OpenAI's 32-px patches are capped at 1536 × 1.62; the image is never fetched to measure it)."""
+    low_detail_image_tokens: int = Field(default=85, ge=0)
+    """Tokens an image with `detail: low` costs (OpenAI's fixed figure)."""
+    bytes_bound_below: int = Field(default=4096, ge=0)
+    """A prompt whose text is at most this many UTF-8 bytes is bounded by that byte count (a token is at least one byte) instead of being tokenized: cheap, and a true bound."""
+    default_max_output_tokens: int = Field(default=4096, ge=1)
+    """The output bound of a request without `max_tokens` to a model whose maximum output is known neither from its `max_output_tokens` nor from LiteLLM's model info; for a key with a budget it is then sent upstream as `max_tokens`, so the bound holds."""
+    usage_tolerance: float = Field(default=2.0, ge=1.0, le=1000.0)
+    """Provider usage beyond this multiple of the request's bound (prompt tokens over the prompt estimate, completion tokens over the output bound), or negative, is replaced by the counted figure, flagged `usage_corrected` in the request log and counted in `uniroute_usage_corrected_total`."""
+
+
 class ReplayModelsConfig(_Section):
     """Expand the models of a routing-benchmark folder into registry entries."""
 
@@ -314,6 +339,8 @@ class GatewayConfig(_Section):
     """How calls reach the providers."""
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     """Cheap structural limits on request bodies (checked before parsing)."""
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    """How a request's cost is estimated and checked against its key's budget."""
     models: list[ModelSpec] = Field(default_factory=list)
     """The registry's seed: one entry per model (gateway/spec.py; then `uniroute models` / `/admin/models`)."""
     replay_models: ReplayModelsConfig | None = None

@@ -182,6 +182,11 @@ class Metrics:
             "Budget settlements the request path could not write (database down, or slower than "
             "database.settle_timeout_s): written with the request's log row once the database answers",
             registry=r)
+        self.usage_corrected = Counter(
+            "uniroute_usage_corrected",
+            "Requests whose provider-reported usage was impossible (negative, not an integer, or beyond "
+            "budget.usage_tolerance x what the request could produce): logged and charged at the counted figure",
+            registry=r)
         self.reservations_released = Counter(
             "uniroute_budget_reservations_released",
             "Budget reservations released without a settlement, by reason: holder_restarted (its process died and "
@@ -260,6 +265,8 @@ class Metrics:
             self.total_tokens.labels(**tok).inc((record.prompt_tokens or 0) + (record.completion_tokens or 0))
         if record.cost_usd:
             self.spend.labels(**tok).inc(record.cost_usd)
+        if record.usage_corrected:
+            self.usage_corrected.inc()
 
         if record.latency_ms is not None:
             self.total_latency.labels(model=model, requested_model=requested).observe(record.latency_ms / 1000)

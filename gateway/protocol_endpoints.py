@@ -5,25 +5,37 @@ Each request model is validated here (a failure is a 400 naming the field, as fo
 offers what the chat service needs of any request (:class:`gateway.serving.service.RoutedRequest`): the
 ``model`` (``auto`` is routed, except for embeddings), the ``uniroute`` extension (λ), the text routed on
 (:meth:`routing_text`: the last user turn), and :meth:`estimate_request`, the request as a chat completion
-with the same text and output bound, which is what the budget estimate reads. :meth:`payload` is what goes
+with everything it bills (texts, images, tools, other blocks as JSON) and the same output bound, which is what
+the budget estimate (gateway/serving/estimate.py) reads. :meth:`payload` is what goes
 to LiteLLM: every declared field but the gateway's own (``model``, ``stream``, ``uniroute``). Unknown fields
 are accepted and ignored, as on the chat endpoint.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from gateway.errors import InvalidRequestError
-from gateway.protocol import ChatCompletionRequest, ChatMessage, UnirouteOptions, validation_error
+from gateway.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    ContentPart,
+    FunctionDefinition,
+    ImagePart,
+    ImageUrl,
+    TextPart,
+    Tool,
+    UnirouteOptions,
+    validation_error,
+)
 from gateway.spec import NAME_MAX_LENGTH
 
 #: The APIs the gateway serves, as the request log's ``endpoint`` column and the metrics' ``endpoint`` label.
 ENDPOINTS = ("chat", "responses", "messages", "embeddings")
 _GATEWAY_FIELDS = frozenset({"model", "stream", "uniroute"})
-_DEFAULT_OUTPUT_TOKENS = 512  # the estimate's output bound when the request sets none (as for chat)
 
 
 class _Request(BaseModel):
@@ -46,17 +58,25 @@ class _Request(BaseModel):
     def routing_text(self) -> str:
         raise NotImplementedError
 
-    def all_text(self) -> str:
-        """Every text of the request (what the budget estimate counts)."""
+    def estimate_messages(self) -> list[ChatMessage]:
+        """The request's turns as chat messages with everything they bill (what the budget estimate counts)."""
         raise NotImplementedError
 
+    def estimate_tools(self) -> list[dict[str, Any]]:
+        """The tool definitions the request sends (each billed as its JSON, plus the provider's tool prompt)."""
+        return []
+
     def output_bound(self) -> int | None:
+        """The request's own bound on the output tokens (None: unbounded; the estimate then uses the model's)."""
         return None
 
     def estimate_request(self) -> ChatCompletionRequest:
-        """This request as a chat completion with the same text and output bound: what the estimate reads."""
-        return ChatCompletionRequest(model=self.model, messages=[ChatMessage(role="user", content=self.all_text())],
-                                     max_tokens=self.output_bound() or _DEFAULT_OUTPUT_TOKENS)
+        """This request as a chat completion with everything it bills and the same output bound: what the budget
+        estimate reads (and what a stream without usage is charged for, counted)."""
+        tools = [Tool(type="function", function=FunctionDefinition(
+            name=str(t.get("name") or t.get("type") or "tool"), parameters=t)) for t in self.estimate_tools()]
+        return ChatCompletionRequest(model=self.model, messages=self.estimate_messages() or [_message([])],
+                                     max_tokens=self.output_bound(), tools=tools or None)
 
     def payload(self) -> dict[str, Any]:
         """The declared fields sent upstream (None left out), without the gateway's own."""
@@ -73,9 +93,32 @@ def _text(content: Any, kinds: frozenset[str]) -> str:
     return ""
 
 
+def _message(parts: list[ContentPart]) -> ChatMessage:
+    return ChatMessage(role="user", content=parts or "")
+
+
+def _parts(content: Any, text_kinds: frozenset[str], image_kinds: frozenset[str]) -> list[ContentPart]:
+    """``content`` (a string or a list of blocks) as chat content parts: text blocks as text, images as image
+    parts (priced by formula, never fetched), any other block as its JSON text (over-counts, never under)."""
+    if isinstance(content, str):
+        return [TextPart(type="text", text=content)]
+    parts: list[ContentPart] = []
+    for block in content if isinstance(content, list) else ():
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind in text_kinds and isinstance(block.get("text"), str):
+            parts.append(TextPart(type="text", text=block["text"]))
+        elif kind in image_kinds:
+            low = block.get("detail") == "low"
+            parts.append(ImagePart(type="image_url", image_url=ImageUrl(url="", detail="low" if low else None)))
+        elif block is not None:
+            parts.append(TextPart(type="text", text=json.dumps(block, ensure_ascii=False, default=str)))
+    return parts
+
+
 # --- POST /v1/responses ------------------------------------------------------------------------------------
 
 _INPUT_TEXT = frozenset({"input_text", "text", "output_text"})
+_INPUT_IMAGE = frozenset({"input_image"})
 
 
 class ResponsesRequest(_Request):
@@ -125,15 +168,23 @@ class ResponsesRequest(_Request):
                 return _text(item.get("content"), _INPUT_TEXT)
         return ""
 
-    def all_text(self) -> str:
-        texts = [self.instructions or ""]
+    def estimate_messages(self) -> list[ChatMessage]:
+        out = [_message(_parts(self.instructions, _INPUT_TEXT, _INPUT_IMAGE))] if self.instructions else []
+        if self.text is not None:  # a structured-output schema is billed as prompt
+            out.append(_message(_parts([self.text], frozenset(), frozenset())))
         if isinstance(self.input, str):
-            texts.append(self.input)
-        else:
-            for item in self.input:
-                texts.append(_text(item.get("content"), _INPUT_TEXT) or str(item.get("output") or "")
-                             or str(item.get("arguments") or ""))
-        return "\n".join(t for t in texts if t)
+            return [*out, _message(_parts(self.input, _INPUT_TEXT, _INPUT_IMAGE))]
+        for item in self.input:
+            if "content" in item:  # a message: its parts (and any other field of it as JSON)
+                rest = {k: v for k, v in item.items() if k not in ("content", "role", "type")}
+                parts = _parts(item["content"], _INPUT_TEXT, _INPUT_IMAGE)
+                out.append(_message(parts + (_parts([rest], frozenset(), frozenset()) if rest else [])))
+            else:  # a function call, its output, a reasoning item, ...: its JSON
+                out.append(_message(_parts([item], frozenset(), frozenset())))
+        return out
+
+    def estimate_tools(self) -> list[dict[str, Any]]:
+        return list(self.tools or ())
 
     def output_bound(self) -> int | None:
         return self.max_output_tokens
@@ -142,6 +193,7 @@ class ResponsesRequest(_Request):
 # --- POST /v1/messages (Anthropic) ---------------------------------------------------------------------------
 
 _BLOCK_TEXT = frozenset({"text"})
+_BLOCK_IMAGE = frozenset({"image"})
 
 
 class AnthropicMessage(BaseModel):
@@ -185,16 +237,12 @@ class MessagesRequest(_Request):
                 return _text(msg.content, _BLOCK_TEXT)
         return ""
 
-    def all_text(self) -> str:
-        texts = [_text(self.system, _BLOCK_TEXT) if self.system is not None else ""]
-        for msg in self.messages:
-            if isinstance(msg.content, str):
-                texts.append(msg.content)
-                continue
-            for block in msg.content:
-                value = block.get("text") or block.get("content") or block.get("input")
-                texts.append(value if isinstance(value, str) else (str(value) if value else ""))
-        return "\n".join(t for t in texts if t)
+    def estimate_messages(self) -> list[ChatMessage]:
+        out = [_message(_parts(self.system, _BLOCK_TEXT, _BLOCK_IMAGE))] if self.system is not None else []
+        return out + [_message(_parts(msg.content, _BLOCK_TEXT, _BLOCK_IMAGE)) for msg in self.messages]
+
+    def estimate_tools(self) -> list[dict[str, Any]]:
+        return list(self.tools or ())
 
     def output_bound(self) -> int | None:
         return self.max_tokens
@@ -237,12 +285,17 @@ class EmbeddingsRequest(_Request):
         return v
 
     def routing_text(self) -> str:
-        return self.all_text()
-
-    def all_text(self) -> str:
         if isinstance(self.input, str):
             return self.input
         return "\n".join(x for x in self.input if isinstance(x, str))
+
+    def estimate_messages(self) -> list[ChatMessage]:
+        """The inputs as text; token-id inputs as their ids in decimal, space-separated (each id is at least
+        one token of that text: the bound holds)."""
+        items = [self.input] if isinstance(self.input, str) else self.input
+        texts = [x if isinstance(x, str) else " ".join(str(t) for t in (x if isinstance(x, list) else [x]))
+                 for x in items]
+        return [_message([TextPart(type="text", text="\n".join(texts))])]
 
     def output_bound(self) -> int | None:
         return 1  # embeddings produce no output tokens; 1 is the estimate's least bound

@@ -48,6 +48,8 @@ MODEL_NAME_RULE = (f"1-{NAME_MAX_LENGTH} characters: an ASCII letter or digit, t
 MAX_PRICE_PER_1M = 1e6
 MAX_ROUTER_COST = 1e9
 MAX_TIMEOUT_S = 86_400.0
+#: Bound of a model's ``max_output_tokens`` (far beyond any real model's).
+MAX_OUTPUT_TOKENS = 100_000_000
 #: How deep ``litellm_params`` may nest (objects and lists), and the longest string in it.
 PARAMS_MAX_DEPTH = 16
 PARAMS_MAX_STRING = 65_536
@@ -151,6 +153,10 @@ class ModelSpec(_Strict):
     kind: Annotated[str, Field(max_length=16), AfterValidator(_valid_kind)] = Field(
         default="chat", description="chat (chat completions, responses, messages; routable) or embedding "
                                     "(/v1/embeddings, by name only; never routed)")
+    max_output_tokens: int | None = Field(
+        default=None, ge=1, le=MAX_OUTPUT_TOKENS,
+        description="the most completion tokens one answer of it may have (bounds the budget estimate of a "
+                    "request without max_tokens); default: LiteLLM's model info, else budget.default_max_output_tokens")
 
 
 def _all_optional(name: str, spec: type[BaseModel], *, leave_out: frozenset[str],

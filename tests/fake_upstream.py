@@ -10,6 +10,10 @@ healthy model refusing one payload, as a provider refuses an invalid one). ``-le
 ``Authorization`` header, key included). ``GET /auth`` tells the last ``Authorization`` header received
 per model.
 
+Billing (budget tests): ``-bill`` answers ``ok`` and bills what a provider would for the whole request: prompt
+tokens = the JSON bytes of its messages and ``tools`` / 4, one completion token; ``-nousage`` never reports usage
+(no usage chunk in a stream, whatever ``stream_options`` asks; no ``usage`` in an answer).
+
 Streams only (timeouts and disconnects): ``-slowfirst`` (headers at once, the first chunk after
 2 s), ``-stall`` (two chunks, then nothing until the client goes away), ``-slowstream`` (40
 chunks, one per 0.1 s).
@@ -80,6 +84,9 @@ def reply(body: Mapping[str, Any]) -> tuple[str, dict[str, int]]:
         content = json.dumps({k: v for k, v in body.items() if k != "messages"}, sort_keys=True)
         return content, {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
     text = last_user_text(body)
+    if model.endswith("-bill"):
+        billed = len(json.dumps(body.get("messages") or [])) + len(json.dumps(body.get("tools") or []))
+        return "ok", {"prompt_tokens": max(1, billed // 4), "completion_tokens": 1, "total_tokens": billed // 4 + 1}
     answer = f"echo: {text}"
     params = {k: body[k] for k in ("temperature", "max_tokens", "seed", "stop", "top_p") if k in body}
     if params:
@@ -149,8 +156,11 @@ async def chat(request: Request) -> Response:
         return StreamingResponse(_huge(model, bool(body.get("stream")), created),
                                  media_type="text/event-stream" if body.get("stream") else "application/json")
     if not body.get("stream") or model.endswith("-echo"):
-        return JSONResponse(completion(model, answer, usage, created))
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        done = completion(model, answer, usage, created)
+        if model.endswith("-nousage"):
+            done.pop("usage")
+        return JSONResponse(done)
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and not model.endswith("-nousage")
 
     async def events() -> AsyncIterator[bytes]:
         STREAMS[text] = {"state": "open", "at": time.time()}

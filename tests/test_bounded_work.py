@@ -271,12 +271,12 @@ def test_large_bodies_are_parsed_validated_and_estimated_in_a_worker_thread(tmp_
         threads["parse"].add(threading.current_thread().name)
         return real_parse(raw)
 
-    def estimate(req: Any, entry: Any) -> float:
+    def estimate(self: Any, req: Any, tries: Any, principal: Any) -> Any:
         threads["estimate"].add(threading.current_thread().name)
-        return real_estimate(req, entry)
+        return real_estimate(self, req, tries, principal)
 
     monkeypatch.setattr(chat, "_parse", parse)
-    monkeypatch.setattr(ChatService, "_estimate", staticmethod(estimate))
+    monkeypatch.setattr(ChatService, "_estimate", estimate)
     with TestClient(create_app(cfg), raise_server_exceptions=False) as c:
         loop_thread = c.portal.call(lambda: threading.current_thread().name)  # type: ignore[union-attr]
         c.post("/v1/chat/completions", json={"model": "m", "messages": _msgs(1)})  # small: inline

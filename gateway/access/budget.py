@@ -227,10 +227,12 @@ class SqlBudgetGuard:
         start = period_start_for(row.budget_period, now)
         spend = row.spend_usd if row.period_start.replace(tzinfo=UTC) >= start else 0.0
         resets = period_end_for(row.budget_period, start)
+        remains = max(0.0, row.budget_usd - spend - row.reserved_usd)
         return BudgetExceededError(
             f"budget exceeded for key {row.name!r}: {_usd(spend)} spent and {_usd(row.reserved_usd)} held by "
             f"in-flight requests of the {'daily' if row.budget_period == 'day' else 'monthly'} budget of {_usd(row.budget_usd)} "
-            f"(period {start:%Y-%m-%d} to {resets:%Y-%m-%d} UTC); this request needs an estimated {_usd(est)}. "
+            f"(period {start:%Y-%m-%d} to {resets:%Y-%m-%d} UTC), so {_usd(remains)} remains; this request may cost "
+            f"up to {_usd(est)}. "
             f"The budget resets at {resets:%Y-%m-%dT%H:%M:%SZ}.",
             param="budget",
         )

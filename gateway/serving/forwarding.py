@@ -619,7 +619,7 @@ class Forwarder:
                         attempts: list[Attempt] | None, operation: str = "chat") -> Completion:
         attempts = [] if attempts is None else attempts
         last: GatewayError | None = None
-        for entry in self._tries(candidates):
+        for entry in self.tries(candidates):
             t0 = time.perf_counter()
             try:
                 with self._attempt(operation, entry) as span:
@@ -664,7 +664,7 @@ class Forwarder:
                     attempts: list[Attempt] | None, operation: str = "chat") -> OpenStream:
         attempts = [] if attempts is None else attempts
         last: GatewayError | None = None
-        for entry in self._tries(candidates):
+        for entry in self.tries(candidates):
             t0 = time.perf_counter()
             started = asyncio.get_running_loop().time()
             try:
@@ -692,8 +692,10 @@ class Forwarder:
             self.note_failure(entry.name, err)
         raise _exhausted(last, attempts)
 
-    def _tries(self, candidates: Sequence[ModelEntry]) -> Sequence[ModelEntry]:
-        """The candidates to try, in order: cooling ones behind the healthy ones, at most ``max_attempts``."""
+    def tries(self, candidates: Sequence[ModelEntry]) -> Sequence[ModelEntry]:
+        """The candidates to try, in order: cooling ones behind the healthy ones, at most ``max_attempts``.
+        The chat service prices each of them before the call (the budget reserves for the dearest) and passes
+        exactly these as the candidates, so a fallback never reaches a model the reservation did not cover."""
         if self.cooldowns is not None:
             candidates = self.cooldowns.order(candidates, _name)
         return candidates[: self.max_attempts]
@@ -706,6 +708,11 @@ class Forwarder:
         """Count a retryable failure of ``model`` towards its cooldown (also used for mid-stream failures)."""
         if self.cooldowns is not None and is_retryable(err):
             self.cooldowns.failed(model, getattr(err, "retry_after", None))
+
+    @staticmethod
+    def price(entry: ModelEntry, prompt_tokens: int, completion_tokens: int) -> float:
+        """USD of ``prompt_tokens`` + ``completion_tokens`` at the entry's prices."""
+        return _price(entry, prompt_tokens, completion_tokens)
 
     @staticmethod
     def stream_cost(entry: ModelEntry, usage: Any) -> float | None:
@@ -787,11 +794,12 @@ async def shielded(aw: Awaitable[Any]) -> None:
 
 def count_tokens(model: str, *, messages: list[dict[str, Any]] | None = None, text: str | None = None) -> int:
     """Tokens by LiteLLM's counter for ``model`` (tiktoken's cl100k for unknown models); characters / 4
-    if it fails."""
+    if it fails. Images count LiteLLM's default figure: the counter never fetches a client's image URL."""
     import litellm
 
     try:
-        return int(litellm.token_counter(model=model, messages=messages, text=text))
+        return int(litellm.token_counter(model=model, messages=messages, text=text,
+                                         use_default_image_token_count=True))
     except Exception:
         chars = len(text or "") + sum(len(str(m.get("content") or "")) for m in messages or ())
         return max(1, chars // 4) if chars else 0

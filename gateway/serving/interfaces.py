@@ -88,6 +88,7 @@ class RequestRecord:
     error_type: str | None = None
     finished_at: datetime | None = None
     prompt_text: str | None = None  # stored only when configured
+    usage_corrected: bool = False  # the provider's usage was impossible; the counted figure replaced it
     settlement: Settlement | None = None  # the key's charge, when the request held a reservation (not a column)
 
 

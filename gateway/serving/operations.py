@@ -15,11 +15,13 @@ only what differs per API:
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from gateway.errors import GatewayError, UpstreamError, anthropic_error
 from gateway.protocol_endpoints import EmbeddingsRequest, EndpointRequest, MessagesRequest, ResponsesRequest
 from gateway.secrets import scrub
+from gateway.serving.estimate import count_text
 from gateway.serving.forwarding import Completion, token_counts
 
 
@@ -31,12 +33,34 @@ class Operation:
         self.endpoint: str = request.endpoint
         self.kind: str = request.kind
 
+    #: The request field that bounds the output (None: no output, as for embeddings).
+    output_field: str | None = None
+
     @property
     def stream(self) -> bool:
         return bool(self.request.stream)
 
-    def payload(self) -> dict[str, Any]:
-        return self.request.payload()
+    def payload(self, max_output_tokens: int | None = None) -> dict[str, Any]:
+        """The request's fields for LiteLLM; ``max_output_tokens``: the output bound the budget estimate forces
+        (a key with a budget, no bound in the request, a model whose maximum output is unknown), sent as the
+        API's own field (``output_field``)."""
+        payload = self.request.payload()
+        if max_output_tokens is not None and self.output_field is not None:
+            payload[self.output_field] = max_output_tokens
+        return payload
+
+    def answer_texts(self, response: Any) -> list[str]:
+        """Every billed text of a non-streaming answer (its output: text, tool-call arguments, reasoning)."""
+        return []
+
+    def counted_completion(self, model: str, response: Any) -> int:
+        """Completion tokens of a non-streaming answer, counted by LiteLLM's counter for ``model`` (the figure
+        charged when the provider reports no usage or impossible usage)."""
+        text = "\n".join(t for t in self.answer_texts(response) if t)
+        if not text:
+            return 0
+        counted = count_text(model, text)
+        return counted if counted is not None else max(1, len(text) // 4)
 
     def body(self, done: Completion) -> dict[str, Any]:
         body: dict[str, Any] = dict(done.response)
@@ -65,6 +89,11 @@ class Operation:
 class ResponsesOperation(Operation):
     """``POST /v1/responses``: typed ``response.*`` events; usage on ``response.completed``."""
 
+    output_field = "max_output_tokens"
+
+    def answer_texts(self, response: Any) -> list[str]:
+        return _strings(_get(response, "output"), ("text", "arguments", "name"))
+
     _WITH_RESPONSE = frozenset({"response.created", "response.in_progress", "response.completed",
                                 "response.incomplete", "response.failed"})
 
@@ -90,6 +119,11 @@ class ResponsesOperation(Operation):
 class MessagesOperation(Operation):
     """``POST /v1/messages``: ``message_start`` … ``message_stop`` events; usage on ``message_start`` (input)
     and ``message_delta`` (both); errors in Anthropic's shape."""
+
+    output_field = "max_tokens"
+
+    def answer_texts(self, response: Any) -> list[str]:
+        return _strings(_get(response, "content"), ("text", "thinking", "name", "input"))
 
     def event(self, raw: dict[str, Any], model: str) -> dict[str, Any]:
         raw = super().event(raw, model)
@@ -119,6 +153,30 @@ class MessagesOperation(Operation):
 
 class EmbeddingsOperation(Operation):
     """``POST /v1/embeddings``: never streamed."""
+
+
+def _get(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+def _strings(value: Any, keys: tuple[str, ...]) -> list[str]:
+    """The values under ``keys`` anywhere in ``value`` (dicts, lists, pydantic objects): strings as they are,
+    other values as JSON (a tool call's ``input`` object)."""
+    out: list[str] = []
+    if hasattr(value, "model_dump"):
+        value = value.model_dump(exclude_none=True)
+    if isinstance(value, list | tuple):
+        for item in value:
+            out.extend(_strings(item, keys))
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if k in keys and isinstance(v, str):
+                out.append(v)
+            elif k in keys and isinstance(v, dict | list):
+                out.append(json.dumps(v, ensure_ascii=False))
+            elif isinstance(v, dict | list):
+                out.extend(_strings(v, keys))
+    return out
 
 
 def operation(request: EndpointRequest) -> Operation:

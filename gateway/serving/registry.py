@@ -44,6 +44,7 @@ class ModelEntry:
     created: int = 0  # unix seconds, for /v1/models
     connect_timeout_s: float | None = None  # None: DEFAULT_CONNECT_TIMEOUT_S (at most timeout_s)
     first_token_timeout_s: float | None = None  # streams; None: timeout_s
+    max_output_tokens: int | None = None  # the most completion tokens of one answer; None: unknown here
     spec: ModelSpec | None = field(default=None, compare=False, repr=False)  # what it was built from (as written)
     kind: str = "chat"  # chat or embedding (gateway.spec.MODEL_KINDS): an embedding model is never routed
 
@@ -83,6 +84,7 @@ class ModelEntry:
             created=created,
             connect_timeout_s=spec.connect_timeout_s,
             first_token_timeout_s=spec.first_token_timeout_s,
+            max_output_tokens=spec.max_output_tokens,
             spec=spec,
             kind=spec.kind,
         )

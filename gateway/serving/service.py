@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 from gateway.errors import (
+    BudgetExceededError,
     GatewayError,
     InvalidRequestError,
     ModelNotFoundError,
@@ -43,6 +44,7 @@ from gateway.errors import (
     UpstreamTimeoutError,
 )
 from gateway.protocol import PASSTHROUGH_FIELDS, ChatCompletionRequest, UnirouteOptions
+from gateway.serving.estimate import Estimate, Estimator, counted_completion, usage_numbers
 from gateway.serving.forwarding import (
     Attempt,
     Completion,
@@ -51,7 +53,6 @@ from gateway.serving.forwarding import (
     RelayedText,
     map_exception,
     shielded,
-    token_counts,
     usage_of,
 )
 from gateway.serving.interfaces import (
@@ -76,12 +77,14 @@ from routing.policy import GatewayPolicy, RoutingDecision
 
 logger = logging.getLogger("uniroute.service")
 T = TypeVar("T")
-#: One forwarding step of the service: (candidates, the attempts list to fill) → a completion or open stream.
-Forward = Callable[[list[ModelEntry], list[Attempt]], Awaitable[T]]
+#: One forwarding step of the service: (the models to try, the attempts list to fill, the output bound to force
+#: upstream or None) → a completion or open stream.
+Forward = Callable[[list[ModelEntry], list[Attempt], int | None], Awaitable[T]]
+#: Completion tokens of a non-streaming answer, counted: (LiteLLM model name, the answer) → tokens.
+CountAnswer = Callable[[str, Any], int]
 
 AUTO = "auto"
 _PASSTHROUGH: set[str] = set(PASSTHROUGH_FIELDS) - {"stream_options"}
-_DEFAULT_COMPLETION_TOKENS = 512  # budget estimate when the request sets no max_tokens
 TOP_CANDIDATES = 5  # ranked candidates reported in the ``uniroute`` object and the request log
 
 
@@ -141,17 +144,22 @@ class _StreamEnd:
     """Finishes a stream exactly once: close upstream, log the record, settle the budget.
 
     A stream cut short (client disconnect: 499; upstream failure or total timeout mid-way) whose
-    usage chunk never came is logged with its partial usage — prompt tokens of the messages,
-    completion tokens of the text relayed so far (``relayed``: counts, never the text itself) —
-    priced with the entry's prices, and the budget reservation is settled with that cost. The record
+    usage chunk never came is logged with its partial usage — prompt tokens of everything the prompt
+    bills (messages, tools, schemas, images), completion tokens of the text relayed so far (``relayed``:
+    counts, never the text itself) — priced with the entry's prices, and the budget reservation is settled
+    with that cost. A stream that ends without a usage chunk, or with an impossible one, is priced the
+    same way (``counted``). ``req`` is the request as the estimate read it (for another endpoint, its
+    ``estimate_request()``). The record
     (with its settlement) is logged before anything is awaited; counting, logging, closing upstream and
     settling run in one shielded task (a disconnect cancels the task that runs this); the counting runs in
     a worker thread when the request body was large (``offload``)."""
 
     def __init__(self, service: ChatService, record: RequestRecord, reservation: Reservation | None,
-                 opened: OpenStream, t0: float, messages: list[dict[str, Any]], offload: bool = False) -> None:
+                 opened: OpenStream, t0: float, req: ChatCompletionRequest, offload: bool = False,
+                 estimate: Estimate | None = None) -> None:
         self.service, self.record, self.reservation, self.opened, self.t0 = service, record, reservation, opened, t0
-        self.messages = messages
+        self.req = req
+        self.estimate = estimate
         self.relayed = RelayedText(opened.entry.litellm_model)  # content relayed so far, as running counts
         self.offload = offload
         self.settled = 0.0
@@ -169,12 +177,21 @@ class _StreamEnd:
             return
         await shielded(self._cut_short())
 
+    async def counted(self) -> tuple[int, int, float]:
+        """(prompt tokens, completion tokens, cost) counted: everything the prompt bills (messages, tools,
+        schemas, images: ``Estimator.prompt_tokens(counted=True)``) and what was relayed so far."""
+        return await asyncio.to_thread(self._count) if self.offload else self._count()
+
+    def _count(self) -> tuple[int, int, float]:
+        entry = self.opened.entry
+        pt = self.service.estimator.prompt_tokens(self.req, entry.litellm_model, counted=True)
+        ct = self.relayed.tokens()
+        return pt, ct, self.service.forwarder.price(entry, pt, ct)
+
     async def _cut_short(self) -> None:
         record = self.record
         if record.completion_tokens is None:
-            usage = self.service.forwarder.partial_usage
-            args = (self.opened.entry, self.messages, self.relayed)
-            pt, ct, cost = await asyncio.to_thread(usage, *args) if self.offload else usage(*args)
+            pt, ct, cost = await self.counted()
             record.prompt_tokens, record.completion_tokens, record.cost_usd = pt, ct, cost
             self.settled = cost
         self.service._attach_settlement(record, self.reservation, self.settled)
@@ -212,6 +229,7 @@ class ChatService:
         sink: RequestSink | None = None,
         offload_bytes: int = 64 * 1024,
         tracing: Tracing = NO_TRACING,
+        estimator: Estimator | None = None,
     ) -> None:
         if policy.needs_embedding and embed is None:
             raise ValueError(f"policy {policy.name!r} needs an embed function")
@@ -225,6 +243,7 @@ class ChatService:
         self.sink: RequestSink = sink or MemorySink()
         self.offload_bytes = offload_bytes  # requests with larger bodies count tokens etc. in a worker thread
         self.tracing = tracing
+        self.estimator = estimator or Estimator()  # what a request may cost at most (budget: config)
         self._spans: dict[int, Any] = {}  # id(record) -> its request span, until _finish ends it
 
     # -- steps ------------------------------------------------------------------------
@@ -317,15 +336,66 @@ class ChatService:
         allowed = principal.allowed_models
         return [AUTO, *(n for n in self.registry.names() if allowed is None or n in allowed)]
 
-    @staticmethod
-    def _estimate(req: ChatCompletionRequest, entry: ModelEntry) -> float:
-        chars = sum(len(m.text()) for m in req.messages)
-        out = req.max_completion_tokens or req.max_tokens or _DEFAULT_COMPLETION_TOKENS
-        return (chars / 4) * entry.input_cost_per_token + out * (req.n or 1) * entry.output_cost_per_token
+    def _estimate(self, req: ChatCompletionRequest, tries: Sequence[ModelEntry], principal: Principal) -> Estimate:
+        """The most ``req`` may cost on any model of ``tries`` (gateway/serving/estimate.py)."""
+        return self.estimator.estimate(req, tries, budgeted=principal.budget_usd is not None)
+
+    async def _reserve(self, req: ChatCompletionRequest, ctx: ChatContext, plan: _Plan,
+                       record: RequestRecord) -> tuple[list[ModelEntry], Estimate, Reservation]:
+        """Price every model the forwarder will try and reserve for the dearest; a refusal says what the
+        estimate counted and what to change. Returns the models to try (exactly those priced). ``req`` is the
+        request as the estimate reads it (another endpoint's ``estimate_request()``)."""
+        tries = list(self.forwarder.tries(plan.candidates))
+        estimate = await self.off_loop(ctx, self._estimate, req, tries, plan.principal)
+        try:
+            reservation = await self.budget.reserve(plan.principal, estimate.usd)
+        except BudgetExceededError as exc:
+            exc.message += self.refusal_advice(estimate)
+            exc.args = (exc.message,)
+            raise
+        return tries, estimate, reservation
 
     @staticmethod
-    def _params(req: ChatCompletionRequest) -> dict[str, Any]:
-        return req.model_dump(include=_PASSTHROUGH, exclude_none=True)
+    def refusal_advice(estimate: Estimate) -> str:
+        """What a budget refusal adds: what the estimate counted, and what to change."""
+        where = {"max_tokens": "max_tokens x n", "registry": "the model's max_output_tokens (no max_tokens sent)",
+                 "litellm": "the model's maximum output (no max_tokens sent)",
+                 "default": "budget.default_max_output_tokens (no max_tokens sent)"}[estimate.output_source]
+        return (f" The estimate covers up to {estimate.prompt_tokens} prompt tokens (messages, tools, schemas, "
+                f"images) and {estimate.output_tokens} completion tokens ({where}) on model '{estimate.model}', "
+                "the dearest this request may be served by. Send a lower max_tokens (or a shorter prompt, fewer "
+                "tools) to fit what remains, or wait for the budget to reset.")
+
+    def _checked_usage(self, record: RequestRecord, estimate: Estimate, entry: ModelEntry,
+                       prompt_tokens: Any, completion_tokens: Any) -> bool:
+        """Whether usage reported by ``entry`` is possible for this request; if not, log it (WARNING) and flag
+        the record (``usage_corrected``): the caller replaces it by the counted figure."""
+        if estimate.plausible(entry.name, prompt_tokens, completion_tokens):
+            return True
+        record.usage_corrected = True
+        logger.warning("request %s: model %s reported impossible usage (prompt_tokens=%r, completion_tokens=%r; "
+                       "bounds %d and %d x budget.usage_tolerance %g): the counted figure is logged and charged "
+                       "instead", record.request_id, entry.name, prompt_tokens, completion_tokens,
+                       estimate.prompt_tokens, estimate.output_by_model.get(entry.name, estimate.output_tokens),
+                       estimate.tolerance)
+        return False
+
+    def _counted(self, entry: ModelEntry, req: ChatCompletionRequest, response: Any,
+                 count_answer: CountAnswer) -> tuple[int, int, float]:
+        """(prompt tokens, completion tokens, cost) of an answer, counted (see ``_StreamEnd.counted``);
+        ``count_answer`` counts the answer's completion (chat: :func:`counted_completion`)."""
+        pt = self.estimator.prompt_tokens(req, entry.litellm_model, counted=True)
+        ct = count_answer(entry.litellm_model, response)
+        return pt, ct, self.forwarder.price(entry, pt, ct)
+
+    @staticmethod
+    def _params(req: ChatCompletionRequest, max_tokens: int | None = None) -> dict[str, Any]:
+        """The request's parameters for LiteLLM; ``max_tokens``: the output bound the estimate forces (a key
+        with a budget, a request without max_tokens, a model whose maximum output is unknown)."""
+        params = req.model_dump(include=_PASSTHROUGH, exclude_none=True)
+        if max_tokens is not None:
+            params["max_tokens"] = max_tokens
+        return params
 
     @staticmethod
     def _messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -418,15 +488,16 @@ class ChatService:
     # -- non-streaming ----------------------------------------------------------------
 
     async def complete(self, req: ChatCompletionRequest, ctx: ChatContext) -> ChatResult:
-        return await self._complete(req, ctx, req, lambda candidates, attempts: self.forwarder.complete(
-            candidates, self._messages(req), self._params(req), attempts), self._chat_body)
+        return await self._complete(req, ctx, req, lambda tries, attempts, force: self.forwarder.complete(
+            tries, self._messages(req), self._params(req, force), attempts), self._chat_body, counted_completion)
 
     async def run(self, op: Operation, ctx: ChatContext) -> ChatResult:
-        """Another endpoint's request (gateway/serving/operations.py), non-streaming: the same steps."""
+        """Another endpoint's request (gateway/serving/operations.py), non-streaming: the same steps; the
+        estimate reads ``op.request.estimate_request()``."""
         return await self._complete(op.request, ctx, op.request.estimate_request(),
-                                    lambda candidates, attempts: self.forwarder.call(
-                                        candidates, op.endpoint, op.payload(), attempts),
-                                    op.body, op.endpoint, op.kind)
+                                    lambda tries, attempts, force: self.forwarder.call(
+                                        tries, op.endpoint, op.payload(force), attempts),
+                                    op.body, op.counted_completion, op.endpoint, op.kind)
 
     @staticmethod
     def _chat_body(done: Completion) -> dict[str, Any]:
@@ -438,8 +509,10 @@ class ChatService:
 
     async def _complete(self, req: RoutedRequest, ctx: ChatContext, estimated: ChatCompletionRequest,
                         forward: Forward[Completion], shape: Callable[[Completion], dict[str, Any]],
-                        endpoint: str = "chat", kind: str = "chat") -> ChatResult:
-        """Plan → reserve the estimate of ``estimated`` → ``forward`` → log and settle; ``shape`` makes the body."""
+                        count_answer: CountAnswer, endpoint: str = "chat", kind: str = "chat") -> ChatResult:
+        """Plan → reserve the estimate of ``estimated`` (for the dearest model tried) → ``forward`` → check the
+        usage (none or impossible: the counted figure, ``count_answer`` for the answer) → log and settle;
+        ``shape`` makes the body."""
         t0 = time.perf_counter()
         record = self._record(req, ctx, stream=False, endpoint=endpoint)
         attempts: list[Attempt] = []
@@ -449,13 +522,23 @@ class ChatService:
             with self.tracing.current(self._spans.get(id(record))):
                 plan = await self.plan(req, ctx, record, kind)
                 self._fill_plan(record, plan)
-                estimate = await self.off_loop(ctx, self._estimate, estimated, plan.candidates[0])
-                reservation = await self.budget.reserve(plan.principal, estimate)
-                done = await forward(plan.candidates, attempts)
+                tries, estimate, reservation = await self._reserve(estimated, ctx, plan, record)
+                done = await forward(tries, attempts, estimate.force_max_tokens)
+            usage = usage_of(done.response)
             record.routed_model = done.entry.name
             record.cost_usd = done.cost_usd
             record.upstream_latency_ms = done.upstream_latency_ms
-            record.prompt_tokens, record.completion_tokens = token_counts(usage_of(done.response))
+            pt, ct = usage_numbers(usage)
+            if usage is None or not self._checked_usage(record, estimate, done.entry, pt, ct):
+                # no usage, or impossible usage: count what was sent and answered (until counted, the bound is owed:
+                # a client that goes away meanwhile is charged the reservation, never $0)
+                settled = estimate.usd
+                pt, ct, done.cost_usd = await self.off_loop(ctx, self._counted, done.entry, estimated, done.response,
+                                                            count_answer)
+                record.cost_usd = done.cost_usd
+                if usage is not None:
+                    set_usage(usage, pt, ct)
+            record.prompt_tokens, record.completion_tokens = pt, ct
             settled = done.cost_usd or 0.0
             record.attempts = [a.as_dict() for a in attempts]
             body = shape(done)
@@ -474,12 +557,14 @@ class ChatService:
 
     async def stream(self, req: ChatCompletionRequest, ctx: ChatContext) -> ChatStream:
         """Open the stream (fallback happens here, before any byte is sent) and return its chunks."""
-        params = self._params(req)
-        params["stream_options"] = {"include_usage": True}  # the gateway always needs usage for the cost
         messages = self._messages(req)
-        opened, record, plan, end, tries = await self._open(
-            req, ctx, req, messages,
-            lambda candidates, attempts: self.forwarder.open_stream(candidates, messages, params, attempts))
+
+        def forward(tries: list[ModelEntry], attempts: list[Attempt], force: int | None) -> Awaitable[OpenStream]:
+            params = self._params(req, force)
+            params["stream_options"] = {"include_usage": True}  # the gateway always needs usage for the cost
+            return self.forwarder.open_stream(tries, messages, params, attempts)
+
+        opened, record, plan, end, tries = await self._open(req, ctx, req, forward)
         want_usage = bool(req.stream_options and req.stream_options.include_usage)
         return ChatStream(model=opened.entry.name, chunks=self._relay(opened, record, plan, end, want_usage),
                           _finish=end, attempts=tries)
@@ -488,17 +573,18 @@ class ChatService:
         """Another endpoint's request, streaming: its events (dicts with a ``type``), the last with ``uniroute``."""
         estimated = op.request.estimate_request()
         opened, record, plan, end, tries = await self._open(
-            op.request, ctx, estimated, self._messages(estimated),
-            lambda candidates, attempts: self.forwarder.open_call_stream(candidates, op.endpoint, op.payload(),
-                                                                         attempts), op.endpoint, op.kind)
+            op.request, ctx, estimated,
+            lambda tries, attempts, force: self.forwarder.open_call_stream(tries, op.endpoint, op.payload(force),
+                                                                           attempts), op.endpoint, op.kind)
         return ChatStream(model=opened.entry.name, chunks=self._relay_events(opened, record, plan, end, op),
                           _finish=end, attempts=tries)
 
     async def _open(self, req: RoutedRequest, ctx: ChatContext, estimated: ChatCompletionRequest,
-                    messages: list[dict[str, Any]], forward: Forward[OpenStream], endpoint: str = "chat",
+                    forward: Forward[OpenStream], endpoint: str = "chat",
                     kind: str = "chat") -> tuple[OpenStream, RequestRecord, _Plan, _StreamEnd, int]:
-        """Plan → reserve → open the stream with ``forward`` (``messages``: the prompt a cut-short stream is
-        charged for); on failure, log and settle at once."""
+        """Plan → reserve the estimate of ``estimated`` (for the dearest model tried) → open the stream with
+        ``forward`` (``estimated`` is also the prompt a stream without usage is charged for, counted); on
+        failure, log and settle at once."""
         t0 = time.perf_counter()
         record = self._record(req, ctx, stream=True, endpoint=endpoint)
         attempts: list[Attempt] = []
@@ -507,9 +593,8 @@ class ChatService:
             with self.tracing.current(self._spans.get(id(record))):
                 plan = await self.plan(req, ctx, record, kind)
                 self._fill_plan(record, plan)
-                estimate = await self.off_loop(ctx, self._estimate, estimated, plan.candidates[0])
-                reservation = await self.budget.reserve(plan.principal, estimate)
-                opened = await forward(plan.candidates, attempts)
+                tries, estimate, reservation = await self._reserve(estimated, ctx, plan, record)
+                opened = await forward(tries, attempts, estimate.force_max_tokens)
         except BaseException as exc:
             record.attempts = [a.as_dict() for a in attempts]
             self._fail(record, exc)
@@ -520,7 +605,8 @@ class ChatService:
         record.routed_model = opened.entry.name
         record.ttft_ms = (time.perf_counter() - t0) * 1e3
         record.attempts = [a.as_dict() for a in attempts]
-        end = _StreamEnd(self, record, reservation, opened, t0, messages, offload=ctx.body_bytes > self.offload_bytes)
+        end = _StreamEnd(self, record, reservation, opened, t0, estimated, offload=ctx.body_bytes > self.offload_bytes,
+                         estimate=estimate)
         return opened, record, plan, end, len(attempts)
 
     @staticmethod
@@ -593,19 +679,29 @@ class ChatService:
                     d["model"] = name
                     if not template:
                         template = {k: d[k] for k in ("id", "object", "created") if k in d}
+                    choices: Sequence[dict[str, Any]] = d.get("choices") or []
+                    for c in choices:  # every choice (n > 1), tool-call arguments too: all of it is billed
+                        delta = c.get("delta") or {}
+                        content = delta.get("content")
+                        if content:
+                            relayed.add(content)
+                        for call in delta.get("tool_calls") or ():
+                            args = (call.get("function") or {}).get("arguments")
+                            if args:
+                                relayed.add(args)
                     usage = d.pop("usage", None)
                     if usage is not None:
-                        record.prompt_tokens = usage.get("prompt_tokens")
-                        record.completion_tokens = usage.get("completion_tokens")
-                        record.cost_usd = self.forwarder.stream_cost(entry, getattr(chunk, "usage", None))
+                        pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
+                        if end.estimate is None or self._checked_usage(record, end.estimate, entry, pt, ct):
+                            record.prompt_tokens, record.completion_tokens = pt, ct
+                            record.cost_usd = self.forwarder.stream_cost(entry, getattr(chunk, "usage", None))
+                        else:  # impossible usage: count what was sent and relayed
+                            pt, ct, record.cost_usd = await end.counted()
+                            record.prompt_tokens, record.completion_tokens = pt, ct
+                            usage.update(prompt_tokens=pt, completion_tokens=ct, total_tokens=pt + ct)
                         if want_usage:
                             usage.pop("cost", None)
                             d["usage"] = usage
-                    choices: Sequence[dict[str, Any]] = d.get("choices") or []
-                    if choices:
-                        content = choices[0].get("delta", {}).get("content")
-                        if content:
-                            relayed.add(content)
                     if choices or "usage" in d:
                         ends = not choices or any(c.get("finish_reason") for c in choices)
                         if held is not None:
@@ -615,7 +711,11 @@ class ChatService:
                             held = d
                         else:
                             yield d
-            record.upstream_latency_ms = (time.perf_counter() - opened.started) * 1e3
+            upstream_ms = (time.perf_counter() - opened.started) * 1e3
+            if record.completion_tokens is None:  # the provider sent no usage chunk: count what was relayed
+                pt, ct, record.cost_usd = await end.counted()
+                record.prompt_tokens, record.completion_tokens = pt, ct
+            record.upstream_latency_ms = upstream_ms  # set once priced: a disconnect before is a stream cut short
             end.settled = record.cost_usd or 0.0
             if held is None:
                 held = {**template, "object": "chat.completion.chunk", "model": name, "choices": []}
@@ -656,7 +756,13 @@ class ChatService:
                     if held is not None:
                         yield held
                     held = event
-            record.upstream_latency_ms = (time.perf_counter() - opened.started) * 1e3
+            upstream_ms = (time.perf_counter() - opened.started) * 1e3
+            pt, ct = record.prompt_tokens, record.completion_tokens
+            # no usage (or none of the output), or impossible usage: count what was sent and relayed
+            if ct is None or (end.estimate is not None and not self._checked_usage(record, end.estimate, entry, pt, ct)):
+                pt, ct, record.cost_usd = await end.counted()
+                record.prompt_tokens, record.completion_tokens = pt, ct
+            record.upstream_latency_ms = upstream_ms  # set once priced: a disconnect before is a stream cut short
             end.settled = record.cost_usd or 0.0
             if held is not None:
                 held["uniroute"] = self.extension(record, plan)
@@ -671,6 +777,29 @@ class ChatService:
             yield op.error_event(err)
         finally:
             await end()
+
+
+def set_usage(usage: Any, prompt_tokens: int, completion_tokens: int) -> None:
+    """Replace the token counts of ``usage`` (an object or a dict; OpenAI's names, or the Responses and
+    Anthropic ``input_tokens``/``output_tokens``) by the counted figure, in place."""
+    is_dict = isinstance(usage, dict)
+
+    def has(name: str) -> bool:
+        return name in usage if is_dict else getattr(usage, name, None) is not None
+
+    pn, cn = (("input_tokens", "output_tokens") if not has("prompt_tokens") and has("input_tokens")
+              else ("prompt_tokens", "completion_tokens"))
+    values = {pn: prompt_tokens}
+    if completion_tokens or has(cn):  # an embedding's usage has no completion field
+        values[cn] = completion_tokens
+    if has("total_tokens"):
+        values["total_tokens"] = prompt_tokens + completion_tokens
+    for name, value in values.items():
+        with contextlib.suppress(Exception):
+            if is_dict:
+                usage[name] = value
+            else:
+                setattr(usage, name, value)
 
 
 def _wrong_kind(name: str, kind: str) -> str:

@@ -82,6 +82,7 @@ def record_to_row(record: RequestRecord, row_id: str) -> dict[str, Any]:
         "started_at": record.started_at,
         "finished_at": record.finished_at,
         "prompt_text": record.prompt_text,
+        "usage_corrected": record.usage_corrected,
     }
     for key, limit in _STRING_LIMITS.items():
         v = row.get(key)

@@ -281,6 +281,8 @@ class RequestRow(Base):
     started_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]
     prompt_text: Mapped[str | None] = mapped_column(Text)  # only when database.store_prompts is on
+    # the provider's usage was impossible (negative, or far beyond the request's bound): the counted figure is logged
+    usage_corrected: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
 
     __table_args__ = (
         Index(None, "key_id", "started_at"),

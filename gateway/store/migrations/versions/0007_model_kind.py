@@ -6,9 +6,9 @@
 - ``requests.endpoint``: the API a request called (``chat``, ``responses``, ``messages``,
   ``embeddings``). Existing rows were chat completions.
 
-Revision ID: 0006_model_kind
-Revises: 0005_feedback_once
-Create Date: 2026-12-04 09:00:00
+Revision ID: 0007_model_kind
+Revises: 0006_model_max_output
+Create Date: 2026-12-05 09:00:00
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = '0006_model_kind'
-down_revision: str | None = '0005_feedback_once'
+revision: str = '0007_model_kind'
+down_revision: str | None = '0006_model_max_output'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
