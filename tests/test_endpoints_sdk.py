@@ -43,6 +43,7 @@ class Stack:
     key: str
     db_url: str
     data: BenchmarkDataset
+    cfg: Any = None  # the gateway's config file (for `uniroute keys create`)
 
     def answer(self, model: str, row: int = 0) -> str:
         letter = self.data.responses[row][self.data.models.index(model)]
@@ -68,6 +69,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             data["models"].append({"name": name, "router_cost": 1, "routable": False, "input_cost_per_1m": 1.0,
                                    "litellm_params": {"model": f"openai/fake-{name}", "api_base": fake_base,
                                                       "api_key": "x"}})
+        # the budget cap: -nousage never reports usage; a dear output price makes a big max_tokens exceed a budget
+        data["models"].append({"name": "nousage", "router_cost": 1, "routable": False, "input_cost_per_1m": 1.0,
+                               "output_cost_per_1m": 10.0, "litellm_params": {
+                                   "model": "openai/fake-x-nousage", "api_base": fake_base, "api_key": "x"}})
         cfg.write_text(yaml.safe_dump(data))
         yield from _serve(cfg, replay, port, db_url, dataset)
 
@@ -78,7 +83,8 @@ def _serve(cfg: Any, replay: Any, port: int, db_url: str, dataset: Any) -> Itera
             [sys.executable, "-m", "gateway.cli.main", "keys", "create", "--name", "sdk", "--lambda", "0.2",
              "--budget", "100", "--config", str(cfg)],
             cwd=ROOT, env=server_env(), capture_output=True, text=True, check=True, timeout=60)
-        yield Stack(f"http://127.0.0.1:{port}", out.stdout.strip().splitlines()[-1], db_url, load_dataset(dataset))
+        yield Stack(f"http://127.0.0.1:{port}", out.stdout.strip().splitlines()[-1], db_url, load_dataset(dataset),
+                    cfg)
 
 
 @pytest.fixture(scope="module")
@@ -349,3 +355,60 @@ def test_a_stream_broken_mid_way_ends_with_an_error_event(stack: Stack, path: st
     row = _rows(stack, [rid])[rid]
     assert row["status_code"] == 502 and row["endpoint"] == path.rsplit("/", 1)[-1]
     assert row["prompt_tokens"] > 0  # the partial usage is charged
+
+
+# -- the budget cap on every endpoint ---------------------------------------------------------------------------
+
+def test_budget_cap_holds_on_messages_and_responses(stack: Stack, oa: openai.OpenAI, an: anthropic.Anthropic) -> None:
+    """A budgeted key's request whose estimate exceeds what remains is refused before it is sent (429;
+    Anthropic-shaped on /v1/messages), the default output bound is forced upstream when the request sets none,
+    and a /v1/messages stream whose upstream never reports usage is charged the counted figure (> 0)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.cli.main", "keys", "create", "--name", "tight", "--lambda", "0.2",
+         "--budget", "0.01", "--config", str(stack.cfg)],
+        cwd=ROOT, env=server_env(), capture_output=True, text=True, check=True, timeout=60)
+    tight = out.stdout.strip().splitlines()[-1]
+    huge = 1_000_000  # x $10/1M output = $10, far beyond the $0.01 budget
+    r = httpx.post(stack.base + "/v1/messages", headers={"x-api-key": tight}, timeout=30,
+                   json={"model": "nousage", "max_tokens": huge, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 429, r.text
+    body = r.json()
+    assert body["type"] == "error" and body["error"]["type"] == "rate_limit_error", body
+    assert "budget exceeded" in body["error"]["message"] and f"{huge} completion tokens" in body["error"]["message"]
+    with (openai.OpenAI(base_url=stack.base + "/v1", api_key=tight, max_retries=0, timeout=30) as client,
+          pytest.raises(openai.RateLimitError) as refused):
+        client.responses.create(model="nousage", input="hi", max_output_tokens=huge)
+    assert "budget exceeded" in str(refused.value) and f"{huge} completion tokens" in str(refused.value)
+    for r in (httpx.post(stack.base + "/v1/messages", headers={"x-api-key": tight}, timeout=30, json={
+                  "model": "nousage", "max_tokens": huge, "stream": True,
+                  "messages": [{"role": "user", "content": "hi"}]}),
+              httpx.post(stack.base + "/v1/responses", headers={"authorization": f"Bearer {tight}"}, timeout=30,
+                         json={"model": "nousage", "input": "hi", "max_output_tokens": huge, "stream": True})):
+        assert r.status_code == 429, r.text  # refused before any byte is streamed
+    engine = sa.create_engine(stack.db_url)
+    try:
+        with engine.connect() as c:
+            spent, held = c.execute(sa.text(
+                "SELECT spend_usd, reserved_usd FROM api_keys WHERE name = 'tight'")).one()
+    finally:
+        engine.dispose()
+    assert spent == 0 and held == 0
+
+    # no max_output_tokens, a model whose maximum output is unknown: the default bound reaches the upstream
+    sent = json.loads(oa.responses.create(model="echo", input="x").output_text)
+    assert sent["max_tokens"] == 4096  # budget.default_max_output_tokens (the sdk key has a budget)
+
+    # a stream without usage on /v1/messages: charged what was sent and relayed, counted
+    before = _spend(stack)
+    with an.messages.stream(model="nousage", max_tokens=100,
+                            messages=[{"role": "user", "content": "count these words please"}]) as stream:
+        text = "".join(stream.text_stream)
+        rid = stream.response.headers["x-uniroute-request-id"]
+    assert text
+    row = _rows(stack, [rid])[rid]
+    assert row["status_code"] == 200 and row["endpoint"] == "messages" and row["stream"]
+    assert row["prompt_tokens"] > 0 and row["completion_tokens"] > 0 and row["cost_usd"] > 0, row
+    deadline = time.monotonic() + 10
+    while _spend(stack) <= before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _spend(stack) > before
