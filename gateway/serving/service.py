@@ -529,8 +529,8 @@ class ChatService:
             record.cost_usd = done.cost_usd
             record.upstream_latency_ms = done.upstream_latency_ms
             pt, ct = usage_numbers(usage)
-            if usage is None or not self._checked_usage(record, estimate, done.entry, pt, ct):
-                # no usage, or impossible usage: count what was sent and answered (until counted, the bound is owed:
+            if usage is None or _no_usage(pt, ct) or not self._checked_usage(record, estimate, done.entry, pt, ct):
+                # no usage (LiteLLM's adapters report zeros for it), or impossible usage: count what was sent and answered (until counted, the bound is owed:
                 # a client that goes away meanwhile is charged the reservation, never $0)
                 settled = estimate.usd
                 pt, ct, done.cost_usd = await self.off_loop(ctx, self._counted, done.entry, estimated, done.response,
@@ -692,10 +692,11 @@ class ChatService:
                     usage = d.pop("usage", None)
                     if usage is not None:
                         pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
-                        if end.estimate is None or self._checked_usage(record, end.estimate, entry, pt, ct):
+                        if not _no_usage(pt, ct) and (end.estimate is None
+                                                      or self._checked_usage(record, end.estimate, entry, pt, ct)):
                             record.prompt_tokens, record.completion_tokens = pt, ct
                             record.cost_usd = self.forwarder.stream_cost(entry, getattr(chunk, "usage", None))
-                        else:  # impossible usage: count what was sent and relayed
+                        else:  # zeros or impossible usage: count what was sent and relayed
                             pt, ct, record.cost_usd = await end.counted()
                             record.prompt_tokens, record.completion_tokens = pt, ct
                             usage.update(prompt_tokens=pt, completion_tokens=ct, total_tokens=pt + ct)
@@ -758,8 +759,10 @@ class ChatService:
                     held = event
             upstream_ms = (time.perf_counter() - opened.started) * 1e3
             pt, ct = record.prompt_tokens, record.completion_tokens
-            # no usage (or none of the output), or impossible usage: count what was sent and relayed
-            if ct is None or (end.estimate is not None and not self._checked_usage(record, end.estimate, entry, pt, ct)):
+            # no usage (or none of the output; LiteLLM's adapters report zeros for none), or impossible usage:
+            # count what was sent and relayed
+            if ct is None or _no_usage(pt, ct) or (
+                    end.estimate is not None and not self._checked_usage(record, end.estimate, entry, pt, ct)):
                 pt, ct, record.cost_usd = await end.counted()
                 record.prompt_tokens, record.completion_tokens = pt, ct
             record.upstream_latency_ms = upstream_ms  # set once priced: a disconnect before is a stream cut short
@@ -777,6 +780,12 @@ class ChatService:
             yield op.error_event(err)
         finally:
             await end()
+
+
+def _no_usage(prompt_tokens: Any, completion_tokens: Any) -> bool:
+    """Usage that says nothing: no tokens at all (every request has a prompt; LiteLLM's Responses and Anthropic
+    adapters report zeros when the provider sent no usage)."""
+    return not prompt_tokens and not completion_tokens
 
 
 def set_usage(usage: Any, prompt_tokens: int, completion_tokens: int) -> None:
