@@ -412,3 +412,18 @@ def test_budget_cap_holds_on_messages_and_responses(stack: Stack, oa: openai.Ope
     while _spend(stack) <= before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _spend(stack) > before
+
+    # answers without usage (not streamed) on both endpoints: counted too
+    plain = [oa.responses.with_raw_response.create(model="nousage", input="count me", max_output_tokens=50),
+             an.messages.with_raw_response.create(model="nousage", max_tokens=50,
+                                                  messages=[{"role": "user", "content": "count me"}])]
+    rids = [p.headers["x-uniroute-request-id"] for p in plain]
+    with httpx.stream("POST", stack.base + "/v1/responses", timeout=30, headers={"authorization": f"Bearer {stack.key}"},
+                      json={"model": "nousage", "input": "count me", "max_output_tokens": 50, "stream": True}) as r:
+        assert r.status_code == 200
+        rids.append(r.headers["x-uniroute-request-id"])
+        lines = list(r.iter_lines())  # read to the end (stopping early would be a disconnect)
+    assert any("output_text.delta" in line for line in lines)
+    for rid, row in _rows(stack, rids).items():
+        assert row["status_code"] == 200 and row["completion_tokens"] > 0 and row["cost_usd"] > 0, (rid, row)
+    assert len(_rows(stack, rids)) == 3
