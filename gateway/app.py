@@ -31,7 +31,7 @@ from starlette.routing import Route
 
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import GatewayError
-from gateway.http.middleware import CHAT_PATH, RequestContextMiddleware
+from gateway.http.middleware import CHAT_PATH, MESSAGES_PATH, RequestContextMiddleware
 from gateway.http.state import GatewayState, ReadinessCheck
 from gateway.secrets import install_log_scrubber, keep_config_params
 from gateway.serving.interfaces import (
@@ -66,7 +66,18 @@ def create_app(
     ``tune_gc``: the server process's collector settings (:func:`freeze_heap`) at the end of start-up; set by
     :func:`app_from_env` (``uniroute serve``), not by tests that build many apps in one process."""
     from gateway.access.accounting import Accounting, settings_from_config
-    from gateway.http import admin_models, chat, feedback, health, keys, models, openapi, responses, route
+    from gateway.http import (
+        admin_models,
+        chat,
+        endpoints,
+        feedback,
+        health,
+        keys,
+        models,
+        openapi,
+        responses,
+        route,
+    )
     from gateway.http import tenants as key_profiles
     from gateway.http.auth import GuardedMetrics
     from gateway.http.middleware import InFlightMiddleware
@@ -86,7 +97,11 @@ def create_app(
         from gateway.serving.router import CostCurves, RouterBundle, build_router
         from gateway.serving.service import ChatService
         from gateway.store import models as catalog
+        from gateway.telemetry import NO_TRACING, otlp_tracing
 
+        tel = config.telemetry
+        tracing = (otlp_tracing(tel.otlp_endpoint, tel.service_name, tel.schedule_delay_ms) if tel.otlp_endpoint
+                   else NO_TRACING)
         started = int(time.time())
         keep_config_params(config.models)  # the table holds their secrets masked: the real values stay in memory
         registry = Registry.from_config(config, created=started)
@@ -97,7 +112,8 @@ def create_app(
         forwarder = Forwarder(max_attempts=fb.max_attempts, cooldowns=cooldowns,
                               upstream=LiteLLMUpstream(raw_openai_streams=config.forwarding.raw_openai_streams,
                                                        http_client=config.forwarding.http_client,
-                                                       max_response_bytes=config.forwarding.max_response_bytes))
+                                                       max_response_bytes=config.forwarding.max_response_bytes),
+                              tracing=tracing)
         registry.on_replace(forwarder.register)
         if policy is not None:
             bundle = RouterBundle(policy=policy[0], embed=policy[1])
@@ -144,8 +160,8 @@ def create_app(
             registry, pol, forwarder, embed=embed,
             authenticator=authenticator or acc.authenticator,
             rate_limiter=rate_limiter or acc.rate_limiter, budget=budget or acc.budget, sink=sink or acc.sink,
-            offload_bytes=config.limits.offload_bytes, estimator=Estimator(config.budget), pacer=acc.pacer, cost_curve=CostCurves(pol, registry.pool),
-            overlays=overlays,
+            offload_bytes=config.limits.offload_bytes, tracing=tracing, estimator=Estimator(config.budget),
+            pacer=acc.pacer, cost_curve=CostCurves(pol, registry.pool), overlays=overlays,
         )
         # profiling joins the gateway here only: the admin handlers reach it through these two objects
         from profiling.jobs import ProfilingJobs
@@ -181,9 +197,13 @@ def create_app(
             await acc.aclose()
             await bundle.aclose()
             await forwarder.aclose()
+            await asyncio.to_thread(tracing.shutdown)  # export the spans still pending
 
     routes = [
         Route(CHAT_PATH, chat.chat_completions, methods=["POST"]),
+        Route("/v1/responses", endpoints.responses, methods=["POST"]),
+        Route(MESSAGES_PATH, endpoints.messages, methods=["POST"]),
+        Route("/v1/embeddings", endpoints.embeddings, methods=["POST"]),
         Route("/v1/models", models.list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", models.get_model, methods=["GET"]),
         Route("/health/liveliness", health.liveliness, methods=["GET"]),

@@ -268,6 +268,17 @@ class MetricsConfig(_Section):
     """Who may read `GET /metrics` (it names every API key with its spend and budget): `token` needs `Authorization: Bearer` with `$UNIROUTE_METRICS_TOKEN` or the admin key `$UNIROUTE_ADMIN_KEY` (403 while neither is set); `none` lets anyone read it; `auto` is `token` with `auth.mode: keys` and `none` with `auth.mode: open` (docs/security/tenants.md)."""
 
 
+class TelemetryConfig(_Section):
+    """OpenTelemetry traces (gateway/telemetry.py): off unless `otlp_endpoint` is set."""
+
+    otlp_endpoint: str | None = None
+    """OTLP/HTTP traces endpoint, e.g. `http://127.0.0.1:4318/v1/traces` (needs `pip install 'uniroute-gateway[otel]'`). Set: one span per request with child spans for routing and each upstream attempt, GenAI semantic-convention attributes plus λ, cluster and candidates. Unset: no tracing, no cost."""
+    service_name: str = "uniroute-gateway"
+    """The `service.name` of the exported spans."""
+    schedule_delay_ms: int = Field(default=1000, ge=10, le=60_000)
+    """Spans are exported in batches, at most this long after they end (and at shutdown)."""
+
+
 class AdminConfig(_Section):
     """What the admin API (``/admin/models``) may put into a model's ``litellm_params`` (docs/security/secrets.md)."""
 
@@ -358,6 +369,8 @@ class GatewayConfig(_Section):
     """Who may read `/metrics`."""
     admin: AdminConfig = Field(default_factory=AdminConfig)
     """What the admin API may write into a model's `litellm_params` (environment references, literal keys)."""
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    """OpenTelemetry traces over OTLP/HTTP (off by default)."""
     #: folder of the config file (relative paths resolve against it); not a YAML key
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
 

@@ -209,3 +209,22 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]
     logger.exception("unhandled error", exc_info=exc)
     body = {"error": {"message": "internal server error", "type": "internal_error", "param": None, "code": None}}
     return 500, body, {}
+
+
+#: Anthropic's error ``type`` per HTTP status (``/v1/messages`` answers errors in Anthropic's shape).
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                         403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
+                         408: "timeout_error", 409: "invalid_request_error", 413: "request_too_large",
+                         429: "rate_limit_error", 499: "invalid_request_error", 504: "timeout_error",
+                         529: "overloaded_error"}
+
+
+def anthropic_error(status: int, message: str) -> dict[str, Any]:
+    """``{"type": "error", "error": {"type", "message"}}`` for ``status``: Anthropic's error shape."""
+    return {"type": "error", "error": {"type": ANTHROPIC_ERROR_TYPES.get(status, "api_error"), "message": message}}
+
+
+def anthropic_error_body(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """:func:`error_body` in Anthropic's shape (the same status, message and headers)."""
+    status, body, headers = error_body(exc)
+    return status, anthropic_error(status, str(body["error"]["message"])), headers

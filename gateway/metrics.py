@@ -37,6 +37,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from gateway.protocol_endpoints import ENDPOINTS
+
 if TYPE_CHECKING:  # the request path depends on metrics, never the other way round
     from gateway.serving.interfaces import RequestRecord
 
@@ -77,12 +79,12 @@ class Metrics:
         # -- traffic ----------------------------------------------------------------------------
         self.requests = Counter(
             "litellm_proxy_total_requests_metric",
-            "Client requests by requested model, routed model, HTTP status and key name",
-            ["requested_model", "model", "status_code", "status_class", key], registry=r)
+            "Client requests by requested model, routed model, HTTP status, key name and endpoint",
+            ["requested_model", "model", "status_code", "status_class", key, "endpoint"], registry=r)
         self.failed_requests = Counter(
             "litellm_proxy_failed_requests_metric",
             "Client requests that ended in an error, by error type",
-            ["requested_model", "model", "exception_status", "exception_class", key], registry=r)
+            ["requested_model", "model", "exception_status", "exception_class", key, "endpoint"], registry=r)
         self.llm_requests = Counter(
             "litellm_requests_metric",
             "Successful requests answered by a backend model",
@@ -282,15 +284,17 @@ class Metrics:
         model = self.model_label(record.routed_model)
         key = record.key_name or "anonymous"
         status = int(record.status_code)
+        endpoint = record.endpoint if record.endpoint in ENDPOINTS else OTHER
         self.requests.labels(requested_model=requested, model=model, status_code=str(status),
-                             status_class=_status_class(status), api_key_alias=key).inc()
+                             status_class=_status_class(status), api_key_alias=key, endpoint=endpoint).inc()
         ok = status < 400
         if ok:
             if record.routed_model:
                 self.llm_requests.labels(model=model, requested_model=requested, api_key_alias=key).inc()
         else:
             self.failed_requests.labels(requested_model=requested, model=model, exception_status=str(status),
-                                        exception_class=(record.error_type or "error")[:64], api_key_alias=key).inc()
+                                        exception_class=(record.error_type or "error")[:64], api_key_alias=key,
+                                        endpoint=endpoint).inc()
         tok = {"model": model, "requested_model": requested, "api_key_alias": key}
         if record.prompt_tokens:
             self.input_tokens.labels(**tok).inc(record.prompt_tokens)

@@ -105,6 +105,17 @@ def _params_safe(params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+#: What a model serves: ``chat`` (chat completions, Responses, Messages; the only kind ``auto`` routes to)
+#: or ``embedding`` (``/v1/embeddings``, by name only).
+MODEL_KINDS = ("chat", "embedding")
+
+
+def _valid_kind(kind: str) -> str:
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(MODEL_KINDS)}; got {kind[:40]!r}")
+    return kind
+
+
 def _has_model(params: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(params.get("model"), str) or not params["model"]:
         raise ValueError("litellm_params.model is required (litellm_params needs 'model', the LiteLLM model to "
@@ -139,6 +150,9 @@ class ModelSpec(_Strict):
     first_token_timeout_s: float | None = Field(default=None, gt=0.0, le=MAX_TIMEOUT_S,
                                                 description="streams: seconds until the first chunk; default timeout_s")
     routable: bool = Field(default=True, description="may `auto` pick it (once profiled)?")
+    kind: Annotated[str, Field(max_length=16), AfterValidator(_valid_kind)] = Field(
+        default="chat", description="chat (chat completions, responses, messages; routable) or embedding "
+                                    "(/v1/embeddings, by name only; never routed)")
     max_output_tokens: int | None = Field(
         default=None, ge=1, le=MAX_OUTPUT_TOKENS,
         description="the most completion tokens one answer of it may have (bounds the budget estimate of a "

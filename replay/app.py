@@ -25,6 +25,13 @@ Behaviour of ``POST /v1/chat/completions``:
   in ``stream_chunks`` pieces (default: one per word), a finish chunk, a usage chunk when
   ``stream_options.include_usage`` is set, then ``data: [DONE]``.
 - ``n`` > 1 returns ``n`` identical choices.
+- A request with ``tools`` whose last message is the user's, with no tool result in it yet (and
+  ``tool_choice`` not ``"none"``), gets a call of the first tool (arguments ``{}``, ``finish_reason:
+  "tool_calls"``); once a tool has answered, the answer is the recorded one, as for any prompt.
+
+``POST /v1/embeddings`` (any model name) answers a deterministic unit vector per input, derived from its
+text (:func:`embed_text`: equal texts, equal vectors), as floats or base64 (``encoding_format``), with
+usage = characters / 4 per input.
 
 Knobs (per model, ``*`` for every model): added latency before the response starts (so it
 is the time to first token for streams), a delay between streamed chunks, and injected faults:
@@ -39,12 +46,15 @@ body); rendered answers are cached on first use; bodies are serialised with orjs
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import itertools
 import math
 import os
 import re
 import secrets
+import struct
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -347,6 +357,9 @@ async def chat_completions(request: Request) -> Response:
             if msg.get("role") == "user":
                 last_user = msg.get("content")
     prompt = _text_of(last_user)
+    tool = _tool_to_call(body, messages)
+    if tool is not None:
+        return _tool_call_response(state, model, tool, estimate_tokens(prompt_chars), bool(body.get("stream")))
     ans = state.answer(model, col, prompt)
     if not ans.recorded and isinstance(last_user, list):
         joined = state.answer(model, col, _text_of(last_user, ""))
@@ -419,6 +432,88 @@ async def _stream(
     yield _DONE
 
 
+def _tool_to_call(body: dict[str, Any], messages: list[Any]) -> str | None:
+    """The tool a request with ``tools`` gets a call of: the first one, when the last message is the user's and
+    no tool has answered yet."""
+    tools = body.get("tools")
+    if not isinstance(tools, list) or not tools or not isinstance(messages[-1], dict):
+        return None
+    if messages[-1].get("role") != "user" or body.get("tool_choice") == "none":
+        return None
+    if any(isinstance(m, dict) and m.get("role") == "tool" for m in messages):
+        return None
+    function = tools[0].get("function") if isinstance(tools[0], dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _tool_call_response(state: ReplayState, model: str, tool: str, prompt_tokens: int, stream: bool) -> Response:
+    cid = state.next_id()
+    created = int(time.time())
+    call = {"id": f"call_{cid.rsplit('-', 1)[-1]}", "type": "function", "function": {"name": tool, "arguments": "{}"}}
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 5, "total_tokens": prompt_tokens + 5}
+    head = {"id": cid, "created": created, "model": model, "system_fingerprint": "uniroute-replay"}
+    if not stream:
+        message = {"role": "assistant", "content": None, "tool_calls": [call]}
+        out = {**head, "object": "chat.completion", "usage": usage,
+               "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}]}
+        return Response(orjson.dumps(out), media_type=_JSON)
+    chunk = {**head, "object": "chat.completion.chunk"}
+    events = [
+        {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": None,
+                                                     "tool_calls": [{"index": 0, **call}]}, "finish_reason": None}]},
+        {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+        {**chunk, "choices": [], "usage": usage},
+    ]
+    body = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + _DONE
+    return Response(body, media_type="text/event-stream", headers=_SSE_HEADERS)
+
+
+#: Dimensions of the replay's embeddings when the request asks for none.
+EMBEDDING_DIMENSIONS = 16
+
+
+def embed_text(text: str, dimensions: int = EMBEDDING_DIMENSIONS) -> list[float]:
+    """A deterministic unit vector derived from ``text`` (SHA-256 in counter mode): equal texts, equal vectors."""
+    raw = b"".join(hashlib.sha256(f"{k}:{text}".encode()).digest() for k in range(math.ceil(dimensions * 4 / 32)))
+    values = [int.from_bytes(raw[4 * i:4 * i + 4], "little") / 2**31 - 1.0 for i in range(dimensions)]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return [v / norm for v in values]
+
+
+def embeddings_body(body: dict[str, Any]) -> dict[str, Any]:
+    """The ``/v1/embeddings`` answer for ``body``: one :func:`embed_text` vector per input (any model name),
+    as floats or base64 (``encoding_format``); usage: characters / 4 per input."""
+    model, inputs = body.get("model"), body.get("input")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequestError("'model' is required and must be a string", param="model")
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidRequestError("'input' must be a string or a non-empty list", param="input")
+    dims = body.get("dimensions") or EMBEDDING_DIMENSIONS
+    if not isinstance(dims, int) or isinstance(dims, bool) or not 1 <= dims <= 4096:
+        raise InvalidRequestError(f"'dimensions' must be an integer in [1, 4096]; got {dims!r}", param="dimensions")
+    texts = [x if isinstance(x, str) else " ".join(map(str, x)) if isinstance(x, list) else str(x) for x in inputs]
+    data: list[dict[str, Any]] = []
+    for i, text in enumerate(texts):
+        vector: Any = embed_text(text, dims)
+        if body.get("encoding_format") == "base64":
+            vector = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": vector})
+    tokens = sum(estimate_tokens(len(t)) for t in texts)
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+async def embeddings(request: Request) -> Response:
+    try:
+        out = embeddings_body(_parse_body(await request.body()))
+    except GatewayError as exc:
+        return _error_response(exc)
+    return Response(orjson.dumps(out), media_type=_JSON)
+
+
 async def list_models(request: Request) -> Response:
     state: ReplayState = request.app.state.replay
     return Response(state.models_body, media_type=_JSON)
@@ -484,6 +579,8 @@ def create_replay_app(
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/embeddings", embeddings, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),

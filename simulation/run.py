@@ -156,6 +156,9 @@ class InProcessReplay:
     async def stream(self, entry: ModelEntry, messages: list[dict[str, Any]], params: Mapping[str, Any]) -> Any:
         raise GatewayError("the simulation sends non-streaming requests only")
 
+    async def call(self, entry: ModelEntry, endpoint: str, payload: Mapping[str, Any], stream: bool) -> Any:
+        raise GatewayError("the simulation sends chat completions only")
+
     async def aclose(self) -> None:
         await self.client.aclose()
 

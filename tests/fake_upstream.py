@@ -219,7 +219,14 @@ async def auth(request: Request) -> Response:
     return JSONResponse(AUTH)
 
 
+async def embeddings(request: Request) -> Response:
+    from replay.app import embeddings_body
+
+    return JSONResponse(embeddings_body(await request.json()))
+
+
 app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/health", health),
+                        Route("/v1/embeddings", embeddings, methods=["POST"]),
                         Route("/streams", streams), Route("/auth", auth)])
 
 
@@ -280,6 +287,15 @@ class FakeUpstream:
             yield ChatCompletionChunk.model_validate(chunk)
             if model.endswith("-midfail"):
                 raise ConnectionError("connection dropped mid-stream")
+
+    async def call(self, entry: ModelEntry, endpoint: str, payload: Mapping[str, Any], stream: bool) -> Any:
+        if endpoint != "embeddings" or stream:
+            raise NotImplementedError(f"the in-memory upstream serves chat and embeddings only, not {endpoint}")
+        from replay.app import embeddings_body
+
+        body = {**payload, "model": entry.litellm_model.split("/", 1)[-1]}
+        self.calls.append(body)
+        return embeddings_body(body)
 
     async def aclose(self) -> None:
         pass

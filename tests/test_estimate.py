@@ -138,3 +138,38 @@ def test_counted_completion_counts_content_and_tool_arguments() -> None:
                      "tool_calls": [{"id": "c", "type": "function",
                                      "function": {"name": "f", "arguments": "b " * 100}}]}}]})
     assert counted_completion("openai/gpt-4o", resp) >= 190
+
+
+# -- the other endpoints: the request as the estimate reads it (protocol_endpoints.estimate_request) -----------
+
+def test_other_endpoints_are_estimated_on_everything_they_bill() -> None:
+    from gateway.protocol_endpoints import EmbeddingsRequest, MessagesRequest, ResponsesRequest
+    from gateway.serving.operations import operation
+
+    est, e = Estimator(CFG), entry()
+    tools = big_tools(20_000)
+    anthropic_tools = [{"name": t["function"]["name"], "description": t["function"]["description"],
+                        "input_schema": t["function"]["parameters"]} for t in tools]
+    result = {"type": "tool_result", "tool_use_id": "t1", "content": "sunny " * 500}
+    msgs = MessagesRequest.model_validate({"model": "auto", "max_tokens": 7, "tools": anthropic_tools, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "hi"},
+                                     {"type": "image", "source": {"type": "url", "url": "http://x/y.png"}}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "tool_0", "input": {"c": "x"}}]},
+        {"role": "user", "content": [result]}]})
+    m = est.estimate(msgs.estimate_request(), [e])
+    assert m.prompt_tokens >= len(json.dumps(anthropic_tools)) // 4 + len(result["content"]) // 4 \
+        + CFG.tool_prompt_tokens + CFG.image_tokens
+    assert m.output_tokens == 7 and m.force_max_tokens is None
+
+    resp = ResponsesRequest.model_validate({"model": "auto", "instructions": "Be brief.", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "hi"},
+                                     {"type": "input_image", "image_url": "http://x/y.png", "detail": "low"}]},
+        {"type": "function_call_output", "call_id": "c1", "output": "rain " * 400}]})
+    r = est.estimate(resp.estimate_request(), [e])
+    assert r.prompt_tokens >= len("rain " * 400) // 4 + CFG.low_detail_image_tokens
+    assert r.output_source == "default" and r.force_max_tokens == CFG.default_max_output_tokens
+    assert operation(resp).payload(r.force_max_tokens)["max_output_tokens"] == CFG.default_max_output_tokens
+    assert "max_output_tokens" not in operation(resp).payload(None)
+
+    ids = EmbeddingsRequest.model_validate({"model": "emb", "input": [[1, 2, 3] * 300]})
+    assert est.estimate(ids.estimate_request(), [e]).prompt_tokens >= 900  # each token id is at least a token

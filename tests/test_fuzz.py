@@ -1,7 +1,9 @@
 """Property-based fuzzing of a REAL ``uniroute serve`` (uvicorn on loopback) in front of the replay upstream.
 
 Issue 6, item 3: at least 1000 generated bodies, headers and paths; zero 5xx; every error OpenAI-shaped
-(``{"error": {"message", "type", "param", "code"}}``). Two servers: ``auth.mode: keys`` with a key made by
+(``{"error": {"message", "type", "param", "code"}}``), but on ``/v1/messages``, where it is Anthropic-shaped
+(``{"type": "error", "error": {"type", "message"}}``; issue 12: the POSTs go to the chat, responses, messages
+and embeddings endpoints, with bodies of their shapes). Two servers: ``auth.mode: keys`` with a key made by
 ``uniroute keys create`` (requests carry it, a bogus one, a malformed header, or none) and ``auth.mode: open``.
 
 Issue 10, row 11: :func:`test_admin_and_feedback_fuzz` drives ``/v1/feedback`` and every admin route
@@ -57,6 +59,9 @@ def _serve(root: Path, dataset: Path, replay_base: str, mode: str, database_url:
     data["auth"] = {"mode": mode}
     data["database_url"] = database_url or f"sqlite:///{root / 'gateway.store.tables'}"
     data["database"] = {"spill_dir": str(root / "spill")}
+    data["models"].append({"name": "embed-fuzz", "kind": "embedding", "router_cost": 1,
+                           "litellm_params": {"model": "openai/embed-fuzz", "api_base": replay_base,
+                                              "api_key": "replay"}})
     cfg.write_text(yaml.safe_dump(data))
     return cfg, port
 
@@ -142,6 +147,32 @@ _chat = st.fixed_dictionaries(
               "tools": _json, "tool_choice": _json, "response_format": _json, "logit_bias": _json,
               "uniroute": st.fixed_dictionaries({}, optional={"lambda": st.floats(-5, 50) | _json}) | _json},
 )
+_lam = st.fixed_dictionaries({}, optional={"lambda": st.floats(-5, 50) | _json}) | _json
+_items = st.lists(st.fixed_dictionaries({}, optional={
+    "role": st.sampled_from(["user", "assistant", "system", "developer", 1]), "content": _content,
+    "type": st.sampled_from(["message", "function_call", "function_call_output", "x"]), "call_id": _json,
+    "output": _json, "name": _json, "arguments": _json}), max_size=3)
+_responses = st.fixed_dictionaries(
+    {"model": _model},
+    optional={"input": _text | _items | _json, "instructions": _json, "max_output_tokens": st.integers(-2, 50) | _json,
+              "stream": st.booleans() | _json, "tools": _json, "tool_choice": _json, "text": _json,
+              "temperature": _json, "previous_response_id": _json, "uniroute": _lam})
+_blocks = st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "tool_use", "tool_result", "image", 1])},
+                                         optional={"text": _json, "id": _json, "tool_use_id": _json,
+                                                   "content": _json, "input": _json, "name": _json}), max_size=2)
+_messages = st.fixed_dictionaries(
+    {"model": _model, "messages": st.lists(st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "assistant", "system", 1])},
+        optional={"content": _text | _blocks | _json}), max_size=3) | _json},
+    optional={"max_tokens": st.integers(-2, 50) | _json, "system": _text | _blocks | _json,
+              "stream": st.booleans() | _json, "tools": _json, "tool_choice": _json, "temperature": _json,
+              "stop_sequences": _json, "uniroute": _lam})
+_embeddings = st.fixed_dictionaries(
+    {"model": st.sampled_from(["embed-fuzz", "embed-fuzz", "auto", "small-general", "nope", 1])},
+    optional={"input": _text | st.lists(_text, max_size=3) | _json, "encoding_format": _json,
+              "dimensions": st.integers(-2, 64) | _json, "stream": _json, "uniroute": _lam})
+_BODIES = {"/v1/chat/completions": _chat, "/v1/responses": _responses, "/v1/messages": _messages,
+           "/v1/embeddings": _embeddings}
 _admin_body = st.fixed_dictionaries({}, optional={
     "name": _text, "lambda": _json, "budget": _json, "litellm_params": _json, "router_cost": _json,
     "request_id": _json, "model": _json, "score": _json, "rpm": _json, "models": _json})
@@ -154,7 +185,8 @@ KNOWN_PATHS = [
         "/admin/keys/fuzzer", "/admin/keys/nobody", "/admin/keys/fuzzer/profile", "/v1/feedback", "/v1/route", "/admin/models", "/admin/models/small-general",
         "/admin/models/nope/disable", "/admin/models/nope/profile", "/admin/reprofile/last", "/admin/reprofile",
         "/admin/models/fuzzer", "/admin/models/fuzzer/disable", "/admin/models/fuzzer/profile",
-        "/v1/chat/completions/", "/v1/", "/", "/v2/chat/completions", "/v1/completions", "/v1/embeddings"]
+        "/v1/chat/completions/", "/v1/", "/", "/v2/chat/completions", "/v1/completions", "/v1/embeddings",
+        "/v1/responses", "/v1/messages"]
 _query = st.dictionaries(st.sampled_from(["all", "since", "model", "limit", "x"]), _ascii, max_size=2).map(
     lambda q: "?" + "&".join(f"{k}={v.replace('&', '').replace('#', '')}" for k, v in q.items()) if q else "")
 _path = st.tuples(st.one_of(
@@ -172,10 +204,11 @@ def requests(draw: st.DrawFn) -> dict[str, Any]:
     method = draw(_method)
     path = draw(_path)
     if method == "POST" and draw(st.integers(0, 2)) > 0:
-        path = "/v1/chat/completions"
+        path = draw(st.sampled_from(["/v1/chat/completions"] * 2 + ["/v1/responses", "/v1/messages",
+                                                                   "/v1/embeddings"]))
     headers: dict[str, str] = {}
-    auth = draw(st.sampled_from(["valid", "valid", "valid", "none", "bogus", "raw", "basic", "empty"]))
-    headers.update({"valid": {"authorization": "Bearer {key}"}, "none": {},
+    auth = draw(st.sampled_from(["valid", "valid", "valid", "none", "bogus", "raw", "basic", "empty", "xapikey"]))
+    headers.update({"valid": {"authorization": "Bearer {key}"}, "none": {}, "xapikey": {"x-api-key": "{key}"},
                     "bogus": {"authorization": "Bearer sk-" + draw(_ascii)}, "raw": {"authorization": draw(_ascii)},
                     "basic": {"authorization": "Basic Zm9vOmJhcg=="}, "empty": {"authorization": "Bearer"}}[auth])
     if draw(st.booleans()):
@@ -192,7 +225,7 @@ def requests(draw: st.DrawFn) -> dict[str, Any]:
     kind = draw(st.sampled_from(["chat"] * 5 + ["json", "admin", "raw", "none"]))
     body: bytes | None
     if kind == "chat":
-        body = json.dumps(draw(_chat)).encode()
+        body = json.dumps(draw(_BODIES.get(path, _chat))).encode()
     elif kind == "json":
         body = json.dumps(draw(_json)).encode()
     elif kind == "admin":
@@ -223,7 +256,11 @@ def test_no_5xx_and_errors_are_openai_shaped(servers: dict[str, Server], http: h
     SEEN.append((req["target"], r.status_code))
     where = f"{req['method']} {req['path']} on {req['target']}: {r.status_code} {r.text[:500]!r}"
     assert r.status_code < 500, where
-    if r.status_code >= 400 and req["method"] != "HEAD":
+    if r.status_code >= 400 and req["method"] != "HEAD" and req["path"].split("?")[0] == "/v1/messages":
+        body = r.json()  # Anthropic's shape on the Messages API
+        assert isinstance(body, dict) and set(body) == {"type", "error"} and body["type"] == "error", where
+        assert set(body["error"]) == {"type", "message"} and body["error"]["message"], where
+    elif r.status_code >= 400 and req["method"] != "HEAD":
         body = r.json()
         assert isinstance(body, dict) and set(body) == {"error"}, where
         err = body["error"]

@@ -55,6 +55,8 @@ def samples(field: str, info: FieldInfo) -> tuple[Any, Any]:
         return 1.25 + (default or 0.0), 2.5 + (default or 0.0)
     if kind is int:
         return 7 + (default or 0), 9 + (default or 0)
+    if field == "kind":
+        return "embedding", "embedding"
     pytest.fail(f"ModelSpec.{field}: add sample values for {info.annotation} to tests/test_spec.py::samples")
 
 

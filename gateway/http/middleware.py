@@ -33,7 +33,13 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import OverloadedError, PayloadTooLargeError, RequestTimeoutError, error_body
+from gateway.errors import (
+    OverloadedError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    anthropic_error_body,
+    error_body,
+)
 from gateway.secrets import REQUEST_ID
 from gateway.serving.interfaces import RequestRecord
 
@@ -51,6 +57,10 @@ _ATTEMPTS_BYTES = ATTEMPTS.encode()
 CHAT_PATH = "/v1/chat/completions"
 #: the API routes: counted in flight and refused beyond ``server.max_in_flight`` (health, metrics, admin never)
 API_PREFIX = "/v1/"
+#: The Anthropic Messages API: its errors are Anthropic-shaped (gateway.errors.anthropic_error_body)
+MESSAGES_PATH = "/v1/messages"
+#: The endpoints served through the chat service: every answer carries x-uniroute-attempts
+SERVED_PATHS = frozenset({CHAT_PATH, "/v1/responses", MESSAGES_PATH, "/v1/embeddings"})
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 #: What a request id is (a client's own ``x-uniroute-request-id`` outside it is replaced by a fresh one)
 REQUEST_ID_PATTERN = _SANE_ID
@@ -105,7 +115,8 @@ class RequestContextMiddleware:
             state["client_request_id"] = client_id.decode("latin-1")
         rid_bytes = rid.encode()
         limit = self.max_body_bytes
-        chat = scope.get("path") == CHAT_PATH
+        path = scope.get("path")
+        chat = path in SERVED_PATHS
         body_done = not (has_body or length)  # nothing (more) to read
         received = 0
 
@@ -126,7 +137,7 @@ class RequestContextMiddleware:
             await send(message)
 
         if length is not None and length > limit:
-            await self._too_large(send_wrapper, limit)
+            await self._too_large(send_wrapper, limit, anthropic=path == MESSAGES_PATH)
             return
 
         deadline = asyncio.get_running_loop().time() + self.body_timeout_s
@@ -158,8 +169,9 @@ class RequestContextMiddleware:
             REQUEST_ID.reset(token)
 
     @staticmethod
-    async def _too_large(send: Send, limit: int) -> None:
-        status, body, _ = error_body(PayloadTooLargeError(_too_large_message(limit)))
+    async def _too_large(send: Send, limit: int, anthropic: bool = False) -> None:
+        shape = anthropic_error_body if anthropic else error_body
+        status, body, _ = shape(PayloadTooLargeError(_too_large_message(limit)))
         payload = _dumps(body)
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
@@ -193,15 +205,20 @@ class InFlightMiddleware:
         self.limit = max_in_flight
         self.sink = sink
         self.active = 0
-        # the refusal is the same every time: built once, so that refusing costs far less than serving
-        status, body, headers = error_body(OverloadedError(max_in_flight or 0))
+        # the refusal is the same every time: built once per shape (Anthropic's on /v1/messages), so that
+        # refusing costs far less than serving
+        self._refusals = {shape: self._refusal(shape(OverloadedError(max_in_flight or 0)))
+                          for shape in (error_body, anthropic_error_body)}
+
+    @staticmethod
+    def _refusal(built: tuple[int, dict[str, Any], dict[str, str]]) -> tuple[int, Message, Message]:
+        status, body, headers = built
         payload = _dumps(body)
-        self._refusal_status = status
-        self._refusal_start: Message = {
+        start: Message = {
             "type": "http.response.start", "status": status,
             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
                         *((k.encode(), v.encode()) for k, v in headers.items())]}
-        self._refusal_body: Message = {"type": "http.response.body", "body": payload}
+        return status, start, {"type": "http.response.body", "body": payload}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not str(scope.get("path", "")).startswith(API_PREFIX):
@@ -235,9 +252,9 @@ class InFlightMiddleware:
 
     async def _shed(self, scope: Scope, send: Send) -> None:
         t0 = time.perf_counter()
-        status = self._refusal_status
-        await send({**self._refusal_start, "headers": list(self._refusal_start["headers"])})
-        await send(self._refusal_body)
+        status, start, body = self._refusals[anthropic_error_body if scope.get("path") == MESSAGES_PATH else error_body]
+        await send({**start, "headers": list(start["headers"])})
+        await send(body)
         self.metrics.requests_shed.inc()
         if self.sink is not None:
             state = scope.get("state") or {}

@@ -21,6 +21,12 @@ from gateway.protocol import (
     ModelList,
     UnirouteInfo,
 )
+from gateway.protocol_endpoints import (
+    AnthropicErrorResponse,
+    EmbeddingsRequest,
+    MessagesRequest,
+    ResponsesRequest,
+)
 
 _REF = "#/components/schemas/{model}"
 
@@ -34,11 +40,29 @@ def _errors(*codes: int) -> dict[str, Any]:
                      "content": {"application/json": {"schema": _ref(ErrorResponse)}}} for c in codes}
 
 
+_REQUESTS: tuple[type[BaseModel], ...] = (ChatCompletionRequest, ResponsesRequest, MessagesRequest, EmbeddingsRequest)
+_HEADERS = ("x-uniroute-model", "x-uniroute-request-id", "x-uniroute-client-request-id", "x-uniroute-attempts",
+            "x-uniroute-cost")
+
+
+def _served(summary: str, operation_id: str, request: type[BaseModel], answer: str, *codes: int,
+            anthropic: bool = False) -> dict[str, Any]:
+    """A POST of one of the served endpoints beyond chat (same headers, same errors; Anthropic-shaped ones)."""
+    errors = ({str(c): {"description": "Anthropic-shaped error",
+                        "content": {"application/json": {"schema": _ref(AnthropicErrorResponse)}}} for c in codes}
+              if anthropic else _errors(*codes))
+    return {"post": {
+        "summary": summary, "operationId": operation_id,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request)}}},
+        "responses": {"200": {"description": answer, "headers": {h: {"schema": {"type": "string"}} for h in _HEADERS}},
+                      **errors}}}
+
+
 def build_openapi() -> dict[str, Any]:
-    models: list[type[BaseModel]] = [ChatCompletionRequest, ChatCompletion, ChatCompletionChunk, Model, ModelList,
-                                     UnirouteInfo, ErrorResponse]
+    models: list[type[BaseModel]] = [*_REQUESTS, ChatCompletion, ChatCompletionChunk, Model, ModelList,
+                                     UnirouteInfo, ErrorResponse, AnthropicErrorResponse]
     _, top = models_json_schema(
-        [(m, "validation" if m is ChatCompletionRequest else "serialization") for m in models], ref_template=_REF
+        [(m, "validation" if m in _REQUESTS else "serialization") for m in models], ref_template=_REF
     )
     schemas: dict[str, Any] = top.get("$defs", {})
     chat = {
@@ -72,6 +96,21 @@ def build_openapi() -> dict[str, Any]:
     _name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
     paths = {
         "/v1/chat/completions": chat,
+        "/v1/responses": _served(
+            "Create a response (OpenAI Responses API). model 'auto' lets the gateway route; previous_response_id "
+            "is refused (400)", "createResponse", ResponsesRequest,
+            "A response (JSON), or typed response.* server-sent events when stream is true; the `uniroute` "
+            "object is in the body / the last event", 400, 401, 403, 404, 413, 429, 502, 503, 504),
+        "/v1/messages": _served(
+            "Create a message (Anthropic Messages API; key in x-api-key or Authorization). model 'auto' lets "
+            "the gateway route", "createMessage", MessagesRequest,
+            "A message (JSON), or message_start ... message_stop server-sent events when stream is true; the "
+            "`uniroute` object is in the body / the last event", 400, 401, 403, 404, 413, 429, 502, 503, 504,
+            anthropic=True),
+        "/v1/embeddings": _served(
+            "Create embeddings with an embedding model, by name ('auto' is refused: 400)", "createEmbedding",
+            EmbeddingsRequest, "The embeddings (JSON) with the `uniroute` object", 400, 401, 403, 404, 413, 429,
+            502, 503, 504),
         "/v1/models": {"get": {"summary": "List the models the caller may use, including 'auto'",
                                "operationId": "listModels",
                                "responses": {"200": {"description": "models",

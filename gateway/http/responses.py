@@ -1,6 +1,7 @@
 """The HTTP layer's responses: JSON bodies, and the one mapping from an exception to an error response.
 
-Every error goes through :func:`gateway.errors.error_body`, so every error body is OpenAI-shaped.
+Every error goes through :func:`gateway.errors.error_body`, so every error body is OpenAI-shaped, but on
+``/v1/messages``, where :func:`gateway.errors.anthropic_error_body` gives Anthropic's shape.
 ``app.py`` registers :func:`gateway_error` for :class:`~gateway.errors.GatewayError` (so a handler
 just raises), :func:`http_exception` for Starlette's 404/405, :func:`store_unavailable` for the
 database's outage exceptions (``gateway.store.engine.OUTAGE_ERRORS``: 503 with ``Retry-After``, never
@@ -16,8 +17,16 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.errors import GatewayError, InvalidRequestError, MethodNotAllowedError, NotFoundError, error_body
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+    anthropic_error_body,
+    error_body,
+)
 from gateway.http.bodies import json_shape, limits_of, off_loop, read_body
+from gateway.http.middleware import MESSAGES_PATH
 from gateway.store.engine import unavailable_error
 
 dumps: Any
@@ -49,11 +58,21 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
     return Response(content, status_code=status, media_type=JSON, headers=headers)
 
 
-def error_response(exc: BaseException) -> Response:
-    """The OpenAI-shaped answer for ``exc``; a database outage is a 503 with ``Retry-After``."""
+def error_response(exc: BaseException, anthropic: bool = False) -> Response:
+    """The OpenAI-shaped answer for ``exc`` (Anthropic-shaped with ``anthropic``: ``/v1/messages``); a database
+    outage is a 503 with ``Retry-After``."""
     exc = unavailable_error(exc) or exc
-    status, body, headers = error_body(exc)
+    status, body, headers = (anthropic_error_body if anthropic else error_body)(exc)
     return json_response(body, status, headers or None)
+
+
+def anthropic_error_response(exc: BaseException) -> Response:
+    return error_response(exc, anthropic=True)
+
+
+def _shaped(request: Request, exc: BaseException) -> Response:
+    """The answer for ``exc`` in the shape of the request's API (Anthropic's on ``/v1/messages``)."""
+    return error_response(exc, anthropic=request.url.path == MESSAGES_PATH)
 
 
 def parse_json(raw: bytes, empty: Any = None) -> Any:
@@ -95,7 +114,7 @@ def header_value(text: str) -> str:
 
 async def gateway_error(request: Request, exc: Exception) -> Response:
     """The registered handler for :class:`GatewayError`: handlers raise, this shapes the answer."""
-    return error_response(exc)
+    return _shaped(request, exc)
 
 
 async def http_exception(request: Request, exc: Exception) -> Response:
@@ -112,13 +131,13 @@ async def http_exception(request: Request, exc: Exception) -> Response:
         err = GatewayError(str(exc.detail))
         err.status_code = exc.status_code
         err.error_type = "invalid_request_error" if exc.status_code < 500 else "internal_error"
-    return error_response(err)
+    return _shaped(request, err)
 
 
 async def store_unavailable(request: Request, exc: Exception) -> Response:
     """The registered handler for the database's outage exceptions: 503 ``service_unavailable`` + ``Retry-After``."""
-    return error_response(exc)
+    return _shaped(request, exc)
 
 
 async def unhandled_exception(request: Request, exc: Exception) -> Response:
-    return error_response(exc)
+    return _shaped(request, exc)

@@ -250,9 +250,12 @@ def _dumps(value: Any) -> str:
 
 
 def usage_numbers(usage: Any) -> tuple[Any, Any]:
-    """(prompt_tokens, completion_tokens) of a usage object or dict, as sent (unchecked)."""
+    """(prompt_tokens, completion_tokens) of a usage object or dict, as sent (unchecked); named as OpenAI's chat
+    and embeddings do, or as the Responses and Anthropic APIs do (``input_tokens``/``output_tokens``)."""
     if usage is None:
         return None, None
-    if isinstance(usage, Mapping):
-        return usage.get("prompt_tokens"), usage.get("completion_tokens")
-    return getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None)
+    get = usage.get if isinstance(usage, Mapping) else lambda name: getattr(usage, name, None)
+    pt, ct = get("prompt_tokens"), get("completion_tokens")
+    if pt is None and ct is None:
+        pt, ct = get("input_tokens"), get("output_tokens")
+    return pt, ct

@@ -1,4 +1,5 @@
-"""Forwarding to the backends: the ONLY caller of ``litellm.acompletion``.
+"""Forwarding to the backends: the ONLY caller of ``litellm.acompletion`` (and of ``litellm.aresponses``,
+``litellm.anthropic.messages.acreate`` and ``litellm.aembedding``, for the other endpoints).
 
 - :class:`Forwarder` tries the ranked candidates one by one (fallback, cooldowns, first-token
   timeout, prices); each try is one call of an :class:`Upstream`. :class:`LiteLLMUpstream`, the
@@ -52,7 +53,8 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar, get_args
 
@@ -68,6 +70,7 @@ from gateway.secrets import REQUEST_ID, remember, scrub
 from gateway.serving.bounded import UpstreamBodyError, bounded_client
 from gateway.serving.cooldown import Cooldowns
 from gateway.serving.registry import ModelEntry, RegistrySnapshot
+from gateway.telemetry import NO_TRACING, OPERATIONS, Tracing
 
 logger = logging.getLogger("uniroute.forwarding")
 E = TypeVar("E", bound=BaseException)
@@ -92,6 +95,9 @@ def configure_litellm() -> Any:
     litellm.set_verbose = False
     litellm.turn_off_message_logging = False  # True would deep-copy every request to redact logs nobody reads
     litellm.drop_params = True  # a backend that lacks a standard parameter ignores it instead of failing
+    # /v1/messages on OpenAI-wire models: through chat completions (every OpenAI-compatible server has them),
+    # not LiteLLM's default for the openai provider, the Responses API (which few of those servers have)
+    litellm.use_chat_completions_url_for_anthropic_messages = True
     litellm.include_cost_in_streaming_usage = False  # the gateway prices usage itself (exact, cheaper)
     litellm.callbacks = []
     litellm.success_callback = []
@@ -297,10 +303,31 @@ def _price(entry: ModelEntry, prompt_tokens: int, completion_tokens: int) -> flo
     return prompt_tokens * entry.input_cost_per_token + completion_tokens * entry.output_cost_per_token
 
 
+def usage_of(response: Any) -> Any:
+    """A response's ``usage`` (an attribute, or a key of a dict answer); None if it has none."""
+    if isinstance(response, Mapping):
+        return response.get("usage")
+    return getattr(response, "usage", None)
+
+
+def token_counts(usage: Any) -> tuple[int | None, int | None]:
+    """(prompt, completion) tokens of a usage object or dict, named as OpenAI's chat and embeddings do
+    (``prompt_tokens``/``completion_tokens``) or as the Responses and Anthropic APIs do
+    (``input_tokens``/``output_tokens``)."""
+    if usage is None:
+        return None, None
+    get = usage.get if isinstance(usage, Mapping) else lambda name: getattr(usage, name, None)
+    pt, ct = get("prompt_tokens"), get("completion_tokens")
+    if pt is None and ct is None:
+        pt, ct = get("input_tokens"), get("output_tokens")
+    return (pt if isinstance(pt, int) else None), (ct if isinstance(ct, int) else None)
+
+
 def _cost(entry: ModelEntry, usage: Any) -> float | None:
     if usage is None:
         return None
-    return _price(entry, getattr(usage, "prompt_tokens", None) or 0, getattr(usage, "completion_tokens", None) or 0)
+    pt, ct = token_counts(usage)
+    return _price(entry, pt or 0, ct or 0)
 
 
 class Upstream(Protocol):
@@ -322,6 +349,12 @@ class Upstream(Protocol):
     async def stream(self, entry: ModelEntry, messages: list[dict[str, Any]],
                      params: Mapping[str, Any]) -> AsyncIterator[Any]:
         """Open a stream (errors at open are raised here); its ``ChatCompletionChunk``-shaped chunks."""
+        ...
+
+    async def call(self, entry: ModelEntry, endpoint: str, payload: Mapping[str, Any], stream: bool) -> Any:
+        """One call of another endpoint (``responses``, ``messages``, ``embeddings``) with ``payload`` (the
+        request's fields): its answer as a dict (with ``usage``), or, for a stream (errors at open raised
+        here), an async iterator of its events as dicts (each with its ``type``)."""
         ...
 
     async def aclose(self) -> None:
@@ -384,13 +417,15 @@ class LiteLLMUpstream:
             model = params.pop("model")
             provider = params.get("custom_llm_provider") or (model.split("/", 1)[0] if "/" in model else None)
             info: dict[str, Any] = {"input_cost_per_token": e.input_cost_per_token,
-                                    "output_cost_per_token": e.output_cost_per_token, "mode": "chat"}
+                                    "output_cost_per_token": e.output_cost_per_token,
+                                    "mode": "embedding" if e.kind == "embedding" else "chat"}
             if provider:
                 info["litellm_provider"] = provider
             prices[model] = info
             if provider in _PASS_USER:
-                # LiteLLM drops `user` for OpenAI-compatible servers that are not OpenAI's own catalog
-                params.setdefault("allowed_openai_params", ["user"])
+                # LiteLLM drops `user` (and, for embeddings, `dimensions`) for OpenAI-compatible servers that are
+                # not OpenAI's own catalog
+                params.setdefault("allowed_openai_params", ["user", "dimensions"] if e.kind == "embedding" else ["user"])
             params.setdefault("timeout", _timeout(e))
             params.setdefault("max_retries", 0)  # the gateway does its own fallback
             params["num_retries"] = 0
@@ -441,6 +476,30 @@ class LiteLLMUpstream:
             raise _unprocessable(entry)
         return self._chunks(stream, raw)
 
+    async def call(self, entry: ModelEntry, endpoint: str, payload: Mapping[str, Any], stream: bool) -> Any:
+        """``litellm.aresponses`` (through LiteLLM's bridge to chat completions, which every OpenAI-compatible
+        server has), ``litellm.anthropic.messages.acreate`` (LiteLLM's Anthropic adapter: any model, chat
+        completions underneath) or ``litellm.aembedding``; answers and events as dicts."""
+        kwargs = self._call_kwargs(entry)
+        token = self._quiet.set(True) if self._quiet is not None else None
+        try:
+            if endpoint == "responses":
+                out = await self._litellm.aresponses(**kwargs, **payload, stream=stream, use_chat_completions_api=True)
+            elif endpoint == "messages":
+                out = await self._litellm.anthropic.messages.acreate(**kwargs, **payload, stream=stream)
+            elif endpoint == "embeddings" and not stream:
+                out = await self._litellm.aembedding(**kwargs, **payload)
+            else:
+                raise ValueError(f"no such endpoint call: {endpoint} (stream={stream})")
+        finally:
+            if token is not None and self._quiet is not None:
+                self._quiet.reset(token)
+        if out is None:
+            raise _unprocessable(entry)
+        if not stream:
+            return _as_dict(out)
+        return _sse_events(out) if endpoint == "messages" else _dict_events(out)
+
     def _raw_stream(self, kwargs: Mapping[str, Any]) -> bool:
         return self.raw_openai_streams and "client" in kwargs
 
@@ -456,6 +515,49 @@ class LiteLLMUpstream:
         return it
 
 
+def _as_dict(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    out: dict[str, Any] = obj.model_dump(mode="json", exclude_none=True)
+    return out
+
+
+async def _dict_events(stream: Any) -> AsyncIterator[dict[str, Any]]:
+    """A LiteLLM stream of typed events (pydantic objects) as dicts; always closed."""
+    try:
+        async for event in stream:
+            yield _as_dict(event)
+    finally:
+        close = getattr(stream, "aclose", None)
+        if close is not None:
+            await shielded(close())
+
+
+async def _sse_events(stream: Any) -> AsyncIterator[dict[str, Any]]:
+    """A LiteLLM stream of server-sent events (bytes, possibly several or a part of one per chunk) as the
+    dicts of their ``data:`` lines; always closed."""
+    import json
+
+    buffer = b""
+    try:
+        async for chunk in stream:
+            if isinstance(chunk, Mapping):
+                yield dict(chunk)
+                continue
+            buffer += chunk if isinstance(chunk, bytes) else str(chunk).encode()
+            while b"\n\n" in buffer:
+                event, buffer = buffer.split(b"\n\n", 1)
+                for line in event.splitlines():
+                    if line.startswith(b"data:"):
+                        data = json.loads(line[5:].strip())
+                        if isinstance(data, dict):
+                            yield data
+    finally:
+        close = getattr(stream, "aclose", None)
+        if close is not None:
+            await shielded(close())
+
+
 def _unprocessable(entry: ModelEntry) -> InvalidRequestError:
     """LiteLLM's OpenAI-wire call answers None (rather than raising) when the provider refused the request
     with 422 on both of its tries (it retries once without the parameters the 422 names, as
@@ -468,12 +570,13 @@ class Forwarder:
     """Sends chat requests to backends through an :class:`Upstream` (LiteLLM unless given), with fallback."""
 
     def __init__(self, max_attempts: int = 3, cooldowns: Cooldowns | None = None,
-                 upstream: Upstream | None = None) -> None:
+                 upstream: Upstream | None = None, tracing: Tracing = NO_TRACING) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
         self.max_attempts = max_attempts
         self.cooldowns = cooldowns if cooldowns is not None and cooldowns.enabled else None
         self.upstream: Upstream = upstream if upstream is not None else LiteLLMUpstream()
+        self.tracing = tracing  # a span per attempt (gateway/telemetry.py)
 
     def register(self, snapshot: RegistrySnapshot) -> None:
         """The registry changed (``Registry.on_replace``): pass it on to the upstream; note its keys and hosts
@@ -497,12 +600,34 @@ class Forwarder:
 
         Every attempt is appended to ``attempts`` (pass a list to see them even when this raises).
         """
+        return await self._complete(candidates, lambda entry: self.upstream.complete(entry, messages, params),
+                                    attempts)
+
+    async def call(self, candidates: Sequence[ModelEntry], endpoint: str, payload: Mapping[str, Any],
+                   attempts: list[Attempt] | None = None) -> Completion:
+        """A non-streaming call of another endpoint (:meth:`Upstream.call`), with the same fallback."""
+        return await self._complete(candidates, lambda entry: self.upstream.call(entry, endpoint, payload, False),
+                                    attempts, OPERATIONS.get(endpoint, endpoint))
+
+    async def open_call_stream(self, candidates: Sequence[ModelEntry], endpoint: str, payload: Mapping[str, Any],
+                               attempts: list[Attempt] | None = None) -> OpenStream:
+        """A stream of another endpoint's events (:meth:`Upstream.call`), with the same fallback and timeouts."""
+        return await self._open(candidates, lambda entry: self.upstream.call(entry, endpoint, payload, True),
+                                attempts, OPERATIONS.get(endpoint, endpoint))
+
+    async def _complete(self, candidates: Sequence[ModelEntry], call: Callable[[ModelEntry], Awaitable[Any]],
+                        attempts: list[Attempt] | None, operation: str = "chat") -> Completion:
         attempts = [] if attempts is None else attempts
         last: GatewayError | None = None
         for entry in self.tries(candidates):
             t0 = time.perf_counter()
             try:
-                response = await self.upstream.complete(entry, messages, params)
+                with self._attempt(operation, entry) as span:
+                    response = await call(entry)
+                    if span is not None:
+                        pt, ct = token_counts(usage_of(response))
+                        span.set_attributes({k: v for k, v in (("gen_ai.usage.input_tokens", pt),
+                                                               ("gen_ai.usage.output_tokens", ct)) if v is not None})
             except Exception as exc:
                 err = map_exception(exc, entry.name)
                 attempts.append(Attempt(entry.name, err.status_code, err.error_type, (time.perf_counter() - t0) * 1e3))
@@ -515,7 +640,7 @@ class Forwarder:
             latency = (time.perf_counter() - t0) * 1e3
             attempts.append(Attempt(entry.name, 200, None, latency))
             self.note_success(entry.name)
-            cost = _cost(entry, getattr(response, "usage", None))
+            cost = _cost(entry, usage_of(response))
             return Completion(entry, response, attempts, cost, latency)
         raise _exhausted(last, attempts)
 
@@ -527,15 +652,26 @@ class Forwarder:
         attempts: list[Attempt] | None = None,
     ) -> OpenStream:
         """Start a stream: fall back until some candidate yields its first chunk."""
+        return await self._open(candidates, lambda entry: self.upstream.stream(entry, messages, params), attempts)
+
+    def _attempt(self, operation: str, entry: ModelEntry) -> AbstractContextManager[Any]:
+        """The span of one upstream attempt (GenAI conventions: ``{operation} {model}``, kind CLIENT)."""
+        return self.tracing.span(f"{operation} {entry.name}", {
+            "gen_ai.operation.name": operation, "gen_ai.request.model": entry.litellm_model,
+            "gen_ai.provider.name": entry.owned_by, "uniroute.model": entry.name}, client=True)
+
+    async def _open(self, candidates: Sequence[ModelEntry], start: Callable[[ModelEntry], Awaitable[Any]],
+                    attempts: list[Attempt] | None, operation: str = "chat") -> OpenStream:
         attempts = [] if attempts is None else attempts
         last: GatewayError | None = None
         for entry in self.tries(candidates):
             t0 = time.perf_counter()
             started = asyncio.get_running_loop().time()
             try:
-                async with asyncio.timeout(entry.first_token_timeout):
-                    it = await self.upstream.stream(entry, messages, params)
-                    first = await it.__anext__()
+                with self._attempt(operation, entry):
+                    async with asyncio.timeout(entry.first_token_timeout):
+                        it = await start(entry)
+                        first = await it.__anext__()
             except StopAsyncIteration:
                 err: GatewayError = UpstreamError(f"model '{entry.name}' returned an empty stream")
             except TimeoutError:

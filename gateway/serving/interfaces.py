@@ -72,6 +72,7 @@ class RequestRecord:
     started_at: datetime
     requested_model: str
     stream: bool
+    endpoint: str = "chat"  # the API called: chat, responses, messages, embeddings (ENDPOINTS)
     client_request_id: str | None = None  # the id the client sent, if any (not unique: any client may send any)
     key_id: int | None = None
     key_name: str | None = None

@@ -46,6 +46,7 @@ class ModelEntry:
     first_token_timeout_s: float | None = None  # streams; None: timeout_s
     max_output_tokens: int | None = None  # the most completion tokens of one answer; None: unknown here
     spec: ModelSpec | None = field(default=None, compare=False, repr=False)  # what it was built from (as written)
+    kind: str = "chat"  # chat or embedding (gateway.spec.MODEL_KINDS): an embedding model is never routed
 
     @property
     def connect_timeout(self) -> float:
@@ -85,6 +86,7 @@ class ModelEntry:
             first_token_timeout_s=spec.first_token_timeout_s,
             max_output_tokens=spec.max_output_tokens,
             spec=spec,
+            kind=spec.kind,
         )
 
     def to_pool_model(self) -> PoolModel:
@@ -106,7 +108,7 @@ class RegistrySnapshot:
             if e.name in by_name:
                 raise ValueError(f"model name {e.name!r} appears twice in the registry")
             by_name[e.name] = e
-        pool = tuple(e.to_pool_model() for e in items if e.routable)
+        pool = tuple(e.to_pool_model() for e in items if e.routable and e.kind == "chat")
         return cls(entries=items, by_name=MappingProxyType(by_name), pool=pool, names=tuple(by_name))
 
 

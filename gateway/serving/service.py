@@ -15,6 +15,11 @@ the row once the store is back.
 - λ comes from the request (``uniroute.lambda``), else the ``x-uniroute-lambda`` header,
   else the caller's default; it must lie in the caller's ``[lambda_min, lambda_max]``. A key with
   ``budget_policy: pace`` gets, instead of its default, the λ its :class:`LambdaPacer` paces its spend with.
+
+The other endpoints (``/v1/responses``, ``/v1/messages``, ``/v1/embeddings``) run through the same steps:
+:meth:`ChatService.run` / :meth:`ChatService.run_stream` take an :class:`~gateway.serving.operations.Operation`
+and share ``_complete`` / ``_open`` and the stream timer ``_timed`` with the chat path; only the upstream
+call and the reading of answers and events differ (the operation's).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -42,10 +47,19 @@ from gateway.errors import (
     UpstreamTimeoutError,
 )
 from gateway.pacing import CostCurve
-from gateway.protocol import PASSTHROUGH_FIELDS, ChatCompletionRequest
+from gateway.protocol import PASSTHROUGH_FIELDS, ChatCompletionRequest, UnirouteOptions
 from gateway.serving import dryrun
 from gateway.serving.estimate import Estimate, Estimator, counted_completion, usage_numbers
-from gateway.serving.forwarding import Attempt, Forwarder, OpenStream, RelayedText, map_exception, shielded
+from gateway.serving.forwarding import (
+    Attempt,
+    Completion,
+    Forwarder,
+    OpenStream,
+    RelayedText,
+    map_exception,
+    shielded,
+    usage_of,
+)
 from gateway.serving.interfaces import (
     Authenticator,
     BudgetGuard,
@@ -62,17 +76,36 @@ from gateway.serving.interfaces import (
     Reservation,
     Settlement,
 )
+from gateway.serving.operations import Operation
 from gateway.serving.registry import ModelEntry, Registry
 from gateway.serving.router import EmbedFn
 from gateway.serving.tenants import TenantOverlays
+from gateway.telemetry import NO_TRACING, Tracing
 from routing.policy import GatewayPolicy, RoutingDecision
 
 logger = logging.getLogger("uniroute.service")
 T = TypeVar("T")
+#: One forwarding step of the service: (the models to try, the attempts list to fill, the output bound to force
+#: upstream or None) → a completion or open stream.
+Forward = Callable[[list[ModelEntry], list[Attempt], int | None], Awaitable[T]]
+#: Completion tokens of a non-streaming answer, counted: (LiteLLM model name, the answer) → tokens.
+CountAnswer = Callable[[str, Any], int]
 
 AUTO = "auto"
 _PASSTHROUGH: set[str] = set(PASSTHROUGH_FIELDS) - {"stream_options"}
 TOP_CANDIDATES = 5  # ranked candidates reported in the ``uniroute`` object and the request log
+
+
+class RoutedRequest(Protocol):
+    """What the service reads of any request it serves (a chat completion, or another endpoint's request)."""
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def uniroute(self) -> UnirouteOptions | None: ...
+
+    def routing_text(self) -> str: ...
 
 
 @dataclass
@@ -125,7 +158,8 @@ class _StreamEnd:
     bills (messages, tools, schemas, images), completion tokens of the text relayed so far (``relayed``:
     counts, never the text itself) — priced with the entry's prices, and the budget reservation is settled
     with that cost. A stream that ends without a usage chunk, or with an impossible one, is priced the
-    same way (``counted``). The record
+    same way (``counted``). ``req`` is the request as the estimate read it (for another endpoint, its
+    ``estimate_request()``). The record
     (with its settlement) is logged before anything is awaited; counting, logging, closing upstream and
     settling run in one shielded task (a disconnect cancels the task that runs this); the counting runs in
     a worker thread when the request body was large (``offload``)."""
@@ -206,6 +240,7 @@ class ChatService:
         budget: BudgetGuard | None = None,
         sink: RequestSink | None = None,
         offload_bytes: int = 64 * 1024,
+        tracing: Tracing = NO_TRACING,
         estimator: Estimator | None = None,
         pacer: LambdaPacer | None = None,
         cost_curve: Callable[[], CostCurve | None] | None = None,
@@ -222,15 +257,17 @@ class ChatService:
         self.budget: BudgetGuard = budget or NoBudget()
         self.sink: RequestSink = sink or MemorySink()
         self.offload_bytes = offload_bytes  # requests with larger bodies count tokens etc. in a worker thread
+        self.tracing = tracing
         self.estimator = estimator or Estimator()  # what a request may cost at most (budget: config)
         self.pacer: LambdaPacer = pacer or NoPacing()
         self.cost_curve = cost_curve or (lambda: None)  # the router's C(λ), the pacer's feed-forward
         self.overlays = overlays  # tenant-private profiles: a key's own labels, for its own routing only
+        self._spans: dict[int, Any] = {}  # id(record) -> its request span, until _finish ends it
 
     # -- steps ------------------------------------------------------------------------
 
     @staticmethod
-    def resolve_lambda(req: ChatCompletionRequest, header: str | None, principal: Principal) -> float:
+    def resolve_lambda(req: RoutedRequest, header: str | None, principal: Principal) -> float:
         lo, hi = principal.lambda_min, principal.lambda_max
         if req.uniroute is not None and req.uniroute.lam is not None:
             lam, param = req.uniroute.lam, "uniroute.lambda"
@@ -248,7 +285,7 @@ class ChatService:
                                       param=param, code="lambda_out_of_range")
         return lam
 
-    async def choose_lambda(self, req: ChatCompletionRequest, header: str | None, principal: Principal) -> float:
+    async def choose_lambda(self, req: RoutedRequest, header: str | None, principal: Principal) -> float:
         """:meth:`resolve_lambda`, except that a key with ``budget_policy: pace`` that names no λ gets the paced one."""
         explicit = (req.uniroute is not None and req.uniroute.lam is not None) or bool(header and header.strip())
         if principal.budget_policy == "pace" and not explicit:
@@ -278,7 +315,9 @@ class ChatService:
             return await asyncio.to_thread(fn, *args)
         return fn(*args)
 
-    async def plan(self, req: ChatCompletionRequest, ctx: ChatContext, record: RequestRecord | None = None) -> _Plan:
+    async def plan(self, req: RoutedRequest, ctx: ChatContext, record: RequestRecord | None = None,
+                   kind: str = "chat") -> _Plan:
+        """Who, λ, rate limit, and the candidates: the named model (of ``kind``), or ``auto``'s ranking."""
         principal = ctx.principal or await self.authenticator.authenticate(ctx.authorization)
         if record is not None:  # attribute refusals after this point (bad λ, rate limit, model) to the key
             record.key_id, record.key_name = principal.key_id, principal.key_name
@@ -294,6 +333,8 @@ class ChatService:
                 raise PermissionDeniedError(f"this key may not use model '{entry.name}'; allowed: "
                                             f"{', '.join(self.usable_models(principal))}", param="model",
                                             code="model_not_allowed")
+            if entry.kind != kind:
+                raise InvalidRequestError(_wrong_kind(entry.name, entry.kind), param="model", code="wrong_model_kind")
             return _Plan(principal, lam, [entry], None)
         pool = self.registry.pool()
         mine = self.overlays.pool(principal.key_id, pool) if self.overlays is not None else None
@@ -303,8 +344,16 @@ class ChatService:
             pool = tuple(m for m in pool if m.name in allowed)
         if not pool:
             raise ServiceUnavailableError("no routable model is available for 'auto'")
-        embedding = await self.embed(req.routing_text()) if self.policy.needs_embedding and self.embed else None
-        decision = self.policy.rank(embedding, pool, lam)
+        with self.tracing.span("uniroute.route", {"uniroute.lambda": lam, "uniroute.pool_size": len(pool)}) as span:
+            embedding = None
+            if self.policy.needs_embedding and self.embed:
+                with self.tracing.span("uniroute.embed"):
+                    embedding = await self.embed(req.routing_text())
+            with self.tracing.span("uniroute.rank", {"uniroute.policy": self.policy.name}):
+                decision = self.policy.rank(embedding, pool, lam)
+            if span is not None:
+                span.set_attributes({"uniroute.cluster": decision.cluster if decision.cluster is not None else -1,
+                                     "uniroute.candidates": [c.model for c in decision.ranked[:TOP_CANDIDATES]]})
         candidates = [e for e in (self.registry.get(c.model) for c in decision.ranked) if e is not None]
         return _Plan(principal, lam, candidates, decision, embedding, "global" if mine is None else "key")
 
@@ -332,7 +381,8 @@ class ChatService:
     async def _reserve(self, req: ChatCompletionRequest, ctx: ChatContext, plan: _Plan,
                        record: RequestRecord) -> tuple[list[ModelEntry], Estimate, Reservation]:
         """Price every model the forwarder will try and reserve for the dearest; a refusal says what the
-        estimate counted and what to change. Returns the models to try (exactly those priced)."""
+        estimate counted and what to change. Returns the models to try (exactly those priced). ``req`` is the
+        request as the estimate reads it (another endpoint's ``estimate_request()``)."""
         tries = list(self.forwarder.tries(plan.candidates))
         estimate = await self.off_loop(ctx, self._estimate, req, tries, plan.principal)
         try:
@@ -368,26 +418,35 @@ class ChatService:
                        estimate.tolerance)
         return False
 
-    def _counted(self, entry: ModelEntry, req: ChatCompletionRequest, response: Any) -> tuple[int, int, float]:
-        """(prompt tokens, completion tokens, cost) of an answer, counted (see ``_StreamEnd.counted``)."""
+    def _counted(self, entry: ModelEntry, req: ChatCompletionRequest, response: Any,
+                 count_answer: CountAnswer) -> tuple[int, int, float]:
+        """(prompt tokens, completion tokens, cost) of an answer, counted (see ``_StreamEnd.counted``);
+        ``count_answer`` counts the answer's completion (chat: :func:`counted_completion`)."""
         pt = self.estimator.prompt_tokens(req, entry.litellm_model, counted=True)
-        ct = counted_completion(entry.litellm_model, response)
+        ct = count_answer(entry.litellm_model, response)
         return pt, ct, self.forwarder.price(entry, pt, ct)
 
     @staticmethod
-    def _params(req: ChatCompletionRequest) -> dict[str, Any]:
-        return req.model_dump(include=_PASSTHROUGH, exclude_none=True)
+    def _params(req: ChatCompletionRequest, max_tokens: int | None = None) -> dict[str, Any]:
+        """The request's parameters for LiteLLM; ``max_tokens``: the output bound the estimate forces (a key
+        with a budget, a request without max_tokens, a model whose maximum output is unknown)."""
+        params = req.model_dump(include=_PASSTHROUGH, exclude_none=True)
+        if max_tokens is not None:
+            params["max_tokens"] = max_tokens
+        return params
 
     @staticmethod
     def _messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = req.model_dump(include={"messages"}, exclude_none=True)["messages"]
         return out
 
-    @staticmethod
-    def _record(req: ChatCompletionRequest, ctx: ChatContext, stream: bool) -> RequestRecord:
-        return RequestRecord(request_id=ctx.request_id, started_at=datetime.now(UTC), requested_model=req.model,
-                             stream=stream, prompt_text=req.routing_text(),  # the sink drops it unless configured
-                             client_request_id=ctx.client_request_id)
+    def _record(self, req: RoutedRequest, ctx: ChatContext, stream: bool, endpoint: str = "chat") -> RequestRecord:
+        record = RequestRecord(request_id=ctx.request_id, started_at=datetime.now(UTC), requested_model=req.model,
+                               stream=stream, prompt_text=req.routing_text(),  # the sink drops it unless configured
+                               client_request_id=ctx.client_request_id, endpoint=endpoint)
+        if self.tracing.enabled:
+            self._spans[id(record)] = self.tracing.request(endpoint, req.model, ctx.request_id, stream)
+        return record
 
     @staticmethod
     def _fill_plan(record: RequestRecord, plan: _Plan) -> None:
@@ -413,6 +472,8 @@ class ChatService:
     def _finish(self, record: RequestRecord, t0: float) -> None:
         record.finished_at = datetime.now(UTC)
         record.latency_ms = (time.perf_counter() - t0) * 1e3
+        if self._spans:
+            self.tracing.end_request(self._spans.pop(id(record), None), record)
         try:
             self.sink.submit(record)
         except Exception:  # the sink must not fail a request
@@ -465,42 +526,60 @@ class ChatService:
     # -- non-streaming ----------------------------------------------------------------
 
     async def complete(self, req: ChatCompletionRequest, ctx: ChatContext) -> ChatResult:
+        return await self._complete(req, ctx, req, lambda tries, attempts, force: self.forwarder.complete(
+            tries, self._messages(req), self._params(req, force), attempts), self._chat_body, counted_completion)
+
+    async def run(self, op: Operation, ctx: ChatContext) -> ChatResult:
+        """Another endpoint's request (gateway/serving/operations.py), non-streaming: the same steps; the
+        estimate reads ``op.request.estimate_request()``."""
+        return await self._complete(op.request, ctx, op.request.estimate_request(),
+                                    lambda tries, attempts, force: self.forwarder.call(
+                                        tries, op.endpoint, op.payload(force), attempts),
+                                    op.body, op.counted_completion, op.endpoint, op.kind)
+
+    @staticmethod
+    def _chat_body(done: Completion) -> dict[str, Any]:
+        body: dict[str, Any] = done.response.model_dump(exclude_none=True)
+        body["model"] = done.entry.name
+        for choice in body.get("choices", ()):
+            choice.pop("provider_specific_fields", None)
+        return body
+
+    async def _complete(self, req: RoutedRequest, ctx: ChatContext, estimated: ChatCompletionRequest,
+                        forward: Forward[Completion], shape: Callable[[Completion], dict[str, Any]],
+                        count_answer: CountAnswer, endpoint: str = "chat", kind: str = "chat") -> ChatResult:
+        """Plan → reserve the estimate of ``estimated`` (for the dearest model tried) → ``forward`` → check the
+        usage (none or impossible: the counted figure, ``count_answer`` for the answer) → log and settle;
+        ``shape`` makes the body."""
         t0 = time.perf_counter()
-        record = self._record(req, ctx, stream=False)
+        record = self._record(req, ctx, stream=False, endpoint=endpoint)
         attempts: list[Attempt] = []
         reservation: Reservation | None = None
         settled = 0.0
         try:
-            plan = await self.plan(req, ctx, record)
-            self._fill_plan(record, plan)
-            tries, estimate, reservation = await self._reserve(req, ctx, plan, record)
-            params = self._params(req)
-            if estimate.force_max_tokens is not None:
-                params["max_tokens"] = estimate.force_max_tokens
-            messages = self._messages(req)
-            done = await self.forwarder.complete(tries, messages, params, attempts)
-            usage = getattr(done.response, "usage", None)
+            with self.tracing.current(self._spans.get(id(record))):
+                plan = await self.plan(req, ctx, record, kind)
+                self._fill_plan(record, plan)
+                tries, estimate, reservation = await self._reserve(estimated, ctx, plan, record)
+                done = await forward(tries, attempts, estimate.force_max_tokens)
+            usage = usage_of(done.response)
             record.routed_model = done.entry.name
             record.cost_usd = done.cost_usd
             record.upstream_latency_ms = done.upstream_latency_ms
             pt, ct = usage_numbers(usage)
-            if usage is None or not self._checked_usage(record, estimate, done.entry, pt, ct):
-                # no usage, or impossible usage: count what was sent and answered (until counted, the bound is owed:
+            if usage is None or _no_usage(pt, ct) or not self._checked_usage(record, estimate, done.entry, pt, ct):
+                # no usage (LiteLLM's adapters report zeros for it), or impossible usage: count what was sent and answered (until counted, the bound is owed:
                 # a client that goes away meanwhile is charged the reservation, never $0)
                 settled = estimate.usd
-                pt, ct, done.cost_usd = await self.off_loop(ctx, self._counted, done.entry, req, done.response)
+                pt, ct, done.cost_usd = await self.off_loop(ctx, self._counted, done.entry, estimated, done.response,
+                                                            count_answer)
                 record.cost_usd = done.cost_usd
                 if usage is not None:
-                    usage.prompt_tokens, usage.completion_tokens = pt, ct
-                    with contextlib.suppress(Exception):
-                        usage.total_tokens = pt + ct
+                    set_usage(usage, pt, ct)
             record.prompt_tokens, record.completion_tokens = pt, ct
             settled = done.cost_usd or 0.0
             record.attempts = [a.as_dict() for a in attempts]
-            body: dict[str, Any] = done.response.model_dump(exclude_none=True)
-            body["model"] = done.entry.name
-            for choice in body.get("choices", ()):
-                choice.pop("provider_specific_fields", None)
+            body = shape(done)
             body["uniroute"] = self.extension(record, plan)
             return ChatResult(body=body, model=done.entry.name, cost_usd=done.cost_usd, attempts=len(attempts),
                               lam=plan.lam)
@@ -517,20 +596,44 @@ class ChatService:
 
     async def stream(self, req: ChatCompletionRequest, ctx: ChatContext) -> ChatStream:
         """Open the stream (fallback happens here, before any byte is sent) and return its chunks."""
+        messages = self._messages(req)
+
+        def forward(tries: list[ModelEntry], attempts: list[Attempt], force: int | None) -> Awaitable[OpenStream]:
+            params = self._params(req, force)
+            params["stream_options"] = {"include_usage": True}  # the gateway always needs usage for the cost
+            return self.forwarder.open_stream(tries, messages, params, attempts)
+
+        opened, record, plan, end, tries = await self._open(req, ctx, req, forward)
+        want_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return ChatStream(model=opened.entry.name, chunks=self._relay(opened, record, plan, end, want_usage),
+                          _finish=end, attempts=tries, lam=plan.lam)
+
+    async def run_stream(self, op: Operation, ctx: ChatContext) -> ChatStream:
+        """Another endpoint's request, streaming: its events (dicts with a ``type``), the last with ``uniroute``."""
+        estimated = op.request.estimate_request()
+        opened, record, plan, end, tries = await self._open(
+            op.request, ctx, estimated,
+            lambda tries, attempts, force: self.forwarder.open_call_stream(tries, op.endpoint, op.payload(force),
+                                                                           attempts), op.endpoint, op.kind)
+        return ChatStream(model=opened.entry.name, chunks=self._relay_events(opened, record, plan, end, op),
+                          _finish=end, attempts=tries, lam=plan.lam)
+
+    async def _open(self, req: RoutedRequest, ctx: ChatContext, estimated: ChatCompletionRequest,
+                    forward: Forward[OpenStream], endpoint: str = "chat",
+                    kind: str = "chat") -> tuple[OpenStream, RequestRecord, _Plan, _StreamEnd, int]:
+        """Plan → reserve the estimate of ``estimated`` (for the dearest model tried) → open the stream with
+        ``forward`` (``estimated`` is also the prompt a stream without usage is charged for, counted); on
+        failure, log and settle at once."""
         t0 = time.perf_counter()
-        record = self._record(req, ctx, stream=True)
+        record = self._record(req, ctx, stream=True, endpoint=endpoint)
         attempts: list[Attempt] = []
         reservation: Reservation | None = None
         try:
-            plan = await self.plan(req, ctx, record)
-            self._fill_plan(record, plan)
-            tries, estimate, reservation = await self._reserve(req, ctx, plan, record)
-            params = self._params(req)
-            if estimate.force_max_tokens is not None:
-                params["max_tokens"] = estimate.force_max_tokens
-            params["stream_options"] = {"include_usage": True}  # the gateway always needs usage for the cost
-            messages = self._messages(req)
-            opened = await self.forwarder.open_stream(tries, messages, params, attempts)
+            with self.tracing.current(self._spans.get(id(record))):
+                plan = await self.plan(req, ctx, record, kind)
+                self._fill_plan(record, plan)
+                tries, estimate, reservation = await self._reserve(estimated, ctx, plan, record)
+                opened = await forward(tries, attempts, estimate.force_max_tokens)
         except BaseException as exc:
             record.attempts = [a.as_dict() for a in attempts]
             self._fail(record, exc)
@@ -541,31 +644,16 @@ class ChatService:
         record.routed_model = opened.entry.name
         record.ttft_ms = (time.perf_counter() - t0) * 1e3
         record.attempts = [a.as_dict() for a in attempts]
-        want_usage = bool(req.stream_options and req.stream_options.include_usage)
-        end = _StreamEnd(self, record, reservation, opened, t0, req, offload=ctx.body_bytes > self.offload_bytes,
+        end = _StreamEnd(self, record, reservation, opened, t0, estimated, offload=ctx.body_bytes > self.offload_bytes,
                          estimate=estimate)
-        return ChatStream(model=opened.entry.name, chunks=self._relay(opened, record, plan, end, want_usage),
-                          _finish=end, attempts=len(attempts), lam=plan.lam)
+        return opened, record, plan, end, len(attempts)
 
-    async def _relay(
-        self,
-        opened: OpenStream,
-        record: RequestRecord,
-        plan: _Plan,
-        end: _StreamEnd,
-        want_usage: bool,
-    ) -> AsyncGenerator[dict[str, Any], None]:
-        """Yield client chunks. Chunks that end the stream (finish_reason / usage) are held back so
-        the ``uniroute`` object, with the final cost, rides on the last one.
-
-        The whole stream must end by ``opened.deadline`` (the model's ``timeout_s``): one timer per
-        stream marks it expired, and cancels the wait if it fires while upstream is awaited; the
-        stream then ends with a timeout error event (504 in the log)."""
+    @staticmethod
+    async def _timed(opened: OpenStream) -> AsyncGenerator[Any, None]:
+        """``opened``'s chunks (the first included), ending by ``opened.deadline`` (the model's ``timeout_s``):
+        one timer per stream marks it expired, and cancels the wait if it fires while upstream is awaited;
+        the stream then fails with a timeout error (504 in the log)."""
         entry = opened.entry
-        name = entry.name
-        held: dict[str, Any] | None = None
-        template: dict[str, Any] = {}
-        relayed = end.relayed
         task: asyncio.Task[Any] | None = None  # the task awaiting upstream right now
         waiting = expired = False
 
@@ -579,49 +667,14 @@ class ChatService:
         try:
             chunk: Any = opened.first
             while True:
-                d: dict[str, Any] = chunk.model_dump(exclude_none=True)
-                d["model"] = name
-                if not template:
-                    template = {k: d[k] for k in ("id", "object", "created") if k in d}
-                choices: Sequence[dict[str, Any]] = d.get("choices") or []
-                for c in choices:  # every choice (n > 1), tool-call arguments too: all of it is billed
-                    delta = c.get("delta") or {}
-                    content = delta.get("content")
-                    if content:
-                        relayed.add(content)
-                    for call in delta.get("tool_calls") or ():
-                        args = (call.get("function") or {}).get("arguments")
-                        if args:
-                            relayed.add(args)
-                usage = d.pop("usage", None)
-                if usage is not None:
-                    pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
-                    if end.estimate is None or self._checked_usage(record, end.estimate, entry, pt, ct):
-                        record.prompt_tokens, record.completion_tokens = pt, ct
-                        record.cost_usd = self.forwarder.stream_cost(entry, getattr(chunk, "usage", None))
-                    else:  # impossible usage: count what was sent and relayed
-                        pt, ct, record.cost_usd = await end.counted()
-                        record.prompt_tokens, record.completion_tokens = pt, ct
-                        usage.update(prompt_tokens=pt, completion_tokens=ct, total_tokens=pt + ct)
-                    if want_usage:
-                        usage.pop("cost", None)
-                        d["usage"] = usage
-                if choices or "usage" in d:
-                    ends = not choices or any(c.get("finish_reason") for c in choices)
-                    if held is not None:
-                        yield held
-                        held = None
-                    if ends:
-                        held = d
-                    else:
-                        yield d
+                yield chunk
                 if expired:
                     raise _total_timeout(entry)
                 task, waiting = asyncio.current_task(), True
                 try:
                     chunk = await opened.rest.__anext__()
                 except StopAsyncIteration:
-                    break
+                    return
                 except asyncio.CancelledError:
                     if not expired or task is None:
                         raise
@@ -629,6 +682,75 @@ class ChatService:
                     raise _total_timeout(entry) from None
                 finally:
                     waiting = False
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _mid_stream_error(self, exc: Exception, name: str, record: RequestRecord) -> GatewayError:
+        """A stream failed after its first chunk: the error to send, counted toward the model's cooldown."""
+        err = map_exception(exc, name)
+        if not isinstance(err, UpstreamError):
+            err = UpstreamError(f"model '{name}' failed mid-stream: {err.message}")
+        self.forwarder.note_failure(name, err)
+        record.status_code, record.error_type = err.status_code, err.error_type
+        return err
+
+    async def _relay(
+        self,
+        opened: OpenStream,
+        record: RequestRecord,
+        plan: _Plan,
+        end: _StreamEnd,
+        want_usage: bool,
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """Yield client chunks. Chunks that end the stream (finish_reason / usage) are held back so
+        the ``uniroute`` object, with the final cost, rides on the last one. The whole stream must end by
+        ``opened.deadline`` (:meth:`_timed`)."""
+        entry = opened.entry
+        name = entry.name
+        held: dict[str, Any] | None = None
+        template: dict[str, Any] = {}
+        relayed = end.relayed
+        try:
+            async with contextlib.aclosing(self._timed(opened)) as upstream:
+                async for chunk in upstream:
+                    d: dict[str, Any] = chunk.model_dump(exclude_none=True)
+                    d["model"] = name
+                    if not template:
+                        template = {k: d[k] for k in ("id", "object", "created") if k in d}
+                    choices: Sequence[dict[str, Any]] = d.get("choices") or []
+                    for c in choices:  # every choice (n > 1), tool-call arguments too: all of it is billed
+                        delta = c.get("delta") or {}
+                        content = delta.get("content")
+                        if content:
+                            relayed.add(content)
+                        for call in delta.get("tool_calls") or ():
+                            args = (call.get("function") or {}).get("arguments")
+                            if args:
+                                relayed.add(args)
+                    usage = d.pop("usage", None)
+                    if usage is not None:
+                        pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
+                        if not _no_usage(pt, ct) and (end.estimate is None
+                                                      or self._checked_usage(record, end.estimate, entry, pt, ct)):
+                            record.prompt_tokens, record.completion_tokens = pt, ct
+                            record.cost_usd = self.forwarder.stream_cost(entry, getattr(chunk, "usage", None))
+                        else:  # zeros or impossible usage: count what was sent and relayed
+                            pt, ct, record.cost_usd = await end.counted()
+                            record.prompt_tokens, record.completion_tokens = pt, ct
+                            usage.update(prompt_tokens=pt, completion_tokens=ct, total_tokens=pt + ct)
+                        if want_usage:
+                            usage.pop("cost", None)
+                            d["usage"] = usage
+                    if choices or "usage" in d:
+                        ends = not choices or any(c.get("finish_reason") for c in choices)
+                        if held is not None:
+                            yield held
+                            held = None
+                        if ends:
+                            held = d
+                        else:
+                            yield d
             upstream_ms = (time.perf_counter() - opened.started) * 1e3
             if record.completion_tokens is None:  # the provider sent no usage chunk: count what was relayed
                 pt, ct, record.cost_usd = await end.counted()
@@ -643,15 +765,92 @@ class ChatService:
             record.status_code, record.error_type = 499, "client_disconnected"
             raise
         except Exception as exc:
-            err = map_exception(exc, name)
-            if not isinstance(err, UpstreamError):
-                err = UpstreamError(f"model '{name}' failed mid-stream: {err.message}")
-            self.forwarder.note_failure(name, err)
-            record.status_code, record.error_type = err.status_code, err.error_type
+            err = self._mid_stream_error(exc, name, record)
             if held is not None:
                 yield held
             yield err.to_body()
         finally:
-            if timer is not None:
-                timer.cancel()
             await end()
+
+    async def _relay_events(self, opened: OpenStream, record: RequestRecord, plan: _Plan, end: _StreamEnd,
+                            op: Operation) -> AsyncGenerator[dict[str, Any], None]:
+        """Yield another endpoint's events (``op`` reads their usage and text, names the served model in them);
+        the last one is held back to carry the ``uniroute`` object with the final cost. A failure mid-way
+        ends the stream with ``op``'s error event."""
+        entry = opened.entry
+        held: dict[str, Any] | None = None
+        try:
+            async with contextlib.aclosing(self._timed(opened)) as upstream:
+                async for raw in upstream:
+                    event = op.event(raw, entry.name)
+                    pt, ct = op.event_usage(event)
+                    if pt is not None or ct is not None:
+                        record.prompt_tokens = pt if pt is not None else record.prompt_tokens
+                        record.completion_tokens = ct if ct is not None else record.completion_tokens
+                        record.cost_usd = self.forwarder.stream_cost(entry, {
+                            "prompt_tokens": record.prompt_tokens or 0,
+                            "completion_tokens": record.completion_tokens or 0})
+                    text = op.event_text(event)
+                    if text:
+                        end.relayed.add(text)
+                    if held is not None:
+                        yield held
+                    held = event
+            upstream_ms = (time.perf_counter() - opened.started) * 1e3
+            pt, ct = record.prompt_tokens, record.completion_tokens
+            # no usage (or none of the output; LiteLLM's adapters report zeros for none), or impossible usage:
+            # count what was sent and relayed
+            if ct is None or _no_usage(pt, ct) or (
+                    end.estimate is not None and not self._checked_usage(record, end.estimate, entry, pt, ct)):
+                pt, ct, record.cost_usd = await end.counted()
+                record.prompt_tokens, record.completion_tokens = pt, ct
+            record.upstream_latency_ms = upstream_ms  # set once priced: a disconnect before is a stream cut short
+            end.settled = record.cost_usd or 0.0
+            if held is not None:
+                held["uniroute"] = self.extension(record, plan)
+                yield held
+        except GeneratorExit:
+            record.status_code, record.error_type = 499, "client_disconnected"
+            raise
+        except Exception as exc:
+            err = self._mid_stream_error(exc, entry.name, record)
+            if held is not None:
+                yield held
+            yield op.error_event(err)
+        finally:
+            await end()
+
+
+def _no_usage(prompt_tokens: Any, completion_tokens: Any) -> bool:
+    """Usage that says nothing: no tokens at all (every request has a prompt; LiteLLM's Responses and Anthropic
+    adapters report zeros when the provider sent no usage)."""
+    return not prompt_tokens and not completion_tokens
+
+
+def set_usage(usage: Any, prompt_tokens: int, completion_tokens: int) -> None:
+    """Replace the token counts of ``usage`` (an object or a dict; OpenAI's names, or the Responses and
+    Anthropic ``input_tokens``/``output_tokens``) by the counted figure, in place."""
+    is_dict = isinstance(usage, dict)
+
+    def has(name: str) -> bool:
+        return name in usage if is_dict else getattr(usage, name, None) is not None
+
+    pn, cn = (("input_tokens", "output_tokens") if not has("prompt_tokens") and has("input_tokens")
+              else ("prompt_tokens", "completion_tokens"))
+    values = {pn: prompt_tokens}
+    if completion_tokens or has(cn):  # an embedding's usage has no completion field
+        values[cn] = completion_tokens
+    if has("total_tokens"):
+        values["total_tokens"] = prompt_tokens + completion_tokens
+    for name, value in values.items():
+        with contextlib.suppress(Exception):
+            if is_dict:
+                usage[name] = value
+            else:
+                setattr(usage, name, value)
+
+
+def _wrong_kind(name: str, kind: str) -> str:
+    if kind == "embedding":
+        return f"model '{name}' is an embedding model: call it through POST /v1/embeddings"
+    return f"model '{name}' is a {kind} model; POST /v1/embeddings serves embedding models only (see GET /v1/models)"

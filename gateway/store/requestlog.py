@@ -78,6 +78,7 @@ def record_to_row(record: RequestRecord, row_id: str) -> dict[str, Any]:
         "status_code": record.status_code,
         "error_type": record.error_type,
         "stream": record.stream,
+        "endpoint": record.endpoint,
         "started_at": record.started_at,
         "finished_at": record.finished_at,
         "prompt_text": record.prompt_text,

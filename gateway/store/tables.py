@@ -301,6 +301,7 @@ class RequestRow(Base):
     status_code: Mapped[int] = mapped_column(Integer)
     error_type: Mapped[str | None] = mapped_column(String(64))
     stream: Mapped[bool] = mapped_column(Boolean)
+    endpoint: Mapped[str] = mapped_column(String(16), default="chat", server_default="chat")  # chat, responses, ...
     started_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]
     prompt_text: Mapped[str | None] = mapped_column(Text)  # only when database.store_prompts is on
