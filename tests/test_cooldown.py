@@ -136,7 +136,7 @@ def test_e2e_failing_model_cools_and_auto_goes_straight_to_the_next(tmp_path: Pa
     from tests.gateway_setup import make_dataset, replay_args, write_config
     from tests.procs import free_port, replay_upstream, running
 
-    cooldown_s = 2.0
+    cooldown_s = 6.0  # long enough that a loaded machine still makes the four asks inside it
     dataset = make_dataset(tmp_path)
     with replay_upstream(dataset, *replay_args()) as replay_base:
         port = free_port()

@@ -223,7 +223,7 @@ def test_kill_9_under_traffic_every_answered_request_has_its_row_and_nothing_sta
         keys = {name: create_key(direct, name, default_lambda=0.1, budget_usd=100.0)[0] for name in ("alice", "bob")}
         port = free_port()
         # rows wait up to 5 s in memory before a batch: without the journal, a kill loses the last seconds of them
-        cfg = _config(tmp_path, dataset, busy_upstream, url, log_flush_interval_s=5.0, log_batch_size=100_000,
+        cfg = _config(tmp_path, dataset, busy_upstream, url, log_flush_interval_s=120.0, log_batch_size=100_000,
                       reservation_ttl_s=3600)
         answered: dict[str, tuple[str, float, bool]] = {}
         stop = threading.Event()
