@@ -117,6 +117,7 @@ class BudgetExceededError(GatewayError):
     status_code = 429
     error_type = "budget_exceeded"
     default_code = "budget_exceeded"
+    remaining_usd: float | None = None  # what the key's budget had left (unspent, unheld) when it refused
 
 
 class UpstreamError(GatewayError):

@@ -229,7 +229,7 @@ class SqlBudgetGuard:
         spend = row.spend_usd if row.period_start.replace(tzinfo=UTC) >= start else 0.0
         resets = period_end_for(row.budget_period, start)
         remains = max(0.0, row.budget_usd - spend - row.reserved_usd)
-        return BudgetExceededError(
+        refusal = BudgetExceededError(
             f"budget exceeded for key {row.name!r}: {_usd(spend)} spent and {_usd(row.reserved_usd)} held by "
             f"in-flight requests of the {'daily' if row.budget_period == 'day' else 'monthly'} budget of {_usd(row.budget_usd)} "
             f"(period {start:%Y-%m-%d} to {resets:%Y-%m-%d} UTC), so {_usd(remains)} remains; this request may cost "
@@ -237,6 +237,8 @@ class SqlBudgetGuard:
             f"The budget resets at {resets:%Y-%m-%dT%H:%M:%SZ}.",
             param="budget",
         )
+        refusal.remaining_usd = remains  # a paced key's request degrades to the models that fit it (ChatService)
+        return refusal
 
     # -- usage ---------------------------------------------------------------------------------------
     def usage_sync(self, key_id: int) -> dict[str, Any]:

@@ -20,7 +20,9 @@ bills. :class:`Estimator` bounds both sides of the bill:
   chat service then sends upstream as ``max_tokens`` for a key with a budget, so it bounds the answer.
 
 ``auto`` may fall back: :meth:`Estimator.estimate` prices every model the forwarder will try
-(``Forwarder.tries``) and reserves for the dearest, up front (no top-up later).
+(``Forwarder.tries``) and reserves for the dearest, up front (no top-up later). :meth:`Estimator.each`
+prices each candidate alone: a key with ``budget_policy: pace`` whose reservation does not fit is served
+by the ranked candidates that do (docs/PACING.md).
 
 :meth:`Estimate.plausible` is the usage sanity check: provider usage that is negative, not an integer,
 or beyond ``budget.usage_tolerance`` × the bound is impossible for the request, and the chat service
@@ -106,6 +108,21 @@ class Estimator:
         return Estimate(prompt_tokens=prompt, output_tokens=max(by_model.values()), usd=usd, model=entry.name,
                         output_source=source, force_max_tokens=force, output_by_model=by_model,
                         tolerance=cfg.usage_tolerance)
+
+    def each(self, req: ChatCompletionRequest, candidates: Sequence[ModelEntry]) -> list[float]:
+        """The bound in USD for ``req`` served by each of ``candidates`` alone (the prompt bounded once, with the
+        first candidate's counter, as :meth:`estimate` bounds it): what a paced key's degraded request picks
+        the models that fit its remaining budget by (``ChatService._reserve``)."""
+        if not candidates:
+            return []
+        prompt = self.prompt_tokens(req, candidates[0].litellm_model)
+        extra_out = self._text_bound(_prediction_text(req), candidates[0].litellm_model)
+        out: list[float] = []
+        for entry in candidates:
+            per_choice, _source = self.output_bound(req, entry)
+            tokens = per_choice * (req.n or 1) + extra_out
+            out.append(prompt * entry.input_cost_per_token + tokens * entry.output_cost_per_token)
+        return out
 
     # -- prompt -------------------------------------------------------------------------------------
     def prompt_tokens(self, req: ChatCompletionRequest, model: str, *, counted: bool = False) -> int:

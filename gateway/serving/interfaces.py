@@ -92,6 +92,7 @@ class RequestRecord:
     finished_at: datetime | None = None
     prompt_text: str | None = None  # stored only when configured
     usage_corrected: bool = False  # the provider's usage was impossible; the counted figure replaced it
+    budget_degraded: bool = False  # a paced key's reservation did not fit: served by the candidates that did (not a column)
     settlement: Settlement | None = None  # the key's charge, when the request held a reservation (not a column)
 
 

@@ -93,6 +93,7 @@ CountAnswer = Callable[[str, Any], int]
 
 AUTO = "auto"
 _PASSTHROUGH: set[str] = set(PASSTHROUGH_FIELDS) - {"stream_options"}
+DEGRADE_ROUNDS = 2  # a paced key's refused reservation is retried on the candidates that fit, at most this often
 TOP_CANDIDATES = 5  # ranked candidates reported in the ``uniroute`` object and the request log
 
 
@@ -385,13 +386,37 @@ class ChatService:
         request as the estimate reads it (another endpoint's ``estimate_request()``)."""
         tries = list(self.forwarder.tries(plan.candidates))
         estimate = await self.off_loop(ctx, self._estimate, req, tries, plan.principal)
-        try:
-            reservation = await self.budget.reserve(plan.principal, estimate.usd)
-        except BudgetExceededError as exc:
-            exc.message += self.refusal_advice(estimate)
-            exc.args = (exc.message,)
-            raise
-        return tries, estimate, reservation
+        candidates = plan.candidates
+        for _round in range(DEGRADE_ROUNDS + 1):
+            try:
+                reservation = await self.budget.reserve(plan.principal, estimate.usd)
+            except BudgetExceededError as exc:
+                fit = await self._degraded(req, ctx, plan, candidates, exc) if _round < DEGRADE_ROUNDS else None
+                if not fit:
+                    exc.message += self.refusal_advice(estimate)
+                    exc.args = (exc.message,)
+                    raise
+                candidates = fit
+                tries = list(self.forwarder.tries(candidates))
+                estimate = await self.off_loop(ctx, self._estimate, req, tries, plan.principal)
+                continue
+            if candidates is not plan.candidates:
+                record.budget_degraded = True
+            return tries, estimate, reservation
+        raise AssertionError("unreachable: the last round raises or returns")
+
+    async def _degraded(self, req: ChatCompletionRequest, ctx: ChatContext, plan: _Plan,
+                        candidates: list[ModelEntry], refusal: BudgetExceededError) -> list[ModelEntry] | None:
+        """For a key with ``budget_policy: pace`` whose reservation did not fit: the candidates (in the ranking's
+        order) whose own estimate fits what the budget has left, so the request is served by a cheaper model
+        instead of a 429 (docs/PACING.md). None — refuse — for a ``block`` key, a named model, or when no
+        candidate fits (the hard cap holds: the reservation of what is tried is still checked)."""
+        left = refusal.remaining_usd
+        if plan.principal.budget_policy != "pace" or plan.decision is None or left is None:
+            return None
+        prices = await self.off_loop(ctx, self.estimator.each, req, candidates)
+        fit = [entry for entry, usd in zip(candidates, prices, strict=True) if usd <= left]
+        return fit if fit and len(fit) < len(candidates) else None
 
     @staticmethod
     def refusal_advice(estimate: Estimate) -> str:
@@ -521,6 +546,7 @@ class ChatService:
             "cost_usd": record.cost_usd,
             "candidates": candidates,
             "attempts": record.attempts,
+            "budget_degraded": record.budget_degraded,
         }
 
     # -- non-streaming ----------------------------------------------------------------
