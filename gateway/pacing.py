@@ -95,10 +95,15 @@ class PaceParams:
 
     kp: float = 0.5  # proportional gain on the tracking error (share of the budget ahead of the line)
     ki: float = 1.0  # integral gain on the error integrated over the period's elapsed share
-    headroom: float = 0.02  # aim at budget × (1 - headroom): the hard cap is never the thing that stops a request
+    headroom: float = 0.01  # aim at budget × (1 - headroom): a margin below the hard cap for the last requests
     warmup_share: float = 0.01  # before this share of the period has elapsed (or anything was spent) λ is held
     min_left_share: float = 0.02  # the time left is counted as at least this share of the period (no end spree)
     integral_limit: float = 2.0  # |∫e| is clamped (anti-windup while λ sits at a bound)
+    # the spend line reaches the target this share of the period before its end: the hard cap counts each
+    # request's worst-case reservation, so near the end only the models whose reservation fits what is left
+    # can serve (a paced key degrades to them, ChatService._reserve) and no late catch-up on dear models can
+    # happen; the spend has to be in by then
+    finish_share: float = 0.07
 
 
 @dataclass(frozen=True)
@@ -154,14 +159,15 @@ def pace_step(state: PaceState | None, inp: PaceInputs, curve: CostCurve | None 
     left = target - spent
     if target <= 0 or left <= 0:  # nothing left to pace: the cheapest end of the key's range
         return PaceState(hi, state.integral, exposure, now, state.period_start)
-    share = (now - inp.period_start) / span
+    line_span = span * (1.0 - params.finish_share)
+    share = min(1.0, (now - inp.period_start) / line_span)
     error = (spent - target * share) / target
     integral = _clamp(state.integral + error * dt / span, -params.integral_limit, params.integral_limit)
     if share < params.warmup_share or inp.spent_usd <= 0 or exposure <= 0:
         aim = curve.cost_at(state.lam)  # no demand estimate yet: hold λ, let the feedback act
     else:
         demand = inp.spent_usd / exposure
-        time_left = max(inp.period_end - now, params.min_left_share * span)
+        time_left = max(inp.period_start + line_span - now, params.min_left_share * span)
         aim = left / (demand * time_left)
     aim *= math.exp(-(params.kp * error + params.ki * integral))
     lam = _clamp(curve.lambda_for(aim), lo, hi)
