@@ -1,8 +1,9 @@
 """How ``make test`` spreads the tests over pytest-xdist workers (``-n N --dist loadgroup``); a pytest plugin
 registered by tests/conftest.py.
 
-- The tests of a module that use a module- (or class-) scoped fixture, a server the module starts once,
-  run on one worker, so that the server is started once; so do the tests that use the session's
+- The tests of a module that uses a module- (or class-) scoped fixture, a server the module starts once,
+  run on one worker, so that the server is started once (all the module's tests: some check what the
+  others left behind); so do the tests that use the session's
   ``shared_router_artifact`` (one worker fits it, the others would only wait for that fit). An explicit
   ``xdist_group`` mark still wins. The other tests are handed out one by one.
 - ``slow`` tests (and their groups) come first in the collection, so that the longest do not start last
@@ -58,6 +59,13 @@ class Placement:
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         groups = {item.nodeid: group_of(item) for item in items}
+        # a module that starts a shared server may also check what its other tests left behind (test_fuzz
+        # counts the requests its property test sent): all its tests run on that worker
+        shared = {g for g in groups.values() if g is not None and g.startswith("module:")}
+        for item in items:
+            module = "module:" + item.nodeid.split("::")[0]
+            if groups[item.nodeid] is None and module in shared:
+                groups[item.nodeid] = module
         slow = {groups[i.nodeid] or i.nodeid for i in items if i.get_closest_marker("slow")}
         items.sort(key=lambda i: (groups[i.nodeid] or i.nodeid) not in slow)  # stable: the order within is kept
         if self.groups_file is not None:  # a worker: every worker writes the same map; the controller reads it
