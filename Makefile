@@ -43,13 +43,16 @@ typecheck: install
 # so more workers than cores pay. A module that starts its servers once (module-scoped fixtures) runs on one
 # worker; the slow tests are handed out first (tests/conftest.py). PYTEST_WORKERS=0 runs them in one process.
 PYTEST_WORKERS ?= 4
+# The tests marked `alone` (latency bounds that failed beside the parallel run) run after it, on their own.
 PYTEST_FLAGS = -q -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 pytest: install services
-	$(PY) -m pytest $(PYTEST_FLAGS)
+	$(PY) -m pytest $(PYTEST_FLAGS) -m "not alone"
+	$(PY) -m pytest -q -p no:xdist -m alone
 
 test: install services lint typecheck
-	$(PY) -m pytest $(PYTEST_FLAGS)
+	$(PY) -m pytest $(PYTEST_FLAGS) -m "not alone"
+	$(PY) -m pytest -q -p no:xdist -m alone
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache var
