@@ -39,11 +39,20 @@ lint: install
 typecheck: install
 	bash scripts/heartbeat.sh mypy $(VENV)/bin/mypy
 
+# The tests run in parallel (pytest-xdist): much of their time is spent waiting on the servers they start,
+# so more workers than cores pay. A module that starts its servers once (module-scoped fixtures) runs on one
+# worker; the slow tests are handed out first (tests/conftest.py). PYTEST_WORKERS=0 runs them in one process.
+PYTEST_WORKERS ?= 4
+# The tests marked `alone` (latency bounds that failed beside the parallel run) run after it, on their own.
+PYTEST_FLAGS = -q -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+
 pytest: install services
-	$(PY) -m pytest -q
+	$(PY) -m pytest $(PYTEST_FLAGS) -m "not alone"
+	$(PY) -m pytest -q -p no:xdist -m alone
 
 test: install services lint typecheck
-	$(PY) -m pytest -q
+	$(PY) -m pytest $(PYTEST_FLAGS) -m "not alone"
+	$(PY) -m pytest -q -p no:xdist -m alone
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache var

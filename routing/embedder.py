@@ -20,19 +20,25 @@ directory (default ``$UNIROUTE_CACHE_DIR`` or ``~/.cache/uniroute``)::
     <cache_dir>/<embedder id slug>/keys.txt   one sha256(text) hex per line
     <cache_dir>/<embedder id slug>/vecs.f32   raw float32 rows, same order
 
-New rows are appended to both files (no rewrite), so caching is cheap.
+New rows are appended to both files (no rewrite), so caching is cheap. The folder is shared by every
+process on the machine (gateway replicas, ``uniroute router fit``, parallel test workers): an append
+to both files, and a load, hold an advisory lock on ``<folder>/lock`` so that two writers never
+interleave their rows, and a first distillation of the static embedding holds one on
+``<distilled folder>.lock`` so that it runs once.
 :class:`CachedEmbedder` wraps an embedder with that cache.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -44,6 +50,26 @@ CACHE_ENV = "UNIROUTE_CACHE_DIR"
 def default_cache_dir() -> Path:
     env = os.environ.get(CACHE_ENV)
     return Path(env) if env else Path.home() / ".cache" / "uniroute"
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, shared: bool = False) -> Iterator[None]:
+    """Hold an advisory lock (``flock``) on ``path``, created if missing, across processes. A ``shared``
+    (reader's) lock where ``path`` cannot be created (a read-only cache folder) is not taken: nobody writes there."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+b")  # noqa: SIM115 (closed below)
+    except OSError:
+        if not shared:
+            raise
+        yield
+        return
+    with fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def text_key(text: str) -> str:
@@ -311,6 +337,7 @@ class EmbeddingCache:
         self.dir = self.dir / _slug(embedder_id)
         self._keys_path = self.dir / "keys.txt"
         self._vecs_path = self.dir / "vecs.f32"
+        self._lock_path = self.dir / "lock"
         self._index: dict[str, int] = {}
         self._vecs = np.zeros((0, 0), dtype=np.float32)
         self._buf: np.ndarray | None = None
@@ -321,8 +348,9 @@ class EmbeddingCache:
     def _load(self) -> None:
         if not self._keys_path.is_file() or not self._vecs_path.is_file():
             return
-        keys = self._keys_path.read_text(encoding="ascii").split()
-        raw = np.fromfile(self._vecs_path, dtype=np.float32)
+        with file_lock(self._lock_path, shared=True):  # no writer half-way between its two appends
+            keys = self._keys_path.read_text(encoding="ascii").split()
+            raw = np.fromfile(self._vecs_path, dtype=np.float32)
         if not keys:
             return
         dim = raw.size // len(keys) if raw.size % len(keys) == 0 else 0
@@ -389,10 +417,11 @@ class EmbeddingCache:
             if not self._dim:
                 self._dim = block.shape[1]
                 (self.dir / "dim.txt").write_text(str(self._dim))
-            with open(self._vecs_path, "ab") as fh:
-                fh.write(block.tobytes())
-            with open(self._keys_path, "a", encoding="ascii") as fh:
-                fh.write("".join(k + "\n" for k in new_keys))
+            with file_lock(self._lock_path):  # the rows of two processes never interleave
+                with open(self._vecs_path, "ab") as fh:
+                    fh.write(block.tobytes())
+                with open(self._keys_path, "a", encoding="ascii") as fh:
+                    fh.write("".join(k + "\n" for k in new_keys))
             start = len(self._index)
             for i, k in enumerate(new_keys):
                 self._index[k] = start + i
@@ -468,9 +497,12 @@ def make_inner_embedder(model_path: str | None = None, *, cache_dir: str | os.Pa
         if model_path == STATIC and not is_static_model(path):
             import sys
 
-            print(f"distilling a static embedding from all-MiniLM-L6-v2 into {path} (offline, once) …",
-                  file=sys.stderr)
-            distill_static(path)
+            # another process (a second replica, a parallel test worker) may be distilling it: wait for it
+            with file_lock(path.with_name(path.name + ".lock")):
+                if not is_static_model(path):
+                    print(f"distilling a static embedding from all-MiniLM-L6-v2 into {path} (offline, once) …",
+                          file=sys.stderr)
+                    distill_static(path)
         return StaticEmbedder(path, max_length=max_length)
     return SentenceTransformerEmbedder(model_path, **kwargs)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,12 +29,22 @@ def shared_router_artifact(shared_dataset: Path, tmp_path_factory: pytest.TempPa
 
     ``--embedder static`` distils the static embedding from the local MiniLM weights into the embedding
     cache once per machine (~1 min on 2 loaded cores); embedding the ~10k prompts with it then takes
-    seconds (with MiniLM: 10-30 min on a cold cache)."""
-    from gateway.cli.main import main as cli
+    seconds (with MiniLM: 10-30 min on a cold cache).
 
-    out = tmp_path_factory.mktemp("shared-router") / "artifact"
-    assert cli(["router", "fit", "--dataset", str(shared_dataset), "--out", str(out),
-                "--embedder", "static"]) == 0
+    Fitted once per test run: under pytest-xdist the workers share it (the first to need it fits it
+    in the run's common temporary folder, holding a lock; the others wait for it and read it)."""
+    from gateway.cli.main import main as cli
+    from routing.embedder import file_lock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the folder of this run, above each worker's own
+    out, done = root / "shared-router" / "artifact", root / "shared-router" / "fitted"
+    with file_lock(root / "shared-router.lock"):
+        if not done.exists():
+            assert cli(["router", "fit", "--dataset", str(shared_dataset), "--out", str(out),
+                        "--embedder", "static"]) == 0
+            done.touch()
     return out
 
 
@@ -47,6 +58,9 @@ def fake_upstream_url() -> Iterator[str]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    from tests import parallel
     from tests.progress import NeverSilent
 
     config.pluginmanager.register(NeverSilent(config), "uniroute-never-silent")
+    parallel.register(config)  # where the tests run under pytest-xdist, and in which order
+

@@ -9,6 +9,10 @@ silent. This plugin
   (a copy of stdout taken before pytest captures it);
 - lets the fixtures in :data:`SHOW_PROGRESS` print their own progress (tqdm bars on stderr) to the
   terminal instead of into pytest's capture.
+
+Under pytest-xdist (``-n N``, as ``make test`` runs) each worker runs its own heartbeat, prefixed with the
+worker's id: a worker's stdout is xdist's channel (pointed at /dev/null), its stderr the controller's, so
+the worker writes to a copy of its stderr. The controller, which runs no test, runs none.
 """
 
 from __future__ import annotations
@@ -32,9 +36,12 @@ class NeverSilent:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.fd: int | None = None
-        if not config.option.collectonly:
+        worker: dict[str, object] | None = getattr(config, "workerinput", None)
+        self.prefix = f"[{worker['workerid']}] " if worker else ""
+        distributing = worker is None and getattr(config.option, "dist", "no") != "no"
+        if not config.option.collectonly and not distributing:
             try:  # called from pytest_configure: capture is suspended, so this is the terminal
-                self.fd = os.dup(sys.stdout.fileno())
+                self.fd = os.dup((sys.stderr if worker else sys.stdout).fileno())
             except (AttributeError, OSError, ValueError):  # no real stdout (e.g. pytest run in process)
                 self.fd = None
         self.lock = threading.Lock()
@@ -69,7 +76,7 @@ class NeverSilent:
             due += HEARTBEAT_S
             what = f"fixture {' > '.join(fixtures)}" if fixtures else phase
             try:
-                os.write(self.fd, f"\n[{elapsed:4.0f} s] still running {test} ({what})\n".encode())
+                os.write(self.fd, f"\n{self.prefix}[{elapsed:4.0f} s] still running {test} ({what})\n".encode())
             except OSError:
                 return
 

@@ -149,6 +149,7 @@ def test_serve_rejects_bad_config(tmp_path: Path) -> None:
 
 
 @pytest.mark.data
+@pytest.mark.slow  # the shared router fit (and on a fresh machine the static embedding's distillation)
 def test_demo_config_with_shared_dataset(tmp_path: Path, shared_dataset: Path, shared_router_artifact: Path) -> None:
     """The repository's config.yaml over the real routing benchmark (the demo), answered by the replay,
     routing with the static-embedder artifact the demo fits."""

@@ -207,29 +207,33 @@ def test_cli_keys(tmp_path: Path) -> None:
     store.dispose()
 
 
-def test_cli_keys_refuses_what_the_config_forbids_in_one_line(tmp_path: Path) -> None:
+def test_cli_keys_refuses_what_the_config_forbids_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # in process (test_cli_keys above runs the same command as a real subprocess): main() returns the exit status
+    from gateway.cli.main import main as cli
+
     cfg = tmp_path / "config.yaml"
     cfg.write_text(f"database_url: sqlite:///{tmp_path / 'k.db'}\nrouter:\n  lambda_min: 0.0\n  lambda_max: 10.0\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    env.pop("UNIROUTE_DATABASE_URL", None)
+    monkeypatch.delenv("UNIROUTE_DATABASE_URL", raising=False)
+    monkeypatch.delenv("UNIROUTE_DEBUG", raising=False)
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "gateway.cli.main", "keys", *args, "--config", str(cfg)],
-                              env=env, capture_output=True, text=True, timeout=60)
+    def run(*args: str, config: Path = cfg) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = cli(["keys", *args, "--config", str(config)])
+        out = capsys.readouterr()
+        return code, out.out, out.err
 
     for args, needle in ((("--lambda", "20"), "lambda must lie in [0, 10]"),
                          (("--lambda", "1", "--lambda-max", "11"), "lambda_max must lie in [0, 10]"),
                          (("--lambda", "1", "--budget", "-1"), "budget must be a number of USD >= 0")):
-        out = run("create", "--name", "alice", *args)
-        assert out.returncode == 1 and out.stdout == "", out.stderr
-        assert out.stderr.startswith(f"error: {needle}") and out.stderr.count("\n") == 1, out.stderr
-    out = run("create", "--name", "alice", "--lambda", "1")
-    assert out.returncode == 0 and "range 0..10" in out.stderr
-    out = run("revoke", "nobody")
-    assert (out.returncode, out.stderr) == (1, "error: no API key named 'nobody'\n")
+        code, out, err = run("create", "--name", "alice", *args)
+        assert code == 1 and out == "", err
+        assert err.startswith(f"error: {needle}") and err.count("\n") == 1, err
+    code, out, err = run("create", "--name", "alice", "--lambda", "1")
+    assert code == 0 and "range 0..10" in err
+    assert run("revoke", "nobody")[::2] == (1, "error: no API key named 'nobody'\n")
     (tmp_path / "bad.yaml").write_text("router:\n  lambda_max: -1\n")
-    out = subprocess.run([sys.executable, "-m", "gateway.cli.main", "keys", "create", "--name", "b", "--lambda", "1",
-                          "--config", str(tmp_path / "bad.yaml")], env=env, capture_output=True, text=True,
-                         cwd=tmp_path, timeout=60)
-    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
-    assert "router.lambda_max: Input should be greater than or equal to 0" in out.stderr
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run("create", "--name", "b", "--lambda", "1", config=tmp_path / "bad.yaml")
+    assert code == 1 and err.count("\n") == 1, err
+    assert "router.lambda_max: Input should be greater than or equal to 0" in err

@@ -90,6 +90,7 @@ def _all_rows(db_url: str) -> int:
         engine.dispose()
 
 
+@pytest.mark.alone  # timeouts under load: make test runs it after the parallel run (it failed beside it)
 async def test_200_concurrent_streams_complete_logged_and_counted(stack: Stack) -> None:
     before_rows = _all_rows(stack.db_url)
     before_count = _counted(stack.base, present=False)

