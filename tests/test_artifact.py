@@ -168,7 +168,7 @@ def test_artifacts_without_profile_priors_load_as_flat(fitted: tuple[Path, Route
     profiles new models with the flat prior and its recorded prior_strength."""
     import json
 
-    out, art, _, _ = fitted
+    out, _, _, _ = fitted
     meta = json.loads((out / "artifact.json").read_text())
     meta.pop("profile_priors")
     old = RouterArtifact.load(out)  # as written now
