@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from routing.artifact import STATIC_EMBEDDER_DIR, RouterArtifact, fit_artifact, load_pool
+from routing.artifact import DEFAULT_VAL_SIZE, STATIC_EMBEDDER_DIR, RouterArtifact, fit_artifact, load_pool
 from routing.calibration import calibrate_lambda, target_from_fraction
 from routing.dataset import default_dataset_path, load_dataset
 from routing.embedder import make_embedder
@@ -72,7 +72,8 @@ def fit_command(args: argparse.Namespace) -> int:
     art, profiles = fit_artifact(x, ds.scores[:, cols], ds.model_costs[cols], [ds.models[j] for j in cols],
                                  ds.prompt_ids, ds.prompts, answers=ds.answers,
                                  embedder_id=embedder.id, training_set_hash=ds.fingerprint(), k=k,
-                                 variant=args.variant, val_size=args.val_size, seed=args.seed,
+                                 variant=args.variant,
+                                 val_size=DEFAULT_VAL_SIZE if args.val_size is None else args.val_size, seed=args.seed,
                                  prior=getattr(args, "prior", None),
                                  embedder_path=embedder_path)
     out = art.save(args.out)

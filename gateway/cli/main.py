@@ -162,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--k", default="auto", help="number of clusters K, or 'auto' (default)")
     q.add_argument("--variant", default="learnedmap", choices=["kmeans", "learnedmap"],
                    help="default variant recorded in the artifact")
-    q.add_argument("--val-size", type=int, default=500,
-                   help="validation prompts used for profiles (default 500: docs/EVALUATION.md, label efficiency)")
+    q.add_argument("--val-size", type=int, default=None,
+                   help="validation prompts used for profiles (default: routing.artifact.DEFAULT_VAL_SIZE, 1000, "
+                        "what the label-efficiency curve supports; docs/EVALUATION.md)")
     q.add_argument("--prior", default=None, choices=["flat", "difficulty"],
                    help="profile prior of Ψ (default: routing.estimators.DEFAULT_PRIOR; docs/EVALUATION.md)")
     q.add_argument("--seed", type=int, default=0)
