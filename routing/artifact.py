@@ -33,12 +33,15 @@ import numpy as np
 from routing.clusters import Membership
 from routing.decision import Decider, expected_errors
 from routing.policy import PoolModel, RoutingDecision, rank_by_objective
-from routing.profiles import ModelProfile, estimate_profile, load_profiles
+from routing.profiles import PRIORS, ModelProfile, estimate_profile, load_profiles
 
 if TYPE_CHECKING:
     from routing.estimators import LearnedMap, RoutingTask, UniRouteKMeans
 
 ARTIFACT_FORMAT = 1
+#: validation prompts `router fit` profiles the models on (issue 15: the label-efficiency curve in
+#: docs/EVALUATION.md decides it — at 500 labels the headline was 0.0021 Area below its Area at 1,000)
+DEFAULT_VAL_SIZE = 1000
 ARTIFACT_FILE = "artifact.json"
 ARRAYS_FILE = "arrays.npz"
 STATIC_EMBEDDER_DIR = "embedder"  # a static embedder copied into the artifact folder by `router fit`
@@ -65,6 +68,11 @@ class RouterArtifact:
     #: reference answers of the validation prompts (graders need them to profile a new model);
     #: None for artifacts fitted before they were recorded. Not part of :attr:`version`.
     val_answers: list[str | None] | None = None
+    #: per variant, how a model's Ψ is shrunk (issue 15): {"prior": "flat" | "difficulty",
+    #: "prior_strength": m}; empty for artifacts fitted before (every variant: flat, ``prior_strength``)
+    profile_priors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: per variant with the difficulty prior, the clusters' difficulty δ (K,) learned from the fit's models
+    difficulty: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def version(self) -> str:
@@ -76,7 +84,18 @@ class RouterArtifact:
             h.update(np.ascontiguousarray(self.theta, dtype=np.float64).tobytes())
         h.update("\0".join(self.val_prompt_ids).encode())
         h.update(self.training_set_hash.encode())
+        if self.profile_priors:  # absent from older artifacts, whose versions stay what they were
+            h.update(json.dumps(self.profile_priors, sort_keys=True).encode())
+            for v in sorted(self.difficulty):
+                h.update(np.ascontiguousarray(self.difficulty[v], dtype=np.float64).tobytes())
         return h.hexdigest()[:16]
+
+    def profile_prior(self, variant: str) -> tuple[float, np.ndarray | None]:
+        """(prior strength m, difficulty δ or None for the flat prior) with which ``variant``'s Ψ are estimated."""
+        spec = self.profile_priors.get(variant)
+        if spec is None:
+            return self.prior_strength, None
+        return float(spec["prior_strength"]), (self.difficulty[variant] if spec["prior"] == "difficulty" else None)
 
     def membership_map(self, variant: str | None = None) -> Membership:
         """The map z(x) of ``variant`` (default: the artifact's)."""
@@ -100,6 +119,8 @@ class RouterArtifact:
         arrays: dict[str, np.ndarray] = {"centroids": self.centroids, "val_embeddings": self.val_embeddings}
         if self.theta is not None:
             arrays["theta"] = self.theta
+        for v, delta in self.difficulty.items():
+            arrays[f"difficulty_{v}"] = delta
         np.savez(d / ARRAYS_FILE, **arrays)  # type: ignore[arg-type]
         embedder_path = self.embedder_path
         if embedder_path is not None and Path(embedder_path).is_absolute():
@@ -115,6 +136,8 @@ class RouterArtifact:
             "has_theta": self.theta is not None, "extra": self.extra,
             "val_prompt_ids": self.val_prompt_ids, "val_prompts": self.val_prompts,
         }
+        if self.profile_priors:
+            meta["profile_priors"] = self.profile_priors
         if self.val_answers is not None:
             meta["val_answers"] = self.val_answers
         (d / ARTIFACT_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
@@ -137,13 +160,20 @@ class RouterArtifact:
             centroids = np.asarray(arrays["centroids"])
             theta = np.asarray(arrays["theta"]) if "theta" in arrays else None
             val_emb = np.asarray(arrays["val_embeddings"])
+            difficulty = {name[len("difficulty_"):]: np.asarray(arrays[name]) for name in arrays.files
+                          if name.startswith("difficulty_")}
         art = cls(embedder_id=meta["embedder_id"], k=int(meta["k"]), centroids=centroids, theta=theta,
                   val_prompt_ids=list(meta["val_prompt_ids"]), val_prompts=list(meta["val_prompts"]),
                   val_embeddings=val_emb, training_set_hash=meta["training_set_hash"], variant=meta["variant"],
                   prior_strength=float(meta["prior_strength"]), temperature=meta.get("temperature"),
                   embedder_path=embedder_path, created_at=meta["created_at"],
                   extra=dict(meta.get("extra") or {}),
-                  val_answers=None if meta.get("val_answers") is None else list(meta["val_answers"]))
+                  val_answers=None if meta.get("val_answers") is None else list(meta["val_answers"]),
+                  profile_priors=dict(meta.get("profile_priors") or {}), difficulty=difficulty)
+        for v, spec in art.profile_priors.items():
+            if spec.get("prior") not in PRIORS or (spec["prior"] == "difficulty" and v not in difficulty):
+                raise ValueError(f"{meta_path}: variant {v!r} has profile prior {spec!r}; valid priors: "
+                                 f"{', '.join(PRIORS)} (the difficulty prior needs difficulty_{v} in {ARRAYS_FILE})")
         if meta.get("version") and meta["version"] != art.version:
             raise ValueError(f"{d}: artifact content does not match its recorded version {meta['version']}")
         return art
@@ -164,7 +194,8 @@ class RouterArtifact:
         out = []
         for v in variants or self.available_variants():
             w = self.membership(self.val_embeddings[rows], v)
-            out.append(estimate_profile(model, w, s, prior_strength=self.prior_strength, cost=cost, variant=v))
+            m, delta = self.profile_prior(v)
+            out.append(estimate_profile(model, w, s, prior_strength=m, cost=cost, variant=v, difficulty=delta))
         return out
 
     def available_variants(self) -> list[str]:
@@ -249,7 +280,7 @@ def load_policy(artifact_dir: str | os.PathLike[str], variant: str | None = None
 # --------------------------------------------------------------------------- deployment fit
 
 def deployment_task(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models: Sequence[str], *,
-                    val_size: int = 500, seed: int = 0) -> tuple[RoutingTask, np.ndarray, np.ndarray]:
+                    val_size: int = DEFAULT_VAL_SIZE, seed: int = 0) -> tuple[RoutingTask, np.ndarray, np.ndarray]:
     """The deployment fit's task: ``val_size`` random prompts profile the models, the rest train the
     clusters and θ. Returns (task, training prompt indices, validation prompt indices)."""
     from routing.estimators import RoutingTask
@@ -266,23 +297,25 @@ def deployment_task(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models
     return task, tr, va
 
 
-def fit_estimators(task: RoutingTask, *, k: int | str = "auto", prior_strength: float = 2.0
-                   ) -> tuple[UniRouteKMeans, LearnedMap]:
-    """The router's two variants, fitted as the evaluation fits them: K-means (K given or selected)
-    and LearnedMap with the same K and clusters."""
-    from routing.estimators import LearnedMap, UniRouteKMeans
+def fit_estimators(task: RoutingTask, *, k: int | str = "auto", prior_strength: float | str = "auto",
+                   prior: str | None = None) -> tuple[UniRouteKMeans, LearnedMap]:
+    """The router's two variants, fitted as the evaluation fits them: LearnedMap (K, and m when
+    ``"auto"``, chosen by its selection at the validation noise level) and hard K-means on the same
+    clusters (its own m when ``"auto"``). ``prior``: the profile prior (default: the estimators')."""
+    from routing.estimators import DEFAULT_PRIOR, LearnedMap, UniRouteKMeans
 
-    km = UniRouteKMeans(n_clusters=k if k == "auto" else int(k), prior_strength=prior_strength).fit(task)
-    assert isinstance(km.k_, int)
-    return km, LearnedMap(n_clusters=km.k_, prior_strength=prior_strength).fit(task)
+    prior = prior or DEFAULT_PRIOR
+    lm = LearnedMap(n_clusters=k if k == "auto" else int(k), prior_strength=prior_strength, prior=prior).fit(task)
+    km = UniRouteKMeans(n_clusters=lm.k_, prior_strength=prior_strength, prior=prior).fit(task)
+    return km, lm
 
 
 def fit_artifact(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models: Sequence[str],
                  prompt_ids: Sequence[str], prompts: Sequence[str], *, embedder_id: str,
                  training_set_hash: str, k: int | str = "auto", variant: str = "learnedmap",
-                 val_size: int = 500, seed: int = 0, prior_strength: float = 2.0,
-                 embedder_path: str | None = None, answers: Sequence[str | None] | None = None
-                 ) -> tuple[RouterArtifact, list[ModelProfile]]:
+                 val_size: int = DEFAULT_VAL_SIZE, seed: int = 0, prior_strength: float | str = "auto",
+                 prior: str | None = None, embedder_path: str | None = None,
+                 answers: Sequence[str | None] | None = None) -> tuple[RouterArtifact, list[ModelProfile]]:
     """Deployment fit: most prompts train the clusters and θ, ``val_size`` prompts profile the models.
 
     The artifact holds the fitted estimators' centroids and θ, and the profiles are the
@@ -291,17 +324,21 @@ def fit_artifact(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models: S
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
     task, tr, va = deployment_task(x, scores, costs, models, val_size=val_size, seed=seed)
-    km, lm = fit_estimators(task, k=k, prior_strength=prior_strength)
+    km, lm = fit_estimators(task, k=k, prior_strength=prior_strength, prior=prior)
     fitted = {"kmeans": (km.psi_, km.counts_), "learnedmap": (lm.psi_, lm.counts_)}
     k_fit = km.k_
     assert isinstance(k_fit, int)
+    used = {"kmeans": (km.prior, km.prior_strength_, km.difficulty_),
+            "learnedmap": (lm.prior, lm.prior_strength_, lm.difficulty_)}
     art = RouterArtifact(embedder_id=embedder_id, k=k_fit, centroids=km.centroids_, theta=lm.theta_,
                          val_prompt_ids=[prompt_ids[i] for i in va], val_prompts=[prompts[i] for i in va],
                          val_embeddings=x[va].astype(np.float32), training_set_hash=training_set_hash,
-                         variant=variant, prior_strength=prior_strength, embedder_path=embedder_path,
+                         variant=variant, prior_strength=float(used[variant][1]), embedder_path=embedder_path,
                          extra={"n_train": len(tr), "k_selection": "auto" if k == "auto" else "given",
                                 "seed": seed},
-                         val_answers=None if answers is None else [answers[i] for i in va])
+                         val_answers=None if answers is None else [answers[i] for i in va],
+                         profile_priors={v: {"prior": p, "prior_strength": float(m)} for v, (p, m, _) in used.items()},
+                         difficulty={v: np.asarray(d) for v, (_, _, d) in used.items() if d is not None})
     val_scores = np.asarray(task.val_scores, dtype=np.float64)
     profiles: list[ModelProfile] = []
     for j, name in enumerate(models):
@@ -309,7 +346,7 @@ def fit_artifact(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models: S
             psi, counts = fitted[v]
             profiles.append(ModelProfile(model=name, psi=np.asarray(psi[j]), counts=counts,
                                          overall_error=float(1.0 - val_scores[:, j].mean()), n_prompts=len(va),
-                                         prior_strength=float(prior_strength), cost=float(costs[j]), variant=v))
+                                         prior_strength=float(used[v][1]), cost=float(costs[j]), variant=v))
     return art, profiles
 
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from routing.artifact import STATIC_EMBEDDER_DIR, RouterArtifact, fit_artifact, load_pool
+from routing.artifact import DEFAULT_VAL_SIZE, STATIC_EMBEDDER_DIR, RouterArtifact, fit_artifact, load_pool
 from routing.calibration import calibrate_lambda, target_from_fraction
 from routing.dataset import default_dataset_path, load_dataset
 from routing.embedder import make_embedder
@@ -72,11 +72,14 @@ def fit_command(args: argparse.Namespace) -> int:
     art, profiles = fit_artifact(x, ds.scores[:, cols], ds.model_costs[cols], [ds.models[j] for j in cols],
                                  ds.prompt_ids, ds.prompts, answers=ds.answers,
                                  embedder_id=embedder.id, training_set_hash=ds.fingerprint(), k=k,
-                                 variant=args.variant, val_size=args.val_size, seed=args.seed,
+                                 variant=args.variant,
+                                 val_size=DEFAULT_VAL_SIZE if args.val_size is None else args.val_size, seed=args.seed,
+                                 prior=getattr(args, "prior", None),
                                  embedder_path=embedder_path)
     out = art.save(args.out)
     save_profiles(out, profiles, artifact_version=art.version)
     print(json.dumps({"artifact": str(out), "version": art.version, "k": art.k, "variant": art.variant,
+                      "profile_priors": art.profile_priors,
                       "embedder": art.embedder_id, "val_prompts": len(art.val_prompt_ids),
                       "models_profiled": len(cols)}))
     return 0
@@ -134,35 +137,76 @@ def calibrate_command(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- uniroute eval
 
+def _val_sizes(value: str | None) -> list[int] | None:
+    if not value:
+        return None
+    try:
+        sizes = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"--val-sizes must be comma-separated positive integers, got {value!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise SystemExit(f"--val-sizes must be comma-separated positive integers, got {value!r}")
+    return sizes
+
+
 def eval_command(args: argparse.Namespace) -> int:
     """``uniroute eval``: seeded trials of the paper's protocol on a routing benchmark folder."""
-    from routing.evaluation import DEFAULT_METHODS, evaluate, markdown_table, plot_curves
+    from routing.evaluation import (
+        DEFAULT_METHODS,
+        evaluate,
+        evaluate_sizes,
+        markdown_table,
+        plot_curves,
+        plot_sizes,
+        sizes_table,
+    )
 
     path = args.dataset or default_dataset_path()
     if path is None:
         raise SystemExit("no dataset: pass --dataset DIR or set $UNIROUTE_DATASET")
     methods = args.methods.split(",") if args.methods else DEFAULT_METHODS
+    sizes = _val_sizes(getattr(args, "val_sizes", None))
     t0 = time.perf_counter()
     ds = load_dataset(path, with_responses=False)
     embedder = make_embedder(args.embedder, cache_dir=args.cache_dir, progress=True,
                              max_seq_length=args.max_seq_length, quantize=getattr(args, "quantize", False))
     x = embedder.embed(ds.prompts)
-    results, summary = evaluate(x, ds.scores, ds.model_costs, ds.models, trials=args.trials,
-                                seed0=args.seed0, methods=methods)
+    seeds = f"seeds {args.seed0}–{args.seed0 + args.trials - 1}"
+    try:
+        if sizes is not None and len(sizes) > 1:
+            by_size, summary = evaluate_sizes(x, ds.scores, ds.model_costs, ds.models, val_sizes=sizes,
+                                              trials=args.trials, seed0=args.seed0, methods=methods)
+        else:
+            results, summary = evaluate(x, ds.scores, ds.model_costs, ds.models, trials=args.trials,
+                                        seed0=args.seed0, methods=methods, val_size=sizes[0] if sizes else None)
+    except ValueError as exc:
+        raise SystemExit(f"uniroute eval: {exc}") from None
     summary["dataset"] = str(path)
     summary["embedder"] = embedder.id
     summary["seconds"] = time.perf_counter() - t0
-    table = markdown_table(summary)
-    print(table)
-    print(f"\n{args.trials} trials (seeds {args.seed0}–{args.seed0 + args.trials - 1}) on {path} "
-          f"with {embedder.id}: {summary['seconds']:.1f} s")
+    if sizes is not None and len(sizes) > 1:
+        print(sizes_table(summary))
+        per_trial: Any = {str(n): _per_trial(rs) for n, rs in by_size.items()}
+    else:
+        print(markdown_table(summary))
+        per_trial = _per_trial(results)
+    print(f"\n{args.trials} trials ({seeds}) on {path} with {embedder.id}: {summary['seconds']:.1f} s")
     if args.json:
-        summary["per_trial"] = [{"seed": r.seed, "metrics": r.metrics,
-                                 "info": {k: (list(v) if isinstance(v, tuple) else v) for k, v in r.info.items()}}
-                                for r in results]
+        summary["per_trial"] = per_trial
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=1, default=float), encoding="utf-8")
     if args.plot:
-        plot_curves(results, args.plot, f"{Path(path).name}: mean deferral curves, {args.trials} trials")
+        name = Path(path).name
+        if sizes is not None and len(sizes) > 1:
+            plot_sizes(summary, args.plot, f"{name}: Area against validation labels per new model, "
+                                           f"{args.trials} trials ({seeds})")
+        else:
+            plot_curves(results, args.plot, f"{name}: mean deferral curves, {args.trials} trials ({seeds})")
         print(f"plot: {args.plot}")
     return 0
+
+
+def _per_trial(results: Sequence[Any]) -> list[dict[str, Any]]:
+    return [{"seed": r.seed, "metrics": r.metrics,
+             "info": {k: (list(v) if isinstance(v, tuple) else v) for k, v in r.info.items()}}
+            for r in results]

@@ -69,17 +69,50 @@ def qnc(costs: np.ndarray, scores: np.ndarray, best_model_score: float) -> float
     return cost_to_reach(costs, scores, best_model_score)
 
 
+def lambda_all_cheapest(errors: np.ndarray, costs: np.ndarray) -> float:
+    """The least λ from which every row of ``errors`` goes to a cheapest model (costs normalised).
+
+    Model j beats a cheapest model c on a row when e_j + λ c_j < e_c + λ c_min, i.e. while
+    λ < (e_c − e_j) / (c_j − c_min); the largest such ratio over rows and dearer models is the
+    λ beyond which only the cheapest models (and, among equal-cost ones, the lower error) win.
+    """
+    e = np.asarray(errors, dtype=np.float64)
+    c = np.asarray(costs, dtype=np.float64)
+    cmin = c.min()
+    dearer = c > cmin
+    if not dearer.any() or e.size == 0:
+        return 0.0
+    e2 = e.reshape(-1, len(c))
+    best_cheap = e2[:, ~dearer].min(axis=1)  # the cheapest models' lowest error on each row
+    gaps = (best_cheap[:, None] - e2[:, dearer]) / (c[dearer] - cmin)[None, :]
+    return float(max(gaps.max(), 0.0))
+
+
+def sweep(errors: np.ndarray, costs: np.ndarray, lams: np.ndarray) -> np.ndarray:
+    """``lams`` with both ends of the curve made exact: λ = 0 (every prompt to its lowest expected
+    error, the all-best point) and one λ past :func:`lambda_all_cheapest` (every prompt to a cheapest
+    model), so no curve relies on the Area's flat extension to reach its cheapest point."""
+    end = 2.0 * lambda_all_cheapest(errors, costs) + 1.0  # strictly past the last switch, by ≥ 1
+    grid = np.asarray(lams, dtype=np.float64)
+    return np.unique(np.concatenate([[0.0], grid[grid < end], [end]]))
+
+
 def deferral_curve(errors: np.ndarray, true_scores: np.ndarray, costs: np.ndarray,
-                   lams: np.ndarray, names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   lams: np.ndarray, names: Sequence[str] | None = None, *, ends: bool = True
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Route every prompt with r(x) = argmin_h errors[x, h] + λ·costs[h]/max c for each λ.
 
     The decision is the gateway's (:class:`routing.decision.Decider`): ties go to the cheaper
-    model, then by ``names`` (pool position without names).
+    model, then by ``names`` (pool position without names). With ``ends`` (the default) the
+    sweep always holds both ends of the curve exactly (:func:`sweep`): the all-best point (λ = 0)
+    and the all-cheapest point (a λ past every switch), whatever ``lams`` holds.
     Returns (mean normalised cost, mean true score), one point per λ.
     """
     decider = Decider(costs, names)
     e = np.asarray(errors, dtype=np.float64)
     c = decider.costs
+    if ends:
+        lams = sweep(e, c, lams)
     xs = np.empty(len(lams))
     ys = np.empty(len(lams))
     rows = np.arange(len(e))
@@ -90,5 +123,5 @@ def deferral_curve(errors: np.ndarray, true_scores: np.ndarray, costs: np.ndarra
     return xs, ys
 
 
-#: default λ sweep: 0, then log-spaced up to well past where every policy picks the cheapest model
+#: default λ sweep: 0, then log-spaced; :func:`deferral_curve` adds the exact all-cheapest end
 DEFAULT_LAMS = np.concatenate([[0.0], np.logspace(-4, 1.5, 160)])

@@ -36,7 +36,7 @@ import numpy as np
 from routing.clusters import ClusterMap, Membership, softmax
 from routing.decision import Decider, expected_errors, normalise
 from routing.deferral import DEFAULT_LAMS, area, deferral_curve
-from routing.profiles import shrunk_cluster_errors
+from routing.profiles import PRIORS, cluster_difficulty, shrunk_cluster_errors
 
 
 @dataclass
@@ -90,10 +90,16 @@ class RouterEstimator:
         return decide(errors, costs, lam, names)
 
     def curve(self, x: np.ndarray, true_scores: np.ndarray, costs: np.ndarray,
-              lams: np.ndarray = DEFAULT_LAMS, names: Sequence[str] | None = None
+              lams: np.ndarray | None = None, names: Sequence[str] | None = None
               ) -> tuple[np.ndarray, np.ndarray]:
-        """Deferral curve on prompts ``x`` with known ``true_scores`` (n, m_pool)."""
-        return deferral_curve(self.expected_error(x), true_scores, normalise(costs), lams, names)
+        """Deferral curve on prompts ``x`` with known ``true_scores`` (n, m_pool).
+
+        Without ``lams``: the evaluation's sweep, :data:`DEFAULT_LAMS` with both ends of the curve
+        made exact (:func:`routing.deferral.sweep`). With ``lams``: one point per given λ, in order.
+        """
+        ends = lams is None
+        return deferral_curve(self.expected_error(x), true_scores, normalise(costs),
+                              DEFAULT_LAMS if lams is None else lams, names, ends=ends)
 
 
 # --------------------------------------------------------------------------- UniRoute
@@ -103,59 +109,139 @@ def _train_area(errors: np.ndarray, scores: np.ndarray, costs: np.ndarray) -> fl
     return area(xs, ys)
 
 
-def select_k(task: RoutingTask, grid: Sequence[int], prior_strength: float) -> int:
-    """The paper's K selection with training LLMs only.
-
-    For each K: fit Ψ of the training LLMs on the training prompts, route them on the
-    validation prompts, and keep the K with the largest deferral area.
-    """
-    best_k, best = int(grid[0]), -np.inf
-    for k in grid:
-        cm = task.clusters(int(k))
-        psi, _ = shrunk_cluster_errors(cm.weights(task.x_train), 1.0 - task.train_scores, prior_strength)
-        a = _train_area(expected_errors(cm.weights(task.x_val), psi), task.val_train_scores, task.train_costs)
-        if a > best:
-            best_k, best = int(k), a
-    return best_k
-
-
 K_GRID = (5, 10, 20, 40, 80)
+#: soft K-means temperatures and prior strengths the selection chooses from ("auto")
+TAU_GRID = (0.05, 0.1, 0.2)
+M_GRID = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+#: the profile prior of the UniRoute estimators, ``router fit`` and ``uniroute profile`` (issue 15)
+DEFAULT_PRIOR = "flat"
+SELECTION_REPEATS = 4
+#: the (fixed) shrinkage of the training LLMs' hard K-means Ψ that LearnedMap's θ is trained against
+THETA_PRIOR_STRENGTH = 2.0
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What :func:`select_params` chose, and the evidence: the mean simulated Area of each candidate."""
+
+    k: int
+    temperature: float | None
+    prior_strength: float
+    sample_size: int  # prompts per simulated profile (= the validation set's size)
+    repeats: int
+    areas: dict[tuple[int, float | None, float], float]
+
+
+def select_params(task: RoutingTask, ks: Sequence[int], temperatures: Sequence[float | None] = (None,),
+                  strengths: Sequence[float] = (2.0,), *, prior: str = DEFAULT_PRIOR,
+                  repeats: int = SELECTION_REPEATS) -> Selection:
+    """Choose K, the soft K-means temperature τ and the prior strength m at the validation noise level,
+    with the training LLMs only.
+
+    A new model is profiled on the ``len(task.x_val)`` validation prompts, so each candidate is scored
+    the same way: the training LLMs' Ψ are estimated from ``repeats`` random samples of that many
+    *training* prompts (the same samples for every candidate), and those noisy profiles route the
+    training LLMs on the validation prompts; the candidate with the largest mean deferral Area wins
+    (ties: the first in grid order). The difficulty prior's δ is computed, for each training LLM,
+    without that LLM (leave one out), as it would be for a model the router has never seen. Pool
+    (test) LLMs' labels are never read.
+    """
+    if prior not in PRIORS:
+        raise ValueError(f"unknown prior {prior!r}; valid: {', '.join(PRIORS)}")
+    n_val, n_train = len(task.x_val), len(task.x_train)
+    size = min(n_val, n_train)
+    rng = np.random.default_rng([task.seed, 15])
+    samples = [np.sort(rng.choice(n_train, size=size, replace=False)) for _ in range(repeats)]
+    e_train = 1.0 - np.asarray(task.train_scores, dtype=np.float64)
+    areas: dict[tuple[int, float | None, float], float] = {}
+    for k in ks:
+        cm = task.clusters(int(k))
+        for tau in temperatures:
+            w_tr, w_va = cm.weights(task.x_train, tau), cm.weights(task.x_val, tau)
+            delta = cluster_difficulty(w_tr, e_train, leave_one_out=True) if prior == "difficulty" else None
+            for m in strengths:
+                vals = []
+                for rows in samples:
+                    psi, _ = shrunk_cluster_errors(w_tr[rows], e_train[rows], m, delta)
+                    vals.append(_train_area(expected_errors(w_va, psi), task.val_train_scores, task.train_costs))
+                areas[(int(k), tau, float(m))] = float(np.mean(vals))
+    best = max(areas, key=lambda key: areas[key])  # first maximum in grid order
+    return Selection(k=best[0], temperature=best[1], prior_strength=best[2], sample_size=size, repeats=repeats,
+                     areas=areas)
+
+
+def select_k(task: RoutingTask, grid: Sequence[int], prior_strength: float, temperature: float | None = None,
+             *, prior: str = DEFAULT_PRIOR) -> int:
+    """K alone, by :func:`select_params` (validation-sized profiles of the training LLMs)."""
+    return select_params(task, grid, (temperature,), (prior_strength,), prior=prior).k
+
+
+def _candidates(value: Any, auto: Sequence[Any]) -> list[Any]:
+    return list(auto) if isinstance(value, str) and value == "auto" else [value]
+
+
+def _check_prior(prior: str) -> str:
+    if prior not in PRIORS:
+        raise ValueError(f"unknown prior {prior!r}; valid: {', '.join(PRIORS)}")
+    return prior
 
 
 class UniRouteKMeans(RouterEstimator):
     """UniRoute with K-means clusters: hard nearest-centroid z(x) (or soft with ``temperature``).
 
     Ψ(h) of each pool model is its shrunk per-cluster validation error; the expected
-    error of h on x is Σ_k z_k(x) Ψ_k(h). ``n_clusters``: an int, ``"auto"`` (the
-    paper's selection over ``k_grid`` with training LLMs), or a sequence of ints for an
-    ensemble that averages the expected errors over several K.
+    error of h on x is Σ_k z_k(x) Ψ_k(h). ``n_clusters``: an int, ``"auto"`` (chosen over
+    ``k_grid`` with training LLMs, :func:`select_params`), or a sequence of ints for an
+    ensemble that averages the expected errors over several K. ``temperature`` (None = hard,
+    a float, or ``"auto"`` over :data:`TAU_GRID`) and ``prior_strength`` (a float or ``"auto"``
+    over :data:`M_GRID`) are chosen the same way, with K (per member for an ensemble).
+    ``prior``: ``"flat"`` or ``"difficulty"`` (:mod:`routing.profiles`).
     """
 
     name = "uniroute-kmeans"
 
-    def __init__(self, n_clusters: int | str | Sequence[int] = "auto", *, prior_strength: float = 2.0,
-                 temperature: float | None = None, k_grid: Sequence[int] = K_GRID) -> None:
+    def __init__(self, n_clusters: int | str | Sequence[int] = "auto", *, prior_strength: float | str = "auto",
+                 temperature: float | str | None = None, k_grid: Sequence[int] = K_GRID,
+                 prior: str = DEFAULT_PRIOR) -> None:
         self.n_clusters = n_clusters
         self.prior_strength = prior_strength
         self.temperature = temperature
         self.k_grid = k_grid
+        self.prior = prior
 
     def fit(self, task: RoutingTask) -> UniRouteKMeans:
+        prior = _check_prior(self.prior)
+        taus = _candidates(self.temperature, TAU_GRID)
+        ms = _candidates(self.prior_strength, M_GRID)
         if self.n_clusters == "auto":
-            ks = [select_k(task, self.k_grid, self.prior_strength)]
+            groups = [list(self.k_grid)]
         elif isinstance(self.n_clusters, int):
-            ks = [self.n_clusters]
+            groups = [[self.n_clusters]]
         elif isinstance(self.n_clusters, str):
             raise ValueError(f"n_clusters must be an int, 'auto' or a list of ints, got {self.n_clusters!r}")
         else:
-            ks = [int(k) for k in self.n_clusters]
-        self.maps_ = [task.clusters(k) for k in ks]
-        self.k_ = ks[0] if len(ks) == 1 else tuple(ks)
+            groups = [[int(k)] for k in self.n_clusters]
+        params: list[tuple[int, float | None, float]] = []
+        for ks in groups:
+            if len(ks) * len(taus) * len(ms) == 1:
+                params.append((ks[0], taus[0], float(ms[0])))
+            else:
+                sel = select_params(task, ks, taus, ms, prior=prior)
+                self.selection_ = sel
+                params.append((sel.k, sel.temperature, sel.prior_strength))
+        self.params_ = params
+        self.maps_ = [task.clusters(k) for k, _, _ in params]
+        self.k_ = params[0][0] if len(params) == 1 else tuple(k for k, _, _ in params)
+        self.temperature_ = params[0][1]
+        self.prior_strength_ = params[0][2]
+        e_train = 1.0 - np.asarray(task.train_scores, dtype=np.float64)
         self.psis_ = []
-        for cm in self.maps_:
-            psi, counts = shrunk_cluster_errors(cm.weights(task.x_val, self.temperature),
-                                                1.0 - task.val_scores, self.prior_strength)
+        self.difficulties_: list[np.ndarray | None] = []
+        for cm, (_, tau, m) in zip(self.maps_, params, strict=True):
+            delta = cluster_difficulty(cm.weights(task.x_train, tau), e_train) if prior == "difficulty" else None
+            psi, counts = shrunk_cluster_errors(cm.weights(task.x_val, tau), 1.0 - task.val_scores, m, delta)
             self.psis_.append(psi)
+            self.difficulties_.append(delta)
         self.counts_ = counts
         return self
 
@@ -167,12 +253,16 @@ class UniRouteKMeans(RouterEstimator):
     def psi_(self) -> np.ndarray:
         return np.asarray(self.psis_[0])
 
+    @property
+    def difficulty_(self) -> np.ndarray | None:
+        return self.difficulties_[0]
+
     def membership(self, x: np.ndarray) -> np.ndarray:
-        return self.maps_[0].weights(x, self.temperature)
+        return self.maps_[0].weights(x, self.temperature_)
 
     def expected_error(self, x: np.ndarray) -> np.ndarray:
-        errors = [expected_errors(cm.weights(x, self.temperature), psi)
-                  for cm, psi in zip(self.maps_, self.psis_, strict=True)]
+        errors = [expected_errors(cm.weights(x, tau), psi)
+                  for cm, (_, tau, _), psi in zip(self.maps_, self.params_, self.psis_, strict=True)]
         return errors[0] if len(errors) == 1 else np.asarray(np.mean(errors, axis=0))
 
 
@@ -187,34 +277,61 @@ class LearnedMap(RouterEstimator):
     (Ψ from hard K-means on the training prompts):
     P(correct | x, h) = 1 − Σ_k z_k(x) Ψ_k(h). θ starts at the soft K-means map
     softmax(−β‖x − μ_k‖²) and is L2-regularised toward it; it is frozen afterwards.
-    Pool models' Ψ are their validation errors weighted by z(x).
+    Pool models' Ψ are their validation errors weighted by z(x), shrunk with ``prior``
+    (``"flat"`` or ``"difficulty"``) and strength ``prior_strength`` (a float or ``"auto"``).
+    K and m are chosen by :func:`select_params` with θ's starting map (soft K-means, τ = 1/β).
     """
 
     name = "uniroute-learnedmap"
 
-    def __init__(self, n_clusters: int | str = "auto", *, prior_strength: float = 2.0, beta: float = 10.0,
-                 l2: float = 1e-3, max_iter: int = 150, k_grid: Sequence[int] = K_GRID) -> None:
+    def __init__(self, n_clusters: int | str = "auto", *, prior_strength: float | str = "auto", beta: float = 10.0,
+                 l2: float = 1e-3, max_iter: int = 150, k_grid: Sequence[int] = K_GRID,
+                 prior: str = DEFAULT_PRIOR) -> None:
         self.n_clusters = n_clusters
         self.prior_strength = prior_strength
         self.beta = beta
         self.l2 = l2
         self.max_iter = max_iter
         self.k_grid = k_grid
+        self.prior = prior
 
     def fit(self, task: RoutingTask) -> LearnedMap:
-        from scipy.optimize import minimize
-
+        prior = _check_prior(self.prior)
         if self.n_clusters == "auto":
-            k = select_k(task, self.k_grid, self.prior_strength)
+            ks = list(self.k_grid)
         elif isinstance(self.n_clusters, int):
-            k = self.n_clusters
+            ks = [self.n_clusters]
         else:
             raise ValueError(f"n_clusters must be an int or 'auto', got {self.n_clusters!r}")
-        cm = task.clusters(k)
+        ms = _candidates(self.prior_strength, M_GRID)
+        if len(ks) * len(ms) == 1:
+            k, m = ks[0], float(ms[0])
+        else:
+            # K and m are chosen with θ's starting map, soft K-means at τ = 1/β (training θ for every K
+            # would cost K-grid times the fit); θ is then trained for the chosen K only
+            sel = select_params(task, ks, (1.0 / self.beta,), ms, prior=prior)
+            self.selection_ = sel
+            k, m = sel.k, sel.prior_strength
         self.k_ = k
+        self.prior_strength_ = m
+        cm = task.clusters(k)
         self.centroids_ = cm.centroids_
+        key = ("learnedmap-theta", k, self.beta, self.l2, self.max_iter)
+        if key not in task.cache:  # θ depends on the training prompts and LLMs only: shared across val sizes
+            task.cache[key] = self._train_theta(task, cm)
+        self.theta_, self.train_loss_ = task.cache[key]
+        z_train = self.membership(task.x_train)
+        self.difficulty_ = (cluster_difficulty(z_train, 1.0 - np.asarray(task.train_scores, dtype=np.float64))
+                            if prior == "difficulty" else None)
+        self.psi_, self.counts_ = shrunk_cluster_errors(self.membership(task.x_val), 1.0 - task.val_scores,
+                                                        m, self.difficulty_)
+        return self
+
+    def _train_theta(self, task: RoutingTask, cm: ClusterMap) -> tuple[np.ndarray, float]:
+        from scipy.optimize import minimize
+
         psi_train, _ = shrunk_cluster_errors(cm.weights(task.x_train), 1.0 - task.train_scores,
-                                             self.prior_strength)
+                                             THETA_PRIOR_STRENGTH)
         acc = 1.0 - psi_train  # (m_train, K)
         phi = _features(task.x_train)
         y = np.asarray(task.train_scores, dtype=np.float64)
@@ -237,11 +354,7 @@ class LearnedMap(RouterEstimator):
 
         res = minimize(loss, theta0.ravel(), jac=True, method="L-BFGS-B",
                        options={"maxiter": self.max_iter})
-        self.theta_ = res.x.reshape(shape)
-        self.train_loss_ = float(res.fun)
-        self.psi_, self.counts_ = shrunk_cluster_errors(self.membership(task.x_val), 1.0 - task.val_scores,
-                                                        self.prior_strength)
-        return self
+        return res.x.reshape(shape), float(res.fun)
 
     def membership(self, x: np.ndarray) -> np.ndarray:
         return Membership.learned(self.theta_)(np.atleast_2d(x))
@@ -442,7 +555,7 @@ class AlwaysMostAccurate(RouterEstimator):
         return e
 
     def curve(self, x: np.ndarray, true_scores: np.ndarray, costs: np.ndarray,
-              lams: np.ndarray = DEFAULT_LAMS, names: Sequence[str] | None = None
+              lams: np.ndarray | None = None, names: Sequence[str] | None = None
               ) -> tuple[np.ndarray, np.ndarray]:
         return (np.asarray([normalise(costs)[self.choice_]]),
                 np.asarray([np.asarray(true_scores)[:, self.choice_].mean()]))

@@ -14,6 +14,19 @@ with strength m pseudo-prompts (empirical Bayes). Large clusters keep their own
 error; a cluster with few validation prompts falls back toward the overall error.
 m = 0 is the plain per-cluster mean (an empty cluster then takes ē). Scores may be
 anywhere in [0, 1]; Ψ_k ∈ [0, 1] for every k.
+
+Difficulty prior (issue 15). The flat prior centres every cluster on ē. Clusters are not
+equally hard, and the training models say by how much: with each training model's per-cluster
+and overall errors, δ_k = mean over training models of logit ē_k(h') − logit ē(h')
+(:func:`cluster_difficulty`). A new model's prior mean in cluster k is then
+π_k = σ(a + δ_k), with a chosen so that Σ_k (n_k/N) π_k = ē (the prior keeps the model's own
+overall error on its profiling prompts; :func:`difficulty_prior_means`), and
+
+    Ψ_k   = (n_k ē_k + m π_k) / (n_k + m).
+
+δ is learned once from the training models (it is stored in the router artifact); π_k
+depends on the profiled model's own outcomes only through ē, so Ψ(h) still depends on h's
+own outcomes only.
 """
 
 from __future__ import annotations
@@ -31,11 +44,63 @@ PROFILES_FILE = "profiles.json"
 PROFILES_FORMAT = 1
 
 
-def shrunk_cluster_errors(weights: np.ndarray, errors: np.ndarray, prior_strength: float = 0.0
-                          ) -> tuple[np.ndarray, np.ndarray]:
+PRIORS = ("flat", "difficulty")
+_LOGIT_EPS = 1e-3
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    q = np.clip(p, _LOGIT_EPS, 1.0 - _LOGIT_EPS)
+    return np.asarray(np.log(q) - np.log1p(-q))
+
+
+def cluster_difficulty(weights: np.ndarray, errors: np.ndarray, *, leave_one_out: bool = False) -> np.ndarray:
+    """δ_k: how much harder cluster k is than a model's average, in logits, across the models in ``errors``.
+
+    ``weights`` (n, K) memberships and ``errors`` (n, m) of m (training) models. Each model's
+    per-cluster error is shrunk by one pseudo-prompt toward its overall error (an empty cluster
+    gets δ = 0 from it). Returns (K,), or with ``leave_one_out`` (m, K): row h is δ computed
+    without model h (for simulating a new model with the training models themselves).
+    """
+    psi, _ = shrunk_cluster_errors(weights, errors, 1.0)  # (m, K)
+    e = np.asarray(errors, dtype=np.float64)
+    overall = e.reshape(len(e), -1).mean(axis=0)  # (m,)
+    d = _logit(psi) - _logit(overall)[:, None]  # (m, K)
+    if not leave_one_out:
+        return np.asarray(d.mean(axis=0))
+    m = len(d)
+    if m < 2:
+        return np.zeros_like(d)
+    return np.asarray((d.sum(axis=0)[None, :] - d) / (m - 1))
+
+
+def difficulty_prior_means(overall: np.ndarray, difficulty: np.ndarray, freq: np.ndarray) -> np.ndarray:
+    """π (m, K): σ(a_h + δ_k) with a_h such that Σ_k freq_k π_hk = overall_h (bisection on a_h).
+
+    ``overall`` (m,) each model's overall error; ``difficulty`` (K,) or (m, K); ``freq`` (K,) the
+    clusters' share of the profiling prompts (sums to 1).
+    """
+    ov = np.asarray(overall, dtype=np.float64).reshape(-1)
+    delta = np.broadcast_to(np.asarray(difficulty, dtype=np.float64), (len(ov), len(freq)))
+    f = np.asarray(freq, dtype=np.float64)
+    lo = np.full(len(ov), -40.0)
+    hi = np.full(len(ov), 40.0)
+    for _ in range(60):  # the implied mean error rises with a: bisect each model's a
+        mid = 0.5 * (lo + hi)
+        implied = (f[None, :] / (1.0 + np.exp(-(mid[:, None] + delta)))).sum(axis=1)
+        up = implied < ov
+        lo = np.where(up, mid, lo)
+        hi = np.where(up, hi, mid)
+    a = 0.5 * (lo + hi)
+    return np.asarray(1.0 / (1.0 + np.exp(-(a[:, None] + delta))))
+
+
+def shrunk_cluster_errors(weights: np.ndarray, errors: np.ndarray, prior_strength: float = 0.0,
+                          difficulty: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Ψ for several models at once.
 
     ``weights``: (n, K) membership of n validation prompts; ``errors``: (n, m) in [0, 1].
+    ``difficulty``: None for the flat prior (shrink toward each model's overall error), else δ
+    of :func:`cluster_difficulty`, (K,) or (m, K) (shrink toward :func:`difficulty_prior_means`).
     Returns (psi (m, K), counts (K,)).
     """
     w = np.asarray(weights, dtype=np.float64)
@@ -50,10 +115,13 @@ def shrunk_cluster_errors(weights: np.ndarray, errors: np.ndarray, prior_strengt
     e_rows = np.ascontiguousarray(e.T)  # (m, n)
     sums = np.vecdot(e_rows[:, None, :], np.ascontiguousarray(w.T))  # (m, K)
     overall = e_rows.mean(axis=1)[:, None] if len(e) else np.full((e.shape[1], 1), 0.5)
+    prior = overall
+    if difficulty is not None and len(e) and counts.sum() > 0:
+        prior = difficulty_prior_means(overall[:, 0], difficulty, counts / counts.sum())
     m = float(prior_strength)
     denom = counts[None, :] + m
     with np.errstate(invalid="ignore", divide="ignore"):
-        psi = np.where(denom > 0, (sums + m * overall) / np.where(denom > 0, denom, 1.0), overall)
+        psi = np.where(denom > 0, (sums + m * prior) / np.where(denom > 0, denom, 1.0), prior)
     return np.clip(psi, 0.0, 1.0), counts
 
 
@@ -90,14 +158,16 @@ class ModelProfile:
 
 
 def estimate_profile(model: str, weights: np.ndarray, scores: np.ndarray, *, prior_strength: float,
-                     cost: float | None = None, variant: str = "kmeans") -> ModelProfile:
-    """Profile one model from its scores (in [0, 1]) on validation prompts with memberships ``weights``."""
+                     cost: float | None = None, variant: str = "kmeans",
+                     difficulty: np.ndarray | None = None) -> ModelProfile:
+    """Profile one model from its scores (in [0, 1]) on validation prompts with memberships ``weights``
+    (``difficulty``: δ for the difficulty prior, None for the flat one)."""
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     if len(s) != len(weights):
         raise ValueError(f"{len(s)} scores for {len(weights)} validation prompts")
     if np.any((s < 0) | (s > 1)) or not np.all(np.isfinite(s)):
         raise ValueError("scores must be finite and in [0, 1]")
-    psi, counts = shrunk_cluster_errors(weights, 1.0 - s[:, None], prior_strength)
+    psi, counts = shrunk_cluster_errors(weights, 1.0 - s[:, None], prior_strength, difficulty)
     return ModelProfile(model=model, psi=psi[0], counts=counts, overall_error=float(1.0 - s.mean()),
                         n_prompts=len(s), prior_strength=float(prior_strength), cost=cost, variant=variant)
 

@@ -138,3 +138,54 @@ def test_fit_with_a_static_embedder_round_trips(tmp_path: Path) -> None:
     decision = policy.rank(emb.embed(["What is 2 + 2?"])[0], load_pool(moved, art.variant), 0.1)
     assert decision.ranked
     assert '"embedder_path": "embedder"' in (moved / "artifact.json").read_text()
+
+
+def test_difficulty_prior_round_trips_and_profiles_new_models_as_the_fit_did(tmp_path: Path) -> None:
+    """Issue 15: the prior a variant's Ψ were shrunk with (and δ) travel in the artifact, so profiling a
+    new model (`uniroute profile`) gives it the Ψ the fit gave a model with the same outcomes."""
+    x, scores, _ = blobs()
+    ids = [f"p{i}" for i in range(len(x))]
+    art, profiles = fit_artifact(x, scores, np.array([4.0, 4.0, 1.0]), ["A", "B", "C"], ids,
+                                 [f"prompt {i}" for i in ids], embedder_id="test-embedder",
+                                 training_set_hash="abc", k=2, val_size=80, prior="difficulty")
+    out = art.save(tmp_path / "router")
+    back = RouterArtifact.load(out)
+    assert back.version == art.version
+    for v in ("kmeans", "learnedmap"):
+        assert back.profile_priors[v]["prior"] == "difficulty"
+        assert np.array_equal(back.difficulty[v], art.difficulty[v])
+    # a twin of A profiled afresh on the validation prompts gets A's Ψ, in both variants
+    pos = {pid: i for i, pid in enumerate(ids)}
+    a_scores = {pid: float(scores[pos[pid], 0]) for pid in back.val_prompt_ids}
+    fitted_a = {p.variant: p for p in profiles if p.model == "A"}
+    for prof in back.profile_model("A-twin", a_scores, cost=4.0):
+        assert np.allclose(prof.psi, fitted_a[prof.variant].psi, atol=1e-12)
+
+
+def test_artifacts_without_profile_priors_load_as_flat(fitted: tuple[Path, RouterArtifact, np.ndarray, np.ndarray]
+                                                       ) -> None:
+    """An artifact written before issue 15 (no profile_priors, no difficulty arrays) keeps its version and
+    profiles new models with the flat prior and its recorded prior_strength."""
+    import json
+
+    out, _, _, _ = fitted
+    meta = json.loads((out / "artifact.json").read_text())
+    meta.pop("profile_priors")
+    old = RouterArtifact.load(out)  # as written now
+    with np.load(out / "arrays.npz") as arrays:
+        kept = {k: arrays[k] for k in arrays.files if not k.startswith("difficulty_")}
+    np.savez(out / "arrays.npz", **kept)  # type: ignore[arg-type]
+    old_style = RouterArtifact(embedder_id=old.embedder_id, k=old.k, centroids=old.centroids, theta=old.theta,
+                               val_prompt_ids=old.val_prompt_ids, val_prompts=old.val_prompts,
+                               val_embeddings=old.val_embeddings, training_set_hash=old.training_set_hash,
+                               prior_strength=2.0)
+    meta["version"] = old_style.version
+    meta["prior_strength"] = 2.0
+    (out / "artifact.json").write_text(json.dumps(meta))
+    loaded = RouterArtifact.load(out)
+    assert loaded.profile_priors == {} and loaded.profile_prior("kmeans") == (2.0, None)
+    # a bad prior name is refused with the valid ones
+    meta["profile_priors"] = {"kmeans": {"prior": "hierarchical", "prior_strength": 1.0}}
+    (out / "artifact.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="valid priors: flat, difficulty"):
+        RouterArtifact.load(out)

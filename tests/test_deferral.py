@@ -3,7 +3,17 @@ import math
 import numpy as np
 import pytest
 
-from routing.deferral import area, cost_to_reach, curve_value, deferral_curve, pareto_points, qnc
+from routing.deferral import (
+    DEFAULT_LAMS,
+    area,
+    cost_to_reach,
+    curve_value,
+    deferral_curve,
+    lambda_all_cheapest,
+    pareto_points,
+    qnc,
+    sweep,
+)
 
 
 def test_pareto_keeps_points_where_score_rises_with_cost() -> None:
@@ -53,3 +63,35 @@ def test_deferral_curve_endpoints() -> None:
     xs, ys = deferral_curve(errors, true, costs, np.array([0.0, 100.0]))
     assert xs.tolist() == pytest.approx([(1.0 + 0.25) / 2, 0.25])
     assert ys.tolist() == pytest.approx([1.0, 0.5])
+
+
+def test_curve_reaches_both_ends_exactly_whatever_the_grid() -> None:
+    """Issue 15: the λ grid stopped at 31.6, so with close costs no curve reached its all-cheapest point
+    and the Area's flat extension credited the last point's score down to zero cost."""
+    rng = np.random.default_rng(0)
+    errors = rng.uniform(size=(300, 4))
+    true = (rng.random((300, 4)) < 0.6).astype(float)
+    costs = np.array([1.0, 1.001, 1.5, 3.0])  # the cheapest two differ by 0.03% of the max cost
+    c = costs / costs.max()
+    lam_end = lambda_all_cheapest(errors, c)
+    assert lam_end > DEFAULT_LAMS.max()  # the old grid could not get there
+    for lams in (DEFAULT_LAMS, np.array([0.01]), np.array([5.0, 1e6])):
+        xs, ys = deferral_curve(errors, true, costs, lams)
+        i0, iend = int(np.argmax(xs)), int(np.argmin(xs))
+        # the all-best end: λ = 0, every prompt to its lowest expected error
+        best = errors.argmin(axis=1)
+        assert xs[i0] == pytest.approx(c[best].mean()) and ys[i0] == pytest.approx(true[np.arange(300), best].mean())
+        # the all-cheapest end, exactly: every prompt to the cheapest model
+        assert xs[iend] == c.min() and ys[iend] == true[:, 0].mean()
+    # no extrapolation gain: the first Pareto point is the all-cheapest point, for any router
+    pc, ps = pareto_points(*deferral_curve(errors, true, costs, DEFAULT_LAMS))
+    assert pc[0] == c.min() and ps[0] == true[:, 0].mean()
+
+
+def test_all_cheapest_lambda_is_the_last_switch() -> None:
+    errors = np.array([[0.5, 0.1], [0.2, 0.0]])
+    c = np.array([0.5, 1.0])  # model 0 is the cheapest
+    lam = lambda_all_cheapest(errors, c)
+    assert lam == pytest.approx((0.5 - 0.1) / 0.5)
+    assert set(sweep(errors, c, np.array([0.1, 100.0]))) == {0.0, 0.1, 2 * lam + 1}  # past the end: dropped
+    assert lambda_all_cheapest(np.array([[0.3, 0.3]]), np.array([1.0, 1.0])) == 0.0  # equal costs

@@ -126,3 +126,68 @@ def test_constant_baselines() -> None:
     ch = AlwaysCheapest().fit(task)
     assert ch.choice_ == 2
     assert ma.curve(x_te, s_te, task.pool_costs)[0].tolist() == [1.0]
+
+
+def noisy_task(seed: int = 0, n_train: int = 900, n_val: int = 120) -> RoutingTask:
+    """Six topics, eight training LLMs and four pool LLMs with topic-dependent accuracy."""
+    rng = np.random.default_rng(seed)
+    d, topics = 12, 6
+    centres = rng.normal(size=(topics, d))
+
+    def draw(m: int) -> tuple[np.ndarray, np.ndarray]:
+        lab = rng.integers(topics, size=m)
+        x = centres[lab] + 0.5 * rng.normal(size=(m, d))
+        return x / np.linalg.norm(x, axis=1, keepdims=True), lab
+
+    acc = rng.uniform(0.1, 0.95, size=(topics, 12))
+    x_tr, l_tr = draw(n_train)
+    x_va, l_va = draw(n_val)
+    s_tr = (rng.random((n_train, 12)) < acc[l_tr]).astype(float)
+    s_va = (rng.random((n_val, 12)) < acc[l_va]).astype(float)
+    costs = rng.uniform(1, 20, size=12)
+    return RoutingTask(x_train=x_tr, train_scores=s_tr[:, :8], train_costs=costs[:8], x_val=x_va,
+                       val_train_scores=s_va[:, :8], val_scores=s_va[:, 8:], pool_costs=costs[8:],
+                       pool_names=[f"p{j}" for j in range(4)], pool_train_scores=s_tr[:, 8:], seed=seed)
+
+
+def test_selection_uses_training_llms_and_validation_sized_samples(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15: K, τ and m are chosen by profiling the TRAINING LLMs on samples of training prompts as
+    large as the validation set (the labels a new model will have), never from the pool LLMs' labels."""
+    import routing.estimators as est
+
+    task = noisy_task()
+    sizes: list[int] = []
+    real = est.shrunk_cluster_errors
+
+    def spy(weights: np.ndarray, errors: np.ndarray, *args: object, **kw: object) -> tuple[np.ndarray, np.ndarray]:
+        sizes.append(len(weights))
+        return real(weights, errors, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(est, "shrunk_cluster_errors", spy)
+    sel = est.select_params(task, (2, 4, 8), (None, 0.1), (1.0, 4.0), prior="difficulty")
+    assert sel.sample_size == len(task.x_val) == 120
+    assert sizes and set(sizes) == {120}  # every simulated profile: 120 prompts, not the 900 training ones
+    assert len(sel.areas) == 3 * 2 * 2 and sel.areas[(sel.k, sel.temperature, sel.prior_strength)] == max(
+        sel.areas.values())
+    # the pool LLMs' labels play no part: garbage in them leaves the selection as it was
+    monkeypatch.setattr(est, "shrunk_cluster_errors", real)
+    garbage = noisy_task()
+    garbage.val_scores = np.random.default_rng(9).random(garbage.val_scores.shape)
+    garbage.pool_train_scores = None
+    garbage.pool_costs = np.ones(4)
+    again = est.select_params(garbage, (2, 4, 8), (None, 0.1), (1.0, 4.0), prior="difficulty")
+    assert again.areas == sel.areas
+    # a smaller validation set is simulated with smaller samples
+    small = noisy_task(n_val=40)
+    assert est.select_params(small, (2, 4), (None,), (2.0,)).sample_size == 40
+
+
+def test_estimators_record_what_the_selection_chose() -> None:
+    task = noisy_task()
+    km = UniRouteKMeans(temperature="auto", prior="difficulty").fit(task)
+    assert km.k_ in (5, 10, 20, 40, 80) and km.temperature_ in (0.05, 0.1, 0.2)
+    assert km.difficulty_ is not None and km.difficulty_.shape == (km.k_,)
+    lm = LearnedMap(k_grid=(2, 4)).fit(task)
+    assert lm.k_ in (2, 4) and lm.prior_strength_ in (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+    with pytest.raises(ValueError, match="unknown prior"):
+        UniRouteKMeans(n_clusters=2, prior="hierarchical").fit(task)

@@ -3,8 +3,23 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
+from scipy.stats import binomtest
 
-from routing.evaluation import aggregate, evaluate, markdown_table, plot_curves, sign_test, split_trial
+from routing.evaluation import (
+    HEADLINE,
+    REPORT_SEED0,
+    aggregate,
+    evaluate,
+    evaluate_sizes,
+    markdown_table,
+    plot_curves,
+    plot_sizes,
+    sign_test,
+    sizes_table,
+    split_trial,
+    validation_subset,
+)
 
 
 def synthetic(n: int = 600, m: int = 9, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -37,7 +52,9 @@ def test_evaluate_on_synthetic(tmp_path: Path) -> None:
     assert methods["uniroute-kmeans"]["area"]["mean"] > methods["random"]["area"]["mean"]
     assert "uniroute-kmeans vs zero-router" in summary["sign_tests"]
     table = markdown_table(summary)
-    assert "| uniroute-learnedmap |" in table
+    assert f"| **{HEADLINE}** (headline) |" in table and "| uniroute-kmeans |" in table
+    assert summary["seeds"] == [REPORT_SEED0, REPORT_SEED0 + 1, REPORT_SEED0 + 2]  # the reporting seeds
+    assert next(iter(summary["sign_tests"])) == f"{HEADLINE} vs knn"  # the headline's tests come first
     png = plot_curves(results, tmp_path / "curves.png", "synthetic")
     assert png.stat().st_size > 1000
     json.dumps(aggregate(results), default=float)
@@ -48,6 +65,75 @@ def test_sign_test() -> None:
     assert t["wins"] == 20 and t["p"] < 1e-5
     assert sign_test([1.0, 0.0], [1.0, 0.0])["p"] == 1.0
     assert math.isclose(sign_test([1, 0, 1, 0], [0, 1, 0, 1])["p"], 1.0)
+
+
+def test_sign_test_tie_tolerance() -> None:
+    """Differences within the tolerance are ties (dropped), not wins: 20 trials a hair apart prove nothing."""
+    a, b = [0.5 + 5e-5] * 20, [0.5] * 20
+    t = sign_test(a, b)
+    assert (t["wins"], t["losses"], t["ties"], t["p"]) == (0, 0, 20, 1.0)
+    assert sign_test(a, b, tol=0.0)["wins"] == 20  # without a tolerance they would be 20 wins
+    t = sign_test([0.5 + 2e-4] * 15 + [0.5 - 2e-4] * 2 + [0.5] * 3, [0.5] * 20, tol=1e-4)
+    assert (t["wins"], t["losses"], t["ties"]) == (15, 2, 3)
+    assert t["p"] == pytest.approx(binomtest(15, 17, 0.5).pvalue)
+
+
+def test_validation_subsets_are_nested_and_bounded() -> None:
+    va = np.arange(100, 200)
+    small, big = validation_subset(va, 7, 20), validation_subset(va, 7, 60)
+    assert len(small) == 20 and len(big) == 60 and set(small) <= set(big) <= set(va)
+    assert np.array_equal(validation_subset(va, 7, None), va)
+    with pytest.raises(ValueError, match=r"1\.\.100"):
+        validation_subset(va, 7, 101)
+
+
+def test_label_efficiency_on_synthetic(tmp_path: Path) -> None:
+    x, scores, costs = synthetic()
+    methods = ["zero-router", "knn", "uniroute-kmeans", HEADLINE]
+    by_size, summary = evaluate_sizes(x, scores, costs, [f"m{j}" for j in range(9)], val_sizes=[30, 60],
+                                      trials=2, methods=methods, progress=False)
+    assert summary["val_sizes"] == [30, 60] and set(by_size) == {30, 60}
+    for n, results in by_size.items():
+        assert [r.info["val_size"] for r in results] == [n, n]
+        assert [r.info["test_models"] for r in results] == [r.info["test_models"] for r in by_size[60]]  # paired
+    # the prompt-agnostic router only sees fewer labels; the test prompts and LLMs are the same
+    assert summary["headline_vs_largest"]["60"]["delta_mean"] == 0.0
+    table = sizes_table(summary)
+    assert "| n = 30 | n = 60 |" in table and f"| **{HEADLINE}** (headline) |" in table
+    assert f"| {HEADLINE} vs zero-router |" in table
+    png = plot_sizes(summary, tmp_path / "sizes.png", "synthetic")
+    assert png.stat().st_size > 1000
+
+
+def test_eval_cli_val_sizes_on_a_tiny_dataset(tmp_path: Path) -> None:
+    """`uniroute eval --val-sizes` end to end: a tiny benchmark folder, a tiny static embedder."""
+    from gateway.cli.main import main as cli
+    from routing.dataset import write_dataset
+    from routing.synthetic import make_prompts
+    from tests.static_model import make_tiny_static
+
+    prompts, cats, _ = make_prompts(300, seed=0)
+    rng = np.random.default_rng(0)
+    topics = sorted(set(cats))
+    acc = rng.uniform(0.2, 0.9, size=(len(topics), 6))
+    scores = np.array([[float(rng.random() < acc[topics.index(c), j]) for j in range(6)] for c in cats])
+    models = [f"m{j}" for j in range(6)]
+    data = tmp_path / "data"
+    write_dataset(data, prompt_ids=[f"p{i}" for i in range(300)], prompts=prompts, models=models,
+                  model_costs=[1.0, 2, 3, 5, 8, 13], scores=scores)
+    static = make_tiny_static(tmp_path / "static")
+    out = tmp_path / "eval.json"
+    png = tmp_path / "sizes.png"
+    assert cli(["eval", "--dataset", str(data), "--embedder", str(static), "--cache-dir", str(tmp_path / "cache"),
+                "--trials", "2", "--val-sizes", "10,30", "--methods", f"zero-router,knn,{HEADLINE}",
+                "--json", str(out), "--plot", str(png)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["val_sizes"] == [10, 30] and doc["seeds"] == [REPORT_SEED0, REPORT_SEED0 + 1]
+    assert set(doc["by_size"]["10"]["methods"]) >= {"zero-router", "knn", HEADLINE}
+    assert png.stat().st_size > 1000
+    with pytest.raises(SystemExit, match=r"not in 1\.\.30"):
+        cli(["eval", "--dataset", str(data), "--embedder", str(static), "--cache-dir", str(tmp_path / "cache"),
+             "--trials", "1", "--val-sizes", "10,31", "--methods", "zero-router"])
 
 
 def test_real_dataset_eval_one_trial(shared_dataset: Path) -> None:

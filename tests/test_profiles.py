@@ -70,3 +70,42 @@ def test_a_models_profile_does_not_depend_on_the_other_models() -> None:
     for j in range(9):
         assert np.array_equal(shrunk_cluster_errors(w, e[:, j], 2.0)[0][0], psi[j])
         assert np.array_equal(shrunk_cluster_errors(w, e[:, [j]], 2.0)[0][0], psi[j])
+
+
+def test_difficulty_prior_keeps_the_overall_error_and_ranks_the_clusters() -> None:
+    from routing.profiles import cluster_difficulty, difficulty_prior_means
+
+    # training models: cluster 1 is much harder than cluster 0 for all of them
+    rng = np.random.default_rng(0)
+    lab = rng.integers(3, size=3000)
+    w = np.eye(3)[lab]
+    base = np.array([0.1, 0.6, 0.3])
+    errors = np.stack([(rng.random(3000) < np.clip(base[lab] + shift, 0, 1)).astype(float)
+                       for shift in (-0.05, 0.0, 0.1, 0.2)], axis=1)
+    delta = cluster_difficulty(w, errors)
+    assert delta[1] > delta[2] > delta[0]
+    freq = np.array([0.5, 0.2, 0.3])
+    pi = difficulty_prior_means(np.array([0.2, 0.5]), delta, freq)
+    assert (pi @ freq).tolist() == pytest.approx([0.2, 0.5], abs=1e-9)  # the model's own overall error
+    assert np.all(pi[:, 1] > pi[:, 2]) and np.all(pi[:, 2] > pi[:, 0])
+    # leave one out: row h is δ without model h
+    loo = cluster_difficulty(w, errors, leave_one_out=True)
+    assert loo[2] == pytest.approx(cluster_difficulty(w, errors[:, [0, 1, 3]]))
+
+
+def test_difficulty_prior_pulls_a_thin_cluster_toward_its_difficulty() -> None:
+    delta = np.array([-1.0, 1.5])
+    w = np.zeros((41, 2))
+    w[:40, 0] = 1
+    w[40, 1] = 1  # one prompt in the hard cluster, answered correctly
+    e = np.concatenate([np.r_[np.ones(8), np.zeros(32)], [0.0]])[:, None]
+    flat, _ = shrunk_cluster_errors(w, e, 8.0)
+    hard, counts = shrunk_cluster_errors(w, e, 8.0, delta)
+    pi = np.asarray(__import__("routing.profiles", fromlist=["x"]).difficulty_prior_means(
+        e.mean(axis=0), delta, counts / counts.sum()))
+    assert hard[0, 1] == pytest.approx((0.0 + 8.0 * pi[0, 1]) / 9.0)
+    assert hard[0, 1] > flat[0, 1]  # the hard cluster's prior is above the model's overall error
+    # the same outcomes give the same Ψ alone or next to other models (Ψ(h) depends on h's outcomes only)
+    other = np.random.default_rng(1).random((41, 1))
+    both, _ = shrunk_cluster_errors(w, np.hstack([e, other]), 8.0, delta)
+    assert np.array_equal(both[0], hard[0])

@@ -205,7 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--k", default="auto", help="number of clusters K, or 'auto' (default)")
     q.add_argument("--variant", default="learnedmap", choices=["kmeans", "learnedmap"],
                    help="default variant recorded in the artifact")
-    q.add_argument("--val-size", type=int, default=500, help="validation prompts used for profiles")
+    q.add_argument("--val-size", type=int, default=None,
+                   help="validation prompts used for profiles (default: routing.artifact.DEFAULT_VAL_SIZE, 1000, "
+                        "what the label-efficiency curve supports; docs/EVALUATION.md)")
+    q.add_argument("--prior", default=None, choices=["flat", "difficulty"],
+                   help="profile prior of Ψ (default: routing.estimators.DEFAULT_PRIOR; docs/EVALUATION.md)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--embedder", default=None,
                    help="'static' (MiniLM distilled to a static embedding, copied into the artifact), a "
@@ -236,7 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="the paper's evaluation (seeded trials) on a routing benchmark folder")
     p.add_argument("--dataset", default=None, help="routing benchmark folder (default: $UNIROUTE_DATASET)")
     p.add_argument("--trials", type=int, default=20)
-    p.add_argument("--seed0", type=int, default=0)
+    p.add_argument("--seed0", type=int, default=100,
+                   help="first seed (default 100: the reporting seeds; 0-19 and 200-219 were used for tuning)")
+    p.add_argument("--val-sizes", default=None,
+                   help="comma-separated validation labels per new model (e.g. 100,250,500,1000): the "
+                        "label-efficiency table and plot (default: the whole validation split)")
     p.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
     p.add_argument("--json", default=None, help="write the summary JSON here")
     p.add_argument("--plot", default=None, help="write the mean deferral curves PNG here")
