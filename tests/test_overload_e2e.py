@@ -108,7 +108,9 @@ def test_one_more_than_max_in_flight_gets_503_at_once_and_is_admitted_when_load_
                        json={"model": "b-ok", "messages": [{"role": "user", "content": "one too many"}]}, timeout=10)
         took = time.monotonic() - t0
         assert r.status_code == 503, r.text
-        assert took < 1.0  # answered at once, not after the 5 s requests ahead of it
+        # answered at once, not after the 5 s requests ahead of it (2.5 s: half of that, so a loaded machine running
+        # the suite in parallel does not fail a correct refusal; a queued request would take 5 s)
+        assert took < 2.5
         assert r.headers["retry-after"] == "1"
         assert r.headers["x-uniroute-request-id"].startswith("req-") and r.headers["x-uniroute-attempts"] == "0"
         error = r.json()["error"]
@@ -123,7 +125,7 @@ def test_one_more_than_max_in_flight_gets_503_at_once_and_is_admitted_when_load_
         assert httpx.get(f"{stack.base}/v1/models", timeout=10).status_code == 503
         t0 = time.monotonic()
         live = httpx.get(f"{stack.base}/health/liveliness", timeout=10)
-        assert live.status_code == 200 and time.monotonic() - t0 < 1.0
+        assert live.status_code == 200 and time.monotonic() - t0 < 2.5  # not queued behind the 5 s requests
         assert httpx.get(f"{stack.base}/health/readiness", timeout=10).status_code == 200
         assert _metric(stack.base, "uniroute_requests_shed_total") == shed_before + 3
         assert [f.result() for f in futures] == [200] * LIMIT  # the admitted ones finish normally
