@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gateway.cli.route import DEFAULT_URL, URL_ENV
+from gateway.cli.route import DEFAULT_URL, URL_ENV, gateway_answer
 
 ADMIN_ENV = "UNIROUTE_ADMIN_KEY"
 
@@ -80,14 +80,7 @@ def _call(args: argparse.Namespace, key: str, method: str, body: Any = None) -> 
         r = httpx.request(method, target, json=body, headers={"authorization": f"Bearer {admin}"}, timeout=300)
     except httpx.HTTPError as exc:
         raise ValueError(f"cannot reach the gateway at {target} ({type(exc).__name__}: {exc}); pass --url") from None
-    try:
-        data = r.json()
-    except ValueError:
-        raise ValueError(f"{target} answered {r.status_code} without JSON: is it a UniRoute gateway?") from None
-    if r.status_code != 200:
-        message = (data.get("error") or {}).get("message") if isinstance(data, dict) else None
-        raise ValueError(f"the gateway refused ({r.status_code}): {message or data}")
-    return dict(data)
+    return gateway_answer(r, target)
 
 
 def format_profile(data: dict[str, Any]) -> str:

@@ -44,13 +44,19 @@ def fetch(url: str, prompt: str, *, lam: float | None = None, key: str | None = 
     except httpx.HTTPError as exc:
         raise ValueError(f"cannot reach the gateway at {target} ({type(exc).__name__}: {exc}); start it with "
                          f"`uniroute serve` or pass --url") from None
+    return gateway_answer(r, target, "the gateway refused the dry-run")
+
+
+def gateway_answer(r: Any, target: str, refused: str = "the gateway refused") -> dict[str, Any]:
+    """The JSON body of the gateway's 200 answer ``r`` (an httpx response from ``target``); anything else raises
+    ValueError with the gateway's own message (the CLI prints it as one line)."""
     try:
         data = r.json()
     except ValueError:
         raise ValueError(f"{target} answered {r.status_code} without JSON: is it a UniRoute gateway?") from None
     if r.status_code != 200:
         message = (data.get("error") or {}).get("message") if isinstance(data, dict) else None
-        raise ValueError(f"the gateway refused the dry-run ({r.status_code}): {message or data}")
+        raise ValueError(f"{refused} ({r.status_code}): {message or data}")
     return dict(data)
 
 
