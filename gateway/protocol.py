@@ -16,7 +16,7 @@ The gateway adds one request field and one response field:
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -33,6 +33,7 @@ from gateway.errors import InvalidRequestError
 from gateway.spec import NAME_MAX_LENGTH
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+RequestT = TypeVar("RequestT", bound=BaseModel)
 
 
 class _Open(BaseModel):
@@ -141,6 +142,14 @@ class UnirouteOptions(BaseModel):
     lam: float | None = Field(default=None, alias="lambda", ge=0.0, allow_inf_nan=False)
 
 
+def check_model_name(v: str) -> str:
+    """A request's ``model``: printable (no model has control characters in its name; NUL and the like go no
+    further), as every endpoint's request validates it."""
+    if not v.isprintable():
+        raise ValueError("a model name has no control characters; see GET /v1/models for the names")
+    return v
+
+
 class ChatCompletionRequest(_Open):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str = Field(min_length=1, max_length=NAME_MAX_LENGTH)
@@ -179,9 +188,7 @@ class ChatCompletionRequest(_Open):
     @field_validator("model")
     @classmethod
     def _model_name(cls, v: str) -> str:
-        if not v.isprintable():  # no model has such a name; NUL and control characters go no further
-            raise ValueError("a model name has no control characters; see GET /v1/models for the names")
-        return v
+        return check_model_name(v)
 
     def routing_text(self) -> str:
         """The text the router sees: the LAST user message's text ('' if there is none).
@@ -241,13 +248,19 @@ def validation_error(exc: ValidationError) -> InvalidRequestError:
     return InvalidRequestError(message, param=param, code="invalid_value" if first["type"] != "missing" else "missing_field")
 
 
-def parse_chat_request(data: Any) -> ChatCompletionRequest:
+def parse_request(cls: type[RequestT], data: Any) -> RequestT:
+    """``data`` (a parsed JSON body) validated as the request model ``cls``: a 400 if it is not a JSON object,
+    or naming the first invalid field (:func:`validation_error`). Every endpoint's request is parsed here."""
     if not isinstance(data, dict):
         raise InvalidRequestError("request body must be a JSON object")
     try:
-        return ChatCompletionRequest.model_validate(data)
+        return cls.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc) from None
+
+
+def parse_chat_request(data: Any) -> ChatCompletionRequest:
+    return parse_request(ChatCompletionRequest, data)
 
 
 # --- responses --------------------------------------------------------------------------

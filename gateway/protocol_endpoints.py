@@ -16,9 +16,8 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
-from gateway.errors import InvalidRequestError
 from gateway.protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -26,10 +25,12 @@ from gateway.protocol import (
     FunctionDefinition,
     ImagePart,
     ImageUrl,
+    RequestT,
     TextPart,
     Tool,
     UnirouteOptions,
-    validation_error,
+    check_model_name,
+    parse_request,
 )
 from gateway.spec import NAME_MAX_LENGTH
 
@@ -51,9 +52,7 @@ class _Request(BaseModel):
     @field_validator("model")
     @classmethod
     def _model_name(cls, v: str) -> str:
-        if not v.isprintable():
-            raise ValueError("a model name has no control characters; see GET /v1/models for the names")
-        return v
+        return check_model_name(v)
 
     def routing_text(self) -> str:
         raise NotImplementedError
@@ -304,14 +303,10 @@ class EmbeddingsRequest(_Request):
 EndpointRequest = ResponsesRequest | MessagesRequest | EmbeddingsRequest
 
 
-def parse_endpoint_request(cls: type[_Request], data: Any) -> Any:
-    """``data`` validated as ``cls`` (a 400 naming the first invalid field otherwise)."""
-    if not isinstance(data, dict):
-        raise InvalidRequestError("request body must be a JSON object")
-    try:
-        return cls.model_validate(data)
-    except ValidationError as exc:
-        raise validation_error(exc) from None
+def parse_endpoint_request(cls: type[RequestT], data: Any) -> RequestT:
+    """``data`` validated as ``cls`` (:func:`gateway.protocol.parse_request`: a 400 naming the first invalid field
+    otherwise)."""
+    return parse_request(cls, data)
 
 
 class AnthropicErrorDetail(BaseModel):
