@@ -10,11 +10,14 @@ import contextlib
 import os
 import secrets
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
+
+from gateway.store.engine import Store
 
 PG_ADMIN_URL = os.environ.get("UNIROUTE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("UNIROUTE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -72,6 +75,29 @@ def database(kind: str, tmp_path: Path) -> Iterator[str]:
             yield url
     else:  # pragma: no cover
         raise ValueError(kind)
+
+
+#: The databases a store test runs on: SQLite, and PostgreSQL (marked ``postgres``).
+DB_KINDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+def store_fixture(*, migrate: bool = True, **store_kwargs: Any) -> Callable[..., Iterator[Store]]:
+    """A ``store`` fixture: a :class:`Store` (built with ``store_kwargs``, e.g. ``pool_size``) on a fresh database of
+    each of :data:`DB_KINDS` (each test using it runs once on each), migrated to the head unless ``migrate=False``,
+    disposed afterwards. A test module takes it as ``store = store_fixture(...)``."""
+
+    @pytest.fixture(params=DB_KINDS)
+    def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+        with database(request.param, tmp_path) as url:
+            s = Store(url, **store_kwargs)
+            try:
+                if migrate:
+                    s.upgrade()
+                yield s
+            finally:
+                s.dispose()
+
+    return store
 
 
 def free_port() -> int:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from storeutil import database
+from storeutil import store_fixture
 
 from gateway.access.auth import create_key, principal_from_row
 from gateway.access.budget import SqlBudgetGuard, period_end_for, period_start_for
@@ -23,16 +21,7 @@ from gateway.store.engine import Store
 from gateway.store.keys import revoke_key
 from gateway.store.tables import ApiKey
 
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    with database(request.param, tmp_path) as url:
-        s = Store(url, pool_size=20, max_overflow=40)
-        s.upgrade()
-        try:
-            yield s
-        finally:
-            s.dispose()
+store = store_fixture(pool_size=20, max_overflow=40)
 
 
 def _key(store: Store, budget: float | None, period: str = "month", name: str = "k") -> Principal:

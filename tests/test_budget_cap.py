@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from storeutil import database
+from storeutil import store_fixture
 
 from gateway.access.auth import create_key, principal_from_row
 from gateway.access.budget import SqlBudgetGuard, period_starts
@@ -174,15 +174,7 @@ class Env:
     principal: Principal
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    with database(request.param, tmp_path) as url:
-        s = Store(url, pool_size=10, max_overflow=20)
-        s.upgrade()
-        try:
-            yield s
-        finally:
-            s.dispose()
+store = store_fixture(pool_size=10, max_overflow=20)
 
 
 @pytest.fixture

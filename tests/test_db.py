@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from storeutil import REPO_ROOT, database
+from storeutil import REPO_ROOT, store_fixture
 
 from gateway.store.engine import Store
 from gateway.store.tables import ApiKey, Base, RequestRow
@@ -21,14 +20,7 @@ from gateway.store.tables import ApiKey, Base, RequestRow
 TABLES = {"api_keys", "models", "model_profiles", "requests", "feedback"}
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    with database(request.param, tmp_path) as url:
-        s = Store(url)
-        try:
-            yield s
-        finally:
-            s.dispose()
+store = store_fixture(migrate=False)
 
 
 def _tables(store: Store) -> set[str]:

@@ -20,13 +20,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from storeutil import REPO_ROOT, database
+from storeutil import REPO_ROOT, store_fixture
 
 from gateway.access.auth import create_key, principal_from_row
 from gateway.access.budget import SqlBudgetGuard, period_starts
@@ -39,16 +38,7 @@ from gateway.store.engine import Store
 from gateway.store.requestlog import RequestLogWriter
 from gateway.store.tables import ApiKey, RequestRow, ReservationHolder, ReservationRow, utcnow
 
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    with database(request.param, tmp_path) as url:
-        s = Store(url, pool_size=10, max_overflow=20)
-        s.upgrade()
-        try:
-            yield s
-        finally:
-            s.dispose()
+store = store_fixture(pool_size=10, max_overflow=20)
 
 
 def _key(store: Store, budget: float | None = 100.0, name: str = "k") -> Principal:

@@ -12,14 +12,13 @@ gets the 429; with less left than even the cheap model's, both get the 429 (the 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from storeutil import database
+from storeutil import store_fixture
 
 from gateway.access.auth import create_key, principal_from_row
 from gateway.access.budget import SqlBudgetGuard, period_starts
@@ -54,15 +53,7 @@ class QualityFirst:
         return rank_by_objective([m.name for m in pool], errors, normalised_costs(pool), lam, None)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    with database(request.param, tmp_path) as url:
-        s = Store(url)
-        s.upgrade()
-        try:
-            yield s
-        finally:
-            s.dispose()
+store = store_fixture()
 
 
 def _service(store: Store, policy: str, left_usd: float) -> tuple[ChatService, BillingUpstream, MemorySink, Principal]:

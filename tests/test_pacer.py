@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 from starlette.testclient import TestClient
-from storeutil import database
+from storeutil import store_fixture
 
 from gateway.access.auth import create_key, principal_from_row
 from gateway.access.budget import SqlBudgetGuard, period_start_for
@@ -41,15 +41,7 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    with database(request.param, tmp_path) as url:
-        s = Store(url)
-        s.upgrade()
-        try:
-            yield s
-        finally:
-            s.dispose()
+store = store_fixture()
 
 
 async def test_replicas_share_one_paced_lambda_that_rises_as_spend_runs_ahead(store: Store) -> None:

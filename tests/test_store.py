@@ -6,14 +6,13 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
-from storeutil import database, fresh_pg_database
+from storeutil import fresh_pg_database, store_fixture
 
 from gateway.metrics import Metrics
 from gateway.serving.interfaces import RequestRecord
@@ -40,15 +39,7 @@ def _count(store: Store) -> int:
         return int(conn.execute(sa.select(sa.func.count()).select_from(RequestRow)).scalar_one())
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    with database(request.param, tmp_path) as url:
-        s = Store(url)
-        s.upgrade()
-        try:
-            yield s
-        finally:
-            s.dispose()
+store = store_fixture()
 
 
 def test_batches_by_size(store: Store) -> None:
