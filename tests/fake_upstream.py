@@ -12,7 +12,9 @@ per model.
 
 Billing (budget tests): ``-bill`` answers ``ok`` and bills what a provider would for the whole request: prompt
 tokens = the JSON bytes of its messages and ``tools`` / 4, one completion token; ``-nousage`` never reports usage
-(no usage chunk in a stream, whatever ``stream_options`` asks; no ``usage`` in an answer).
+(no usage chunk in a stream, whatever ``stream_options`` asks; no ``usage`` in an answer); ``-absurd`` answers as
+the default does but reports :data:`ABSURD_TOKENS` prompt and completion tokens, ``-negative`` reports -7 and -3
+(usage the gateway's sanity check must replace by the counted figure).
 
 Streams only (timeouts and disconnects): ``-slowfirst`` (headers at once, the first chunk after
 2 s), ``-stall`` (two chunks, then nothing until the client goes away), ``-slowstream`` (40
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     from gateway.serving.registry import ModelEntry, RegistrySnapshot
 
 PROVIDER_MESSAGE = "fake provider is on fire"
+ABSURD_TOKENS = 10**9  # the prompt and completion tokens an ``-absurd`` model reports (far beyond any bound)
 HUGE_BYTES = 300 * 1024 * 1024
 _MIB = b"a" * (1024 * 1024)
 STREAMS: dict[str, dict[str, Any]] = {}  # last user message -> {"state": "open|finished|closed", "at": time}
@@ -92,6 +95,10 @@ def reply(body: Mapping[str, Any]) -> tuple[str, dict[str, int]]:
     if params:
         answer += " " + json.dumps(params, sort_keys=True)
     usage = {"prompt_tokens": max(1, len(text) // 4), "completion_tokens": max(1, len(answer) // 4)}
+    if model.endswith("-absurd"):
+        usage = {"prompt_tokens": ABSURD_TOKENS, "completion_tokens": ABSURD_TOKENS}
+    elif model.endswith("-negative"):
+        usage = {"prompt_tokens": -7, "completion_tokens": -3}
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     return answer, usage
 

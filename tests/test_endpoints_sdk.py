@@ -6,7 +6,8 @@ create``) in front of the replay upstream, reached through LiteLLM on loopback. 
 ``anthropic`` SDK calls ``messages.create`` and ``messages.stream`` (with ``system``, and a tool use round trip).
 Every call goes through ``model: "auto"`` (embeddings: a named model), which the cheapest-first policy sends
 to ``bad-500`` first and falls back from. Afterwards each request is a row of the ``requests`` table with its
-endpoint, and its cost is charged to the key.
+endpoint, and its cost is charged to the key. A model that reports impossible usage is charged the counted
+figure, and that figure is the usage every client reads (streamed or not, on each endpoint).
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                            "litellm_params": {"model": f"openai/{EMBED}", "api_base": replay_base,
                                               "api_key": "replay"}})
     with fake_upstream() as fake_base:  # its -echo model answers the body it was sent
-        for name in ("echo", "midfail"):  # -midfail: the stream breaks after its first chunk
+        # -midfail: the stream breaks after its first chunk; -absurd, -negative: usage that cannot be true
+        for name in ("echo", "midfail", "absurd", "negative"):
             data["models"].append({"name": name, "router_cost": 1, "routable": False, "input_cost_per_1m": 1.0,
                                    "litellm_params": {"model": f"openai/fake-{name}", "api_base": fake_base,
                                                       "api_key": "x"}})
@@ -427,3 +429,75 @@ def test_budget_cap_holds_on_messages_and_responses(stack: Stack, oa: openai.Ope
     for rid, row in _rows(stack, rids).items():
         assert row["status_code"] == 200 and row["completion_tokens"] > 0 and row["cost_usd"] > 0, (rid, row)
     assert len(_rows(stack, rids)) == 3
+
+
+# -- usage the sanity check corrects: the client sees the figures charged ----------------------------------------
+
+def _charged(stack: Stack, rid: str) -> tuple[int, int, float]:
+    """(prompt tokens, completion tokens, cost) of request ``rid`` as logged and charged; it must be flagged
+    ``usage_corrected``."""
+    _rows(stack, [rid])  # waits for the writer
+    engine = sa.create_engine(stack.db_url)
+    try:
+        with engine.connect() as c:
+            row = c.execute(sa.text("SELECT prompt_tokens, completion_tokens, cost_usd, usage_corrected FROM requests "
+                                    "WHERE request_id = :r"), {"r": rid}).one()
+    finally:
+        engine.dispose()
+    assert row.usage_corrected, rid
+    assert 0 < row.prompt_tokens < 1000 and 0 < row.completion_tokens < 1000, row  # counted, not 10^9 or < 0
+    return row.prompt_tokens, row.completion_tokens, row.cost_usd
+
+
+@pytest.mark.parametrize("model", ["absurd", "negative"])
+def test_corrected_usage_is_what_the_client_sees(stack: Stack, oa: openai.OpenAI, an: anthropic.Anthropic,
+                                                 model: str) -> None:
+    """A model that reports impossible usage (10^9 tokens, or negative) is charged the counted figure, and the
+    client's usage is that figure on every endpoint, streamed or not: the Responses stream's
+    ``response.completed``, the Messages stream's ``message_delta`` (so the SDK's final message), chat's usage
+    chunk, and each non-streaming answer's ``usage``."""
+    prompt = "one two three four five six seven eight"
+    before = _spend(stack)
+    charged = 0.0
+    # /v1/responses, streamed (the openai SDK's typed events) and not
+    with oa.responses.with_streaming_response.create(model=model, input=prompt, stream=True) as raw:
+        rid = raw.headers["x-uniroute-request-id"]
+        events = list(raw.parse())
+    completed = events[-1]
+    assert completed.type == "response.completed" and completed.response.usage is not None
+    pt, ct, cost = _charged(stack, rid)
+    usage = completed.response.usage
+    assert (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (pt, ct, pt + ct)
+    assert (completed.model_extra or {})["uniroute"]["cost_usd"] == pytest.approx(cost)
+    charged += cost
+    plain = oa.responses.with_raw_response.create(model=model, input=prompt)
+    pt, ct, cost = _charged(stack, plain.headers["x-uniroute-request-id"])
+    usage = plain.parse().usage
+    assert usage is not None and (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (pt, ct, pt + ct)
+    charged += cost
+    # /v1/messages, streamed (the anthropic SDK's accumulated final message, and the raw message_delta) and not
+    with an.messages.stream(model=model, max_tokens=100, messages=[{"role": "user", "content": prompt}]) as stream:
+        deltas = [e for e in stream if e.type == "message_delta"]
+        final = stream.get_final_message()
+        rid = stream.response.headers["x-uniroute-request-id"]
+    pt, ct, cost = _charged(stack, rid)
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (pt, ct)
+    assert len(deltas) == 1 and (deltas[0].usage.input_tokens, deltas[0].usage.output_tokens) == (pt, ct)
+    charged += cost
+    raw_message = an.messages.with_raw_response.create(model=model, max_tokens=100,
+                                                       messages=[{"role": "user", "content": prompt}])
+    pt, ct, cost = _charged(stack, raw_message.headers["x-uniroute-request-id"])
+    message = raw_message.parse()
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (pt, ct)
+    charged += cost
+    # /v1/chat/completions, streamed with include_usage (as it already was)
+    with oa.chat.completions.with_streaming_response.create(
+            model=model, messages=[{"role": "user", "content": prompt}], stream=True,
+            stream_options={"include_usage": True}) as raw_chat:
+        rid = raw_chat.headers["x-uniroute-request-id"]
+        chunks = list(raw_chat.parse())
+    usages = [c.usage for c in chunks if c.usage is not None]
+    pt, ct, cost = _charged(stack, rid)
+    assert len(usages) == 1 and (usages[0].prompt_tokens, usages[0].completion_tokens) == (pt, ct)
+    charged += cost
+    assert _spend(stack) == pytest.approx(before + charged)

@@ -9,8 +9,10 @@ only what differs per API:
 - :meth:`payload`: the request's fields for LiteLLM (``Upstream.call``);
 - :meth:`body`: the answer with ``model`` = the model that served;
 - for streams, per event (dicts with a ``type``): :meth:`event` (names the served model), :meth:`event_usage`
-  (tokens, for the cost), :meth:`event_text` (text relayed, for the partial cost of a cut-short stream) and
-  :meth:`error_event` (how a failure mid-stream is told, in the API's own shape).
+  (tokens, for the cost), :meth:`final_usage` and :meth:`set_event_usage` (the event with the stream's final
+  usage, and putting the figure charged in it when the counted figure replaced the provider's),
+  :meth:`event_text` (text relayed, for the partial cost of a cut-short stream) and :meth:`error_event` (how a
+  failure mid-stream is told, in the API's own shape).
 """
 
 from __future__ import annotations
@@ -79,6 +81,13 @@ class Operation:
     def event_usage(self, event: dict[str, Any]) -> tuple[int | None, int | None]:
         return None, None
 
+    def final_usage(self, event: dict[str, Any]) -> bool:
+        """Whether ``event`` tells the stream's final usage (what the client reads as the tokens charged)."""
+        return False
+
+    def set_event_usage(self, event: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> None:
+        """Put the tokens charged (the counted figure) in a :meth:`final_usage` event, in place."""
+
     def event_text(self, event: dict[str, Any]) -> str | None:
         return None
 
@@ -108,6 +117,17 @@ class ResponsesOperation(Operation):
         if event.get("type") in self._WITH_RESPONSE and isinstance(response, dict):
             return token_counts(response.get("usage"))
         return None, None
+
+    _FINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+    def final_usage(self, event: dict[str, Any]) -> bool:
+        return event.get("type") in self._FINAL and isinstance(event.get("response"), dict)
+
+    def set_event_usage(self, event: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> None:
+        usage = event["response"].get("usage")
+        if isinstance(usage, dict):  # (none sent: none is made up, as on chat)
+            usage.update(input_tokens=prompt_tokens, output_tokens=completion_tokens,
+                         total_tokens=prompt_tokens + completion_tokens)
 
     def event_text(self, event: dict[str, Any]) -> str | None:
         if event.get("type") in ("response.output_text.delta", "response.function_call_arguments.delta"):
@@ -139,6 +159,15 @@ class MessagesOperation(Operation):
         if kind == "message_delta":
             return token_counts(event.get("usage"))
         return None, None
+
+    def final_usage(self, event: dict[str, Any]) -> bool:
+        return event.get("type") == "message_delta"
+
+    def set_event_usage(self, event: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> None:
+        """Both counts: a ``message_delta``'s totals replace ``message_start``'s in the client's message."""
+        usage = event.get("usage")
+        if isinstance(usage, dict):
+            usage.update(input_tokens=prompt_tokens, output_tokens=completion_tokens)
 
     def event_text(self, event: dict[str, Any]) -> str | None:
         delta = event.get("delta")

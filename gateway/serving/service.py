@@ -801,10 +801,12 @@ class ChatService:
     async def _relay_events(self, opened: OpenStream, record: RequestRecord, plan: _Plan, end: _StreamEnd,
                             op: Operation) -> AsyncGenerator[dict[str, Any], None]:
         """Yield another endpoint's events (``op`` reads their usage and text, names the served model in them);
-        the last one is held back to carry the ``uniroute`` object with the final cost. A failure mid-way
-        ends the stream with ``op``'s error event."""
+        the last one is held back to carry the ``uniroute`` object with the final cost, and so is the event with
+        the stream's final usage (``op.final_usage``) and every one after it: when that usage is replaced by the
+        counted figure (none, zeros, impossible), the client's event carries the figure charged, as chat's usage
+        chunk does. A failure mid-way ends the stream with ``op``'s error event."""
         entry = opened.entry
-        held: dict[str, Any] | None = None
+        held: list[dict[str, Any]] = []  # the last event, or the final usage event and all since
         try:
             async with contextlib.aclosing(self._timed(opened)) as upstream:
                 async for raw in upstream:
@@ -819,29 +821,33 @@ class ChatService:
                     text = op.event_text(event)
                     if text:
                         end.relayed.add(text)
-                    if held is not None:
-                        yield held
-                    held = event
+                    if held and not op.final_usage(held[0]):
+                        yield held.pop()
+                    held.append(event)
             upstream_ms = (time.perf_counter() - opened.started) * 1e3
             pt, ct = record.prompt_tokens, record.completion_tokens
             # no usage (or none of the output; LiteLLM's adapters report zeros for none), or impossible usage:
-            # count what was sent and relayed
+            # count what was sent and relayed, and tell the client that figure
             if ct is None or _no_usage(pt, ct) or (
                     end.estimate is not None and not self._checked_usage(record, end.estimate, entry, pt, ct)):
                 pt, ct, record.cost_usd = await end.counted()
                 record.prompt_tokens, record.completion_tokens = pt, ct
+                for event in held:
+                    if op.final_usage(event):
+                        op.set_event_usage(event, pt, ct)
             record.upstream_latency_ms = upstream_ms  # set once priced: a disconnect before is a stream cut short
             end.settled = record.cost_usd or 0.0
-            if held is not None:
-                held["uniroute"] = self.extension(record, plan)
-                yield held
+            if held:
+                held[-1]["uniroute"] = self.extension(record, plan)
+            for event in held:
+                yield event
         except GeneratorExit:
             record.status_code, record.error_type = 499, "client_disconnected"
             raise
         except Exception as exc:
             err = self._mid_stream_error(exc, entry.name, record)
-            if held is not None:
-                yield held
+            for event in held:
+                yield event
             yield op.error_event(err)
         finally:
             await end()
