@@ -19,10 +19,12 @@ Layout of an artifact folder::
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,9 @@ ARTIFACT_FILE = "artifact.json"
 ARRAYS_FILE = "arrays.npz"
 STATIC_EMBEDDER_DIR = "embedder"  # a static embedder copied into the artifact folder by `router fit`
 VARIANTS = ("kmeans", "learnedmap")
+#: How many pools :class:`UniRoutePolicy` keeps prepared (the registry's, and each restriction or overlay of it in
+#: use); more in use than this re-prepare theirs.
+PREPARED_POOLS = 256
 
 
 @dataclass
@@ -222,7 +227,9 @@ class UniRoutePolicy:
                              f"valid: {', '.join(artifact.available_variants())}")
         self.name = f"uniroute-{self.variant}"
         self._k = artifact.k
-        self._last: tuple[Sequence[PoolModel], tuple[list[str], np.ndarray, Decider]] | None = None
+        # id(pool) -> (pool, prepared), least recently used first; the pool is kept so its id is not reused
+        self._prepared_pools: OrderedDict[int, tuple[Sequence[PoolModel], tuple[list[str], np.ndarray, Decider]]] = (
+            OrderedDict())
         self._z = artifact.membership_map(self.variant)
 
     def membership(self, embedding: np.ndarray) -> np.ndarray:
@@ -231,11 +238,15 @@ class UniRoutePolicy:
 
     def _prepared(self, pool: Sequence[PoolModel]) -> tuple[list[str], np.ndarray, Decider]:
         """Names, stacked Ψ (m, K) and the :class:`Decider` (normalised costs, tie order) of the pool's
-        profiled models. Cached for the last pool seen: the gateway passes the same registry tuple until
-        the registry changes."""
-        last = self._last
-        if last is not None and last[0] is pool:
-            return last[1]
+        profiled models. Cached by the pool tuple's identity for the :data:`PREPARED_POOLS` pools used last:
+        the gateway passes the same registry tuple until the registry changes, and the same tuple for a key's
+        ``allowed_models`` restriction or tenant overlay of it, so those are prepared once each too."""
+        cache = self._prepared_pools
+        hit = cache.get(id(pool))
+        if hit is not None and hit[0] is pool:
+            with contextlib.suppress(KeyError):  # another thread may have just dropped it
+                cache.move_to_end(id(pool))
+            return hit[1]
         eligible = [m for m in pool if m.psi is not None]
         if not eligible:
             listed = ", ".join(m.name for m in pool) or "none"
@@ -249,7 +260,11 @@ class UniRoutePolicy:
         names = [m.name for m in eligible]
         prepared = (names, psi, Decider([m.cost for m in eligible], names))
         if isinstance(pool, tuple):  # immutable: safe to remember by identity
-            self._last = (pool, prepared)
+            cache[id(pool)] = (pool, prepared)
+            with contextlib.suppress(KeyError):
+                cache.move_to_end(id(pool))
+                while len(cache) > PREPARED_POOLS:
+                    cache.popitem(last=False)
         return prepared
 
     def rank(self, embedding: np.ndarray | None, pool: Sequence[PoolModel], lam: float) -> RoutingDecision:

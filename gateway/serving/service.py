@@ -77,6 +77,7 @@ from gateway.serving.interfaces import (
     Settlement,
 )
 from gateway.serving.operations import Operation
+from gateway.serving.pools import RestrictedPools
 from gateway.serving.registry import ModelEntry, Registry
 from gateway.serving.router import EmbedFn
 from gateway.serving.tenants import TenantOverlays
@@ -264,6 +265,7 @@ class ChatService:
         self.cost_curve = cost_curve or (lambda: None)  # the router's C(λ), the pacer's feed-forward
         self.overlays = overlays  # tenant-private profiles: a key's own labels, for its own routing only
         self._spans: dict[int, Any] = {}  # id(record) -> its request span, until _finish ends it
+        self.restricted = RestrictedPools()  # keys' allowed_models pools, one tuple per (pool, allowed set)
 
     # -- steps ------------------------------------------------------------------------
 
@@ -341,8 +343,8 @@ class ChatService:
         mine = self.overlays.pool(principal.key_id, pool) if self.overlays is not None else None
         if mine is not None:
             pool = mine
-        if allowed is not None:
-            pool = tuple(m for m in pool if m.name in allowed)
+        if allowed is not None:  # the same tuple for the same pool and allowed set: the policy's cache holds
+            pool = self.restricted.get(pool, allowed)
         if not pool:
             raise ServiceUnavailableError("no routable model is available for 'auto'")
         with self.tracing.span("uniroute.route", {"uniroute.lambda": lam, "uniroute.pool_size": len(pool)}) as span:
