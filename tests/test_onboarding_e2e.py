@@ -131,7 +131,7 @@ def _onboard(tmp: Path, dataset: Path, new: str, *, val_size: int, k: str, min_p
             # --- profile NEW through LiteLLM against the replay upstream
             assert http.post("/admin/models/nope/profile", json={}).status_code == 404
             # first without activating: the impact report only (docs/IMPACT.md), then a second call activates
-            r = http.post(f"/admin/models/{new}/profile", json={"grader": "multiple_choice", "activate": False})
+            r = http.post(f"/admin/models/{new}/profile", json={"grader": "multiple_choice"})
             assert r.status_code == 202, r.text
             job = _wait(lambda: (j := http.get(f"/admin/models/{new}/profile").json())["status"] != "running"
                         and j, 240, "the profiling job")
@@ -140,7 +140,7 @@ def _onboard(tmp: Path, dataset: Path, new: str, *, val_size: int, k: str, min_p
             impact = job["result"]["impact"]
             assert impact["model"] == new and len(impact["psi"]) == art.k and impact["lambdas"], job
             assert http.get(f"/admin/models/{new}").json()["profile"] is None
-            r = http.post(f"/admin/models/{new}/profile", json={"grader": "multiple_choice"})
+            r = http.post(f"/admin/models/{new}/profile", json={"grader": "multiple_choice", "activate": True})
             assert r.status_code == 202, r.text
             job = _wait(lambda: (j := http.get(f"/admin/models/{new}/profile").json())["status"] != "running"
                         and j, 240, "the profiling job")

@@ -8,7 +8,8 @@
 - ``DELETE /admin/models/{name}``            remove it
 - ``POST   /admin/models/{name}/disable``    stop serving it (kept in the table)
 - ``POST   /admin/models/{name}/profile``    ``{grader?, concurrency?, allow_partial?, activate?}`` → 202 with the job
-                                             id; its report has the impact report (``activate: false``: only that)
+                                             id; its report has the impact report; ``activate: true`` also
+                                             activates (a profile reported earlier and still current: as reported)
 - ``GET    /admin/models/{name}/profile``    the job's progress and report
 - ``POST   /admin/reprofile``                one re-profiling pass now (takes the lease) → its report
 - ``GET    /admin/reprofile/last``           the last pass's report and drift table
@@ -117,7 +118,7 @@ class ProfileStart(BaseModel):
     grader: str | None = None
     concurrency: int | None = Field(default=None, ge=1, le=512)
     allow_partial: bool = False
-    activate: bool = True  # false: profile and report the impact only (docs/IMPACT.md)
+    activate: bool = False  # true: also activate (a profile reported earlier: as reported; docs/IMPACT.md)
 
 
 async def start_profile_endpoint(request: Request) -> Response:
