@@ -1,4 +1,4 @@
-"""``uniroute profile MODEL`` and ``uniroute reprofile``.
+"""``uniroute profile MODEL``, ``uniroute impact MODEL`` and ``uniroute reprofile``.
 
 Errors are not caught here: :func:`gateway.cli.main.main` prints every one of them as one
 ``error: ...`` line (exit status 1).
@@ -98,6 +98,22 @@ def _format(r: ProfilingResult, wall: float) -> str:
     elif r.impact_error:
         lines.append(f"no impact report: {r.impact_error}")
     return "\n".join(lines)
+
+
+def impact_command(args: argparse.Namespace) -> int:
+    """``uniroute impact MODEL [--now]``: the stored report and its follow-up; ``--now`` computes the follow-up."""
+    from profiling.followup import ImpactFollowups, format_impact
+
+    config = load_config(args.config)
+    store = Store(config.database_url)
+    try:
+        store.upgrade()
+        followups = ImpactFollowups(config, store)
+        out = followups.run_now(args.model) if args.now else followups.show(args.model)
+    finally:
+        store.dispose()
+    print(json.dumps(out, indent=1) if args.json else format_impact(out))
+    return 0
 
 
 def reprofile_command(args: argparse.Namespace) -> int:

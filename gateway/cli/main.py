@@ -195,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impact-plot", default=None, metavar="PNG", help="also draw the impact report here")
     p.set_defaults(handler=_lazy("profiling.cli:profile_command"))
 
+    p = sub.add_parser("impact", help="a model's stored impact report and its follow-up: predicted against realised "
+                       "traffic share, cost and error since its activation (docs/IMPACT.md)")
+    p.add_argument("model")
+    p.add_argument("--config", default=None, help="path to config.yaml (default: $UNIROUTE_CONFIG or ./config.yaml)")
+    p.add_argument("--now", action="store_true",
+                   help="compute the follow-up now from the request log (else: as stored; the scheduler inside "
+                        "serve computes it profiling.impact_followup_s after the activation)")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
+    p.set_defaults(handler=_lazy("profiling.cli:impact_command"))
+
     p = sub.add_parser("reprofile", help="recompute every model's Ψ from validation outcomes plus feedback")
     p.add_argument("--config", default=None, help="path to config.yaml (default: $UNIROUTE_CONFIG or ./config.yaml)")
     p.add_argument("--json", action="store_true")

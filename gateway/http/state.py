@@ -44,6 +44,14 @@ class Reprofiler(Protocol):
     def busy_error(self) -> GatewayError: ...
 
 
+class ImpactFollowups(Protocol):
+    """The impact reports and their follow-ups (profiling/followup.py)."""
+
+    def show(self, model: str) -> dict[str, Any]: ...
+
+    def run_now(self, model: str) -> dict[str, Any]: ...
+
+
 @dataclass
 class GatewayState:
     accounting: Accounting
@@ -56,6 +64,7 @@ class GatewayState:
     profile_key: str | None = None  # the router version + variant the stored profiles belong to
     profiling: ProfilingJobs | None = None
     reprofiler: Reprofiler | None = None
+    impacts: ImpactFollowups | None = None
     openapi: dict[str, Any] | None = None  # the OpenAPI document, built on first request
 
     def chat_service(self) -> ChatService:

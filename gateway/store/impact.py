@@ -119,7 +119,7 @@ def auto_requests_since(store: Store, since: datetime, until: datetime | None = 
     (each feedback row counted once, on the first request row with its id)."""
     until = until or utcnow()
     fb = (sa.select(Feedback.request_id, Feedback.key_id, Feedback.score).subquery())
-    q = (sa.select(RequestRow.request_id, RequestRow.routed_model, RequestRow.lam, RequestRow.cluster,
+    q = (sa.select(RequestRow.request_id, RequestRow.routed_model, RequestRow.lam.label("lam"), RequestRow.cluster,
                    RequestRow.cost_usd, fb.c.score)
          .outerjoin(fb, sa.and_(fb.c.request_id == RequestRow.request_id,
                                 sa.or_(RequestRow.key_id == fb.c.key_id,
