@@ -97,6 +97,9 @@ async def test_profiling_reports_the_impact_before_activation(tmp_path: Path) ->
     # a second --activate now has no reported profile: it profiles (resuming: nothing to ask) and activates
     third = await run_profiling(_config(3), store, fwd, "new", artifact=art, activate=True)
     assert third.activated and fwd.calls == 12 and third.report.skipped == 12 and "nothing asked" not in third.message
+    rows = impact_sql.due_followups(store, 0.0)  # only the latest activation is followed up
+    assert rows == [impact_sql.latest_impact(store, "new").id]  # type: ignore[union-attr]
+    assert impact_sql.get_impact(store, row.id).status == "superseded"  # type: ignore[union-attr]
     store.dispose()
 
 
@@ -126,6 +129,11 @@ async def test_a_stale_report_is_not_activated_as_reported(tmp_path: Path) -> No
     late = await run_profiling(_config(3), store, fwd, "new", artifact=art, activate=True)
     assert late.activated and "nothing asked" not in late.message and late.psi != fourth.psi
     assert np.allclose(catalog.active_profiles(store, catalog.profile_key(art.version, "kmeans"))["new"].psi, late.psi)
+    # a report computed with another router artifact is not activated on this one
+    await run_profiling(_config(3), store, fwd, "new", artifact=art)
+    other = _artifact(14)
+    moved = await run_profiling(_config(3), store, fwd, "new", artifact=other, activate=True)
+    assert moved.activated and "nothing asked" not in moved.message and moved.router_version == other.version
     store.dispose()
 
 
@@ -133,7 +141,7 @@ def test_a_paced_key_is_reported_at_its_paced_lambda(tmp_path: Path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'p.db'}")
     store.upgrade()
     create_key(store, "fixed", default_lambda=0.4)
-    create_key(store, "paced", default_lambda=0.2, lambda_max=5.0)
+    create_key(store, "paced", default_lambda=0.2, lambda_max=1.5)
     create_key(store, "fresh", default_lambda=0.3)
     for name in ("paced", "fresh"):
         keys_sql.set_budget_policy(store, name, "pace")
@@ -141,5 +149,16 @@ def test_a_paced_key_is_reported_at_its_paced_lambda(tmp_path: Path) -> None:
     pacing_sql.write(store, keys_sql.get_key(store, "paced").id, lam=1.7, integral=0.0, exposure=0.0,
                      period_start=now, updated_at=now, expected_version=None)
     assert key_rows(store) == [("key fixed", 0.4), ("key fresh (paced, not stepped yet: its default λ)", 0.3),
-                               ("key paced (paced λ)", 1.7)]
+                               ("key paced (paced λ)", 1.5)]  # the pacer's 1.7, within the key's range
     store.dispose()
+
+
+def test_the_cli_reports_by_default_and_activates_when_told() -> None:
+    from gateway.cli.main import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["profile", "m"]).activate is False
+    assert parser.parse_args(["profile", "m", "--activate"]).activate is True
+    assert parser.parse_args(["profile", "m", "--no-activate"]).activate is False  # still accepted: the default
+    with pytest.raises(SystemExit):
+        parser.parse_args(["profile", "m", "--activate", "--no-activate"])

@@ -146,6 +146,14 @@ def test_the_scheduled_followup_is_due_once_under_the_lease(tmp_path: Path) -> N
     store.dispose()
 
 
+def test_due_followups_are_looked_for_every_tenth_of_the_delay() -> None:
+    from profiling.schedule import ReprofileScheduler
+
+    assert ReprofileScheduler.followup_check_s(86400.0) == 300.0
+    assert ReprofileScheduler.followup_check_s(600.0) == 60.0
+    assert ReprofileScheduler.followup_check_s(1.0) == 0.5
+
+
 def test_realised_figures_without_traffic_or_feedback() -> None:
     empty = realised_figures("new", [], {"new": 1.0})
     assert empty["requests"] == 0 and empty["traffic_share"] is None and empty["mean_error"] is None

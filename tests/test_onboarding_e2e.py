@@ -269,8 +269,10 @@ def _readme_onboarding(tmp: Path, dataset: Path, artifact: Path) -> None:
                 assert done.returncode == 0, (argv, done.stdout[-2000:], done.stderr[-2000:])
                 assert "Traceback" not in done.stderr and "Unclosed" not in done.stderr, done.stderr[-2000:]
                 outputs.append(done.stdout)
-            profiled = next(out for argv, out in zip(commands, outputs, strict=True) if argv[1] == "profile")
-            assert "activated 'my-model'" in profiled, profiled
+            reported = next(out for argv, out in zip(commands, outputs, strict=True) if argv[1] == "profile")
+            assert "NOT activated" in reported and "impact of my-model" in reported, reported
+            profiled = next(out for argv, out in zip(commands, outputs, strict=True) if "--activate" in argv)
+            assert "activated 'my-model'" in profiled and "nothing asked" in profiled, profiled
             reprofiled = next(out for argv, out in zip(commands, outputs, strict=True) if argv[1] == "reprofile")
             assert "my-model: unchanged (0 feedback)" in reprofiled, reprofiled
 
