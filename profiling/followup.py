@@ -41,15 +41,25 @@ from gateway.store.tables import ModelImpact, utcnow
 from routing.artifact import RouterArtifact
 from routing.impact import (
     Served,
-    cluster_traffic,
     impact_report,
     lambda_mix,
     predicted_at_mix,
     realised_figures,
+    rounded_lambda,
 )
 from routing.policy import PoolModel
 
 logger = logging.getLogger("uniroute.impact")
+
+
+def cluster_weights(groups: list[tuple[int | None, int]], k: int) -> np.ndarray:
+    """Share of requests per cluster from (cluster, requests) groups (None and out-of-range ignored)."""
+    counts = np.zeros(k)
+    for c, n in groups:
+        if c is not None and 0 <= c < k:
+            counts[c] += n
+    total = counts.sum()
+    return counts / total if total > 0 else counts
 LEASE_NAME = "impact-followup"
 #: at most this many λ rows in the follow-up's per-λ table (the busiest)
 PER_LAMBDA_ROWS = 12
@@ -64,7 +74,7 @@ def compute_followup(row: ModelImpact, store: Store, art: RouterArtifact | None,
                                   f"(`uniroute profile {row.model_name} --activate`)", code="not_activated")
     now = now or utcnow()
     logged = impact_sql.auto_requests_since(store, row.activated_at, now)
-    served = [Served(r.routed_model, r.lam, r.cost_usd, r.score) for r in logged]
+    served = [Served(g.routed_model, g.lam, g.requests, g.cost_usd, g.priced, g.scored, g.error_sum) for g in logged]
     inputs = row.inputs or {}
     model = row.model_name
     costs = {str(m["name"]): float(m["cost"]) for m in inputs.get("pool", [])}
@@ -91,16 +101,20 @@ def compute_followup(row: ModelImpact, store: Store, art: RouterArtifact | None,
     z_val = art.membership(art.val_embeddings, row.variant)
     traffic = np.asarray(row.report["traffic"], dtype=np.float64)
     out["predicted"] = predicted_at_mix(z_val, pool, cand, traffic, mix)
-    realised_mix = cluster_traffic([r.cluster for r in logged], art.k)
+    realised_mix = cluster_weights([(g.cluster, g.requests) for g in logged], art.k)
     if realised_mix.sum() > 0:
         out["predicted_on_realised_clusters"] = predicted_at_mix(z_val, pool, cand, realised_mix, mix)
     busiest = sorted(mix.items(), key=lambda kv: -kv[1])[:PER_LAMBDA_ROWS]
     if busiest:
         rep = impact_report(z_val, pool, cand, traffic, [("mix", lam) for lam, _ in busiest])
+        mine: dict[float, int] = {}
+        for s in served:
+            if s.model == model:
+                lam = rounded_lambda(s.lam, default_lambda)
+                mine[lam] = mine.get(lam, 0) + s.requests
         for (lam, n), pred in zip(busiest, rep.lambdas, strict=True):
-            at = [s for s in served if float(f"{(default_lambda if s.lam is None else s.lam):.4g}") == lam]
             out["per_lambda"].append({"lambda": lam, "requests": n, "predicted_share": pred.traffic_share,
-                                      "realised_share": sum(s.model == model for s in at) / len(at)})
+                                      "realised_share": mine.get(lam, 0) / n})
     if not served:
         out["note"] = "no successful `auto` request was logged since the activation"
     return out

@@ -165,22 +165,29 @@ def impact_report(z_val: np.ndarray, pool: Sequence[PoolModel], candidate: PoolM
 # --------------------------------------------------------------------------------------- the follow-up
 @dataclass(frozen=True)
 class Served:
-    """One logged ``auto`` request as the follow-up reads it."""
+    """Logged ``auto`` requests as the follow-up reads them: those served by one model at one λ (a group, summed)."""
 
-    model: str | None  # the model that served it
-    lam: float | None  # the λ it was routed with (None: the router's default)
-    cost_usd: float | None
-    score: float | None  # feedback / graded outcome in [0, 1], if any
+    model: str | None  # the model that served them
+    lam: float | None  # the λ they were routed with (None: the router's default)
+    requests: int = 1
+    cost_usd: float = 0.0  # Σ logged cost
+    priced: int = 0  # requests with a logged cost
+    scored: int = 0  # requests with feedback / a graded outcome
+    error_sum: float = 0.0  # Σ (1 − score) over those
 
 
-def lambda_mix(requests: Sequence[Served], default_lambda: float, digits: int = 4) -> dict[float, int]:
-    """How many requests were routed at each λ (rounded to ``digits`` significant digits: a paced key's λ moves
-    continuously)."""
+def rounded_lambda(lam: float | None, default_lambda: float, digits: int = 4) -> float:
+    """λ as the follow-up groups it: the default for None, rounded to ``digits`` significant digits (a paced key's λ
+    moves continuously)."""
+    return float(f"{(default_lambda if lam is None else float(lam)):.{digits}g}")
+
+
+def lambda_mix(requests: Sequence[Served], default_lambda: float) -> dict[float, int]:
+    """How many requests were routed at each (rounded) λ."""
     out: dict[float, int] = {}
     for r in requests:
-        lam = default_lambda if r.lam is None else float(r.lam)
-        lam = float(f"{lam:.{digits}g}")
-        out[lam] = out.get(lam, 0) + 1
+        lam = rounded_lambda(r.lam, default_lambda)
+        out[lam] = out.get(lam, 0) + r.requests
     return out
 
 
@@ -205,19 +212,23 @@ def predicted_at_mix(z_val: np.ndarray, pool: Sequence[PoolModel], candidate: Po
 def realised_figures(model: str, requests: Sequence[Served], costs: dict[str, float]) -> dict[str, Any]:
     """What the log says since activation: the model's share of the ``auto`` requests, their mean normalised cost
     (``costs``: router cost per model, normalised by the dearest; a model without one is left out of that mean),
-    mean cost in USD, and, over the requests with a score, the mean error (1 − score) overall and on the model's."""
-    n = len(requests)
+    mean cost in USD (of the requests with a logged cost), and, over the requests with a score, the mean error
+    (1 − score) overall and on the model's."""
+    n = sum(r.requests for r in requests)
     mine = [r for r in requests if r.model == model]
-    priced = [costs[r.model] for r in requests if r.model is not None and r.model in costs]
-    usd = [r.cost_usd for r in requests if r.cost_usd is not None]
-    scored = [1.0 - r.score for r in requests if r.score is not None]
-    scored_mine = [1.0 - r.score for r in mine if r.score is not None]
-    return {"requests": n, "model_requests": len(mine), "traffic_share": len(mine) / n if n else None,
-            "mean_cost": float(np.mean(priced)) if priced else None, "priced_requests": len(priced),
-            "mean_cost_usd": float(np.mean(usd)) if usd else None,
-            "mean_error": float(np.mean(scored)) if scored else None, "scored_requests": len(scored),
-            "model_error": float(np.mean(scored_mine)) if scored_mine else None,
-            "model_scored_requests": len(scored_mine)}
+    n_mine = sum(r.requests for r in mine)
+    priced = [(costs[r.model], r.requests) for r in requests if r.model is not None and r.model in costs]
+    n_priced = sum(c for _, c in priced)
+    n_usd = sum(r.priced for r in requests)
+    n_scored = sum(r.scored for r in requests)
+    n_scored_mine = sum(r.scored for r in mine)
+    return {"requests": n, "model_requests": n_mine, "traffic_share": n_mine / n if n else None,
+            "mean_cost": sum(c * k for c, k in priced) / n_priced if n_priced else None, "priced_requests": n_priced,
+            "mean_cost_usd": sum(r.cost_usd for r in requests) / n_usd if n_usd else None,
+            "mean_error": sum(r.error_sum for r in requests) / n_scored if n_scored else None,
+            "scored_requests": n_scored,
+            "model_error": sum(r.error_sum for r in mine) / n_scored_mine if n_scored_mine else None,
+            "model_scored_requests": n_scored_mine}
 
 
 def plot_report(report: ImpactReport, path: Any) -> Any:

@@ -157,8 +157,9 @@ def test_due_followups_are_looked_for_every_tenth_of_the_delay() -> None:
 def test_realised_figures_without_traffic_or_feedback() -> None:
     empty = realised_figures("new", [], {"new": 1.0})
     assert empty["requests"] == 0 and empty["traffic_share"] is None and empty["mean_error"] is None
-    r = realised_figures("new", [Served("gone", 0.1, None, None), Served("new", 0.1, 0.5, None)], {"new": 0.5})
-    assert r["traffic_share"] == 0.5 and r["priced_requests"] == 1 and r["mean_cost"] == 0.5  # "gone": no cost known
+    r = realised_figures("new", [Served("gone", 0.1), Served("new", 0.1, 3, cost_usd=0.3, priced=2)], {"new": 0.5})
+    assert r["traffic_share"] == 0.75 and r["priced_requests"] == 3 and r["mean_cost"] == 0.5  # "gone": no cost known
+    assert r["mean_cost_usd"] == pytest.approx(0.15)  # over the 2 requests with a logged cost
 
 
 def test_followup_through_the_admin_api_and_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

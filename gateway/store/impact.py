@@ -20,14 +20,17 @@ from gateway.store.tables import Feedback, ModelImpact, RequestRow, utcnow
 
 
 @dataclass(frozen=True)
-class LoggedRequest:
-    """What the follow-up reads of one ``auto`` request: where it went, at which λ, its cluster, cost and score."""
+class LoggedGroup:
+    """The ``auto`` requests the follow-up reads, grouped by the model that served them, their λ and cluster."""
 
     routed_model: str | None
     lam: float | None
     cluster: int | None
-    cost_usd: float | None
-    score: float | None  # the feedback of the key that made it, if any
+    requests: int
+    cost_usd: float  # the sum of the logged costs
+    priced: int  # requests with a logged cost
+    scored: int  # requests with feedback from the key that made them
+    error_sum: float  # Σ (1 − score) over those
 
 
 def impact_dict(row: ModelImpact) -> dict[str, Any]:
@@ -114,30 +117,24 @@ def save_followup(store: Store, impact_id: int, followup: dict[str, Any], at: da
                   .values(followup=followup, followup_at=at or utcnow()))
 
 
-def auto_requests_since(store: Store, since: datetime, until: datetime | None = None) -> list[LoggedRequest]:
-    """Every successful ``auto`` request logged in [since, until], with the feedback score of the key that made it
-    (each feedback row counted once, on the first request row with its id)."""
+def auto_requests_since(store: Store, since: datetime, until: datetime | None = None) -> list[LoggedGroup]:
+    """Every successful ``auto`` request logged in [since, until], with the feedback of the key that made it,
+    summed per (routed model, λ, cluster) in the database (a day of a busy gateway's log is not read row by row).
+    Feedback rows are unique per request id (migration 0005), and so are the request rows logged since."""
     until = until or utcnow()
-    fb = (sa.select(Feedback.request_id, Feedback.key_id, Feedback.score).subquery())
-    q = (sa.select(RequestRow.request_id, RequestRow.routed_model, RequestRow.lam.label("lam"), RequestRow.cluster,
-                   RequestRow.cost_usd, fb.c.score)
-         .outerjoin(fb, sa.and_(fb.c.request_id == RequestRow.request_id,
-                                sa.or_(RequestRow.key_id == fb.c.key_id,
-                                       sa.and_(RequestRow.key_id.is_(None), fb.c.key_id.is_(None)))))
+    error = sa.case((Feedback.score.is_not(None), 1.0 - Feedback.score), else_=None)
+    q = (sa.select(RequestRow.routed_model, RequestRow.lam.label("lam"), RequestRow.cluster,
+                   sa.func.count().label("requests"), sa.func.coalesce(sa.func.sum(RequestRow.cost_usd), 0.0)
+                   .label("cost_usd"), sa.func.count(RequestRow.cost_usd).label("priced"),
+                   sa.func.count(Feedback.score).label("scored"),
+                   sa.func.coalesce(sa.func.sum(error), 0.0).label("error_sum"))
+         .outerjoin(Feedback, sa.and_(Feedback.request_id == RequestRow.request_id,
+                                      sa.or_(RequestRow.key_id == Feedback.key_id,
+                                             sa.and_(RequestRow.key_id.is_(None), Feedback.key_id.is_(None)))))
          .where(RequestRow.requested_model == "auto", RequestRow.status_code == 200,
                 RequestRow.started_at >= since, RequestRow.started_at <= until)
-         .order_by(RequestRow.started_at, RequestRow.id))
-    out: list[LoggedRequest] = []
-    scored: set[str] = set()
+         .group_by(RequestRow.routed_model, RequestRow.lam, RequestRow.cluster))
     with store.engine.connect() as conn:
-        for r in conn.execute(q):
-            score = r.score
-            if score is not None:
-                if r.request_id in scored:
-                    score = None
-                scored.add(r.request_id)
-            out.append(LoggedRequest(r.routed_model, None if r.lam is None else float(r.lam),
-                                     None if r.cluster is None else int(r.cluster),
-                                     None if r.cost_usd is None else float(r.cost_usd),
-                                     None if score is None else float(score)))
-    return out
+        return [LoggedGroup(r.routed_model, None if r.lam is None else float(r.lam),
+                            None if r.cluster is None else int(r.cluster), int(r.requests), float(r.cost_usd),
+                            int(r.priced), int(r.scored), float(r.error_sum)) for r in conn.execute(q)]
