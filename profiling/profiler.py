@@ -282,11 +282,15 @@ def activate_reported(config: GatewayConfig, store: Store, art: RouterArtifact, 
                           graded_per_cluster=per_cluster.tolist(), short_clusters=[],
                           min_graded_per_cluster=config.profiling.min_graded_per_cluster,
                           partial=pending.source == "validation-partial")
-    for variant, prof in pending.profiles.items():
-        key = catalog.profile_key(art.version, variant)
-        res.profile_versions[key] = catalog.save_profile(store, model, key, prof["psi"], prof["counts"],
-                                                         pending.source)
-    catalog.set_routable(store, model, True)
+    try:
+        for variant, prof in pending.profiles.items():
+            key = catalog.profile_key(art.version, variant)
+            res.profile_versions[key] = catalog.save_profile(store, model, key, prof["psi"], prof["counts"],
+                                                             pending.source)
+        catalog.set_routable(store, model, True)
+    except Exception:
+        impact_sql.mark_reported(store, pending.id)  # not activated after all: a later call may try again
+        raise
     res.activated = True
     res.psi = [float(v) for v in pending.profiles[config.router.variant]["psi"]]
     res.impact = ImpactReport.from_dict(pending.report) if pending.report is not None else None

@@ -162,3 +162,28 @@ def test_the_cli_reports_by_default_and_activates_when_told() -> None:
     assert parser.parse_args(["profile", "m", "--no-activate"]).activate is False  # still accepted: the default
     with pytest.raises(SystemExit):
         parser.parse_args(["profile", "m", "--activate", "--no-activate"])
+
+
+async def test_a_failed_activation_leaves_the_report_waiting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'p.db'}")
+    store.upgrade()
+    art = _artifact()
+    for name, routable in (("old", True), ("new", False)):
+        catalog.add_model(store, parse_spec({"name": name, "router_cost": 1.0, "routable": routable,
+                                             "litellm_params": {"model": f"openai/{name}"}}))
+    catalog.save_profile(store, "old", catalog.profile_key(art.version, "kmeans"), np.array([0.2, 0.6]),
+                         np.array([6.0, 6.0]), "validation")
+    await run_profiling(_config(3), store, FakeForwarder(), "new", artifact=art)
+    real = catalog.save_profile
+
+    def down(*args: object, **kwargs: object) -> int:
+        raise OSError("the database went away")
+
+    monkeypatch.setattr(catalog, "save_profile", down)
+    with pytest.raises(OSError):
+        await run_profiling(_config(3), store, FakeForwarder(), "new", artifact=art, activate=True)
+    assert impact_sql.pending_impact(store, "new") is not None and not catalog.get_model(store, "new").routable
+    monkeypatch.setattr(catalog, "save_profile", real)
+    done = await run_profiling(_config(3), store, FakeForwarder(), "new", artifact=art, activate=True)
+    assert done.activated and "nothing asked" in done.message
+    store.dispose()

@@ -83,6 +83,13 @@ def mark_activated(store: Store, impact_id: int) -> bool:
         return getattr(res, "rowcount", 0) == 1
 
 
+def mark_reported(store: Store, impact_id: int) -> None:
+    """Undo :func:`mark_activated` when the activation itself failed."""
+    with store.session() as s:
+        s.execute(sa.update(ModelImpact).where(ModelImpact.id == impact_id, ModelImpact.status == "activated")
+                  .values(status="reported", activated_at=None))
+
+
 def latest_impact(store: Store, model: str) -> ModelImpact | None:
     """The model's latest report: the activated one, else the latest of any status."""
     with store.session() as s:
