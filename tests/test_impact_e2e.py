@@ -25,6 +25,8 @@ from routing.artifact import RouterArtifact
 from routing.dataset import load_dataset
 from tests.procs import replay_upstream
 
+pytestmark = pytest.mark.slow  # a profiling run and 1,000 requests through the gateway: about 1.5 min
+
 ADMIN = "sk-admin-impact-e2e"
 H = {"authorization": f"Bearer {ADMIN}"}
 MODEL = "DeepSeek-Coder-V2"
