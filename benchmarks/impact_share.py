@@ -19,17 +19,56 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 import gateway  # noqa: F401  (offline environment)
 from routing.artifact import fit_artifact
-from routing.dataset import default_dataset_path, load_dataset
+from routing.dataset import BenchmarkDataset, default_dataset_path, load_dataset
 from routing.decision import Decider, expected_errors
 from routing.embedder import make_embedder
 from routing.impact import cluster_traffic, impact_report
 from routing.policy import PoolModel
+
+
+def measure(ds: BenchmarkDataset, x: np.ndarray, embedder_id: str, models: Sequence[str], lams: Sequence[float], *,
+            traffic_n: int = 2000, held_out: int = 1000, seed: int = 7, k: int = 40,
+            fit_share: float = 0.7) -> list[dict[str, Any]]:
+    """Predicted and realised share per (model, λ): the router is fitted on ``fit_share`` of the prompts (split with
+    ``seed``); of the rest, ``traffic_n`` are the recent traffic, the next ``held_out`` the requests to come."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(ds.n_prompts)
+    n_fit = int(fit_share * ds.n_prompts)
+    fit, unseen = np.sort(perm[:n_fit]), perm[n_fit:]
+    if len(unseen) < traffic_n + held_out:
+        raise ValueError(f"{len(unseen)} unseen prompts: fewer than traffic {traffic_n} + held-out {held_out}")
+    traffic, held = unseen[:traffic_n], unseen[traffic_n: traffic_n + held_out]
+    art, profiles = fit_artifact(x[fit], ds.scores[fit], ds.model_costs, ds.models,
+                                 [ds.prompt_ids[i] for i in fit], [ds.prompts[i] for i in fit],
+                                 embedder_id=embedder_id, training_set_hash="impact-bench", k=k, seed=seed)
+    variant = art.variant
+    z_val = art.membership(art.val_embeddings, variant)
+    weights = cluster_traffic(art.membership(x[traffic], variant).argmax(axis=1).tolist(), art.k)
+    z_held = art.membership(x[held], variant)
+    psi = {p.model: p.psi for p in profiles if p.variant == variant}
+    val_pos = {pid: i for i, pid in enumerate(ds.prompt_ids)}
+    rows: list[dict[str, Any]] = []
+    for name in models:
+        j = ds.models.index(name)
+        pool = [PoolModel(m, float(ds.model_costs[i]), psi[m]) for i, m in enumerate(ds.models) if m != name]
+        scores = {pid: float(ds.scores[val_pos[pid], j]) for pid in art.val_prompt_ids}
+        prof = art.profile_model(name, scores, cost=float(ds.model_costs[j]), variants=[variant])[0]
+        cand = PoolModel(name, float(ds.model_costs[j]), prof.psi)
+        rep = impact_report(z_val, pool, cand, weights, [("grid", lam) for lam in lams])
+        full = [*pool, cand]
+        decider = Decider([m.cost for m in full], [m.name for m in full])
+        err = expected_errors(z_held, np.stack([np.asarray(m.psi) for m in full]))
+        for li, lam in zip(rep.lambdas, lams, strict=True):
+            realised = float(np.mean(decider.choose(err, lam) == len(pool)))
+            rows.append({"model": name, "lambda": lam, "predicted": li.traffic_share, "realised": realised})
+    return rows
 
 
 def main() -> int:
@@ -49,36 +88,9 @@ def main() -> int:
     ds = load_dataset(path, with_responses=False)
     emb = make_embedder("static")
     x = emb.embed(ds.prompts)
-    rng = np.random.default_rng(args.seed)
-    perm = rng.permutation(ds.n_prompts)
-    n_fit = int(0.7 * ds.n_prompts)
-    fit, unseen = np.sort(perm[:n_fit]), perm[n_fit:]
-    traffic, held = unseen[: args.traffic], unseen[args.traffic: args.traffic + args.held_out]
-    art, profiles = fit_artifact(x[fit], ds.scores[fit], ds.model_costs, ds.models,
-                                 [ds.prompt_ids[i] for i in fit], [ds.prompts[i] for i in fit],
-                                 embedder_id=emb.id, training_set_hash="impact-bench", k=40, seed=args.seed)
-    variant = art.variant
-    z_val = art.membership(art.val_embeddings, variant)
-    weights = cluster_traffic(art.membership(x[traffic], variant).argmax(axis=1).tolist(), art.k)
-    z_held = art.membership(x[held], variant)
-    psi = {p.model: p.psi for p in profiles if p.variant == variant}
-    val_pos = {pid: i for i, pid in enumerate(ds.prompt_ids)}
     lams = [float(v) for v in args.lambdas.split(",")]
     models = ds.models if args.models == "all" else args.models.split(",")
-    rows: list[dict[str, Any]] = []
-    for name in models:
-        j = ds.models.index(name)
-        pool = [PoolModel(m, float(ds.model_costs[i]), psi[m]) for i, m in enumerate(ds.models) if m != name]
-        scores = {pid: float(ds.scores[val_pos[pid], j]) for pid in art.val_prompt_ids}
-        prof = art.profile_model(name, scores, cost=float(ds.model_costs[j]), variants=[variant])[0]
-        cand = PoolModel(name, float(ds.model_costs[j]), prof.psi)
-        rep = impact_report(z_val, pool, cand, weights, [("grid", lam) for lam in lams])
-        full = [*pool, cand]
-        decider = Decider([m.cost for m in full], [m.name for m in full])
-        err = expected_errors(z_held, np.stack([np.asarray(m.psi) for m in full]))
-        for li, lam in zip(rep.lambdas, lams, strict=True):
-            realised = float(np.mean(decider.choose(err, lam) == len(pool)))
-            rows.append({"model": name, "lambda": lam, "predicted": li.traffic_share, "realised": realised})
+    rows = measure(ds, x, emb.id, models, lams, traffic_n=args.traffic, held_out=args.held_out, seed=args.seed)
     errs = np.array([abs(r["predicted"] - r["realised"]) for r in rows])
     print("| model | λ | predicted share | realised share (1,000 held-out) | error (points) |")
     print("|---|---|---|---|---|")

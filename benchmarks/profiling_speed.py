@@ -73,7 +73,7 @@ def main() -> int:
                         "--input-cost-per-1m", str(costs[model] * 0.01), "--output-cost-per-1m", str(costs[model] * 0.01),
                         "--config", str(cfg)], env=env, check=True, stdout=subprocess.DEVNULL)
         t0 = time.perf_counter()
-        out = subprocess.run([*cli, "profile", model, "--config", str(cfg), "--json"], env=env, check=True,
+        out = subprocess.run([*cli, "profile", model, "--activate", "--config", str(cfg), "--json"], env=env, check=True,
                              capture_output=True, text=True)
         wall = time.perf_counter() - t0
     finally:

@@ -163,13 +163,15 @@ def create_app(
             offload_bytes=config.limits.offload_bytes, tracing=tracing, estimator=Estimator(config.budget),
             pacer=acc.pacer, cost_curve=CostCurves(pol, registry.pool), overlays=overlays,
         )
-        # profiling joins the gateway here only: the admin handlers reach it through these two objects
+        # profiling joins the gateway here only: the admin handlers reach it through these objects
+        from profiling.followup import ImpactFollowups
         from profiling.jobs import ProfilingJobs
         from profiling.schedule import DriftExporter, Reprofiler, ReprofileScheduler
 
         jobs = state.profiling = ProfilingJobs(config, acc.store, forwarder, key)
         reprofiler = state.reprofiler = Reprofiler(config, acc.store, key)
-        scheduler = ReprofileScheduler(reprofiler)
+        followups = state.impacts = ImpactFollowups(config, acc.store)
+        scheduler = ReprofileScheduler(reprofiler, followups)
         scheduler.start()
         drift = DriftExporter(acc.store, key, acc.metrics.set_profile_drift,
                               interval_s=min(10.0, max(1.0, 5 * config.registry.poll_interval_s)))
@@ -225,6 +227,8 @@ def create_app(
         Route("/admin/models/{name:path}/disable", admin_models.disable_model_endpoint, methods=["POST"]),
         Route("/admin/models/{name:path}/profile", admin_models.start_profile_endpoint, methods=["POST"]),
         Route("/admin/models/{name:path}/profile", admin_models.profile_status_endpoint, methods=["GET"]),
+        Route("/admin/models/{name:path}/impact", admin_models.impact_endpoint, methods=["GET"]),
+        Route("/admin/models/{name:path}/impact", admin_models.impact_now_endpoint, methods=["POST"]),
         Route("/admin/models/{name:path}", admin_models.get_model_endpoint, methods=["GET"]),
         Route("/admin/models/{name:path}", admin_models.update_model_endpoint, methods=["PATCH"]),
         Route("/admin/models/{name:path}", admin_models.remove_model_endpoint, methods=["DELETE"]),

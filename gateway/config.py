@@ -319,6 +319,8 @@ class ProfilingConfig(_Section):
     """Whose feedback re-profiling counts: `all` keys (each within `max_key_share`), or only keys marked `trusted` (`uniroute keys create --trusted`, `"trusted": true` on `POST /admin/keys`); anonymous feedback never counts with `trusted`."""
     impact_window_s: float = Field(default=7 * 86400.0, gt=0.0)
     """The impact report of profiling (docs/IMPACT.md) weighs clusters by the `auto` requests of the request log this far back."""
+    impact_followup_s: float = Field(default=86400.0, ge=0.0)
+    """This long after a model is activated by profiling, its impact report is repeated with the realised figures: its share of the `auto` requests logged since, their mean cost and, where feedback exists, their error, next to what was predicted (`uniroute impact NAME`; docs/IMPACT.md). Run by the scheduler inside `serve`, one replica at a time (the `impact-followup` lease). 0: off (`uniroute impact NAME --now` still computes it)."""
     lease_ttl_s: float = Field(default=300.0, gt=0.0)
     """The longest a re-profiling pass holds its database lease (released when the pass ends; this bounds a pass
     whose replica died)."""

@@ -1,4 +1,4 @@
-"""``uniroute profile MODEL`` and ``uniroute reprofile``.
+"""``uniroute profile MODEL``, ``uniroute impact MODEL`` and ``uniroute reprofile``.
 
 Errors are not caught here: :func:`gateway.cli.main.main` prints every one of them as one
 ``error: ...`` line (exit status 1).
@@ -29,8 +29,8 @@ from profiling.schedule import Reprofiler, format_report, router_key
 
 
 def profile_command(args: argparse.Namespace) -> int:
-    """``uniroute profile MODEL``: exit 0 when activated (or profiled with ``--no-activate``), 2 when not (the
-    report says why)."""
+    """``uniroute profile MODEL [--activate]``: exit 0 when profiled and reported (and, with ``--activate``,
+    activated), 2 when not (the report says why)."""
     config = load_config(args.config)
     store = Store(config.database_url)
     t0 = time.perf_counter()
@@ -53,8 +53,9 @@ def profile_command(args: argparse.Namespace) -> int:
 
         print(f"impact plot: {plot_report(result.impact, args.impact_plot)}", file=sys.stderr)
     if result.partial:
-        print(f"WARNING: {args.model} was activated on PARTIAL data ({result.message})", file=sys.stderr)
-    return 0 if result.activated or (args.no_activate and result.psi is not None) else 2
+        done = "activated" if result.activated else "profiled"
+        print(f"WARNING: {args.model} was {done} on PARTIAL data ({result.message})", file=sys.stderr)
+    return 0 if result.activated or (not args.activate and result.psi is not None) else 2
 
 
 async def _profile(config: GatewayConfig, store: Store, args: argparse.Namespace,
@@ -80,7 +81,7 @@ async def _profile(config: GatewayConfig, store: Store, args: argparse.Namespace
     try:
         return await run_profiling(config, store, forwarder, args.model, grader=args.grader,
                                    concurrency=args.concurrency, allow_partial=args.allow_partial, answers=answers,
-                                   progress=progress, on_start=on_start, activate=not args.no_activate)
+                                   progress=progress, on_start=on_start, activate=args.activate)
     finally:
         if bar is not None:
             bar.close()
@@ -92,10 +93,27 @@ def _format(r: ProfilingResult, wall: float) -> str:
     if r.psi is not None:
         lines.append("Ψ: [" + ", ".join(f"{v:.3f}" for v in r.psi) + "]")
     if r.impact is not None:
-        lines += ["", f"impact of {r.model} on routing (before activation; docs/IMPACT.md):", r.impact.table()]
+        when = "as reported before activation" if r.activated else "before activation"
+        lines += ["", f"impact of {r.model} on routing ({when}; docs/IMPACT.md):", r.impact.table()]
     elif r.impact_error:
         lines.append(f"no impact report: {r.impact_error}")
     return "\n".join(lines)
+
+
+def impact_command(args: argparse.Namespace) -> int:
+    """``uniroute impact MODEL [--now]``: the stored report and its follow-up; ``--now`` computes the follow-up."""
+    from profiling.followup import ImpactFollowups, format_impact
+
+    config = load_config(args.config)
+    store = Store(config.database_url)
+    try:
+        store.upgrade()
+        followups = ImpactFollowups(config, store)
+        out = followups.run_now(args.model) if args.now else followups.show(args.model)
+    finally:
+        store.dispose()
+    print(json.dumps(out, indent=1) if args.json else format_impact(out))
+    return 0
 
 
 def reprofile_command(args: argparse.Namespace) -> int:

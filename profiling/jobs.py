@@ -28,7 +28,7 @@ logger = logging.getLogger("uniroute.profiling")
 class Job:
     id: str
     model: str
-    status: str = "running"  # running | activated | not_activated | failed
+    status: str = "running"  # running | reported | activated | not_activated | failed
     started_at: float = field(default_factory=time.time)
     finished_at: float | None = None
     total: int = 0
@@ -57,7 +57,7 @@ class ProfilingJobs:
         self.jobs: dict[str, Job] = {}
 
     def start(self, model: str, *, grader: str | None = None, concurrency: int | None = None,
-              allow_partial: bool = False, activate: bool = True) -> Job:
+              allow_partial: bool = False, activate: bool = False) -> Job:
         from profiling.profiler import run_profiling
 
         if self.key is None:

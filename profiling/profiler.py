@@ -16,11 +16,18 @@ Used by ``uniroute profile MODEL`` and by ``POST /admin/models/{name}/profile``:
    ``profiling.min_graded_per_cluster`` graded answers (or all of its prompts, when it has fewer), unless ``allow_partial`` (then the
    source is ``validation-partial`` and the report says so). Activation also marks the
    model routable; every replica picks it up at its next registry poll.
+4. Before that, the impact report (docs/IMPACT.md): what activating it changes. By default a run stops there
+   (``activate=False``): the report and the profile it would activate are kept in ``model_impacts``
+   (``reported``), and a later call with ``activate=True`` activates that profile without asking or grading
+   anything again, as long as it is still current (same artifact and variant, same graded outcomes, same
+   router cost); otherwise that call profiles (resuming) and activates. Every activation keeps its report
+   (``activated``) for the follow-up with the realised figures (profiling/followup.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +40,7 @@ from gateway.errors import GatewayError, InvalidRequestError
 from gateway.secrets import keep_config_params, scrub
 from gateway.serving.registry import ModelEntry
 from gateway.spec import ModelSpec
+from gateway.store import impact as impact_sql
 from gateway.store import models as catalog
 from gateway.store import profiling as profiling_sql
 from gateway.store.engine import Store
@@ -183,15 +191,20 @@ async def run_profiling(
     artifact: RouterArtifact | None = None,
     progress: Callable[[RunReport], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
-    activate: bool = True,
+    activate: bool = False,
 ) -> ProfilingResult:
-    """Profile ``model`` (a registry row), report what activating it changes, and activate it (unless not
-    ``activate``) when every cluster has enough graded answers."""
+    """Profile ``model`` (a registry row) and report what activating it changes; with ``activate``, activate it
+    when every cluster has enough graded answers (a profile reported earlier and still current is activated as
+    reported, nothing asked or graded again)."""
     pc = config.profiling
     keep_config_params(config.models)  # config.yaml's secrets, which the table holds masked
     art: RouterArtifact = artifact if artifact is not None else await asyncio.to_thread(load_artifact, config)
     variant = config.router.variant
     spec = catalog.spec_from_row(await asyncio.to_thread(catalog.get_model, store, model))  # 404: the known ones
+    if activate:
+        reported = await asyncio.to_thread(activate_reported, config, store, art, model, spec.router_cost)
+        if reported is not None:
+            return reported
     entries = {model: _entry(spec)}
     grader_name = grader or pc.grader
     if grader_name not in GRADERS:
@@ -234,9 +247,63 @@ def _entry(spec: ModelSpec) -> ModelEntry:
                                   code="unset_variable") from None
 
 
+def outcomes_fingerprint(art: RouterArtifact, graded: Mapping[str, float], cost: float) -> str:
+    """What a profile is computed from: the artifact, the graded outcomes on its validation prompts, the router
+    cost (a reported profile is current while this is unchanged)."""
+    h = hashlib.sha256(f"{art.version}|{float(cost)!r}".encode())
+    for pid in sorted(graded):
+        h.update(f"|{pid}={graded[pid]!r}".encode())
+    return h.hexdigest()
+
+
+def _graded(art: RouterArtifact, outcomes: SqlOutcomeStore, model: str) -> tuple[dict[str, float], dict[str, int]]:
+    valid = set(art.val_prompt_ids)
+    rows = [o for o in outcomes.outcomes(model) if o.score is not None and o.prompt_id in valid]
+    return {o.prompt_id: float(o.score) for o in rows if o.score is not None}, {o.prompt_id: o.cluster for o in rows}
+
+
+def activate_reported(config: GatewayConfig, store: Store, art: RouterArtifact, model: str,
+                      cost: float) -> ProfilingResult | None:
+    """Activate the profile reported for ``model`` by an earlier run, as reported, when it is still current
+    (same artifact and variant, same graded outcomes and router cost); None when there is none (the caller
+    profiles again)."""
+    pending = impact_sql.pending_impact(store, model)
+    if pending is None or pending.artifact_version != art.version or pending.variant != config.router.variant:
+        return None
+    outcomes = SqlOutcomeStore(store, art.version)
+    graded, clusters = _graded(art, outcomes, model)
+    if outcomes_fingerprint(art, graded, cost) != pending.fingerprint:
+        return None
+    if not impact_sql.mark_activated(store, pending.id):
+        return None  # activated or replaced meanwhile
+    per_cluster = np.bincount(list(clusters.values()), minlength=art.k).astype(int)
+    res = ProfilingResult(model=model, router_version=art.version,
+                          report=RunReport(model=model, total=len(art.val_prompt_ids), skipped=len(graded)),
+                          graded_per_cluster=per_cluster.tolist(), short_clusters=[],
+                          min_graded_per_cluster=config.profiling.min_graded_per_cluster,
+                          partial=pending.source == "validation-partial")
+    try:
+        for variant, prof in pending.profiles.items():
+            key = catalog.profile_key(art.version, variant)
+            res.profile_versions[key] = catalog.save_profile(store, model, key, prof["psi"], prof["counts"],
+                                                             pending.source)
+        catalog.set_routable(store, model, True)
+    except Exception:
+        impact_sql.mark_reported(store, pending.id)  # not activated after all: a later call may try again
+        raise
+    res.activated = True
+    res.psi = [float(v) for v in pending.profiles[config.router.variant]["psi"]]
+    res.impact = ImpactReport.from_dict(pending.report) if pending.report is not None else None
+    res.impact_error = pending.report_error
+    res.message = (f"activated {model!r} with the profile reported at {pending.created_at.isoformat()} "
+                   f"(from {len(graded)} of {len(art.val_prompt_ids)} prompts; nothing asked or graded again)"
+                   + (" — PARTIAL" if res.partial else ""))
+    return res
+
+
 def _finish(config: GatewayConfig, store: Store, art: RouterArtifact, cost: float, model: str,
             prompts: Sequence[ValidationPrompt], outcomes: SqlOutcomeStore, report: RunReport,
-            allow_partial: bool, activate: bool = True) -> ProfilingResult:
+            allow_partial: bool, activate: bool = False) -> ProfilingResult:
     pc = config.profiling
     valid = {p.prompt_id for p in prompts}
     graded = {o.prompt_id: float(o.score) for o in outcomes.outcomes(model) if o.score is not None
@@ -264,22 +331,36 @@ def _finish(config: GatewayConfig, store: Store, art: RouterArtifact, cost: floa
     res.partial = bool(short) or len(graded) < len(prompts)
     source = "validation-partial" if res.partial else "validation"
     profiles = art.profile_model(model, graded, cost=cost)
+    inputs: dict[str, Any] | None = None
     for prof in profiles:
         if prof.variant == config.router.variant:
             res.psi = [float(v) for v in prof.psi]
             try:
-                res.impact = store_impact(config, store, art, model, prof.psi, cost)
+                res.impact, inputs = store_impact(config, store, art, model, prof.psi, cost)
             except ValueError as exc:  # e.g. no other profiled model to compare with
                 res.impact_error = str(exc)
+    kept = {prof.variant: {"psi": [float(v) for v in prof.psi], "counts": [float(v) for v in prof.counts]}
+            for prof in profiles}
+    fingerprint = outcomes_fingerprint(art, {pid: graded[pid] for pid in graded}, cost)
+
+    def keep(activated: bool) -> None:
+        impact_sql.save_impact(store, model=model, artifact_version=art.version, variant=config.router.variant,
+                               fingerprint=fingerprint, source=source, profiles=kept,
+                               report=res.impact.as_dict() if res.impact is not None else None,
+                               report_error=res.impact_error, inputs=inputs, activated=activated)
+
     if not activate:
+        keep(False)
         res.message = (f"{model!r} profiled from {len(graded)} of {len(prompts)} prompts and NOT activated: the "
-                       f"impact report shows what activating it changes; activate with `uniroute profile {model}` "
-                       "(no prompt is asked again)")
+                       f"impact report shows what activating it changes; activate it as reported with "
+                       f"`uniroute profile {model} --activate` or POST /admin/models/{model}/profile "
+                       '{"activate": true} (nothing is asked or graded again)')
         return res
     for prof in profiles:
         key = catalog.profile_key(art.version, prof.variant)
         res.profile_versions[key] = catalog.save_profile(store, model, key, prof.psi, prof.counts, source)
     catalog.set_routable(store, model, True)
+    keep(True)
     res.activated = True
     res.message = (f"activated {model!r} with a profile from {len(graded)} of {len(prompts)} prompts"
                    + (f" — PARTIAL: clusters {short} below {pc.min_graded_per_cluster} graded answers, "

@@ -43,6 +43,7 @@ from gateway.store import tenants as tenant_sql
 from gateway.store.engine import Store
 from gateway.store.tenants import LabelStats
 from gateway.tasks import cancel_and_wait
+from profiling.followup import ImpactFollowups
 from profiling.reprofile import ClusterFeedback, cluster_drift, drift_report, format_drift, reprofile
 
 logger = logging.getLogger("uniroute.reprofile")
@@ -215,13 +216,34 @@ class Reprofiler:
 
 
 class ReprofileScheduler:
-    """The periodic job inside ``serve``: every ``profiling.reprofile_interval_s`` seconds a pass through
-    :meth:`Reprofiler.run_once`, skipped when any replica ran one less than an interval ago."""
+    """The periodic jobs inside ``serve``: every ``profiling.reprofile_interval_s`` seconds a pass through
+    :meth:`Reprofiler.run_once`, skipped when any replica ran one less than an interval ago; and, with
+    ``followups``, the impact reports' follow-ups that are due (:meth:`profiling.followup.ImpactFollowups.run_due`,
+    under their own lease), looked for every :meth:`followup_check_s` seconds."""
 
-    def __init__(self, reprofiler: Reprofiler) -> None:
+    def __init__(self, reprofiler: Reprofiler, followups: ImpactFollowups | None = None) -> None:
         self.reprofiler = reprofiler
         self.interval_s = reprofiler.config.profiling.reprofile_interval_s
+        self.followups = followups
         self._task: asyncio.Task[None] | None = None
+        self._followup_task: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def followup_check_s(delay_s: float) -> float:
+        """How often due follow-ups are looked for: a tenth of ``profiling.impact_followup_s``, 0.5 s to 5 min."""
+        return min(300.0, max(0.5, delay_s / 10.0))
+
+    async def _followup_loop(self, followups: ImpactFollowups) -> None:
+        every = self.followup_check_s(followups.delay_s)
+        while True:
+            await asyncio.sleep(every)
+            try:
+                done = await asyncio.to_thread(followups.run_due)
+                for d in done or []:
+                    logger.info("impact follow-up of %s: realised share %s over %d requests", d["model"],
+                                d["followup"]["realised"]["traffic_share"], d["followup"]["realised"]["requests"])
+            except Exception:
+                logger.exception("impact follow-ups failed")
 
     async def _loop(self) -> None:
         while True:
@@ -237,10 +259,14 @@ class ReprofileScheduler:
     def start(self) -> None:
         if self.interval_s > 0 and self.reprofiler.key is not None:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="reprofile")
+        if self.followups is not None and self.followups.delay_s > 0:
+            self._followup_task = asyncio.get_running_loop().create_task(self._followup_loop(self.followups),
+                                                                         name="impact-followup")
 
     async def aclose(self) -> None:
         await cancel_and_wait(self._task)
-        self._task = None
+        await cancel_and_wait(self._followup_task)
+        self._task = self._followup_task = None
 
 
 class DriftExporter:

@@ -39,12 +39,20 @@ class LambdaImpact:
     mean_cost_after: float
     mean_error_before: float  # expected mean expected error
     mean_error_after: float
+    candidate_error: float | None = None  # expected error of the traffic routed to the candidate (None: none is)
 
     def as_dict(self) -> dict[str, Any]:
         return {"label": self.label, "lambda": self.lam, "clusters_won": self.clusters_won,
                 "traffic_share": self.traffic_share, "mean_cost_before": self.mean_cost_before,
                 "mean_cost_after": self.mean_cost_after, "mean_error_before": self.mean_error_before,
-                "mean_error_after": self.mean_error_after}
+                "mean_error_after": self.mean_error_after, "candidate_error": self.candidate_error}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LambdaImpact:
+        return cls(label=str(d["label"]), lam=float(d["lambda"]), clusters_won=[int(c) for c in d["clusters_won"]],
+                   traffic_share=float(d["traffic_share"]), mean_cost_before=float(d["mean_cost_before"]),
+                   mean_cost_after=float(d["mean_cost_after"]), mean_error_before=float(d["mean_error_before"]),
+                   mean_error_after=float(d["mean_error_after"]), candidate_error=d.get("candidate_error"))
 
 
 @dataclass
@@ -62,6 +70,13 @@ class ImpactReport:
         return {"model": self.model, "psi": self.psi, "pool_best": self.pool_best,
                 "pool_best_model": self.pool_best_model, "traffic": self.traffic, "coverage": self.coverage,
                 "traffic_requests": self.traffic_requests, "lambdas": [x.as_dict() for x in self.lambdas]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ImpactReport:
+        return cls(model=str(d["model"]), psi=list(d["psi"]), pool_best=list(d["pool_best"]),
+                   pool_best_model=list(d["pool_best_model"]), traffic=list(d["traffic"]),
+                   coverage=float(d["coverage"]), lambdas=[LambdaImpact.from_dict(x) for x in d["lambdas"]],
+                   traffic_requests=int(d.get("traffic_requests", 0)))
 
     def table(self) -> str:
         """The report as Markdown tables: per cluster, then per λ."""
@@ -136,12 +151,84 @@ def impact_report(z_val: np.ndarray, pool: Sequence[PoolModel], candidate: PoolM
         after = with_c.choose(err, lam)
         before = without.choose(err[:, :-1], lam)
         won = np.flatnonzero(with_c.choose(pure, lam) == len(members)).tolist()
+        to_c = after == len(members)
+        share_c = float(w @ to_c)
         report.lambdas.append(LambdaImpact(
             label=label, lam=float(lam), clusters_won=[int(x) for x in won],
-            traffic_share=float(w @ (after == len(members))),
+            traffic_share=share_c,
             mean_cost_before=float(w @ cost_without[before]), mean_cost_after=float(w @ cost_with[after]),
-            mean_error_before=float(w @ err[rows, before]), mean_error_after=float(w @ err[rows, after])))
+            mean_error_before=float(w @ err[rows, before]), mean_error_after=float(w @ err[rows, after]),
+            candidate_error=float((w * to_c) @ err[:, -1]) / share_c if share_c > 0 else None))
     return report
+
+
+# --------------------------------------------------------------------------------------- the follow-up
+@dataclass(frozen=True)
+class Served:
+    """Logged ``auto`` requests as the follow-up reads them: those served by one model at one λ (a group, summed)."""
+
+    model: str | None  # the model that served them
+    lam: float | None  # the λ they were routed with (None: the router's default)
+    requests: int = 1
+    cost_usd: float = 0.0  # Σ logged cost
+    priced: int = 0  # requests with a logged cost
+    scored: int = 0  # requests with feedback / a graded outcome
+    error_sum: float = 0.0  # Σ (1 − score) over those
+
+
+def rounded_lambda(lam: float | None, default_lambda: float, digits: int = 4) -> float:
+    """λ as the follow-up groups it: the default for None, rounded to ``digits`` significant digits (a paced key's λ
+    moves continuously)."""
+    return float(f"{(default_lambda if lam is None else float(lam)):.{digits}g}")
+
+
+def lambda_mix(requests: Sequence[Served], default_lambda: float) -> dict[float, int]:
+    """How many requests were routed at each (rounded) λ."""
+    out: dict[float, int] = {}
+    for r in requests:
+        lam = rounded_lambda(r.lam, default_lambda)
+        out[lam] = out.get(lam, 0) + r.requests
+    return out
+
+
+def predicted_at_mix(z_val: np.ndarray, pool: Sequence[PoolModel], candidate: PoolModel, traffic: np.ndarray | None,
+                     mix: dict[float, int]) -> dict[str, float | None]:
+    """The report's prediction (share, mean normalised cost and error after, the candidate's error on its share)
+    averaged over a λ mix ``{λ: requests}``, for the cluster mix ``traffic``."""
+    total = sum(mix.values())
+    if total == 0:
+        return {"traffic_share": None, "mean_cost": None, "mean_error": None, "candidate_error": None}
+    rep = impact_report(z_val, pool, candidate, traffic, [("mix", lam) for lam in mix])
+    weights = np.array(list(mix.values()), dtype=np.float64) / total
+    share = float(sum(wt * x.traffic_share for wt, x in zip(weights, rep.lambdas, strict=True)))
+    cand = sum(wt * x.traffic_share * x.candidate_error for wt, x in zip(weights, rep.lambdas, strict=True)
+               if x.candidate_error is not None)
+    return {"traffic_share": share,
+            "mean_cost": float(sum(wt * x.mean_cost_after for wt, x in zip(weights, rep.lambdas, strict=True))),
+            "mean_error": float(sum(wt * x.mean_error_after for wt, x in zip(weights, rep.lambdas, strict=True))),
+            "candidate_error": float(cand) / share if share > 0 else None}
+
+
+def realised_figures(model: str, requests: Sequence[Served], costs: dict[str, float]) -> dict[str, Any]:
+    """What the log says since activation: the model's share of the ``auto`` requests, their mean normalised cost
+    (``costs``: router cost per model, normalised by the dearest; a model without one is left out of that mean),
+    mean cost in USD (of the requests with a logged cost), and, over the requests with a score, the mean error
+    (1 − score) overall and on the model's."""
+    n = sum(r.requests for r in requests)
+    mine = [r for r in requests if r.model == model]
+    n_mine = sum(r.requests for r in mine)
+    priced = [(costs[r.model], r.requests) for r in requests if r.model is not None and r.model in costs]
+    n_priced = sum(c for _, c in priced)
+    n_usd = sum(r.priced for r in requests)
+    n_scored = sum(r.scored for r in requests)
+    n_scored_mine = sum(r.scored for r in mine)
+    return {"requests": n, "model_requests": n_mine, "traffic_share": n_mine / n if n else None,
+            "mean_cost": sum(c * k for c, k in priced) / n_priced if n_priced else None, "priced_requests": n_priced,
+            "mean_cost_usd": sum(r.cost_usd for r in requests) / n_usd if n_usd else None,
+            "mean_error": sum(r.error_sum for r in requests) / n_scored if n_scored else None,
+            "scored_requests": n_scored,
+            "model_error": sum(r.error_sum for r in mine) / n_scored_mine if n_scored_mine else None,
+            "model_scored_requests": n_scored_mine}
 
 
 def plot_report(report: ImpactReport, path: Any) -> Any:

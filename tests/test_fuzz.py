@@ -185,6 +185,7 @@ KNOWN_PATHS = [
         "/admin/keys/fuzzer", "/admin/keys/nobody", "/admin/keys/fuzzer/profile", "/v1/feedback", "/v1/route", "/admin/models", "/admin/models/small-general",
         "/admin/models/nope/disable", "/admin/models/nope/profile", "/admin/reprofile/last", "/admin/reprofile",
         "/admin/models/fuzzer", "/admin/models/fuzzer/disable", "/admin/models/fuzzer/profile",
+        "/admin/models/fuzzer/impact", "/admin/models/small-general/impact",
         "/v1/chat/completions/", "/v1/", "/", "/v2/chat/completions", "/v1/completions", "/v1/embeddings",
         "/v1/responses", "/v1/messages"]
 _query = st.dictionaries(st.sampled_from(["all", "since", "model", "limit", "x"]), _ascii, max_size=2).map(
@@ -365,6 +366,7 @@ _ADMIN_ROUTES = [  # (method, path template); {n} is a drawn name
     ("GET", "/admin/models"), ("POST", "/admin/models"), ("GET", "/admin/models/{n}"),
     ("PATCH", "/admin/models/{n}"), ("DELETE", "/admin/models/{n}"), ("POST", "/admin/models/{n}/disable"),
     ("POST", "/admin/models/{n}/profile"), ("GET", "/admin/models/{n}/profile"), ("POST", "/admin/reprofile"),
+    ("GET", "/admin/models/{n}/impact"), ("POST", "/admin/models/{n}/impact"),
     ("GET", "/admin/reprofile/last"), ("POST", "/v1/feedback"), ("POST", "/v1/feedback"), ("POST", "/v1/feedback"),
 ]
 

@@ -12,10 +12,15 @@ from test_profiler import FakeForwarder, _artifact, _config
 from gateway.access.auth import create_key
 from gateway.serving.interfaces import RequestRecord
 from gateway.spec import parse_spec
+from gateway.store import impact as impact_sql
+from gateway.store import keys as keys_sql
 from gateway.store import models as catalog
+from gateway.store import pacing as pacing_sql
 from gateway.store.engine import Store
 from gateway.store.requestlog import RequestLogWriter
-from profiling.profiler import run_profiling
+from profiling.impact import key_rows
+from profiling.profiler import SqlOutcomeStore, run_profiling
+from profiling.runner import Outcome
 from routing.impact import cluster_traffic, impact_report, plot_report
 from routing.policy import PoolModel
 
@@ -68,19 +73,117 @@ async def test_profiling_reports_the_impact_before_activation(tmp_path: Path) ->
                                     stream=False, cluster=0 if i < 10 else 1, routed_model="old"))
     writer.close()
     fwd = FakeForwarder()
-    res = await run_profiling(_config(3), store, fwd, "new", artifact=art, activate=False)
+    res = await run_profiling(_config(3), store, fwd, "new", artifact=art)  # the default: report, do not activate
     # "new" answers (A) everywhere: wrong on a third of each cluster, so Ψ ≈ [0.33, 0.33] against old's [0.2, 0.6]
     assert not res.activated and res.impact is not None and res.psi is not None
-    assert "NOT activated" in res.message and not catalog.get_model(store, "new").routable
+    assert "NOT activated" in res.message and "--activate" in res.message and not catalog.get_model(store, "new").routable
     assert "new" not in catalog.active_profiles(store, key)
     assert res.impact.traffic_requests == 40 and res.impact.traffic == pytest.approx([0.25, 0.75])
     at0 = next(x for x in res.impact.lambdas if x.label == "grid" and x.lam == 0.0)
     assert at0.clusters_won == [1] and at0.traffic_share == pytest.approx(0.75)
+    assert at0.candidate_error == pytest.approx(res.psi[1])  # it takes cluster 1's traffic, at its Ψ there
     assert [x.lam for x in res.impact.lambdas if x.label == "key alice"] == [0.4]
     assert res.as_dict()["impact"]["traffic_requests"] == 40
     assert plot_report(res.impact, tmp_path / "impact.png").stat().st_size > 10_000
-    # the second call activates, asking nothing again
-    again = await run_profiling(_config(3), store, fwd, "new", artifact=art)
-    assert again.activated and again.impact is not None and fwd.calls == 12
-    assert "new" in catalog.active_profiles(store, key) and catalog.get_model(store, "new").routable
+    assert impact_sql.pending_impact(store, "new") is not None
+    # the second call activates what was reported: nothing asked or graded again, the same Ψ and report
+    again = await run_profiling(_config(3), store, FakeForwarder({"question 0"}), "new", artifact=art, activate=True)
+    assert again.activated and again.impact is not None and fwd.calls == 12 and "nothing asked" in again.message
+    assert again.impact.as_dict() == res.impact.as_dict() and again.psi == res.psi
+    assert np.allclose(catalog.active_profiles(store, key)["new"].psi, res.psi) and catalog.get_model(store, "new").routable
+    assert impact_sql.pending_impact(store, "new") is None
+    row = impact_sql.latest_impact(store, "new")
+    assert row is not None and row.status == "activated" and row.activated_at is not None
+    # a second --activate now has no reported profile: it profiles (resuming: nothing to ask) and activates
+    third = await run_profiling(_config(3), store, fwd, "new", artifact=art, activate=True)
+    assert third.activated and fwd.calls == 12 and third.report.skipped == 12 and "nothing asked" not in third.message
+    rows = impact_sql.due_followups(store, 0.0)  # only the latest activation is followed up
+    assert rows == [impact_sql.latest_impact(store, "new").id]  # type: ignore[union-attr]
+    assert impact_sql.get_impact(store, row.id).status == "superseded"  # type: ignore[union-attr]
+    store.dispose()
+
+
+async def test_a_stale_report_is_not_activated_as_reported(tmp_path: Path) -> None:
+    """A reported profile whose outcomes or router cost changed since is profiled again before activation."""
+    store = Store(f"sqlite:///{tmp_path / 'p.db'}")
+    store.upgrade()
+    art = _artifact()
+    for name, routable in (("old", True), ("new", False)):
+        catalog.add_model(store, parse_spec({"name": name, "router_cost": 1.0, "routable": routable,
+                                             "litellm_params": {"model": f"openai/{name}"}}))
+    catalog.save_profile(store, "old", catalog.profile_key(art.version, "kmeans"), np.array([0.2, 0.6]),
+                         np.array([6.0, 6.0]), "validation")
+    fwd = FakeForwarder()
+    first = await run_profiling(_config(3), store, fwd, "new", artifact=art)
+    assert not first.activated and first.impact is not None
+    catalog.update_model(store, "new", {"router_cost": 0.5})  # the report was for cost 1.0
+    again = await run_profiling(_config(3), store, fwd, "new", artifact=art, activate=True)
+    assert again.activated and "nothing asked" not in again.message and again.report.skipped == 12
+    assert again.impact is not None and again.impact.as_dict() != first.impact.as_dict()  # computed at cost 0.5
+    # an outcome graded differently since (e.g. asked again after --restart) makes a report stale too
+    fourth = await run_profiling(_config(3), store, fwd, "new", artifact=art)
+    assert fourth.psi is not None and impact_sql.pending_impact(store, "new") is not None
+    outcomes = SqlOutcomeStore(store, art.version)
+    first_row = next(o for o in outcomes.outcomes("new") if o.prompt_id == "p0")
+    outcomes.record(Outcome("new", "p0", first_row.cluster, 1.0 - float(first_row.score or 0.0), "changed", 0.0))
+    late = await run_profiling(_config(3), store, fwd, "new", artifact=art, activate=True)
+    assert late.activated and "nothing asked" not in late.message and late.psi != fourth.psi
+    assert np.allclose(catalog.active_profiles(store, catalog.profile_key(art.version, "kmeans"))["new"].psi, late.psi)
+    # a report computed with another router artifact is not activated on this one
+    await run_profiling(_config(3), store, fwd, "new", artifact=art)
+    other = _artifact(14)
+    moved = await run_profiling(_config(3), store, fwd, "new", artifact=other, activate=True)
+    assert moved.activated and "nothing asked" not in moved.message and moved.router_version == other.version
+    store.dispose()
+
+
+def test_a_paced_key_is_reported_at_its_paced_lambda(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'p.db'}")
+    store.upgrade()
+    create_key(store, "fixed", default_lambda=0.4)
+    create_key(store, "paced", default_lambda=0.2, lambda_max=1.5)
+    create_key(store, "fresh", default_lambda=0.3)
+    for name in ("paced", "fresh"):
+        keys_sql.set_budget_policy(store, name, "pace")
+    now = datetime.now(UTC)
+    pacing_sql.write(store, keys_sql.get_key(store, "paced").id, lam=1.7, integral=0.0, exposure=0.0,
+                     period_start=now, updated_at=now, expected_version=None)
+    assert key_rows(store) == [("key fixed", 0.4), ("key fresh (paced, not stepped yet: its default λ)", 0.3),
+                               ("key paced (paced λ)", 1.5)]  # the pacer's 1.7, within the key's range
+    store.dispose()
+
+
+def test_the_cli_reports_by_default_and_activates_when_told() -> None:
+    from gateway.cli.main import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["profile", "m"]).activate is False
+    assert parser.parse_args(["profile", "m", "--activate"]).activate is True
+    assert parser.parse_args(["profile", "m", "--no-activate"]).activate is False  # still accepted: the default
+    with pytest.raises(SystemExit):
+        parser.parse_args(["profile", "m", "--activate", "--no-activate"])
+
+
+async def test_a_failed_activation_leaves_the_report_waiting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'p.db'}")
+    store.upgrade()
+    art = _artifact()
+    for name, routable in (("old", True), ("new", False)):
+        catalog.add_model(store, parse_spec({"name": name, "router_cost": 1.0, "routable": routable,
+                                             "litellm_params": {"model": f"openai/{name}"}}))
+    catalog.save_profile(store, "old", catalog.profile_key(art.version, "kmeans"), np.array([0.2, 0.6]),
+                         np.array([6.0, 6.0]), "validation")
+    await run_profiling(_config(3), store, FakeForwarder(), "new", artifact=art)
+    real = catalog.save_profile
+
+    def down(*args: object, **kwargs: object) -> int:
+        raise OSError("the database went away")
+
+    monkeypatch.setattr(catalog, "save_profile", down)
+    with pytest.raises(OSError):
+        await run_profiling(_config(3), store, FakeForwarder(), "new", artifact=art, activate=True)
+    assert impact_sql.pending_impact(store, "new") is not None and not catalog.get_model(store, "new").routable
+    monkeypatch.setattr(catalog, "save_profile", real)
+    done = await run_profiling(_config(3), store, FakeForwarder(), "new", artifact=art, activate=True)
+    assert done.activated and "nothing asked" in done.message
     store.dispose()

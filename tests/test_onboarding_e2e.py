@@ -131,7 +131,7 @@ def _onboard(tmp: Path, dataset: Path, new: str, *, val_size: int, k: str, min_p
             # --- profile NEW through LiteLLM against the replay upstream
             assert http.post("/admin/models/nope/profile", json={}).status_code == 404
             # first without activating: the impact report only (docs/IMPACT.md), then a second call activates
-            r = http.post(f"/admin/models/{new}/profile", json={"grader": "multiple_choice", "activate": False})
+            r = http.post(f"/admin/models/{new}/profile", json={"grader": "multiple_choice"})
             assert r.status_code == 202, r.text
             job = _wait(lambda: (j := http.get(f"/admin/models/{new}/profile").json())["status"] != "running"
                         and j, 240, "the profiling job")
@@ -140,7 +140,7 @@ def _onboard(tmp: Path, dataset: Path, new: str, *, val_size: int, k: str, min_p
             impact = job["result"]["impact"]
             assert impact["model"] == new and len(impact["psi"]) == art.k and impact["lambdas"], job
             assert http.get(f"/admin/models/{new}").json()["profile"] is None
-            r = http.post(f"/admin/models/{new}/profile", json={"grader": "multiple_choice"})
+            r = http.post(f"/admin/models/{new}/profile", json={"grader": "multiple_choice", "activate": True})
             assert r.status_code == 202, r.text
             job = _wait(lambda: (j := http.get(f"/admin/models/{new}/profile").json())["status"] != "running"
                         and j, 240, "the profiling job")
@@ -269,8 +269,10 @@ def _readme_onboarding(tmp: Path, dataset: Path, artifact: Path) -> None:
                 assert done.returncode == 0, (argv, done.stdout[-2000:], done.stderr[-2000:])
                 assert "Traceback" not in done.stderr and "Unclosed" not in done.stderr, done.stderr[-2000:]
                 outputs.append(done.stdout)
-            profiled = next(out for argv, out in zip(commands, outputs, strict=True) if argv[1] == "profile")
-            assert "activated 'my-model'" in profiled, profiled
+            reported = next(out for argv, out in zip(commands, outputs, strict=True) if argv[1] == "profile")
+            assert "NOT activated" in reported and "impact of my-model" in reported, reported
+            profiled = next(out for argv, out in zip(commands, outputs, strict=True) if "--activate" in argv)
+            assert "activated 'my-model'" in profiled and "nothing asked" in profiled, profiled
             reprofiled = next(out for argv, out in zip(commands, outputs, strict=True) if argv[1] == "reprofile")
             assert "my-model: unchanged (0 feedback)" in reprofiled, reprofiled
 

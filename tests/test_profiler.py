@@ -60,7 +60,7 @@ def _config(min_per_cluster: int) -> Any:
 async def test_profiles_and_activates(store: Store) -> None:
     art = _artifact()
     fwd = FakeForwarder()
-    res = await run_profiling(_config(3), store, fwd, "new", artifact=art)
+    res = await run_profiling(_config(3), store, fwd, "new", artifact=art, activate=True)
     assert res.activated and not res.partial and res.report.graded == N
     assert res.graded_per_cluster == [6, 6] and abs(res.report.cost_usd - 0.012) < 1e-9
     scores = {pid: 1.0 if ans == "A" else 0.0 for pid, ans in zip(art.val_prompt_ids, art.val_answers or [],
@@ -70,21 +70,22 @@ async def test_profiles_and_activates(store: Store) -> None:
     assert np.allclose(active["new"].psi, expected) and active["new"].source == "validation"
     assert catalog.get_model(store, "new").routable
     # resumable: a second run asks nothing again
-    again = await run_profiling(_config(3), store, fwd, "new", artifact=art)
+    again = await run_profiling(_config(3), store, fwd, "new", artifact=art, activate=True)
     assert fwd.calls == N and again.report.skipped == N
 
 
 async def test_failures_block_activation_unless_partial(store: Store) -> None:
     art = _artifact()
     odd = {f"question {i}" for i in range(N) if i % 2 == 1}  # every prompt of cluster 1 fails
-    res = await run_profiling(_config(1), store, FakeForwarder(odd), "new", artifact=art)
+    res = await run_profiling(_config(1), store, FakeForwarder(odd), "new", artifact=art, activate=True)
     assert not res.activated and res.short_clusters == [1] and res.report.failed == N // 2
     assert any("boom" in e for e in res.report.errors) and "not activated" in res.message
     assert catalog.active_profiles(store, catalog.profile_key(art.version, "kmeans")) == {}
     assert not catalog.get_model(store, "new").routable
     outcomes = SqlOutcomeStore(store, art.version).outcomes("new")
     assert sum(o.score is None for o in outcomes) == N // 2  # failures are recorded
-    res = await run_profiling(_config(1), store, FakeForwarder(odd), "new", artifact=art, allow_partial=True)
+    res = await run_profiling(_config(1), store, FakeForwarder(odd), "new", artifact=art, allow_partial=True,
+                              activate=True)
     assert res.activated and res.partial and "PARTIAL" in res.message
     assert catalog.active_profiles(store, catalog.profile_key(art.version, "kmeans"))["new"].source == \
         "validation-partial"
@@ -93,7 +94,8 @@ async def test_failures_block_activation_unless_partial(store: Store) -> None:
 async def test_a_model_that_rejects_every_call_is_given_up_on(store: Store) -> None:
     art = _artifact(100)
     fwd = FakeForwarder({f"question {i}" for i in range(100)})
-    res = await run_profiling(_config(1), store, fwd, "new", artifact=art, concurrency=4, allow_partial=True)
+    res = await run_profiling(_config(1), store, fwd, "new", artifact=art, concurrency=4, allow_partial=True,
+                              activate=True)
     assert not res.activated and res.report.graded == 0 and 20 <= res.report.failed < 100
     assert fwd.calls < 100 and res.report.stopped and "boom" in res.report.stopped
     assert "not activated" in res.message and "first 20 answers all failed" in res.message
@@ -118,7 +120,7 @@ async def test_judge_grader_asks_the_configured_judge_model(store: Store) -> Non
     cfg = parse_config({"router": {"variant": "kmeans"},
                         "profiling": {"min_graded_per_cluster": 1, "judge_model": "judge"}})
     fwd = FakeForwarder()
-    res = await run_profiling(cfg, store, fwd, "new", artifact=_artifact(), grader="judge")
+    res = await run_profiling(cfg, store, fwd, "new", artifact=_artifact(), grader="judge", activate=True)
     assert res.activated and fwd.calls == 2 * N
     active = catalog.active_profiles(store, catalog.profile_key(_artifact().version, "kmeans"))
     assert np.allclose(active["new"].psi, 0.3)  # every answer rated 7/10

@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_lazy("gateway.cli.profiles:profiles_command"))
 
     # --- profiling and re-profiling ----------------------------------------------------------
-    p = sub.add_parser("profile", help="profile a registered model on the router's validation prompts and activate it")
+    p = sub.add_parser("profile", help="profile a registered model on the router's validation prompts and print its "
+                       "impact report; --activate activates it")
     p.add_argument("model")
     p.add_argument("--config", default=None, help="path to config.yaml (default: $UNIROUTE_CONFIG or ./config.yaml)")
     p.add_argument("--concurrency", type=int, default=None, help="parallel requests (default: profiling.concurrency)")
@@ -184,11 +185,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take reference answers from this dataset (for artifacts fitted without them)")
     p.add_argument("--restart", action="store_true", help="forget stored outcomes and ask every prompt again")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--no-activate", action="store_true",
-                   help="profile and print the impact report only; activate later with a second call without it "
-                        "(no prompt is asked again; docs/IMPACT.md)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--activate", action="store_true",
+                   help="activate it too: a profile reported by an earlier run (and still current) is activated as "
+                        "reported, nothing asked or graded again; otherwise it is profiled and activated in this run "
+                        "(docs/IMPACT.md)")
+    g.add_argument("--no-activate", action="store_true",
+                   help="the default: profile and print the impact report only (kept for scripts)")
     p.add_argument("--impact-plot", default=None, metavar="PNG", help="also draw the impact report here")
     p.set_defaults(handler=_lazy("profiling.cli:profile_command"))
+
+    p = sub.add_parser("impact", help="a model's stored impact report and its follow-up: predicted against realised "
+                       "traffic share, cost and error since its activation (docs/IMPACT.md)")
+    p.add_argument("model")
+    p.add_argument("--config", default=None, help="path to config.yaml (default: $UNIROUTE_CONFIG or ./config.yaml)")
+    p.add_argument("--now", action="store_true",
+                   help="compute the follow-up now from the request log (else: as stored; the scheduler inside "
+                        "serve computes it profiling.impact_followup_s after the activation)")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
+    p.set_defaults(handler=_lazy("profiling.cli:impact_command"))
 
     p = sub.add_parser("reprofile", help="recompute every model's Ψ from validation outcomes plus feedback")
     p.add_argument("--config", default=None, help="path to config.yaml (default: $UNIROUTE_CONFIG or ./config.yaml)")

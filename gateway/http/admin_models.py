@@ -8,8 +8,11 @@
 - ``DELETE /admin/models/{name}``            remove it
 - ``POST   /admin/models/{name}/disable``    stop serving it (kept in the table)
 - ``POST   /admin/models/{name}/profile``    ``{grader?, concurrency?, allow_partial?, activate?}`` → 202 with the job
-                                             id; its report has the impact report (``activate: false``: only that)
+                                             id; its report has the impact report; ``activate: true`` also
+                                             activates (a profile reported earlier and still current: as reported)
 - ``GET    /admin/models/{name}/profile``    the job's progress and report
+- ``GET    /admin/models/{name}/impact``     the stored impact report and its follow-up (docs/IMPACT.md)
+- ``POST   /admin/models/{name}/impact``     compute the follow-up now (``uniroute impact NAME --now``)
 - ``POST   /admin/reprofile``                one re-profiling pass now (takes the lease) → its report
 - ``GET    /admin/reprofile/last``           the last pass's report and drift table
 
@@ -117,7 +120,7 @@ class ProfileStart(BaseModel):
     grader: str | None = None
     concurrency: int | None = Field(default=None, ge=1, le=512)
     allow_partial: bool = False
-    activate: bool = True  # false: profile and report the impact only (docs/IMPACT.md)
+    activate: bool = False  # true: also activate (a profile reported earlier: as reported; docs/IMPACT.md)
 
 
 async def start_profile_endpoint(request: Request) -> Response:
@@ -146,6 +149,28 @@ async def profile_status_endpoint(request: Request) -> Response:
         raise NotFoundError(f"no profiling job for {name!r} on this replica; start one with "
                             f"POST /admin/models/{name}/profile", code="job_not_found")
     return json_response({"object": "profiling.job", **job.as_dict()})
+
+
+def _impacts(request: Request) -> Any:
+    impacts = gateway_state(request).impacts
+    if impacts is None:
+        raise ServiceUnavailableError("impact reports are not available (the gateway is starting)")
+    return impacts
+
+
+async def impact_endpoint(request: Request) -> Response:
+    await require_admin(request)
+    name = path_name(request, "model", NAME_MAX_LENGTH)
+    return json_response({"object": "model.impact", **await asyncio.to_thread(_impacts(request).show, name)})
+
+
+async def impact_now_endpoint(request: Request) -> Response:
+    await require_admin(request)
+    name = path_name(request, "model", NAME_MAX_LENGTH)
+    if await json_body(request, empty={}) != {}:
+        raise InvalidRequestError("POST /admin/models/{name}/impact takes no options: send no body or {}",
+                                  code="unexpected_body")
+    return json_response({"object": "model.impact", **await asyncio.to_thread(_impacts(request).run_now, name)})
 
 
 async def run_reprofile_endpoint(request: Request) -> Response:

@@ -198,6 +198,16 @@ def build_openapi() -> dict[str, Any]:
                     "operationId": "profileStatus",
                     "responses": {"200": {"description": "status"}, **_errors(401, 403, 404)}},
         },
+        "/admin/models/{name}/impact": {
+            "parameters": [_name],
+            "get": {"summary": "The model's stored impact report and its follow-up with the realised figures "
+                               "(admin key)", "operationId": "modelImpact",
+                    "responses": {"200": {"description": "report"}, **_errors(401, 403, 404)}},
+            "post": {"summary": "Compute the follow-up of the model's activated impact report now (admin key)",
+                     "operationId": "modelImpactNow",
+                     "responses": {"200": {"description": "report with its follow-up"},
+                                   **_errors(400, 401, 403, 404, 409)}},
+        },
         "/admin/reprofile": {"post": {
             "summary": "Re-profile every model from validation outcomes and feedback now (admin key)",
             "operationId": "runReprofile", "responses": {"200": {"description": "drift report"},

@@ -31,7 +31,7 @@ class ProfilingJobs(Protocol):
     """Background profiling of one model at a time per name (profiling/jobs.py)."""
 
     def start(self, model: str, *, grader: str | None = None, concurrency: int | None = None,
-              allow_partial: bool = False, activate: bool = True) -> ProfilingJob: ...
+              allow_partial: bool = False, activate: bool = False) -> ProfilingJob: ...
 
     def get(self, model: str) -> ProfilingJob | None: ...
 
@@ -42,6 +42,14 @@ class Reprofiler(Protocol):
     def run_once(self) -> dict[str, Any] | None: ...
 
     def busy_error(self) -> GatewayError: ...
+
+
+class ImpactFollowups(Protocol):
+    """The impact reports and their follow-ups (profiling/followup.py)."""
+
+    def show(self, model: str) -> dict[str, Any]: ...
+
+    def run_now(self, model: str) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -56,6 +64,7 @@ class GatewayState:
     profile_key: str | None = None  # the router version + variant the stored profiles belong to
     profiling: ProfilingJobs | None = None
     reprofiler: Reprofiler | None = None
+    impacts: ImpactFollowups | None = None
     openapi: dict[str, Any] | None = None  # the OpenAPI document, built on first request
 
     def chat_service(self) -> ChatService:

@@ -66,8 +66,9 @@ def excluded(snapshot: RegistrySnapshot, principal: Principal, decision: Routing
         elif name not in ranked:
             if entry.psi is None:
                 out.append({"model": name, "code": "not_profiled",
-                            "reason": f"no profile Ψ for this router: never chosen by auto until profiled "
-                                      f"(`uniroute profile {name}` or POST /admin/models/{name}/profile)"})
+                            "reason": f"no profile Ψ for this router: never chosen by auto until profiled and "
+                                      f"activated (`uniroute profile {name} --activate` or POST "
+                                      f'/admin/models/{name}/profile {{"activate": true}})'})
             else:
                 out.append({"model": name, "code": "not_ranked", "reason": "left out by the routing policy"})
         elif forwarder.cooling(name):

@@ -25,6 +25,7 @@ from gateway.store.engine import Store
 from gateway.store.tables import (
     ApiKey,
     Feedback,
+    KeyPacing,
     ProfileOutcome,
     ProfileRow,
     ReprofileRun,
@@ -153,9 +154,19 @@ def recent_auto_clusters(store: Store, since: datetime) -> list[int]:
         return [int(r[0]) for r in rows if r[0] is not None]
 
 
-def key_lambdas(store: Store) -> list[tuple[str, float]]:
-    """(name, λ) of every active key: its default λ (the impact report's per-key rows)."""
+def key_lambdas(store: Store) -> list[tuple[str, float, str]]:
+    """(name, λ, which) of every active key (the impact report's per-key rows): its default λ (``default``), or
+    for a ``budget_policy: pace`` key the λ its pacer last stored in ``key_pacing`` (``paced``; its default λ,
+    ``paced-unstarted``, while it has none), within the key's λ range."""
     with store.engine.connect() as conn:
-        rows = conn.execute(sa.select(ApiKey.name, ApiKey.default_lambda).where(ApiKey.revoked_at.is_(None))
-                            .order_by(ApiKey.name))
-        return [(str(r[0]), float(r[1])) for r in rows]
+        rows = conn.execute(sa.select(ApiKey.name, ApiKey.default_lambda, ApiKey.budget_policy, ApiKey.lambda_min,
+                                      ApiKey.lambda_max, KeyPacing.lam)
+                            .outerjoin(KeyPacing, KeyPacing.key_id == ApiKey.id)
+                            .where(ApiKey.revoked_at.is_(None)).order_by(ApiKey.name))
+        out: list[tuple[str, float, str]] = []
+        for r in rows:
+            paced = r.budget_policy == "pace"
+            which = ("paced" if r.lam is not None else "paced-unstarted") if paced else "default"
+            lam = float(r.lam) if which == "paced" else float(r.default_lambda)
+            out.append((str(r.name), min(max(lam, float(r.lambda_min)), float(r.lambda_max)), which))
+        return out

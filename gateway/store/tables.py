@@ -406,3 +406,33 @@ class TenantProfile(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (UniqueConstraint("key_id", "router_version", "model_name", "source"),)
+
+
+class ModelImpact(Base):
+    """One impact report of profiling a model (docs/IMPACT.md): what activating it was predicted to change, the
+    profile it would activate while it waits (``status`` ``reported``), and, once it serves (``activated``), the
+    follow-up with the realised figures from the request log and feedback.
+
+    ``profiles`` holds every variant's Ψ and counts (``{variant: {"psi", "counts"}}``) so that a second call
+    activates exactly what was reported, without grading again, when ``fingerprint`` (the graded outcomes and
+    the router cost it came from) still matches. ``inputs`` keeps what the prediction was computed from (pool,
+    costs, traffic mix) so that the follow-up can predict at the λ the traffic really had.
+    """
+
+    __tablename__ = "model_impacts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(200), index=True)
+    artifact_version: Mapped[str] = mapped_column(String(64))  # the router artifact the profile belongs to
+    variant: Mapped[str] = mapped_column(String(32))  # the router variant the report was computed for
+    status: Mapped[str] = mapped_column(String(16))  # reported | activated | superseded
+    fingerprint: Mapped[str] = mapped_column(String(64))  # sha256 of the graded outcomes + router cost
+    source: Mapped[str] = mapped_column(String(32))  # the profile source to activate with (validation[-partial])
+    profiles: Mapped[dict[str, Any]] = mapped_column(JSON)  # {variant: {"psi": [...], "counts": [...]}}
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # ImpactReport.as_dict(); None: no report
+    report_error: Mapped[str | None] = mapped_column(String(512))  # why there is no report
+    inputs: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # {pool: [...], candidate_cost, traffic}
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    activated_at: Mapped[datetime | None] = mapped_column(index=True)
+    followup: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the realised figures against the predicted
+    followup_at: Mapped[datetime | None]
