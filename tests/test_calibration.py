@@ -47,3 +47,31 @@ def test_calibration_limits() -> None:
 def test_fraction_of_best() -> None:
     assert target_from_fraction(pool(), [0.5, 0.3, 0.15], 0.5) == pytest.approx(0.5)
     assert target_from_fraction(pool(), [0.5, 0.1, 0.15], 0.5) == pytest.approx(0.15)
+
+
+def test_the_pacers_feed_forward_is_the_curve_calibrate_bisects() -> None:
+    """The budget pacer's C(λ) (routing.calibration.cost_curve, via gateway.pacing.CostCurve) is
+    ``uniroute router calibrate``'s expected cost at every λ of the gateway's grid, and inverting it lands
+    next to the λ the calibration finds (docs/PACING.md, "Feed-forward from the calibration curve")."""
+    from gateway.pacing import DEFAULT_LAMBDA_GRID, CostCurve
+    from routing.calibration import cost_curve
+
+    z = memberships()
+    grid = list(DEFAULT_LAMBDA_GRID)
+    curve = cost_curve(z, pool(), grid)
+    assert curve.tolist() == pytest.approx([expected_cost(z, pool(), lam)[0] for lam in grid])
+    assert all(a >= b for a, b in itertools.pairwise(curve.tolist()))
+    cc = CostCurve.from_points(grid, curve.tolist())
+    for target in (0.15, 0.3, 0.5, 0.8):
+        lam = cc.lambda_for(target)
+        cal = calibrate_lambda(z, pool(), target)
+        # C is a step function and the pacer interpolates it between grid points: its inverse lands in the
+        # grid interval where the calibrated λ (the least λ whose expected cost meets the target) is
+        assert cc.cost_at(lam) == pytest.approx(target)
+        below = max(g for g in grid if g <= lam)
+        above = min(g for g in grid if g >= lam)
+        assert below - 1e-9 <= cal.lam <= above + 1e-9, (target, lam, cal.lam)
+        if below < above:  # the curve steps below the target inside that interval
+            assert expected_cost(z, pool(), above)[0] <= target + 1e-12 < expected_cost(z, pool(), below)[0]
+    with pytest.raises(ValueError, match="no profiled model"):
+        cost_curve(z, [PoolModel("new", 1.0)], grid)
