@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +10,7 @@ import pytest
 from test_profiler import FakeForwarder, _artifact, _config
 
 from gateway.access.auth import create_key
+from gateway.config import GatewayConfig, parse_config
 from gateway.serving.interfaces import RequestRecord
 from gateway.spec import parse_spec
 from gateway.store import impact as impact_sql
@@ -134,6 +135,41 @@ async def test_a_stale_report_is_not_activated_as_reported(tmp_path: Path) -> No
     other = _artifact(14)
     moved = await run_profiling(_config(3), store, fwd, "new", artifact=other, activate=True)
     assert moved.activated and "nothing asked" not in moved.message and moved.router_version == other.version
+    store.dispose()
+
+
+async def test_the_traffic_mix_is_the_auto_requests_within_the_window(tmp_path: Path) -> None:
+    """profiling.impact_window_s bounds the request log the report reads: older requests, requests that named
+    a model and failed requests are not the recent ``auto`` traffic (docs/IMPACT.md)."""
+    store = Store(f"sqlite:///{tmp_path / 'p.db'}")
+    store.upgrade()
+    art = _artifact()
+    for name, routable in (("old", True), ("new", False)):
+        catalog.add_model(store, parse_spec({"name": name, "router_cost": 1.0, "routable": routable,
+                                             "litellm_params": {"model": f"openai/{name}"}}))
+    catalog.save_profile(store, "old", catalog.profile_key(art.version, "kmeans"), np.array([0.2, 0.6]),
+                         np.array([6.0, 6.0]), "validation")
+    now = datetime.now(UTC)
+    rows = ([(now - timedelta(minutes=5), "auto", 200, 0)] * 6  # the only recent auto traffic: cluster 0
+            + [(now - timedelta(hours=2), "auto", 200, 1)] * 30  # outside a one-hour window
+            + [(now - timedelta(minutes=5), "old", 200, 1)] * 10  # named a model
+            + [(now - timedelta(minutes=5), "auto", 502, 1)] * 10)  # failed
+    writer = RequestLogWriter(store, spill_dir=tmp_path / "spill", journal=False).start()
+    for i, (at, requested, status, cluster) in enumerate(rows):
+        writer.submit(RequestRecord(request_id=f"r{i}", started_at=at, requested_model=requested, stream=False,
+                                    cluster=cluster, routed_model="old", status_code=status))
+    writer.close()
+
+    def config(window_s: float) -> GatewayConfig:
+        return parse_config({"router": {"policy": "cheapest", "variant": "kmeans"},
+                             "profiling": {"min_graded_per_cluster": 3, "attempts": 2, "impact_window_s": window_s}})
+
+    hour = await run_profiling(config(3600.0), store, FakeForwarder(), "new", artifact=art)
+    assert hour.impact is not None and hour.impact.traffic_requests == 6
+    assert hour.impact.traffic == pytest.approx([1.0, 0.0])
+    day = await run_profiling(config(86400.0), store, FakeForwarder(), "new", artifact=art)
+    assert day.impact is not None and day.impact.traffic_requests == 36
+    assert day.impact.traffic == pytest.approx([6 / 36, 30 / 36])
     store.dispose()
 
 
