@@ -8,8 +8,8 @@ through the official openai SDK's raw ``client.post`` and httpx. The promises tr
 - every model the ranking leaves out is listed with its reason (not profiled, ``routable: false``, cooling),
   and a key restricted to some models sees only those;
 - λ from the body or the header, checked against the key's range as for chat; a Responses-style ``input``;
-- nothing is charged or logged (the key's spend and request count do not move), but auth and the rate
-  limit apply.
+- no model is called (the replay upstream counts no request), nothing is charged or logged (the key's spend and
+  request count do not move), but auth and the rate limit apply.
 """
 
 from __future__ import annotations
@@ -37,12 +37,25 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def base(fitted: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def stack(fitted: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(the gateway's base URL, the replay upstream's /v1 URL)."""
     data, art = fitted
     tmp = tmp_path_factory.mktemp("dryrun-gw")
     with replay_upstream(data, "--fail", "flaky=500") as replay, \
             gateway(tmp, data, art, replay, f"sqlite:///{tmp / 'gw.db'}") as url:
-        yield url
+        yield url, replay
+
+
+@pytest.fixture(scope="module")
+def base(stack: tuple[str, str]) -> str:
+    return stack[0]
+
+
+def _upstream_calls(stack: tuple[str, str]) -> dict[str, int]:
+    """The replay upstream's count of chat requests per model (what the gateway sent it)."""
+    r = httpx.get(stack[1].removesuffix("/v1") + "/_replay/stats", timeout=10)
+    assert r.status_code == 200, r.text
+    return dict(r.json()["requests"])
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +76,8 @@ def _route(client: openai.OpenAI, body: dict[str, Any], **headers: str) -> dict[
     return out
 
 
-def test_the_dry_run_is_the_ranking_chat_serves_from_and_charges_nothing(base: str, admin: httpx.Client) -> None:
+def test_the_dry_run_is_the_ranking_chat_serves_from_and_charges_nothing(base: str, admin: httpx.Client,
+                                                                         stack: tuple[str, str]) -> None:
     # flaky (always 500) is left out here: a chat would cool it, and the cooling test below wants it warm
     key = _key(admin, "dry", budget_usd=5.0, models=["accurate", "middling", "poor", "newbie", "byname"])
     with openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0) as client, \
@@ -101,8 +115,12 @@ def test_the_dry_run_is_the_ranking_chat_serves_from_and_charges_nothing(base: s
             time.sleep(0.2)
         assert served == 4, (usage0, usage1)
         assert usage1["budget"]["reserved_usd"] == 0
-        for _ in range(5):  # and dry-runs alone move nothing
+        calls = _upstream_calls(stack)
+        assert sum(calls.values()) >= 4  # the chats reached the upstream
+        for _ in range(5):  # and dry-runs alone move nothing: no model is called
             _route(client, {"messages": [{"role": "user", "content": PROMPT}]})
+            _route(client, {"input": PROMPT, "uniroute": {"lambda": 5.0}})
+        assert _upstream_calls(stack) == calls
         time.sleep(1.0)
         usage2 = h.get("/v1/usage").json()
         assert usage2["period_requests"] == usage1["period_requests"]
