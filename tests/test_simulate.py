@@ -10,6 +10,8 @@ hindsight for the same spend, minus 0.5 points. The full-size runs are in docs/P
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -41,3 +43,31 @@ def test_paced_spend_meets_the_budget_without_429_at_the_quality_of_the_best_fix
     assert r.lam.max() > r.lam.min()  # λ was paced, not left at the key's default
     assert np.all(r.lam == np.clip(r.lam, 0.0, 100.0))
     assert plot(r, tmp_path / "pace.png").stat().st_size > 10_000
+
+
+def test_the_cli_prints_plots_and_writes_the_period(shared_dataset: Path, shared_router_artifact: Path,
+                                                    tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``uniroute simulate`` with its flags: the summary printed, the PNG and the JSON written; bad flags are one
+    message naming the flag, not a traceback."""
+    from gateway.cli.main import main as cli
+
+    png, out_json = tmp_path / "pace.png", tmp_path / "out" / "pace.json"
+    args = ["simulate", "--dataset", str(shared_dataset), "--artifact", str(shared_router_artifact),
+            "--budget", "0.01", "--period", "day", "--rate", "4", "--seed", "1", "--quiet"]
+    assert cli([*args, "--burst", "0.5:0.1:5", "--plot", str(png), "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    s = json.loads(out_json.read_text())
+    assert s["requests"] > 50 and s["budget_usd"] == 0.01 and s["period"] == "day"
+    assert f"{s['requests']} requests over one day (4/h, bursts 0.5:0.1:5), budget $0.01" in out
+    assert f"paced key:  spend ${s['spend_usd']:.4f}" in out and f"{s['status_429']} x 429" in out
+    assert "best fixed λ in hindsight" in out and f"plot: {png}" in out
+    assert png.stat().st_size > 10_000
+    for extra, message in ((["--burst", "0.9:0.2:2"], "need 0 <= START < 1, 0 < LENGTH <= 1 - START"),
+                           (["--burst", "soon"], "expected START:LENGTH:FACTOR"),
+                           (["--rate", "0"], "--rate must be > 0"),
+                           (["--budget", "-1"], "--budget must be a positive number")):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            cli([*args, *extra])
+    with pytest.raises(SystemExit, match="no router artifact there"):
+        cli(["simulate", "--dataset", str(shared_dataset), "--artifact", str(tmp_path / "none"),
+             "--budget", "1", "--rate", "4"])
