@@ -271,6 +271,8 @@ def _readme_onboarding(tmp: Path, dataset: Path, artifact: Path) -> None:
                 outputs.append(done.stdout)
             reported = next(out for argv, out in zip(commands, outputs, strict=True) if argv[1] == "profile")
             assert "NOT activated" in reported and "impact of my-model" in reported, reported
+            plotted = next(argv for argv in commands if "--impact-plot" in argv)  # relative to the config's folder
+            assert (tmp / plotted[plotted.index("--impact-plot") + 1]).stat().st_size > 10_000
             profiled = next(out for argv, out in zip(commands, outputs, strict=True) if "--activate" in argv)
             assert "activated 'my-model'" in profiled and "nothing asked" in profiled, profiled
             reprofiled = next(out for argv, out in zip(commands, outputs, strict=True) if argv[1] == "reprofile")
