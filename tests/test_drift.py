@@ -65,6 +65,26 @@ def test_cluster_drift_alert_and_demotion_need_more_than_one_key() -> None:
     assert rows[0].alert and rows[0].demoted_to is None and np.array_equal(new, psi)
 
 
+def test_the_pass_report_prints_the_drift_rows() -> None:
+    """What ``uniroute reprofile`` prints: one row per (model, cluster) measured, largest drift first, with the
+    bound and whether it is in alert or was demoted (profiling.schedule.format_report)."""
+    from profiling.reprofile import ClusterDrift
+    from profiling.schedule import format_report
+
+    rows = [ClusterDrift("m", 0, 30, 2, 0.9, 0.1, hoeffding_bound(30, 0.95), demoted_to=0.652),
+            ClusterDrift("m", 1, 40, 1, 0.5, 0.2, hoeffding_bound(40, 0.95)),
+            ClusterDrift("n", 3, 25, 3, 0.2, 0.25, hoeffding_bound(25, 0.95))]
+    report = {"router": "r1", "models": {"m": {"status": "updated", "feedback": 70}, "n": {"status": "unchanged"}},
+              "drift": [], "cluster_drift": [r.as_dict() for r in rows]}
+    out = format_report(report)
+    b30, b40, b25 = (hoeffding_bound(n, 0.95) for n in (30, 40, 25))
+    assert "| model | cluster | feedback | realised | Ψ | drift | bound | alert |" in out
+    assert f"| m | 0 | 30 | 0.900 | 0.100 | +0.800 | {b30:.3f} | demoted to 0.652 |" in out
+    assert f"| m | 1 | 40 | 0.500 | 0.200 | +0.300 | {b40:.3f} | yes |" in out
+    assert f"| n | 3 | 25 | 0.200 | 0.250 | -0.050 | {b25:.3f} |  |" in out
+    assert "realised error against" not in format_report({**report, "cluster_drift": []})
+
+
 def test_drift_gauges_keep_to_registry_models_and_drop_pairs_no_longer_measured() -> None:
     from gateway.metrics import Metrics
 
@@ -198,6 +218,7 @@ def test_drift_gauges_alert_and_demotion_on_a_real_gateway(base: str) -> None:
     assert _thumbs_down(base, alice, 12) == "accurate"
     report = admin.post("/admin/reprofile").json()
     rows = [d for d in report["cluster_drift"] if d["model"] == "accurate"]
+    assert admin.get("/admin/reprofile/last").json()["cluster_drift"] == report["cluster_drift"]
     assert len(rows) == 1 and rows[0]["cluster"] == cluster and rows[0]["feedback"] == 12 and rows[0]["keys"] == 1
     assert rows[0]["realised_error"] == 1.0 and rows[0]["alert"] is True and rows[0]["demoted_to"] is None
     assert rows[0]["bound"] == pytest.approx(hoeffding_bound(12, 0.95))
