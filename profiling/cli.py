@@ -101,7 +101,8 @@ def _format(r: ProfilingResult, wall: float) -> str:
 
 
 def impact_command(args: argparse.Namespace) -> int:
-    """``uniroute impact MODEL [--now]``: the stored report and its follow-up; ``--now`` computes the follow-up."""
+    """``uniroute impact MODEL [--now] [--plot PNG]``: the stored report and its follow-up; ``--now`` computes the
+    follow-up; ``--plot`` draws the stored report."""
     from profiling.followup import ImpactFollowups, format_impact
 
     config = load_config(args.config)
@@ -113,6 +114,13 @@ def impact_command(args: argparse.Namespace) -> int:
     finally:
         store.dispose()
     print(json.dumps(out, indent=1) if args.json else format_impact(out))
+    if args.plot:
+        from routing.impact import ImpactReport, plot_report
+
+        if out.get("report") is None:
+            raise ValueError(f"--plot: the stored run of {args.model} has no impact report to draw "
+                             f"({out.get('report_error') or 'none was computed'})")
+        print(f"impact plot: {plot_report(ImpactReport.from_dict(out['report']), args.plot)}", file=sys.stderr)
     return 0
 
 

@@ -203,4 +203,14 @@ def test_followup_through_the_admin_api_and_the_cli(tmp_path: Path, monkeypatch:
     assert '"traffic_share": 0.75' in capsys.readouterr().out
     assert cli(["impact", "waiting", "--now", "--config", str(cfg_file)]) == 1
     assert "--activate" in capsys.readouterr().err
+    # the stored report (here one made through run_profiling, as the admin API makes it) drawn as a PNG
+    png = tmp_path / "waiting.png"
+    assert cli(["impact", "waiting", "--plot", str(png), "--config", str(cfg_file)]) == 0
+    assert png.stat().st_size > 10_000 and f"impact plot: {png}" in capsys.readouterr().err
+    impact_sql.save_impact(store, model="old", artifact_version="v", variant="kmeans", fingerprint="f",
+                           source="validation", profiles={}, report=None, report_error="no other profiled model",
+                           inputs=None, activated=False)
+    assert cli(["impact", "old", "--plot", str(tmp_path / "old.png"), "--config", str(cfg_file)]) == 1
+    assert "no impact report to draw (no other profiled model)" in capsys.readouterr().err
+    assert not (tmp_path / "old.png").exists()
     store.dispose()

@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute the follow-up now from the request log (else: as stored; the scheduler inside "
                         "serve computes it profiling.impact_followup_s after the activation)")
     p.add_argument("--json", action="store_true", help="print it as JSON")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also draw the stored report here (as --impact-plot "
+                   "of uniroute profile draws it; e.g. for a report made through the admin API)")
     p.set_defaults(handler=_lazy("profiling.cli:impact_command"))
 
     p = sub.add_parser("reprofile", help="recompute every model's Ψ from validation outcomes plus feedback")
