@@ -139,6 +139,10 @@ def test_a_keys_labels_route_its_cluster_to_b_while_another_key_stays_on_a(base:
     assert out.stdout.startswith("key bob: 2 models labelled") and "Ψ global→key" in out.stdout
     shown = admin.get("/admin/keys/bob/profile").json()
     acc = shown["models"]["accurate"]
+    out = subprocess.run([sys.executable, "-m", "gateway.cli.main", "profiles", "show", "--key", "bob"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("key bob: 2 models labelled"), out.stderr
+    assert f"  accurate: {acc['labels']} labels, per cluster {acc['labels_per_cluster']}" in out.stdout
     assert acc["labels"] == len(mine) and acc["labels_per_cluster"][c] == len(mine)
     n = len(mine)
     assert acc["psi_key"][c] == pytest.approx((n * 1.0 + M * acc["psi_global"][c]) / (n + M))  # n/(n+m) shrinkage
