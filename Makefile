@@ -33,7 +33,7 @@ services:
 	bash scripts/services.sh
 
 lint: install
-	$(VENV)/bin/ruff check gateway routing profiling replay tests benchmarks
+	$(VENV)/bin/ruff check gateway routing profiling replay tests benchmarks simulation
 
 # mypy prints nothing until it is done: about a minute on an empty cache (.mypy_cache), a second after
 typecheck: install

@@ -151,9 +151,11 @@ class LimitsConfig(_Section):
     """Cheap structural limits on request bodies, checked while the body arrives and before it is parsed or
     validated (gateway/http/bodies.py). Over a limit: 400 naming the limit and this config key."""
 
-    max_messages: int = Field(default=2048, ge=1, description="messages in one chat request")
+    max_messages: int = Field(default=2048, ge=1, description="messages in one chat or Anthropic Messages request; "
+                                                                "`input` items in one Responses API request")
     max_content_parts: int = Field(default=512, ge=1,
-                                   description="content parts (text, image, ...) in one message's content list")
+                                   description="content parts (text, image, ...) in one message's (or "
+                                               "Responses `input` item's) content list")
     max_tools: int = Field(default=128, ge=0, description="entries of `tools` (and of the legacy `functions`)")
     max_json_depth: int = Field(
         default=64, ge=2, le=128,

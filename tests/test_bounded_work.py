@@ -180,6 +180,33 @@ def test_each_limit_answers_400_naming_its_config_key(client: TestClient, body: 
     assert key in err["message"] and err["code"] == "limit_exceeded" and err["param"] == param, err
 
 
+@pytest.mark.parametrize(("path", "body", "key", "param"), [
+    ("/v1/responses", {"model": "m", "input": _msgs(6)}, "limits.max_messages", "input"),
+    ("/v1/responses", {"model": "m", "input": [{"role": "user", "content": [{"type": "input_text", "text": "a"}] * 4}]},
+     "limits.max_content_parts", "input[0].content"),
+    ("/v1/responses", {"model": "m", "input": "hi", "tools": [{"type": "function", "name": "f"}] * 3},
+     "limits.max_tools", "tools"),
+    ("/v1/messages", {"model": "m", "max_tokens": 5, "messages": _msgs(6)}, "limits.max_messages", "messages"),
+    ("/v1/messages", {"model": "m", "max_tokens": 5,
+                      "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] * 4}]},
+     "limits.max_content_parts", "messages[0].content"),
+    ("/v1/embeddings", {"model": "m", "input": ["a"] * 300}, "limits.max_json_items", None),
+])
+def test_the_structural_limits_hold_on_every_model_endpoint(client: TestClient, path: str, body: dict[str, Any],
+                                                             key: str, param: str | None) -> None:
+    """The same limits as chat (docs/security/bounded-work.md): the Responses API's ``input`` items count as
+    messages and their ``content`` lists as content parts."""
+    r = client.post(path, json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert key in err["message"], err
+    if path != "/v1/messages":  # Anthropic-shaped there: {"type": "error", "error": {"type", "message"}}
+        assert err["code"] == "limit_exceeded" and err["param"] == param, err
+    ok = client.post(path, json={**body, **({"input": _msgs(5)} if path == "/v1/responses" and param == "input"
+                                            else {})})
+    assert param != "input" or "limits." not in ok.text  # five input items are within the limit
+
+
 def test_every_json_body_gets_the_depth_and_size_limits(client: TestClient) -> None:
     deep = b"[" * 5000 + b"1" + b"]" * 5000  # deeper than orjson's own limit, and than Python's recursion limit
     for path in ("/v1/feedback", "/v1/chat/completions"):

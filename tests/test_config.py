@@ -117,7 +117,10 @@ def test_repo_config_with_synthetic_dataset(tmp_path: Path, monkeypatch: pytest.
     assert isinstance(cfg, GatewayConfig)
     assert cfg.server.host == "127.0.0.1" and cfg.server.port == 8000
     assert cfg.database_url.startswith("sqlite:///")
-    assert [m.name for m in cfg.models] == ["small-general", "math-expert", "bio-expert", "large-general"]
+    # the replayed chat models, and the demo's embedding model (the README's embeddings example names it)
+    assert [m.name for m in cfg.models] == ["demo-embedding", "small-general", "math-expert", "bio-expert",
+                                            "large-general"]
+    assert [m.name for m in cfg.models if m.kind == "embedding"] == ["demo-embedding"]
     assert all(m.litellm_params["api_base"] == "http://127.0.0.1:8100/v1" for m in cfg.models)
 
 
@@ -127,7 +130,7 @@ def test_repo_config_with_shared_dataset(monkeypatch: pytest.MonkeyPatch) -> Non
     for var in ("UNIROUTE_DATASET", "UNIROUTE_ROUTER_ARTIFACT"):
         monkeypatch.delenv(var, raising=False)
     cfg = load_config(ROOT / "config.yaml")
-    assert len(cfg.models) == 27
+    assert len([m for m in cfg.models if m.kind == "chat"]) == 27 and len(cfg.models) == 28  # + demo-embedding
     assert cfg.router.policy == "uniroute" and cfg.router.max_wait_ms == 0
     assert cfg.router.artifact is not None and Path(cfg.router.artifact) == ROOT / "var" / "router-static"
     path = default_dataset_path()

@@ -128,6 +128,22 @@ def _spend(stack: Stack) -> float:
         engine.dispose()
 
 
+def _charged(stack: Stack, before: float, cost: float) -> None:
+    """The key's spend rose by ``cost`` (a stream's settlement may land just after its last event)."""
+    deadline = time.monotonic() + 10
+    while _spend(stack) < before + cost * 0.999 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _spend(stack) == pytest.approx(before + cost)
+
+
+def _key(stack: Stack, name: str, *flags: str) -> str:
+    """A new client key made with ``uniroute keys create`` (the key is the last line it prints)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.cli.main", "keys", "create", "--name", name, *flags, "--config", str(stack.cfg)],
+        cwd=ROOT, env=server_env(), capture_output=True, text=True, check=True, timeout=60)
+    return out.stdout.strip().splitlines()[-1]
+
+
 def _logged(stack: Stack, rid: str, endpoint: str, *, stream: bool) -> dict[str, Any]:
     row = _rows(stack, [rid])[rid]
     assert (row["endpoint"] == endpoint and row["requested_model"] == "auto") or endpoint == "embeddings"
@@ -158,6 +174,7 @@ def test_responses_plain_auto(stack: Stack, oa: openai.OpenAI) -> None:
 
 def test_responses_stream_auto(stack: Stack, oa: openai.OpenAI) -> None:
     prompt = stack.data.prompts[1]
+    before = _spend(stack)
     with oa.responses.with_streaming_response.create(model="auto", input=[{"role": "user", "content": prompt}],
                                                      stream=True) as raw:
         assert raw.headers["x-uniroute-model"] == "small-general"
@@ -173,6 +190,7 @@ def test_responses_stream_auto(stack: Stack, oa: openai.OpenAI) -> None:
     assert ext["model"] == "small-general" and ext["cost_usd"] > 0
     row = _logged(stack, rid, "responses", stream=True)
     assert row["cost_usd"] == pytest.approx(ext["cost_usd"])
+    _charged(stack, before, ext["cost_usd"])
 
 
 def test_responses_tool_call_round_trip(stack: Stack, oa: openai.OpenAI) -> None:
@@ -252,6 +270,7 @@ def test_messages_plain_auto_with_system(stack: Stack, an: anthropic.Anthropic) 
 
 
 def test_messages_stream_auto(stack: Stack, an: anthropic.Anthropic) -> None:
+    before = _spend(stack)
     with an.messages.stream(model="auto", max_tokens=200,
                             messages=[{"role": "user", "content": stack.data.prompts[4]}]) as stream:
         text = "".join(stream.text_stream)
@@ -260,7 +279,8 @@ def test_messages_stream_auto(stack: Stack, an: anthropic.Anthropic) -> None:
         assert stream.response.headers["x-uniroute-model"] == "small-general"
     assert text == stack.answer("small-general", 4)
     assert final.model == "small-general" and final.usage.output_tokens > 0
-    _logged(stack, rid, "messages", stream=True)
+    row = _logged(stack, rid, "messages", stream=True)
+    _charged(stack, before, row["cost_usd"])
 
 
 def test_messages_stream_events(stack: Stack) -> None:
@@ -319,6 +339,118 @@ def test_messages_errors_are_anthropic_shaped(stack: Stack, an: anthropic.Anthro
     with pytest.raises(anthropic.APIStatusError) as upstream:  # a named rate-limited model: no fallback, its 429
         an.messages.create(model="bad-429", max_tokens=10, messages=[{"role": "user", "content": "x"}])
     assert upstream.value.status_code == 429 and upstream.value.body["error"]["type"] == "rate_limit_error"
+
+
+def test_responses_stream_with_a_tool_call(stack: Stack, oa: openai.OpenAI) -> None:
+    """``responses.create(stream=True)`` with tools: the function call arrives as typed events, through ``auto``,
+    logged and charged."""
+    tools: Any = [{"type": "function", **TOOL}]
+    before = _spend(stack)
+    with oa.responses.with_streaming_response.create(model="auto", input="What is the weather in Paris?",
+                                                     tools=tools, stream=True) as raw:
+        assert raw.headers["x-uniroute-model"] == "small-general"
+        rid = raw.headers["x-uniroute-request-id"]
+        events = list(raw.parse())
+    types = [e.type for e in events]
+    assert types[0] == "response.created" and types[-1] == "response.completed", types
+    added = [e.item for e in events if e.type == "response.output_item.added" and e.item.type == "function_call"]
+    assert [item.name for item in added] == ["get_weather"], types
+    calls = [item for item in events[-1].response.output if item.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather" and json.loads(calls[0].arguments or "{}") == {}
+    row = _logged(stack, rid, "responses", stream=True)
+    _charged(stack, before, row["cost_usd"])
+
+
+def test_messages_stream_with_a_tool_use(stack: Stack, an: anthropic.Anthropic) -> None:
+    """``messages.stream`` with tools: a ``tool_use`` block and ``stop_reason: tool_use``, logged and charged."""
+    tools: Any = [{"name": TOOL["name"], "description": TOOL["description"], "input_schema": TOOL["parameters"]}]
+    before = _spend(stack)
+    with an.messages.stream(model="auto", max_tokens=100, tools=tools,
+                            messages=[{"role": "user", "content": "What is the weather in Paris?"}]) as stream:
+        final = stream.get_final_message()
+        rid = stream.response.headers["x-uniroute-request-id"]
+        assert stream.response.headers["x-uniroute-model"] == "small-general"
+    uses = [b for b in final.content if b.type == "tool_use"]
+    assert final.stop_reason == "tool_use" and len(uses) == 1 and uses[0].name == "get_weather", final
+    row = _logged(stack, rid, "messages", stream=True)
+    _charged(stack, before, row["cost_usd"])
+
+
+_LAMBDA_BODIES: dict[str, dict[str, Any]] = {
+    "/v1/responses": {"model": "auto", "input": "hi"},
+    "/v1/messages": {"model": "auto", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]},
+}
+
+
+@pytest.mark.parametrize("path", list(_LAMBDA_BODIES))
+def test_lambda_header_and_body_on_every_endpoint(stack: Stack, path: str) -> None:
+    """λ by the ``x-uniroute-lambda`` header or the body's ``uniroute.lambda``, and the key's range, as on chat."""
+    auth = {"authorization": f"Bearer {stack.key}"}
+    r = httpx.post(stack.base + path, headers={**auth, "x-uniroute-lambda": "0.5"}, json=_LAMBDA_BODIES[path],
+                   timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["uniroute"]["lambda"] == 0.5 and r.headers["x-uniroute-lambda"] == "0.5"
+    r = httpx.post(stack.base + path, headers=auth, json={**_LAMBDA_BODIES[path], "uniroute": {"lambda": 1.5}},
+                   timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["uniroute"]["lambda"] == 1.5
+    r = httpx.post(stack.base + path, headers={**auth, "x-uniroute-lambda": "9"}, json=_LAMBDA_BODIES[path],
+                   timeout=30)
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert "outside the allowed range" in message
+    assert (r.json().get("type") == "error") == (path == "/v1/messages")  # Anthropic-shaped there only
+
+
+@pytest.mark.parametrize("path", [*_LAMBDA_BODIES, "/v1/embeddings"])
+def test_a_client_request_id_is_echoed_and_logged_apart(stack: Stack, path: str) -> None:
+    """``x-uniroute-client-request-id`` (in the OpenAPI document of every model endpoint) is echoed and logged,
+    and the gateway's own id stays the request's id."""
+    body = _LAMBDA_BODIES.get(path, {"model": EMBED, "input": "x"})
+    r = httpx.post(stack.base + path, headers={"authorization": f"Bearer {stack.key}",
+                                               "x-uniroute-client-request-id": "my-id.42"}, json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-uniroute-client-request-id"] == "my-id.42"
+    rid = r.headers["x-uniroute-request-id"]
+    assert rid.startswith("req-") and r.json()["uniroute"]["client_request_id"] == "my-id.42"
+    engine = sa.create_engine(stack.db_url)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            with engine.connect() as c:
+                got = c.execute(sa.text("SELECT client_request_id FROM requests WHERE request_id = :r"),
+                                {"r": rid}).scalar_one_or_none()
+            if got is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        engine.dispose()
+    assert got == "my-id.42"
+
+
+def test_rate_limit_applies_to_every_endpoint(stack: Stack) -> None:
+    """A key with ``rpm: 1``: its second request, on whichever endpoint, is a 429 with ``Retry-After``
+    (``rate_limit_error`` on /v1/messages, ``rate_limit_exceeded`` elsewhere), and nothing is charged for it."""
+    key = _key(stack, "rpm-one", "--lambda", "0.2", "--rpm", "1", "--budget", "10")
+    auth = {"authorization": f"Bearer {key}"}  # x-api-key is /v1/messages' alone
+    first = httpx.post(stack.base + "/v1/messages", headers=auth, timeout=30, json=_LAMBDA_BODIES["/v1/messages"])
+    assert first.status_code == 200, first.text
+    refused = [httpx.post(stack.base + path, headers=auth, timeout=30, json=body) for path, body in (
+        ("/v1/messages", _LAMBDA_BODIES["/v1/messages"]), ("/v1/responses", _LAMBDA_BODIES["/v1/responses"]),
+        ("/v1/embeddings", {"model": EMBED, "input": "x"}))]
+    for r in refused:
+        assert r.status_code == 429, r.text
+        assert int(r.headers["retry-after"]) >= 1
+    assert refused[0].json()["type"] == "error" and refused[0].json()["error"]["type"] == "rate_limit_error"
+    for r in refused[1:]:
+        assert r.json()["error"]["code"] == "rate_limit_exceeded", r.text
+    engine = sa.create_engine(stack.db_url)
+    try:
+        with engine.connect() as c:
+            held = c.execute(sa.text("SELECT reserved_usd FROM api_keys WHERE name = 'rpm-one'")).scalar_one()
+    finally:
+        engine.dispose()
+    assert held == 0
 
 
 def test_metrics_count_requests_per_endpoint(stack: Stack, oa: openai.OpenAI, an: anthropic.Anthropic) -> None:

@@ -97,6 +97,12 @@ def test_openapi_document() -> None:
     assert doc["openapi"].startswith("3.")
     assert {"/v1/chat/completions", "/v1/models", "/v1/models/{model_id}", "/health/liveliness",
             "/health/readiness"} <= set(doc["paths"])
+    # every model endpoint is in the document (issue 12: "the OpenAPI document ... apply the same way")
+    assert {"/v1/responses", "/v1/messages", "/v1/embeddings"} <= set(doc["paths"])
+    for path in ("/v1/responses", "/v1/messages", "/v1/embeddings"):
+        params = {p["name"] for p in doc["paths"][path]["post"].get("parameters", [])}
+        assert "x-uniroute-client-request-id" in params, (path, params)
+        assert ("x-uniroute-lambda" in params) == (path != "/v1/embeddings"), (path, params)
     schemas = doc["components"]["schemas"]
     assert {"ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk", "UnirouteInfo", "ModelList"} <= set(schemas)
     refs: list[str] = []

@@ -301,6 +301,12 @@ def test_every_endpoint_that_needs_the_store_answers_503_with_retry_after(
                 calls: list[tuple[str, str, dict[str, Any] | None, dict[str, str]]] = [
                     ("POST", "/v1/chat/completions", chat, as_key(cached)),  # budget reserve
                     ("POST", "/v1/chat/completions", {**chat, "stream": True}, as_key(cached)),
+                    # the other model endpoints reserve the same way (issue 12: one set of rules)
+                    ("POST", "/v1/responses", {"model": "small-general", "input": "hi"}, as_key(cached)),
+                    ("POST", "/v1/responses", {"model": "small-general", "input": "hi", "stream": True},
+                     as_key(cached)),
+                    ("POST", "/v1/messages", {"model": "small-general", "max_tokens": 20, "messages": MESSAGES},
+                     as_key(cached)),
                     ("POST", "/v1/feedback", {"request_id": rid, "thumbs": "up"}, as_key(cached)),
                     ("POST", "/admin/keys", {"name": "new", "lambda": 0.1}, admin),
                     ("DELETE", "/admin/keys/fresh", None, admin),
@@ -322,7 +328,10 @@ def test_every_endpoint_that_needs_the_store_answers_503_with_retry_after(
                     where = f"{method} {path}: {r.status_code} {r.text[:300]}"
                     assert r.status_code == 503, where
                     err = r.json()["error"]
-                    assert err["type"] == "service_unavailable" and "database" in err["message"], where
+                    if path == "/v1/messages":  # Anthropic-shaped there
+                        assert r.json()["type"] == "error" and "database" in err["message"], where
+                    else:
+                        assert err["type"] == "service_unavailable" and "database" in err["message"], where
                     assert r.headers["retry-after"] == "2", where
                     assert "127.0.0.1" not in r.text and str(sa.make_url(direct.url).port) not in r.text, where
             finally:

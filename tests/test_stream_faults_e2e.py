@@ -145,3 +145,69 @@ def test_client_disconnect_cancels_upstream_and_logs_partial_usage(stack: Stack)
     assert row.completion_tokens < 40, relayed
     expected = (row.prompt_tokens * PRICE["input_cost_per_1m"] + row.completion_tokens * PRICE["output_cost_per_1m"]) / 1e6
     assert row.cost_usd == pytest.approx(expected) and row.cost_usd > 0
+
+
+# -- the same rules on /v1/responses and /v1/messages (issue 12, point 4: timeouts and disconnect handling) ------
+
+def _endpoint_body(path: str, model: str, text: str) -> dict[str, Any]:
+    if path == "/v1/messages":
+        return {"model": model, "stream": True, "max_tokens": 200, "messages": [{"role": "user", "content": text}]}
+    return {"model": model, "stream": True, "input": text}
+
+
+def _events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    for line in lines:
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line.removeprefix("data: "))
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/messages"])
+def test_a_stalled_stream_times_out_on_every_endpoint(stack: Stack, path: str) -> None:
+    rid = f"stall-{path.rsplit('/', 1)[-1]}-{time.time_ns()}"
+    t0 = time.monotonic()
+    with httpx.stream("POST", f"{stack.base}{path}", headers={"x-uniroute-request-id": rid},
+                      json=_endpoint_body(path, "x-stall", rid), timeout=10) as r:
+        assert r.status_code == 200
+        events = list(_events(r.iter_lines()))
+    took = time.monotonic() - t0
+    assert 1.3 < took < 3.5, took  # timeout_s = 1.5 for the whole stream
+    last = events[-1]
+    assert last["type"] == "error", events
+    if path == "/v1/messages":
+        assert last["error"]["type"] == "timeout_error" and "timeout_s" in last["error"]["message"]
+    else:
+        assert "timeout_s" in last["message"], last
+    row = _row(stack, rid)
+    assert row is not None and row.status_code == 504 and row.error_type == "timeout"
+    assert row.endpoint == path.rsplit("/", 1)[-1]
+    assert row.completion_tokens > 0 and row.cost_usd > 0  # what was relayed is still priced
+    state = httpx.get(f"{stack.upstream}/streams").json()[rid]
+    assert state["state"] == "closed"  # the gateway hung up on the stalled upstream
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/messages"])
+def test_a_client_disconnect_is_handled_on_every_endpoint(stack: Stack, path: str) -> None:
+    rid = f"gone-{path.rsplit('/', 1)[-1]}-{time.time_ns()}"
+    with httpx.Client(timeout=10) as client, client.stream(
+            "POST", f"{stack.base}{path}", headers={"x-uniroute-request-id": rid},
+            json=_endpoint_body(path, "x-slowstream", rid)) as r:
+        assert r.status_code == 200
+        seen = 0
+        for line in r.iter_lines():
+            seen += "delta" in line and line.startswith("data: ")
+            if seen == 5:
+                break
+        closed_at = time.time()
+    deadline = time.monotonic() + 3
+    while True:
+        state = httpx.get(f"{stack.upstream}/streams").json().get(rid, {})
+        if state.get("state") != "open" or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert state["state"] == "closed", state  # the upstream call was closed, well before its 40 chunks
+    assert state["at"] - closed_at < 1.0
+    row = _row(stack, rid)
+    assert row is not None, "the disconnected stream was not logged"
+    assert row.status_code == 499 and row.error_type == "client_disconnected"
+    assert row.endpoint == path.rsplit("/", 1)[-1]
+    assert 0 < row.completion_tokens < 40 and row.prompt_tokens > 0 and row.cost_usd > 0

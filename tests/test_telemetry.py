@@ -143,3 +143,47 @@ def test_no_endpoint_no_export(dataset: Path) -> None:
         assert r.status_code == 200
         assert client.app.state.gateway.chat_service().tracing.enabled is False  # type: ignore[attr-defined]
     assert bodies == []
+
+
+def test_uniroute_routing_spans_and_every_endpoint(tmp_path: Path) -> None:
+    """With the UniRoute router (a fitted K-means artifact): the routing span has ``uniroute.embed`` and
+    ``uniroute.rank`` under it and the request span carries the prompt's cluster; ``/v1/responses`` and
+    ``/v1/embeddings`` get their request spans too, the latter with an ``embeddings <model>`` attempt span."""
+    from tests import routing_features as rf
+
+    data, art = rf.fit(tmp_path / "fit")
+    with replay_upstream(data) as replay, otlp_receiver() as (url, bodies):
+        cfg = rf.write_config(tmp_path / "config.yaml", data, art, replay, f"sqlite:///{tmp_path / 'gw.db'}", 0,
+                              auth={"mode": "open"},
+                              telemetry={"otlp_endpoint": url, "service_name": "uniroute-test",
+                                         "schedule_delay_ms": 50})
+        raw = yaml.safe_load(cfg.read_text())
+        raw["models"].append({"name": "embed-small", "kind": "embedding", "router_cost": 1, "input_cost_per_1m": 1.0,
+                              "litellm_params": {"model": "openai/embed-small", "api_base": replay,
+                                                 "api_key": "replay"}})
+        cfg.write_text(yaml.safe_dump(raw))
+        with TestClient(create_app(load_config(cfg))) as client:
+            r = client.post("/v1/responses", json={"model": "auto", "input": "What is 2 + 2?"})
+            assert r.status_code == 200, r.text
+            responses_id, cluster = r.headers["x-uniroute-request-id"], r.json()["uniroute"]["cluster"]
+            r = client.post("/v1/embeddings", json={"model": "embed-small", "input": ["alpha", "beta"]})
+            assert r.status_code == 200, r.text
+            embeddings_id = r.headers["x-uniroute-request-id"]
+    got = spans(bodies)
+    by_id = {s["id"]: s for s in got}
+    (request,) = [s for s in got if s["attrs"].get("uniroute.request_id") == responses_id]
+    assert request["name"] == "uniroute.request responses" and request["parent"] == ""
+    assert isinstance(cluster, int) and request["attrs"]["uniroute.cluster"] == cluster
+    assert request["attrs"]["gen_ai.request.model"] == "auto" and request["attrs"]["uniroute.candidates"]
+    (route,) = [s for s in got if s["name"] == "uniroute.route" and s["parent"] == request["id"]]
+    assert route["attrs"]["uniroute.cluster"] == cluster
+    under_route = {s["name"] for s in got if s["parent"] == route["id"]}
+    assert {"uniroute.embed", "uniroute.rank"} <= under_route, under_route
+    served = request["attrs"]["gen_ai.response.model"]
+    assert any(s["name"] == f"chat {served}" and by_id.get(s["parent"]) is request for s in got)
+    (emb,) = [s for s in got if s["attrs"].get("uniroute.request_id") == embeddings_id]
+    assert emb["name"] == "uniroute.request embeddings"
+    assert emb["attrs"]["gen_ai.operation.name"] == "embeddings"
+    assert emb["attrs"]["gen_ai.response.model"] == "embed-small" and emb["attrs"]["gen_ai.usage.input_tokens"] > 0
+    attempts = [s for s in got if s["parent"] == emb["id"]]
+    assert [s["name"] for s in attempts] == ["embeddings embed-small"], attempts

@@ -240,15 +240,29 @@ def json_shape(limits: LimitsConfig) -> JsonShape:
     return JsonShape(limits.max_json_depth, limits.max_json_items)
 
 
-def chat_shape(limits: LimitsConfig) -> JsonShape:
-    """The checks of a chat completion body: depth, values, and the lengths of its arrays."""
-    tools = ArrayLimit(limits.max_tools, "tools", "limits.max_tools")
-    return JsonShape(limits.max_json_depth, limits.max_json_items, {
+def _chat_arrays(limits: LimitsConfig) -> dict[tuple[str, ...], ArrayLimit]:
+    return {
         ("messages",): ArrayLimit(limits.max_messages, "messages", "limits.max_messages"),
         ("messages", "*", "content"): ArrayLimit(limits.max_content_parts, "content parts",
                                                  "limits.max_content_parts"),
-        ("tools",): tools,
+        ("tools",): ArrayLimit(limits.max_tools, "tools", "limits.max_tools"),
         ("functions",): ArrayLimit(limits.max_tools, "functions", "limits.max_tools"),
+    }
+
+
+def chat_shape(limits: LimitsConfig) -> JsonShape:
+    """The checks of a chat completion body (and of an Anthropic Messages body): depth, values, and the lengths
+    of its arrays."""
+    return JsonShape(limits.max_json_depth, limits.max_json_items, _chat_arrays(limits))
+
+
+def responses_shape(limits: LimitsConfig) -> JsonShape:
+    """The checks of a Responses API body: the chat limits, with its ``input`` items counted as messages
+    (``limits.max_messages``) and their ``content`` lists as content parts (``limits.max_content_parts``)."""
+    return JsonShape(limits.max_json_depth, limits.max_json_items, {
+        **_chat_arrays(limits),
+        ("input",): ArrayLimit(limits.max_messages, "input items", "limits.max_messages"),
+        ("input", "*", "content"): ArrayLimit(limits.max_content_parts, "content parts", "limits.max_content_parts"),
     })
 
 

@@ -21,7 +21,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from gateway.http.bodies import chat_shape, limits_of, off_loop, read_body
+from gateway.config import LimitsConfig
+from gateway.http.bodies import JsonShape, chat_shape, limits_of, off_loop, read_body
 from gateway.http.middleware import ATTEMPTS, new_request_id
 from gateway.http.responses import dumps, error_response, header_value, json_response, parse_json
 from gateway.http.state import gateway_state
@@ -57,9 +58,11 @@ R = TypeVar("R", bound=Served)
 async def serve(request: Request, parse: Callable[[bytes], R], complete: Callable[[R, ChatContext], Awaitable[ChatResult]],
                 stream: Callable[[R, ChatContext], Awaitable[ChatStream]], sse: Callable[[ChatStream], Response],
                 error: Callable[[BaseException], Response] = error_response,
-                authorization: str | None = None) -> Response:
+                authorization: str | None = None,
+                shape: Callable[[LimitsConfig], JsonShape] = chat_shape) -> Response:
     """The one HTTP flow of every served endpoint: the key from the headers first (``authorization``, default
-    the ``Authorization`` header), the body read under the chat limits and parsed (``parse``), then the service
+    the ``Authorization`` header), the body read under the structural limits of ``shape`` (default: the chat
+    limits) and parsed (``parse``), then the service
     (``complete`` or ``stream``); JSON with the ``x-uniroute-*`` headers, or ``sse`` events; ``error`` shapes a
     failure (with ``x-uniroute-attempts``)."""
     service = gateway_state(request).chat_service()
@@ -72,7 +75,7 @@ async def serve(request: Request, parse: Callable[[bytes], R], complete: Callabl
     )
     try:
         await service.authenticate(ctx)  # from the headers: a refused key costs no body read
-        raw = await read_body(request, chat_shape(limits))
+        raw = await read_body(request, shape(limits))
         ctx.body_bytes = len(raw)
         req = await off_loop(len(raw), limits, parse, raw)
         if req.stream:

@@ -43,18 +43,27 @@ def _errors(*codes: int) -> dict[str, Any]:
 _REQUESTS: tuple[type[BaseModel], ...] = (ChatCompletionRequest, ResponsesRequest, MessagesRequest, EmbeddingsRequest)
 _HEADERS = ("x-uniroute-model", "x-uniroute-request-id", "x-uniroute-client-request-id", "x-uniroute-attempts",
             "x-uniroute-cost")
+_LAMBDA_PARAM = {"name": "x-uniroute-lambda", "in": "header", "required": False, "schema": {"type": "number", "minimum": 0},
+                 "description": "cost/quality trade-off λ (the body's uniroute.lambda wins)"}
+_CLIENT_ID_PARAM = {"name": "x-uniroute-client-request-id", "in": "header", "required": False,
+                    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+                    "description": "your own id for the request: logged and echoed, never the gateway's "
+                                   "id (x-uniroute-request-id, which feedback addresses)"}
 
 
 def _served(summary: str, operation_id: str, request: type[BaseModel], answer: str, *codes: int,
-            anthropic: bool = False) -> dict[str, Any]:
-    """A POST of one of the served endpoints beyond chat (same headers, same errors; Anthropic-shaped ones)."""
+            anthropic: bool = False, routed: bool = True) -> dict[str, Any]:
+    """A POST of one of the served endpoints beyond chat (same headers, same errors; Anthropic-shaped ones).
+    ``routed``: the endpoint takes a λ (``x-uniroute-lambda``, request and response header), as chat does."""
     errors = ({str(c): {"description": "Anthropic-shaped error",
                         "content": {"application/json": {"schema": _ref(AnthropicErrorResponse)}}} for c in codes}
               if anthropic else _errors(*codes))
+    headers = (*_HEADERS, "x-uniroute-lambda") if routed else _HEADERS
     return {"post": {
         "summary": summary, "operationId": operation_id,
+        "parameters": [_LAMBDA_PARAM, _CLIENT_ID_PARAM] if routed else [_CLIENT_ID_PARAM],
         "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request)}}},
-        "responses": {"200": {"description": answer, "headers": {h: {"schema": {"type": "string"}} for h in _HEADERS}},
+        "responses": {"200": {"description": answer, "headers": {h: {"schema": {"type": "string"}} for h in headers}},
                       **errors}}}
 
 
@@ -69,13 +78,7 @@ def build_openapi() -> dict[str, Any]:
         "post": {
             "summary": "Create a chat completion (OpenAI-compatible). model 'auto' lets the gateway route.",
             "operationId": "createChatCompletion",
-            "parameters": [{"name": "x-uniroute-lambda", "in": "header", "required": False,
-                            "schema": {"type": "number", "minimum": 0},
-                            "description": "cost/quality trade-off λ (the body's uniroute.lambda wins)"},
-                           {"name": "x-uniroute-client-request-id", "in": "header", "required": False,
-                            "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
-                            "description": "your own id for the request: logged and echoed, never the gateway's "
-                                           "id (x-uniroute-request-id, which feedback addresses)"}],
+            "parameters": [_LAMBDA_PARAM, _CLIENT_ID_PARAM],
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(ChatCompletionRequest)}}},
             "responses": {
                 "200": {
@@ -110,7 +113,7 @@ def build_openapi() -> dict[str, Any]:
         "/v1/embeddings": _served(
             "Create embeddings with an embedding model, by name ('auto' is refused: 400)", "createEmbedding",
             EmbeddingsRequest, "The embeddings (JSON) with the `uniroute` object", 400, 401, 403, 404, 413, 429,
-            502, 503, 504),
+            502, 503, 504, routed=False),
         "/v1/models": {"get": {"summary": "List the models the caller may use, including 'auto'",
                                "operationId": "listModels",
                                "responses": {"200": {"description": "models",
