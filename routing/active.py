@@ -284,7 +284,8 @@ class SequentialProfile:
         counts = self.w[rows].sum(axis=0)
         return np.asarray(difficulty_prior_means(np.asarray([overall]), self.difficulty, counts / counts.sum())[0])
 
-    def state(self, asked: Collection[int], graded_rows: Sequence[int], errors: Sequence[float]) -> SequentialState:
+    def state(self, asked: Collection[int], graded_rows: Sequence[int] | np.ndarray,
+              errors: Sequence[float] | np.ndarray) -> SequentialState:
         """The posterior after ``graded_rows`` (candidate positions) with ``errors``; ``asked``: every
         position asked so far, graded or failed (a failed prompt is not asked again)."""
         rows = np.asarray(graded_rows, dtype=np.int64)

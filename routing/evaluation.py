@@ -80,6 +80,8 @@ METHODS: dict[str, Callable[[], RouterEstimator]] = {
     # active allocation of each new model's label budget (issue 15, routing/active.py)
     "uniroute-learnedmap-active": LearnedMapActive,
     "uniroute-learnedmap-active-disagree": lambda: LearnedMapActive(weight="disagreement"),
+    # the control of the two above: the same path (all candidates, the oracle, the budget), a uniform choice
+    "uniroute-learnedmap-active-uniform": lambda: LearnedMapActive(allocation="uniform"),
     "clairvoyant": Clairvoyant,
     "random": RandomRouter,
     "most-accurate": AlwaysMostAccurate,
