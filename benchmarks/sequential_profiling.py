@@ -79,7 +79,7 @@ def main() -> int:
         psi_all = lm.psi_.copy()
         for t in targets:
             got = [profile_sequentially(z, task.val_scores[:, j], lm.prior_strength_, t, args.allocation,
-                                        seed * 100 + j) for j in range(len(mte))]
+                                        seed) for j in range(len(mte))]  # one order for every model
             lm.psi_ = np.stack([g[0] for g in got])
             a = area(*lm.curve(x[te], test, ds.model_costs[mte], names=task.pool_names))
             lm.psi_ = psi_all

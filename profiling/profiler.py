@@ -235,7 +235,7 @@ async def run_profiling(
     if max_prompts is not None or target_ci is not None:
         seq = SequentialProfile(art.membership(art.val_embeddings, variant), prior_strength=art.profile_prior(variant)[0],
                                 difficulty=art.profile_prior(variant)[1], target_ci=target_ci, max_prompts=max_prompts,
-                                allocation=allocation, seed=_model_seed(model))
+                                allocation=allocation, seed=_order_seed(art.version))
         report, state = await _sequential(seq, model, prompts, outcomes, complete=complete, grader=g,
                                           concurrency=concurrency or pc.concurrency, retry=retry, progress=progress,
                                           on_start=on_start)
@@ -250,9 +250,11 @@ async def run_profiling(
                                    allow_partial, activate)
 
 
-def _model_seed(model: str) -> int:
-    """The seed of a model's sequential order: the same prompts again when it is profiled again."""
-    return int.from_bytes(hashlib.sha256(model.encode()).digest()[:8], "big")
+def _order_seed(router_version: str) -> int:
+    """The seed of the sequential order: one per router artifact, the same for every model, so that models
+    profiled on few prompts are profiled on the same ones (their Ψ then share the prompts' noise and compare
+    better; per-model random subsets cost Area in docs/EVALUATION.md, "Active allocation")."""
+    return int.from_bytes(hashlib.sha256(f"sequential:{router_version}".encode()).digest()[:8], "big")
 
 
 def _seq_inputs(seq: SequentialProfile, model: str, prompts: Sequence[ValidationPrompt],

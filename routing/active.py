@@ -322,3 +322,43 @@ class SequentialProfile:
         extra = allocate(have, np.asarray([len(q) for q in queues]), size,
                          cluster_weights(self.shares, "traffic", power=self.power), st.means * (1.0 - st.means), self.m)
         return np.asarray([queues[c][j] for c in range(k) for j in range(int(extra[c]))], dtype=np.int64)
+
+
+# ----------------------------------------------------------------- a shared design: informative prompts
+
+def informativeness(train_scores: np.ndarray, floor: float = 0.05) -> np.ndarray:
+    """q_i = √(p_i(1 − p_i)) + floor, p_i the known (training) models' mean score on candidate i: a prompt
+    every known model gets right, or every one wrong, says little about how a new model compares."""
+    p = np.asarray(train_scores, dtype=np.float64).mean(axis=1)
+    return np.asarray(np.sqrt(np.clip(p * (1.0 - p), 0.0, None)) + float(floor))
+
+
+def inclusion_probabilities(q: np.ndarray, n: int) -> np.ndarray:
+    """π_i = min(1, c·q_i) with c such that Σ π_i = n (those capped at 1 are taken for sure)."""
+    q = np.asarray(q, dtype=np.float64)
+    if not 0 < n <= len(q):
+        raise ValueError(f"sample size {n} is not in 1..{len(q)}")
+    pi = np.zeros(len(q))
+    sure = np.zeros(len(q), dtype=bool)
+    for _ in range(len(q)):
+        rest = n - sure.sum()
+        free = ~sure
+        pi[free] = rest * q[free] / q[free].sum()
+        pi[sure] = 1.0
+        over = free & (pi >= 1.0)
+        if not over.any():
+            break
+        sure |= over
+    return np.clip(pi, 0.0, 1.0)
+
+
+def systematic_sample(pi: np.ndarray, seed: int | Sequence[int]) -> np.ndarray:
+    """Exactly round(Σπ) positions, position i with probability π_i (systematic sampling in a seeded random
+    order); sorted."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(pi))
+    cum = np.cumsum(np.asarray(pi, dtype=np.float64)[order])
+    n = round(float(cum[-1]))
+    points = rng.random() + np.arange(n)
+    picked = order[np.searchsorted(cum, points, side="right")]
+    return np.sort(np.unique(picked))

@@ -455,7 +455,22 @@ class LearnedMapActive(LearnedMap):
         psis: list[np.ndarray] = []
         counts: list[np.ndarray] = []
         asked: list[int] = []
+        shared: tuple[np.ndarray, np.ndarray] | None = None
+        if self.allocation == "informative":  # one design for every new model, from the known models' labels only
+            from routing.active import inclusion_probabilities, informativeness, systematic_sample
+
+            pi = inclusion_probabilities(informativeness(pool.train_scores), pool.oracle.budget)
+            rows_shared = systematic_sample(pi, [task.seed, 16])
+            shared = (rows_shared, 1.0 / pi[rows_shared])
         for j in range(pool.oracle.n_models):
+            if shared is not None:
+                rows, v = shared
+                psi, cnt = shrunk_cluster_errors(z[rows], 1.0 - pool.oracle.ask(j, rows)[:, None], m, self.difficulty_,
+                                                 v * (len(v) / v.sum()))
+                psis.append(psi[0])
+                counts.append(cnt)
+                asked.append(len(rows))
+                continue
             if self.allocation == "uniform":  # the control: a fresh uniform sample of the same size, via the oracle
                 rows = np.sort(np.random.default_rng([task.seed, 15, j]).permutation(len(z))[:pool.oracle.budget])
                 psi, cnt = shrunk_cluster_errors(z[rows], 1.0 - pool.oracle.ask(j, rows)[:, None], m, self.difficulty_)
