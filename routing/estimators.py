@@ -462,6 +462,16 @@ class LearnedMapActive(LearnedMap):
             pi = inclusion_probabilities(informativeness(pool.train_scores), pool.oracle.budget)
             rows_shared = systematic_sample(pi, [task.seed, 16])
             shared = (rows_shared, 1.0 / pi[rows_shared])
+        elif self.allocation == "shared":  # one cluster allocation for every new model, from the known models
+            from routing.active import allocate, cluster_weights
+
+            psi_known, _ = shrunk_cluster_errors(z, 1.0 - np.asarray(pool.train_scores, dtype=np.float64), m)
+            extra = allocate(np.zeros(k), np.bincount(clusters, minlength=k), pool.oracle.budget,
+                             cluster_weights(shares, self.weight, disagreement(psi_known), self.power),
+                             (psi_known * (1.0 - psi_known)).mean(axis=0), m)
+            order = np.random.default_rng([task.seed, 17]).permutation(len(z))
+            rows_shared = np.sort(np.concatenate([order[clusters[order] == c][:extra[c]] for c in range(k)]))
+            shared = (rows_shared, importance_weights(clusters[rows_shared], shares))
         for j in range(pool.oracle.n_models):
             if shared is not None:
                 rows, v = shared

@@ -80,7 +80,10 @@ METHODS: dict[str, Callable[[], RouterEstimator]] = {
     # active allocation of each new model's label budget (issue 15, routing/active.py)
     "uniroute-learnedmap-active": LearnedMapActive,
     "uniroute-learnedmap-active-disagree": lambda: LearnedMapActive(weight="disagreement"),
-    # the control of the two above: the same path (all candidates, the oracle, the budget), a uniform choice
+    # one design shared by every new model (not adaptive): by cluster from the known models, or by prompt
+    "uniroute-learnedmap-active-shared": lambda: LearnedMapActive(allocation="shared"),
+    "uniroute-learnedmap-active-informative": lambda: LearnedMapActive(allocation="informative"),
+    # the control of the per-model ones above: the same path (all candidates, the oracle, the budget), a uniform choice
     "uniroute-learnedmap-active-uniform": lambda: LearnedMapActive(allocation="uniform"),
     "clairvoyant": Clairvoyant,
     "random": RandomRouter,

@@ -176,3 +176,34 @@ def test_active_learnedmap_reads_only_the_labels_it_chose() -> None:
     full = LearnedMapActive(n_clusters=4, prior_strength=2.0).fit(task3)  # type: ignore[arg-type]
     plain = LearnedMap(n_clusters=4, prior_strength=2.0).fit(noisy_task(n_val=300))
     np.testing.assert_allclose(full.psi_, plain.psi_, atol=1e-12)
+
+
+@pytest.mark.parametrize("allocation", ["shared", "informative"])
+def test_shared_designs_ask_every_new_model_the_same_prompts_within_the_budget(allocation: str) -> None:
+    task, scores = active_task(60)
+    lm = LearnedMapActive(n_clusters=4, prior_strength=2.0, allocation=allocation).fit(task)  # type: ignore[arg-type]
+    asked = task.candidates.oracle.asked  # type: ignore[attr-defined]
+    assert all(sorted(a) == sorted(asked[0]) for a in asked) and len(set(asked[0])) == lm.labels_used_[0] <= 60
+    assert lm.labels_used_[0] >= 58  # systematic sampling: the budget, up to rounding
+    # the design depends on the known models' labels only: noise in the new models' labels leaves it as it was
+    task2, _ = active_task(60, noise_seed=3)
+    task2.candidates.oracle = LabelOracle(np.random.default_rng(4).random(scores.shape), budget=60)  # type: ignore[attr-defined]
+    LearnedMapActive(n_clusters=4, prior_strength=2.0, allocation=allocation).fit(task2)  # type: ignore[arg-type]
+    assert task2.candidates.oracle.asked == asked  # type: ignore[attr-defined]
+
+
+def test_inclusion_probabilities_and_systematic_sampling() -> None:
+    from routing.active import inclusion_probabilities, informativeness, systematic_sample
+
+    q = informativeness(np.array([[1, 1], [0, 1], [0, 0], [1, 0], [1, 1]], dtype=float), floor=0.05)
+    np.testing.assert_allclose(q, [0.05, 0.55, 0.05, 0.55, 0.05])
+    pi = inclusion_probabilities(q, 3)
+    assert pi.sum() == pytest.approx(3) and pi[1] == pi[3] == 1.0  # capped: taken for sure
+    hits = np.zeros(5)
+    for s in range(3000):
+        picked = systematic_sample(pi, s)
+        assert len(picked) == 3
+        hits[picked] += 1
+    np.testing.assert_allclose(hits / 3000, pi, atol=0.03)
+    with pytest.raises(ValueError, match="not in 1..5"):
+        inclusion_probabilities(q, 6)
