@@ -205,5 +205,5 @@ def test_inclusion_probabilities_and_systematic_sampling() -> None:
         assert len(picked) == 3
         hits[picked] += 1
     np.testing.assert_allclose(hits / 3000, pi, atol=0.03)
-    with pytest.raises(ValueError, match="not in 1..5"):
+    with pytest.raises(ValueError, match=r"not in 1\.\.5"):
         inclusion_probabilities(q, 6)
