@@ -21,7 +21,7 @@ from routing.dataset import load_dataset
 from routing.synthetic import make_synthetic_dataset
 from tests.procs import replay_upstream, server_env
 
-pytestmark = pytest.mark.slow  # a replay server and three CLI processes: ~20-40 s
+pytestmark = pytest.mark.slow  # a replay server and eight CLI processes: 128 s at load average 14
 
 
 def _uniroute(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
