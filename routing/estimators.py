@@ -410,14 +410,27 @@ class LearnedMap(RouterEstimator):
         return expected_errors(self.membership(x), self.psi_)
 
 
+#: how :class:`LearnedMapActive` chooses each new model's labels
+LEARNEDMAP_ALLOCATIONS = ("active", "uniform", "shared", "informative")
+
+
 class LearnedMapActive(LearnedMap):
     """LearnedMap whose pool models are profiled by active allocation (:mod:`routing.active`).
 
     Everything but Ψ is LearnedMap's (θ, K, m). Each pool model gets the same number of labels as
-    the uniform sample would give it (the oracle's budget), but chooses them among all candidate
-    validation prompts, by cluster, in ``rounds`` rounds, from its own labels so far; Ψ is then
-    estimated with importance weights. ``weight``: ``"traffic"`` or ``"disagreement"`` (the spread
-    of the training LLMs' Ψ on the candidates). Without ``task.candidates`` it is plain LearnedMap.
+    the uniform sample would give it (the oracle's budget), chosen among all candidate validation
+    prompts by ``allocation``:
+
+    * ``"active"``: per model, by cluster, in ``rounds`` rounds, from its own labels so far
+      (:func:`routing.active.choose_and_label`; ``power`` p, ``weight`` ``"traffic"`` or
+      ``"disagreement"``: the spread of the training LLMs' Ψ on the candidates);
+    * ``"uniform"``: per model, a seeded uniform sample (the control of ``"active"``);
+    * ``"shared"``: one cluster allocation for every model, from the training LLMs' Ψ only;
+    * ``"informative"``: one sample for every model, prompts drawn by the training LLMs' disagreement on
+      them (:func:`routing.active.informativeness`).
+
+    Ψ is estimated with importance weights (``reweight``; inverse inclusion probabilities for
+    ``"informative"``; none for ``"uniform"``). Without ``task.candidates`` it is plain LearnedMap.
     """
 
     name = "uniroute-learnedmap-active"
@@ -440,6 +453,8 @@ class LearnedMapActive(LearnedMap):
             traffic_shares,
         )
 
+        if self.allocation not in LEARNEDMAP_ALLOCATIONS:
+            raise ValueError(f"unknown allocation {self.allocation!r}; valid: {', '.join(LEARNEDMAP_ALLOCATIONS)}")
         pool = task.candidates
         if pool is None:
             super()._profile_pool(task, m)

@@ -207,3 +207,9 @@ def test_inclusion_probabilities_and_systematic_sampling() -> None:
     np.testing.assert_allclose(hits / 3000, pi, atol=0.03)
     with pytest.raises(ValueError, match=r"not in 1\.\.5"):
         inclusion_probabilities(q, 6)
+
+
+def test_active_learnedmap_refuses_an_unknown_allocation() -> None:
+    task, _ = active_task(60)
+    with pytest.raises(ValueError, match="valid: active, uniform, shared, informative"):
+        LearnedMapActive(n_clusters=4, prior_strength=2.0, allocation="greedy").fit(task)  # type: ignore[arg-type]
