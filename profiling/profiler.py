@@ -16,6 +16,11 @@ Used by ``uniroute profile MODEL`` and by ``POST /admin/models/{name}/profile``:
    ``profiling.min_graded_per_cluster`` graded answers (or all of its prompts, when it has fewer), unless ``allow_partial`` (then the
    source is ``validation-partial`` and the report says so). Activation also marks the
    model routable; every replica picks it up at its next registry poll.
+
+Sequential profiling (``uniroute profile --max-prompts N --target-ci X``, issue 15) asks the prompts in
+rounds (:class:`routing.active.SequentialProfile`: one seeded order per artifact, the same for every model)
+and stops when every cluster's 95 % posterior half-width is at most X or N prompts were asked; the target,
+not ``min_graded_per_cluster``, then decides activation (docs/PROFILING.md).
 """
 
 from __future__ import annotations
