@@ -193,3 +193,15 @@ async def test_sequential_profiling_short_of_the_target_is_not_activated(store: 
         await run_profiling(_config(1), store, fwd, "new", artifact=art, target_ci=1.5)
     with pytest.raises(ValueError, match="unknown allocation"):
         await run_profiling(_config(1), store, fwd, "new", artifact=art, max_prompts=5, allocation="greedy")
+
+
+async def test_sequential_profiling_asks_every_model_the_same_prompts(store: Store) -> None:
+    """One seeded order per artifact, not per model: models profiled on few prompts share them."""
+    catalog.add_model(store, parse_spec({"name": "other", "router_cost": 2.0, "routable": False,
+                                         "litellm_params": {"model": "openai/other"}}))
+    art = _seq_artifact()
+    for name in ("new", "other"):
+        res = await run_profiling(_config(1), store, FakeForwarder(), name, artifact=art, max_prompts=30)
+        assert res.sequential is not None and res.sequential["used"] == 30
+    asked = [sorted(o.prompt_id for o in SqlOutcomeStore(store, art.version).outcomes(name)) for name in ("new", "other")]
+    assert len(asked[0]) == 30 and asked[0] == asked[1]
