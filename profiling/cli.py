@@ -18,6 +18,7 @@ from typing import Any
 from gateway.config import GatewayConfig, load_config
 from gateway.store.engine import Store
 from profiling.profiler import (
+    DEFAULT_ALLOCATION,
     ProfilingResult,
     SqlOutcomeStore,
     dataset_answers,
@@ -31,6 +32,12 @@ from profiling.schedule import Reprofiler, format_report, router_key
 def profile_command(args: argparse.Namespace) -> int:
     """``uniroute profile MODEL [--activate]``: exit 0 when profiled and reported (and, with ``--activate``,
     activated), 2 when not (the report says why)."""
+    if args.max_prompts is not None and args.max_prompts < 1:
+        raise ValueError(f"--max-prompts must be a positive integer, got {args.max_prompts}")
+    if args.target_ci is not None and not 0 < args.target_ci < 1:
+        raise ValueError(f"--target-ci must be a half-width in (0, 1) error units (e.g. 0.1), got {args.target_ci}")
+    if args.allocation is not None and args.max_prompts is None and args.target_ci is None:
+        raise ValueError("--allocation applies to sequential profiling: give --max-prompts and/or --target-ci too")
     config = load_config(args.config)
     store = Store(config.database_url)
     t0 = time.perf_counter()
@@ -81,7 +88,9 @@ async def _profile(config: GatewayConfig, store: Store, args: argparse.Namespace
     try:
         return await run_profiling(config, store, forwarder, args.model, grader=args.grader,
                                    concurrency=args.concurrency, allow_partial=args.allow_partial, answers=answers,
-                                   progress=progress, on_start=on_start, activate=args.activate)
+                                   progress=progress, on_start=on_start, activate=args.activate,
+                                   max_prompts=args.max_prompts, target_ci=args.target_ci,
+                                   allocation=args.allocation or DEFAULT_ALLOCATION)
     finally:
         if bar is not None:
             bar.close()
@@ -89,7 +98,13 @@ async def _profile(config: GatewayConfig, store: Store, args: argparse.Namespace
 
 
 def _format(r: ProfilingResult, wall: float) -> str:
-    lines = [r.report.summary(), f"wall time {wall:.2f}s", f"graded per cluster: {r.graded_per_cluster}", r.message]
+    lines = [r.report.summary(), f"wall time {wall:.2f}s", f"graded per cluster: {r.graded_per_cluster}"]
+    if r.sequential is not None:
+        s = r.sequential
+        lines.append(f"sequential ({s['allocation']}): used {s['used']} of {s['candidates']} prompts "
+                     f"({s['graded']} graded), stopped on {s['stop']}; max 95% half-width {s['max_half_width']:.3f}"
+                     + (f" (target {s['target_ci']})" if s["target_ci"] is not None else ""))
+    lines.append(r.message)
     if r.psi is not None:
         lines.append("Ψ: [" + ", ".join(f"{v:.3f}" for v in r.psi) + "]")
     if r.impact is not None:

@@ -22,6 +22,11 @@ Used by ``uniroute profile MODEL`` and by ``POST /admin/models/{name}/profile``:
    anything again, as long as it is still current (same artifact and variant, same graded outcomes, same
    router cost); otherwise that call profiles (resuming) and activates. Every activation keeps its report
    (``activated``) for the follow-up with the realised figures (profiling/followup.py).
+
+Sequential profiling (``uniroute profile --max-prompts N --target-ci X``, issue 15) asks the prompts in
+rounds (:class:`routing.active.SequentialProfile`: one seeded order per artifact, the same for every model)
+and stops when every cluster's 95 % posterior half-width is at most X or N prompts were asked; the target,
+not ``min_graded_per_cluster``, then decides activation (docs/PROFILING.md).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from gateway.store.engine import Store
 from profiling.graders import GRADERS, get_grader
 from profiling.impact import store_impact
 from profiling.runner import (
+    Completer,
     Completion,
     CompletionFailed,
     Outcome,
@@ -55,10 +61,14 @@ from profiling.runner import (
     ValidationPrompt,
     profile_model,
 )
+from routing.active import SequentialProfile, SequentialState
 from routing.artifact import RouterArtifact
 from routing.impact import ImpactReport
 
 logger = logging.getLogger("uniroute.profiling")
+#: how `uniroute profile --max-prompts/--target-ci` chooses its prompts (routing.active.ALLOCATIONS; issue 15:
+#: docs/EVALUATION.md, "Active allocation", decides it)
+DEFAULT_ALLOCATION = "uniform"
 
 
 # ----------------------------------------------------------------------------- outcome store
@@ -132,6 +142,8 @@ class ProfilingResult:
     message: str = ""
     impact: ImpactReport | None = None  # what activating it changes (docs/IMPACT.md), computed before activation
     impact_error: str | None = None  # why there is no impact report (e.g. no other profiled model)
+    #: sequential profiling (``--max-prompts`` / ``--target-ci``): prompts used, half-widths, why it stopped
+    sequential: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         r = self.report
@@ -144,7 +156,7 @@ class ProfilingResult:
             "graded_per_cluster": self.graded_per_cluster, "short_clusters": self.short_clusters,
             "min_graded_per_cluster": self.min_graded_per_cluster, "profile_versions": self.profile_versions,
             "psi": self.psi, "impact": self.impact.as_dict() if self.impact is not None else None,
-            "impact_error": self.impact_error,
+            "impact_error": self.impact_error, "sequential": self.sequential,
         }
 
 
@@ -192,10 +204,19 @@ async def run_profiling(
     progress: Callable[[RunReport], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
     activate: bool = False,
+    max_prompts: int | None = None,
+    target_ci: float | None = None,
+    allocation: str = DEFAULT_ALLOCATION,
 ) -> ProfilingResult:
     """Profile ``model`` (a registry row) and report what activating it changes; with ``activate``, activate it
     when every cluster has enough graded answers (a profile reported earlier and still current is activated as
-    reported, nothing asked or graded again)."""
+    reported, nothing asked or graded again).
+
+    With ``max_prompts`` or ``target_ci``, profiling is sequential (:func:`_sequential`): prompts are
+    asked in rounds, chosen by ``allocation`` (routing.active.ALLOCATIONS), until every cluster's 95 %
+    posterior half-width is at most ``target_ci`` or ``max_prompts`` were asked. Activation then needs
+    the target met (a cluster with no prompt left counts as met), not ``min_graded_per_cluster``
+    graded answers per cluster; without a target, spending ``max_prompts`` is enough."""
     pc = config.profiling
     keep_config_params(config.models)  # config.yaml's secrets, which the table holds masked
     art: RouterArtifact = artifact if artifact is not None else await asyncio.to_thread(load_artifact, config)
@@ -227,14 +248,86 @@ async def run_profiling(
     g = get_grader(grader_name, judge=judge)
     prompts = validation_prompts(art, variant, answers)
     outcomes = SqlOutcomeStore(store, art.version)
+    retry = RetryPolicy(attempts=pc.attempts)
+    if max_prompts is not None or target_ci is not None:
+        seq = SequentialProfile(art.membership(art.val_embeddings, variant), prior_strength=art.profile_prior(variant)[0],
+                                difficulty=art.profile_prior(variant)[1], target_ci=target_ci, max_prompts=max_prompts,
+                                allocation=allocation, seed=_order_seed(art.version))
+        report, state = await _sequential(seq, model, prompts, outcomes, complete=complete, grader=g,
+                                          concurrency=concurrency or pc.concurrency, retry=retry, progress=progress,
+                                          on_start=on_start)
+        return await asyncio.to_thread(_finish, config, store, art, spec.router_cost, model, prompts, outcomes, report,
+                                       allow_partial, activate, (seq, state))
     if on_start is not None:
         done = await asyncio.to_thread(outcomes.completed, model, [p.prompt_id for p in prompts])
         on_start(len(prompts), len(done))
     report = await profile_model(model, prompts, complete=complete, grader=g, store=outcomes,
-                                 concurrency=concurrency or pc.concurrency, retry=RetryPolicy(attempts=pc.attempts),
-                                 progress=progress)
+                                 concurrency=concurrency or pc.concurrency, retry=retry, progress=progress)
     return await asyncio.to_thread(_finish, config, store, art, spec.router_cost, model, prompts, outcomes, report,
                                    allow_partial, activate)
+
+
+def _order_seed(router_version: str) -> int:
+    """The seed of the sequential order: one per router artifact, the same for every model, so that models
+    profiled on few prompts are profiled on the same ones (their Ψ then share the prompts' noise and compare
+    better; per-model random subsets cost Area in docs/EVALUATION.md, "Active allocation")."""
+    return int.from_bytes(hashlib.sha256(f"sequential:{router_version}".encode()).digest()[:8], "big")
+
+
+def _seq_inputs(seq: SequentialProfile, model: str, prompts: Sequence[ValidationPrompt],
+                outcomes: SqlOutcomeStore) -> tuple[set[int], list[int], list[float]]:
+    """(positions asked, graded or not; graded positions; their errors) from the stored outcomes."""
+    pos = {p.prompt_id: i for i, p in enumerate(prompts)}
+    asked: set[int] = set()
+    rows: list[int] = []
+    errors: list[float] = []
+    for o in outcomes.outcomes(model):
+        i = pos.get(o.prompt_id)
+        if i is None:
+            continue
+        asked.add(i)
+        if o.score is not None:
+            rows.append(i)
+            errors.append(1.0 - float(o.score))
+    return asked, rows, errors
+
+
+async def _sequential(seq: SequentialProfile, model: str, prompts: Sequence[ValidationPrompt],
+                      outcomes: SqlOutcomeStore, *, complete: Completer, grader: Any, concurrency: int,
+                      retry: RetryPolicy, progress: Callable[[RunReport], None] | None,
+                      on_start: Callable[[int, int], None] | None) -> tuple[RunReport, SequentialState]:
+    """Ask rounds of prompts chosen by ``seq`` until it says stop; outcomes stored earlier count (resume)."""
+    total = RunReport(model=model, total=seq.budget)
+    asked, rows, errors = await asyncio.to_thread(_seq_inputs, seq, model, prompts, outcomes)
+    total.skipped = len(rows)
+    if on_start is not None:
+        on_start(seq.budget, min(len(asked), seq.budget))
+    while True:
+        state = seq.state(asked, rows, errors)
+        nxt = seq.next_rows(state, asked)
+        if len(nxt) == 0:
+            return total, state
+        base = RunReport(model=model, total=total.total, skipped=total.skipped, graded=total.graded,
+                         failed=total.failed, cost_usd=total.cost_usd)
+
+        def step(r: RunReport, base: RunReport = base) -> None:
+            if progress is not None:
+                progress(RunReport(model=model, total=base.total, skipped=base.skipped, graded=base.graded + r.graded,
+                                   failed=base.failed + r.failed, cost_usd=base.cost_usd + r.cost_usd))
+
+        rep = await profile_model(model, [prompts[int(i)] for i in nxt], complete=complete, grader=grader,
+                                  store=outcomes, concurrency=concurrency, retry=retry, progress=step)
+        total.graded += rep.graded
+        total.failed += rep.failed
+        total.cost_usd += rep.cost_usd
+        total.seconds += rep.seconds
+        for msg, n in rep.errors.items():
+            total.errors[msg] = total.errors.get(msg, 0) + n
+        asked, rows, errors = await asyncio.to_thread(_seq_inputs, seq, model, prompts, outcomes)
+        asked |= {int(i) for i in nxt}  # a prompt whose outcome was not stored is not asked again either
+        if rep.stopped:
+            total.stopped = rep.stopped
+            return total, seq.state(asked, rows, errors)
 
 
 def _entry(spec: ModelSpec) -> ModelEntry:
@@ -303,7 +396,8 @@ def activate_reported(config: GatewayConfig, store: Store, art: RouterArtifact, 
 
 def _finish(config: GatewayConfig, store: Store, art: RouterArtifact, cost: float, model: str,
             prompts: Sequence[ValidationPrompt], outcomes: SqlOutcomeStore, report: RunReport,
-            allow_partial: bool, activate: bool = False) -> ProfilingResult:
+            allow_partial: bool, activate: bool = False,
+            sequential: tuple[SequentialProfile, SequentialState] | None = None) -> ProfilingResult:
     pc = config.profiling
     valid = {p.prompt_id for p in prompts}
     graded = {o.prompt_id: float(o.score) for o in outcomes.outcomes(model) if o.score is not None
@@ -313,9 +407,16 @@ def _finish(config: GatewayConfig, store: Store, art: RouterArtifact, cost: floa
     available = np.bincount([p.cluster for p in prompts], minlength=art.k).astype(int)
     # a cluster with fewer validation prompts than the minimum needs all of them graded
     short = [k for k in range(art.k) if per_cluster[k] < min(pc.min_graded_per_cluster, available[k])]
+    seq_info: dict[str, Any] | None = None
+    if sequential is not None:  # the target, not a count per cluster, decides (run_profiling)
+        seq, state = sequential
+        short = [] if seq.target is None else [
+            k for k in range(art.k) if state.half_widths[k] > seq.target and not state.exhausted[k]]
+        seq_info = {**state.as_dict(), "target_ci": seq.target, "max_prompts": seq.budget,
+                    "allocation": seq.allocation, "candidates": len(prompts)}
     res = ProfilingResult(model=model, router_version=art.version, report=report,
                           graded_per_cluster=per_cluster.tolist(), short_clusters=short,
-                          min_graded_per_cluster=pc.min_graded_per_cluster)
+                          min_graded_per_cluster=pc.min_graded_per_cluster, sequential=seq_info)
     if report.stopped:
         res.message = (f"{model!r} not activated: profiling {report.stopped}. Check the model's litellm_params "
                        "(model name, api_base, api_key) and its upstream, then run again (it resumes)")
@@ -323,14 +424,21 @@ def _finish(config: GatewayConfig, store: Store, art: RouterArtifact, cost: floa
     if not graded:
         res.message = f"no graded answer for {model!r}: not activated ({report.failed} failures)"
         return res
+    if short and not allow_partial and sequential is not None:
+        res.message = (f"not activated: the 95% half-width of clusters {short} is above the target "
+                       f"{sequential[0].target} after {sequential[1].used} prompts (max half-width "
+                       f"{float(np.max(sequential[1].half_widths)):.3f}); raise --max-prompts and run again (it "
+                       "resumes), or pass --allow-partial")
+        return res
     if short and not allow_partial:
         res.message = (f"not activated: clusters {short} have fewer than {pc.min_graded_per_cluster} graded answers "
                        f"(graded per cluster: {res.graded_per_cluster}); fix the failures and run again (it "
                        "resumes), or pass --allow-partial")
         return res
-    res.partial = bool(short) or len(graded) < len(prompts)
+    res.partial = bool(short) or (len(graded) < len(prompts) and sequential is None)
     source = "validation-partial" if res.partial else "validation"
-    profiles = art.profile_model(model, graded, cost=cost)
+    reweight = sequential is not None and sequential[0].allocation == "active"
+    profiles = art.profile_model(model, graded, cost=cost, reweight=reweight)
     inputs: dict[str, Any] | None = None
     for prof in profiles:
         if prof.variant == config.router.variant:
@@ -363,6 +471,8 @@ def _finish(config: GatewayConfig, store: Store, art: RouterArtifact, cost: floa
     keep(True)
     res.activated = True
     res.message = (f"activated {model!r} with a profile from {len(graded)} of {len(prompts)} prompts"
+                   + (f" (sequential: stopped on {seq_info['stop']}, max 95% half-width "
+                      f"{seq_info['max_half_width']:.3f})" if seq_info is not None else "")
                    + (f" — PARTIAL: clusters {short} below {pc.min_graded_per_cluster} graded answers, "
                       f"{len(prompts) - len(graded)} prompts ungraded" if res.partial else ""))
     return res

@@ -185,8 +185,12 @@ class RouterArtifact:
 
     # ---------------------------------------------------------------- profiling
     def profile_model(self, model: str, scores: Mapping[str, float], *, cost: float | None = None,
-                      variants: Sequence[str] | None = None) -> list[ModelProfile]:
-        """Ψ(model) from its scores on (a subset of) the validation prompts, one per variant."""
+                      variants: Sequence[str] | None = None, reweight: bool = False) -> list[ModelProfile]:
+        """Ψ(model) from its scores on (a subset of) the validation prompts, one per variant.
+
+        ``reweight``: the subset was chosen unevenly across clusters (active allocation): weigh each prompt
+        by its cluster's share of all validation prompts over its share of the subset
+        (:func:`routing.active.importance_weights`, clusters of the variant's membership)."""
         pos = {pid: i for i, pid in enumerate(self.val_prompt_ids)}
         unknown = [pid for pid in scores if pid not in pos]
         if unknown:
@@ -200,7 +204,14 @@ class RouterArtifact:
         for v in variants or self.available_variants():
             w = self.membership(self.val_embeddings[rows], v)
             m, delta = self.profile_prior(v)
-            out.append(estimate_profile(model, w, s, prior_strength=m, cost=cost, variant=v, difficulty=delta))
+            iw = None
+            if reweight:
+                from routing.active import hard_clusters, importance_weights, traffic_shares
+
+                shares = traffic_shares(hard_clusters(self.membership(self.val_embeddings, v)), self.k)
+                iw = importance_weights(hard_clusters(w), shares)
+            out.append(estimate_profile(model, w, s, prior_strength=m, cost=cost, variant=v, difficulty=delta,
+                                        row_weights=iw))
         return out
 
     def available_variants(self) -> list[str]:

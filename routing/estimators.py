@@ -39,6 +39,46 @@ from routing.deferral import DEFAULT_LAMS, area, deferral_curve
 from routing.profiles import PRIORS, cluster_difficulty, shrunk_cluster_errors
 
 
+class LabelOracle:
+    """The pool (new) models' labels on the candidate validation prompts, revealed only on request.
+
+    Active profiling (:class:`LearnedMapActive`) asks for the labels of the prompts it chooses, at
+    most ``budget`` per model; every position asked is recorded in ``asked`` (the evaluation's
+    honesty check: labels never asked cannot change the result)."""
+
+    def __init__(self, scores: np.ndarray, budget: int) -> None:
+        self._scores = np.asarray(scores, dtype=np.float64)
+        if budget < 1:
+            raise ValueError(f"label budget must be at least 1, got {budget}")
+        self.budget = int(budget)
+        self.asked: list[list[int]] = [[] for _ in range(self._scores.shape[1])]
+
+    @property
+    def n_models(self) -> int:
+        return int(self._scores.shape[1])
+
+    def ask(self, model: int, rows: np.ndarray) -> np.ndarray:
+        """Scores of pool model ``model`` on candidate positions ``rows`` (each at most once, within the budget)."""
+        r = [int(i) for i in np.asarray(rows).reshape(-1)]
+        seen = set(self.asked[model])
+        if len(set(r)) != len(r) or seen.intersection(r):
+            raise ValueError("a candidate prompt was asked twice")
+        if len(seen) + len(r) > self.budget:
+            raise ValueError(f"label budget {self.budget} exceeded for pool model {model}")
+        self.asked[model] += r
+        return self._scores[r, model].copy()
+
+
+@dataclass
+class ActivePool:
+    """What active profiling chooses from: every candidate validation prompt, the training LLMs' labels
+    on them (known), and the pool models' labels behind a :class:`LabelOracle` with the label budget."""
+
+    x: np.ndarray  # (n_candidates, d)
+    train_scores: np.ndarray  # (n_candidates, m_train)
+    oracle: LabelOracle
+
+
 @dataclass
 class RoutingTask:
     """The data a policy is fitted on (one evaluation trial, or one deployment fit)."""
@@ -53,6 +93,9 @@ class RoutingTask:
     pool_names: list[str]
     pool_train_scores: np.ndarray | None = None  # (n_train, m_pool): for Clairvoyant only
     seed: int = 0
+    #: for active profiling: all candidate validation prompts and the pool's labels behind an oracle
+    #: (x_val / val_scores above are then the uniform random subset of the same size, for the others)
+    candidates: ActivePool | None = None
     cache: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def clusters(self, k: int) -> ClusterMap:
@@ -323,9 +366,13 @@ class LearnedMap(RouterEstimator):
         z_train = self.membership(task.x_train)
         self.difficulty_ = (cluster_difficulty(z_train, 1.0 - np.asarray(task.train_scores, dtype=np.float64))
                             if prior == "difficulty" else None)
+        self._profile_pool(task, m)
+        return self
+
+    def _profile_pool(self, task: RoutingTask, m: float) -> None:
+        """Ψ of the pool models from their validation labels (the uniform sample ``task.val_scores``)."""
         self.psi_, self.counts_ = shrunk_cluster_errors(self.membership(task.x_val), 1.0 - task.val_scores,
                                                         m, self.difficulty_)
-        return self
 
     def _train_theta(self, task: RoutingTask, cm: ClusterMap) -> tuple[np.ndarray, float]:
         from scipy.optimize import minimize
@@ -361,6 +408,117 @@ class LearnedMap(RouterEstimator):
 
     def expected_error(self, x: np.ndarray) -> np.ndarray:
         return expected_errors(self.membership(x), self.psi_)
+
+
+#: how :class:`LearnedMapActive` chooses each new model's labels
+LEARNEDMAP_ALLOCATIONS = ("active", "uniform", "shared", "informative")
+
+
+class LearnedMapActive(LearnedMap):
+    """LearnedMap whose pool models are profiled by active allocation (:mod:`routing.active`).
+
+    Everything but Ψ is LearnedMap's (θ, K, m). Each pool model gets the same number of labels as
+    the uniform sample would give it (the oracle's budget), chosen among all candidate validation
+    prompts by ``allocation``:
+
+    * ``"active"``: per model, by cluster, in ``rounds`` rounds, from its own labels so far
+      (:func:`routing.active.choose_and_label`; ``power`` p, ``weight`` ``"traffic"`` or
+      ``"disagreement"``: the spread of the training LLMs' Ψ on the candidates);
+    * ``"uniform"``: per model, a seeded uniform sample (the control of ``"active"``);
+    * ``"shared"``: one cluster allocation for every model, from the training LLMs' Ψ only;
+    * ``"informative"``: one sample for every model, prompts drawn by the training LLMs' disagreement on
+      them (:func:`routing.active.informativeness`).
+
+    Ψ is estimated with importance weights (``reweight``; inverse inclusion probabilities for
+    ``"informative"``; none for ``"uniform"``). Without ``task.candidates`` it is plain LearnedMap.
+    """
+
+    name = "uniroute-learnedmap-active"
+
+    def __init__(self, n_clusters: int | str = "auto", *, weight: str = "traffic", rounds: int = 4,
+                 power: float = 2.0, reweight: bool = True, allocation: str = "active", **params: Any) -> None:
+        super().__init__(n_clusters, **params)
+        self.allocation = allocation
+        self.weight = weight
+        self.rounds = rounds
+        self.power = power
+        self.reweight = reweight
+
+    def _profile_pool(self, task: RoutingTask, m: float) -> None:
+        from routing.active import (
+            choose_and_label,
+            disagreement,
+            hard_clusters,
+            importance_weights,
+            traffic_shares,
+        )
+
+        if self.allocation not in LEARNEDMAP_ALLOCATIONS:
+            raise ValueError(f"unknown allocation {self.allocation!r}; valid: {', '.join(LEARNEDMAP_ALLOCATIONS)}")
+        pool = task.candidates
+        if pool is None:
+            super()._profile_pool(task, m)
+            return
+        z = self.membership(pool.x)
+        k = z.shape[1]
+        spread = None
+        if self.weight == "disagreement":
+            psi_known, _ = shrunk_cluster_errors(z, 1.0 - np.asarray(pool.train_scores, dtype=np.float64), m)
+            spread = disagreement(psi_known)
+        clusters = hard_clusters(z)
+        shares = traffic_shares(clusters, k)
+        psis: list[np.ndarray] = []
+        counts: list[np.ndarray] = []
+        asked: list[int] = []
+        shared: tuple[np.ndarray, np.ndarray] | None = None
+        if self.allocation == "informative":  # one design for every new model, from the known models' labels only
+            from routing.active import inclusion_probabilities, informativeness, systematic_sample
+
+            pi = inclusion_probabilities(informativeness(pool.train_scores), pool.oracle.budget)
+            rows_shared = systematic_sample(pi, [task.seed, 16])
+            shared = (rows_shared, 1.0 / pi[rows_shared])
+        elif self.allocation == "shared":  # one cluster allocation for every new model, from the known models
+            from routing.active import allocate, cluster_weights
+
+            psi_known, _ = shrunk_cluster_errors(z, 1.0 - np.asarray(pool.train_scores, dtype=np.float64), m)
+            extra = allocate(np.zeros(k), np.bincount(clusters, minlength=k), pool.oracle.budget,
+                             cluster_weights(shares, self.weight, disagreement(psi_known), self.power),
+                             (psi_known * (1.0 - psi_known)).mean(axis=0), m)
+            order = np.random.default_rng([task.seed, 17]).permutation(len(z))
+            rows_shared = np.sort(np.concatenate([order[clusters[order] == c][:extra[c]] for c in range(k)]))
+            shared = (rows_shared, importance_weights(clusters[rows_shared], shares))
+        for j in range(pool.oracle.n_models):
+            if shared is not None:
+                rows, v = shared
+                psi, cnt = shrunk_cluster_errors(z[rows], 1.0 - pool.oracle.ask(j, rows)[:, None], m, self.difficulty_,
+                                                 v * (len(v) / v.sum()))
+                psis.append(psi[0])
+                counts.append(cnt)
+                asked.append(len(rows))
+                continue
+            if self.allocation == "uniform":  # the control: a fresh uniform sample of the same size, via the oracle
+                rows = np.sort(np.random.default_rng([task.seed, 15, j]).permutation(len(z))[:pool.oracle.budget])
+                psi, cnt = shrunk_cluster_errors(z[rows], 1.0 - pool.oracle.ask(j, rows)[:, None], m, self.difficulty_)
+                psis.append(psi[0])
+                counts.append(cnt)
+                asked.append(len(rows))
+                continue
+            oracle = pool.oracle
+
+            def label(rows: np.ndarray, j: int = j, oracle: LabelOracle = oracle) -> np.ndarray:
+                return 1.0 - oracle.ask(j, rows)
+
+            res = choose_and_label(z, pool.oracle.budget, label,
+                                   prior_strength=m, seed=[task.seed, 15, j], rounds=self.rounds,
+                                   weight=self.weight, spread=spread, shares=shares, power=self.power)
+            iw = importance_weights(clusters[res.rows], shares) if self.reweight else None
+            psi, cnt = shrunk_cluster_errors(z[res.rows], res.errors[:, None], m, self.difficulty_, iw)
+            psis.append(psi[0])
+            counts.append(cnt)
+            asked.append(len(res.rows))
+        self.psi_ = np.stack(psis)
+        self.counts_ = np.stack(counts)
+        self.labels_used_ = asked
 
 
 class LearnedMapEnsemble(RouterEstimator):
@@ -589,6 +747,7 @@ POLICIES: dict[str, Any] = {
     "uniroute-kmeans": UniRouteKMeans,
     "uniroute-learnedmap": LearnedMap,
     "uniroute-learnedmap-ens": LearnedMapEnsemble,
+    "uniroute-learnedmap-active": LearnedMapActive,
     "clairvoyant": Clairvoyant,
     "random": RandomRouter,
     "most-accurate": AlwaysMostAccurate,

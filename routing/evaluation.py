@@ -22,11 +22,14 @@ import numpy as np
 from routing.decision import normalise
 from routing.deferral import DEFAULT_LAMS, area, cost_to_reach, curve_value, deferral_curve, qnc
 from routing.estimators import (
+    ActivePool,
     AlwaysCheapest,
     AlwaysMostAccurate,
     Clairvoyant,
     KNNRouter,
+    LabelOracle,
     LearnedMap,
+    LearnedMapActive,
     LearnedMapEnsemble,
     RandomRouter,
     RouterEstimator,
@@ -74,6 +77,14 @@ METHODS: dict[str, Callable[[], RouterEstimator]] = {
     "uniroute-kmeans-soft-difficulty": _kmeans(temperature="auto", prior="difficulty"),
     "uniroute-learnedmap-flat": _learnedmap(prior="flat"),
     "uniroute-learnedmap-difficulty": _learnedmap(prior="difficulty"),
+    # active allocation of each new model's label budget (issue 15, routing/active.py)
+    "uniroute-learnedmap-active": LearnedMapActive,
+    "uniroute-learnedmap-active-disagree": lambda: LearnedMapActive(weight="disagreement"),
+    # one design shared by every new model (not adaptive): by cluster from the known models, or by prompt
+    "uniroute-learnedmap-active-shared": lambda: LearnedMapActive(allocation="shared"),
+    "uniroute-learnedmap-active-informative": lambda: LearnedMapActive(allocation="informative"),
+    # the control of the per-model ones above: the same path (all candidates, the oracle, the budget), a uniform choice
+    "uniroute-learnedmap-active-uniform": lambda: LearnedMapActive(allocation="uniform"),
     "clairvoyant": Clairvoyant,
     "random": RandomRouter,
     "most-accurate": AlwaysMostAccurate,
@@ -138,6 +149,9 @@ def run_trial(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models: Sequ
         x_val=x[va], val_train_scores=scores[np.ix_(va, mtr)], val_scores=scores[np.ix_(va, mte)],
         pool_costs=costs[mte], pool_names=[models[j] for j in mte],
         pool_train_scores=scores[np.ix_(tr, mte)], seed=seed,
+        # active profiling chooses its len(va) labels per new model among all the trial's validation prompts
+        candidates=ActivePool(x=x[va_all], train_scores=scores[np.ix_(va_all, mtr)],
+                              oracle=LabelOracle(scores[np.ix_(va_all, mte)], budget=len(va))),
     )
     if cache is not None:
         task.cache = cache
@@ -147,12 +161,14 @@ def run_trial(x: np.ndarray, scores: np.ndarray, costs: np.ndarray, models: Sequ
                                        "val_size": len(va)})
     for name in methods:
         t0 = time.perf_counter()
+        if task.candidates is not None:  # each method's active profiling starts with nothing asked
+            task.candidates.oracle = LabelOracle(scores[np.ix_(va_all, mte)], budget=len(va))
         policy = METHODS[name]().fit(task)
         xs, ys = policy.curve(x[te], test_scores, costs[mte], names=task.pool_names)
         res.metrics[name] = summarise_curve(xs, ys, best)
         res.metrics[name]["fit_seconds"] = time.perf_counter() - t0
         res.curves[name] = curve_value(xs, ys, CURVE_GRID)
-        for attr in ("k_", "temperature_", "prior_strength_"):
+        for attr in ("k_", "temperature_", "prior_strength_", "labels_used_"):
             if hasattr(policy, attr):
                 res.info[f"{name}.{attr}"] = getattr(policy, attr)
     if oracle:

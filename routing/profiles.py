@@ -95,14 +95,21 @@ def difficulty_prior_means(overall: np.ndarray, difficulty: np.ndarray, freq: np
 
 
 def shrunk_cluster_errors(weights: np.ndarray, errors: np.ndarray, prior_strength: float = 0.0,
-                          difficulty: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                          difficulty: np.ndarray | None = None, row_weights: np.ndarray | None = None
+                          ) -> tuple[np.ndarray, np.ndarray]:
     """Ψ for several models at once.
 
     ``weights``: (n, K) membership of n validation prompts; ``errors``: (n, m) in [0, 1].
     ``difficulty``: None for the flat prior (shrink toward each model's overall error), else δ
     of :func:`cluster_difficulty`, (K,) or (m, K) (shrink toward :func:`difficulty_prior_means`).
+    ``row_weights`` (n,): importance weights of prompts chosen unevenly across clusters
+    (:func:`routing.active.importance_weights`): the overall error and each cluster's mean error are
+    then weighted means (what a uniform sample estimates), the counts that set the shrinkage stay
+    the real Σ_i w_ik. None: every prompt weighs 1 (the plain estimator, bit for bit).
     Returns (psi (m, K), counts (K,)).
     """
+    if row_weights is not None:
+        return _reweighted_cluster_errors(weights, errors, prior_strength, difficulty, row_weights)
     w = np.asarray(weights, dtype=np.float64)
     e = np.asarray(errors, dtype=np.float64)
     if e.ndim == 1:
@@ -122,6 +129,34 @@ def shrunk_cluster_errors(weights: np.ndarray, errors: np.ndarray, prior_strengt
     denom = counts[None, :] + m
     with np.errstate(invalid="ignore", divide="ignore"):
         psi = np.where(denom > 0, (sums + m * prior) / np.where(denom > 0, denom, 1.0), prior)
+    return np.clip(psi, 0.0, 1.0), counts
+
+
+def _reweighted_cluster_errors(weights: np.ndarray, errors: np.ndarray, prior_strength: float,
+                               difficulty: np.ndarray | None, row_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    w = np.asarray(weights, dtype=np.float64)
+    e = np.asarray(errors, dtype=np.float64)
+    if e.ndim == 1:
+        e = e[:, None]
+    v = np.asarray(row_weights, dtype=np.float64).reshape(-1)
+    if len(v) != len(w) or np.any(v < 0) or not np.all(np.isfinite(v)):
+        raise ValueError(f"row_weights must be {len(w)} finite non-negative numbers")
+    counts = w.sum(axis=0)  # the real (soft) counts
+    vw = w * v[:, None]
+    vcounts = vw.sum(axis=0)
+    e_rows = np.ascontiguousarray(e.T)  # (m, n): each model from its own outcomes only
+    vsums = np.vecdot(e_rows[:, None, :], np.ascontiguousarray(vw.T))  # (m, K)
+    total = v.sum()
+    overall = (e_rows @ v / total)[:, None] if len(e) and total > 0 else np.full((e.shape[1], 1), 0.5)
+    prior = overall
+    if difficulty is not None and len(e) and counts.sum() > 0:
+        prior = difficulty_prior_means(overall[:, 0], difficulty, vcounts / vcounts.sum())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(vcounts[None, :] > 0, vsums / np.where(vcounts > 0, vcounts, 1.0)[None, :], prior)
+    m = float(prior_strength)
+    denom = counts[None, :] + m
+    with np.errstate(invalid="ignore", divide="ignore"):
+        psi = np.where(denom > 0, (counts[None, :] * means + m * prior) / np.where(denom > 0, denom, 1.0), prior)
     return np.clip(psi, 0.0, 1.0), counts
 
 
@@ -159,16 +194,19 @@ class ModelProfile:
 
 def estimate_profile(model: str, weights: np.ndarray, scores: np.ndarray, *, prior_strength: float,
                      cost: float | None = None, variant: str = "kmeans",
-                     difficulty: np.ndarray | None = None) -> ModelProfile:
+                     difficulty: np.ndarray | None = None, row_weights: np.ndarray | None = None) -> ModelProfile:
     """Profile one model from its scores (in [0, 1]) on validation prompts with memberships ``weights``
-    (``difficulty``: δ for the difficulty prior, None for the flat one)."""
+    (``difficulty``: δ for the difficulty prior, None for the flat one; ``row_weights``: importance
+    weights of prompts chosen by active allocation, :func:`shrunk_cluster_errors`)."""
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     if len(s) != len(weights):
         raise ValueError(f"{len(s)} scores for {len(weights)} validation prompts")
     if np.any((s < 0) | (s > 1)) or not np.all(np.isfinite(s)):
         raise ValueError("scores must be finite and in [0, 1]")
-    psi, counts = shrunk_cluster_errors(weights, 1.0 - s[:, None], prior_strength, difficulty)
-    return ModelProfile(model=model, psi=psi[0], counts=counts, overall_error=float(1.0 - s.mean()),
+    psi, counts = shrunk_cluster_errors(weights, 1.0 - s[:, None], prior_strength, difficulty, row_weights)
+    overall = float(1.0 - s.mean()) if row_weights is None else float(
+        1.0 - np.dot(np.asarray(row_weights, dtype=np.float64), s) / np.sum(row_weights))
+    return ModelProfile(model=model, psi=psi[0], counts=counts, overall_error=overall,
                         n_prompts=len(s), prior_strength=float(prior_strength), cost=cost, variant=variant)
 
 

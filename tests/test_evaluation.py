@@ -147,3 +147,18 @@ def test_real_dataset_eval_one_trial(shared_dataset: Path) -> None:
     _, summary = evaluate(rows, ds.scores, ds.model_costs, ds.models, trials=1, progress=False,
                           methods=["zero-router", "uniroute-kmeans"])
     assert summary["methods"]["uniroute-kmeans"]["area"]["mean"] > 0.45
+
+
+def test_active_profiling_in_a_trial_spends_the_same_label_budget() -> None:
+    """Issue 15: at validation size n the active variants read n labels per new model (chosen among all the
+    trial's validation prompts), as many as the uniform subset the other routers get."""
+    from routing.evaluation import run_trial
+
+    x, scores, costs = synthetic()
+    methods = [HEADLINE, "uniroute-learnedmap-active", "uniroute-learnedmap-active-disagree",
+               "uniroute-learnedmap-active-uniform"]
+    res = run_trial(x, scores, costs, [f"m{j}" for j in range(9)], 3, methods, val_size=25)
+    for name in methods[1:]:
+        assert res.info[f"{name}.labels_used_"] == [25, 25, 25]
+        assert 0 < res.metrics[name]["area"] <= 1
+    assert f"{HEADLINE}.labels_used_" not in res.info

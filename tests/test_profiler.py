@@ -129,3 +129,81 @@ async def test_judge_grader_asks_the_configured_judge_model(store: Store) -> Non
 async def test_judge_grader_needs_a_judge_model(store: Store) -> None:
     with pytest.raises(Exception, match=r"profiling\.judge_model"):
         await run_profiling(_config(1), store, FakeForwarder(), "new", artifact=_artifact(), grader="judge")
+
+
+# ------------------------------------------------------------------ sequential profiling (issue 15)
+def _seq_artifact(n: int = 200) -> RouterArtifact:
+    """Two clusters; the fake model (always answers A) is right on every prompt of cluster 0 and on a third
+    of cluster 1's."""
+    emb = np.array([[1.0, 0.0] if i % 2 == 0 else [0.0, 1.0] for i in range(n)])
+    answers = ["A" if i % 2 == 0 or i % 3 == 0 else "B" for i in range(n)]
+    return RouterArtifact(embedder_id="test", k=2, centroids=np.eye(2), theta=None,
+                          val_prompt_ids=[f"p{i}" for i in range(n)], val_prompts=[f"question {i}" for i in range(n)],
+                          val_embeddings=emb, training_set_hash="h", variant="kmeans", val_answers=answers)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "active"])
+async def test_sequential_profiling_stops_when_every_cluster_is_tight(store: Store, allocation: str) -> None:
+    from routing.active import cluster_posteriors
+
+    art = _seq_artifact()
+    fwd = FakeForwarder()
+    res = await run_profiling(_config(3), store, fwd, "new", artifact=art, activate=True, target_ci=0.15, max_prompts=200,
+                              allocation=allocation)
+    seq = res.sequential
+    assert seq is not None and seq["stop"] == "target" and seq["allocation"] == allocation
+    assert 20 <= seq["used"] < 200 and fwd.calls == seq["used"] == res.report.graded
+    assert max(seq["half_widths"]) <= 0.15 and res.activated and not res.partial
+    # the half-widths are those of the Beta posterior of the graded prompts, with the artifact's prior
+    outcomes = SqlOutcomeStore(store, art.version).outcomes("new")
+    rows = np.asarray([int(o.prompt_id[1:]) for o in outcomes])
+    errors = np.asarray([1.0 - float(o.score or 0.0) for o in outcomes])
+    if allocation == "uniform":
+        _, hw = cluster_posteriors(art.membership(art.val_embeddings[rows], "kmeans"), errors, art.prior_strength,
+                                   float((errors.sum() + 1) / (len(errors) + 2)))
+        np.testing.assert_allclose(seq["half_widths"], np.round(hw, 4))
+    # the stored Ψ is the artifact's estimator on exactly the prompts asked
+    scores = {f"p{i}": 1.0 - e for i, e in zip(rows, errors, strict=True)}
+    expected = art.profile_model("new", scores, variants=["kmeans"], reweight=allocation == "active")[0].psi
+    active = catalog.active_profiles(store, catalog.profile_key(art.version, "kmeans"))
+    np.testing.assert_allclose(active["new"].psi, expected)
+    assert active["new"].source == "validation"
+
+
+async def test_sequential_profiling_budget_without_target_and_resume(store: Store) -> None:
+    art = _seq_artifact()
+    fwd = FakeForwarder()
+    res = await run_profiling(_config(50), store, fwd, "new", artifact=art, activate=True, max_prompts=30)
+    assert res.sequential is not None and res.sequential["used"] == 30 == fwd.calls
+    assert res.sequential["stop"] == "max_prompts" and res.activated  # no target: the budget is the rule
+    # a larger budget later resumes: only the new prompts are asked
+    res = await run_profiling(_config(50), store, fwd, "new", artifact=art, activate=True, max_prompts=50)
+    assert res.sequential is not None and res.sequential["used"] == 50 and fwd.calls == 50
+
+
+async def test_sequential_profiling_short_of_the_target_is_not_activated(store: Store) -> None:
+    art = _seq_artifact()
+    fwd = FakeForwarder()
+    res = await run_profiling(_config(1), store, fwd, "new", artifact=art, activate=True, max_prompts=20, target_ci=0.05)
+    assert res.sequential is not None and res.sequential["stop"] == "max_prompts" and fwd.calls == 20
+    assert not res.activated and res.short_clusters and "above the target 0.05" in res.message
+    assert catalog.active_profiles(store, catalog.profile_key(art.version, "kmeans")) == {}
+    res = await run_profiling(_config(1), store, fwd, "new", artifact=art, activate=True, max_prompts=20, target_ci=0.05,
+                              allow_partial=True)
+    assert res.activated and res.partial and fwd.calls == 20
+    with pytest.raises(ValueError, match="target_ci must be in"):
+        await run_profiling(_config(1), store, fwd, "new", artifact=art, target_ci=1.5)
+    with pytest.raises(ValueError, match="unknown allocation"):
+        await run_profiling(_config(1), store, fwd, "new", artifact=art, max_prompts=5, allocation="greedy")
+
+
+async def test_sequential_profiling_asks_every_model_the_same_prompts(store: Store) -> None:
+    """One seeded order per artifact, not per model: models profiled on few prompts share them."""
+    catalog.add_model(store, parse_spec({"name": "other", "router_cost": 2.0, "routable": False,
+                                         "litellm_params": {"model": "openai/other"}}))
+    art = _seq_artifact()
+    for name in ("new", "other"):
+        res = await run_profiling(_config(1), store, FakeForwarder(), name, artifact=art, max_prompts=30)
+        assert res.sequential is not None and res.sequential["used"] == 30
+    asked = [sorted(o.prompt_id for o in SqlOutcomeStore(store, art.version).outcomes(name)) for name in ("new", "other")]
+    assert len(asked[0]) == 30 and asked[0] == asked[1]

@@ -193,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-activate", action="store_true",
                    help="the default: profile and print the impact report only (kept for scripts)")
     p.add_argument("--impact-plot", default=None, metavar="PNG", help="also draw the impact report here")
+    p.add_argument("--max-prompts", type=int, default=None, metavar="N",
+                   help="sequential profiling: ask at most N validation prompts, in rounds (docs/PROFILING.md)")
+    p.add_argument("--target-ci", type=float, default=None, metavar="X",
+                   help="sequential profiling: stop once every cluster's 95%% posterior half-width of Ψ is at most X "
+                        "(e.g. 0.1); activation then needs the target met, not profiling.min_graded_per_cluster")
+    p.add_argument("--allocation", default=None, choices=["uniform", "active"],
+                   help="sequential profiling: how the next prompts are chosen (default: "
+                        "profiling.profiler.DEFAULT_ALLOCATION, uniform)")
     p.set_defaults(handler=_lazy("profiling.cli:profile_command"))
 
     p = sub.add_parser("impact", help="a model's stored impact report and its follow-up: predicted against realised "
