@@ -370,3 +370,17 @@ def test_the_cli_dry_run_on_behalf_of_a_key(base: str, admin: httpx.Client) -> N
     assert raw.returncode == 1 and "--api-key" in raw.stderr and key not in raw.stderr
     as_key = cli(PROMPT, "--api-key", key, environ=no_admin)
     assert as_key.returncode == 0 and "[operator view]" not in as_key.stdout
+
+
+def test_the_operator_dry_run_needs_keys_mode(fitted: tuple[Path, Path], stack: tuple[str, str],
+                                              tmp_path: Path) -> None:
+    """With ``auth.mode: open`` every caller is ``anonymous``: no key's settings apply, so the operator's dry-run
+    on behalf of a key is a 400 saying so (the open dry-run itself still answers)."""
+    data, art = fitted
+    with gateway(tmp_path, data, art, stack[1], f"sqlite:///{tmp_path / 'open.db'}", auth={"mode": "open"}) as url:
+        body = {"messages": [{"role": "user", "content": PROMPT}]}
+        r = httpx.post(url + "/admin/keys/anyone/route", json=body, headers={"authorization": f"Bearer {ADMIN}"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "auth_mode_open", r.text
+        assert httpx.post(url + "/admin/keys/anyone/route", json=body).status_code == 401
+        r = httpx.post(url + "/v1/route", json=body)
+        assert r.status_code == 200 and r.json()["key"] == "anonymous" and r.json()["excluded_not_allowed"] == 0
