@@ -325,7 +325,7 @@ def test_the_operator_sees_the_paced_lambda_and_the_tenant_overlay(base: str, ad
     op = _admin_route(admin, "paced", body).json()
     with openai.OpenAI(base_url=base + "/v1", api_key=paced, max_retries=0) as client:
         own = _route(client, body)
-    # the controller steps at most once per pacing.interval_s (1 s) and is time-driven: on a slow machine the two
+    # the controller steps at most once per router.pace_interval_s (1 s) and is time-driven: on a slow machine the two
     # calls may fall in different intervals, so the λs agree to within a step's drift, not necessarily bit for bit
     assert own["lambda"] == _key_lambda_gauge(admin, "paced")
     assert op["lambda"] == pytest.approx(own["lambda"], rel=0.02), (op["lambda"], own["lambda"])
