@@ -220,6 +220,7 @@ def create_app(
         Route("/admin/keys/{name}/profile", key_profiles.upload_profile_endpoint, methods=["POST"]),
         Route("/admin/keys/{name}/profile", key_profiles.get_profile_endpoint, methods=["GET"]),
         Route("/admin/keys/{name}/profile", key_profiles.delete_profile_endpoint, methods=["DELETE"]),
+        Route("/admin/keys/{name}/route", route.admin_route_endpoint, methods=["POST"]),
         Route("/v1/feedback", feedback.feedback_endpoint, methods=["POST"]),
         Route("/v1/route", route.route_endpoint, methods=["POST"]),
         Route("/admin/models", admin_models.list_models_endpoint, methods=["GET"]),

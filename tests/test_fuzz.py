@@ -182,7 +182,8 @@ _segment = st.text(alphabet=st.characters(codec="ascii", categories=("L", "N", "
 KNOWN_PATHS = [
         "/v1/chat/completions", "/v1/models", "/v1/models/small-general", "/v1/models/auto", "/v1/models/nope",
         "/health/liveliness", "/health/readiness", "/openapi.json", "/metrics", "/v1/usage", "/admin/keys",
-        "/admin/keys/fuzzer", "/admin/keys/nobody", "/admin/keys/fuzzer/profile", "/v1/feedback", "/v1/route", "/admin/models", "/admin/models/small-general",
+        "/admin/keys/fuzzer", "/admin/keys/nobody", "/admin/keys/fuzzer/profile", "/admin/keys/fuzzer/route",
+        "/v1/feedback", "/v1/route", "/admin/models", "/admin/models/small-general",
         "/admin/models/nope/disable", "/admin/models/nope/profile", "/admin/reprofile/last", "/admin/reprofile",
         "/admin/models/fuzzer", "/admin/models/fuzzer/disable", "/admin/models/fuzzer/profile",
         "/admin/models/fuzzer/impact", "/admin/models/small-general/impact",
@@ -368,6 +369,7 @@ _ADMIN_ROUTES = [  # (method, path template); {n} is a drawn name
     ("POST", "/admin/models/{n}/profile"), ("GET", "/admin/models/{n}/profile"), ("POST", "/admin/reprofile"),
     ("GET", "/admin/models/{n}/impact"), ("POST", "/admin/models/{n}/impact"),
     ("GET", "/admin/reprofile/last"), ("POST", "/v1/feedback"), ("POST", "/v1/feedback"), ("POST", "/v1/feedback"),
+    ("POST", "/admin/keys/{n}/route"),
 ]
 
 

@@ -260,6 +260,7 @@ def test_dashboard_queries_parse_and_use_only_our_metrics(tmp_path: Path) -> Non
     exported |= {s.name for fam in m.registry.collect() for s in fam.samples}
     used = {n for e in exprs for n in re.findall(r"\b((?:litellm|uniroute)_[a-z_]+)", e)}
     assert used <= exported, f"dashboard uses metrics we do not export: {sorted(used - exported)}"
+    assert {"uniroute_key_lambda", "uniroute_profile_drift"} <= used  # the paced λ and drift panels (issue 13)
     promtool = shutil.which("promtool")
     require("promtool (Debian package prometheus)", promtool is not None)
     rules = {"groups": [{"name": "dashboard", "rules": [

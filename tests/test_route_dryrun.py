@@ -14,6 +14,8 @@ through the official openai SDK's raw ``client.post`` and httpx. The promises tr
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 import time
@@ -212,3 +214,173 @@ def test_the_cli_prints_the_gateways_dry_run(base: str, admin: httpx.Client) -> 
     assert "Traceback" not in bad.stderr
     down = cli(PROMPT, "--url", "http://127.0.0.1:9")
     assert down.returncode == 1 and "cannot reach the gateway" in down.stderr
+
+
+# ------------------------------------------------- models a key may not use: a count to the key, names to the operator
+def _registered(admin: httpx.Client) -> set[str]:
+    r = admin.get("/admin/models")
+    assert r.status_code == 200, r.text
+    return {m["name"] for m in r.json()["data"]}
+
+
+def _admin_route(admin: httpx.Client, name: str, body: dict[str, Any], **headers: str) -> httpx.Response:
+    return admin.post(f"/admin/keys/{name}/route", json=body, headers=headers)
+
+
+def test_a_key_counts_what_it_may_not_use_and_the_operator_names_it(base: str, admin: httpx.Client,
+                                                                    stack: tuple[str, str]) -> None:
+    allowed = ["poor", "middling", "byname"]
+    key = _key(admin, "tally", models=allowed, budget_usd=5.0)
+    hidden = _registered(admin) - set(allowed)
+    assert {"accurate", "newbie"} <= hidden  # what the key may not use: a profiled model and an unprofiled one
+    body = {"messages": [{"role": "user", "content": PROMPT}], "uniroute": {"lambda": 0.05}}
+    with openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0) as client, \
+            httpx.Client(base_url=base, headers={"authorization": f"Bearer {key}"}, timeout=30) as h:
+        usage0 = h.get("/v1/usage").json()
+        calls0 = _upstream_calls(stack)
+        own = _route(client, body)
+        # the key: how many, never which
+        assert own["view"] == "key" and own["excluded_not_allowed"] == len(hidden)
+        assert all(e["code"] != "not_allowed" for e in own["excluded"])
+        assert not any(f'"{m}"' in json.dumps(own) for m in hidden), own
+        # the operator, on the key's behalf: the same plan, and the hidden models by name
+        r = _admin_route(admin, "tally", body)
+        assert r.status_code == 200, r.text
+        op = r.json()
+        assert op["view"] == "operator" and op["key"] == "tally" and op["charged_usd"] == 0
+        assert op["ranking"] == own["ranking"] and op["model"] == own["model"] and op["lambda"] == own["lambda"]
+        assert op["fallback_order"] == own["fallback_order"] and op["cluster"] == own["cluster"]
+        assert op["excluded_not_allowed"] == len(hidden)
+        named = {e["model"] for e in op["excluded"] if e["code"] == "not_allowed"}
+        assert named == hidden, op["excluded"]
+        assert [e for e in op["excluded"] if e["code"] != "not_allowed"] == own["excluded"]
+        assert "models list" in next(e["reason"] for e in op["excluded"] if e["code"] == "not_allowed")
+        # the key's λ when the body names none, and λ from the header, checked against the key's range
+        r = _admin_route(admin, "tally", {"input": PROMPT}, **{"x-uniroute-lambda": "0.5"})
+        assert r.status_code == 200 and r.json()["lambda"] == 0.5
+        assert _admin_route(admin, "tally", {"input": PROMPT}).json()["lambda"] == 0.05
+        r = _admin_route(admin, "tally", {"input": PROMPT, "uniroute": {"lambda": 99}})
+        assert r.status_code == 400 and "lambda" in r.text
+        # a named model the key may not use: what the key would get (403)
+        r = _admin_route(admin, "tally", {**body, "model": "accurate"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"
+        # no model called, nothing charged or logged for the key
+        for _ in range(3):
+            assert _admin_route(admin, "tally", body).status_code == 200
+        assert _upstream_calls(stack) == calls0
+        time.sleep(1.0)
+        usage1 = h.get("/v1/usage").json()
+        assert usage1["period_requests"] == usage0["period_requests"]
+        assert usage1["budget"]["spent_usd"] == usage0["budget"]["spent_usd"] == 0
+        assert usage1["budget"]["reserved_usd"] == 0
+    # a key without a models list: nothing is not allowed
+    free = _key(admin, "unrestricted")
+    with openai.OpenAI(base_url=base + "/v1", api_key=free, max_retries=0) as client:
+        assert _route(client, body)["excluded_not_allowed"] == 0
+    op = _admin_route(admin, "unrestricted", body).json()
+    assert op["excluded_not_allowed"] == 0 and all(e["code"] != "not_allowed" for e in op["excluded"])
+    # a named model: nothing is ranked, nothing excluded or counted
+    with openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0) as client:
+        named_own = _route(client, {**body, "model": "poor"})
+    assert named_own["excluded"] == [] and named_own["excluded_not_allowed"] == 0
+
+
+def test_the_operator_dry_run_refusals_and_the_rate_limit(base: str, admin: httpx.Client) -> None:
+    body = {"messages": [{"role": "user", "content": PROMPT}]}
+    r = _admin_route(admin, "no-such-key", body)
+    assert r.status_code == 404 and "no-such-key" in r.json()["error"]["message"]
+    gone = _key(admin, "gone")
+    assert admin.delete("/admin/keys/gone").status_code == 200
+    r = _admin_route(admin, "gone", body)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "revoked_api_key"
+    assert httpx.post(base + "/admin/keys/gone/route", json=body).status_code == 401
+    limited = _key(admin, "rpm-op", rpm=2)
+    r = httpx.post(base + "/admin/keys/rpm-op/route", json=body, headers={"authorization": f"Bearer {limited}"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "admin_required"  # a client key is not the admin
+    assert httpx.post(base + "/admin/keys/rpm-op/route", json=body,
+                      headers={"authorization": f"Bearer {gone}"}).status_code == 401
+    r = _admin_route(admin, "tally-bad", {"input": 3})
+    assert r.status_code == 404  # the key is looked up before the body is read
+    _key(admin, "bodycheck")
+    r = _admin_route(admin, "bodycheck", {"input": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+    # the operator's dry-runs do not count toward the key's rate limit (rpm 2): the key's own two still pass
+    for _ in range(3):
+        assert _admin_route(admin, "rpm-op", body).status_code == 200
+    own = [httpx.post(base + "/v1/route", json=body, headers={"authorization": f"Bearer {limited}"}).status_code
+           for _ in range(3)]
+    assert own == [200, 200, 429]
+
+
+def _key_lambda_gauge(admin: httpx.Client, name: str) -> float | None:
+    text = admin.get("/metrics").text
+    m = re.search(rf'^uniroute_key_lambda{{api_key_alias="{re.escape(name)}"}} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def test_the_operator_sees_the_paced_lambda_and_the_tenant_overlay(base: str, admin: httpx.Client) -> None:
+    body = {"messages": [{"role": "user", "content": PROMPT}]}
+    # a paced key: the λ of its next request, as its own dry-run and the uniroute_key_lambda gauge show it
+    paced = _key(admin, "paced", budget_usd=0.001, period="day", budget_policy="pace")
+    op = _admin_route(admin, "paced", body).json()
+    with openai.OpenAI(base_url=base + "/v1", api_key=paced, max_retries=0) as client:
+        own = _route(client, body)
+    # the controller steps at most once per router.pace_interval_s (1 s) and is time-driven: on a slow machine the two
+    # calls may fall in different intervals, so the λs agree to within a step's drift, not necessarily bit for bit
+    assert own["lambda"] == _key_lambda_gauge(admin, "paced")
+    assert op["lambda"] == pytest.approx(own["lambda"], rel=0.02), (op["lambda"], own["lambda"])
+    assert abs(op["lambda"] - 0.05) > 0.01, f"the paced λ {op['lambda']} is the key's default: was it paced?"
+    # a key with a tenant-private profile: the operator's dry-run ranks with the key's overlay
+    _key(admin, "tenant")
+    labels = [{"prompt": PROMPT, "scores": {"accurate": 0.0, "poor": 1.0, "middling": 0.0}}] * 200
+    r = admin.post("/admin/keys/tenant/profile", json={"labels": labels})
+    assert r.status_code == 200, r.text
+    tenant = _admin_route(admin, "tenant", {**body, "uniroute": {"lambda": 0.0}}).json()
+    other = _admin_route(admin, "paced", {**body, "uniroute": {"lambda": 0.0}}).json()
+    assert tenant["profile"] == "key" and other["profile"] == "global"
+    assert tenant["model"] == "poor" and other["model"] != "poor", (tenant["ranking"], other["ranking"])
+
+
+def test_the_cli_dry_run_on_behalf_of_a_key(base: str, admin: httpx.Client) -> None:
+    key = _key(admin, "cli-narrow", models=["poor", "middling"])
+    hidden = _registered(admin) - {"poor", "middling"}
+    env = server_env(UNIROUTE_API_KEY=key, UNIROUTE_URL=base, UNIROUTE_ADMIN_KEY=ADMIN)
+    no_admin = {k: v for k, v in env.items() if k != "UNIROUTE_ADMIN_KEY"}
+
+    def cli(*args: str, environ: dict[str, str] = env) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gateway.cli.main", "route", *args], cwd=ROOT, env=environ,
+                              capture_output=True, text=True, timeout=60)
+
+    own = cli(PROMPT, "--lambda", "0")
+    assert own.returncode == 0, own.stderr
+    assert f"and {len(hidden)} registered models this key may not use" in own.stdout
+    assert not any(f"{m}:" in own.stdout for m in hidden), own.stdout
+    op = cli(PROMPT, "--lambda", "0", "--key", "cli-narrow")
+    assert op.returncode == 0, op.stderr
+    assert "key cli-narrow" in op.stdout and "[operator view]" in op.stdout
+    for m in hidden:
+        assert f"  {m}: not_allowed:" in op.stdout, op.stdout
+    js = cli(PROMPT, "--key", "cli-narrow", "--json")
+    assert js.returncode == 0 and json.loads(js.stdout)["view"] == "operator"
+    unknown = cli(PROMPT, "--key", "nobody-here")
+    assert unknown.returncode == 1 and unknown.stderr.startswith("error: the gateway refused the dry-run (404)")
+    missing = cli(PROMPT, "--key", "cli-narrow", environ=no_admin)
+    assert missing.returncode == 1 and "needs the admin key" in missing.stderr and "Traceback" not in missing.stderr
+    raw = cli(PROMPT, "--key", key, environ=no_admin)
+    assert raw.returncode == 1 and "--api-key" in raw.stderr and key not in raw.stderr
+    as_key = cli(PROMPT, "--api-key", key, environ=no_admin)
+    assert as_key.returncode == 0 and "[operator view]" not in as_key.stdout
+
+
+def test_the_operator_dry_run_needs_keys_mode(fitted: tuple[Path, Path], stack: tuple[str, str],
+                                              tmp_path: Path) -> None:
+    """With ``auth.mode: open`` every caller is ``anonymous``: no key's settings apply, so the operator's dry-run
+    on behalf of a key is a 400 saying so (the open dry-run itself still answers)."""
+    data, art = fitted
+    with gateway(tmp_path, data, art, stack[1], f"sqlite:///{tmp_path / 'open.db'}", auth={"mode": "open"}) as url:
+        body = {"messages": [{"role": "user", "content": PROMPT}]}
+        r = httpx.post(url + "/admin/keys/anyone/route", json=body, headers={"authorization": f"Bearer {ADMIN}"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "auth_mode_open", r.text
+        assert httpx.post(url + "/admin/keys/anyone/route", json=body).status_code == 401
+        r = httpx.post(url + "/v1/route", json=body)
+        assert r.status_code == 200 and r.json()["key"] == "anonymous" and r.json()["excluded_not_allowed"] == 0

@@ -170,9 +170,21 @@ def build_openapi() -> dict[str, Any]:
         "/v1/route": {"post": {
             "summary": "Routing dry-run: a chat body (messages) or a Responses body (input) and λ → the full ranking "
                        "(expected error, normalised cost, objective), cluster and membership, the model it would be "
-                       "sent to, and the models left out and why; no model is called, nothing charged or logged",
+                       "sent to, and the models left out and why (of the models the key may not use, only their "
+                       "number: excluded_not_allowed); no model is called, nothing charged or logged",
             "operationId": "routeDryRun",
             "responses": {"200": {"description": "the routing decision"}, **_errors(400, 401, 403, 404, 429, 503)}}},
+        "/admin/keys/{name}/route": {
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "post": {"summary": "Routing dry-run on behalf of the key (admin key): the body of POST /v1/route, answered "
+                                "with the ranking that key would get (its λ or paced λ, its tenant profile overlay, "
+                                "its models) and every registered model it may not use, by name (code not_allowed); "
+                                "does not count toward the key's rate limit; no model is called, nothing charged or "
+                                "logged. 404: no such key; 409: the key is revoked; 400: auth.mode open",
+                     "operationId": "routeDryRunForKey",
+                     "responses": {"200": {"description": "the routing decision, view: operator"},
+                                   **_errors(400, 401, 403, 404, 409, 503)}},
+        },
         "/admin/models": {
             "get": {"summary": "List the registry (admin key)", "operationId": "listRegistryModels",
                     "responses": {"200": {"description": "models"}, **_errors(401, 403)}},

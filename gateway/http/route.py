@@ -6,6 +6,12 @@ body (``input``: a string, or a list of message items ``{"role", "content"}`` wh
 ``uniroute.lambda`` or the ``x-uniroute-lambda`` header, as for chat. The key is checked from the headers
 before the body is read, the rate limit counts the call, and the answer is
 :func:`gateway.serving.dryrun.route_report`'s. Nothing is called, reserved, charged or logged.
+
+``POST /admin/keys/{name}/route`` (admin key) is the same dry-run with the same body on behalf of the key
+``name``: that key's λ (its default, or its paced λ), its tenant-private profile overlay and its models, without
+counting toward its rate limit; the answer also names the registered models the key may not use (``not_allowed``).
+404 for an unknown key, 409 for a revoked one, 400 with ``auth.mode: open`` (every caller is ``anonymous``
+there, so no key's settings apply).
 """
 
 from __future__ import annotations
@@ -15,15 +21,18 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.access.auth import principal_from_row
+from gateway.access.budget import store_call
 from gateway.config import LimitsConfig
-from gateway.errors import InvalidRequestError
-from gateway.http.auth import authenticate
+from gateway.errors import ConflictError, InvalidRequestError
+from gateway.http.auth import authenticate, require_admin
 from gateway.http.bodies import ArrayLimit, JsonShape, off_loop, read_body
 from gateway.http.chat import request_id
-from gateway.http.responses import json_response, parse_json
+from gateway.http.responses import json_response, parse_json, path_name
 from gateway.http.state import gateway_state
 from gateway.protocol import ChatCompletionRequest, parse_chat_request
 from gateway.serving.service import AUTO, ChatContext
+from gateway.store import keys as key_sql
 
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
 
@@ -105,3 +114,27 @@ async def route_endpoint(request: Request) -> Response:
     ctx.body_bytes = len(raw)
     req = await off_loop(len(raw), limits, _parse, raw)
     return json_response(await service.route(req, ctx))
+
+
+async def admin_route_endpoint(request: Request) -> Response:
+    """``POST /admin/keys/{name}/route``: the dry-run the key ``name`` would get, as the operator sees it."""
+    acc = await require_admin(request)
+    name = path_name(request, "API key", 128)
+    if acc.key_authenticator is None:
+        raise InvalidRequestError("auth.mode is 'open': every caller is served as 'anonymous', so no key's settings "
+                                  "apply; a dry-run on behalf of a key needs auth.mode: keys (POST /v1/route shows "
+                                  "what anonymous gets)", code="auth_mode_open")
+    row = await store_call(key_sql.get_key, acc.store, name)  # 404 naming the key when there is none
+    if row.revoked_at is not None:
+        raise ConflictError(f"API key {name!r} was revoked at {row.revoked_at:%Y-%m-%dT%H:%M:%SZ}: its requests are "
+                            f"refused before routing, so there is nothing to dry-run", param="name",
+                            code="revoked_api_key")
+    service = gateway_state(request).chat_service()
+    limits = gateway_state(request).limits
+    ctx = ChatContext(request_id=request_id(request), authorization=None,
+                      lambda_header=request.headers.get("x-uniroute-lambda"))
+    ctx.principal = principal_from_row(row)
+    raw = await read_body(request, route_shape(limits))
+    ctx.body_bytes = len(raw)
+    req = await off_loop(len(raw), limits, _parse, raw)
+    return json_response(await service.route(req, ctx, operator=True))

@@ -9,8 +9,10 @@ last, at most ``fallback.max_attempts``), and the models left out of the ranking
 Nothing is called, reserved, charged or logged: a dry-run writes no request-log row, so it is never a target
 of feedback and never counts in the traffic of the request log (docs/ROUTING_FEATURES.md).
 
-Only the caller's models are named (docs/security/tenants.md §5): a key with a ``models`` list sees its own
-models only, and the models it may not use are neither listed nor counted.
+Only the caller's models are named (docs/security/tenants.md §5–6): a key with a ``models`` list sees its own
+models only; of the registered models it may not use it learns how many there are (``excluded_not_allowed``),
+never their names. The operator's dry-run on behalf of a key (``POST /admin/keys/{name}/route``, ``view:
+"operator"``) is the same plan for that key, and also lists those models by name with the code ``not_allowed``.
 """
 
 from __future__ import annotations
@@ -43,13 +45,27 @@ def membership(policy: GatewayPolicy, embedding: np.ndarray | None) -> list[floa
     return [float(v) for v in np.asarray(fn(embedding)).reshape(-1)]
 
 
+NOT_ALLOWED_REASON = ("not in the key's models list: auto never routes this key to it, and the key may not "
+                      "call it by name")
+
+
+def not_allowed(snapshot: RegistrySnapshot, principal: Principal, decision: RoutingDecision | None) -> list[str]:
+    """The registered models ``auto`` left out because the key may not use them (its ``models`` list), in
+    registry order; none for a named model (nothing is ranked) or a key without a list."""
+    allowed = principal.allowed_models
+    if decision is None or allowed is None:
+        return []
+    return [e.name for e in snapshot.entries if e.name not in allowed]
+
+
 def excluded(snapshot: RegistrySnapshot, principal: Principal, decision: RoutingDecision | None,
-             forwarder: TryOrder) -> list[dict[str, Any]]:
-    """The caller's models that ``auto`` would not try in rank order, with the reason (``code`` and a sentence).
+             forwarder: TryOrder, *, operator: bool = False) -> list[dict[str, Any]]:
+    """The models that ``auto`` would not try in rank order, with the reason (``code`` and a sentence).
 
     ``not_routable`` (``routable: false``: callable by name only) and ``not_profiled`` (no Ψ: never chosen
     by ``auto``) are left out of the ranking; ``cooling`` models are ranked but tried only after every
-    healthy candidate. A model the key may not use is not named at all (it is no business of the caller's).
+    healthy candidate. A model the key may not use is named only to the operator (``operator``: code
+    ``not_allowed``); the key itself gets their number alone (:func:`not_allowed`).
     """
     if decision is None:  # a named model: served by that model alone, nothing is ranked
         return []
@@ -59,6 +75,8 @@ def excluded(snapshot: RegistrySnapshot, principal: Principal, decision: Routing
     for entry in snapshot.entries:
         name = entry.name
         if allowed is not None and name not in allowed:
+            if operator:
+                out.append({"model": name, "code": "not_allowed", "reason": NOT_ALLOWED_REASON})
             continue
         if not entry.routable:
             out.append({"model": name, "code": "not_routable",
@@ -80,8 +98,10 @@ def excluded(snapshot: RegistrySnapshot, principal: Principal, decision: Routing
 
 def route_report(*, requested_model: str, principal: Principal, lam: float, candidates: Sequence[ModelEntry],
                  decision: RoutingDecision | None, embedding: np.ndarray | None, policy: GatewayPolicy,
-                 snapshot: RegistrySnapshot, forwarder: TryOrder, profile: str = "global") -> dict[str, Any]:
-    """The dry-run's answer for one planned request (see the module docstring for its fields)."""
+                 snapshot: RegistrySnapshot, forwarder: TryOrder, profile: str = "global",
+                 operator: bool = False) -> dict[str, Any]:
+    """The dry-run's answer for one planned request (see the module docstring for its fields). ``operator``:
+    the admin's dry-run on behalf of the key, which also names the models the key may not use."""
     tries = [e.name for e in forwarder.tries(candidates)]
     ranking: list[dict[str, Any]] = []
     if decision is not None:
@@ -99,7 +119,9 @@ def route_report(*, requested_model: str, principal: Principal, lam: float, cand
         "cluster": decision.cluster if decision is not None else None,
         "membership": membership(policy, embedding) if decision is not None else None,
         "ranking": ranking,
-        "excluded": excluded(snapshot, principal, decision, forwarder),
+        "excluded": excluded(snapshot, principal, decision, forwarder, operator=operator),
+        "excluded_not_allowed": len(not_allowed(snapshot, principal, decision)),  # a count: no names to the key
         "key": principal.key_name,
+        "view": "operator" if operator else "key",
         "charged_usd": 0.0,  # a dry-run calls no model, reserves and charges nothing
     }

@@ -319,13 +319,15 @@ class ChatService:
         return fn(*args)
 
     async def plan(self, req: RoutedRequest, ctx: ChatContext, record: RequestRecord | None = None,
-                   kind: str = "chat") -> _Plan:
-        """Who, λ, rate limit, and the candidates: the named model (of ``kind``), or ``auto``'s ranking."""
+                   kind: str = "chat", rate_limit: bool = True) -> _Plan:
+        """Who, λ, rate limit, and the candidates: the named model (of ``kind``), or ``auto``'s ranking.
+        ``rate_limit=False`` (the operator's dry-run on behalf of a key) leaves the key's rate limit alone."""
         principal = ctx.principal or await self.authenticator.authenticate(ctx.authorization)
         if record is not None:  # attribute refusals after this point (bad λ, rate limit, model) to the key
             record.key_id, record.key_name = principal.key_id, principal.key_name
         lam = await self.choose_lambda(req, ctx.lambda_header, principal)
-        await self.rate_limiter.check(principal)
+        if rate_limit:
+            await self.rate_limiter.check(principal)
         allowed = principal.allowed_models
         if req.model != AUTO:
             entry = self.registry.get(req.model)
@@ -360,15 +362,17 @@ class ChatService:
         candidates = [e for e in (self.registry.get(c.model) for c in decision.ranked) if e is not None]
         return _Plan(principal, lam, candidates, decision, embedding, "global" if mine is None else "key")
 
-    async def route(self, req: ChatCompletionRequest, ctx: ChatContext) -> dict[str, Any]:
+    async def route(self, req: ChatCompletionRequest, ctx: ChatContext, *, operator: bool = False) -> dict[str, Any]:
         """The routing dry-run (``POST /v1/route``): :meth:`plan` as a chat request runs it (auth, λ, rate limit,
         ranking) and what it would try (gateway/serving/dryrun.py). No model is called, nothing is reserved,
-        charged or logged."""
-        plan = await self.plan(req, ctx)
+        charged or logged. ``operator``: the admin's dry-run on behalf of the key in ``ctx.principal``
+        (``POST /admin/keys/{name}/route``): the same plan (its λ, paced λ, overlay and models), without
+        counting toward its rate limit, and naming the models it may not use."""
+        plan = await self.plan(req, ctx, rate_limit=not operator)
         return dryrun.route_report(requested_model=req.model, principal=plan.principal, lam=plan.lam,
                                    candidates=plan.candidates, decision=plan.decision, embedding=plan.embedding,
                                    policy=self.policy, snapshot=self.registry.snapshot, forwarder=self.forwarder,
-                                   profile=plan.profile)
+                                   profile=plan.profile, operator=operator)
 
     def usable_models(self, principal: Principal) -> list[str]:
         """The model names ``principal`` may call: ``auto`` and the registry's models its key allows. Every
