@@ -13,8 +13,12 @@ This script starts:
   with: the replay models of ``--dataset``, ``model: "auto"`` through UniRoute LearnedMap over the
   static-embedder artifact ``--static-router`` (``max_wait_ms: 0``, a fresh embedding cache), ``auth.mode:
   open`` (``--auth key``: ``keys`` mode and one key without budget or rate limit, made with that tree's
-  ``uniroute keys create``), a fresh SQLite store, and timeouts raised for valgrind's slowdown
-  (``replay_models.timeout_s``, the server's header/body deadlines, ``database.settle_timeout_s``).
+  ``uniroute keys create``), a fresh SQLite store, timeouts raised for valgrind's slowdown
+  (``replay_models.timeout_s``, the server's header/body deadlines, ``database.settle_timeout_s``), and the
+  wall-clock loops slowed to match (``registry.poll_interval_s: 5``, its maximum;
+  ``database.log_flush_interval_s: 2``). An older tree may not load an artifact fitted by newer code (6f55c4d
+  refuses this tree's artifact format): fit one with the OLDEST tree's ``uniroute router fit --k K`` and pass it
+  to both runs (newer trees load older artifacts).
 
 It then warms the gateway up with ``--warmup`` requests of each kind (instrumentation off: LiteLLM's lazy
 imports and first-call caches are not what is measured), and for each phase (``--modes``, ``--repeat``
@@ -24,12 +28,18 @@ ranks and forwards), ``--instr=off``, ``--dump``; the dump's total ``Ir`` (instr
 threads of the gateway) divided by the requests is the phase's **instructions per request**. Nothing is
 subtracted: whatever the process executed while the phase ran counts, including its background loops (the
 request-log writer's flushes, the registry poller), which under valgrind's slowdown run more often per
-request than at full speed. The ``idle`` phase (``--idle-s`` seconds with no request, instrumentation on)
-measures that background rate, so its share of a phase can be read off (reported, not subtracted).
+request than at full speed (the slower the machine, the more of them per request). The ``idle`` phase
+(``--idle-s`` seconds with no request, instrumentation on) measures that background rate; each phase is also
+reported "minus idle" (the idle rate × the phase's wall time taken off), beside the raw count, never instead.
 
 The prompts are the dataset's first ``--prompts``, each made new with a nonce of fixed width; the nonce tag is
-fixed per phase (``--tag``), so two runs, on two trees, send byte-identical requests in the same order. Every
+fixed per phase, so two runs, on two trees, send byte-identical requests in the same order. Every
 response must be a 200 (a complete stream for ``stream: true``); the run fails otherwise.
+
+``--forwarder-only`` measures, instead of the gateway, the gateway's own ``Forwarder`` over ``LiteLLMUpstream`` (as
+the config sets it up) calling one model (``--forwarder-model``) with the same prompts, in a process that does
+nothing else (:func:`forwarder_driver`): LiteLLM's call and its HTTP client as the gateway makes it. The gateway's
+instructions per request minus these are what the gateway spends outside LiteLLM's call (issue 14's bar).
 
 ``--gc shipped`` (default) runs the gateway as shipped (a tree's own collector settings: newer trees freeze
 the start-up heap and raise the thresholds, docs/PERFORMANCE.md "Stalls"); ``--gc off`` disables CPython's
@@ -39,6 +49,7 @@ collections, whose timing differs between trees, out of the count: the request p
     python -m benchmarks.instructions --n 100 --json var/instr-new.json
     python -m benchmarks.instructions --source ../wt-old --n 100 --json var/instr-old.json
     python -m benchmarks.instructions --modes plain stream --repeat 2 --gc off
+    python -m benchmarks.instructions --forwarder-only --forwarder-model Meta-Llama-3_1-70B-Instruct --repeat 2
 
 Needs ``valgrind`` (``callgrind_control`` comes with it). A phase of 100 requests takes 1-3 minutes (the
 gateway runs ~50× slower under callgrind); start-up takes 1-3 minutes more. ``--keep`` keeps the temp folder
@@ -51,6 +62,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import os
 import re
 import shutil
@@ -58,7 +70,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +170,96 @@ def callgrind_gateway(source: Path, config: Path, tmp: Path, url: str, gc_mode: 
             proc.wait()
 
 
+def forwarder_driver(config_path: str, model: str | None = None) -> None:
+    """The ``--forwarder-only`` process (run under callgrind): the gateway's own :class:`Forwarder` over
+    ``LiteLLMUpstream`` as ``config_path`` configures it, and nothing else. Reads ``MODE N TAG`` lines from stdin,
+    makes N calls to ``model`` (default: the first replayed one) (``plain``: ``Forwarder.complete``; ``stream``: ``open_stream`` and
+    every chunk) with the prompts the gateway phases send, and answers ``done`` on stdout. The event loop ticks
+    every 250 ms meanwhile, so callgrind_control's commands are handled while it waits."""
+    import queue
+    import threading
+
+    import gateway  # noqa: F401  (offline environment)
+    from benchmarks.overhead import benchmark_dataset
+    from gateway.config import load_config
+    from gateway.serving.forwarding import Forwarder, LiteLLMUpstream
+    from gateway.serving.registry import Registry
+
+    config = load_config(config_path)
+    registry = Registry.from_config(config)
+    forwarder = Forwarder(max_attempts=config.fallback.max_attempts,
+                          upstream=LiteLLMUpstream(raw_openai_streams=config.forwarding.raw_openai_streams,
+                                                   http_client=config.forwarding.http_client))
+    registry.on_replace(forwarder.register)
+    entry = registry.get(model) if model else registry.snapshot.entries[0]
+    if entry is None:
+        raise SystemExit(f"no model {model!r} in the registry")
+    _, data = benchmark_dataset(config.replay_models.dataset if config.replay_models else None, 1000,
+                                Path(tempfile.mkdtemp()))
+    prompts = data.prompts[:1000]
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        for line in sys.stdin:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+
+    async def run() -> None:
+        while True:
+            try:
+                line = lines.get_nowait()
+            except queue.Empty:
+                await asyncio.sleep(0.25)
+                continue
+            mode, n, tag = line.split()
+            for i in range(int(n)):
+                text = f"{prompts[i % len(prompts)]}\n\n(request {tag}-{i:08x})"
+                messages = [{"role": "user", "content": text}]
+                if mode == "stream":
+                    opened = await forwarder.open_stream([entry], messages, {"stream_options": {"include_usage": True}})
+                    async for _ in opened.rest:
+                        pass
+                else:
+                    await forwarder.complete([entry], messages, {})
+            print("done", flush=True)
+
+    asyncio.run(run())
+
+
+@contextlib.contextmanager
+def callgrind_forwarder(config: Path, tmp: Path, model: str | None) -> Iterator[subprocess.Popen[str]]:
+    """:func:`forwarder_driver` under ``valgrind --tool=callgrind --instr-atstart=no``, this tree's code."""
+    launch = ("import sys; from benchmarks.instructions import forwarder_driver; "
+              "forwarder_driver(sys.argv[1], sys.argv[2] or None)")
+    cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={tmp / 'callgrind.out'}",
+           sys.executable, "-c", launch, str(config), model or ""]
+    with open(tmp / "forwarder.log", "wb") as log:
+        proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=log, cwd=ROOT, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def drive(proc: subprocess.Popen[str], mode: str, n: int, tag: str) -> None:
+    """One batch of :func:`forwarder_driver`'s calls; waits for its ``done``."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(f"{mode} {n} {tag}\n")
+    proc.stdin.flush()
+    line = proc.stdout.readline()
+    if line.strip() != "done":
+        raise RuntimeError(f"the forwarder driver answered {line!r} (exit {proc.poll()})")
+
+
 def control(pid: int, *args: str) -> str:
     """``callgrind_control ARGS PID`` (it waits until the process has handled the command)."""
     out = subprocess.run(["callgrind_control", *args, str(pid)], capture_output=True, text=True, timeout=600)
@@ -198,10 +300,10 @@ def measure(pid: int, tmp: Path, name: str, send: Any) -> tuple[int, Path, float
     return total, path, wall
 
 
-def load(url: str, bodies: list[dict[str, Any]], n: int, concurrency: int, tag: str,
+def load(url: str, bodies: dict[str, list[dict[str, Any]]], mode: str, n: int, tag: str, *, concurrency: int,
          headers: dict[str, str] | None) -> None:
-    """``n`` requests of ``bodies`` (a new prompt each, nonce tag ``tag``); raise on any failure."""
-    res = asyncio.run(run_load(f"{url}/v1/chat/completions", bodies, concurrency=concurrency, max_requests=n,
+    """``n`` requests of ``bodies[mode]`` (a new prompt each, nonce tag ``tag``); raise on any failure."""
+    res = asyncio.run(run_load(f"{url}/v1/chat/completions", bodies[mode], concurrency=concurrency, max_requests=n,
                                max_seconds=10**6, headers=headers, timeout_s=SLOW_TIMEOUT_S, new_prompts=True,
                                check_streams=True, nonce_tag=tag))
     if res.errors or len(res.samples) != n:
@@ -229,6 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--auth", choices=("open", "key"), default="open")
     ap.add_argument("--gc", choices=("shipped", "off"), default="shipped", dest="gc_mode")
     ap.add_argument("--start-timeout-s", type=float, default=900.0)
+    ap.add_argument("--forwarder-only", action="store_true",
+                    help="measure the gateway's Forwarder + LiteLLM call alone (this tree), no gateway")
+    ap.add_argument("--forwarder-model", default=None, help="the model it calls (default: the first replayed one)")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (config, logs, callgrind dumps)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -259,22 +364,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with environ(**OFFLINE_ENV), contextlib.ExitStack() as stack:
             headers = None
-            if args.auth == "key":
+            if args.auth == "key" and not args.forwarder_only:
                 headers = {"Authorization": f"Bearer {make_key(source, cfg)}"}
             stack.enter_context(server(replay, tmp / "replay.log", f"http://127.0.0.1:{rport}/health", None))
             t_start = time.monotonic()
-            gw = stack.enter_context(callgrind_gateway(source, cfg, tmp, url, args.gc_mode, args.start_timeout_s))
-            print(f"gateway ({commit}, {source}) ready under callgrind after {time.monotonic() - t_start:.0f} s",
-                  flush=True)
             bodies = {m: prompt_bodies(prompts, "auto", stream=(m == "stream")) for m in MODES}
+            send: Callable[[str, int, str], None]
+            if args.forwarder_only:
+                driver = stack.enter_context(callgrind_forwarder(cfg, tmp, args.forwarder_model))
+                pid = driver.pid
+                info["forwarder_only"] = {"model": args.forwarder_model}
+                send = functools.partial(drive, driver)
+            else:
+                pid = stack.enter_context(callgrind_gateway(source, cfg, tmp, url, args.gc_mode,
+                                                            args.start_timeout_s)).pid
+                send = functools.partial(load, url, bodies, concurrency=args.concurrency, headers=headers)
+            print(f"{'forwarder' if args.forwarder_only else 'gateway'} ({commit}, {source}) ready under callgrind "
+                  f"after {time.monotonic() - t_start:.0f} s", flush=True)
             for i, mode in enumerate(args.modes):  # warm-up, instrumentation off
-                load(url, bodies[mode], args.warmup, args.concurrency, phase_tag(100 + i), headers)
+                send(mode, args.warmup, phase_tag(100 + i))
             runs = [(r, m) for r in range(args.repeat) for m in args.modes]
             for r, mode in runs:
                 tag = phase_tag(10 * r + args.modes.index(mode))  # the same prompts in every run of the script
-                total, path, wall = measure(gw.pid, tmp, f"{mode}-{r}",
-                                            lambda m=mode, t=tag: load(url, bodies[m], args.n, args.concurrency, t,
-                                                                       headers))
+                total, path, wall = measure(pid, tmp, f"{mode}-{r}",
+                                            lambda m=mode, t=tag: send(m, args.n, t))
                 phase = {"mode": mode, "round": r, "requests": args.n, "ir_total": total,
                          "ir_per_request": total / args.n, "wall_s": round(wall, 1), "dump": path.name}
                 info["phases"].append(phase)
@@ -282,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"({total:,} over {args.n} requests, {wall:.0f} s wall)", flush=True)
             idle_rate = 0.0
             if args.idle_s > 0:
-                total, path, wall = measure(gw.pid, tmp, "idle", lambda: time.sleep(args.idle_s))
+                total, path, wall = measure(pid, tmp, "idle", lambda: time.sleep(args.idle_s))
                 idle_rate = total / wall
                 info["idle"] = {"seconds": round(wall, 1), "ir_total": total, "ir_per_s": idle_rate}
                 print(f"idle: {idle_rate / 1e6:.3f} M instructions per second with no request "
