@@ -70,7 +70,12 @@ def test_without_a_budget_a_long_prompt_is_bounded_by_its_bytes_and_never_tokeni
     import gateway.serving.estimate as estimate_module
 
     real = estimate_module.count_text
-    monkeypatch.setattr(estimate_module, "count_text", lambda model, t: calls.append(t) or real(model, t))
+
+    def counting(model: str, t: str) -> int | None:
+        calls.append(t)
+        return real(model, t)
+
+    monkeypatch.setattr(estimate_module, "count_text", counting)
     free = Estimator().estimate(long, [entry()], budgeted=False)
     assert calls == []  # the fast path of a key without a budget counts no tokens
     n_bytes = len("\n".join([text, *(json.dumps(t, ensure_ascii=False) for t in long.model_dump(
