@@ -12,8 +12,8 @@ This script starts:
   with the same artifact, upstream, prompts and load. Its config is ``--source``'s shipped ``config.yaml``
   with: the replay models of ``--dataset``, ``model: "auto"`` through UniRoute LearnedMap over the
   static-embedder artifact ``--static-router`` (``max_wait_ms: 0``, a fresh embedding cache), ``auth.mode:
-  open`` (``--auth key``: ``keys`` mode and one key without budget or rate limit, made with that tree's
-  ``uniroute keys create``), a fresh SQLite store, timeouts raised for valgrind's slowdown
+  open`` (``--auth key``: ``keys`` mode and one key with the router's default λ, no rate limit and no budget, or
+  ``--key-budget USD`` a month, made with that tree's ``uniroute keys create``), a fresh SQLite store, timeouts raised for valgrind's slowdown
   (``replay_models.timeout_s``, the server's header/body deadlines, ``database.settle_timeout_s``), and the
   wall-clock loops slowed to match (``registry.poll_interval_s: 5``, its maximum;
   ``database.log_flush_interval_s: 2``). An older tree may not load an artifact fitted by newer code (6f55c4d
@@ -124,10 +124,14 @@ def gateway_config(source: Path, tmp: Path, dataset: Path, rport: int, gport: in
     return path
 
 
-def make_key(source: Path, config: Path) -> str:
-    """One API key (no budget, no rate limit), made with ``source``'s own CLI; returns the secret."""
+def make_key(source: Path, config: Path, budget_usd: float | None) -> str:
+    """One API key with the router's default λ, no rate limit and ``budget_usd`` a month (None: no budget), made
+    with ``source``'s own CLI; returns the secret."""
+    lam = (yaml.safe_load(config.read_text(encoding="utf-8")).get("router") or {}).get("default_lambda", 0.1)
+    budget = ["--budget", str(budget_usd), "--period", "month"] if budget_usd is not None else []
     out = subprocess.run([sys.executable, "-m", "gateway.cli.main", "keys", "create", "--name", "bench",
-                          "--config", str(config)], env=dict(os.environ, PYTHONPATH=str(source)),
+                          "--lambda", str(lam), *budget, "--config", str(config)],
+                         env=dict(os.environ, PYTHONPATH=str(source)),
                          capture_output=True, text=True, check=True, cwd=source)
     found = re.search(r"sk-ur-[A-Za-z0-9_\-]+", out.stdout + out.stderr)
     if not found:
@@ -329,6 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="measure each mode this often (in turn)")
     ap.add_argument("--idle-s", type=float, default=30.0, help="seconds of the idle phase (0: none)")
     ap.add_argument("--auth", choices=("open", "key"), default="open")
+    ap.add_argument("--key-budget", type=float, default=None, metavar="USD",
+                    help="with --auth key: the key's monthly budget (default: none), so every request reserves "
+                         "and settles")
     ap.add_argument("--gc", choices=("shipped", "off"), default="shipped", dest="gc_mode")
     ap.add_argument("--start-timeout-s", type=float, default=900.0)
     ap.add_argument("--forwarder-only", action="store_true",
@@ -356,7 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m benchmarks.instructions " + " ".join(argv if argv is not None else sys.argv[1:]),
         "source": str(source), "source_commit": commit, "artifact": str(artifact), "n": args.n,
-        "concurrency": args.concurrency, "auth": args.auth, "gc": args.gc_mode, "machine": machine(),
+        "concurrency": args.concurrency, "auth": args.auth, "key_budget_usd": args.key_budget, "gc": args.gc_mode,
+        "machine": machine(),
         "versions": versions(), "phases": [],
     }
     replay = [sys.executable, "-m", "gateway.cli.main", "replay", "--dataset", str(dataset), "--port", str(rport),
@@ -365,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with environ(**OFFLINE_ENV), contextlib.ExitStack() as stack:
             headers = None
             if args.auth == "key" and not args.forwarder_only:
-                headers = {"Authorization": f"Bearer {make_key(source, cfg)}"}
+                headers = {"Authorization": f"Bearer {make_key(source, cfg, args.key_budget)}"}
             stack.enter_context(server(replay, tmp / "replay.log", f"http://127.0.0.1:{rport}/health", None))
             t_start = time.monotonic()
             bodies = {m: prompt_bodies(prompts, "auto", stream=(m == "stream")) for m in MODES}
