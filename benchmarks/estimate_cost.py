@@ -7,8 +7,9 @@ issue's bar: the fast path may not get more than 10% slower. This measures, in o
 - ``estimator``: :class:`gateway.serving.estimate.Estimator` (every billed part, bounded),
 - ``token_counter``: one ``litellm.token_counter(messages=...)`` call (what counting with LiteLLM costs),
 
-on a typical small request (a system and a user message, ``max_tokens`` set; and one without it), and with
-200 KB of ``tools`` (run off the event loop in the gateway). Compare the per-call figure with the gateway's
+on a typical small request (a system and a user message, ``max_tokens`` set; and one without it), a 10 KB
+prompt (tokenized for a key with a budget; bounded by its bytes for one without: the "key without budget"
+column), and with 200 KB of ``tools`` (run off the event loop in the gateway). Compare the per-call figure with the gateway's
 CPU per request in docs/PERFORMANCE.md (~4-6 ms non-streaming).
 
     python -m benchmarks.estimate_cost --calls 20000
@@ -68,20 +69,24 @@ def main(argv: list[str] | None = None) -> None:
     cases: dict[str, dict[str, Any]] = {
         "small, max_tokens": {"model": "m", "messages": messages, "max_tokens": 256},
         "small, no max_tokens": {"model": "m", "messages": messages},
+        "10 KB prompt": {"model": "m", "max_tokens": 256, "messages": [
+            messages[0], {"role": "user", "content": "Summarise this report section by section. " * 240}]},
         "200 KB tools": {"model": "m", "messages": messages, "max_tokens": 1,
                          "tools": [tool] * (200_000 // len(json.dumps(tool)) + 1)},
     }
-    print("| request | landed µs | estimator µs | litellm.token_counter(messages) µs | calls |")
-    print("|---|---|---|---|---|")
+    print("| request | landed µs | estimator µs | estimator, key without budget µs | "
+          "litellm.token_counter(messages) µs | calls |")
+    print("|---|---|---|---|---|---|")
     for name, body in cases.items():
         req = parse_chat_request(body)
         msgs = body["messages"]
-        calls = args.calls if "KB" not in name else max(5, args.calls // 1000)
+        calls = args.calls if "KB" not in name else max(5, args.calls // (1000 if "tools" in name else 20))
         a = per_call_us(functools.partial(landed, req, entry), calls)
         b = per_call_us(functools.partial(estimator.estimate, req, [entry]), calls)
+        free = per_call_us(functools.partial(estimator.estimate, req, [entry], budgeted=False), calls)
         c = per_call_us(functools.partial(litellm.token_counter, model=entry.litellm_model, messages=msgs),
                         max(5, calls // 10))
-        print(f"| {name} | {a:.1f} | {b:.1f} | {c:.1f} | {calls} |")
+        print(f"| {name} | {a:.1f} | {b:.1f} | {free:.1f} | {c:.1f} | {calls} |")
 
 
 if __name__ == "__main__":

@@ -244,13 +244,15 @@ async def run_load(
     new_prompts: bool = False,
     check_streams: bool = False,
     honor_retry_after: bool = False,
+    nonce_tag: str | None = None,
 ) -> LoadResult:
     """Closed-loop load: ``concurrency`` workers cycle through ``bodies`` until a bound is hit.
 
     Each body may stream or not (a mix is fine). ``new_prompts``: a unique suffix on every request's
     prompt (see the module doc); ``check_streams``: incomplete 200 responses count as errors;
     ``honor_retry_after``: a worker answered 429/503 with ``Retry-After`` waits that long (at most until the
-    run ends) before its next request, as the OpenAI SDK does, instead of retrying at once.
+    run ends) before its next request, as the OpenAI SDK does, instead of retrying at once; ``nonce_tag``: the
+    new prompts' run tag (8 characters; default random), so that two runs can send identical requests.
     """
     if not bodies:
         raise ValueError("need at least one request body")
@@ -258,9 +260,8 @@ async def run_load(
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     path = parts.path or "/"
     streams = [bool(b.get("stream")) for b in bodies]
-    make = new_prompt_requests if new_prompts else rotation
-    request_at = make([build_request(host, port, path, with_nonce_mark(b) if new_prompts else b, headers)
-                       for b in bodies])
+    raws = [build_request(host, port, path, with_nonce_mark(b) if new_prompts else b, headers) for b in bodies]
+    request_at = new_prompt_requests(raws, nonce_tag) if new_prompts else rotation(raws)
     result = LoadResult(url=url, stream=any(streams), concurrency=concurrency, wall_s=0.0)
     issued = 0
     deadline = time.perf_counter() + max_seconds

@@ -189,7 +189,7 @@ class BudgetConfig(_Section):
     low_detail_image_tokens: int = Field(default=85, ge=0)
     """Tokens an image with `detail: low` costs (OpenAI's fixed figure)."""
     bytes_bound_below: int = Field(default=4096, ge=0)
-    """A prompt whose text is at most this many UTF-8 bytes is bounded by that byte count (a token is at least one byte) instead of being tokenized: cheap, and a true bound."""
+    """A prompt whose text is at most this many UTF-8 bytes is bounded by that byte count (a token is at least one byte) instead of being tokenized: cheap, and a true bound. For a key without a budget every prompt is bounded by its bytes, whatever its length (nothing is reserved; no token counting on its fast path)."""
     default_max_output_tokens: int = Field(default=4096, ge=1)
     """The output bound of a request without `max_tokens` to a model whose maximum output is known neither from its `max_output_tokens` nor from LiteLLM's model info; for a key with a budget it is then sent upstream as `max_tokens`, so the bound holds."""
     usage_tolerance: float = Field(default=2.0, ge=1.0, le=1000.0)

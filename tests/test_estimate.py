@@ -60,6 +60,36 @@ def test_a_short_prompt_is_bounded_by_its_bytes() -> None:
     assert counted is not None and counted < len(text.encode())
 
 
+def test_without_a_budget_a_long_prompt_is_bounded_by_its_bytes_and_never_tokenized(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    text = "Summarise this report section by section. " * 400  # ~17 KB: tokenized for a budgeted key
+    long = req(messages=[{"role": "user", "content": text}], max_tokens=5, tools=big_tools(20_000),
+               prediction={"type": "content", "content": "x " * 3000})
+    budgeted = Estimator().estimate(long, [entry()])
+    calls: list[str] = []
+    import gateway.serving.estimate as estimate_module
+
+    real = estimate_module.count_text
+
+    def counting(model: str, t: str) -> int | None:
+        calls.append(t)
+        return real(model, t)
+
+    monkeypatch.setattr(estimate_module, "count_text", counting)
+    free = Estimator().estimate(long, [entry()], budgeted=False)
+    assert calls == []  # the fast path of a key without a budget counts no tokens
+    n_bytes = len("\n".join([text, *(json.dumps(t, ensure_ascii=False) for t in long.model_dump(
+        exclude_none=True)["tools"])]).encode())
+    assert free.prompt_tokens == (n_bytes + CFG.prompt_slack_tokens + CFG.message_overhead_tokens
+                                  + CFG.tool_prompt_tokens)
+    assert free.output_tokens == 5 + 6000  # the prediction's text by its bytes too
+    # never below the budgeted (tokenized) bound: the reservation a key gets is never smaller for it
+    assert free.prompt_tokens >= budgeted.prompt_tokens and free.output_tokens >= budgeted.output_tokens
+    assert budgeted.prompt_tokens < n_bytes  # the budgeted bound is the tighter, tokenized one
+    # the usage sanity check still refuses what no prompt of these bytes could bill
+    assert free.plausible("m", n_bytes, 5) and not free.plausible("m", 10 * n_bytes, 5)
+
+
 def test_response_format_schema_names_and_tool_calls_are_counted() -> None:
     schema = {"name": "s", "schema": {"type": "object", "properties": {f"field_{i}": {"type": "string",
               "description": "x" * 200} for i in range(50)}}}

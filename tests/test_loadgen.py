@@ -115,6 +115,45 @@ async def test_new_prompts_and_checked_streams_against_replay(replay: tuple[str,
         assert all(s.end_s > 0 for s in result.samples)
 
 
+async def _recording_server(seen: list[bytes]) -> tuple[asyncio.AbstractServer, int]:
+    """A raw keep-alive HTTP server that records every request's body and answers a one-choice 200."""
+    answer = b'{"choices":[{"message":{"content":"x"},"finish_reason":"stop"}]}'
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:  # the client closed the connection
+                break
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length"))
+            seen.append(await reader.readexactly(length))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                         % len(answer) + answer)
+            await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return srv, int(srv.sockets[0].getsockname()[1])
+
+
+async def test_a_fixed_nonce_tag_sends_the_same_requests_in_every_run() -> None:
+    bodies = prompt_bodies(["What is 2+2?", "Name a colour."], "m", stream=False)
+    runs: list[list[bytes]] = []
+    for tag in ("c0de0001", "c0de0001", None, None):
+        seen: list[bytes] = []
+        srv, port = await _recording_server(seen)
+        async with srv:
+            result = await run_load(f"http://127.0.0.1:{port}/v1/chat/completions", bodies, max_requests=5,
+                                    max_seconds=30, new_prompts=True, nonce_tag=tag)
+        assert result.errors == 0, result.summary()
+        runs.append(seen)
+    assert runs[0] == runs[1] and len(set(runs[0])) == 5  # the same 5 new prompts, in the same order
+    assert all(b"c0de0001-" in body for body in runs[0])
+    assert runs[2] != runs[3]  # without a tag each run draws its own
+    assert len(runs[2]) == len(runs[3]) == 5
+
+
 async def _serve_once(body: bytes) -> tuple[asyncio.AbstractServer, int]:
     """A raw HTTP server answering every request with a chunked 200 whose body is ``body``."""
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

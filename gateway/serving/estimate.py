@@ -13,7 +13,9 @@ bills. :class:`Estimator` bounds both sides of the bill:
   count when it is short (``budget.bytes_bound_below``; a token of any byte-level tokenizer covers at
   least one byte, so this is a true bound and costs no tokenizing), else counted with LiteLLM's token
   counter for the first model tried × ``budget.prompt_factor`` (tokenizers differ per model), and never
-  above the byte count.
+  above the byte count. For a key without a budget nothing is reserved, so the text is bounded by its byte
+  count whatever its length (never tokenized: the fast path pays no token counting for such keys; the usage
+  sanity check below then reads that looser, still true, bound).
 - **Output**: ``max_completion_tokens``/``max_tokens`` × ``n`` (+ a ``prediction``'s text: rejected
   predicted tokens are billed as completion), else the model's ``max_output_tokens`` from the registry,
   else LiteLLM's model info (its offline cost map), else ``budget.default_max_output_tokens``, which the
@@ -85,12 +87,13 @@ class Estimator:
     def estimate(self, req: ChatCompletionRequest, tries: Sequence[ModelEntry], *, budgeted: bool = True) -> Estimate:
         """The bound for ``req`` served by any of ``tries`` (the models the forwarder will try, in order).
         ``budgeted``: the key has a budget, so an output bound that is only the configured default is
-        forced upstream as ``max_tokens``."""
+        forced upstream as ``max_tokens``, and a long text is tokenized for a tighter bound; without a budget
+        every text is bounded by its byte count (a true bound, never smaller: no token counting)."""
         cfg = self.config
         if not tries:
             return Estimate(0, 0, 0.0, tolerance=cfg.usage_tolerance)
-        prompt = self.prompt_tokens(req, tries[0].litellm_model)
-        extra_out = self._text_bound(_prediction_text(req), tries[0].litellm_model)
+        prompt = self.prompt_tokens(req, tries[0].litellm_model, tokenize=budgeted)
+        extra_out = self._text_bound(_prediction_text(req), tries[0].litellm_model, tokenize=budgeted)
         best: tuple[float, ModelEntry, int, OutputSource] | None = None
         by_model: dict[str, int] = {}
         force: int | None = None
@@ -125,10 +128,12 @@ class Estimator:
         return out
 
     # -- prompt -------------------------------------------------------------------------------------
-    def prompt_tokens(self, req: ChatCompletionRequest, model: str, *, counted: bool = False) -> int:
+    def prompt_tokens(self, req: ChatCompletionRequest, model: str, *, counted: bool = False,
+                      tokenize: bool = True) -> int:
         """Bound on the prompt tokens of ``req`` (see the module's docstring). ``counted``: the count instead of
         the bound — every part the same way, but the text by LiteLLM's counter alone (no byte bound, no
-        ``prompt_factor``, no slack): the figure charged when the provider reports no usage or impossible usage."""
+        ``prompt_factor``, no slack): the figure charged when the provider reports no usage or impossible usage.
+        ``tokenize=False``: the text is bounded by its byte count however long it is (no token counting)."""
         cfg = self.config
         texts: list[str] = []
         images = 0
@@ -144,7 +149,7 @@ class Estimator:
             n = count_text(model, text) if text else 0
             tokens = n if n is not None else len(text) // 4
         else:
-            tokens = self._text_bound(text, model) + cfg.prompt_slack_tokens
+            tokens = self._text_bound(text, model, tokenize=tokenize) + cfg.prompt_slack_tokens
         tokens += cfg.message_overhead_tokens * len(req.messages) + images
         if tools:
             tokens += cfg.tool_prompt_tokens
@@ -179,13 +184,13 @@ class Estimator:
             texts.append(_dumps(msg.model_extra))
         return images
 
-    def _text_bound(self, text: str, model: str) -> int:
-        """Bound on the tokens of ``text``: its UTF-8 byte count when short, else the counted tokens ×
-        ``prompt_factor`` (never above the byte count)."""
+    def _text_bound(self, text: str, model: str, *, tokenize: bool = True) -> int:
+        """Bound on the tokens of ``text``: its UTF-8 byte count when short (or when not ``tokenize``), else the
+        counted tokens × ``prompt_factor`` (never above the byte count)."""
         if not text:
             return 0
         n_bytes = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-        if n_bytes <= self.config.bytes_bound_below:
+        if n_bytes <= self.config.bytes_bound_below or not tokenize:
             return n_bytes
         counted = count_text(model, text)
         if counted is None:
