@@ -41,7 +41,8 @@ typecheck: install
 
 # The tests run in parallel (pytest-xdist): much of their time is spent waiting on the servers they start,
 # so more workers than cores pay. A module that starts its servers once (module-scoped fixtures) runs on one
-# worker; the slow tests are handed out first (tests/conftest.py). PYTEST_WORKERS=0 runs them in one process.
+# worker; the longest tests (by the last run's durations in .pytest_cache; first run: the slow ones) are handed out
+# first (tests/parallel.py). PYTEST_WORKERS=0 runs them in one process.
 PYTEST_WORKERS ?= 4
 # The tests marked `alone` (latency bounds that failed beside the parallel run) run after it, on their own.
 PYTEST_FLAGS = -q -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder

@@ -22,6 +22,7 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from tests.gateway_setup import make_dataset, replay_args, write_config
-from tests.procs import ROOT, free_port, replay_upstream, running, server_env
+from tests.procs import ROOT, ServerSpec, free_port, replay_server, running_all, server_env
 from tests.storeutil import fresh_pg_database, require_pg
 
 # ≥ 1000 requests in total, each a fresh (server, method, path, headers, body); raise it to explore
@@ -70,36 +71,33 @@ def _serve(root: Path, dataset: Path, replay_base: str, mode: str, database_url:
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
     top = tmp_path_factory.mktemp("fuzz")
     dataset = make_dataset(top)
-    with replay_upstream(dataset, *replay_args()) as replay_base:
-        keys_root, open_root = top / "keys", top / "open"
-        keys_root.mkdir()
-        open_root.mkdir()
-        kcfg, kport = _serve(keys_root, dataset, replay_base, "keys")
-        ocfg, oport = _serve(open_root, dataset, replay_base, "open")
-        env = server_env(UNIROUTE_ADMIN_KEY=ADMIN_KEY)
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(running(["-m", "gateway.cli.main", "serve", "--config", str(kcfg)],
-                                        f"http://127.0.0.1:{kport}/health/liveliness", env=env))
-            stack.enter_context(running(["-m", "gateway.cli.main", "serve", "--config", str(ocfg)],
-                                        f"http://127.0.0.1:{oport}/health/liveliness", env=env))
-            out: dict[str, Server] = {"keys": Server(f"http://127.0.0.1:{kport}", _create_key(kcfg)),
-                                      "open": Server(f"http://127.0.0.1:{oport}", None)}
-            if pg_up():  # the same keys-mode server on PostgreSQL, for the admin and feedback fuzz
-                pg_root = top / "pg"
-                pg_root.mkdir()
-                url = stack.enter_context(fresh_pg_database())
-                pcfg, pport = _serve(pg_root, dataset, replay_base, "keys", url)
-                stack.enter_context(running(["-m", "gateway.cli.main", "serve", "--config", str(pcfg)],
-                                            f"http://127.0.0.1:{pport}/health/liveliness", env=env))
-                out["pg"] = Server(f"http://127.0.0.1:{pport}", _create_key(pcfg))
-            for server in out.values():  # one answered request, so that feedback on its id is accepted
-                if server.key is not None:
-                    r = httpx.post(server.base + "/v1/chat/completions", timeout=30.0,
-                                   headers={"authorization": f"Bearer {server.key}"},
-                                   json={"model": "small-general", "messages": [{"role": "user", "content": "hi"}]})
-                    assert r.status_code == 200, r.text
-                    server.request_id = r.headers["x-uniroute-request-id"]
-            yield out
+    replay, replay_base = replay_server(dataset, *replay_args())
+    env = server_env(UNIROUTE_ADMIN_KEY=ADMIN_KEY)
+    with contextlib.ExitStack() as stack:
+        configs: dict[str, tuple[Path, int]] = {}
+        for name, mode in (("keys", "keys"), ("open", "open")):
+            (top / name).mkdir()
+            configs[name] = _serve(top / name, dataset, replay_base, mode)
+        if pg_up():  # the same keys-mode server on PostgreSQL, for the admin and feedback fuzz
+            (top / "pg").mkdir()
+            configs["pg"] = _serve(top / "pg", dataset, replay_base, "keys", stack.enter_context(fresh_pg_database()))
+        # the replay and every gateway start at once (their start-ups overlap), the keys are made at once
+        stack.enter_context(running_all(replay, *(
+            ServerSpec(["-m", "gateway.cli.main", "serve", "--config", str(cfg)],
+                       f"http://127.0.0.1:{port}/health/liveliness", env, timeout_s=120)  # 60 s each before, serially
+            for cfg, port in configs.values())))
+        with ThreadPoolExecutor(len(configs)) as pool:
+            keys = dict(zip(configs, pool.map(
+                lambda name: _create_key(configs[name][0]) if name != "open" else None, configs), strict=True))
+        out = {name: Server(f"http://127.0.0.1:{port}", keys[name]) for name, (_, port) in configs.items()}
+        for server in out.values():  # one answered request, so that feedback on its id is accepted
+            if server.key is not None:
+                r = httpx.post(server.base + "/v1/chat/completions", timeout=30.0,
+                               headers={"authorization": f"Bearer {server.key}"},
+                               json={"model": "small-general", "messages": [{"role": "user", "content": "hi"}]})
+                assert r.status_code == 200, r.text
+                server.request_id = r.headers["x-uniroute-request-id"]
+        yield out
 
 
 def _create_key(cfg: Path) -> str:

@@ -40,7 +40,15 @@ from routing.dataset import load_dataset
 from routing.policy import PoolModel
 from routing.profiles import load_profiles
 from routing.synthetic import make_synthetic_dataset
-from tests.procs import ROOT, free_port, replay_upstream, running, server_env
+from tests.procs import (
+    ROOT,
+    free_port,
+    gateway_server,
+    replay_server,
+    replay_upstream,
+    running_all,
+    server_env,
+)
 
 pytestmark = pytest.mark.slow  # each test starts servers and fits or profiles: about a minute each
 
@@ -82,121 +90,121 @@ def _onboard(tmp: Path, dataset: Path, new: str, *, val_size: int, k: str, min_p
     art = _fit(dataset, tmp / "artifact", new, val_size, k, embedder)
     costs = _models_csv(dataset)
     ds = load_dataset(dataset, with_responses=False)
-    with replay_upstream(dataset) as replay:
-        cfg = {
-            "server": {"host": "127.0.0.1"},
-            "auth": {"mode": "open"},
-            "database_url": f"sqlite:///{tmp / 'gw.db'}",
-            "router": {"policy": "uniroute", "artifact": str(tmp / "artifact"), "variant": VARIANT,
-                       "default_lambda": 0.0, "lambda_max": 100.0, "embed_cache_dir": str(tmp / "embcache")},
-            "registry": {"poll_interval_s": 0.5},
-            "profiling": {"concurrency": 16, "attempts": 2, "min_graded_per_cluster": min_per_cluster},
-            "models": [_model_body(m, c, replay) for m, c in costs.items() if m != new],
-        }
-        cfg_path = tmp / "config.yaml"
-        cfg_path.write_text(yaml.safe_dump(cfg))
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        env = server_env(UNIROUTE_ADMIN_KEY=ADMIN)
-        with running(["-m", "gateway.cli.main", "serve", "--config", str(cfg_path), "--port", str(port)],
-                     f"{base}/health/readiness", env=env, timeout_s=120), \
-                httpx.Client(base_url=base, timeout=60, headers={"authorization": f"Bearer {ADMIN}"}) as http:
-            # --- registry: unknown names, add, duplicate, callable by name before any profile
-            r = http.get(f"/admin/models/{new}")
-            assert r.status_code == 404 and "known:" in r.json()["error"]["message"]
-            r = http.post("/admin/models", json=_model_body(new, costs[new], replay))
-            assert r.status_code == 201, r.text
-            assert r.json()["profile"] is None
-            dup = http.post("/admin/models", json=_model_body(new, costs[new], replay))
-            assert dup.status_code == 409 and "already exists" in dup.json()["error"]["message"]
-            _wait(lambda: new in {m["id"] for m in http.get("/v1/models").json()["data"]}, 10, "the poller")
-            named = http.post("/v1/chat/completions", json={"model": new, "messages": [
-                {"role": "user", "content": art.val_prompts[0]}]})
-            assert named.status_code == 200 and named.headers["x-uniroute-model"] == new
+    replay_spec, replay = replay_server(dataset)
+    cfg = {
+        "server": {"host": "127.0.0.1"},
+        "auth": {"mode": "open"},
+        "database_url": f"sqlite:///{tmp / 'gw.db'}",
+        "router": {"policy": "uniroute", "artifact": str(tmp / "artifact"), "variant": VARIANT,
+                   "default_lambda": 0.0, "lambda_max": 100.0, "embed_cache_dir": str(tmp / "embcache")},
+        "registry": {"poll_interval_s": 0.5},
+        "profiling": {"concurrency": 16, "attempts": 2, "min_graded_per_cluster": min_per_cluster},
+        "models": [_model_body(m, c, replay) for m, c in costs.items() if m != new],
+    }
+    cfg_path = tmp / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = server_env(UNIROUTE_ADMIN_KEY=ADMIN)
+    # the replay and the gateway start at once (their start-ups overlap)
+    with running_all(replay_spec, gateway_server(cfg_path, "--port", str(port), env=env, timeout_s=120)), \
+            httpx.Client(base_url=base, timeout=60, headers={"authorization": f"Bearer {ADMIN}"}) as http:
+        # --- registry: unknown names, add, duplicate, callable by name before any profile
+        r = http.get(f"/admin/models/{new}")
+        assert r.status_code == 404 and "known:" in r.json()["error"]["message"]
+        r = http.post("/admin/models", json=_model_body(new, costs[new], replay))
+        assert r.status_code == 201, r.text
+        assert r.json()["profile"] is None
+        dup = http.post("/admin/models", json=_model_body(new, costs[new], replay))
+        assert dup.status_code == 409 and "already exists" in dup.json()["error"]["message"]
+        _wait(lambda: new in {m["id"] for m in http.get("/v1/models").json()["data"]}, 10, "the poller")
+        named = http.post("/v1/chat/completions", json={"model": new, "messages": [
+            {"role": "user", "content": art.val_prompts[0]}]})
+        assert named.status_code == 200 and named.headers["x-uniroute-model"] == new
 
-            # --- a model whose upstream is down: failures recorded and reported, never activated
-            dead = _model_body(new, costs[new], f"http://127.0.0.1:{free_port()}/v1") | {"name": "dead-model"}
-            assert http.post("/admin/models", json=dead).status_code == 201
-            assert http.post("/admin/models/dead-model/profile", json={}).status_code == 202
-            job = _wait(lambda: (j := http.get("/admin/models/dead-model/profile").json())["status"] != "running"
-                        and j, 120, "the dead model's profiling job")
-            assert job["status"] == "not_activated", job
-            # it gives up after the first 20 failures (those in flight finish): the other prompts are never sent
-            assert 20 <= job["result"]["failed"] < len(art.val_prompt_ids) and job["result"]["errors"]
-            assert "first 20 answers all failed" in job["result"]["stopped"]
-            assert job["result"]["short_clusters"]
-            assert job["result"]["graded"] == 0 and "not activated" in job["result"]["message"]
-            assert http.get("/admin/models/dead-model").json()["profile"] is None
+        # --- a model whose upstream is down: failures recorded and reported, never activated
+        dead = _model_body(new, costs[new], f"http://127.0.0.1:{free_port()}/v1") | {"name": "dead-model"}
+        assert http.post("/admin/models", json=dead).status_code == 201
+        assert http.post("/admin/models/dead-model/profile", json={}).status_code == 202
+        job = _wait(lambda: (j := http.get("/admin/models/dead-model/profile").json())["status"] != "running"
+                    and j, 120, "the dead model's profiling job")
+        assert job["status"] == "not_activated", job
+        # it gives up after the first 20 failures (those in flight finish): the other prompts are never sent
+        assert 20 <= job["result"]["failed"] < len(art.val_prompt_ids) and job["result"]["errors"]
+        assert "first 20 answers all failed" in job["result"]["stopped"]
+        assert job["result"]["short_clusters"]
+        assert job["result"]["graded"] == 0 and "not activated" in job["result"]["message"]
+        assert http.get("/admin/models/dead-model").json()["profile"] is None
 
-            # --- profile NEW through LiteLLM against the replay upstream
-            assert http.post("/admin/models/nope/profile", json={}).status_code == 404
-            # first without activating: the impact report only (docs/IMPACT.md), then a second call activates
-            r = http.post(f"/admin/models/{new}/profile", json={"grader": "multiple_choice"})
-            assert r.status_code == 202, r.text
-            job = _wait(lambda: (j := http.get(f"/admin/models/{new}/profile").json())["status"] != "running"
-                        and j, 240, "the profiling job")
-            assert job["status"] == "reported", job
-            assert job["result"]["graded"] == len(art.val_prompt_ids) and job["result"]["failed"] == 0
-            impact = job["result"]["impact"]
-            assert impact["model"] == new and len(impact["psi"]) == art.k and impact["lambdas"], job
-            assert http.get(f"/admin/models/{new}").json()["profile"] is None
-            r = http.post(f"/admin/models/{new}/profile", json={"grader": "multiple_choice", "activate": True})
-            assert r.status_code == 202, r.text
-            job = _wait(lambda: (j := http.get(f"/admin/models/{new}/profile").json())["status"] != "running"
-                        and j, 240, "the profiling job")
-            assert job["status"] == "activated", job
-            assert job["result"]["already_done"] == len(art.val_prompt_ids) and job["result"]["graded"] == 0
-            stored = http.get(f"/admin/models/{new}").json()["profile"]
-            assert stored is not None and stored["source"] == "validation"
+        # --- profile NEW through LiteLLM against the replay upstream
+        assert http.post("/admin/models/nope/profile", json={}).status_code == 404
+        # first without activating: the impact report only (docs/IMPACT.md), then a second call activates
+        r = http.post(f"/admin/models/{new}/profile", json={"grader": "multiple_choice"})
+        assert r.status_code == 202, r.text
+        job = _wait(lambda: (j := http.get(f"/admin/models/{new}/profile").json())["status"] != "running"
+                    and j, 240, "the profiling job")
+        assert job["status"] == "reported", job
+        assert job["result"]["graded"] == len(art.val_prompt_ids) and job["result"]["failed"] == 0
+        impact = job["result"]["impact"]
+        assert impact["model"] == new and len(impact["psi"]) == art.k and impact["lambdas"], job
+        assert http.get(f"/admin/models/{new}").json()["profile"] is None
+        r = http.post(f"/admin/models/{new}/profile", json={"grader": "multiple_choice", "activate": True})
+        assert r.status_code == 202, r.text
+        job = _wait(lambda: (j := http.get(f"/admin/models/{new}/profile").json())["status"] != "running"
+                    and j, 240, "the profiling job")
+        assert job["status"] == "activated", job
+        assert job["result"]["already_done"] == len(art.val_prompt_ids) and job["result"]["graded"] == 0
+        stored = http.get(f"/admin/models/{new}").json()["profile"]
+        assert stored is not None and stored["source"] == "validation"
 
-            # --- Ψ equals the offline estimate from the recorded outcomes on the same prompts
-            col = ds.models.index(new)
-            row = {pid: i for i, pid in enumerate(ds.prompt_ids)}
-            recorded = {pid: float(ds.scores[row[pid], col]) for pid in art.val_prompt_ids}
-            offline = art.profile_model(new, recorded, cost=costs[new], variants=[VARIANT])[0]
-            assert np.allclose(stored["psi"], offline.psi), (stored["psi"], offline.psi.tolist())
-            assert np.allclose(job["result"]["psi"], offline.psi)
+        # --- Ψ equals the offline estimate from the recorded outcomes on the same prompts
+        col = ds.models.index(new)
+        row = {pid: i for i, pid in enumerate(ds.prompt_ids)}
+        recorded = {pid: float(ds.scores[row[pid], col]) for pid in art.val_prompt_ids}
+        offline = art.profile_model(new, recorded, cost=costs[new], variants=[VARIANT])[0]
+        assert np.allclose(stored["psi"], offline.psi), (stored["psi"], offline.psi.tolist())
+        assert np.allclose(job["result"]["psi"], offline.psi)
 
-            # --- offline: prompts and λ where NEW is the argmin; auto traffic there reaches it
-            pool = [PoolModel(name=n, cost=costs[n], psi=p.psi)
-                    for n, p in load_profiles(tmp / "artifact", VARIANT).items()]
-            pool.append(PoolModel(name=new, cost=costs[new], psi=offline.psi))
-            policy = UniRoutePolicy(art, VARIANT)
-            best: tuple[int, float, list[int]] = (0, 0.0, [])
-            for lam in (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0):
-                hits = [i for i, e in enumerate(art.val_embeddings)
-                        if policy.rank(np.asarray(e, dtype=np.float64), pool, lam).chosen.model == new]
-                if len(hits) > best[0]:
-                    best = (len(hits), lam, hits)
-            n_hits, lam, hits = best
-            assert n_hits > 0, "the new model is never the best trade-off: pick another model for this test"
-            time.sleep(1.5)  # the poller (0.5 s interval) has seen the activation
-            sample = hits[:20]
-            served, request_ids = [], []
-            for i in sample:
-                r = http.post("/v1/chat/completions", json={
-                    "model": "auto", "messages": [{"role": "user", "content": art.val_prompts[i]}],
-                    "uniroute": {"lambda": lam}})
-                assert r.status_code == 200, r.text
-                served.append(r.headers["x-uniroute-model"])
-                request_ids.append(r.headers["x-uniroute-request-id"])
-            reached = served.count(new)
-            # the gateway embeds the prompt online (float32, batched): allow a rare near-tie to flip
-            assert reached >= max(1, int(0.8 * len(sample))), (lam, served)
+        # --- offline: prompts and λ where NEW is the argmin; auto traffic there reaches it
+        pool = [PoolModel(name=n, cost=costs[n], psi=p.psi)
+                for n, p in load_profiles(tmp / "artifact", VARIANT).items()]
+        pool.append(PoolModel(name=new, cost=costs[new], psi=offline.psi))
+        policy = UniRoutePolicy(art, VARIANT)
+        best: tuple[int, float, list[int]] = (0, 0.0, [])
+        for lam in (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0):
+            hits = [i for i, e in enumerate(art.val_embeddings)
+                    if policy.rank(np.asarray(e, dtype=np.float64), pool, lam).chosen.model == new]
+            if len(hits) > best[0]:
+                best = (len(hits), lam, hits)
+        n_hits, lam, hits = best
+        assert n_hits > 0, "the new model is never the best trade-off: pick another model for this test"
+        time.sleep(1.5)  # the poller (0.5 s interval) has seen the activation
+        sample = hits[:20]
+        served, request_ids = [], []
+        for i in sample:
+            r = http.post("/v1/chat/completions", json={
+                "model": "auto", "messages": [{"role": "user", "content": art.val_prompts[i]}],
+                "uniroute": {"lambda": lam}})
+            assert r.status_code == 200, r.text
+            served.append(r.headers["x-uniroute-model"])
+            request_ids.append(r.headers["x-uniroute-request-id"])
+        reached = served.count(new)
+        # the gateway embeds the prompt online (float32, batched): allow a rare near-tie to flip
+        assert reached >= max(1, int(0.8 * len(sample))), (lam, served)
 
-            # --- feedback on what NEW served, then a re-profiling pass: its Ψ moves, the drift report says where
-            for rid, model in zip(request_ids, served, strict=True):
-                if model == new:
-                    fb = http.post("/v1/feedback", json={"request_id": rid, "thumbs": "down"})
-                    assert fb.status_code == 201, fb.text
-            assert http.post("/v1/feedback", json={"request_id": "no-such-request", "score": 1}).status_code == 404
-            report = http.post("/admin/reprofile").json()
-            assert report["models"][new]["status"] == "updated" and report["models"][new]["feedback"] == reached
-            assert report["drift"][0]["model"] == new and report["drift"][0]["change"] > 0
-            assert http.get("/admin/reprofile/last").json()["drift"] == report["drift"]
-            hist = http.get(f"/admin/models/{new}").json()["profile_history"]
-            mine = [(p["version"], p["source"], p["active"]) for p in hist if p["router"].endswith(VARIANT)]
-            assert mine == [(1, "validation", False), (2, "feedback", True)]
+        # --- feedback on what NEW served, then a re-profiling pass: its Ψ moves, the drift report says where
+        for rid, model in zip(request_ids, served, strict=True):
+            if model == new:
+                fb = http.post("/v1/feedback", json={"request_id": rid, "thumbs": "down"})
+                assert fb.status_code == 201, fb.text
+        assert http.post("/v1/feedback", json={"request_id": "no-such-request", "score": 1}).status_code == 404
+        report = http.post("/admin/reprofile").json()
+        assert report["models"][new]["status"] == "updated" and report["models"][new]["feedback"] == reached
+        assert report["drift"][0]["model"] == new and report["drift"][0]["change"] > 0
+        assert http.get("/admin/reprofile/last").json()["drift"] == report["drift"]
+        hist = http.get(f"/admin/models/{new}").json()["profile_history"]
+        mine = [(p["version"], p["source"], p["active"]) for p in hist if p["router"].endswith(VARIANT)]
+        assert mine == [(1, "validation", False), (2, "feedback", True)]
 
 
 def test_onboarding_on_generated_data(tmp_path: Path) -> None:
@@ -255,45 +263,46 @@ def _demo_config(tmp: Path, replay: str) -> tuple[Path, int]:
 
 def _readme_onboarding(tmp: Path, dataset: Path, artifact: Path) -> None:
     commands = _readme_commands()
-    with replay_upstream(dataset) as replay:
-        cfg, port = _demo_config(tmp, replay)
-        env = server_env(UNIROUTE_DATASET=str(dataset), UNIROUTE_ROUTER_ARTIFACT=str(artifact))
-        env.pop("UNIROUTE_CONFIG", None)
-        env.pop("UNIROUTE_DATABASE_URL", None)
-        base = f"http://127.0.0.1:{port}"
-        with running(["-m", "gateway.cli.main", "serve", "--config", str(cfg)], f"{base}/health/readiness", env=env,
-                     timeout_s=120), httpx.Client(base_url=base, timeout=60) as http:
-            outputs = []
-            for argv in commands:  # from the config's folder, as the README says (./config.yaml)
-                done = _uniroute([a.replace(DEMO_REPLAY, replay) for a in argv[1:]], tmp, env)
-                assert done.returncode == 0, (argv, done.stdout[-2000:], done.stderr[-2000:])
-                assert "Traceback" not in done.stderr and "Unclosed" not in done.stderr, done.stderr[-2000:]
-                outputs.append(done.stdout)
-            reported = next(out for argv, out in zip(commands, outputs, strict=True) if argv[1] == "profile")
-            assert "NOT activated" in reported and "impact of my-model" in reported, reported
-            plotted = next(argv for argv in commands if "--impact-plot" in argv)  # relative to the config's folder
-            assert (tmp / plotted[plotted.index("--impact-plot") + 1]).stat().st_size > 10_000
-            profiled = next(out for argv, out in zip(commands, outputs, strict=True) if "--activate" in argv)
-            assert "activated 'my-model'" in profiled and "nothing asked" in profiled, profiled
-            reprofiled = next(out for argv, out in zip(commands, outputs, strict=True) if argv[1] == "reprofile")
-            assert "my-model: unchanged (0 feedback)" in reprofiled, reprofiled
+    replay_spec, replay = replay_server(dataset)
+    cfg, port = _demo_config(tmp, replay)
+    env = server_env(UNIROUTE_DATASET=str(dataset), UNIROUTE_ROUTER_ARTIFACT=str(artifact))
+    env.pop("UNIROUTE_CONFIG", None)
+    env.pop("UNIROUTE_DATABASE_URL", None)
+    base = f"http://127.0.0.1:{port}"
+    # the replay and the gateway start at once (their start-ups overlap)
+    with running_all(replay_spec, gateway_server(cfg, env=env, timeout_s=120)), \
+            httpx.Client(base_url=base, timeout=60) as http:
+        outputs = []
+        for argv in commands:  # from the config's folder, as the README says (./config.yaml)
+            done = _uniroute([a.replace(DEMO_REPLAY, replay) for a in argv[1:]], tmp, env)
+            assert done.returncode == 0, (argv, done.stdout[-2000:], done.stderr[-2000:])
+            assert "Traceback" not in done.stderr and "Unclosed" not in done.stderr, done.stderr[-2000:]
+            outputs.append(done.stdout)
+        reported = next(out for argv, out in zip(commands, outputs, strict=True) if argv[1] == "profile")
+        assert "NOT activated" in reported and "impact of my-model" in reported, reported
+        plotted = next(argv for argv in commands if "--impact-plot" in argv)  # relative to the config's folder
+        assert (tmp / plotted[plotted.index("--impact-plot") + 1]).stat().st_size > 10_000
+        profiled = next(out for argv, out in zip(commands, outputs, strict=True) if "--activate" in argv)
+        assert "activated 'my-model'" in profiled and "nothing asked" in profiled, profiled
+        reprofiled = next(out for argv, out in zip(commands, outputs, strict=True) if argv[1] == "reprofile")
+        assert "my-model: unchanged (0 feedback)" in reprofiled, reprofiled
 
-            # the running gateway picks it up: callable by name, with Ψ measured from the replay's answers
-            _wait(lambda: "my-model" in {m["id"] for m in http.get("/v1/models").json()["data"]}, 15, "the poller")
-            art = RouterArtifact.load(artifact)
-            r = http.post("/v1/chat/completions", json={"model": "my-model", "messages": [
-                {"role": "user", "content": art.val_prompts[0]}]})
-            assert r.status_code == 200 and r.headers["x-uniroute-model"] == "my-model", r.text
-        store = Store(f"sqlite:///{tmp / 'var' / 'uniroute.db'}")
-        try:
-            active = catalog.active_profiles(store, catalog.profile_key(art.version, "learnedmap"))
-            assert active["my-model"].source == "validation"
-            # the same answers as the model it aliases, the same estimator: the Ψ router fit computed for it
-            assert np.allclose(active["my-model"].psi, active[README_MODEL].psi, atol=1e-6), (
-                active["my-model"].psi, active[README_MODEL].psi)
-            assert catalog.get_model(store, "my-model").routable
-        finally:
-            store.dispose()
+        # the running gateway picks it up: callable by name, with Ψ measured from the replay's answers
+        _wait(lambda: "my-model" in {m["id"] for m in http.get("/v1/models").json()["data"]}, 15, "the poller")
+        art = RouterArtifact.load(artifact)
+        r = http.post("/v1/chat/completions", json={"model": "my-model", "messages": [
+            {"role": "user", "content": art.val_prompts[0]}]})
+        assert r.status_code == 200 and r.headers["x-uniroute-model"] == "my-model", r.text
+    store = Store(f"sqlite:///{tmp / 'var' / 'uniroute.db'}")
+    try:
+        active = catalog.active_profiles(store, catalog.profile_key(art.version, "learnedmap"))
+        assert active["my-model"].source == "validation"
+        # the same answers as the model it aliases, the same estimator: the Ψ router fit computed for it
+        assert np.allclose(active["my-model"].psi, active[README_MODEL].psi, atol=1e-6), (
+            active["my-model"].psi, active[README_MODEL].psi)
+        assert catalog.get_model(store, "my-model").routable
+    finally:
+        store.dispose()
 
 
 def test_readme_onboarding_on_generated_data(tmp_path: Path) -> None:

@@ -322,7 +322,7 @@ def test_admin_defaults_refuse_literal_keys_and_unlisted_env(database_url: str, 
     store = Store(database_url)
     try:
         catalog.add_model(store, ModelSpec(name="raw", router_cost=1.0, litellm_params={
-            "model": "openai/raw", "api_key": ADMIN_LITERAL, "api_base": f"http://u:{HEADER_SECRET}@h/v1",
+            "model": "openai/raw", "api_key": ADMIN_LITERAL, "api_base": f"http://u:{HEADER_SECRET}@raw-upstream.internal/v1",
             "extra_headers": {"Authorization": f"Bearer {ADMIN_LITERAL}"}, "fallbacks": [{"token": ADMIN_LITERAL}]}))
     finally:
         store.dispose()
