@@ -83,11 +83,18 @@ class _Known:
             self.secrets_re = _alternation(self.secrets)
         if h:
             self.hosts |= h
-            self.hosts_re = _alternation(self.hosts)
+            self.hosts_re = _alternation(self.hosts, whole=True)
 
 
-def _alternation(values: Iterable[str]) -> re.Pattern[str]:
-    return re.compile("|".join(re.escape(v) for v in sorted(values, key=len, reverse=True)))
+# a host name is replaced only where it stands as a whole name: not inside a word ("h" in "this") nor as the
+# front of a longer name ("api.internal" in "api.internal.example"); a trailing port or path is fine
+_NAME_BEFORE = r"(?<![A-Za-z0-9_.-])"
+_NAME_AFTER = r"(?![A-Za-z0-9_-]|\.[A-Za-z0-9])"
+
+
+def _alternation(values: Iterable[str], whole: bool = False) -> re.Pattern[str]:
+    body = "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))
+    return re.compile(f"{_NAME_BEFORE}(?:{body}){_NAME_AFTER}" if whole else body)
 
 
 _KNOWN = _Known()

@@ -80,6 +80,17 @@ def test_scrub_removes_registry_keys_verbatim_and_internal_hosts() -> None:
         assert scrub(text) == text
 
 
+def test_a_short_host_name_is_replaced_only_where_it_stands_as_a_name() -> None:
+    # a host like "h" or "api" must not mangle words that contain it ("this" -> "t<upstream>is")
+    secrets.remember([{"model": "openai/y", "api_base": "http://u:pw@h/v1"},
+                      {"model": "openai/z", "api_base": "https://api/v1"}])
+    text = "this provider rejects the request: which api_key? see the rapid API docs at apis.example"
+    assert scrub(text) == text
+    assert scrub("connect to h:443 failed") == "connect to <upstream>:443 failed"
+    assert scrub("GET https://api/v1/chat (h)") == "GET https://<upstream>/v1/chat (<upstream>)"
+    assert scrub("at api.internal.example") == "at api.internal.example"
+
+
 def test_log_filter_scrubs_messages_arguments_and_tracebacks() -> None:
     record = logging.LogRecord("uniroute.x", logging.ERROR, __file__, 1, "upstream said %s", ("Bearer abcdEFGH1234",),
                                None)
