@@ -3,9 +3,10 @@
 Real things: ``uniroute serve`` (a subprocess) on SQLite or PostgreSQL, LiteLLM calling a billing provider over
 HTTP (the in-memory ``BillingUpstream`` of test_budget_cap served by uvicorn in this process, so what it billed
 survives the gateway), clients over HTTP. The same random mix (200 KB of tools, no ``max_tokens``, streams
-without usage, lying usage, ``auto`` falling back from a failing cheap model to a dear one, disconnects); during
-one random wave the gateway is killed with ``-9`` (its log writer flushes only every 120 s: the answered rows are
-in its journal only), then started again with the same spill dir, and the waves go on.
+without usage, lying usage, ``auto`` falling back from a failing cheap model to a dear one, disconnects); in the
+first wave (after the first) where a request holds a reservation, the gateway is killed with ``-9`` a moment
+later (its log writer flushes only every 120 s: the answered rows are in its journal only), then started again
+with the same spill dir, and the waves go on.
 
 The property, once the restarted gateway has replayed the journal: the key's spend stays within its budget plus
 one request's true cost per request in flight; every request the client saw answered (a full answer, or a stream
@@ -185,13 +186,15 @@ def test_the_cap_and_the_rows_hold_through_kill_9(kind: str, tmp_path: Path) -> 
         direct.upgrade()
         raw = create_key(direct, "tenant", default_lambda=0.1, budget_usd=BUDGET)[0]
         port = free_port()
-        kill_wave = rng.randrange(1, 4)
+        kill_wave = -1
         mine: dict[str, str] = {}  # my request tag (the provider bills by it) -> the gateway's request id
         counted: list[str] = []  # tags of the requests whose row must exist
         killed_in_flight = 0
         outcomes: dict[str, int] = {}
 
-        async def wave(w: int, proc: Any | None) -> None:
+        async def wave(w: int, proc: Any | None) -> bool:
+            """One wave of random requests; with ``proc``, kill it -9 once a request of the wave holds a
+            reservation (it is with the provider), a moment later. True if it was killed."""
             nonlocal killed_in_flight
             tags = [f"req-{w}-{i}" for i in range(CONCURRENCY)]
             payloads = [_request(rng, tag) for tag in tags]
@@ -199,34 +202,41 @@ def test_the_cap_and_the_rows_hold_through_kill_9(kind: str, tmp_path: Path) -> 
                                          headers={"authorization": f"Bearer {raw}"}) as client:
                 sends = [_send(client, b, m, rng.uniform(0, 0.4)) for b, m in payloads]
 
-                async def kill() -> None:
-                    """Once a request holds a reservation (it is with the provider), a moment later: -9."""
+                done = asyncio.Event()
+
+                async def kill() -> bool:
                     assert proc is not None
-                    until = time.monotonic() + 3
-                    while time.monotonic() < until and not await asyncio.to_thread(reservations_sql.held, direct):
+                    while not await asyncio.to_thread(reservations_sql.held, direct):
+                        if done.is_set():
+                            return False  # every request of the wave was refused or done before one was seen
                         await asyncio.sleep(0.01)
-                    await asyncio.sleep(rng.uniform(0.0, 0.3))
+                    await asyncio.sleep(rng.uniform(0.0, 0.05))
                     proc.send_signal(signal.SIGKILL)
+                    return True
 
                 killer = asyncio.create_task(kill()) if proc is not None else None
                 results = await asyncio.gather(*sends)
-                if killer is not None:
-                    await killer
+                done.set()
+                killed = killer is not None and await killer
             for tag, (outcome, rid) in zip(tags, results, strict=True):
                 if rid is not None:
                     mine[tag] = rid
                 outcomes[outcome] = outcomes.get(outcome, 0) + 1
                 if outcome == "answered" or (outcome == "left" and proc is None):
                     counted.append(tag)
-                if proc is not None and outcome == "failed":
+                if killed and outcome == "failed":
                     killed_in_flight += 1
+            return killed
 
         cfg = _config(tmp_path, url, up.base, port, log_flush_interval_s=120.0, log_batch_size=100_000)
         with _serve(cfg, port) as proc:
-            for w in range(kill_wave):
-                asyncio.run(wave(w, None))
-            time.sleep(0.5)  # the streams the clients left are logged (journaled) before the kill
-            asyncio.run(wave(kill_wave, proc))
+            asyncio.run(wave(0, None))
+            for w in range(1, WAVES - 1):  # the first wave in which a request holds a reservation is killed
+                time.sleep(0.5)  # the streams the clients left are logged (journaled) before a kill
+                if asyncio.run(wave(w, proc)):
+                    kill_wave = w
+                    break
+            assert kill_wave > 0, f"no request held a reservation in any wave to kill in: {outcomes}"
             proc.wait(10)
             assert proc.returncode == -signal.SIGKILL
         key, rows, held = _state(direct, "tenant")
