@@ -10,7 +10,11 @@ that fails so ``auto`` falls back to a dearer one, answers as long as the model 
 
 The property (random mixes of those, seeded): a key's settled spend never exceeds its budget by more than
 the true cost of one request per request in flight; nothing is charged a negative or absurd amount; every
-answered request has its row, the rows' costs are the charges, and no reservation stays held.
+answered request has its row, the rows' costs are the charges, and no reservation stays held. The same mix
+runs again with the store cut during one random wave (PostgreSQL through the TCP proxy of
+tests/test_store_outage_e2e.py, SQLite by another connection holding the write lock), the service's store with
+short waits (a 0.2 s SQLite busy timeout, a 0.3 s settle timeout) and the reservation keeper running: the same
+property once the store is back. tests/test_budget_cap_kill.py runs it through `uniroute serve` killed with -9.
 """
 
 from __future__ import annotations
@@ -19,19 +23,24 @@ import asyncio
 import json
 import math
 import random
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from storeutil import store_fixture
+from prometheus_client import CollectorRegistry
+from storeutil import database, store_fixture
+from test_store_outage_e2e import Cut
 
 from gateway.access.auth import create_key, principal_from_row
 from gateway.access.budget import SqlBudgetGuard, period_starts
+from gateway.access.reservations import ReservationKeeper
 from gateway.config import parse_config
-from gateway.errors import BudgetExceededError, GatewayError
+from gateway.errors import BudgetExceededError, GatewayError, StoreUnavailableError
+from gateway.metrics import Metrics
 from gateway.protocol import parse_chat_request
 from gateway.serving.estimate import count_text
 from gateway.serving.forwarding import Forwarder
@@ -75,8 +84,9 @@ class BillingUpstream:
     message as JSON: ``{"rid", "wanted", "lie", "usage"}`` — how many tokens it would like to answer, whether
     its usage lies (``neg``/``huge``) and whether a stream sends its usage chunk."""
 
-    def __init__(self) -> None:
+    def __init__(self, latency_s: tuple[float, float] = (0.001, 0.001)) -> None:
         self.billed: dict[str, Billed] = {}
+        self.latency_s = latency_s  # how long the provider works on an answer (uniform in this range)
 
     def register(self, snapshot: Any) -> None:
         pass
@@ -117,7 +127,7 @@ class BillingUpstream:
 
         how, prompt, out = self._bill(entry, messages, params)
         self.billed[how["rid"]].completion_tokens = out
-        await asyncio.sleep(0.001)
+        await asyncio.sleep(random.uniform(*self.latency_s))
         body: dict[str, Any] = {
             "id": "chatcmpl-b", "object": "chat.completion", "created": 0, "model": entry.name,
             "choices": [{"index": 0, "finish_reason": "stop",
@@ -136,6 +146,7 @@ class BillingUpstream:
 
         base = {"id": "chatcmpl-b", "object": "chat.completion.chunk", "created": 0, "model": model}
         billed = self.billed[how["rid"]]
+        await asyncio.sleep(random.uniform(*self.latency_s))
         sent = 0
         while sent < out:
             k = min(200, out - sent)
@@ -240,8 +251,9 @@ def _request(rng: random.Random, rid: str) -> tuple[dict[str, Any], str]:
     return body, mode
 
 
-async def _run(e: Env, body: dict[str, Any], mode: str, rid: str) -> bool:
-    """Send one request; True if it was answered (a response or an opened stream)."""
+async def _run(e: Env, body: dict[str, Any], mode: str, rid: str, after_s: float = 0.0) -> bool:
+    """Send one request (``after_s`` from now); True if it was answered (a response or an opened stream)."""
+    await asyncio.sleep(after_s)
     req = parse_chat_request(body)
     ctx = ChatContext(request_id=rid, body_bytes=len(json.dumps(body)))
     try:
@@ -280,14 +292,21 @@ async def test_spend_never_exceeds_the_budget_by_more_than_the_requests_in_fligh
             elif res:
                 answered.append(rid)
     assert e.writer.flush(10.0)
-    key = await asyncio.to_thread(_key, e.store, e.principal.key_id)
+    assert answered and len(answered) < 40  # some were served, the cap refused others
+    await _check_the_property(e, e.store, budget, answered)
+    rows = await asyncio.to_thread(_rows, e.store)
+    assert any(r.usage_corrected for r in rows.values())  # the lies were seen and flagged
+
+
+async def _check_the_property(e: Env, store: Store, budget: float, answered: list[str]) -> None:
+    """The cap, the rows, nothing held (read through ``store``, which sees the database whatever ``e``'s sees)."""
+    key = await asyncio.to_thread(_key, store, e.principal.key_id)
     true = {rid: b.usd(e.registry) for rid, b in e.upstream.billed.items()}
     one = max(true.values())
-    assert answered and len(answered) < 40  # some were served, the cap refused others
     # the cap: at most one request's true cost over the budget per request in flight
     assert key.spend_usd <= budget + CONCURRENCY * one + 1e-9, (key.spend_usd, budget, one)
-    assert key.reserved_usd == pytest.approx(0.0, abs=1e-9) and await asyncio.to_thread(_held, e.store) == 0
-    rows = await asyncio.to_thread(_rows, e.store)
+    assert key.reserved_usd == pytest.approx(0.0, abs=1e-9) and await asyncio.to_thread(_held, store) == 0
+    rows = await asyncio.to_thread(_rows, store)
     missing = [rid for rid in answered if rid not in rows]
     assert not missing, f"answered without a row: {missing}"
     charged = [r.cost_usd or 0.0 for r in rows.values()]
@@ -297,7 +316,6 @@ async def test_spend_never_exceeds_the_budget_by_more_than_the_requests_in_fligh
         assert cost <= 2 * true[rid] + 1e-6, (rid, cost, true[rid])
         assert cost > 0, (rid, rows[rid].stream, rows[rid].status_code)
     assert key.spend_usd == pytest.approx(sum(charged), rel=1e-6, abs=1e-9)  # the rows are the charges
-    assert any(r.usage_corrected for r in rows.values())  # the lies were seen and flagged
 
 
 async def test_every_stream_releases_its_reservation_and_has_its_row(env: Any) -> None:
@@ -364,3 +382,126 @@ def test_a_corrected_usage_is_counted_in_the_metric() -> None:
         metrics.observe_request(RequestRecord(request_id="r", started_at=datetime.now(UTC), requested_model="m",
                                               stream=False, usage_corrected=corrected))
     assert registry.get_sample_value("uniroute_usage_corrected_total") == 2
+
+
+# ------------------------------------------------------------------------ the same mix through a store cut
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+async def cuttable_env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[Any, Store, Cut]]:
+    """``env_for(budget)`` as :func:`env`, but the service's store reaches the database through a :class:`Cut`
+    (PostgreSQL: a TCP proxy; SQLite: another connection holding the write lock), with short waits as
+    deployed for a flaky database (``sqlite_busy_timeout_s``, ``settle_timeout_s``); the reservation keeper
+    runs as in ``uniroute serve``. Also yields a direct store (the assertions read through it) and the cut."""
+    with database(request.param, tmp_path) as url:
+        direct = Store(url)
+        direct.upgrade()
+        cut = Cut(request.param, url)
+        made: list[tuple[RequestLogWriter, ReservationKeeper, Store]] = []
+
+        async def env_for(budget: float) -> Env:
+            svc_store = Store(cut.gateway_url, pool_size=10, max_overflow=20, sqlite_busy_timeout_ms=200,
+                              connect_timeout_s=1)
+            cfg = parse_config({"models": [{**m, "litellm_params": {"model": f"openai/unknown-{m['name']}",
+                                                                    "api_key": "t"}} for m in MODELS]})
+            registry = Registry.from_config(cfg)
+            upstream = BillingUpstream(latency_s=(0.05, 0.4))  # answers take a while: a cut finds some in flight
+            fw = Forwarder(max_attempts=3, upstream=upstream)
+            registry.on_replace(fw.register)
+            _raw, row = create_key(direct, "tenant", default_lambda=0.1, budget_usd=budget)
+            principal = principal_from_row(row)
+            guard = SqlBudgetGuard(svc_store, settle_timeout_s=0.3, metrics=METRICS)
+            writer = RequestLogWriter(svc_store, flush_interval_s=0.05, spill_dir=tmp_path / "spill",
+                                      holder=guard.holder, period_starts=lambda: period_starts(utcnow()))
+            writer.start()
+            keeper = ReservationKeeper(svc_store, guard.holder, ttl_s=2.0, guard=guard)
+            await keeper.start(writer.adopted_holders)
+            made.append((writer, keeper, svc_store))
+            service = ChatService(registry, CheapestPolicy(), fw, authenticator=OpenAuthenticator(principal),
+                                  budget=guard, sink=writer)
+            return Env(service, upstream, registry, svc_store, writer, principal)
+
+        try:
+            yield env_for, direct, cut
+        finally:
+            await asyncio.to_thread(cut.close)
+            for writer, keeper, svc_store in made:
+                await keeper.aclose()
+                await asyncio.to_thread(writer.close, 5.0)
+                svc_store.dispose()
+            direct.dispose()
+
+
+METRICS = Metrics(CollectorRegistry())
+
+
+def _deferred() -> float:
+    return float(METRICS.settlements_deferred._value.get())
+
+
+async def _cut_for_a_while(cut: Cut, rng: random.Random, reserved: Callable[[], float]) -> None:
+    """Once a request of the wave holds a reservation (or after 1.5 s), cut the store; give it back a while
+    later (the requests of the wave go on). One thread cuts and restores: SQLite's lock is a connection that
+    only its own thread may use."""
+    loop = asyncio.get_running_loop()
+    with ThreadPoolExecutor(max_workers=1) as one:
+        until = loop.time() + 1.5
+        while loop.time() < until and await loop.run_in_executor(one, reserved) <= 0:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(rng.uniform(0.0, 0.1))
+        await loop.run_in_executor(one, cut.cut)
+        try:
+            await asyncio.sleep(rng.uniform(0.4, 1.0))
+        finally:
+            await loop.run_in_executor(one, cut.restore)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+async def test_the_cap_and_the_rows_hold_through_a_store_cut(cuttable_env: Any, seed: int) -> None:
+    """The random mix above, with the store cut during one random wave (issue 10, point 6): requests that reach
+    the store while it is cut get 503; those answered while it is cut are answered anyway and charged and
+    logged once it is back; the cap holds and nothing stays held."""
+    env_for, direct, cut = cuttable_env
+    rng = random.Random(seed)
+    budget = 0.1
+    e: Env = await env_for(budget)
+    answered: list[str] = []
+    unavailable = 0
+    deferred_before = _deferred()
+    cut_wave = rng.randrange(0, 3)  # early: while the budget still admits requests
+
+    def reserved() -> float:
+        return _key(direct, e.principal.key_id).reserved_usd
+    for wave in range(8):
+        rids = [f"req-{seed}-{wave}-{i}" for i in range(CONCURRENCY)]
+        payloads = [_request(rng, rid) for rid in rids]
+        # staggered starts: the cut finds requests before their reservation, in flight, and settling
+        runs = [_run(e, b, m, rid, rng.uniform(0, 0.6)) for (b, m), rid in zip(payloads, rids, strict=True)]
+        if wave == cut_wave:
+            results = (await asyncio.gather(*runs, _cut_for_a_while(cut, rng, reserved),
+                                            return_exceptions=True))[:-1]
+        else:
+            results = await asyncio.gather(*runs, return_exceptions=True)
+        for rid, res in zip(rids, results, strict=True):
+            if isinstance(res, StoreUnavailableError):
+                unavailable += 1
+            elif isinstance(res, BaseException):
+                assert isinstance(res, GatewayError) and not isinstance(res, BudgetExceededError), repr(res)
+            elif res:
+                answered.append(rid)
+    deferred = _deferred() - deferred_before
+    assert unavailable + deferred >= 1, "the cut touched no request: the test did not test the outage"
+    assert answered and len(answered) < 8 * CONCURRENCY
+
+    # once the store is back, everything owed is written (spilled rows retried, unsure reservations dropped)
+    deadline = asyncio.get_running_loop().time() + 20
+    while True:
+        rows = await asyncio.to_thread(_rows, direct)
+        key = await asyncio.to_thread(_key, direct, e.principal.key_id)
+        if set(answered) <= set(rows) and key.reserved_usd <= 1e-9 and await asyncio.to_thread(_held, direct) == 0:
+            break
+        assert asyncio.get_running_loop().time() < deadline, (
+            f"20 s after the store came back: rows missing {sorted(set(answered) - set(rows))}, "
+            f"reserved ${key.reserved_usd}, held {await asyncio.to_thread(_held, direct)}; the log writer's last "
+            f"error: {e.writer.last_error}")
+        await asyncio.sleep(0.1)
+    await _check_the_property(e, direct, budget, answered)
+    print(f"seed {seed}: {len(answered)} answered, {unavailable} answered 503, {deferred:g} settlements deferred")
