@@ -565,7 +565,7 @@ def test_budget_cap_holds_on_messages_and_responses(stack: Stack, oa: openai.Ope
 
 # -- usage the sanity check corrects: the client sees the figures charged ----------------------------------------
 
-def _charged(stack: Stack, rid: str) -> tuple[int, int, float]:
+def _corrected_row(stack: Stack, rid: str) -> tuple[int, int, float]:
     """(prompt tokens, completion tokens, cost) of request ``rid`` as logged and charged; it must be flagged
     ``usage_corrected``."""
     _rows(stack, [rid])  # waits for the writer
@@ -597,13 +597,13 @@ def test_corrected_usage_is_what_the_client_sees(stack: Stack, oa: openai.OpenAI
         events = list(raw.parse())
     completed = events[-1]
     assert completed.type == "response.completed" and completed.response.usage is not None
-    pt, ct, cost = _charged(stack, rid)
+    pt, ct, cost = _corrected_row(stack, rid)
     usage = completed.response.usage
     assert (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (pt, ct, pt + ct)
     assert (completed.model_extra or {})["uniroute"]["cost_usd"] == pytest.approx(cost)
     charged += cost
     plain = oa.responses.with_raw_response.create(model=model, input=prompt)
-    pt, ct, cost = _charged(stack, plain.headers["x-uniroute-request-id"])
+    pt, ct, cost = _corrected_row(stack, plain.headers["x-uniroute-request-id"])
     usage = plain.parse().usage
     assert usage is not None and (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (pt, ct, pt + ct)
     charged += cost
@@ -612,13 +612,13 @@ def test_corrected_usage_is_what_the_client_sees(stack: Stack, oa: openai.OpenAI
         deltas = [e for e in stream if e.type == "message_delta"]
         final = stream.get_final_message()
         rid = stream.response.headers["x-uniroute-request-id"]
-    pt, ct, cost = _charged(stack, rid)
+    pt, ct, cost = _corrected_row(stack, rid)
     assert (final.usage.input_tokens, final.usage.output_tokens) == (pt, ct)
     assert len(deltas) == 1 and (deltas[0].usage.input_tokens, deltas[0].usage.output_tokens) == (pt, ct)
     charged += cost
     raw_message = an.messages.with_raw_response.create(model=model, max_tokens=100,
                                                        messages=[{"role": "user", "content": prompt}])
-    pt, ct, cost = _charged(stack, raw_message.headers["x-uniroute-request-id"])
+    pt, ct, cost = _corrected_row(stack, raw_message.headers["x-uniroute-request-id"])
     message = raw_message.parse()
     assert (message.usage.input_tokens, message.usage.output_tokens) == (pt, ct)
     charged += cost
@@ -629,7 +629,7 @@ def test_corrected_usage_is_what_the_client_sees(stack: Stack, oa: openai.OpenAI
         rid = raw_chat.headers["x-uniroute-request-id"]
         chunks = list(raw_chat.parse())
     usages = [c.usage for c in chunks if c.usage is not None]
-    pt, ct, cost = _charged(stack, rid)
+    pt, ct, cost = _corrected_row(stack, rid)
     assert len(usages) == 1 and (usages[0].prompt_tokens, usages[0].completion_tokens) == (pt, ct)
     charged += cost
     assert _spend(stack) == pytest.approx(before + charged)
