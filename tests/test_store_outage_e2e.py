@@ -200,7 +200,7 @@ def test_a_database_cut_after_the_upstream_call_still_answers_and_charges_when_b
     kind, direct, cut, port = cut_gateway
     # the gateway is shared: it starts from the database up and nothing held (what an earlier test left)
     _wait("the shared gateway is ready (the database is up)", lambda: _ready(port))
-    assert reservations_sql.held(direct) == []
+    assert reservations_sql.held(direct) == [], "an earlier test on this shared gateway left a reservation held"
     name = f"alice-{'stream' if stream else 'plain'}"
     raw, _row = create_key(direct, name, default_lambda=0.1, budget_usd=10.0)
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=raw, max_retries=0, timeout=20)
