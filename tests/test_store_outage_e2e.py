@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import sqlalchemy as sa
 import yaml
@@ -171,46 +172,67 @@ def _ask(client: OpenAI, model: str, stream: bool) -> tuple[str, str, float]:
 
 
 # ------------------------------------------------------------------ row 6: cut after the upstream call
-@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
-@pytest.mark.parametrize("kind", KINDS)
-def test_a_database_cut_after_the_upstream_call_still_answers_and_charges_when_back(
-        kind: str, stream: bool, tmp_path: Path, dataset: Path, slow_upstream: str) -> None:
-    with cuttable(kind, tmp_path) as (direct, cut):
-        raw, _row = create_key(direct, "alice", default_lambda=0.1, budget_usd=10.0)
+@pytest.fixture(scope="module", params=KINDS)
+def cut_gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, dataset: Path,
+                slow_upstream: str) -> Iterator[tuple[str, Store, Cut, int]]:
+    """One ``uniroute serve`` per database kind for the cut tests (a start is ~6 s of CPU): (kind, the
+    direct store, the cut, the port). Each test cuts the database and gives it back before it ends (and
+    checks it is back at its start), uses a key of its own and leaves no reservation held."""
+    kind: str = request.param
+    root = tmp_path_factory.mktemp(f"cut-{kind}")
+    with cuttable(kind, root) as (direct, cut):
         port = free_port()
-        cfg = _config(tmp_path, dataset, slow_upstream, cut.gateway_url, settle_timeout_s=1.0,
-                      log_flush_interval_s=0.2)
+        cfg = _config(root, dataset, slow_upstream, cut.gateway_url, settle_timeout_s=1.0, log_flush_interval_s=0.2)
         with _serve(cfg, port):
-            client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=raw, max_retries=0, timeout=20)
-            got: dict[str, Any] = {}
+            yield kind, direct, cut, port
 
-            def call() -> None:
-                t0 = time.monotonic()
-                try:
-                    got["answer"] = _ask(client, "small-general", stream)
-                except Exception as exc:  # the assertion below shows it
-                    got["error"] = f"{type(exc).__name__}: {exc}"
-                got["took"] = time.monotonic() - t0
 
-            caller = threading.Thread(target=call)
-            caller.start()
-            _wait("the reservation is held (the upstream call has begun)", lambda: _budget(direct, "alice")[1] > 0)
-            cut.cut()  # the database goes away while the provider works on the answer
-            try:
-                caller.join(30)
-                assert "error" not in got, got["error"]
-                rid, answer, cost = got["answer"]
-                assert answer and cost > 0 and got["took"] < 15
-                spend, reserved = _budget(direct, "alice") if kind == "sqlite" else (0.0, 1.0)  # PG: unreachable
-                assert spend == 0.0 and reserved > 0  # not written yet: the database is still cut
-            finally:
-                cut.restore()
-            _wait("the row and the charge are written once the database is back",
-                  lambda: rid in _rows(direct) and _budget(direct, "alice")[1] == 0.0)
-            row = _rows(direct)[rid]
-            assert row.status_code == 200 and row.cost_usd == pytest.approx(cost) and row.stream is stream
-            assert _budget(direct, "alice") == pytest.approx((cost, 0.0))
-            assert reservations_sql.held(direct) == []
+def _ready(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health/readiness", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_database_cut_after_the_upstream_call_still_answers_and_charges_when_back(
+        stream: bool, cut_gateway: tuple[str, Store, Cut, int]) -> None:
+    kind, direct, cut, port = cut_gateway
+    # the gateway is shared: it starts from the database up and nothing held (what an earlier test left)
+    _wait("the shared gateway is ready (the database is up)", lambda: _ready(port))
+    assert reservations_sql.held(direct) == [], "an earlier test on this shared gateway left a reservation held"
+    name = f"alice-{'stream' if stream else 'plain'}"
+    raw, _row = create_key(direct, name, default_lambda=0.1, budget_usd=10.0)
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=raw, max_retries=0, timeout=20)
+    got: dict[str, Any] = {}
+
+    def call() -> None:
+        t0 = time.monotonic()
+        try:
+            got["answer"] = _ask(client, "small-general", stream)
+        except Exception as exc:  # the assertion below shows it
+            got["error"] = f"{type(exc).__name__}: {exc}"
+        got["took"] = time.monotonic() - t0
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    _wait("the reservation is held (the upstream call has begun)", lambda: _budget(direct, name)[1] > 0)
+    cut.cut()  # the database goes away while the provider works on the answer
+    try:
+        caller.join(30)
+        assert "error" not in got, got["error"]
+        rid, answer, cost = got["answer"]
+        assert answer and cost > 0 and got["took"] < 15
+        spend, reserved = _budget(direct, name) if kind == "sqlite" else (0.0, 1.0)  # PG: unreachable
+        assert spend == 0.0 and reserved > 0  # not written yet: the database is still cut
+    finally:
+        cut.restore()
+    _wait("the row and the charge are written once the database is back",
+          lambda: rid in _rows(direct) and _budget(direct, name)[1] == 0.0)
+    row = _rows(direct)[rid]
+    assert row.status_code == 200 and row.cost_usd == pytest.approx(cost) and row.stream is stream
+    assert _budget(direct, name) == pytest.approx((cost, 0.0))
+    assert reservations_sql.held(direct) == []
 
 
 # ------------------------------------------------------------------ the kill -9 bar
