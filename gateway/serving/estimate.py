@@ -269,15 +269,3 @@ def _prediction_text(req: ChatCompletionRequest) -> str:
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, default=str)  # with spaces: tokenizes to more, not fewer
-
-
-def usage_numbers(usage: Any) -> tuple[Any, Any]:
-    """(prompt_tokens, completion_tokens) of a usage object or dict, as sent (unchecked); named as OpenAI's chat
-    and embeddings do, or as the Responses and Anthropic APIs do (``input_tokens``/``output_tokens``)."""
-    if usage is None:
-        return None, None
-    get = usage.get if isinstance(usage, Mapping) else lambda name: getattr(usage, name, None)
-    pt, ct = get("prompt_tokens"), get("completion_tokens")
-    if pt is None and ct is None:
-        pt, ct = get("input_tokens"), get("output_tokens")
-    return pt, ct

@@ -310,9 +310,9 @@ def usage_of(response: Any) -> Any:
     return getattr(response, "usage", None)
 
 
-def token_counts(usage: Any) -> tuple[int | None, int | None]:
-    """(prompt, completion) tokens of a usage object or dict, named as OpenAI's chat and embeddings do
-    (``prompt_tokens``/``completion_tokens``) or as the Responses and Anthropic APIs do
+def usage_numbers(usage: Any) -> tuple[Any, Any]:
+    """(prompt, completion) tokens of a usage object or dict, as sent (unchecked), named as OpenAI's chat and
+    embeddings do (``prompt_tokens``/``completion_tokens``) or as the Responses and Anthropic APIs do
     (``input_tokens``/``output_tokens``)."""
     if usage is None:
         return None, None
@@ -320,6 +320,12 @@ def token_counts(usage: Any) -> tuple[int | None, int | None]:
     pt, ct = get("prompt_tokens"), get("completion_tokens")
     if pt is None and ct is None:
         pt, ct = get("input_tokens"), get("output_tokens")
+    return pt, ct
+
+
+def token_counts(usage: Any) -> tuple[int | None, int | None]:
+    """:func:`usage_numbers`, each kept only when it is an int."""
+    pt, ct = usage_numbers(usage)
     return (pt if isinstance(pt, int) else None), (ct if isinstance(ct, int) else None)
 
 

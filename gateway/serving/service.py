@@ -49,7 +49,7 @@ from gateway.errors import (
 from gateway.pacing import CostCurve
 from gateway.protocol import PASSTHROUGH_FIELDS, ChatCompletionRequest, UnirouteOptions
 from gateway.serving import dryrun
-from gateway.serving.estimate import Estimate, Estimator, counted_completion, usage_numbers
+from gateway.serving.estimate import Estimate, Estimator, counted_completion
 from gateway.serving.forwarding import (
     Attempt,
     Completion,
@@ -58,6 +58,7 @@ from gateway.serving.forwarding import (
     RelayedText,
     map_exception,
     shielded,
+    usage_numbers,
     usage_of,
 )
 from gateway.serving.interfaces import (
