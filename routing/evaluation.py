@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from routing import figures
 from routing.decision import normalise
 from routing.deferral import DEFAULT_LAMS, area, cost_to_reach, curve_value, deferral_curve, qnc
 from routing.estimators import (
@@ -251,10 +252,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
 
 
 def plot_curves(results: Sequence[TrialResult], path: str | Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = figures.pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for name in results[0].curves:
@@ -267,12 +265,7 @@ def plot_curves(results: Sequence[TrialResult], path: str | Path, title: str) ->
     ax.set_xlim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    return p
+    return figures.save(fig, path, dpi=120)
 
 
 def _seed_iter(seeds: range, progress: bool, desc: str) -> Any:
@@ -368,10 +361,7 @@ def sizes_table(summary: dict[str, Any]) -> str:
 def plot_sizes(summary: dict[str, Any], path: str | Path, title: str) -> Path:
     """Area (and QNC) against the number of validation labels per new model, one line per router
     (the paper's Figure 2, bottom); error bars: standard error over the trials."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = figures.pyplot()
 
     sizes = summary["val_sizes"]
     by = summary["by_size"]
@@ -397,9 +387,4 @@ def plot_sizes(summary: dict[str, Any], path: str | Path, title: str) -> Path:
         a.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(title)
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    return p
+    return figures.save(fig, path, dpi=120)

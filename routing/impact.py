@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from routing import figures
 from routing.decision import Decider, expected_errors
 from routing.policy import PoolModel
 
@@ -233,10 +234,7 @@ def realised_figures(model: str, requests: Sequence[Served], costs: dict[str, fl
 
 def plot_report(report: ImpactReport, path: Any) -> Any:
     """Per cluster, the candidate's Ψ against the pool's best (bars: traffic share); per λ, its traffic share."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = figures.pyplot()
 
     k = np.arange(len(report.psi))
     fig, ax = plt.subplots(2, 1, figsize=(9, 7))
@@ -257,7 +255,4 @@ def plot_report(report: ImpactReport, path: Any) -> Any:
     ax[1].set_xlabel("λ")
     ax[1].set_ylabel(f"expected traffic share of {report.model} (%)")
     ax[1].legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return figures.save(fig, path, dpi=100)

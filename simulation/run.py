@@ -45,6 +45,7 @@ from gateway.serving.router import CostCurves, RouterBundle, build_router
 from gateway.serving.service import ChatContext, ChatService
 from gateway.store.engine import Store
 from replay.app import create_replay_app, estimate_tokens
+from routing import figures
 from routing.artifact import UniRoutePolicy
 from routing.dataset import BenchmarkDataset, load_dataset
 from routing.decision import Decider, expected_errors
@@ -322,10 +323,7 @@ async def _hindsight(ds: BenchmarkDataset, rows: np.ndarray, registry: Registry,
 
 def plot(result: SimulationResult, path: str | Path, title: str = "") -> Path:
     """Spend, λ and quality over the period: one PNG with three panels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = figures.pyplot()
 
     share = result.t / result.period_s
     fig, ax = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
@@ -352,10 +350,5 @@ def plot(result: SimulationResult, path: str | Path, title: str = "") -> Path:
     ax[2].set_xlabel("elapsed share of the period")
     ax[2].legend(loc="lower left")
     fig.suptitle(title or f"{result.n_requests} requests, budget ${result.budget_usd:g}/{result.period}")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return figures.save(fig, path, dpi=100)
 
