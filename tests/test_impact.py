@@ -22,6 +22,7 @@ from gateway.store.requestlog import RequestLogWriter
 from profiling.impact import key_rows
 from profiling.profiler import SqlOutcomeStore, run_profiling
 from profiling.runner import Outcome
+from routing.artifact import RouterArtifact
 from routing.impact import cluster_traffic, impact_report, plot_report
 from routing.policy import PoolModel
 
@@ -58,15 +59,23 @@ def test_impact_needs_a_profile_and_someone_to_compare_with() -> None:
         impact_report(z, [], PoolModel("new", 1.0, np.array([0.2, 0.6])), None, [])
 
 
-async def test_profiling_reports_the_impact_before_activation(tmp_path: Path) -> None:
+def _pool(tmp_path: Path) -> tuple[Store, RouterArtifact]:
+    """A migrated SQLite store with the artifact's pool: "old" (routable, profiled Ψ = [0.2, 0.6]) and "new"
+    (not routable yet, no profile); and that artifact."""
     store = Store(f"sqlite:///{tmp_path / 'p.db'}")
     store.upgrade()
     art = _artifact()
     for name, routable in (("old", True), ("new", False)):
         catalog.add_model(store, parse_spec({"name": name, "router_cost": 1.0, "routable": routable,
                                              "litellm_params": {"model": f"openai/{name}"}}))
+    catalog.save_profile(store, "old", catalog.profile_key(art.version, "kmeans"), np.array([0.2, 0.6]),
+                         np.array([6.0, 6.0]), "validation")
+    return store, art
+
+
+async def test_profiling_reports_the_impact_before_activation(tmp_path: Path) -> None:
+    store, art = _pool(tmp_path)
     key = catalog.profile_key(art.version, "kmeans")
-    catalog.save_profile(store, "old", key, np.array([0.2, 0.6]), np.array([6.0, 6.0]), "validation")
     create_key(store, "alice", default_lambda=0.4)
     writer = RequestLogWriter(store, spill_dir=tmp_path / "spill", journal=False).start()  # recent traffic: 10 requests of cluster 0, 30 of cluster 1
     for i in range(40):
@@ -106,14 +115,7 @@ async def test_profiling_reports_the_impact_before_activation(tmp_path: Path) ->
 
 async def test_a_stale_report_is_not_activated_as_reported(tmp_path: Path) -> None:
     """A reported profile whose outcomes or router cost changed since is profiled again before activation."""
-    store = Store(f"sqlite:///{tmp_path / 'p.db'}")
-    store.upgrade()
-    art = _artifact()
-    for name, routable in (("old", True), ("new", False)):
-        catalog.add_model(store, parse_spec({"name": name, "router_cost": 1.0, "routable": routable,
-                                             "litellm_params": {"model": f"openai/{name}"}}))
-    catalog.save_profile(store, "old", catalog.profile_key(art.version, "kmeans"), np.array([0.2, 0.6]),
-                         np.array([6.0, 6.0]), "validation")
+    store, art = _pool(tmp_path)
     fwd = FakeForwarder()
     first = await run_profiling(_config(3), store, fwd, "new", artifact=art)
     assert not first.activated and first.impact is not None
@@ -141,14 +143,7 @@ async def test_a_stale_report_is_not_activated_as_reported(tmp_path: Path) -> No
 async def test_the_traffic_mix_is_the_auto_requests_within_the_window(tmp_path: Path) -> None:
     """profiling.impact_window_s bounds the request log the report reads: older requests, requests that named
     a model and failed requests are not the recent ``auto`` traffic (docs/IMPACT.md)."""
-    store = Store(f"sqlite:///{tmp_path / 'p.db'}")
-    store.upgrade()
-    art = _artifact()
-    for name, routable in (("old", True), ("new", False)):
-        catalog.add_model(store, parse_spec({"name": name, "router_cost": 1.0, "routable": routable,
-                                             "litellm_params": {"model": f"openai/{name}"}}))
-    catalog.save_profile(store, "old", catalog.profile_key(art.version, "kmeans"), np.array([0.2, 0.6]),
-                         np.array([6.0, 6.0]), "validation")
+    store, art = _pool(tmp_path)
     now = datetime.now(UTC)
     rows = ([(now - timedelta(minutes=5), "auto", 200, 0)] * 6  # the only recent auto traffic: cluster 0
             + [(now - timedelta(hours=2), "auto", 200, 1)] * 30  # outside a one-hour window
@@ -201,14 +196,7 @@ def test_the_cli_reports_by_default_and_activates_when_told() -> None:
 
 
 async def test_a_failed_activation_leaves_the_report_waiting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'p.db'}")
-    store.upgrade()
-    art = _artifact()
-    for name, routable in (("old", True), ("new", False)):
-        catalog.add_model(store, parse_spec({"name": name, "router_cost": 1.0, "routable": routable,
-                                             "litellm_params": {"model": f"openai/{name}"}}))
-    catalog.save_profile(store, "old", catalog.profile_key(art.version, "kmeans"), np.array([0.2, 0.6]),
-                         np.array([6.0, 6.0]), "validation")
+    store, art = _pool(tmp_path)
     await run_profiling(_config(3), store, FakeForwarder(), "new", artifact=art)
     real = catalog.save_profile
 
