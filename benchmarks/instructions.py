@@ -84,6 +84,7 @@ from benchmarks.overhead import (
     free_port,
     machine,
     server,
+    stop,
     tail,
     versions,
     write_json,
@@ -166,12 +167,7 @@ def callgrind_gateway(source: Path, config: Path, tmp: Path, url: str, gc_mode: 
             time.sleep(1.0)
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout_s=120)
 
 
 def forwarder_driver(config_path: str, model: str | None = None) -> None:
@@ -246,12 +242,7 @@ def callgrind_forwarder(config: Path, tmp: Path, model: str | None) -> Iterator[
     finally:
         if proc.stdin is not None:
             proc.stdin.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout_s=120)
 
 
 def drive(proc: subprocess.Popen[str], mode: str, n: int, tag: str) -> None:

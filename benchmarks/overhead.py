@@ -151,6 +151,16 @@ def tail(path: Path, n: int = 30) -> str:
         return ""
 
 
+def stop(proc: subprocess.Popen[Any], timeout_s: float) -> None:
+    """Terminate ``proc``; kill it if it has not exited after ``timeout_s``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @contextlib.contextmanager
 def server(cmd: list[str], log: Path, ready_url: str, cpus: str | None) -> Iterator[subprocess.Popen[bytes]]:
     if cpus is not None:
@@ -162,12 +172,7 @@ def server(cmd: list[str], log: Path, ready_url: str, cpus: str | None) -> Itera
         wait_ready(ready_url, proc, log)
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout_s=15)
 
 
 def versions() -> dict[str, str]:
