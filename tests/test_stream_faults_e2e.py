@@ -81,6 +81,19 @@ def _row(stack: Stack, request_id: str, timeout_s: float = 5.0) -> Any:
         engine.dispose()
 
 
+def _assert_upstream_closed(stack: Stack, rid: str, closed_at: float) -> None:
+    """The upstream's stream of request ``rid`` was closed (not left open), within 1 s of the client leaving at
+    ``closed_at``; polled for up to 3 s."""
+    deadline = time.monotonic() + 3
+    while True:
+        state = httpx.get(f"{stack.upstream}/streams").json().get(rid, {})
+        if state.get("state") != "open" or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert state["state"] == "closed", state
+    assert state["at"] - closed_at < 1.0
+
+
 def test_first_token_timeout_falls_back_to_the_next_model(stack: Stack) -> None:
     with openai.OpenAI(base_url=f"{stack.base}/v1", api_key="unused", max_retries=0) as client:
         t0 = time.monotonic()
@@ -129,14 +142,7 @@ def test_client_disconnect_cancels_upstream_and_logs_partial_usage(stack: Stack)
                 break
         closed_at = time.time()
     # the client is gone: the upstream generator must be closed, well before its 40 chunks (4 s) are done
-    deadline = time.monotonic() + 3
-    while True:
-        state = httpx.get(f"{stack.upstream}/streams").json().get(rid, {})
-        if state.get("state") != "open" or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert state["state"] == "closed", state
-    assert state["at"] - closed_at < 1.0
+    _assert_upstream_closed(stack, rid, closed_at)
     row = _row(stack, rid)
     assert row is not None, "the disconnected stream was not logged"
     assert row.status_code == 499 and row.error_type == "client_disconnected"
@@ -198,14 +204,7 @@ def test_a_client_disconnect_is_handled_on_every_endpoint(stack: Stack, path: st
             if seen == 5:
                 break
         closed_at = time.time()
-    deadline = time.monotonic() + 3
-    while True:
-        state = httpx.get(f"{stack.upstream}/streams").json().get(rid, {})
-        if state.get("state") != "open" or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert state["state"] == "closed", state  # the upstream call was closed, well before its 40 chunks
-    assert state["at"] - closed_at < 1.0
+    _assert_upstream_closed(stack, rid, closed_at)  # well before its 40 chunks
     row = _row(stack, rid)
     assert row is not None, "the disconnected stream was not logged"
     assert row.status_code == 499 and row.error_type == "client_disconnected"
