@@ -38,7 +38,7 @@ from test_store_outage_e2e import Cut
 from gateway.access.auth import create_key, principal_from_row
 from gateway.access.budget import SqlBudgetGuard, period_starts
 from gateway.access.reservations import ReservationKeeper
-from gateway.config import parse_config
+from gateway.config import GatewayConfig, parse_config
 from gateway.errors import BudgetExceededError, GatewayError, StoreUnavailableError
 from gateway.metrics import Metrics
 from gateway.protocol import parse_chat_request
@@ -188,11 +188,17 @@ class Env:
 store = store_fixture(pool_size=10, max_overflow=20)
 
 
+def billing_config(models: list[dict[str, Any]]) -> GatewayConfig:
+    """A config serving ``models`` (name, router cost, prices) through an OpenAI-compatible provider name
+    LiteLLM does not know, so that only the registry's prices apply (the billing upstream answers)."""
+    return parse_config({"models": [{**m, "litellm_params": {"model": f"openai/unknown-{m['name']}", "api_key": "t"}}
+                                    for m in models]})
+
+
 @pytest.fixture
 def env(store: Store, tmp_path: Path) -> Iterator[Env]:
     def env_for(budget: float) -> Env:
-        cfg = parse_config({"models": [{**m, "litellm_params": {"model": f"openai/unknown-{m['name']}", "api_key": "t"}}
-                                       for m in MODELS]})
+        cfg = billing_config(MODELS)
         registry = Registry.from_config(cfg)
         upstream = BillingUpstream()
         fw = Forwarder(max_attempts=3, upstream=upstream)
@@ -400,8 +406,7 @@ async def cuttable_env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         async def env_for(budget: float) -> Env:
             svc_store = Store(cut.gateway_url, pool_size=10, max_overflow=20, sqlite_busy_timeout_ms=200,
                               connect_timeout_s=1)
-            cfg = parse_config({"models": [{**m, "litellm_params": {"model": f"openai/unknown-{m['name']}",
-                                                                    "api_key": "t"}} for m in MODELS]})
+            cfg = billing_config(MODELS)
             registry = Registry.from_config(cfg)
             upstream = BillingUpstream(latency_s=(0.05, 0.4))  # answers take a while: a cut finds some in flight
             fw = Forwarder(max_attempts=3, upstream=upstream)

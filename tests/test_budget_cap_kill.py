@@ -38,10 +38,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from storeutil import database
-from test_budget_cap import CONCURRENCY, MODELS, BillingUpstream, _request
+from test_budget_cap import CONCURRENCY, MODELS, BillingUpstream, _request, billing_config
 
 from gateway.access.auth import create_key
-from gateway.config import parse_config
 from gateway.serving.registry import Registry
 from gateway.store import reservations as reservations_sql
 from gateway.store.engine import Store
@@ -179,8 +178,7 @@ def _state(store: Store, key_name: str) -> tuple[ApiKey, dict[str, RequestRow], 
 @pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def test_the_cap_and_the_rows_hold_through_kill_9(kind: str, tmp_path: Path) -> None:
     rng = random.Random(5)
-    registry = Registry.from_config(parse_config({"models": [
-        {**m, "litellm_params": {"model": f"openai/unknown-{m['name']}", "api_key": "t"}} for m in MODELS]}))
+    registry = Registry.from_config(billing_config(MODELS))
     with database(kind, tmp_path) as url, BillingServer() as up:
         direct = Store(url)
         direct.upgrade()

@@ -22,7 +22,6 @@ from storeutil import store_fixture
 
 from gateway.access.auth import create_key, principal_from_row
 from gateway.access.budget import SqlBudgetGuard, period_starts
-from gateway.config import parse_config
 from gateway.errors import BudgetExceededError
 from gateway.protocol import parse_chat_request
 from gateway.serving.forwarding import Forwarder
@@ -32,7 +31,7 @@ from gateway.serving.service import ChatContext, ChatService
 from gateway.store.engine import Store
 from gateway.store.tables import ApiKey, ReservationRow, utcnow
 from routing.policy import PoolModel, RoutingDecision, normalised_costs, rank_by_objective
-from tests.test_budget_cap import BillingUpstream
+from tests.test_budget_cap import BillingUpstream, billing_config
 
 MODELS: list[dict[str, Any]] = [  # per 1M tokens; no max_output_tokens: the default output bound (4096) applies
     {"name": "dear", "router_cost": 5.0, "input_cost_per_1m": 5.0, "output_cost_per_1m": 20.0},
@@ -58,8 +57,7 @@ store = store_fixture()
 
 def _service(store: Store, policy: str, left_usd: float) -> tuple[ChatService, BillingUpstream, MemorySink, Principal]:
     """A key of ``policy`` with a $1 monthly budget of which only ``left_usd`` is left."""
-    cfg = parse_config({"models": [{**m, "litellm_params": {"model": f"openai/unknown-{m['name']}", "api_key": "t"}}
-                                   for m in MODELS]})
+    cfg = billing_config(MODELS)
     registry = Registry.from_config(cfg)
     upstream = BillingUpstream()
     fw = Forwarder(max_attempts=2, upstream=upstream)
@@ -137,8 +135,7 @@ async def test_the_hard_cap_still_holds_for_a_paced_key(store: Store, case: str)
 def test_each_candidate_is_priced_alone() -> None:
     from gateway.serving.estimate import Estimator
 
-    cfg = parse_config({"models": [{**m, "litellm_params": {"model": f"openai/unknown-{m['name']}", "api_key": "t"}}
-                                   for m in MODELS]})
+    cfg = billing_config(MODELS)
     entries = [e for e in (Registry.from_config(cfg).get(m["name"]) for m in MODELS) if e is not None]
     req = parse_chat_request(_body("e1"))
     est = Estimator()
