@@ -3,8 +3,8 @@
 
 Three replayed models with known accuracies (``accurate`` > ``middling`` > ``poor``, in cost order too) and
 ``flaky``, which the replay upstream answers with 500. Two clusters (K-means), a tiny static embedder,
-profiles from 80 validation prompts. The config adds ``newbie`` (routable, never profiled) and ``byname``
-(``routable: false``) beside the replayed models.
+profiles from 80 validation prompts. The config adds ``newbie`` (routable, never profiled), ``byname``
+(``routable: false``) and ``vectors`` (an embedding model) beside the replayed models.
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ def write_config(path: Path, data: Path, art: Path, replay: str, url: str, port:
              "litellm_params": {"model": "openai/middling", "api_base": replay, "api_key": "replay"}},
             {"name": "byname", "router_cost": 0.1, "routable": False,
              "litellm_params": {"model": "openai/poor", "api_base": replay, "api_key": "replay"}},
+            {"name": "vectors", "router_cost": 0.1, "kind": "embedding",
+             "litellm_params": {"model": "openai/vectors", "api_base": replay, "api_key": "replay"}},
         ],
     }
     for section, values in extra.items():

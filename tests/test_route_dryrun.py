@@ -81,7 +81,8 @@ def _route(client: openai.OpenAI, body: dict[str, Any], **headers: str) -> dict[
 def test_the_dry_run_is_the_ranking_chat_serves_from_and_charges_nothing(base: str, admin: httpx.Client,
                                                                          stack: tuple[str, str]) -> None:
     # flaky (always 500) is left out here: a chat would cool it, and the cooling test below wants it warm
-    key = _key(admin, "dry", budget_usd=5.0, models=["accurate", "middling", "poor", "newbie", "byname"])
+    key = _key(admin, "dry", budget_usd=5.0, models=["accurate", "middling", "poor", "newbie", "byname",
+                                          "vectors"])
     with openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0) as client, \
             httpx.Client(base_url=base, headers={"authorization": f"Bearer {key}"}, timeout=30) as h:
         usage0 = h.get("/v1/usage").json()
@@ -129,7 +130,7 @@ def test_the_dry_run_is_the_ranking_chat_serves_from_and_charges_nothing(base: s
         assert usage2["budget"]["spent_usd"] == usage1["budget"]["spent_usd"]
         # excluded, with reasons: never profiled, routable: false
         codes = {e["model"]: e["code"] for e in report["excluded"]}
-        assert codes == {"newbie": "not_profiled", "byname": "not_routable"}, report["excluded"]
+        assert codes == {"newbie": "not_profiled", "byname": "not_routable", "vectors": "embedding"}, report["excluded"]
         assert "uniroute profile newbie" in next(e["reason"] for e in report["excluded"] if e["model"] == "newbie")
 
 

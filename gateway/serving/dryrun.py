@@ -62,8 +62,9 @@ def excluded(snapshot: RegistrySnapshot, principal: Principal, decision: Routing
              forwarder: TryOrder, *, operator: bool = False) -> list[dict[str, Any]]:
     """The models that ``auto`` would not try in rank order, with the reason (``code`` and a sentence).
 
-    ``not_routable`` (``routable: false``: callable by name only) and ``not_profiled`` (no Ψ: never chosen
-    by ``auto``) are left out of the ranking; ``cooling`` models are ranked but tried only after every
+    ``not_routable`` (``routable: false``: callable by name only), ``embedding`` (an embedding model: it
+    serves /v1/embeddings, never chat) and ``not_profiled`` (no Ψ: never chosen by ``auto``) are left out of
+    the ranking; ``cooling`` models are ranked but tried only after every
     healthy candidate. A model the key may not use is named only to the operator (``operator``: code
     ``not_allowed``); the key itself gets their number alone (:func:`not_allowed`).
     """
@@ -78,7 +79,10 @@ def excluded(snapshot: RegistrySnapshot, principal: Principal, decision: Routing
             if operator:
                 out.append({"model": name, "code": "not_allowed", "reason": NOT_ALLOWED_REASON})
             continue
-        if not entry.routable:
+        if entry.kind == "embedding":
+            out.append({"model": name, "code": "embedding",
+                        "reason": "kind: embedding: serves /v1/embeddings, never chosen by auto for a chat"})
+        elif not entry.routable:
             out.append({"model": name, "code": "not_routable",
                         "reason": "routable: false: served when called by name, never chosen by auto"})
         elif name not in ranked:
