@@ -157,6 +157,9 @@ class LimitsConfig(_Section):
                                    description="content parts (text, image, ...) in one message's (or "
                                                "Responses `input` item's) content list")
     max_tools: int = Field(default=128, ge=0, description="entries of `tools` (and of the legacy `functions`)")
+    max_embedding_inputs: int = Field(default=2048, ge=1,
+                                      description="entries of a `/v1/embeddings` request's `input` list (OpenAI's "
+                                                  "own limit is 2,048)")
     max_json_depth: int = Field(
         default=64, ge=2, le=128,
         description="nesting depth of any JSON request body (arrays and objects); deeper bodies would reach "

@@ -370,6 +370,8 @@ def test_each_structural_limit_answers_400_naming_it(gateway: Gateway) -> None:
             assert r.status_code == 400, (key, r.text)
             err = r.json()["error"]
             assert key in err["message"] and err["code"] == "limit_exceeded", (key, err)
+        r = client.post("/v1/embeddings", json={"model": "echo", "input": ["a"] * 2049}, headers=auth)
+        assert r.status_code == 400 and "limits.max_embedding_inputs" in r.json()["error"]["message"], r.text
         # under the limits, the same shapes are served
         ok = {"model": "echo", "messages": [{"role": "user", "content": "a"}] * 2048}
         assert client.post("/v1/chat/completions", json=ok, headers=auth).status_code == 200

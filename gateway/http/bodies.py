@@ -266,6 +266,14 @@ def responses_shape(limits: LimitsConfig) -> JsonShape:
     })
 
 
+def embeddings_shape(limits: LimitsConfig) -> JsonShape:
+    """The checks of an embeddings body: depth, values, and the entries of its ``input`` list
+    (``limits.max_embedding_inputs``)."""
+    return JsonShape(limits.max_json_depth, limits.max_json_items, {
+        ("input",): ArrayLimit(limits.max_embedding_inputs, "inputs", "limits.max_embedding_inputs"),
+    })
+
+
 def limits_of(request: Request) -> LimitsConfig:
     return gateway_state(request).limits
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.http.bodies import responses_shape
+from gateway.http.bodies import embeddings_shape, responses_shape
 from gateway.http.chat import SSEResponse, serve
 from gateway.http.responses import anthropic_error_response, parse_json
 from gateway.http.state import gateway_state
@@ -58,4 +58,4 @@ async def messages(request: Request) -> Response:
 
 async def embeddings(request: Request) -> Response:
     service = gateway_state(request).chat_service()
-    return await serve(request, _EMBEDDINGS, service.run, service.run_stream, _named_sse)
+    return await serve(request, _EMBEDDINGS, service.run, service.run_stream, _named_sse, shape=embeddings_shape)
