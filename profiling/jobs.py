@@ -57,12 +57,20 @@ class ProfilingJobs:
         self.jobs: dict[str, Job] = {}
 
     def start(self, model: str, *, grader: str | None = None, concurrency: int | None = None,
-              allow_partial: bool = False, activate: bool = False) -> Job:
-        from profiling.profiler import run_profiling
+              allow_partial: bool = False, activate: bool = False, max_prompts: int | None = None,
+              target_ci: float | None = None, allocation: str | None = None) -> Job:
+        from profiling.profiler import DEFAULT_ALLOCATION, run_profiling
+        from routing.active import ALLOCATIONS
 
         if self.key is None:
             raise InvalidRequestError("profiling needs the UniRoute router: set router.policy: uniroute and "
                                       "router.artifact in config.yaml", code="no_router")
+        if allocation is not None and allocation not in ALLOCATIONS:
+            raise InvalidRequestError(f"unknown allocation {allocation[:32]!r}; valid: {', '.join(ALLOCATIONS)}",
+                                      param="allocation")
+        if allocation is not None and max_prompts is None and target_ci is None:
+            raise InvalidRequestError("allocation applies to sequential profiling: give max_prompts and/or target_ci "
+                                      "too", param="allocation")
         running = self.jobs.get(model)
         if running is not None and running.status == "running":
             raise ConflictError(f"model {model!r} is already being profiled (job {running.id})", code="job_running")
@@ -79,7 +87,8 @@ class ProfilingJobs:
             try:
                 res = await run_profiling(self.config, self.store, self.forwarder, model, grader=grader,
                                           concurrency=concurrency, allow_partial=allow_partial, activate=activate,
-                                          progress=progress, on_start=on_start)
+                                          progress=progress, on_start=on_start, max_prompts=max_prompts,
+                                          target_ci=target_ci, allocation=allocation or DEFAULT_ALLOCATION)
                 job.result = res.as_dict()
                 job.status = ("activated" if res.activated else "reported" if not activate and res.psi is not None
                               else "not_activated")

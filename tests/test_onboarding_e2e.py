@@ -138,6 +138,20 @@ def _onboard(tmp: Path, dataset: Path, new: str, *, val_size: int, k: str, min_p
 
         # --- profile NEW through LiteLLM against the replay upstream
         assert http.post("/admin/models/nope/profile", json={}).status_code == 404
+        # sequential profiling through HTTP: bad values are 400s naming the field; a budget of 30 prompts is spent
+        for body, said in (({"target_ci": 2}, "target_ci"), ({"max_prompts": 0}, "max_prompts"),
+                           ({"allocation": "active"}, "give max_prompts and/or target_ci"),
+                           ({"max_prompts": 5, "allocation": "psychic"}, "valid: uniform, active")):
+            r = http.post(f"/admin/models/{new}/profile", json=body)
+            assert r.status_code == 400 and said in r.json()["error"]["message"], (body, r.text)
+        seq = _model_body(new, costs[new], replay) | {"name": "seq-model"}
+        assert http.post("/admin/models", json=seq).status_code == 201
+        r = http.post("/admin/models/seq-model/profile", json={"grader": "multiple_choice", "max_prompts": 30})
+        assert r.status_code == 202, r.text
+        job = _wait(lambda: (j := http.get("/admin/models/seq-model/profile").json())["status"] != "running"
+                    and j, 240, "the sequential profiling job")
+        assert job["result"]["sequential"]["used"] == 30 and job["result"]["sequential"]["stop"] == "max_prompts", job
+        assert http.delete("/admin/models/seq-model").status_code == 200
         # first without activating: the impact report only (docs/IMPACT.md), then a second call activates
         r = http.post(f"/admin/models/{new}/profile", json={"grader": "multiple_choice"})
         assert r.status_code == 202, r.text

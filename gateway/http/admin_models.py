@@ -7,9 +7,11 @@
                                              and ``enabled``
 - ``DELETE /admin/models/{name}``            remove it
 - ``POST   /admin/models/{name}/disable``    stop serving it (kept in the table)
-- ``POST   /admin/models/{name}/profile``    ``{grader?, concurrency?, allow_partial?, activate?}`` → 202 with the job
-                                             id; its report has the impact report; ``activate: true`` also
-                                             activates (a profile reported earlier and still current: as reported)
+- ``POST   /admin/models/{name}/profile``    ``{grader?, concurrency?, allow_partial?, activate?, max_prompts?,
+                                             target_ci?, allocation?}`` → 202 with the job id; its report has the
+                                             impact report; ``activate: true`` also activates (a profile reported
+                                             earlier and still current: as reported); ``max_prompts`` /
+                                             ``target_ci``: sequential profiling, as the CLI's flags
 - ``GET    /admin/models/{name}/profile``    the job's progress and report
 - ``GET    /admin/models/{name}/impact``     the stored impact report and its follow-up (docs/IMPACT.md)
 - ``POST   /admin/models/{name}/impact``     compute the follow-up now (``uniroute impact NAME --now``)
@@ -121,6 +123,10 @@ class ProfileStart(BaseModel):
     concurrency: int | None = Field(default=None, ge=1, le=512)
     allow_partial: bool = False
     activate: bool = False  # true: also activate (a profile reported earlier: as reported; docs/IMPACT.md)
+    # sequential profiling (docs/PROFILING.md): as `uniroute profile --max-prompts N --target-ci X --allocation A`
+    max_prompts: int | None = Field(default=None, ge=1)
+    target_ci: float | None = Field(default=None, gt=0, lt=1)
+    allocation: str | None = Field(default=None, max_length=32)  # checked by the profiling jobs (routing.active)
 
 
 async def start_profile_endpoint(request: Request) -> Response:
@@ -136,7 +142,8 @@ async def start_profile_endpoint(request: Request) -> Response:
         raise ServiceUnavailableError("profiling is not available (the gateway is starting)")
     await asyncio.to_thread(catalog.get_model, acc.store, name)  # 404 listing the known models
     job = jobs.start(name, grader=opts.grader, concurrency=opts.concurrency, allow_partial=opts.allow_partial,
-                     activate=opts.activate)
+                     activate=opts.activate, max_prompts=opts.max_prompts, target_ci=opts.target_ci,
+                     allocation=opts.allocation)
     return json_response({"object": "profiling.job", **job.as_dict()}, 202)
 
 

@@ -31,7 +31,8 @@ class ProfilingJobs(Protocol):
     """Background profiling of one model at a time per name (profiling/jobs.py)."""
 
     def start(self, model: str, *, grader: str | None = None, concurrency: int | None = None,
-              allow_partial: bool = False, activate: bool = False) -> ProfilingJob: ...
+              allow_partial: bool = False, activate: bool = False, max_prompts: int | None = None,
+              target_ci: float | None = None, allocation: str | None = None) -> ProfilingJob: ...
 
     def get(self, model: str) -> ProfilingJob | None: ...
 
