@@ -35,12 +35,15 @@ import numpy as np
 from routing.clusters import Membership
 from routing.decision import Decider, expected_errors
 from routing.policy import PoolModel, RoutingDecision, rank_by_objective
-from routing.profiles import PRIORS, ModelProfile, estimate_profile, load_profiles
+from routing.profiles import ModelProfile, estimate_profile, load_profiles
 
 if TYPE_CHECKING:
     from routing.estimators import LearnedMap, RoutingTask, UniRouteKMeans
 
 ARTIFACT_FORMAT = 1
+#: the profile priors an artifact can record: the peer prior (routing.profiles, evaluation only, not adopted) would
+#: need the training models' outcomes on the validation prompts and their Ψ in the artifact, which it does not hold
+ARTIFACT_PRIORS = ("flat", "difficulty")
 #: validation prompts `router fit` profiles the models on (issue 15: the label-efficiency curve in
 #: docs/EVALUATION.md decides it — at 500 labels the headline was 0.0021 Area below its Area at 1,000)
 DEFAULT_VAL_SIZE = 1000
@@ -176,9 +179,10 @@ class RouterArtifact:
                   val_answers=None if meta.get("val_answers") is None else list(meta["val_answers"]),
                   profile_priors=dict(meta.get("profile_priors") or {}), difficulty=difficulty)
         for v, spec in art.profile_priors.items():
-            if spec.get("prior") not in PRIORS or (spec["prior"] == "difficulty" and v not in difficulty):
+            if spec.get("prior") not in ARTIFACT_PRIORS or (spec["prior"] == "difficulty" and v not in difficulty):
                 raise ValueError(f"{meta_path}: variant {v!r} has profile prior {spec!r}; valid priors: "
-                                 f"{', '.join(PRIORS)} (the difficulty prior needs difficulty_{v} in {ARRAYS_FILE})")
+                                 f"{', '.join(ARTIFACT_PRIORS)} (the difficulty prior needs difficulty_{v} in "
+                                 f"{ARRAYS_FILE})")
         if meta.get("version") and meta["version"] != art.version:
             raise ValueError(f"{d}: artifact content does not match its recorded version {meta['version']}")
         return art
@@ -331,6 +335,9 @@ def fit_estimators(task: RoutingTask, *, k: int | str = "auto", prior_strength: 
     from routing.estimators import DEFAULT_PRIOR, LearnedMap, UniRouteKMeans
 
     prior = prior or DEFAULT_PRIOR
+    if prior not in ARTIFACT_PRIORS:
+        raise ValueError(f"a router artifact records the profile prior {' or '.join(ARTIFACT_PRIORS)}, not {prior!r} "
+                         "(the peer prior is evaluation-only: docs/EVALUATION.md)")
     lm = LearnedMap(n_clusters=k if k == "auto" else int(k), prior_strength=prior_strength, prior=prior).fit(task)
     km = UniRouteKMeans(n_clusters=lm.k_, prior_strength=prior_strength, prior=prior).fit(task)
     return km, lm

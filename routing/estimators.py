@@ -36,7 +36,16 @@ import numpy as np
 from routing.clusters import ClusterMap, Membership, softmax
 from routing.decision import Decider, expected_errors, normalise
 from routing.deferral import DEFAULT_LAMS, area, deferral_curve
-from routing.profiles import PRIORS, cluster_difficulty, shrunk_cluster_errors
+from routing.profiles import (
+    PEER_PSI_STRENGTH,
+    PEER_WEIGHTINGS,
+    PRIORS,
+    cluster_difficulty,
+    peer_offsets,
+    peer_prior_offsets,
+    peer_weights,
+    shrunk_cluster_errors,
+)
 
 
 class LabelOracle:
@@ -156,6 +165,8 @@ K_GRID = (5, 10, 20, 40, 80)
 #: soft K-means temperatures and prior strengths the selection chooses from ("auto")
 TAU_GRID = (0.05, 0.1, 0.2)
 M_GRID = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+#: the peer prior's strengths: its centre is model-specific, so the selection may trust it more
+PEER_M_GRID = (*M_GRID, 64.0, 128.0)
 #: the profile prior of the UniRoute estimators, ``router fit`` and ``uniroute profile`` (issue 15)
 DEFAULT_PRIOR = "flat"
 SELECTION_REPEATS = 4
@@ -186,8 +197,10 @@ def select_params(task: RoutingTask, ks: Sequence[int], temperatures: Sequence[f
     *training* prompts (the same samples for every candidate), and those noisy profiles route the
     training LLMs on the validation prompts; the candidate with the largest mean deferral Area wins
     (ties: the first in grid order). The difficulty prior's δ is computed, for each training LLM,
-    without that LLM (leave one out), as it would be for a model the router has never seen. Pool
-    (test) LLMs' labels are never read.
+    without that LLM (leave one out), as it would be for a model the router has never seen. The peer
+    prior of a simulated training LLM mixes the *other* training LLMs only (leave one out), weighted by
+    their errors on the same sampled prompts, with their Ψ from the training prompts outside the sample.
+    Pool (test) LLMs' labels are never read.
     """
     if prior not in PRIORS:
         raise ValueError(f"unknown prior {prior!r}; valid: {', '.join(PRIORS)}")
@@ -196,16 +209,25 @@ def select_params(task: RoutingTask, ks: Sequence[int], temperatures: Sequence[f
     rng = np.random.default_rng([task.seed, 15])
     samples = [np.sort(rng.choice(n_train, size=size, replace=False)) for _ in range(repeats)]
     e_train = 1.0 - np.asarray(task.train_scores, dtype=np.float64)
+    n_models = e_train.shape[1]
+    rests = [np.setdiff1d(np.arange(n_train), rows) for rows in samples]
+    peer_w = ([peer_weights(e_train[rows], e_train[rows], allowed=~np.eye(n_models, dtype=bool),
+                            method=PEER_WEIGHTINGS[prior]) for rows in samples]
+              if prior in PEER_WEIGHTINGS else [])
     areas: dict[tuple[int, float | None, float], float] = {}
     for k in ks:
         cm = task.clusters(int(k))
         for tau in temperatures:
             w_tr, w_va = cm.weights(task.x_train, tau), cm.weights(task.x_val, tau)
             delta = cluster_difficulty(w_tr, e_train, leave_one_out=True) if prior == "difficulty" else None
+            deltas = [delta] * len(samples)
+            if prior in PEER_WEIGHTINGS:  # each sample's δ: the other LLMs' Ψ from the prompts outside the sample
+                deltas = [peer_offsets(pw, shrunk_cluster_errors(w_tr[rest], e_train[rest], PEER_PSI_STRENGTH)[0])
+                          for pw, rest in zip(peer_w, rests, strict=True)]
             for m in strengths:
                 vals = []
-                for rows in samples:
-                    psi, _ = shrunk_cluster_errors(w_tr[rows], e_train[rows], m, delta)
+                for rows, d in zip(samples, deltas, strict=True):
+                    psi, _ = shrunk_cluster_errors(w_tr[rows], e_train[rows], m, d)
                     vals.append(_train_area(expected_errors(w_va, psi), task.val_train_scores, task.train_costs))
                 areas[(int(k), tau, float(m))] = float(np.mean(vals))
     best = max(areas, key=lambda key: areas[key])  # first maximum in grid order
@@ -229,6 +251,24 @@ def _check_prior(prior: str) -> str:
     return prior
 
 
+def _strength_grid(prior: str) -> tuple[float, ...]:
+    return PEER_M_GRID if prior in PEER_WEIGHTINGS else M_GRID
+
+
+def _pool_offsets(task: RoutingTask, w_train: np.ndarray, prior: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(δ, peer Ψ): δ (K,) of the difficulty prior, or (m_pool, K) of the peer prior for the pool models; the
+    training LLMs' Ψ (m_train, K) the peer prior mixes (None for the other priors)."""
+    e_train = 1.0 - np.asarray(task.train_scores, dtype=np.float64)
+    if prior == "difficulty":
+        return cluster_difficulty(w_train, e_train), None
+    if prior in PEER_WEIGHTINGS:
+        peer_psi, _ = shrunk_cluster_errors(w_train, e_train, PEER_PSI_STRENGTH)
+        return peer_prior_offsets(1.0 - np.asarray(task.val_scores, dtype=np.float64),
+                                  1.0 - np.asarray(task.val_train_scores, dtype=np.float64), peer_psi,
+                                  method=PEER_WEIGHTINGS[prior]), peer_psi
+    return None, None
+
+
 class UniRouteKMeans(RouterEstimator):
     """UniRoute with K-means clusters: hard nearest-centroid z(x) (or soft with ``temperature``).
 
@@ -238,7 +278,7 @@ class UniRouteKMeans(RouterEstimator):
     ensemble that averages the expected errors over several K. ``temperature`` (None = hard,
     a float, or ``"auto"`` over :data:`TAU_GRID`) and ``prior_strength`` (a float or ``"auto"``
     over :data:`M_GRID`) are chosen the same way, with K (per member for an ensemble).
-    ``prior``: ``"flat"`` or ``"difficulty"`` (:mod:`routing.profiles`).
+    ``prior``: ``"flat"``, ``"difficulty"``, or (evaluation only) ``"peer"`` / ``"peer-similarity"`` (:mod:`routing.profiles`).
     """
 
     name = "uniroute-kmeans"
@@ -255,7 +295,7 @@ class UniRouteKMeans(RouterEstimator):
     def fit(self, task: RoutingTask) -> UniRouteKMeans:
         prior = _check_prior(self.prior)
         taus = _candidates(self.temperature, TAU_GRID)
-        ms = _candidates(self.prior_strength, M_GRID)
+        ms = _candidates(self.prior_strength, _strength_grid(prior))
         if self.n_clusters == "auto":
             groups = [list(self.k_grid)]
         elif isinstance(self.n_clusters, int):
@@ -277,14 +317,15 @@ class UniRouteKMeans(RouterEstimator):
         self.k_ = params[0][0] if len(params) == 1 else tuple(k for k, _, _ in params)
         self.temperature_ = params[0][1]
         self.prior_strength_ = params[0][2]
-        e_train = 1.0 - np.asarray(task.train_scores, dtype=np.float64)
         self.psis_ = []
         self.difficulties_: list[np.ndarray | None] = []
+        self.peer_psis_: list[np.ndarray | None] = []
         for cm, (_, tau, m) in zip(self.maps_, params, strict=True):
-            delta = cluster_difficulty(cm.weights(task.x_train, tau), e_train) if prior == "difficulty" else None
+            delta, peer_psi = _pool_offsets(task, cm.weights(task.x_train, tau), prior)
             psi, counts = shrunk_cluster_errors(cm.weights(task.x_val, tau), 1.0 - task.val_scores, m, delta)
             self.psis_.append(psi)
             self.difficulties_.append(delta)
+            self.peer_psis_.append(peer_psi)
         self.counts_ = counts
         return self
 
@@ -298,7 +339,13 @@ class UniRouteKMeans(RouterEstimator):
 
     @property
     def difficulty_(self) -> np.ndarray | None:
+        """δ of the difficulty prior (K,), or of the peer prior for the pool models (m_pool, K); None if flat."""
         return self.difficulties_[0]
+
+    @property
+    def peer_psi_(self) -> np.ndarray | None:
+        """The training LLMs' Ψ (m_train, K) the peer prior mixes; None for the other priors."""
+        return self.peer_psis_[0]
 
     def membership(self, x: np.ndarray) -> np.ndarray:
         return self.maps_[0].weights(x, self.temperature_)
@@ -321,7 +368,8 @@ class LearnedMap(RouterEstimator):
     P(correct | x, h) = 1 − Σ_k z_k(x) Ψ_k(h). θ starts at the soft K-means map
     softmax(−β‖x − μ_k‖²) and is L2-regularised toward it; it is frozen afterwards.
     Pool models' Ψ are their validation errors weighted by z(x), shrunk with ``prior``
-    (``"flat"`` or ``"difficulty"``) and strength ``prior_strength`` (a float or ``"auto"``).
+    (``"flat"``, ``"difficulty"``, ``"peer"`` or ``"peer-similarity"``) and strength ``prior_strength`` (a float or
+    ``"auto"``; over :data:`PEER_M_GRID` for the peer priors).
     K and m are chosen by :func:`select_params` with θ's starting map (soft K-means, τ = 1/β).
     """
 
@@ -346,7 +394,7 @@ class LearnedMap(RouterEstimator):
             ks = [self.n_clusters]
         else:
             raise ValueError(f"n_clusters must be an int or 'auto', got {self.n_clusters!r}")
-        ms = _candidates(self.prior_strength, M_GRID)
+        ms = _candidates(self.prior_strength, _strength_grid(prior))
         if len(ks) * len(ms) == 1:
             k, m = ks[0], float(ms[0])
         else:
@@ -364,8 +412,8 @@ class LearnedMap(RouterEstimator):
             task.cache[key] = self._train_theta(task, cm)
         self.theta_, self.train_loss_ = task.cache[key]
         z_train = self.membership(task.x_train)
-        self.difficulty_ = (cluster_difficulty(z_train, 1.0 - np.asarray(task.train_scores, dtype=np.float64))
-                            if prior == "difficulty" else None)
+        # δ (K,) of the difficulty prior, or (m_pool, K) of the peer prior; the training LLMs' Ψ it mixes
+        self.difficulty_, self.peer_psi_ = _pool_offsets(task, z_train, prior)
         self._profile_pool(task, m)
         return self
 
@@ -455,6 +503,8 @@ class LearnedMapActive(LearnedMap):
 
         if self.allocation not in LEARNEDMAP_ALLOCATIONS:
             raise ValueError(f"unknown allocation {self.allocation!r}; valid: {', '.join(LEARNEDMAP_ALLOCATIONS)}")
+        if self.prior in PEER_WEIGHTINGS and task.candidates is not None:
+            raise ValueError("active allocation is not implemented with the peer prior")
         pool = task.candidates
         if pool is None:
             super()._profile_pool(task, m)

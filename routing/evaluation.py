@@ -78,6 +78,10 @@ METHODS: dict[str, Callable[[], RouterEstimator]] = {
     "uniroute-kmeans-soft-difficulty": _kmeans(temperature="auto", prior="difficulty"),
     "uniroute-learnedmap-flat": _learnedmap(prior="flat"),
     "uniroute-learnedmap-difficulty": _learnedmap(prior="difficulty"),
+    "uniroute-kmeans-peer": _kmeans(prior="peer"),
+    "uniroute-kmeans-soft-peer": _kmeans(temperature="auto", prior="peer"),
+    "uniroute-learnedmap-peer": _learnedmap(prior="peer"),
+    "uniroute-learnedmap-peer-similarity": _learnedmap(prior="peer-similarity"),
     # active allocation of each new model's label budget (issue 15, routing/active.py)
     "uniroute-learnedmap-active": LearnedMapActive,
     "uniroute-learnedmap-active-disagree": lambda: LearnedMapActive(weight="disagreement"),

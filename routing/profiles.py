@@ -27,6 +27,19 @@ overall error on its profiling prompts; :func:`difficulty_prior_means`), and
 δ is learned once from the training models (it is stored in the router artifact); π_k
 depends on the profiled model's own outcomes only through ē, so Ψ(h) still depends on h's
 own outcomes only.
+
+Peer prior (issue 15; collaborative filtering over models). The training models' profiles
+Ψ_train (M, K), estimated on the many training prompts, carry model-specific patterns (a
+math-strong model, one weak at law). A new model h labelled on n profiling prompts, with errors
+e_h (n,), is matched to them through their errors E (n, M) on the same prompts: weights w ≥ 0,
+Σ_j w_j = 1, fit E·w ≈ e_h by least squares (:func:`peer_weights`); the raw prior mean is
+Σ_j w_j Ψ_train[j, k], recalibrated in logits as the difficulty prior is, i.e. the difficulty
+prior with a per-model δ_hk = logit(Σ_j w_j Ψ_train[j, k]) (:func:`peer_offsets`):
+
+    π_k   = σ(a_h + δ_hk),  Σ_k (n_k/N) π_k = ē,      Ψ_k = (n_k ē_k + m π_k) / (n_k + m).
+
+Ψ(h) depends on h's own outcomes and on the fixed training models (their errors on the
+profiling prompts and their Ψ_train, stored in the router artifact) only.
 """
 
 from __future__ import annotations
@@ -44,7 +57,15 @@ PROFILES_FILE = "profiles.json"
 PROFILES_FORMAT = 1
 
 
-PRIORS = ("flat", "difficulty")
+PRIORS = ("flat", "difficulty", "peer", "peer-similarity")
+#: how each peer prior weighs the training models (:func:`peer_weights`)
+PEER_WEIGHTINGS = {"peer": "nnls", "peer-similarity": "similarity"}
+#: the similarity weighting's sharpness: w_j ∝ exp(−T · d_hj), d_hj the mean squared difference of the errors
+PEER_SIMILARITY_T = 30.0
+#: the training models' per-cluster errors the peer prior mixes are shrunk by this many pseudo-prompts
+PEER_PSI_STRENGTH = 1.0
+#: the weight of the Σ_j w_j = 1 row appended to the least-squares fit of :func:`peer_weights`
+_SIMPLEX_ROW = 1e3
 _LOGIT_EPS = 1e-3
 
 
@@ -71,6 +92,70 @@ def cluster_difficulty(weights: np.ndarray, errors: np.ndarray, *, leave_one_out
     if m < 2:
         return np.zeros_like(d)
     return np.asarray((d.sum(axis=0)[None, :] - d) / (m - 1))
+
+
+def peer_weights(errors: np.ndarray, peer_errors: np.ndarray, *, allowed: np.ndarray | None = None,
+                 row_weights: np.ndarray | None = None, method: str = "nnls") -> np.ndarray:
+    """w (m, M): for each of m models, the convex combination of the M peers' errors closest to its own.
+
+    ``errors`` (n, m) the profiled models' errors on n prompts, ``peer_errors`` (n, M) the peers' (training
+    models') errors on the same prompts. Per model h: minimise ‖E w − e_h‖² over w ≥ 0 with Σ w = 1 (non-negative
+    least squares with the sum as a heavily weighted extra row, then normalised). ``allowed`` (m, M) bool: peers
+    each model may use (leave-one-out: a training model simulated as new must not use itself); ``row_weights``
+    (n,): a weighted fit (importance weights of an uneven sample). Each row of w is computed from that model's
+    own errors alone (one NNLS per model), so it does not depend on which other models are profiled with it.
+    ``method="similarity"``: instead, w_j ∝ exp(−T · d_hj) with d_hj the (weighted) mean squared difference of
+    the two models' errors (:data:`PEER_SIMILARITY_T`).
+    """
+    from scipy.optimize import nnls
+
+    e = np.asarray(errors, dtype=np.float64)
+    if e.ndim == 1:
+        e = e[:, None]
+    pe = np.asarray(peer_errors, dtype=np.float64)
+    n, big_m = pe.shape
+    if len(e) != n:
+        raise ValueError(f"{len(e)} rows of errors for {n} rows of peer errors")
+    ok = np.ones((e.shape[1], big_m), dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
+    sq = np.ones(n) if row_weights is None else np.sqrt(np.asarray(row_weights, dtype=np.float64).reshape(-1))
+    out = np.zeros((e.shape[1], big_m))
+    for h in range(e.shape[1]):
+        cols = np.flatnonzero(ok[h])
+        if len(cols) == 0:
+            continue
+        if n == 0:
+            out[h, cols] = 1.0 / len(cols)
+            continue
+        if method == "similarity":
+            v = sq * sq
+            d = np.vecdot(np.ascontiguousarray(((pe[:, cols] - e[:, [h]]) ** 2).T), v) / v.sum()
+            z = np.exp(-PEER_SIMILARITY_T * (d - d.min()))
+            out[h, cols] = z / z.sum()
+            continue
+        a = np.vstack([pe[:, cols] * sq[:, None], np.full((1, len(cols)), _SIMPLEX_ROW)])
+        b = np.concatenate([e[:, h] * sq, [_SIMPLEX_ROW]])
+        w, _ = nnls(a, b, maxiter=50 * len(cols))
+        total = w.sum()
+        out[h, cols] = w / total if total > 0 else 1.0 / len(cols)
+    return out
+
+
+def peer_offsets(weights: np.ndarray, peer_psi: np.ndarray) -> np.ndarray:
+    """δ (m, K) of the peer prior: logit(Σ_j w_hj Ψ_train[j, k]) for each model h (row by row, so each
+    model's row depends on its own weights only). Pass it as ``difficulty`` to :func:`shrunk_cluster_errors`."""
+    w = np.asarray(weights, dtype=np.float64)
+    psi = np.ascontiguousarray(np.asarray(peer_psi, dtype=np.float64).T)  # (K, M)
+    mix = np.stack([np.vecdot(psi, np.ascontiguousarray(row)) for row in w]) if len(w) else np.zeros((0, len(psi)))
+    return _logit(np.asarray(mix))
+
+
+def peer_prior_offsets(errors: np.ndarray, peer_errors: np.ndarray, peer_psi: np.ndarray, *,
+                       allowed: np.ndarray | None = None, row_weights: np.ndarray | None = None,
+                       method: str = "nnls") -> np.ndarray:
+    """δ (m, K) of the peer prior for m models with ``errors`` (n, m) on the prompts where the peers have
+    ``peer_errors`` (n, M); ``peer_psi`` (M, K) the peers' Ψ (:func:`peer_weights`, :func:`peer_offsets`)."""
+    return peer_offsets(peer_weights(errors, peer_errors, allowed=allowed, row_weights=row_weights, method=method),
+                        peer_psi)
 
 
 def difficulty_prior_means(overall: np.ndarray, difficulty: np.ndarray, freq: np.ndarray) -> np.ndarray:

@@ -189,3 +189,13 @@ def test_artifacts_without_profile_priors_load_as_flat(fitted: tuple[Path, Route
     (out / "artifact.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="valid priors: flat, difficulty"):
         RouterArtifact.load(out)
+
+
+def test_the_evaluation_only_peer_prior_is_refused_by_the_artifact(tmp_path: Path) -> None:
+    """The peer prior (issue 15, not adopted) needs the training models' outcomes and Ψ, which an artifact does
+    not hold: `router fit` refuses it rather than profile onboarded models with another prior than the fit's."""
+    x, scores, _ = blobs()
+    ids = [f"p{i}" for i in range(len(x))]
+    with pytest.raises(ValueError, match="evaluation-only"):
+        fit_artifact(x, scores, np.array([4.0, 4.0, 1.0]), ["A", "B", "C"], ids, [f"prompt {i}" for i in ids],
+                     embedder_id="test-embedder", training_set_hash="abc", k=2, val_size=80, prior="peer")

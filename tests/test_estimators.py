@@ -191,3 +191,27 @@ def test_estimators_record_what_the_selection_chose() -> None:
     assert lm.k_ in (2, 4) and lm.prior_strength_ in (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
     with pytest.raises(ValueError, match="unknown prior"):
         UniRouteKMeans(n_clusters=2, prior="hierarchical").fit(task)
+
+
+def test_peer_prior_selection_and_fit_never_read_other_pool_models() -> None:
+    """The peer prior's selection simulates each training LLM from the other training LLMs (leave one out)
+    and never reads the pool LLMs' labels; a pool model's Ψ depends on its own validation labels only."""
+    import routing.estimators as est
+
+    task = noisy_task()
+    sel = est.select_params(task, (2, 4), (None,), (1.0, 64.0), prior="peer")
+    garbage = noisy_task()
+    garbage.val_scores = np.random.default_rng(9).random(garbage.val_scores.shape)
+    garbage.pool_train_scores = None
+    assert est.select_params(garbage, (2, 4), (None,), (1.0, 64.0), prior="peer").areas == sel.areas
+    lm = LearnedMap(k_grid=(2, 4), prior="peer").fit(task)
+    assert lm.prior_strength_ in est.PEER_M_GRID and lm.peer_psi_ is not None and lm.peer_psi_.shape == (8, lm.k_)
+    assert lm.difficulty_ is not None and lm.difficulty_.shape == (4, lm.k_)
+    # change pool model 3's labels: the other pool models' Ψ stay bit for bit (K, m and θ fixed)
+    fixed = dict(n_clusters=lm.k_, prior_strength=lm.prior_strength_, prior="peer")
+    a = LearnedMap(**fixed).fit(noisy_task())  # type: ignore[arg-type]
+    other = noisy_task()
+    other.val_scores = other.val_scores.copy()
+    other.val_scores[:, 3] = 1.0 - other.val_scores[:, 3]
+    b = LearnedMap(**fixed).fit(other)  # type: ignore[arg-type]
+    assert np.array_equal(a.psi_[:3], b.psi_[:3]) and not np.array_equal(a.psi_[3], b.psi_[3])

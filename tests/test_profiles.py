@@ -109,3 +109,67 @@ def test_difficulty_prior_pulls_a_thin_cluster_toward_its_difficulty() -> None:
     other = np.random.default_rng(1).random((41, 1))
     both, _ = shrunk_cluster_errors(w, np.hstack([e, other]), 8.0, delta)
     assert np.array_equal(both[0], hard[0])
+
+
+def _peers(seed: int = 0, n: int = 4000, k: int = 4, m: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(memberships (n, K), per-cluster error rates (m, K) with model-specific patterns, errors (n, m))."""
+    rng = np.random.default_rng(seed)
+    lab = rng.integers(k, size=n)
+    rates = rng.uniform(0.05, 0.95, size=(m, k))
+    errors = (rng.random((n, m)) < rates[:, lab].T).astype(float)
+    return np.eye(k)[lab], rates, errors
+
+
+def test_a_model_that_copies_a_training_model_gets_its_pattern() -> None:
+    """The peer prior: a new model whose outcomes are a training model's gets (nearly) all the weight on
+    it, and its prior means follow that model's Ψ across the clusters, recalibrated to its own ē."""
+    from routing.profiles import peer_prior_offsets, peer_weights
+
+    w, rates, errors = _peers()
+    train, val = slice(0, 3000), slice(3000, 3200)
+    peer_psi, _ = shrunk_cluster_errors(w[train], errors[train], 1.0)
+    new = errors[val, [2]]  # the new model answers as training model 2 does
+    wts = peer_weights(new, errors[val])
+    assert wts.shape == (1, 5) and wts.sum() == pytest.approx(1.0) and np.all(wts >= 0)
+    assert wts[0, 2] > 0.99
+    delta = peer_prior_offsets(new, errors[val], peer_psi)
+    assert np.argsort(delta[0]).tolist() == np.argsort(peer_psi[2]).tolist()
+    assert np.corrcoef(delta[0], rates[2])[0, 1] > 0.95
+    # a strong prior: Ψ is (nearly) the copied model's pattern, even from 200 prompts
+    psi, counts = shrunk_cluster_errors(w[val], new, 1e6, delta)
+    assert (psi[0] @ counts / counts.sum()) == pytest.approx(new.mean(), abs=1e-6)  # keeps its own ē
+    assert np.abs(psi[0] - peer_psi[2]).max() < 0.03
+    flat, _ = shrunk_cluster_errors(w[val], new, 1e6)
+    assert np.abs(flat[0] - peer_psi[2]).max() > 0.1  # the flat prior has no pattern
+
+
+@pytest.mark.parametrize("method", ["nnls", "similarity"])
+def test_peer_prior_leave_one_out_excludes_the_model_itself(method: str) -> None:
+    from routing.profiles import peer_weights
+
+    _, _, errors = _peers(1)
+    loo = peer_weights(errors[:300], errors[:300], allowed=~np.eye(5, dtype=bool), method=method)
+    assert np.all(np.diag(loo) == 0) and loo.sum(axis=1) == pytest.approx(np.ones(5))
+    own = peer_weights(errors[:300], errors[:300], method=method)
+    assert np.all(np.argmax(own, axis=1) == np.arange(5))  # allowed to, each model is its own best match
+    if method == "nnls":
+        assert np.diag(own) == pytest.approx(np.ones(5), abs=1e-6)
+
+
+def test_peer_prior_depends_on_the_models_own_outcomes_only() -> None:
+    """Ψ(h) under the peer prior, profiled alone (onboarding) or next to other models, is bit for bit the same."""
+    from routing.profiles import peer_prior_offsets
+
+    w, _, errors = _peers(2)
+    peer_psi, _ = shrunk_cluster_errors(w[:3000], errors[:3000], 1.0)
+    rng = np.random.default_rng(3)
+    new = (rng.random((250, 4)) < 0.4).astype(float)
+    new[:, 3] = new[:, 1]
+    rows = slice(3000, 3250)
+    delta = peer_prior_offsets(new, errors[rows], peer_psi)
+    psi, _ = shrunk_cluster_errors(w[rows], new, 8.0, delta)
+    assert np.array_equal(psi[3], psi[1])
+    for j in range(4):
+        alone = peer_prior_offsets(new[:, j], errors[rows], peer_psi)
+        assert np.array_equal(alone[0], delta[j])
+        assert np.array_equal(shrunk_cluster_errors(w[rows], new[:, j], 8.0, alone)[0][0], psi[j])
