@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from storeutil import REPO_ROOT
 
 from gateway.access.auth import (
     AdminGuard,
@@ -34,6 +33,7 @@ from gateway.errors import (
 from gateway.store.engine import Store
 from gateway.store.keys import list_keys, revoke_key
 from gateway.store.tables import ApiKey
+from tests.storeutil import REPO_ROOT
 
 
 @pytest.fixture

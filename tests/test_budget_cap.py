@@ -32,8 +32,6 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
-from storeutil import database, store_fixture
-from test_store_outage_e2e import Cut
 
 from gateway.access.auth import create_key, principal_from_row
 from gateway.access.budget import SqlBudgetGuard, period_starts
@@ -52,6 +50,8 @@ from gateway.store.requestlog import RequestLogWriter
 from gateway.store.tables import ApiKey, RequestRow, ReservationRow, utcnow
 from routing.policy import CheapestPolicy
 from tests.fake_upstream import ProviderError
+from tests.storeutil import database, store_fixture
+from tests.test_store_outage_e2e import Cut
 
 #: the fake provider's own limit on an answer when the request sets no max_tokens (above the gateway's default)
 PROVIDER_MAX_OUTPUT = 6000

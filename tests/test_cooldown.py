@@ -131,10 +131,10 @@ def test_e2e_failing_model_cools_and_auto_goes_straight_to_the_next(tmp_path: Pa
 
     import httpx
     import openai
-    from test_metrics import _value
 
     from tests.gateway_setup import make_dataset, replay_args, write_config
     from tests.procs import free_port, replay_upstream, running
+    from tests.test_metrics import _value
 
     # the checks made during the cooldown (five requests and a scrape) must all fit in it: on two loaded
     # cores (load average 10+, tests in parallel) they have taken over 2 s; an explicit guard below says so

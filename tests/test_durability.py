@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from storeutil import REPO_ROOT, store_fixture
 
 from gateway.access.auth import create_key, principal_from_row
 from gateway.access.budget import SqlBudgetGuard, period_starts
@@ -37,6 +36,7 @@ from gateway.store.budget import settle_many
 from gateway.store.engine import Store
 from gateway.store.requestlog import RequestLogWriter
 from gateway.store.tables import ApiKey, RequestRow, ReservationHolder, ReservationRow, utcnow
+from tests.storeutil import REPO_ROOT, store_fixture
 
 store = store_fixture(pool_size=10, max_overflow=20)
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_profiler import FakeForwarder, _artifact, _config
 
 from gateway.access.auth import create_key
 from gateway.config import GatewayConfig, parse_config
@@ -25,6 +24,7 @@ from profiling.runner import Outcome
 from routing.artifact import RouterArtifact
 from routing.impact import cluster_traffic, impact_report, plot_report
 from routing.policy import PoolModel
+from tests.test_profiler import FakeForwarder, _artifact, _config
 
 
 def test_share_cost_and_error_follow_the_traffic_mix() -> None:

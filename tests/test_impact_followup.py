@@ -13,8 +13,6 @@ from typing import Any
 import numpy as np
 import pytest
 from starlette.testclient import TestClient
-from storeutil import database
-from test_profiler import FakeForwarder, _artifact
 
 from gateway.app import create_app
 from gateway.cli.main import main as cli
@@ -32,6 +30,8 @@ from profiling.followup import LEASE_NAME, ImpactFollowups, format_impact
 from profiling.profiler import run_profiling
 from routing.impact import Served, predicted_at_mix, realised_figures
 from routing.policy import PoolModel
+from tests.storeutil import database
+from tests.test_profiler import FakeForwarder, _artifact
 
 ADMIN = "sk-admin-impact-test"
 H = {"authorization": f"Bearer {ADMIN}"}

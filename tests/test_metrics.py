@@ -16,10 +16,10 @@ import httpx
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from storeutil import REPO_ROOT, free_port, require
 
 from gateway.metrics import Metrics, metrics_app
 from gateway.serving.interfaces import RequestRecord
+from tests.storeutil import REPO_ROOT, free_port, require
 
 
 def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

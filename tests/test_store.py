@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
-from storeutil import fresh_pg_database, store_fixture
 
 from gateway.metrics import Metrics
 from gateway.serving.interfaces import RequestRecord
@@ -21,6 +20,7 @@ from gateway.store.engine import Store, database_url_from_config
 from gateway.store.models import seed_models
 from gateway.store.requestlog import RequestLogWriter
 from gateway.store.tables import ModelRow, RequestRow
+from tests.storeutil import fresh_pg_database, store_fixture
 
 
 def _record(i: int, **kw: object) -> RequestRecord:

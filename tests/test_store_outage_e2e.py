@@ -32,8 +32,6 @@ import sqlalchemy as sa
 import yaml
 from openai import OpenAI
 from starlette.testclient import TestClient
-from storeutil import database
-from test_store import TcpProxy
 
 from gateway.access.auth import create_key
 from gateway.app import create_app
@@ -43,6 +41,8 @@ from gateway.store.engine import Store
 from gateway.store.tables import ApiKey, RequestRow
 from tests.gateway_setup import make_dataset, replay_args, write_config
 from tests.procs import free_port, replay_upstream, running, server_env
+from tests.storeutil import database
+from tests.test_store import TcpProxy
 
 ADMIN = "sk-admin-" + secrets.token_urlsafe(16)
 KINDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]

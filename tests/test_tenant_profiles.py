@@ -23,7 +23,6 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from storeutil import database
 
 from gateway.serving.interfaces import LabelStats
 from gateway.serving.tenants import TenantOverlays, aggregate, overlay
@@ -31,6 +30,7 @@ from routing.policy import PoolModel
 from routing.synthetic import TOPICS
 from tests.procs import ROOT, replay_upstream, server_env
 from tests.routing_features import ADMIN, fit, gateway
+from tests.storeutil import database
 
 DBS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 PROMPT = "Compute the derivative of the polynomial given below."

@@ -27,11 +27,11 @@ import openai
 import pytest
 import yaml
 from starlette.testclient import TestClient
-from test_metrics import _value
 
 from gateway.app import create_app
 from gateway.config import parse_config
 from tests.procs import free_port, running, server_env
+from tests.test_metrics import _value
 
 ADMIN = "sk-admin-" + secrets.token_urlsafe(12)
 SCRAPE = "scrape-" + secrets.token_urlsafe(12)

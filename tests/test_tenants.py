@@ -35,7 +35,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.routing import Route
-from storeutil import database
 
 from gateway.access.accounting import Accounting, AccountingSettings
 from gateway.access.auth import create_key
@@ -52,6 +51,7 @@ from gateway.store.tables import ApiKey, Feedback, RequestRow
 from profiling.reprofile import ClusterFeedback, _key_weights, reprofile
 from profiling.schedule import Reprofiler
 from tests.procs import free_port, replay_upstream, running, server_env
+from tests.storeutil import database
 
 DBS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 ADMIN = "sk-admin-" + secrets.token_urlsafe(12)
