@@ -418,7 +418,7 @@ def test_a_300mb_upstream_answer_is_a_502_without_the_memory(gateway: Gateway, s
             pytest.fail(f"the stream ended without an error ({len(events)} events)")
         with pytest.raises(openai.APIStatusError) as caught:
             client.chat.completions.create(model="big-huge", messages=[{"role": "user", "content": "big"}])
-        err = caught.value
+        err: openai.APIError = caught.value
     except openai.APIError as exc:  # streaming: the error event
         err = exc
     finally:

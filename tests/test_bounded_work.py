@@ -106,8 +106,8 @@ def test_the_scanner_refuses_exactly_what_breaks_a_limit(doc: Any, cuts: list[in
         assert got in broken, (got, broken)
     else:
         assert got is None
-    assert _scan(raw, cuts, chat=False) in ({b for b in broken if b in ("limits.max_json_depth",
-                                                                          "limits.max_json_items")} or {None})
+    deep: set[str | None] = {b for b in broken if b in ("limits.max_json_depth", "limits.max_json_items")}
+    assert _scan(raw, cuts, chat=False) in (deep or {None})
 
 
 def test_escaped_keys_strings_and_chunk_edges() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import pytest
@@ -22,7 +23,7 @@ from gateway.serving.interfaces import RequestRecord
 from gateway.store.tables import Feedback
 
 
-async def _client(tmp_path: Path, mode: str) -> tuple[httpx.AsyncClient, Accounting]:
+async def _client(tmp_path: Path, mode: Literal["open", "keys"]) -> tuple[httpx.AsyncClient, Accounting]:
     acc = Accounting(AccountingSettings(database_url=f"sqlite:///{tmp_path / 'f.db'}", auth_mode=mode))
     await acc.start(["m"])
     app = Starlette(routes=[Route("/v1/feedback", feedback.feedback_endpoint, methods=["POST"])],

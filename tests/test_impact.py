@@ -131,6 +131,7 @@ async def test_a_stale_report_is_not_activated_as_reported(tmp_path: Path) -> No
     outcomes.record(Outcome("new", "p0", first_row.cluster, 1.0 - float(first_row.score or 0.0), "changed", 0.0))
     late = await run_profiling(_config(3), store, fwd, "new", artifact=art, activate=True)
     assert late.activated and "nothing asked" not in late.message and late.psi != fourth.psi
+    assert late.psi is not None
     assert np.allclose(catalog.active_profiles(store, catalog.profile_key(art.version, "kmeans"))["new"].psi, late.psi)
     # a report computed with another router artifact is not activated on this one
     await run_profiling(_config(3), store, fwd, "new", artifact=art)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,7 @@ def _setup(cfg: Any) -> Store:
     return store
 
 
-def _log(store: Store, tmp_path: Path, rows: list[tuple[str, float | None, int, float]],
+def _log(store: Store, tmp_path: Path, rows: Sequence[tuple[str, float | None, int, float]],
          scores: dict[int, float]) -> None:
     """Logged `auto` requests (model, λ, cluster, cost) after the activation; feedback ``scores`` by row index."""
     writer = RequestLogWriter(store, spill_dir=tmp_path / "spill", journal=False).start()

@@ -110,7 +110,7 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> 
     with httpx.Client(timeout=1) as client:  # one client: httpx.get() costs ~30 ms of CPU per call
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+                raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
             try:
                 if client.get(url).status_code < 500:
                     return

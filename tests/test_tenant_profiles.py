@@ -56,7 +56,7 @@ def test_overlay_shrinks_toward_the_global_psi_by_label_count() -> None:
     mine = ov.pool(7, pool)
     assert mine is not None and mine is ov.pool(7, pool)  # cached
     assert mine[2].psi is None  # labels never make an unprofiled model routable
-    assert np.allclose(mine[0].psi, got) and mine[1].psi is not None and mine[1].psi[0] < psi[0]
+    assert mine[0].psi is not None and np.allclose(mine[0].psi, got) and mine[1].psi is not None and mine[1].psi[0] < psi[0]
     ov.replace({7: stats})
     assert ov.pool(7, pool) is mine  # unchanged stats keep the cache
     ov.replace({})

@@ -168,9 +168,10 @@ _raw = st.dictionaries(st.integers(0, 6), st.floats(0.0, 1e4), min_size=1, max_s
 
 @settings(max_examples=300, deadline=None)
 @given(n=st.floats(0.0, 500.0), raw=_raw, share=st.floats(0.01, 0.99), scale=st.floats(0.05, 1.0))
-def test_no_key_carries_more_than_its_share(n: float, raw: dict[int, float], share: float, scale: float) -> None:
+def test_no_key_carries_more_than_its_share(n: float, raw: dict[int | None, float], share: float,
+                                            scale: float) -> None:
     """W_j ≤ s · (n + Σ_i W_i) for every key, also after the total cap scales every key alike."""
-    cut = {k: v * scale for k, v in _key_weights(n, dict(raw), share).items()}  # type: ignore[arg-type]
+    cut = {k: v * scale for k, v in _key_weights(n, dict(raw), share).items()}
     total = n + sum(cut.values())
     for key, w in cut.items():
         assert w <= raw[key] + 1e-9
