@@ -30,6 +30,7 @@ from gateway.errors import (
     PermissionDeniedError,
     error_body,
 )
+from gateway.serving.interfaces import Principal
 from gateway.store.engine import Store
 from gateway.store.keys import list_keys, revoke_key
 from gateway.store.tables import ApiKey
@@ -148,7 +149,7 @@ async def test_cache_avoids_database_and_is_bounded(store: Store) -> None:
     calls = 0
     orig = auth._lookup
 
-    def counting(digest: str):  # type: ignore[no-untyped-def]
+    def counting(digest: str) -> Principal | AuthenticationError:
         nonlocal calls
         calls += 1
         return orig(digest)

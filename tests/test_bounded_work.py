@@ -305,7 +305,8 @@ def test_large_bodies_are_parsed_validated_and_estimated_in_a_worker_thread(tmp_
     monkeypatch.setattr(chat, "_parse", parse)
     monkeypatch.setattr(ChatService, "_estimate", estimate)
     with TestClient(create_app(cfg), raise_server_exceptions=False) as c:
-        loop_thread = c.portal.call(lambda: threading.current_thread().name)  # type: ignore[union-attr]
+        assert c.portal is not None
+        loop_thread = c.portal.call(lambda: threading.current_thread().name)
         c.post("/v1/chat/completions", json={"model": "m", "messages": _msgs(1)})  # small: inline
         assert threads == {"parse": {loop_thread}, "estimate": {loop_thread}}
         c.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "a" * 5000}]})

@@ -108,8 +108,10 @@ async def test_profiling_reports_the_impact_before_activation(tmp_path: Path) ->
     third = await run_profiling(_config(3), store, fwd, "new", artifact=art, activate=True)
     assert third.activated and fwd.calls == 12 and third.report.skipped == 12 and "nothing asked" not in third.message
     rows = impact_sql.due_followups(store, 0.0)  # only the latest activation is followed up
-    assert rows == [impact_sql.latest_impact(store, "new").id]  # type: ignore[union-attr]
-    assert impact_sql.get_impact(store, row.id).status == "superseded"  # type: ignore[union-attr]
+    latest = impact_sql.latest_impact(store, "new")
+    assert latest is not None and rows == [latest.id]
+    superseded = impact_sql.get_impact(store, row.id)
+    assert superseded is not None and superseded.status == "superseded"
     store.dispose()
 
 

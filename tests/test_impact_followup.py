@@ -118,7 +118,8 @@ def test_realised_figures_and_the_prediction_at_the_realised_lambdas(tmp_path: P
     assert by_lam[0.1]["requests"] == 10 and by_lam[0.1]["realised_share"] == 0.0
     text = format_impact(out)
     assert "| share of `auto` traffic served by new | 50.0% | 75.0% | 30.0% | 40 |" in text
-    assert impact_sql.latest_impact(store, "new").followup == f  # type: ignore[union-attr]
+    latest = impact_sql.latest_impact(store, "new")
+    assert latest is not None and latest.followup == f
     # another artifact loaded than the report's: the realised figures only, and a note saying why
     other = _artifact(14)
     later = ImpactFollowups(cfg, store, artifact=other).run_now("new")["followup"]

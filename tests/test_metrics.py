@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -38,13 +39,13 @@ def _value(text: str, name: str, **labels: str) -> float:
 
 def _record(**kw: object) -> RequestRecord:
     now = datetime.now(UTC)
-    base: dict[str, object] = dict(request_id="r", started_at=now, finished_at=now, requested_model="auto",
+    base: dict[str, Any] = dict(request_id="r", started_at=now, finished_at=now, requested_model="auto",
                                    stream=False, routed_model="small", key_name="alice", status_code=200,
                                    prompt_tokens=100, completion_tokens=20, cost_usd=0.5, latency_ms=250.0,
                                    upstream_latency_ms=200.0, cluster=4,
                                    candidates=[{"model": "small", "objective": 0.2}])
     base.update(kw)
-    return RequestRecord(**base)  # type: ignore[arg-type]
+    return RequestRecord(**base)
 
 
 def test_observe_request_names_and_labels() -> None:

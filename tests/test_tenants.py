@@ -308,7 +308,7 @@ def gateway(request: pytest.FixtureRequest, tmp_path: Path, fitted: tuple[Path, 
 def _auto(client: openai.OpenAI, prompt: str, **headers: str) -> tuple[dict[str, Any], dict[str, str]]:
     raw = client.chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": prompt}], extra_headers=headers or None)
-    info = raw.parse().model_extra["uniroute"]  # type: ignore[index]
+    info = (raw.parse().model_extra or {})["uniroute"]
     return dict(info), dict(raw.headers)
 
 
