@@ -108,7 +108,8 @@ def test_realised_figures_and_the_prediction_at_the_realised_lambdas(tmp_path: P
     z = _artifact().membership(_artifact().val_embeddings, "kmeans")
     pool = [PoolModel("old", 2.0, np.array([0.2, 0.6]))]
     cand = PoolModel("new", 1.0, np.asarray(row.profiles["kmeans"]["psi"]))
-    want = predicted_at_mix(z, pool, cand, np.asarray(row.report["traffic"]), {0.0: 30, 0.1: 10})  # type: ignore[index]
+    assert row.report is not None
+    want = predicted_at_mix(z, pool, cand, np.asarray(row.report["traffic"]), {0.0: 30, 0.1: 10})
     assert f["predicted"] == pytest.approx(want)
     assert f["predicted"]["traffic_share"] == pytest.approx(0.5)  # new wins cluster 1 (half of the validation mix)
     # on the realised cluster mix (3:1 toward cluster 1) new would have taken 75 %

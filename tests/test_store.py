@@ -25,10 +25,10 @@ from gateway.store.tables import ModelRow, RequestRow
 from tests.storeutil import fresh_pg_database, store_fixture
 
 
-def _record(i: int, **kw: object) -> RequestRecord:
+def _record(i: int, **kw: Any) -> RequestRecord:
     return RequestRecord(request_id=f"req-{i}", started_at=datetime.now(UTC), requested_model="auto", stream=False,
                          routed_model="m", cost_usd=0.001, latency_ms=12.5, finished_at=datetime.now(UTC),
-                         candidates=[{"model": "m", "objective": 0.1}], **kw)  # type: ignore[arg-type]
+                         candidates=[{"model": "m", "objective": 0.1}], **kw)
 
 
 def _by_request_id(store: Store, request_id: str) -> RequestRow | None:
