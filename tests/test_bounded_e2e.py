@@ -398,7 +398,8 @@ def test_a_300mb_upstream_answer_is_a_502_without_the_memory(gateway: Gateway, s
     # warm up the same path (LiteLLM imports parts of itself on first use: that is not the answer's cost)
     warm = client.chat.completions.create(model="echo", stream=stream, messages=[{"role": "user", "content": "hi"}])
     if stream:
-        list(warm)  # type: ignore[call-overload]
+        assert isinstance(warm, openai.Stream)
+        list(warm)
     Path(f"/proc/{gateway.pid}/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
     before = _rss(gateway.pid)
     lat: list[float] = []
