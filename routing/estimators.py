@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -386,7 +386,7 @@ class LearnedMap(RouterEstimator):
         self.k_grid = k_grid
         self.prior = prior
 
-    def fit(self, task: RoutingTask) -> LearnedMap:
+    def fit(self, task: RoutingTask) -> Self:
         prior = _check_prior(self.prior)
         if self.n_clusters == "auto":
             ks = list(self.k_grid)

@@ -15,8 +15,6 @@ import pytest
 import sqlalchemy as sa
 import yaml
 from starlette.testclient import TestClient
-from storeutil import REDIS_URL, database, require_redis
-from test_metrics import _value, prometheus_server, promql, wait_promql
 
 from gateway.app import create_app
 from gateway.config import load_config
@@ -25,6 +23,8 @@ from gateway.store.models import params_for_table
 from gateway.store.tables import ModelRow, RequestRow
 from tests.gateway_setup import make_dataset, replay_args, write_config
 from tests.procs import free_port, replay_upstream, running, server_env
+from tests.storeutil import REDIS_URL, database, require_redis
+from tests.test_metrics import _value, prometheus_server, promql, wait_promql
 
 ADMIN = "sk-admin-" + secrets.token_urlsafe(16)
 SCRAPE = "scrape-" + secrets.token_urlsafe(16)  # UNIROUTE_METRICS_TOKEN of the servers below

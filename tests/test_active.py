@@ -14,7 +14,7 @@ from routing.active import (
     tight_enough,
     traffic_shares,
 )
-from routing.estimators import ActivePool, LabelOracle, LearnedMap, LearnedMapActive
+from routing.estimators import ActivePool, LabelOracle, LearnedMap, LearnedMapActive, RoutingTask
 from routing.profiles import shrunk_cluster_errors
 from tests.test_estimators import noisy_task
 
@@ -144,7 +144,7 @@ def test_label_oracle_counts_and_refuses_repeats_and_overruns() -> None:
     assert o.asked == [[], [0, 3]]
 
 
-def active_task(budget: int, noise_seed: int | None = None) -> tuple[object, np.ndarray]:
+def active_task(budget: int, noise_seed: int | None = None) -> tuple[RoutingTask, np.ndarray]:
     task = noisy_task(n_val=300)
     pool_scores = np.asarray(task.val_scores).copy()
     task.candidates = ActivePool(x=task.x_val, train_scores=task.val_train_scores,
@@ -154,12 +154,18 @@ def active_task(budget: int, noise_seed: int | None = None) -> tuple[object, np.
     return task, pool_scores
 
 
+def _pool(task: RoutingTask) -> ActivePool:
+    """The task's candidates (``active_task`` sets them)."""
+    assert task.candidates is not None
+    return task.candidates
+
+
 def test_active_learnedmap_reads_only_the_labels_it_chose() -> None:
     """Honesty: the pool models are seen only through the labels the allocation asked for, at most the
     budget per model; replacing every other label of theirs with noise changes nothing, bit for bit."""
     task, scores = active_task(60)
-    lm = LearnedMapActive(n_clusters=4, prior_strength=2.0).fit(task)  # type: ignore[arg-type]
-    asked = task.candidates.oracle.asked  # type: ignore[attr-defined]
+    lm = LearnedMapActive(n_clusters=4, prior_strength=2.0).fit(task)
+    asked = _pool(task).oracle.asked
     assert lm.labels_used_ == [60] * 4 and all(len(set(a)) == 60 for a in asked)
     assert lm.psi_.shape == (4, 4) and np.all((lm.psi_ >= 0) & (lm.psi_ <= 1))
     noisy = scores.copy()
@@ -168,12 +174,12 @@ def test_active_learnedmap_reads_only_the_labels_it_chose() -> None:
         others = np.setdiff1d(np.arange(len(noisy)), rows)
         noisy[others, j] = rng.random(len(others))
     task2, _ = active_task(60, noise_seed=7)
-    task2.candidates.oracle = LabelOracle(noisy, budget=60)  # type: ignore[attr-defined]
-    lm2 = LearnedMapActive(n_clusters=4, prior_strength=2.0).fit(task2)  # type: ignore[arg-type]
+    _pool(task2).oracle = LabelOracle(noisy, budget=60)
+    lm2 = LearnedMapActive(n_clusters=4, prior_strength=2.0).fit(task2)
     np.testing.assert_array_equal(lm2.psi_, lm.psi_)
     # with the whole candidate set as the budget it labels everything; weights are then 1: plain LearnedMap
     task3, _ = active_task(300)
-    full = LearnedMapActive(n_clusters=4, prior_strength=2.0).fit(task3)  # type: ignore[arg-type]
+    full = LearnedMapActive(n_clusters=4, prior_strength=2.0).fit(task3)
     plain = LearnedMap(n_clusters=4, prior_strength=2.0).fit(noisy_task(n_val=300))
     np.testing.assert_allclose(full.psi_, plain.psi_, atol=1e-12)
 
@@ -181,15 +187,15 @@ def test_active_learnedmap_reads_only_the_labels_it_chose() -> None:
 @pytest.mark.parametrize("allocation", ["shared", "informative"])
 def test_shared_designs_ask_every_new_model_the_same_prompts_within_the_budget(allocation: str) -> None:
     task, scores = active_task(60)
-    lm = LearnedMapActive(n_clusters=4, prior_strength=2.0, allocation=allocation).fit(task)  # type: ignore[arg-type]
-    asked = task.candidates.oracle.asked  # type: ignore[attr-defined]
+    lm = LearnedMapActive(n_clusters=4, prior_strength=2.0, allocation=allocation).fit(task)
+    asked = _pool(task).oracle.asked
     assert all(sorted(a) == sorted(asked[0]) for a in asked) and len(set(asked[0])) == lm.labels_used_[0] <= 60
     assert lm.labels_used_[0] >= 58  # systematic sampling: the budget, up to rounding
     # the design depends on the known models' labels only: noise in the new models' labels leaves it as it was
     task2, _ = active_task(60, noise_seed=3)
-    task2.candidates.oracle = LabelOracle(np.random.default_rng(4).random(scores.shape), budget=60)  # type: ignore[attr-defined]
-    LearnedMapActive(n_clusters=4, prior_strength=2.0, allocation=allocation).fit(task2)  # type: ignore[arg-type]
-    assert task2.candidates.oracle.asked == asked  # type: ignore[attr-defined]
+    _pool(task2).oracle = LabelOracle(np.random.default_rng(4).random(scores.shape), budget=60)
+    LearnedMapActive(n_clusters=4, prior_strength=2.0, allocation=allocation).fit(task2)
+    assert _pool(task2).oracle.asked == asked
 
 
 def test_inclusion_probabilities_and_systematic_sampling() -> None:
@@ -212,4 +218,4 @@ def test_inclusion_probabilities_and_systematic_sampling() -> None:
 def test_active_learnedmap_refuses_an_unknown_allocation() -> None:
     task, _ = active_task(60)
     with pytest.raises(ValueError, match="valid: active, uniform, shared, informative"):
-        LearnedMapActive(n_clusters=4, prior_strength=2.0, allocation="greedy").fit(task)  # type: ignore[arg-type]
+        LearnedMapActive(n_clusters=4, prior_strength=2.0, allocation="greedy").fit(task)

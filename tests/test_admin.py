@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -78,8 +79,8 @@ async def test_admin_key_lifecycle_and_usage(client: httpx.AsyncClient) -> None:
 )
 async def test_admin_create_rejects_bad_input(client: httpx.AsyncClient, body: object, status: int,
                                               needle: str) -> None:
-    kw = {"content": body} if isinstance(body, str) else {"json": body}
-    r = await client.post("/admin/keys", headers=_auth(ADMIN), **kw)  # type: ignore[arg-type]
+    kw: dict[str, Any] = {"content": body} if isinstance(body, str) else {"json": body}
+    r = await client.post("/admin/keys", headers=_auth(ADMIN), **kw)
     assert r.status_code == status and needle in r.json()["error"]["message"], r.text
 
 

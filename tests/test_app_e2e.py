@@ -52,7 +52,7 @@ def test_sync_named_model(client: openai.OpenAI, stack: Stack) -> None:
     assert completion.usage is not None and completion.usage.total_tokens > 0
     assert raw.headers["x-uniroute-model"] == "large-general"
     assert float(raw.headers["x-uniroute-cost"]) > 0
-    ext = completion.model_extra["uniroute"]  # type: ignore[index]
+    ext = (completion.model_extra or {})["uniroute"]
     assert ext["request_id"] == raw.headers["x-uniroute-request-id"]
     assert ext["requested_model"] == "large-general" and ext["cost_usd"] > 0
 
@@ -64,7 +64,7 @@ def test_sync_auto(client: openai.OpenAI, stack: Stack) -> None:
     # the placeholder policy ranks by cost: bad-500 (fails upstream) then small-general
     assert completion.model == "small-general"
     assert completion.choices[0].message.content == _recorded(stack, "small-general", 1)
-    ext = completion.model_extra["uniroute"]  # type: ignore[index]
+    ext = (completion.model_extra or {})["uniroute"]
     assert ext["lambda"] == 0.5 and [a["model"] for a in ext["attempts"]] == ["bad-500", "small-general"]
     assert ext["candidates"][0]["model"] == "bad-500"
 
@@ -81,8 +81,8 @@ def test_sync_stream_with_usage(client: openai.OpenAI, stack: Stack, model: str)
     assert {c.model for c in chunks} == {served}
     last = chunks[-1]
     assert last.usage is not None and last.usage.total_tokens > 0
-    assert last.model_extra["uniroute"]["model"] == served  # type: ignore[index]
-    assert last.model_extra["uniroute"]["cost_usd"] > 0  # type: ignore[index]
+    assert (last.model_extra or {})["uniroute"]["model"] == served
+    assert (last.model_extra or {})["uniroute"]["cost_usd"] > 0
 
 
 async def test_async_named_and_auto(stack: Stack) -> None:
@@ -103,7 +103,7 @@ async def test_async_stream_without_usage(stack: Stack) -> None:
     assert all(ch.usage is None for ch in chunks)
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == _recorded(
         stack, "small-general", 4)
-    assert chunks[-1].model_extra["uniroute"]["cost_usd"] > 0  # type: ignore[index]
+    assert (chunks[-1].model_extra or {})["uniroute"]["cost_usd"] > 0
 
 
 def test_models_via_sdk(client: openai.OpenAI) -> None:

@@ -8,10 +8,10 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from storeutil import REPO_ROOT
 
 from gateway.access.auth import (
     AdminGuard,
@@ -31,9 +31,11 @@ from gateway.errors import (
     PermissionDeniedError,
     error_body,
 )
+from gateway.serving.interfaces import Principal
 from gateway.store.engine import Store
 from gateway.store.keys import list_keys, revoke_key
 from gateway.store.tables import ApiKey
+from tests.storeutil import REPO_ROOT
 
 
 @pytest.fixture
@@ -96,11 +98,13 @@ def test_create_key_stays_in_the_configs_lambda_range(store: Store) -> None:
     assert (row.lambda_min, row.lambda_max) == (0.1, 2.0)
     _, row = create_key(store, "b", default_lambda=0.2)  # no config: router's defaults
     assert (row.lambda_min, row.lambda_max) == (0.0, 10.0)
-    for kw, label in (({"default_lambda": 20.0}, "lambda"), ({"default_lambda": 0.2, "lambda_max": 11.0}, "lambda_max"),
-                      ({"default_lambda": 0.2, "lambda_min": 0.05}, "lambda_min")):
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"default_lambda": 20.0}, "lambda"), ({"default_lambda": 0.2, "lambda_max": 11.0}, "lambda_max"),
+        ({"default_lambda": 0.2, "lambda_min": 0.05}, "lambda_min")]
+    for kw, label in cases:
         with pytest.raises(InvalidRequestError, match=rf"^{label} must lie in \[0.1, 10\], the λ range the config "
                                                       r"allows \(router.lambda_min, router.lambda_max\)") as e:
-            create_key(store, "c", lambda_range=(0.1, 10.0), **kw)  # type: ignore[arg-type]
+            create_key(store, "c", lambda_range=(0.1, 10.0), **kw)
         assert e.value.param == label
     assert [r.name for r in list_keys(store)] == ["a", "b"]
 
@@ -148,7 +152,7 @@ async def test_cache_avoids_database_and_is_bounded(store: Store) -> None:
     calls = 0
     orig = auth._lookup
 
-    def counting(digest: str):  # type: ignore[no-untyped-def]
+    def counting(digest: str) -> Principal | AuthenticationError:
         nonlocal calls
         calls += 1
         return orig(digest)

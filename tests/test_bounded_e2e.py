@@ -400,7 +400,8 @@ def test_a_300mb_upstream_answer_is_a_502_without_the_memory(gateway: Gateway, s
     # warm up the same path (LiteLLM imports parts of itself on first use: that is not the answer's cost)
     warm = client.chat.completions.create(model="echo", stream=stream, messages=[{"role": "user", "content": "hi"}])
     if stream:
-        list(warm)  # type: ignore[call-overload]
+        assert isinstance(warm, openai.Stream)
+        list(warm)
     Path(f"/proc/{gateway.pid}/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
     before = _rss(gateway.pid)
     lat: list[float] = []
@@ -420,7 +421,7 @@ def test_a_300mb_upstream_answer_is_a_502_without_the_memory(gateway: Gateway, s
             pytest.fail(f"the stream ended without an error ({len(events)} events)")
         with pytest.raises(openai.APIStatusError) as caught:
             client.chat.completions.create(model="big-huge", messages=[{"role": "user", "content": "big"}])
-        err = caught.value
+        err: openai.APIError = caught.value
     except openai.APIError as exc:  # streaming: the error event
         err = exc
     finally:

@@ -106,8 +106,8 @@ def test_the_scanner_refuses_exactly_what_breaks_a_limit(doc: Any, cuts: list[in
         assert got in broken, (got, broken)
     else:
         assert got is None
-    assert _scan(raw, cuts, chat=False) in ({b for b in broken if b in ("limits.max_json_depth",
-                                                                          "limits.max_json_items")} or {None})
+    deep: set[str | None] = {b for b in broken if b in ("limits.max_json_depth", "limits.max_json_items")}
+    assert _scan(raw, cuts, chat=False) in (deep or {None})
 
 
 def test_escaped_keys_strings_and_chunk_edges() -> None:
@@ -305,7 +305,8 @@ def test_large_bodies_are_parsed_validated_and_estimated_in_a_worker_thread(tmp_
     monkeypatch.setattr(chat, "_parse", parse)
     monkeypatch.setattr(ChatService, "_estimate", estimate)
     with TestClient(create_app(cfg), raise_server_exceptions=False) as c:
-        loop_thread = c.portal.call(lambda: threading.current_thread().name)  # type: ignore[union-attr]
+        assert c.portal is not None
+        loop_thread = c.portal.call(lambda: threading.current_thread().name)
         c.post("/v1/chat/completions", json={"model": "m", "messages": _msgs(1)})  # small: inline
         assert threads == {"parse": {loop_thread}, "estimate": {loop_thread}}
         c.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "a" * 5000}]})

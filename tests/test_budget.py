@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
-from storeutil import store_fixture
 
 from gateway.access.auth import create_key, principal_from_row
 from gateway.access.budget import SqlBudgetGuard, period_end_for, period_start_for
@@ -20,6 +19,7 @@ from gateway.serving.interfaces import ANONYMOUS, Principal
 from gateway.store.engine import Store
 from gateway.store.keys import revoke_key
 from gateway.store.tables import ApiKey
+from tests.storeutil import store_fixture
 
 store = store_fixture(pool_size=20, max_overflow=40)
 

@@ -32,8 +32,6 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
-from storeutil import database, store_fixture
-from test_store_outage_e2e import Cut
 
 from gateway.access.auth import create_key, principal_from_row
 from gateway.access.budget import SqlBudgetGuard, period_starts
@@ -52,6 +50,8 @@ from gateway.store.requestlog import RequestLogWriter
 from gateway.store.tables import ApiKey, RequestRow, ReservationRow, utcnow
 from routing.policy import CheapestPolicy
 from tests.fake_upstream import ProviderError
+from tests.storeutil import database, store_fixture
+from tests.test_store_outage_e2e import Cut
 
 #: the fake provider's own limit on an answer when the request sets no max_tokens (above the gateway's default)
 PROVIDER_MAX_OUTPUT = 6000
@@ -93,6 +93,9 @@ class BillingUpstream:
 
     async def aclose(self) -> None:
         pass
+
+    async def call(self, entry: ModelEntry, endpoint: str, payload: Mapping[str, Any], stream: bool) -> Any:
+        raise NotImplementedError(f"the billing upstream serves chat only, not {endpoint}")
 
     @staticmethod
     def _name(entry: ModelEntry) -> str:
@@ -196,7 +199,7 @@ def billing_config(models: list[dict[str, Any]]) -> GatewayConfig:
 
 
 @pytest.fixture
-def env(store: Store, tmp_path: Path) -> Iterator[Env]:
+def env(store: Store, tmp_path: Path) -> Iterator[Callable[[float], Env]]:
     def env_for(budget: float) -> Env:
         cfg = billing_config(MODELS)
         registry = Registry.from_config(cfg)
@@ -215,7 +218,7 @@ def env(store: Store, tmp_path: Path) -> Iterator[Env]:
         return Env(service, upstream, registry, store, writer, principal)
 
     made: list[RequestLogWriter] = []
-    yield env_for  # type: ignore[misc]
+    yield env_for
     for w in made:
         w.close(5.0)
 
@@ -282,7 +285,7 @@ async def _run(e: Env, body: dict[str, Any], mode: str, rid: str, after_s: float
 
 
 @pytest.mark.parametrize("seed", [1, 2])
-async def test_spend_never_exceeds_the_budget_by_more_than_the_requests_in_flight(env: Any, seed: int) -> None:
+async def test_spend_never_exceeds_the_budget_by_more_than_the_requests_in_flight(env: Callable[[float], Env], seed: int) -> None:
     rng = random.Random(seed)
     budget = 0.1
     e: Env = env(budget)
@@ -324,10 +327,10 @@ async def _check_the_property(e: Env, store: Store, budget: float, answered: lis
     assert key.spend_usd == pytest.approx(sum(charged), rel=1e-6, abs=1e-9)  # the rows are the charges
 
 
-async def test_every_stream_releases_its_reservation_and_has_its_row(env: Any) -> None:
+async def test_every_stream_releases_its_reservation_and_has_its_row(env: Callable[[float], Env]) -> None:
     """Plain, cut short, and without a usage chunk (charged $0 before): each is charged, logged, released."""
     e: Env = env(100.0)
-    kinds = {"plain": ({"usage": True}, "stream"), "cut": ({"usage": True}, "disconnect"),
+    kinds: dict[str, tuple[dict[str, Any], str]] = {"plain": ({"usage": True}, "stream"), "cut": ({"usage": True}, "disconnect"),
              "nousage": ({"usage": False}, "stream"), "nousage-cut": ({"usage": False}, "disconnect"),
              "lie": ({"usage": True, "lie": "huge"}, "stream")}
     for name, (how, mode) in kinds.items():
@@ -351,7 +354,7 @@ async def test_every_stream_releases_its_reservation_and_has_its_row(env: Any) -
     assert key.spend_usd == pytest.approx(sum(r.cost_usd or 0.0 for r in rows.values()))
 
 
-async def test_a_refusal_says_the_estimate_what_remains_and_what_to_do(env: Any) -> None:
+async def test_a_refusal_says_the_estimate_what_remains_and_what_to_do(env: Callable[[float], Env]) -> None:
     e: Env = env(0.01)
     body = {"model": "plain", "max_tokens": 1, "tools": big_tools(random.Random(0), 200_000), "messages": [
         {"role": "system", "content": json.dumps({"rid": "r", "wanted": 1, "lie": None, "usage": True})},
@@ -364,7 +367,7 @@ async def test_a_refusal_says_the_estimate_what_remains_and_what_to_do(env: Any)
     assert "r" not in e.upstream.billed  # nothing was sent
 
 
-async def test_without_max_tokens_a_budgeted_key_gets_the_bound_sent_upstream(env: Any) -> None:
+async def test_without_max_tokens_a_budgeted_key_gets_the_bound_sent_upstream(env: Callable[[float], Env]) -> None:
     e: Env = env(100.0)
     body = {"model": "plain", "messages": [
         {"role": "system", "content": json.dumps({"rid": "long", "wanted": 5500, "lie": None, "usage": True})},

@@ -37,8 +37,6 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from storeutil import database
-from test_budget_cap import CONCURRENCY, MODELS, BillingUpstream, _request, billing_config
 
 from gateway.access.auth import create_key
 from gateway.serving.registry import Registry
@@ -47,6 +45,8 @@ from gateway.store.engine import Store
 from gateway.store.tables import ApiKey, RequestRow
 from tests.fake_upstream import ProviderError
 from tests.procs import free_port, running, server_env
+from tests.storeutil import database
+from tests.test_budget_cap import CONCURRENCY, MODELS, BillingUpstream, _request, billing_config
 
 BUDGET = 0.1
 WAVES = 8

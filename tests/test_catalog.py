@@ -77,12 +77,14 @@ def test_poller_replaces_on_change_only(store: Store, monkeypatch: pytest.Monkey
     catalog.add_model(store, spec("a"))
     catalog.add_model(store, spec("b"))
     assert poller.refresh() and reg.names() == ("a", "b")
-    assert reg.get("a") is not None and reg.get("a").litellm_params["api_key"] == "sk-resolved"  # type: ignore[union-attr]
+    a = reg.get("a")
+    assert a is not None and a.litellm_params["api_key"] == "sk-resolved"
     assert not poller.refresh()  # nothing changed
     assert all(m.psi is None for m in reg.pool())  # no profile: never chosen by `auto`
     catalog.save_profile(store, "a", key, [0.1, 0.2], [5, 5], "validation")
     assert poller.refresh()
-    assert np.allclose(reg.get("a").psi, [0.1, 0.2])  # type: ignore[union-attr, arg-type]
+    a = reg.get("a")
+    assert a is not None and a.psi is not None and np.allclose(a.psi, [0.1, 0.2])
     catalog.set_enabled(store, "b", False)
     assert poller.refresh() and reg.names() == ("a",)
 

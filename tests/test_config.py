@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -13,7 +14,7 @@ from routing.synthetic import make_synthetic_dataset
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _write(path: Path, data: dict) -> Path:  # type: ignore[type-arg]
+def _write(path: Path, data: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -41,7 +42,8 @@ def test_env_indirection_in_litellm_params(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("UR_KEY", "sk-secret")
     cfg = parse_config({"models": [entry]})
     assert cfg.models[0].litellm_params["api_key"] == "os.environ/UR_KEY"  # the spec keeps the reference
-    assert Registry.from_config(cfg).get("m").litellm_params["api_key"] == "sk-secret"  # type: ignore[union-attr]
+    m = Registry.from_config(cfg).get("m")
+    assert m is not None and m.litellm_params["api_key"] == "sk-secret"
     monkeypatch.delenv("UR_KEY")
     with pytest.raises(ConfigError, match=r"models\[0\]\.litellm_params\.api_key: environment variable UR_KEY"):
         parse_config({"models": [entry]})
@@ -60,7 +62,7 @@ def test_env_indirection_in_litellm_params(monkeypatch: pytest.MonkeyPatch) -> N
         ({"router": {"default_lambda": 20}}, "lambda"),
     ],
 )
-def test_invalid_config_names_the_setting(data: dict, needle: str) -> None:  # type: ignore[type-arg]
+def test_invalid_config_names_the_setting(data: dict[str, Any], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         parse_config(data)
 

@@ -19,7 +19,9 @@ class Clock:
 
 
 def make(**kw: float) -> tuple[Cooldowns, Clock, list[str], list[int]]:
-    clock, entered, counts = Clock(), [], []
+    clock = Clock()
+    entered: list[str] = []
+    counts: list[int] = []
     cd = Cooldowns(int(kw.pop("failures", 3)), kw.pop("window_s", 60.0), kw.pop("cooldown_s", 30.0), clock=clock,
                    on_enter=entered.append, on_count=counts.append)
     return cd, clock, entered, counts
@@ -131,10 +133,10 @@ def test_e2e_failing_model_cools_and_auto_goes_straight_to_the_next(tmp_path: Pa
 
     import httpx
     import openai
-    from test_metrics import _value
 
     from tests.gateway_setup import make_dataset, replay_args, write_config
     from tests.procs import free_port, replay_upstream, running
+    from tests.test_metrics import _value
 
     # the checks made during the cooldown (five requests and a scrape) must all fit in it: on two loaded
     # cores (load average 10+, tests in parallel) they have taken over 2 s; an explicit guard below says so
@@ -153,12 +155,13 @@ def test_e2e_failing_model_cools_and_auto_goes_straight_to_the_next(tmp_path: Pa
                 msgs: Any = [{"role": "user", "content": "hello"}]
                 if stream:
                     with client.chat.completions.with_streaming_response.create(
-                            model="auto", messages=msgs, stream=True) as raw:
-                        header = int(raw.headers["x-uniroute-attempts"])
-                        ext = [c.model_extra.get("uniroute") for c in raw.parse() if c.model_extra][-1]
+                            model="auto", messages=msgs, stream=True) as streamed:
+                        header = int(streamed.headers["x-uniroute-attempts"])
+                        ext = [c.model_extra.get("uniroute") for c in streamed.parse() if c.model_extra][-1]
                 else:
                     raw = client.chat.completions.with_raw_response.create(model="auto", messages=msgs)
-                    header, ext = int(raw.headers["x-uniroute-attempts"]), raw.parse().model_extra["uniroute"]
+                    header, ext = int(raw.headers["x-uniroute-attempts"]), (raw.parse().model_extra or {})["uniroute"]
+                assert ext is not None
                 names = [a["model"] for a in ext["attempts"]]
                 assert header == len(names)
                 return header, names

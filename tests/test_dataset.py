@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gzip
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ def test_roundtrip_synthetic(tmp_path: Path) -> None:
         assert (ds.responses[i][j] == ds.answers[i]) == (ds.scores[i, j] == 1.0)
 
 
-def _rewrite_outcomes(root: Path, transform) -> None:  # type: ignore[no-untyped-def]
+def _rewrite_outcomes(root: Path, transform: Callable[[list[str]], list[str]]) -> None:
     p = root / "outcomes.csv.gz"
     with gzip.open(p, "rt") as src:
         lines = src.read().splitlines()
@@ -43,7 +44,7 @@ def _rewrite_outcomes(root: Path, transform) -> None:  # type: ignore[no-untyped
         (lambda ls: [ls[0], "zzz" + ls[1], *ls[2:]], "outcomes.csv.gz:2: unknown prompt_id"),
     ],
 )
-def test_refuses_broken_outcomes(tmp_path: Path, transform, needle: str) -> None:  # type: ignore[no-untyped-def]
+def test_refuses_broken_outcomes(tmp_path: Path, transform: Callable[[list[str]], list[str]], needle: str) -> None:
     root = make_synthetic_dataset(tmp_path / "d", n_prompts=10)
     _rewrite_outcomes(root, transform)
     with pytest.raises(DatasetError, match=needle.replace("(", r"\(")):

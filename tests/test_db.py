@@ -12,10 +12,10 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from storeutil import REPO_ROOT, store_fixture
 
 from gateway.store.engine import Store
 from gateway.store.tables import ApiKey, Base, RequestRow
+from tests.storeutil import REPO_ROOT, store_fixture
 
 TABLES = {"api_keys", "models", "model_profiles", "requests", "feedback"}
 

@@ -25,11 +25,11 @@ import numpy as np
 import openai
 import pytest
 import yaml
-from storeutil import REPO_ROOT, require
 
 from profiling.reprofile import ClusterFeedback, cluster_drift, hoeffding_bound
 from tests.procs import replay_upstream
 from tests.routing_features import ADMIN, fit, gateway
+from tests.storeutil import REPO_ROOT, require
 
 DEPLOY = REPO_ROOT / "deploy"
 PROMPT = "Compute the derivative of the polynomial given below."

@@ -22,10 +22,10 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from storeutil import REPO_ROOT, store_fixture
 
 from gateway.access.auth import create_key, principal_from_row
 from gateway.access.budget import SqlBudgetGuard, period_starts
@@ -37,6 +37,7 @@ from gateway.store.budget import settle_many
 from gateway.store.engine import Store
 from gateway.store.requestlog import RequestLogWriter
 from gateway.store.tables import ApiKey, RequestRow, ReservationHolder, ReservationRow, utcnow
+from tests.storeutil import REPO_ROOT, store_fixture
 
 store = store_fixture(pool_size=10, max_overflow=20)
 
@@ -267,10 +268,10 @@ def test_a_live_processs_journal_is_not_taken_over(store: Store, tmp_path: Path)
     assert _row_count(store) == 1 and not list(spill.glob("journal-*"))
 
 
-def _record(i: int, **kw: object) -> RequestRecord:
+def _record(i: int, **kw: Any) -> RequestRecord:
     return RequestRecord(request_id=f"req-{i}", started_at=datetime.now(UTC), requested_model="auto", stream=False,
                          routed_model="m", cost_usd=0.001, latency_ms=12.5, finished_at=datetime.now(UTC),
-                         candidates=[{"model": "m", "objective": 0.1}], **kw)  # type: ignore[arg-type]
+                         candidates=[{"model": "m", "objective": 0.1}], **kw)
 
 
 def test_the_journal_keeps_only_rows_not_yet_committed(tmp_path: Path) -> None:

@@ -63,7 +63,8 @@ def test_cache_shared_by_processes_keeps_keys_and_rows_aligned(tmp_path: Path) -
     for w in range(4):
         for r in (0, 150, 299):
             for i in range(3):
-                assert np.array_equal(cache.get(f"w{w}-r{r}-{i}"), np.array([w, r, i, 1.0], dtype=np.float32))
+                got = cache.get(f"w{w}-r{r}-{i}")
+                assert got is not None and np.array_equal(got, np.array([w, r, i, 1.0], dtype=np.float32))
 
 
 def test_real_minilm_embedder_and_cache(tmp_path: Path) -> None:

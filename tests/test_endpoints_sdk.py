@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import anthropic
 import httpx
@@ -26,6 +26,8 @@ import openai
 import pytest
 import sqlalchemy as sa
 import yaml
+from anthropic.types import ContentBlockParam
+from openai.types.responses import ResponseFunctionToolCall
 
 from replay.app import embed_text
 from routing.dataset import BenchmarkDataset, load_dataset
@@ -185,6 +187,7 @@ def test_responses_stream_auto(stack: Stack, oa: openai.OpenAI) -> None:
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert text == stack.answer("small-general", 1)
     completed = events[-1]
+    assert completed.type == "response.completed"  # (narrows the event's type)
     assert completed.response.model == "small-general"
     ext = (completed.model_extra or {})["uniroute"]  # the last event carries the routing facts
     assert ext["model"] == "small-general" and ext["cost_usd"] > 0
@@ -301,7 +304,7 @@ def test_messages_tool_use_round_trip(stack: Stack, an: anthropic.Anthropic) -> 
     uses = [b for b in first.content if b.type == "tool_use"]
     assert first.stop_reason == "tool_use" and len(uses) == 1 and uses[0].name == "get_weather"
     second = an.messages.create(model="auto", max_tokens=200, tools=tools, messages=[
-        ask, {"role": "assistant", "content": [b.model_dump() for b in first.content]},
+        ask, {"role": "assistant", "content": [cast(ContentBlockParam, b.model_dump()) for b in first.content]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0].id, "content": "sunny"},
                                      {"type": "text", "text": stack.data.prompts[5]}]}])
     assert second.content[0].type == "text" and second.content[0].text == stack.answer("small-general", 5)
@@ -315,16 +318,22 @@ def test_messages_parameters_reach_the_model(an: anthropic.Anthropic) -> None:
     assert sent["max_tokens"] == 44 and sent["temperature"] == 0.25 and sent["stop"] == ["END"]
 
 
+def _body(error: anthropic.APIStatusError) -> dict[str, Any]:
+    """The error's JSON body (the SDK types it ``object``)."""
+    assert isinstance(error.body, dict), error.body
+    return error.body
+
+
 def test_messages_errors_are_anthropic_shaped(stack: Stack, an: anthropic.Anthropic) -> None:
     with (anthropic.Anthropic(base_url=stack.base, api_key="sk-ur-not-a-key", max_retries=0) as bad,
           pytest.raises(anthropic.AuthenticationError) as auth):
         bad.messages.create(model="auto", max_tokens=10, messages=[{"role": "user", "content": "x"}])
     assert auth.value.body == {"type": "error", "error": {"type": "authentication_error",
-                                                          "message": auth.value.body["error"]["message"]}}
+                                                          "message": _body(auth.value)["error"]["message"]}}
     with pytest.raises(anthropic.NotFoundError) as missing:
         an.messages.create(model="no-such-model", max_tokens=10, messages=[{"role": "user", "content": "x"}])
-    assert missing.value.body["error"]["type"] == "not_found_error"
-    assert "unknown model 'no-such-model'" in missing.value.body["error"]["message"]
+    assert _body(missing.value)["error"]["type"] == "not_found_error"
+    assert "unknown model 'no-such-model'" in _body(missing.value)["error"]["message"]
     r = httpx.post(stack.base + "/v1/messages", headers={"x-api-key": stack.key},
                    json={"model": "auto", "messages": [{"role": "user", "content": "x"}]})  # no max_tokens
     assert r.status_code == 400
@@ -335,10 +344,10 @@ def test_messages_errors_are_anthropic_shaped(stack: Stack, an: anthropic.Anthro
     with pytest.raises(anthropic.BadRequestError) as lam:  # the same λ rules as chat: the key's range is [0, 2]
         an.messages.create(model="auto", max_tokens=10, messages=[{"role": "user", "content": "x"}],
                            extra_body={"uniroute": {"lambda": 9}})
-    assert "outside the allowed range" in lam.value.body["error"]["message"]
+    assert "outside the allowed range" in _body(lam.value)["error"]["message"]
     with pytest.raises(anthropic.APIStatusError) as upstream:  # a named rate-limited model: no fallback, its 429
         an.messages.create(model="bad-429", max_tokens=10, messages=[{"role": "user", "content": "x"}])
-    assert upstream.value.status_code == 429 and upstream.value.body["error"]["type"] == "rate_limit_error"
+    assert upstream.value.status_code == 429 and _body(upstream.value)["error"]["type"] == "rate_limit_error"
 
 
 def test_responses_stream_with_a_tool_call(stack: Stack, oa: openai.OpenAI) -> None:
@@ -355,7 +364,9 @@ def test_responses_stream_with_a_tool_call(stack: Stack, oa: openai.OpenAI) -> N
     assert types[0] == "response.created" and types[-1] == "response.completed", types
     added = [e.item for e in events if e.type == "response.output_item.added" and e.item.type == "function_call"]
     assert [item.name for item in added] == ["get_weather"], types
-    calls = [item for item in events[-1].response.output if item.type == "function_call"]
+    completed = events[-1]
+    assert completed.type == "response.completed"  # (narrows the event's type)
+    calls = [item for item in completed.response.output if isinstance(item, ResponseFunctionToolCall)]
     assert len(calls) == 1 and calls[0].name == "get_weather" and json.loads(calls[0].arguments or "{}") == {}
     row = _logged(stack, rid, "responses", stream=True)
     _charged(stack, before, row["cost_usd"])
@@ -548,10 +559,11 @@ def test_budget_cap_holds_on_messages_and_responses(stack: Stack, oa: openai.Ope
     assert _spend(stack) > before
 
     # answers without usage (not streamed) on both endpoints: counted too
-    plain = [oa.responses.with_raw_response.create(model="nousage", input="count me", max_output_tokens=50),
-             an.messages.with_raw_response.create(model="nousage", max_tokens=50,
-                                                  messages=[{"role": "user", "content": "count me"}])]
-    rids = [p.headers["x-uniroute-request-id"] for p in plain]
+    rids = [oa.responses.with_raw_response.create(model="nousage", input="count me", max_output_tokens=50)
+            .headers["x-uniroute-request-id"],
+            an.messages.with_raw_response.create(model="nousage", max_tokens=50,
+                                                 messages=[{"role": "user", "content": "count me"}])
+            .headers["x-uniroute-request-id"]]
     with httpx.stream("POST", stack.base + "/v1/responses", timeout=30, headers={"authorization": f"Bearer {stack.key}"},
                       json={"model": "nousage", "input": "count me", "max_output_tokens": 50, "stream": True}) as r:
         assert r.status_code == 200
@@ -604,8 +616,9 @@ def test_corrected_usage_is_what_the_client_sees(stack: Stack, oa: openai.OpenAI
     charged += cost
     plain = oa.responses.with_raw_response.create(model=model, input=prompt)
     pt, ct, cost = _corrected_row(stack, plain.headers["x-uniroute-request-id"])
-    usage = plain.parse().usage
-    assert usage is not None and (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (pt, ct, pt + ct)
+    plain_usage = plain.parse().usage
+    assert plain_usage is not None
+    assert (plain_usage.input_tokens, plain_usage.output_tokens, plain_usage.total_tokens) == (pt, ct, pt + ct)
     charged += cost
     # /v1/messages, streamed (the anthropic SDK's accumulated final message, and the raw message_delta) and not
     with an.messages.stream(model=model, max_tokens=100, messages=[{"role": "user", "content": prompt}]) as stream:

@@ -1,5 +1,7 @@
 """Estimators on small generated data with known answers (random vectors, no real embedder)."""
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -10,6 +12,7 @@ from routing.estimators import (
     Clairvoyant,
     KNNRouter,
     LearnedMap,
+    RouterEstimator,
     RoutingTask,
     UniRouteKMeans,
     ZeroRouter,
@@ -52,9 +55,9 @@ def two_cluster_task(seed: int = 0, n: int = 400) -> tuple[RoutingTask, np.ndarr
                                     UniRouteKMeans(n_clusters="auto", k_grid=(2, 4)),
                                     LearnedMap(n_clusters=2, prior_strength=1.0),
                                     KNNRouter(k=5), Clairvoyant()])
-def test_two_clusters_split_between_their_experts(policy: object) -> None:
+def test_two_clusters_split_between_their_experts(policy: RouterEstimator) -> None:
     task, x_te, l_te = two_cluster_task()
-    pol = policy.fit(task)  # type: ignore[attr-defined]
+    pol = policy.fit(task)
     assert pol is policy
     errors = pol.expected_error(x_te)
     assert errors.shape == (len(x_te), 3)
@@ -159,9 +162,9 @@ def test_selection_uses_training_llms_and_validation_sized_samples(monkeypatch: 
     sizes: list[int] = []
     real = est.shrunk_cluster_errors
 
-    def spy(weights: np.ndarray, errors: np.ndarray, *args: object, **kw: object) -> tuple[np.ndarray, np.ndarray]:
+    def spy(weights: np.ndarray, errors: np.ndarray, *args: Any, **kw: Any) -> tuple[np.ndarray, np.ndarray]:
         sizes.append(len(weights))
-        return real(weights, errors, *args, **kw)  # type: ignore[arg-type]
+        return real(weights, errors, *args, **kw)
 
     monkeypatch.setattr(est, "shrunk_cluster_errors", spy)
     sel = est.select_params(task, (2, 4, 8), (None, 0.1), (1.0, 4.0), prior="difficulty")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -22,7 +23,7 @@ from gateway.serving.interfaces import RequestRecord
 from gateway.store.tables import Feedback
 
 
-async def _client(tmp_path: Path, mode: str) -> tuple[httpx.AsyncClient, Accounting]:
+async def _client(tmp_path: Path, mode: Literal["open", "keys"]) -> tuple[httpx.AsyncClient, Accounting]:
     acc = Accounting(AccountingSettings(database_url=f"sqlite:///{tmp_path / 'f.db'}", auth_mode=mode))
     await acc.start(["m"])
     app = Starlette(routes=[Route("/v1/feedback", feedback.feedback_endpoint, methods=["POST"])],
@@ -77,8 +78,8 @@ async def test_owner_only(keyed: tuple[httpx.AsyncClient, Accounting, str, str])
 async def test_bad_input_is_400(keyed: tuple[httpx.AsyncClient, Accounting, str, str], body: object,
                                 needle: str) -> None:
     client, _, alice, _ = keyed
-    kw = {"content": body} if isinstance(body, str) else {"json": body}
-    r = await client.post("/v1/feedback", headers={"authorization": f"Bearer {alice}"}, **kw)  # type: ignore[arg-type]
+    kw: dict[str, Any] = {"content": body} if isinstance(body, str) else {"json": body}
+    r = await client.post("/v1/feedback", headers={"authorization": f"Bearer {alice}"}, **kw)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and needle in err["message"]

@@ -109,6 +109,7 @@ async def test_http_clients_carry_the_same_answers_and_timeouts(base_url: str, h
     assert usage and usage[-1].completion_tokens > 0
     with pytest.raises(UpstreamTimeoutError):
         await fw.complete([slow], MSG, {})
+    assert isinstance(fw.upstream, LiteLLMUpstream)
     bounded = fw.upstream._call_kwargs(ok)["client"]._client._transport
     assert type(bounded).__name__ == "BoundedTransport"  # responses bounded in bytes (gateway/serving/bounded.py)
     transport = type(bounded.inner).__name__
@@ -190,6 +191,7 @@ async def test_openai_entries_share_one_fast_client_per_base_and_key(base_url: s
     other = ModelEntry(name="other-key", litellm_params={"model": "openai/good", "api_base": base_url, "api_key": "k2"},
                        input_cost_per_token=0, output_cost_per_token=0, router_cost=1, timeout_s=2)
     fw = forwarder(a, b, other)
+    assert isinstance(fw.upstream, LiteLLMUpstream)
     ca, cb, co = (fw.upstream._call_kwargs(e).get("client") for e in (a, b, other))
     assert ca is not None and ca is cb and co is not None and co is not ca
     done = await fw.complete([a], MSG, {})
@@ -303,7 +305,8 @@ async def test_429_retry_after_sets_the_cooldown(base_url: str) -> None:
 def _timed(base_url: str, name: str, **timeouts: float) -> ModelEntry:
     import dataclasses
 
-    return dataclasses.replace(entry(base_url, name, timeout_s=timeouts.pop("timeout_s", 10.0)), **timeouts)
+    others: dict[str, Any] = timeouts  # the ModelEntry fields named in the call (mypy checks **dict against each)
+    return dataclasses.replace(entry(base_url, name, timeout_s=timeouts.pop("timeout_s", 10.0)), **others)
 
 
 @contextlib.contextmanager

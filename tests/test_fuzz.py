@@ -341,7 +341,7 @@ HOSTILE_VALUES: list[Any] = [
     [], {}, None, True, ["a\x00"], ["模型"], {"model": "openai/x", "extra": "__DEEP_1000__"},
     {"model": "a\x00"}, {"model": "openai/x", "t": float("nan")}, {"model": "openai/x", "seed": 2**70}]
 _hostile_value = st.sampled_from(HOSTILE_VALUES)
-_VALID = {
+_VALID: dict[str, dict[str, Any]] = {
     "model": {"name": "ok-1", "router_cost": 1.0, "routable": False,
               "litellm_params": {"model": "openai/ok-1", "api_base": "http://127.0.0.1:9/v1", "api_key": "x"}},
     "key": {"name": "fz-1", "lambda": 0.1, "budget_usd": 1.0, "rpm": 10, "models": ["small-general"]},

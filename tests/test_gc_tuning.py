@@ -38,7 +38,7 @@ def test_a_full_collection_skips_what_was_alive_at_start_up(restore_gc: None) ->
     assert gc.get_threshold() == GC_THRESHOLDS
     after = min(_full_collection_s() for _ in range(3))
     assert after < before / 3, (before, after)
-    garbage = [[]]
+    garbage: list[list[object]] = [[]]
     garbage[0].append(garbage)  # a cycle made after start-up is still collected
     del garbage
     assert gc.collect() >= 1

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_profiler import FakeForwarder, _artifact, _config
 
 from gateway.access.auth import create_key
 from gateway.config import GatewayConfig, parse_config
@@ -25,6 +24,7 @@ from profiling.runner import Outcome
 from routing.artifact import RouterArtifact
 from routing.impact import cluster_traffic, impact_report, plot_report
 from routing.policy import PoolModel
+from tests.test_profiler import FakeForwarder, _artifact, _config
 
 
 def test_share_cost_and_error_follow_the_traffic_mix() -> None:
@@ -108,8 +108,10 @@ async def test_profiling_reports_the_impact_before_activation(tmp_path: Path) ->
     third = await run_profiling(_config(3), store, fwd, "new", artifact=art, activate=True)
     assert third.activated and fwd.calls == 12 and third.report.skipped == 12 and "nothing asked" not in third.message
     rows = impact_sql.due_followups(store, 0.0)  # only the latest activation is followed up
-    assert rows == [impact_sql.latest_impact(store, "new").id]  # type: ignore[union-attr]
-    assert impact_sql.get_impact(store, row.id).status == "superseded"  # type: ignore[union-attr]
+    latest = impact_sql.latest_impact(store, "new")
+    assert latest is not None and rows == [latest.id]
+    superseded = impact_sql.get_impact(store, row.id)
+    assert superseded is not None and superseded.status == "superseded"
     store.dispose()
 
 
@@ -131,6 +133,7 @@ async def test_a_stale_report_is_not_activated_as_reported(tmp_path: Path) -> No
     outcomes.record(Outcome("new", "p0", first_row.cluster, 1.0 - float(first_row.score or 0.0), "changed", 0.0))
     late = await run_profiling(_config(3), store, fwd, "new", artifact=art, activate=True)
     assert late.activated and "nothing asked" not in late.message and late.psi != fourth.psi
+    assert late.psi is not None
     assert np.allclose(catalog.active_profiles(store, catalog.profile_key(art.version, "kmeans"))["new"].psi, late.psi)
     # a report computed with another router artifact is not activated on this one
     await run_profiling(_config(3), store, fwd, "new", artifact=art)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,8 +13,6 @@ from typing import Any
 import numpy as np
 import pytest
 from starlette.testclient import TestClient
-from storeutil import database
-from test_profiler import FakeForwarder, _artifact
 
 from gateway.app import create_app
 from gateway.cli.main import main as cli
@@ -32,6 +30,8 @@ from profiling.followup import LEASE_NAME, ImpactFollowups, format_impact
 from profiling.profiler import run_profiling
 from routing.impact import Served, predicted_at_mix, realised_figures
 from routing.policy import PoolModel
+from tests.storeutil import database
+from tests.test_profiler import FakeForwarder, _artifact
 
 ADMIN = "sk-admin-impact-test"
 H = {"authorization": f"Bearer {ADMIN}"}
@@ -63,7 +63,7 @@ def _setup(cfg: Any) -> Store:
     return store
 
 
-def _log(store: Store, tmp_path: Path, rows: list[tuple[str, float | None, int, float]],
+def _log(store: Store, tmp_path: Path, rows: Sequence[tuple[str, float | None, int, float]],
          scores: dict[int, float]) -> None:
     """Logged `auto` requests (model, λ, cluster, cost) after the activation; feedback ``scores`` by row index."""
     writer = RequestLogWriter(store, spill_dir=tmp_path / "spill", journal=False).start()
@@ -108,7 +108,8 @@ def test_realised_figures_and_the_prediction_at_the_realised_lambdas(tmp_path: P
     z = _artifact().membership(_artifact().val_embeddings, "kmeans")
     pool = [PoolModel("old", 2.0, np.array([0.2, 0.6]))]
     cand = PoolModel("new", 1.0, np.asarray(row.profiles["kmeans"]["psi"]))
-    want = predicted_at_mix(z, pool, cand, np.asarray(row.report["traffic"]), {0.0: 30, 0.1: 10})  # type: ignore[index]
+    assert row.report is not None
+    want = predicted_at_mix(z, pool, cand, np.asarray(row.report["traffic"]), {0.0: 30, 0.1: 10})
     assert f["predicted"] == pytest.approx(want)
     assert f["predicted"]["traffic_share"] == pytest.approx(0.5)  # new wins cluster 1 (half of the validation mix)
     # on the realised cluster mix (3:1 toward cluster 1) new would have taken 75 %
@@ -118,7 +119,8 @@ def test_realised_figures_and_the_prediction_at_the_realised_lambdas(tmp_path: P
     assert by_lam[0.1]["requests"] == 10 and by_lam[0.1]["realised_share"] == 0.0
     text = format_impact(out)
     assert "| share of `auto` traffic served by new | 50.0% | 75.0% | 30.0% | 40 |" in text
-    assert impact_sql.latest_impact(store, "new").followup == f  # type: ignore[union-attr]
+    latest = impact_sql.latest_impact(store, "new")
+    assert latest is not None and latest.followup == f
     # another artifact loaded than the report's: the realised figures only, and a note saying why
     other = _artifact(14)
     later = ImpactFollowups(cfg, store, artifact=other).run_now("new")["followup"]

@@ -108,8 +108,8 @@ def test_hostile_bodies_names_and_numbers_are_4xx(client: TestClient) -> None:
         ({**MODEL, "name": "m", "router_cost": 1e300}, "router_cost"),
         ({**MODEL, "name": "m", "input_cost_per_1m": 1e300}, "input_cost_per_1m"),
     ]
-    for body, needle in bad:
-        kw: dict[str, Any] = {"content": body} if isinstance(body, bytes) else {"json": body}
+    for payload, needle in bad:
+        kw: dict[str, Any] = {"content": payload} if isinstance(payload, bytes) else {"json": payload}
         _err(client.post("/admin/models", headers=H, **kw), 400, needle)
         _err(client.patch("/admin/models/ok-model", headers=H, **kw), 400)
     for depth, says in ((40, "nested deeper than 16 levels"), (1000, "limits.max_json_depth")):
@@ -224,7 +224,7 @@ def test_request_log_rows_never_carry_a_nul() -> None:
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 def test_request_log_writes_a_prompt_with_a_nul(kind: str, tmp_path: Path) -> None:
     """With ``database.store_prompts`` on, a prompt holding NUL was refused by PostgreSQL and its row dropped."""
-    from gateway.store.requestlog import RequestLogWriter
+    from gateway.store.requestlog import RequestLogWriter, _Item
     from gateway.store.tables import RequestRow
 
     with database(kind, tmp_path) as url:
@@ -233,7 +233,7 @@ def test_request_log_writes_a_prompt_with_a_nul(kind: str, tmp_path: Path) -> No
         writer = RequestLogWriter(store)
         rec = RequestRecord(request_id="r-nul", started_at=datetime.now(UTC), requested_model="m", stream=False,
                             prompt_text="before\x00after", status_code=200)
-        writer._write([("row-nul", rec)])
+        writer._write([_Item("row-nul", rec)])
         with store.session() as s:
             row = s.get(RequestRow, "row-nul")
             assert row is not None and row.prompt_text == "before\ufffdafter"

@@ -11,15 +11,16 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from storeutil import REPO_ROOT, free_port, require
 
 from gateway.metrics import Metrics, metrics_app
 from gateway.serving.interfaces import RequestRecord
+from tests.storeutil import REPO_ROOT, free_port, require
 
 
 def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -38,13 +39,13 @@ def _value(text: str, name: str, **labels: str) -> float:
 
 def _record(**kw: object) -> RequestRecord:
     now = datetime.now(UTC)
-    base: dict[str, object] = dict(request_id="r", started_at=now, finished_at=now, requested_model="auto",
+    base: dict[str, Any] = dict(request_id="r", started_at=now, finished_at=now, requested_model="auto",
                                    stream=False, routed_model="small", key_name="alice", status_code=200,
                                    prompt_tokens=100, completion_tokens=20, cost_usd=0.5, latency_ms=250.0,
                                    upstream_latency_ms=200.0, cluster=4,
                                    candidates=[{"model": "small", "objective": 0.2}])
     base.update(kw)
-    return RequestRecord(**base)  # type: ignore[arg-type]
+    return RequestRecord(**base)
 
 
 def test_observe_request_names_and_labels() -> None:
@@ -110,7 +111,7 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> 
     with httpx.Client(timeout=1) as client:  # one client: httpx.get() costs ~30 ms of CPU per call
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+                raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
             try:
                 if client.get(url).status_code < 500:
                     return

@@ -18,8 +18,6 @@ from typing import Any
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from storeutil import store_fixture
-from test_budget_cap import BillingUpstream, billing_config
 
 from gateway.access.auth import create_key, principal_from_row
 from gateway.access.budget import SqlBudgetGuard, period_starts
@@ -32,6 +30,8 @@ from gateway.serving.service import ChatContext, ChatService
 from gateway.store.engine import Store
 from gateway.store.tables import ApiKey, ReservationRow, utcnow
 from routing.policy import PoolModel, RoutingDecision, normalised_costs, rank_by_objective
+from tests.storeutil import store_fixture
+from tests.test_budget_cap import BillingUpstream, billing_config
 
 MODELS: list[dict[str, Any]] = [  # per 1M tokens; no max_output_tokens: the default output bound (4096) applies
     {"name": "dear", "router_cost": 5.0, "input_cost_per_1m": 5.0, "output_cost_per_1m": 20.0},

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 import yaml
 from starlette.testclient import TestClient
-from storeutil import store_fixture
 
 from gateway.access.auth import create_key, principal_from_row
 from gateway.access.budget import SqlBudgetGuard, period_start_for
@@ -28,6 +27,7 @@ from gateway.store.engine import Store
 from gateway.store.keys import set_budget_policy
 from tests.gateway_setup import make_dataset, replay_args, write_config
 from tests.procs import replay_upstream
+from tests.storeutil import store_fixture
 
 ADMIN = "sk-admin-" + secrets.token_urlsafe(16)
 CURVE = CostCurve.from_points(DEFAULT_LAMBDA_GRID, [0.05 + 0.95 / (1.0 + 20.0 * lam) for lam in DEFAULT_LAMBDA_GRID])

@@ -32,8 +32,10 @@ def _uniroute(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Com
 def test_profile_cli_sequential_stops_at_the_target_and_reports_prompts_used(tmp_path: Path) -> None:
     dataset = make_synthetic_dataset(tmp_path / "dataset", n_prompts=240, seed=3)
     ds = load_dataset(dataset, with_responses=False)
-    topics = sorted(set(ds.categories or []))
-    emb = np.eye(len(topics))[[topics.index(c) for c in ds.categories or []]]  # one cluster per topic
+    categories = [c for c in ds.categories if c is not None]
+    assert len(categories) == len(ds.categories)  # the synthetic dataset gives every prompt its topic
+    topics = sorted(set(categories))
+    emb = np.eye(len(topics))[[topics.index(c) for c in categories]]  # one cluster per topic
     art = RouterArtifact(embedder_id="t", k=len(topics), centroids=np.eye(len(topics)), theta=None,
                          val_prompt_ids=list(ds.prompt_ids), val_prompts=list(ds.prompts), val_embeddings=emb,
                          training_set_hash="h", variant="kmeans", val_answers=list(ds.answers or []))

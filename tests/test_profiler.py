@@ -136,7 +136,7 @@ def _seq_artifact(n: int = 200) -> RouterArtifact:
     """Two clusters; the fake model (always answers A) is right on every prompt of cluster 0 and on a third
     of cluster 1's."""
     emb = np.array([[1.0, 0.0] if i % 2 == 0 else [0.0, 1.0] for i in range(n)])
-    answers = ["A" if i % 2 == 0 or i % 3 == 0 else "B" for i in range(n)]
+    answers: list[str | None] = ["A" if i % 2 == 0 or i % 3 == 0 else "B" for i in range(n)]
     return RouterArtifact(embedder_id="test", k=2, centroids=np.eye(2), theta=None,
                           val_prompt_ids=[f"p{i}" for i in range(n)], val_prompts=[f"question {i}" for i in range(n)],
                           val_embeddings=emb, training_set_hash="h", variant="kmeans", val_answers=answers)

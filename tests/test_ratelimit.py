@@ -6,12 +6,12 @@ import asyncio
 import secrets
 
 import pytest
-from storeutil import REDIS_URL, free_port, require_redis
 
 from gateway.access.ratelimit import LocalRateLimiter, RedisRateLimiter
 from gateway.errors import RateLimitError, ServiceUnavailableError, error_body
 from gateway.metrics import Metrics
 from gateway.serving.interfaces import ANONYMOUS, Principal
+from tests.storeutil import REDIS_URL, free_port, require_redis
 
 
 def _principal(key_id: int, rpm: int | None) -> Principal:

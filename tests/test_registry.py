@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.config import parse_config
+from gateway.config import GatewayConfig, parse_config
 from gateway.serving.registry import ModelEntry, Registry, RegistrySnapshot
 
 
-def _cfg():  # type: ignore[no-untyped-def]
+def _cfg() -> GatewayConfig:
     return parse_config({"models": [
         {"name": "a", "litellm_params": {"model": "openai/a", "api_key": "k"}, "router_cost": 2,
          "input_cost_per_1m": 1.0, "output_cost_per_1m": 3.0},
@@ -21,7 +21,8 @@ def test_from_config() -> None:
     assert a is not None
     assert a.input_cost_per_token == pytest.approx(1e-6) and a.output_cost_per_token == pytest.approx(3e-6)
     assert a.litellm_model == "openai/a" and a.owned_by == "openai" and a.created == 5
-    assert reg.get("b") is not None and reg.get("b").owned_by == "uniroute"  # type: ignore[union-attr]
+    b = reg.get("b")
+    assert b is not None and b.owned_by == "uniroute"
     assert [p.name for p in reg.pool()] == ["a"]  # only routable models
     assert reg.get("zzz") is None and len(reg) == 2
     with pytest.raises(TypeError):

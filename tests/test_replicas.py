@@ -19,10 +19,10 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from storeutil import REDIS_URL, fresh_pg_database, require_redis
 
 from tests.gateway_setup import make_dataset, write_config
 from tests.procs import free_port, gateway_server, replay_server, running_all, server_env
+from tests.storeutil import REDIS_URL, fresh_pg_database, require_redis
 
 pytestmark = pytest.mark.postgres
 

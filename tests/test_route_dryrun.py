@@ -103,7 +103,7 @@ def test_the_dry_run_is_the_ranking_chat_serves_from_and_charges_nothing(base: s
             # the same prompt and λ through chat: served by the model the dry-run names, from the same ranking
             raw = client.chat.completions.with_raw_response.create(
                 model="auto", messages=[{"role": "user", "content": PROMPT}], extra_body={"uniroute": {"lambda": lam}})
-            info = raw.parse().model_extra["uniroute"]  # type: ignore[index]
+            info = (raw.parse().model_extra or {})["uniroute"]
             assert info["model"] == report["model"], (lam, info, report)
             assert [c["model"] for c in info["candidates"]] == ranked[:len(info["candidates"])]
             assert info["cluster"] == report["cluster"]

@@ -56,7 +56,8 @@ def test_reprofile_updates_versions_and_reports_drift(store: Store) -> None:
     again = run_reprofile(store, KEY)
     assert again["models"]["a"]["status"] == "unchanged" and again["drift"] == []
     assert catalog.active_profiles(store, KEY)["a"].version == 2
-    assert last_reprofile_run(store)["models"]["a"]["status"] == "unchanged"  # type: ignore[index]
+    run = last_reprofile_run(store)
+    assert run is not None and run["models"]["a"]["status"] == "unchanged"
 
 
 def test_feedback_from_another_key_is_ignored(store: Store) -> None:

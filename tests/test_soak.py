@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 
@@ -21,11 +22,11 @@ def test_memory_after_warmup_compares_from_the_first_sample_past_warmup() -> Non
     assert memory_after_warmup(rss, 200) is None
 
 
-def _bars(**kw: object) -> dict[str, bool | None]:
-    args: dict[str, object] = {"rss": _rss((0, 100), (60, 400), (300, 420)), "warmup_s": 60, "sent": 100,
+def _bars(**kw: Any) -> dict[str, bool | None]:
+    args: dict[str, Any] = {"rss": _rss((0, 100), (60, 400), (300, 420)), "warmup_s": 60, "sent": 100,
                                "ok": 100, "crashed": False, "rows": 100, "counted": 100.0}
     args.update(kw)
-    return {line["bar"].split(" (")[0].split(",")[0]: line["met"] for line in verdict(**args)}  # type: ignore[arg-type]
+    return {line["bar"].split(" (")[0].split(",")[0]: line["met"] for line in verdict(**args)}
 
 
 def test_verdict_all_bars_met() -> None:

@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
-from storeutil import fresh_pg_database, store_fixture
 
 from gateway.metrics import Metrics
 from gateway.serving.interfaces import RequestRecord
@@ -21,12 +22,13 @@ from gateway.store.engine import Store, database_url_from_config
 from gateway.store.models import seed_models
 from gateway.store.requestlog import RequestLogWriter
 from gateway.store.tables import ModelRow, RequestRow
+from tests.storeutil import fresh_pg_database, store_fixture
 
 
-def _record(i: int, **kw: object) -> RequestRecord:
+def _record(i: int, **kw: Any) -> RequestRecord:
     return RequestRecord(request_id=f"req-{i}", started_at=datetime.now(UTC), requested_model="auto", stream=False,
                          routed_model="m", cost_usd=0.001, latency_ms=12.5, finished_at=datetime.now(UTC),
-                         candidates=[{"model": "m", "objective": 0.1}], **kw)  # type: ignore[arg-type]
+                         candidates=[{"model": "m", "objective": 0.1}], **kw)
 
 
 def _by_request_id(store: Store, request_id: str) -> RequestRow | None:
@@ -40,13 +42,14 @@ def _count(store: Store) -> int:
 
 
 store = store_fixture()
+T = TypeVar("T")
 
 
 def test_batches_by_size(store: Store) -> None:
     inserts: list[int] = []
 
     @event.listens_for(store.engine, "before_cursor_execute")
-    def _count_inserts(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+    def _count_inserts(conn: Any, cursor: Any, statement: str, params: Any, context: Any, executemany: bool) -> None:
         if statement.lstrip().upper().startswith("INSERT INTO REQUESTS"):
             inserts.append(len(params) if executemany else 1)
 
@@ -128,14 +131,15 @@ def test_submit_never_blocks_while_database_is_locked(tmp_path: Path) -> None:
     store.upgrade()
     writer = RequestLogWriter(store, batch_size=1, flush_interval_s=0.01, max_backoff_s=0.05).start()
     lock = store.engine.raw_connection()
-    lock.driver_connection.execute("BEGIN EXCLUSIVE")  # type: ignore[union-attr]
+    assert lock.driver_connection is not None
+    lock.driver_connection.execute("BEGIN EXCLUSIVE")
     t0 = time.perf_counter()
     for i in range(200):
         writer.submit(_record(i))
     assert time.perf_counter() - t0 < 0.5
     time.sleep(0.5)
     assert writer.failures >= 1 and writer.pending == 200
-    lock.driver_connection.execute("ROLLBACK")  # type: ignore[union-attr]
+    lock.driver_connection.execute("ROLLBACK")
     lock.close()
     assert writer.flush(10)
     writer.close()
@@ -210,7 +214,7 @@ class TcpProxy:
         self.writers: set[asyncio.StreamWriter] = set()
         self.port = 0
 
-    def _call(self, coro):  # type: ignore[no-untyped-def]
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

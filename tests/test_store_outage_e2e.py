@@ -31,9 +31,8 @@ import pytest
 import sqlalchemy as sa
 import yaml
 from openai import OpenAI
+from openai.types.chat import ChatCompletionMessageParam
 from starlette.testclient import TestClient
-from storeutil import database
-from test_store import TcpProxy
 
 from gateway.access.auth import create_key
 from gateway.app import create_app
@@ -43,10 +42,12 @@ from gateway.store.engine import Store
 from gateway.store.tables import ApiKey, RequestRow
 from tests.gateway_setup import make_dataset, replay_args, write_config
 from tests.procs import free_port, replay_upstream, running, server_env
+from tests.storeutil import database
+from tests.test_store import TcpProxy
 
 ADMIN = "sk-admin-" + secrets.token_urlsafe(16)
 KINDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
-MESSAGES = [{"role": "user", "content": "Which planet is largest?"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Which planet is largest?"}]
 
 
 @pytest.fixture(scope="module")
@@ -157,13 +158,13 @@ def _ask(client: OpenAI, model: str, stream: bool) -> tuple[str, str, float]:
     """One chat request to the end: (request id, answer, cost) as the client saw them."""
     if stream:
         text, ext = [], None
-        for chunk in client.chat.completions.create(model=model, messages=MESSAGES, stream=True):  # type: ignore[arg-type]
+        for chunk in client.chat.completions.create(model=model, messages=MESSAGES, stream=True):
             if chunk.choices and chunk.choices[0].delta.content:
                 text.append(chunk.choices[0].delta.content)
             ext = (chunk.model_extra or {}).get("uniroute") or ext
         assert ext is not None, "no uniroute object on the last chunk"
         return ext["request_id"], "".join(text), float(ext["cost_usd"])
-    raw = client.chat.completions.with_raw_response.create(model=model, messages=MESSAGES)  # type: ignore[arg-type]
+    raw = client.chat.completions.with_raw_response.create(model=model, messages=MESSAGES)
     assert raw.http_response.status_code == 200
     body = raw.parse()
     ext = (body.model_extra or {})["uniroute"]

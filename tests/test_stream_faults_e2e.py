@@ -102,7 +102,8 @@ def test_first_token_timeout_falls_back_to_the_next_model(stack: Stack) -> None:
             assert raw.headers["x-uniroute-attempts"] == "2" and raw.headers["x-uniroute-model"] == "b-ok"
             chunks = list(raw.parse())
         assert time.monotonic() - t0 < 1.9  # gave up on a-slowfirst after 0.5 s, not at its 2 s first chunk
-    attempts = next(c.model_extra["uniroute"]["attempts"] for c in chunks if (c.model_extra or {}).get("uniroute"))
+    attempts = next((c.model_extra or {})["uniroute"]["attempts"] for c in chunks
+                    if (c.model_extra or {}).get("uniroute"))
     assert [(a["model"], a["status"], a["error_type"]) for a in attempts] == [("a-slowfirst", 504, "timeout"),
                                                                               ("b-ok", 200, None)]
 

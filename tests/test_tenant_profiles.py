@@ -23,7 +23,6 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from storeutil import database
 
 from gateway.serving.interfaces import LabelStats
 from gateway.serving.tenants import TenantOverlays, aggregate, overlay
@@ -31,6 +30,7 @@ from routing.policy import PoolModel
 from routing.synthetic import TOPICS
 from tests.procs import ROOT, replay_upstream, server_env
 from tests.routing_features import ADMIN, fit, gateway
+from tests.storeutil import database
 
 DBS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 PROMPT = "Compute the derivative of the polynomial given below."
@@ -56,7 +56,7 @@ def test_overlay_shrinks_toward_the_global_psi_by_label_count() -> None:
     mine = ov.pool(7, pool)
     assert mine is not None and mine is ov.pool(7, pool)  # cached
     assert mine[2].psi is None  # labels never make an unprofiled model routable
-    assert np.allclose(mine[0].psi, got) and mine[1].psi is not None and mine[1].psi[0] < psi[0]
+    assert mine[0].psi is not None and np.allclose(mine[0].psi, got) and mine[1].psi is not None and mine[1].psi[0] < psi[0]
     ov.replace({7: stats})
     assert ov.pool(7, pool) is mine  # unchanged stats keep the cache
     ov.replace({})

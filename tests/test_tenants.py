@@ -35,7 +35,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.routing import Route
-from storeutil import database
 
 from gateway.access.accounting import Accounting, AccountingSettings
 from gateway.access.auth import create_key
@@ -52,6 +51,7 @@ from gateway.store.tables import ApiKey, Feedback, RequestRow
 from profiling.reprofile import ClusterFeedback, _key_weights, reprofile
 from profiling.schedule import Reprofiler
 from tests.procs import free_port, replay_upstream, running, server_env
+from tests.storeutil import database
 
 DBS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 ADMIN = "sk-admin-" + secrets.token_urlsafe(12)
@@ -168,9 +168,10 @@ _raw = st.dictionaries(st.integers(0, 6), st.floats(0.0, 1e4), min_size=1, max_s
 
 @settings(max_examples=300, deadline=None)
 @given(n=st.floats(0.0, 500.0), raw=_raw, share=st.floats(0.01, 0.99), scale=st.floats(0.05, 1.0))
-def test_no_key_carries_more_than_its_share(n: float, raw: dict[int, float], share: float, scale: float) -> None:
+def test_no_key_carries_more_than_its_share(n: float, raw: dict[int | None, float], share: float,
+                                            scale: float) -> None:
     """W_j ≤ s · (n + Σ_i W_i) for every key, also after the total cap scales every key alike."""
-    cut = {k: v * scale for k, v in _key_weights(n, dict(raw), share).items()}  # type: ignore[arg-type]
+    cut = {k: v * scale for k, v in _key_weights(n, dict(raw), share).items()}
     total = n + sum(cut.values())
     for key, w in cut.items():
         assert w <= raw[key] + 1e-9
@@ -307,7 +308,7 @@ def gateway(request: pytest.FixtureRequest, tmp_path: Path, fitted: tuple[Path, 
 def _auto(client: openai.OpenAI, prompt: str, **headers: str) -> tuple[dict[str, Any], dict[str, str]]:
     raw = client.chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": prompt}], extra_headers=headers or None)
-    info = raw.parse().model_extra["uniroute"]  # type: ignore[index]
+    info = (raw.parse().model_extra or {})["uniroute"]
     return dict(info), dict(raw.headers)
 
 

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from procs import free_port
 
 from routing.dataset import default_dataset_path
+from tests.procs import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

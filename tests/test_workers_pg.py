@@ -19,10 +19,10 @@ import pytest
 import sqlalchemy as sa
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from storeutil import fresh_pg_database
 
 from tests.gateway_setup import make_dataset, replay_args, write_config
 from tests.procs import free_port, gateway_server, replay_server, running_all, server_env
+from tests.storeutil import fresh_pg_database
 
 pytestmark = pytest.mark.postgres
 
