@@ -19,7 +19,7 @@ from starlette.testclient import TestClient
 from gateway.app import create_app
 from gateway.config import load_config
 from gateway.store.engine import Store
-from gateway.store.models import params_for_table
+from gateway.store.models import params_for_table, spec_from_row
 from gateway.store.tables import ModelRow, RequestRow
 from tests.gateway_setup import make_dataset, replay_args, write_config
 from tests.procs import free_port, replay_upstream, running, server_env
@@ -131,8 +131,8 @@ def test_keys_budgets_limits_log_usage_metrics(keyed: tuple[TestClient, str]) ->
     assert [r.cost_usd for r in rows[:3]] == pytest.approx(costs) and rows[4].error_type == "budget_exceeded"
     assert all(r.prompt_text is None for r in rows)  # database.store_prompts is off
     # the models table is seeded from the config, env references kept and literal secrets never stored
-    assert seeded["secret-model"].litellm_params["api_key"] == "os.environ/UR_TEST_KEY"
-    assert "literal-secret" not in str(seeded["secret-model"].litellm_params)
+    assert spec_from_row(seeded["secret-model"]).litellm_params["api_key"] == "os.environ/UR_TEST_KEY"
+    assert "literal-secret" not in str(spec_from_row(seeded["secret-model"]).litellm_params)
     assert {"small-general", "large-general", "bad-500"} <= set(seeded)
 
     # -- metrics: they name every key, so in keys mode they need a credential (here the admin key) -----

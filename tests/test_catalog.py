@@ -39,10 +39,10 @@ def test_crud_and_errors(store: Store) -> None:
     with pytest.raises(InvalidRequestError, match="needs 'model'"):
         parse_spec({"name": "x", "litellm_params": {}, "router_cost": 1})
     row = catalog.update_model(store, "a", parse_patch({"router_cost": 3.0}))
-    assert row.router_cost == 3.0 and row.version == 2
+    assert catalog.spec_from_row(row).router_cost == 3.0 and row.version == 2
     assert catalog.update_model(store, "a", parse_patch({"router_cost": 3.0})).version == 2  # no change
     # the env reference is stored as written, never resolved
-    assert catalog.get_model(store, "a").litellm_params["api_key"] == "os.environ/CATALOG_TEST_KEY"
+    assert catalog.spec_from_row(catalog.get_model(store, "a")).litellm_params["api_key"] == "os.environ/CATALOG_TEST_KEY"
     assert not catalog.set_enabled(store, "a", False).enabled
     catalog.remove_model(store, "a")
     assert catalog.list_models(store) == []
@@ -121,7 +121,8 @@ def test_per_model_timeouts_round_trip(store: Store, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("CATALOG_TEST_KEY", "k")
     catalog.add_model(store, spec("t", timeout_s=30.0, connect_timeout_s=2.0))
     row = catalog.get_model(store, "t")
-    assert (row.timeout_s, row.connect_timeout_s, row.first_token_timeout_s) == (30.0, 2.0, None)
+    got = catalog.spec_from_row(row)
+    assert (got.timeout_s, got.connect_timeout_s, got.first_token_timeout_s) == (30.0, 2.0, None)
     entry = ModelEntry.from_spec(catalog.spec_from_row(row))
     assert (entry.connect_timeout, entry.first_token_timeout) == (2.0, 30.0)  # first token defaults to timeout_s
     row = catalog.update_model(store, "t", parse_patch({"first_token_timeout_s": 4.5}))

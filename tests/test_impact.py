@@ -86,7 +86,7 @@ async def test_profiling_reports_the_impact_before_activation(tmp_path: Path) ->
     res = await run_profiling(_config(3), store, fwd, "new", artifact=art)  # the default: report, do not activate
     # "new" answers (A) everywhere: wrong on a third of each cluster, so Ψ ≈ [0.33, 0.33] against old's [0.2, 0.6]
     assert not res.activated and res.impact is not None and res.psi is not None
-    assert "NOT activated" in res.message and "--activate" in res.message and not catalog.get_model(store, "new").routable
+    assert "NOT activated" in res.message and "--activate" in res.message and not catalog.spec_from_row(catalog.get_model(store, "new")).routable
     assert "new" not in catalog.active_profiles(store, key)
     assert res.impact.traffic_requests == 40 and res.impact.traffic == pytest.approx([0.25, 0.75])
     at0 = next(x for x in res.impact.lambdas if x.label == "grid" and x.lam == 0.0)
@@ -100,7 +100,7 @@ async def test_profiling_reports_the_impact_before_activation(tmp_path: Path) ->
     again = await run_profiling(_config(3), store, FakeForwarder({"question 0"}), "new", artifact=art, activate=True)
     assert again.activated and again.impact is not None and fwd.calls == 12 and "nothing asked" in again.message
     assert again.impact.as_dict() == res.impact.as_dict() and again.psi == res.psi
-    assert np.allclose(catalog.active_profiles(store, key)["new"].psi, res.psi) and catalog.get_model(store, "new").routable
+    assert np.allclose(catalog.active_profiles(store, key)["new"].psi, res.psi) and catalog.spec_from_row(catalog.get_model(store, "new")).routable
     assert impact_sql.pending_impact(store, "new") is None
     row = impact_sql.latest_impact(store, "new")
     assert row is not None and row.status == "activated" and row.activated_at is not None
@@ -209,7 +209,7 @@ async def test_a_failed_activation_leaves_the_report_waiting(tmp_path: Path, mon
     monkeypatch.setattr(catalog, "save_profile", down)
     with pytest.raises(OSError):
         await run_profiling(_config(3), store, FakeForwarder(), "new", artifact=art, activate=True)
-    assert impact_sql.pending_impact(store, "new") is not None and not catalog.get_model(store, "new").routable
+    assert impact_sql.pending_impact(store, "new") is not None and not catalog.spec_from_row(catalog.get_model(store, "new")).routable
     monkeypatch.setattr(catalog, "save_profile", real)
     done = await run_profiling(_config(3), store, FakeForwarder(), "new", artifact=art, activate=True)
     assert done.activated and "nothing asked" in done.message

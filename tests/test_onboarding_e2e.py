@@ -314,7 +314,7 @@ def _readme_onboarding(tmp: Path, dataset: Path, artifact: Path) -> None:
         # the same answers as the model it aliases, the same estimator: the Ψ router fit computed for it
         assert np.allclose(active["my-model"].psi, active[README_MODEL].psi, atol=1e-6), (
             active["my-model"].psi, active[README_MODEL].psi)
-        assert catalog.get_model(store, "my-model").routable
+        assert catalog.spec_from_row(catalog.get_model(store, "my-model")).routable
     finally:
         store.dispose()
 

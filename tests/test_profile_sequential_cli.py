@@ -78,6 +78,6 @@ def test_profile_cli_sequential_stops_at_the_target_and_reports_prompts_used(tmp
         expected = art.profile_model("mathy", scores, variants=["kmeans"])[0].psi
         stored = catalog.active_profiles(store, catalog.profile_key(art.version, "kmeans"))["mathy"]
         np.testing.assert_allclose(stored.psi, expected)
-        assert stored.source == "validation" and catalog.get_model(store, "mathy").routable
+        assert stored.source == "validation" and catalog.spec_from_row(catalog.get_model(store, "mathy")).routable
     finally:
         store.dispose()

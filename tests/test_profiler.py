@@ -68,7 +68,7 @@ async def test_profiles_and_activates(store: Store) -> None:
     expected = art.profile_model("new", scores, variants=["kmeans"])[0].psi
     active = catalog.active_profiles(store, catalog.profile_key(art.version, "kmeans"))
     assert np.allclose(active["new"].psi, expected) and active["new"].source == "validation"
-    assert catalog.get_model(store, "new").routable
+    assert catalog.spec_from_row(catalog.get_model(store, "new")).routable
     # resumable: a second run asks nothing again
     again = await run_profiling(_config(3), store, fwd, "new", artifact=art, activate=True)
     assert fwd.calls == N and again.report.skipped == N
@@ -81,7 +81,7 @@ async def test_failures_block_activation_unless_partial(store: Store) -> None:
     assert not res.activated and res.short_clusters == [1] and res.report.failed == N // 2
     assert any("boom" in e for e in res.report.errors) and "not activated" in res.message
     assert catalog.active_profiles(store, catalog.profile_key(art.version, "kmeans")) == {}
-    assert not catalog.get_model(store, "new").routable
+    assert not catalog.spec_from_row(catalog.get_model(store, "new")).routable
     outcomes = SqlOutcomeStore(store, art.version).outcomes("new")
     assert sum(o.score is None for o in outcomes) == N // 2  # failures are recorded
     res = await run_profiling(_config(1), store, FakeForwarder(odd), "new", artifact=art, allow_partial=True,

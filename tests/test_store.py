@@ -19,7 +19,7 @@ from gateway.metrics import Metrics
 from gateway.serving.interfaces import RequestRecord
 from gateway.spec import ModelSpec
 from gateway.store.engine import Store, database_url_from_config
-from gateway.store.models import seed_models
+from gateway.store.models import seed_models, spec_from_row
 from gateway.store.requestlog import RequestLogWriter
 from gateway.store.tables import ModelRow, RequestRow
 from tests.storeutil import fresh_pg_database, store_fixture
@@ -181,8 +181,8 @@ def test_seed_models(store: Store) -> None:
     assert seed_models(store, [ModelSpec.model_validate(e) for e in entries]) == 1
     with store.sessions() as s:
         rows = {m.name: m for m in s.scalars(sa.select(ModelRow))}
-    assert rows["a"].litellm_params["api_key"] == "os.environ/OPENAI_API_KEY"  # never the resolved secret
-    assert rows["b"].router_cost == 4.0 and rows["b"].version == 2 and rows["a"].version == 1
+    assert spec_from_row(rows["a"]).litellm_params["api_key"] == "os.environ/OPENAI_API_KEY"  # never the resolved secret
+    assert spec_from_row(rows["b"]).router_cost == 4.0 and rows["b"].version == 2 and rows["a"].version == 1
     assert rows["a"].source == "config" and rows["a"].enabled
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from types import NoneType, UnionType
-from typing import TYPE_CHECKING, Any, ClassVar, Union, get_args, get_origin
+from typing import Any, ClassVar, Union, get_args, get_origin
 
 from pydantic import BaseModel
 from sqlalchemy import (
@@ -207,18 +207,6 @@ class ModelRow(Base):
         CheckConstraint("source IN ('config', 'admin')", name="source"),
         CheckConstraint("router_cost > 0", name="router_cost_positive"),
     )
-
-    if TYPE_CHECKING:  # the spec's columns as mypy sees them (added below, at run time, from ModelSpec's fields)
-        litellm_params: Mapped[dict[str, Any]]
-        input_cost_per_1m: Mapped[float]
-        output_cost_per_1m: Mapped[float]
-        router_cost: Mapped[float]
-        timeout_s: Mapped[float]
-        connect_timeout_s: Mapped[float | None]
-        first_token_timeout_s: Mapped[float | None]
-        routable: Mapped[bool]
-        kind: Mapped[str]
-        max_output_tokens: Mapped[int | None]
 
 
 #: Column type per spec field type (``str`` takes the field's ``max_length``).
