@@ -26,6 +26,13 @@ def python(args: Sequence[str], *, cwd: str | os.PathLike[str] | None = None, en
     return zygote.run(args, cwd=cwd, env=env, timeout=timeout, check=check, base_env=BASE_ENV)
 
 
+def popen(args: Sequence[str], *, cwd: str | os.PathLike[str] = ROOT, env: dict[str, str] | None = None,
+          stdout: IO[bytes] | None = None) -> subprocess.Popen[bytes]:
+    """``subprocess.Popen([sys.executable, *args], ...)`` with stdout and stderr to ``stdout`` (None: this
+    process's), forked by this process's zygote (tests/zygote.py) for ``-m MODULE``.."""
+    return zygote.popen(args, cwd=cwd, env=server_env() if env is None else env, stdout=stdout, base_env=BASE_ENV)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -66,10 +66,12 @@ PRELOAD = (
     "tests.fake_upstream",
 )
 #: prefixes (or names) of the environment variables read at interpreter start or at the import of
-#: :data:`PRELOAD`: a request whose environment differs from the zygote's in one runs as a plain subprocess
+#: :data:`PRELOAD`: a request whose environment differs from the zygote's in one runs as a plain subprocess.
+#: Not torch's (``TORCHINDUCTOR_CACHE_DIR``, ``KMP_*``, which importing torch sets in the test process): torch is
+#: not preloaded, a child that needs it imports it and reads them then.
 IMPORT_TIME_ENV = ("PYTHON", "LITELLM", "PROMETHEUS", "HF_", "HUGGINGFACE", "TRANSFORMERS", "TOKENIZERS",
-                   "TORCH", "OTEL", "OMP_", "MKL_", "OPENBLAS", "HOME", "XDG_", "TMPDIR", "TEMP", "TMP",
-                   "LANG", "LC_", "TZ", "SSL_", "REQUESTS_CA_BUNDLE", "AIOHTTP", "UVICORN", "LD_")
+                   "OTEL", "OMP_", "MKL_", "OPENBLAS", "HOME", "XDG_", "TMPDIR", "TEMP", "TMP", "LANG", "LC_",
+                   "TZ", "SSL_", "REQUESTS_CA_BUNDLE", "AIOHTTP", "UVICORN", "LD_")
 
 _HEADER = struct.Struct("!I")
 
@@ -183,7 +185,9 @@ def _become(message: Mapping[str, Any], fds: Sequence[int]) -> tuple[str, str]:
     module = argv[1]
     sys.argv = ["-m", *argv[2:]]  # as the interpreter leaves it for runpy with ``-m``
     sys.path[0] = cwd  # ``-m`` puts the working folder first
-    sys.modules.pop(module, None)  # preloaded: it runs anew as __main__
+    # preloaded: it runs anew as __main__ (a package's __main__ does; the package itself stays imported)
+    loaded = sys.modules.get(module)
+    sys.modules.pop(f"{module}.__main__" if hasattr(loaded, "__path__") else module, None)
     _name(" ".join([module.rsplit(".", 1)[-1], *argv[2:3]]))
     return module, cwd
 
@@ -292,11 +296,14 @@ class Zygote:
             env.get(k) != self.env.get(k) for k in keys if k.startswith(IMPORT_TIME_ENV) and k != "PYTHONPATH")
 
     def spawn(self, args: Sequence[str], env: Mapping[str, str], cwd: str | os.PathLike[str],
-              stdout: IO[bytes], stderr: IO[bytes] | None = None) -> ZygoteProcess:
-        """Fork ``python ARGS``; its stderr goes to ``stderr`` (None: to ``stdout``)."""
+              stdout: IO[bytes] | None, stderr: IO[bytes] | None = None) -> ZygoteProcess:
+        """Fork ``python ARGS``; its stdout goes to ``stdout`` (None: this process's stdout and stderr,
+        as a subprocess inherits them), its stderr to ``stderr`` (None: to ``stdout``)."""
+        out = 1 if stdout is None else stdout.fileno()
+        err = (2 if stdout is None else out) if stderr is None else stderr.fileno()
         with open(os.devnull, "rb") as stdin, self._lock:
             _send(self._sock, {"op": "spawn", "argv": list(args), "env": dict(env), "cwd": str(cwd)},
-                  [stdin.fileno(), stdout.fileno(), (stderr or stdout).fileno()])
+                  [stdin.fileno(), out, err])
             answer, _ = _recv(self._sock)
         if not answer or "pid" not in answer:
             raise RuntimeError(f"the test zygote did not fork: {answer}")
@@ -357,15 +364,15 @@ def get(env: Mapping[str, str]) -> Zygote | None:
     return _zygote
 
 
-def popen(args: Sequence[str], *, cwd: str | os.PathLike[str], env: Mapping[str, str], stdout: IO[bytes],
+def popen(args: Sequence[str], *, cwd: str | os.PathLike[str], env: Mapping[str, str], stdout: IO[bytes] | None,
           base_env: Mapping[str, str]) -> subprocess.Popen[bytes]:
-    """``python ARGS`` (``-m MODULE ...``) with stdout and stderr to ``stdout``: forked by the zygote
-    (started with ``base_env``) where it can stand in, else a plain subprocess."""
+    """``python ARGS`` (``-m MODULE ...``) with stdout and stderr to ``stdout`` (None: this process's):
+    forked by the zygote (started with ``base_env``) where it can stand in, else a plain subprocess."""
     zygote = get(base_env)
     if zygote is not None and zygote.usable_for(args, env):
         return zygote.spawn(args, env, cwd, stdout)
     return subprocess.Popen([sys.executable, *args], cwd=cwd, env=dict(env), stdout=stdout,
-                            stderr=subprocess.STDOUT)
+                            stderr=None if stdout is None else subprocess.STDOUT)
 
 
 def run(args: Sequence[str], *, cwd: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
