@@ -57,14 +57,48 @@ SWITCH_ENV = "UNIROUTE_TEST_ZYGOTE"
 #: :data:`IMPORT_TIME_ENV`. prometheus_client reads PROMETHEUS_MULTIPROC_DIR at import: it is in there.
 PRELOAD = (
     "litellm",
+    "litellm.llms.litellm_proxy.chat.transformation",
+    "litellm.llms.openai_like.dynamic_config",
+    "litellm.llms.edenai.chat.transformation",
+    "litellm.llms.fal_ai.image_generation",
+    "httpcore2",
+    "h2.connection",
+    "anyio.streams.tls",
     "gateway.app",
     "gateway.cli.main",
     "gateway.cli.serve",
+    "gateway.tasks",
+    "gateway.telemetry",
+    "profiling.reprofile",
+    "profiling.schedule",
+    "profiling.followup",
+    "profiling.runner",
+    "routing.artifact",
+    "routing.figures",
     "replay.cli",
+    "sqlalchemy.orm",
+    "sqlalchemy.dialects.sqlite.pysqlite",
+    "sqlalchemy.dialects.postgresql.psycopg",
+    "alembic.command",
+    "alembic.config",
+    "sqlite3",
+    "alembic.autogenerate",
+    "alembic.runtime.migration",
+    "alembic.ddl.sqlite",
+    "alembic.ddl.postgresql",
+    "mako.template",
+    "truststore",
     "uvicorn",
     "uvicorn.main",
+    "uvicorn.lifespan.on",
+    "uvicorn.loops.uvloop",
+    "uvicorn.protocols.http.h11_impl",
+    "uvicorn.protocols.http.httptools_impl",
+    "uvicorn.protocols.websockets.auto",
     "tests.fake_upstream",
 )
+#: and every module of these packages (what the app's lifespan imports as it builds the gateway)
+PRELOAD_PACKAGES = ("gateway.access", "gateway.http", "gateway.serving", "gateway.store")
 #: prefixes (or names) of the environment variables read at interpreter start or at the import of
 #: :data:`PRELOAD`: a request whose environment differs from the zygote's in one runs as a plain subprocess.
 #: Not torch's (``TORCHINDUCTOR_CACHE_DIR``, ``KMP_*``, which importing torch sets in the test process): torch is
@@ -109,9 +143,15 @@ def _recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
 def _preload() -> str | None:
     """Import :data:`PRELOAD`; why forking is unsafe after it (None: it is safe)."""
     import importlib
+    import pkgutil
 
     for name in PRELOAD:
         importlib.import_module(name)
+    for package in PRELOAD_PACKAGES:
+        path = importlib.import_module(package).__path__
+        for info in pkgutil.iter_modules(path, package + "."):
+            if not info.ispkg:  # not gateway.store.migrations: Alembic loads its scripts by path
+                importlib.import_module(info.name)
     if "torch" in sys.modules:
         return "torch was imported"
     if threading.active_count() > 1:
