@@ -6,7 +6,6 @@ import contextlib
 import os
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -15,7 +14,23 @@ from typing import IO
 
 import httpx
 
+from tests import zygote
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def python(args: Sequence[str], *, cwd: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None,
+           timeout: float | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """``python ARGS`` to the end, its output captured as text: ``subprocess.run([sys.executable, *args],
+    capture_output=True, text=True, ...)``, forked by this process's zygote (tests/zygote.py) for ``-m MODULE``."""
+    return zygote.run(args, cwd=cwd, env=env, timeout=timeout, check=check, base_env=BASE_ENV)
+
+
+def popen(args: Sequence[str], *, cwd: str | os.PathLike[str] = ROOT, env: dict[str, str] | None = None,
+          stdout: IO[bytes] | None = None) -> subprocess.Popen[bytes]:
+    """``subprocess.Popen([sys.executable, *args], ...)`` with stdout and stderr to ``stdout`` (None: this
+    process's), forked by this process's zygote (tests/zygote.py) for ``-m MODULE``.."""
+    return zygote.popen(args, cwd=cwd, env=server_env() if env is None else env, stdout=stdout, base_env=BASE_ENV)
 
 
 def free_port() -> int:
@@ -30,6 +45,10 @@ def server_env(**extra: str) -> dict[str, str]:
     env.update(LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_OFFLINE_MODE="true", HF_HUB_OFFLINE="1")
     env.update(extra)
     return env
+
+
+#: the environment of the servers as the test process started (its zygote's: tests/zygote.py)
+BASE_ENV = server_env()
 
 
 @dataclass
@@ -60,8 +79,8 @@ def running_all(*servers: ServerSpec) -> Iterator[list[subprocess.Popen[bytes]]]
         started = []
         for server in servers:
             log = stack.enter_context(tempfile.TemporaryFile())
-            proc = subprocess.Popen([sys.executable, *server.args], cwd=ROOT, env=server.env or server_env(),
-                                    stdout=log, stderr=subprocess.STDOUT)
+            proc = zygote.popen(server.args, cwd=ROOT, env=server.env or server_env(), stdout=log,
+                                base_env=BASE_ENV)
             stack.callback(_stop, proc)
             started.append((server, proc, log, time.monotonic() + server.timeout_s))
         # one client for all the polls: httpx.get() builds a client (and its TLS context) per call, ~30 ms

@@ -12,7 +12,7 @@ import pytest
 
 from routing.dataset import BenchmarkDataset, load_dataset
 from tests.gateway_setup import make_dataset, replay_args, write_config
-from tests.procs import free_port, gateway_server, replay_server, running_all
+from tests.procs import free_port, gateway_server, python, replay_server, running_all
 
 
 @dataclass
@@ -136,15 +136,12 @@ def test_bad_request_over_http(stack: Stack) -> None:
 
 
 def test_serve_rejects_bad_config(tmp_path: Path) -> None:
-    import subprocess
-    import sys
 
     from tests.procs import ROOT, server_env
 
     bad = tmp_path / "c.yaml"
     bad.write_text("replay_models: {dataset: /nonexistent}\n")
-    proc = subprocess.run([sys.executable, "-m", "gateway.cli.main", "serve", "--config", str(bad)], cwd=ROOT,
-                          env=server_env(), capture_output=True, text=True, timeout=60)
+    proc = python(["-m", "gateway.cli.main", "serve", "--config", str(bad)], cwd=ROOT, env=server_env(), timeout=60)
     assert proc.returncode == 2 and "UNIROUTE_DATASET" in proc.stderr
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from gateway.serving.interfaces import Principal
 from gateway.store.engine import Store
 from gateway.store.keys import list_keys, revoke_key
 from gateway.store.tables import ApiKey
+from tests.procs import python
 from tests.storeutil import REPO_ROOT
 
 
@@ -191,8 +191,7 @@ def test_cli_keys(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "UNIROUTE_DATABASE_URL": f"sqlite:///{db}"}
 
     def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-        out = subprocess.run([sys.executable, "-m", "gateway.cli.main", "keys", *args], env=env, capture_output=True,
-                             text=True, timeout=60)
+        out = python(["-m", "gateway.cli.main", "keys", *args], env=env, timeout=60)
         assert (out.returncode == 0) == ok, out.stderr
         return out
 

@@ -8,8 +8,6 @@ logged rows. Runs in ``auth.mode: keys`` with a key from ``uniroute keys create`
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from routing.dataset import BenchmarkDataset, load_dataset
 from tests.gateway_setup import make_dataset, replay_args, write_config
-from tests.procs import ROOT, free_port, gateway_server, replay_server, running_all, server_env
+from tests.procs import ROOT, free_port, gateway_server, python, replay_server, running_all, server_env
 
 N = 200
 COUNTER = "litellm_proxy_total_requests_metric"  # ..._metric_total on the wire
@@ -53,10 +51,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 database={"spill_dir": str(root / "spill"), "log_flush_interval_s": 0.2})
     cfg.write_text(yaml.safe_dump(data))
     with running_all(replay, gateway_server(cfg, env=server_env(UNIROUTE_METRICS_TOKEN=SCRAPE))):  # both start at once
-        out = subprocess.run(
-            [sys.executable, "-m", "gateway.cli.main", "keys", "create", "--name", "load", "--lambda", "0.2",
+        out = python(
+            ["-m", "gateway.cli.main", "keys", "create", "--name", "load", "--lambda", "0.2",
              "--config", str(cfg)],
-            cwd=ROOT, env=server_env(), capture_output=True, text=True, check=True, timeout=60)
+            cwd=ROOT, env=server_env(), check=True, timeout=60)
         yield Stack(f"http://127.0.0.1:{port}", out.stdout.strip().splitlines()[-1], db_url,
                     load_dataset(dataset))
 

@@ -15,6 +15,7 @@ from alembic.runtime.migration import MigrationContext
 
 from gateway.store.engine import Store
 from gateway.store.tables import ApiKey, Base, RequestRow
+from tests.procs import python
 from tests.storeutil import REPO_ROOT, store_fixture
 
 TABLES = {"api_keys", "models", "model_profiles", "requests", "feedback"}
@@ -94,8 +95,7 @@ def test_cli_db_commands(tmp_path: Path) -> None:
     env.pop("UNIROUTE_DATABASE_URL", None)
 
     def run(*args: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "gateway.cli.main", "db", *args, "--config", str(cfg)],
-                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        out = python(["-m", "gateway.cli.main", "db", *args, "--config", str(cfg)], cwd=tmp_path, env=env, timeout=60)
         assert out.returncode == 0, out.stderr
         return out.stdout
 

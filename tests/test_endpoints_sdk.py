@@ -13,14 +13,11 @@ figure, and that figure is the usage every client reads (streamed or not, on eac
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import anthropic
 import httpx
 import openai
 import pytest
@@ -32,7 +29,19 @@ from openai.types.responses import ResponseFunctionToolCall
 from replay.app import embed_text
 from routing.dataset import BenchmarkDataset, load_dataset
 from tests.gateway_setup import make_dataset, replay_args, write_config
-from tests.procs import ROOT, fake_upstream, free_port, gateway_server, replay_server, running_all, server_env
+from tests.procs import (
+    ROOT,
+    fake_upstream,
+    free_port,
+    gateway_server,
+    python,
+    replay_server,
+    running_all,
+    server_env,
+)
+
+if TYPE_CHECKING:  # imported by the tests that use it (~3 s of CPU): not by every pytest-xdist worker collecting
+    import anthropic
 
 EMBED = "embed-small"
 SCRAPE = "scrape-token-for-the-sdk-test"  # UNIROUTE_METRICS_TOKEN
@@ -83,10 +92,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 def _serve(cfg: Any, replay: Any, port: int, db_url: str, dataset: Any) -> Iterator[Stack]:
     with running_all(replay, gateway_server(cfg, env=server_env(UNIROUTE_METRICS_TOKEN=SCRAPE))):
-        out = subprocess.run(
-            [sys.executable, "-m", "gateway.cli.main", "keys", "create", "--name", "sdk", "--lambda", "0.2",
+        out = python(
+            ["-m", "gateway.cli.main", "keys", "create", "--name", "sdk", "--lambda", "0.2",
              "--budget", "100", "--config", str(cfg)],
-            cwd=ROOT, env=server_env(), capture_output=True, text=True, check=True, timeout=60)
+            cwd=ROOT, env=server_env(), check=True, timeout=60)
         yield Stack(f"http://127.0.0.1:{port}", out.stdout.strip().splitlines()[-1], db_url, load_dataset(dataset),
                     cfg)
 
@@ -99,6 +108,8 @@ def oa(stack: Stack) -> Iterator[openai.OpenAI]:
 
 @pytest.fixture(scope="module")
 def an(stack: Stack) -> Iterator[anthropic.Anthropic]:
+    import anthropic
+
     with anthropic.Anthropic(base_url=stack.base, api_key=stack.key, max_retries=0, timeout=30) as c:
         yield c
 
@@ -140,9 +151,9 @@ def _charged(stack: Stack, before: float, cost: float) -> None:
 
 def _key(stack: Stack, name: str, *flags: str) -> str:
     """A new client key made with ``uniroute keys create`` (the key is the last line it prints)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "gateway.cli.main", "keys", "create", "--name", name, *flags, "--config", str(stack.cfg)],
-        cwd=ROOT, env=server_env(), capture_output=True, text=True, check=True, timeout=60)
+    out = python(
+        ["-m", "gateway.cli.main", "keys", "create", "--name", name, *flags, "--config", str(stack.cfg)],
+        cwd=ROOT, env=server_env(), check=True, timeout=60)
     return out.stdout.strip().splitlines()[-1]
 
 
@@ -325,6 +336,8 @@ def _body(error: anthropic.APIStatusError) -> dict[str, Any]:
 
 
 def test_messages_errors_are_anthropic_shaped(stack: Stack, an: anthropic.Anthropic) -> None:
+    import anthropic
+
     with (anthropic.Anthropic(base_url=stack.base, api_key="sk-ur-not-a-key", max_retries=0) as bad,
           pytest.raises(anthropic.AuthenticationError) as auth):
         bad.messages.create(model="auto", max_tokens=10, messages=[{"role": "user", "content": "x"}])
@@ -508,10 +521,10 @@ def test_budget_cap_holds_on_messages_and_responses(stack: Stack, oa: openai.Ope
     """A budgeted key's request whose estimate exceeds what remains is refused before it is sent (429;
     Anthropic-shaped on /v1/messages), the default output bound is forced upstream when the request sets none,
     and a /v1/messages stream whose upstream never reports usage is charged the counted figure (> 0)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "gateway.cli.main", "keys", "create", "--name", "tight", "--lambda", "0.2",
+    out = python(
+        ["-m", "gateway.cli.main", "keys", "create", "--name", "tight", "--lambda", "0.2",
          "--budget", "0.01", "--config", str(stack.cfg)],
-        cwd=ROOT, env=server_env(), capture_output=True, text=True, check=True, timeout=60)
+        cwd=ROOT, env=server_env(), check=True, timeout=60)
     tight = out.stdout.strip().splitlines()[-1]
     huge = 1_000_000  # x $10/1M output = $10, far beyond the $0.01 budget
     r = httpx.post(stack.base + "/v1/messages", headers={"x-api-key": tight}, timeout=30,

@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +33,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from tests.gateway_setup import make_dataset, replay_args, write_config
-from tests.procs import ROOT, ServerSpec, free_port, replay_server, running_all, server_env
+from tests.procs import ROOT, ServerSpec, free_port, python, replay_server, running_all, server_env
 from tests.storeutil import fresh_pg_database, require_pg
 
 # ≥ 1000 requests in total, each a fresh (server, method, path, headers, body); raise it to explore
@@ -101,10 +99,10 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serv
 
 
 def _create_key(cfg: Path) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "gateway.cli.main", "keys", "create", "--name", "fuzzer", "--lambda", "0.2",
+    out = python(
+        ["-m", "gateway.cli.main", "keys", "create", "--name", "fuzzer", "--lambda", "0.2",
          "--config", str(cfg)],
-        cwd=ROOT, env=server_env(), capture_output=True, text=True, check=True, timeout=60)
+        cwd=ROOT, env=server_env(), check=True, timeout=60)
     return out.stdout.strip().splitlines()[-1]
 
 

@@ -6,8 +6,6 @@ import asyncio
 import json
 import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +16,7 @@ import pytest
 from benchmarks.loadgen import build_request, new_prompt_requests, prompt_bodies, run_load, with_nonce_mark
 from routing.dataset import load_dataset
 from routing.synthetic import make_synthetic_dataset
+from tests.procs import popen
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,9 +28,9 @@ def replay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli.main", "replay", "--dataset", str(ds), "--port",
-                             str(port), "--fail", "bio-expert=429"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(os.devnull, "wb") as quiet:
+        proc = popen(["-m", "gateway.cli.main", "replay", "--dataset", str(ds), "--port", str(port), "--fail",
+                      "bio-expert=429"], cwd=os.getcwd(), env=env, stdout=quiet)
     base = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(timeout=0.5) as client:  # one client: httpx.get() costs ~30 ms of CPU per call

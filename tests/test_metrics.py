@@ -6,7 +6,6 @@ import contextlib
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -20,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import Metrics, metrics_app
 from gateway.serving.interfaces import RequestRecord
+from tests.procs import popen
 from tests.storeutil import REPO_ROOT, free_port, require
 
 
@@ -130,10 +130,9 @@ def demo_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
         mp = tmp_path / "prom-mp"
         mp.mkdir()
         env["PROMETHEUS_MULTIPROC_DIR"] = str(mp)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--app-dir", str(REPO_ROOT / "tests"), "--factory",
-         "metricsdemo:create_app", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
-         "--log-level", "warning"],
+    proc = popen(  # forked by the zygote, except with workers > 1 (PROMETHEUS_MULTIPROC_DIR: tests/zygote.py)
+        ["-m", "uvicorn", "--app-dir", str(REPO_ROOT / "tests"), "--factory", "metricsdemo:create_app", "--host",
+         "127.0.0.1", "--port", str(port), "--workers", str(workers), "--log-level", "warning"],
         env=env, cwd=tmp_path,
     )
     try:

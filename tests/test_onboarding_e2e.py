@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import shlex
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from tests.procs import (
     ROOT,
     free_port,
     gateway_server,
+    python,
     replay_server,
     replay_upstream,
     running_all,
@@ -261,8 +261,7 @@ def _readme_commands() -> list[list[str]]:
 
 
 def _uniroute(argv: list[str], cwd: Path, env: dict[str, str], timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway.cli.main", *argv], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout_s)
+    return python(["-m", "gateway.cli.main", *argv], cwd=cwd, env=env, timeout=timeout_s)
 
 
 def _demo_config(tmp: Path, replay: str) -> tuple[Path, int]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +18,13 @@ from gateway.store.profiling import outcome_rows
 from routing.artifact import RouterArtifact
 from routing.dataset import load_dataset
 from routing.synthetic import make_synthetic_dataset
-from tests.procs import replay_upstream, server_env
+from tests.procs import python, replay_upstream, server_env
 
 pytestmark = pytest.mark.slow  # a replay server and eight CLI processes: 128 s at load average 14
 
 
 def _uniroute(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway.cli.main", *argv], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return python(["-m", "gateway.cli.main", *argv], cwd=cwd, env=env, timeout=600)
 
 
 def test_profile_cli_sequential_stops_at_the_target_and_reports_prompts_used(tmp_path: Path) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ import httpx
 import openai
 import pytest
 
-from tests.procs import ROOT, replay_upstream, server_env
+from tests.procs import ROOT, python, replay_upstream, server_env
 from tests.routing_features import ADMIN, fit, gateway
 
 PROMPT = "Compute the derivative of the polynomial given below."
@@ -201,8 +200,7 @@ def test_the_cli_prints_the_gateways_dry_run(base: str, admin: httpx.Client) -> 
     env = server_env(UNIROUTE_API_KEY=key, UNIROUTE_URL=base)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "gateway.cli.main", "route", *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=60)
+        return python(["-m", "gateway.cli.main", "route", *args], cwd=ROOT, env=env, timeout=60)
 
     out = cli(PROMPT, "--lambda", "0")
     assert out.returncode == 0, out.stderr
@@ -349,8 +347,7 @@ def test_the_cli_dry_run_on_behalf_of_a_key(base: str, admin: httpx.Client) -> N
     no_admin = {k: v for k, v in env.items() if k != "UNIROUTE_ADMIN_KEY"}
 
     def cli(*args: str, environ: dict[str, str] = env) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "gateway.cli.main", "route", *args], cwd=ROOT, env=environ,
-                              capture_output=True, text=True, timeout=60)
+        return python(["-m", "gateway.cli.main", "route", *args], cwd=ROOT, env=environ, timeout=60)
 
     own = cli(PROMPT, "--lambda", "0")
     assert own.returncode == 0, own.stderr

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -38,7 +37,7 @@ from gateway.serving.forwarding import Forwarder
 from gateway.serving.registry import ModelEntry, RegistrySnapshot
 from gateway.spec import ModelSpec
 from tests.fake_upstream import FakeUpstream, ProviderError
-from tests.procs import ROOT, fake_upstream, free_port, server_env
+from tests.procs import ROOT, fake_upstream, free_port, popen, server_env
 from tests.storeutil import fresh_pg_database
 
 ADMIN = "sk-admin-secrets-test-0123456789"
@@ -165,8 +164,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str,
         env = server_env(UNIROUTE_ADMIN_KEY=ADMIN, UNIROUTE_SECRET_KEY=FERNET_KEY, SECRETS_TEST_VAR=VAR_KEY,
                          SECRETS_TEST_API_KEY=REF_KEY, SECRETS_LEAK_API_KEY=LEAK_KEY)
         with log.open("wb") as fh:
-            proc = subprocess.Popen([sys.executable, "-m", "gateway.cli.main", "serve", "--config", str(cfg),
-                                     "--port", str(port)], cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+            proc = popen(["-m", "gateway.cli.main", "serve", "--config", str(cfg), "--port", str(port)], cwd=ROOT,
+                         env=env, stdout=fh)
             try:
                 deadline = time.monotonic() + 90
                 while True:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +26,7 @@ from gateway.serving.interfaces import LabelStats
 from gateway.serving.tenants import TenantOverlays, aggregate, overlay
 from routing.policy import PoolModel
 from routing.synthetic import TOPICS
-from tests.procs import ROOT, replay_upstream, server_env
+from tests.procs import ROOT, python, replay_upstream, server_env
 from tests.routing_features import ADMIN, fit, gateway
 from tests.storeutil import database
 
@@ -133,14 +131,13 @@ def test_a_keys_labels_route_its_cluster_to_b_while_another_key_stays_on_a(base:
     labels.write_text("".join(json.dumps({"prompt": p, "scores": {"accurate": 0, "middling": 1}}) + "\n"
                               for p in mine))
     env = server_env(UNIROUTE_ADMIN_KEY=ADMIN, UNIROUTE_URL=base)
-    out = subprocess.run([sys.executable, "-m", "gateway.cli.main", "profiles", "upload", "--key", "bob", str(labels)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    out = python(["-m", "gateway.cli.main", "profiles", "upload", "--key", "bob", str(labels)],
+                 cwd=ROOT, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("key bob: 2 models labelled") and "Ψ global→key" in out.stdout
     shown = admin.get("/admin/keys/bob/profile").json()
     acc = shown["models"]["accurate"]
-    out = subprocess.run([sys.executable, "-m", "gateway.cli.main", "profiles", "show", "--key", "bob"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    out = python(["-m", "gateway.cli.main", "profiles", "show", "--key", "bob"], cwd=ROOT, env=env, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("key bob: 2 models labelled"), out.stderr
     assert f"  accurate: {acc['labels']} labels, per cluster {acc['labels_per_cluster']}" in out.stdout
     assert acc["labels"] == len(mine) and acc["labels_per_cluster"][c] == len(mine)
@@ -167,15 +164,14 @@ def test_a_keys_labels_route_its_cluster_to_b_while_another_key_stays_on_a(base:
     assert _route(base, carol, PROMPT)["ranking"] == target["ranking"]
     # a group: the same labels for carol and dave (repeated --key); each is routed with them, alice still is not
     dave = key("dave")
-    out = subprocess.run([sys.executable, "-m", "gateway.cli.main", "profiles", "upload", "--key", "carol", "--key",
-                          "dave", str(labels), "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    out = python(["-m", "gateway.cli.main", "profiles", "upload", "--key", "carol", "--key",
+                  "dave", str(labels), "--json"], cwd=ROOT, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     for member in (carol, dave):
         assert _route(base, member, PROMPT)["model"] == "middling"
     assert _route(base, alice, PROMPT)["ranking"] == target["ranking"]
     # deleting the labels puts bob back on the global profile
-    out = subprocess.run([sys.executable, "-m", "gateway.cli.main", "profiles", "delete", "--key", "bob"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    out = python(["-m", "gateway.cli.main", "profiles", "delete", "--key", "bob"], cwd=ROOT, env=env, timeout=60)
     assert out.returncode == 0 and "labels deleted" in out.stdout, out.stderr
     deadline = time.monotonic() + 10
     while _route(base, bob, PROMPT)["profile"] != "global" and time.monotonic() < deadline:
@@ -217,7 +213,7 @@ def test_a_keys_labels_route_its_cluster_to_b_while_another_key_stays_on_a(base:
     assert alice_route["model"] == "accurate" and alice_route["profile"] == "global"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x", "scores": {"middling": 1}}\n{"prompt": 3}\n')
-    out = subprocess.run([sys.executable, "-m", "gateway.cli.main", "profiles", "upload", "--key", "bob", str(bad)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    out = python(["-m", "gateway.cli.main", "profiles", "upload", "--key", "bob", str(bad)],
+                 cwd=ROOT, env=env, timeout=60)
     assert out.returncode == 1 and out.stderr.startswith("error: ") and "bad.jsonl: line 2" in out.stderr
     admin.close()
