@@ -37,6 +37,7 @@ from typing import Any
 
 from benchmarks.loadgen import install_uvloop, prompt_bodies, run_load
 from benchmarks.overhead import (
+    OFFLINE_ENV,
     benchmark_dataset,
     cpu_seconds,
     environ,
@@ -47,7 +48,7 @@ from benchmarks.overhead import (
     versions,
     write_json,
 )
-from benchmarks.stalls import OFFLINE_ENV, gateway_config, py_spy
+from benchmarks.stalls import gateway_config, py_spy
 
 #: (stage, regular expression over one frame ``function (file:line)``). A stack is attributed to the stage of its
 #: innermost frame that matches one of these; only a stack none of them matches falls to :data:`GENERIC`.

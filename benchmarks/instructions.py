@@ -79,6 +79,7 @@ import yaml
 
 from benchmarks.loadgen import prompt_bodies, run_load
 from benchmarks.overhead import (
+    OFFLINE_ENV,
     benchmark_dataset,
     environ,
     free_port,
@@ -91,9 +92,7 @@ from benchmarks.overhead import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-OFFLINE_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_OFFLINE_MODE": "true", "HF_HUB_OFFLINE": "1",
-               "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "LITELLM_LOG": "ERROR",
-               "LITELLM_TELEMETRY": "False"}
+GATEWAY_ENV = {**OFFLINE_ENV, "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 #: generous timeouts: under callgrind the gateway runs ~50-100× slower than natively
 SLOW_TIMEOUT_S = 600.0
 MODES = ("plain", "stream")
@@ -361,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     replay = [sys.executable, "-m", "gateway.cli.main", "replay", "--dataset", str(dataset), "--port", str(rport),
               "--stream-chunks", "20"]
     try:
-        with environ(**OFFLINE_ENV), contextlib.ExitStack() as stack:
+        with environ(**GATEWAY_ENV), contextlib.ExitStack() as stack:
             headers = None
             if args.auth == "key" and not args.forwarder_only:
                 headers = {"Authorization": f"Bearer {make_key(source, cfg, args.key_budget)}"}

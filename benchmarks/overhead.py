@@ -113,6 +113,11 @@ def prompt_embeddings(base: str) -> dict[str, int]:
             if s.name == "uniroute_prompt_embeddings_total"}
 
 
+#: the environment the benchmarks' servers run in: offline (local cost map, no downloads), LiteLLM quiet
+OFFLINE_ENV: dict[str, str] = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_OFFLINE_MODE": "true",
+                               "HF_HUB_OFFLINE": "1", "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
+
+
 @contextlib.contextmanager
 def environ(**values: str) -> Iterator[None]:
     """``os.environ`` with ``values`` set (inherited by the servers started meanwhile), restored after."""

@@ -63,7 +63,7 @@ from benchmarks.overhead import (
     versions,
     write_json,
 )
-from benchmarks.vs_litellm_proxy import OFFLINE_ENV, start_gateway
+from benchmarks.vs_litellm_proxy import PROXY_ENV, start_gateway
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUESTS = "litellm_proxy_total_requests_metric_total"
@@ -296,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"soak: {args.seconds:g} s at c={args.concurrency} ({args.mode}{', new prompts' if args.new_prompts else ''}); "
           f"dataset {dataset}; {layout}; temp {tmp}", file=sys.stderr)
     try:
-        with environ(**OFFLINE_ENV), contextlib.ExitStack() as stack:
+        with environ(**PROXY_ENV), contextlib.ExitStack() as stack:
             stack.enter_context(server(replay_cmd, tmp / "replay.log", f"http://127.0.0.1:{rport}/health", cpus))
             gproc, _, _ = start_gateway(stack, tmp, dataset, rport, gport, router, cpus, fallback=False,
                                         database_url=database_url)

@@ -40,6 +40,7 @@ import sqlalchemy as sa
 
 from benchmarks.loadgen import install_uvloop, prompt_bodies, run_load
 from benchmarks.overhead import (
+    OFFLINE_ENV,
     benchmark_dataset,
     cpu_seconds,
     environ,
@@ -53,8 +54,6 @@ from benchmarks.overhead import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-OFFLINE_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_OFFLINE_MODE": "true", "HF_HUB_OFFLINE": "1",
-               "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
 
 
 def gateway_config(tmp: Path, dataset: Path, rport: int, gport: int, router: dict[str, Any],

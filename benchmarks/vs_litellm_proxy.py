@@ -74,6 +74,7 @@ import yaml
 
 from benchmarks.loadgen import LoadResult, install_uvloop, prompt_bodies, run_load
 from benchmarks.overhead import (
+    OFFLINE_ENV,
     benchmark_dataset,
     cpu_seconds,
     environ,
@@ -93,8 +94,7 @@ from benchmarks.stalls import probe_liveliness
 ROOT = Path(__file__).resolve().parent.parent
 PROXY_VENV = ROOT / "benchmarks" / ".venv-litellm-proxy"
 TARGETS = ("direct", "uniroute", "litellm-proxy")
-OFFLINE_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_OFFLINE_MODE": "true", "HF_HUB_OFFLINE": "1",
-               "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "DISABLE_ADMIN_UI": "True"}
+PROXY_ENV = {**OFFLINE_ENV, "DISABLE_ADMIN_UI": "True"}  # the LiteLLM proxy's admin UI is not benchmarked
 
 
 def proxy_version(venv: Path) -> str:
@@ -359,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     master_key = "sk-bench-" + secrets.token_hex(16)  # the proxy refuses to start without one
     try:
         # the environment is inherited by the proxy (and harmless for the others)
-        with environ(**OFFLINE_ENV, LITELLM_MASTER_KEY=master_key), contextlib.ExitStack() as stack:
+        with environ(**PROXY_ENV, LITELLM_MASTER_KEY=master_key), contextlib.ExitStack() as stack:
             rproc = stack.enter_context(server(replay_cmd, tmp / "replay.log", f"http://127.0.0.1:{rport}/health",
                                                cpus))
             pproc = stack.enter_context(server(proxy_cmd, tmp / "litellm-proxy.log",
