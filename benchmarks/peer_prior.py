@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 import gateway  # noqa: F401  (offline environment)
+from routing.dataset import BenchmarkDataset
 from routing.evaluation import TIE_TOL, sign_test
 
 
@@ -73,10 +74,17 @@ def paired(paths: Sequence[str], methods: Sequence[str]) -> None:
     print(f"(ties: |difference| ≤ {TIE_TOL:g})")
 
 
-def psi_error(embedder: str, seed0: int, trials: int, k: int, sizes: Sequence[int]) -> None:
-    from routing.clusters import ClusterMap
+def _embedded(embedder: str) -> tuple[BenchmarkDataset, np.ndarray]:
+    """The dataset (``$UNIROUTE_DATASET``, else data/mmlu_pro_27) and its prompts' embeddings (``minilm``: MiniLM)."""
     from routing.dataset import default_dataset_path, load_dataset
     from routing.embedder import make_embedder
+
+    ds = load_dataset(default_dataset_path() or "data/mmlu_pro_27", with_responses=False)
+    return ds, make_embedder(None if embedder == "minilm" else embedder).embed(ds.prompts)
+
+
+def psi_error(embedder: str, seed0: int, trials: int, k: int, sizes: Sequence[int]) -> None:
+    from routing.clusters import ClusterMap
     from routing.evaluation import split_trial, validation_subset
     from routing.profiles import (
         PEER_PSI_STRENGTH,
@@ -85,9 +93,7 @@ def psi_error(embedder: str, seed0: int, trials: int, k: int, sizes: Sequence[in
         shrunk_cluster_errors,
     )
 
-    path = default_dataset_path() or "data/mmlu_pro_27"
-    ds = load_dataset(path, with_responses=False)
-    x = make_embedder(None if embedder == "minilm" else embedder).embed(ds.prompts)
+    ds, x = _embedded(embedder)
     ms = (0.5, 2.0, 8.0, 32.0, 128.0, 512.0)
     priors = ("flat", "difficulty", "peer", "peer-similarity")
     err: dict[tuple[int, str, float, str], list[float]] = {}
@@ -124,13 +130,9 @@ def psi_error(embedder: str, seed0: int, trials: int, k: int, sizes: Sequence[in
 
 def fixed_m(embedder: str, seed0: int, trials: int, sizes: Sequence[int], m: float, out: str) -> None:
     from routing import evaluation as ev
-    from routing.dataset import default_dataset_path, load_dataset
-    from routing.embedder import make_embedder
     from routing.estimators import LearnedMap
 
-    path = default_dataset_path() or "data/mmlu_pro_27"
-    ds = load_dataset(path, with_responses=False)
-    x = make_embedder(None if embedder == "minilm" else embedder).embed(ds.prompts)
+    ds, x = _embedded(embedder)
     names = []
     for prior in ("flat", "peer"):
         name = f"uniroute-learnedmap-{prior}-m{m:g}"
