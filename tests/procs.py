@@ -29,7 +29,7 @@ def python(args: Sequence[str], *, cwd: str | os.PathLike[str] | None = None, en
 def popen(args: Sequence[str], *, cwd: str | os.PathLike[str] = ROOT, env: dict[str, str] | None = None,
           stdout: IO[bytes] | None = None) -> subprocess.Popen[bytes]:
     """``subprocess.Popen([sys.executable, *args], ...)`` with stdout and stderr to ``stdout`` (None: this
-    process's), forked by this process's zygote (tests/zygote.py) for ``-m MODULE``.."""
+    process's), forked by this process's zygote (tests/zygote.py) for ``-m MODULE``."""
     return zygote.popen(args, cwd=cwd, env=server_env() if env is None else env, stdout=stdout, base_env=BASE_ENV)
 
 
@@ -79,8 +79,7 @@ def running_all(*servers: ServerSpec) -> Iterator[list[subprocess.Popen[bytes]]]
         started = []
         for server in servers:
             log = stack.enter_context(tempfile.TemporaryFile())
-            proc = zygote.popen(server.args, cwd=ROOT, env=server.env or server_env(), stdout=log,
-                                base_env=BASE_ENV)
+            proc = popen(server.args, env=server.env or None, stdout=log)
             stack.callback(_stop, proc)
             started.append((server, proc, log, time.monotonic() + server.timeout_s))
         # one client for all the polls: httpx.get() builds a client (and its TLS context) per call, ~30 ms
