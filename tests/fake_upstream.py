@@ -16,6 +16,10 @@ tokens = the JSON bytes of its messages and ``tools`` / 4, one completion token;
 the default does but reports :data:`ABSURD_TOKENS` prompt and completion tokens, ``-negative`` reports -7 and -3
 (usage the gateway's sanity check must replace by the counted figure).
 
+Held until released (overload tests, no race with a clock): ``-held`` answers only once the test calls ``POST
+/release`` (or the client goes away, or after 60 s); ``-heldstream`` streams its first chunk at once and the rest
+after ``/release``. A release lets every request held at that moment go on.
+
 Streams only (timeouts and disconnects): ``-slowfirst`` (headers at once, the first chunk after
 2 s), ``-stall`` (two chunks, then nothing until the client goes away), ``-slowstream`` (40
 chunks, one per 0.1 s).
@@ -29,7 +33,7 @@ whether its generator ``finished`` or was ``closed`` before the end, and when (`
 server. Same answers, usage and failures by suffix (``-500``/``-429``/``-400`` are raised as a
 :class:`ProviderError` with the status, message and ``Retry-After``; ``-midfail`` drops its stream
 after the first chunk); the timing suffixes (``-slow``, ``-slowfirst``, ``-stall``,
-``-slowstream``) are the server's only.
+``-slowstream``, ``-held``, ``-heldstream``) are the server's only.
 """
 
 from __future__ import annotations
@@ -55,6 +59,24 @@ HUGE_BYTES = 300 * 1024 * 1024
 _MIB = b"a" * (1024 * 1024)
 STREAMS: dict[str, dict[str, Any]] = {}  # last user message -> {"state": "open|finished|closed", "at": time}
 AUTH: dict[str, str] = {}  # model -> the last Authorization header it received
+HOLD_S = 60.0  # the longest a held request waits for POST /release
+_releases = 0  # bumped by POST /release: a held request goes on once it changes
+
+
+async def _held(request: Request | None = None) -> None:
+    """Wait for the next ``POST /release`` (at most :data:`HOLD_S`, or until the client of ``request`` goes away)."""
+    start = _releases
+    deadline = time.monotonic() + HOLD_S
+    while _releases == start and time.monotonic() < deadline:
+        if request is not None and await request.is_disconnected():
+            return
+        await asyncio.sleep(0.02)
+
+
+async def release(request: Request) -> Response:
+    global _releases
+    _releases += 1
+    return JSONResponse({"releases": _releases})
 
 
 def _err(status: int, message: str, typ: str) -> JSONResponse:
@@ -156,6 +178,8 @@ async def chat(request: Request) -> Response:
             if await request.is_disconnected():
                 return Response(status_code=499)
             await asyncio.sleep(0.1)
+    if model.endswith("-held"):
+        await _held(request)
     answer, usage = reply(body)
     text = last_user_text(body)
     created = int(time.time())
@@ -194,6 +218,8 @@ async def chat(request: Request) -> Response:
                 await asyncio.sleep(600)  # until the client goes away
             if model.endswith("-slowstream"):
                 await asyncio.sleep(0.1)
+            if model.endswith("-heldstream") and i == 0:
+                await _held()  # a client going away cancels this generator
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
@@ -234,7 +260,8 @@ async def embeddings(request: Request) -> Response:
 
 app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/health", health),
                         Route("/v1/embeddings", embeddings, methods=["POST"]),
-                        Route("/streams", streams), Route("/auth", auth)])
+                        Route("/streams", streams), Route("/auth", auth),
+                        Route("/release", release, methods=["POST"])])
 
 
 # -- the same upstream in memory ---------------------------------------------------------------------

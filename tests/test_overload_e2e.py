@@ -1,13 +1,15 @@
 """Graceful overload end to end (issue 14.5): `uniroute serve` (real uvicorn, SQLite request log) with
-`server.max_in_flight: 3` → LiteLLM → tests/fake_upstream.py, whose `-slow` models answer after 5 s and
-whose `-slowstream` models stream for 4 s. With three requests in flight the fourth gets 503 `overloaded`
-with `Retry-After` at once; probes and /metrics still answer; once load drops, requests are admitted again."""
+`server.max_in_flight: 3` → LiteLLM → tests/fake_upstream.py, whose `-held` models answer and whose
+`-heldstream` models finish their stream only when the test releases them (no race with a clock on a loaded
+machine). With three requests in flight the fourth gets 503 `overloaded` with `Retry-After` at once; probes and
+/metrics still answer; once load drops, requests are admitted again."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,7 @@ LIMIT = 3
 class Stack:
     base: str  # the gateway, without /v1
     db_url: str
+    upstream: str  # the fake upstream, whose POST /release lets the held requests go on
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "database_url": db_url,
         "database": {"log_flush_interval_s": 0.1},
         "router": {"policy": "cheapest"},
-        "models": [model("b-ok", 1), model("x-slow", 10), model("x-slowstream", 10)],
+        "models": [model("b-ok", 1), model("x-held", 10), model("x-heldstream", 10)],
     }))
     fake = ServerSpec(["-m", "uvicorn", "tests.fake_upstream:app", "--host", "127.0.0.1", "--port", str(up_port),
                        "--log-level", "warning"], f"{upstream}/health")
@@ -57,7 +60,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         r = httpx.post(f"{base}/v1/chat/completions", timeout=60,
                        json={"model": "b-ok", "messages": [{"role": "user", "content": "warm-up"}]})
         assert r.status_code == 200, r.text
-        yield Stack(base, db_url)
+        yield Stack(base, db_url, upstream)
 
 
 def _metric(base: str, name: str, **labels: str) -> float:
@@ -76,9 +79,9 @@ def _rows(db_url: str, sql: str, **params: Any) -> list[Any]:
         engine.dispose()
 
 
-def _slow(base: str, model: str, tag: str) -> int:
+def _call(base: str, model: str, tag: str) -> int:
     body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": tag}]}
-    if model.endswith("slowstream"):
+    if model.endswith("heldstream"):
         body["stream"] = True
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=30) as r:
             for _ in r.iter_bytes():
@@ -87,29 +90,45 @@ def _slow(base: str, model: str, tag: str) -> int:
     return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=30).status_code
 
 
-def _fill(stack: Stack, pool: ThreadPoolExecutor, tag: str) -> list[Future[int]]:
-    """LIMIT slow requests in flight (two non-streaming, one open stream); returns once the gateway counts them."""
-    models = ["x-slow", "x-slowstream", "x-slow"][:LIMIT]
-    futures = [pool.submit(_slow, stack.base, m, f"{tag}-{i}") for i, m in enumerate(models)]
-    deadline = time.monotonic() + 15
-    while _metric(stack.base, "litellm_in_flight_requests") < LIMIT:
-        assert time.monotonic() < deadline, "the slow requests never got in flight"
-        time.sleep(0.05)
-    return futures
+class Held:
+    """Requests the fake upstream holds in flight until :meth:`release`."""
+
+    def __init__(self, stack: Stack, futures: list[Future[int]]) -> None:
+        self.stack, self.futures = stack, futures
+
+    def release(self) -> list[int]:
+        """Lets the held requests finish; their status codes."""
+        httpx.post(f"{self.stack.upstream}/release", timeout=10).raise_for_status()
+        return [f.result(timeout=60) for f in self.futures]
+
+
+@contextmanager
+def _fill(stack: Stack, tag: str, models: tuple[str, ...] = ("x-held", "x-heldstream", "x-held")) -> Iterator[Held]:
+    """LIMIT held requests in flight (by default two non-streaming, one open stream), from the moment the gateway
+    counts them until they are released (at the latest when the block ends, so a failed test leaves none behind)."""
+    with ThreadPoolExecutor(LIMIT) as pool:
+        held = Held(stack, [pool.submit(_call, stack.base, m, f"{tag}-{i}") for i, m in enumerate(models[:LIMIT])])
+        try:
+            deadline = time.monotonic() + 15
+            while _metric(stack.base, "litellm_in_flight_requests") < LIMIT:
+                assert time.monotonic() < deadline, "the held requests never got in flight"
+                time.sleep(0.05)
+            yield held
+        finally:
+            httpx.post(f"{stack.upstream}/release", timeout=10)
 
 
 def test_one_more_than_max_in_flight_gets_503_at_once_and_is_admitted_when_load_drops(stack: Stack) -> None:
     shed_before = _metric(stack.base, "uniroute_requests_shed_total")
     rid = f"shed-{time.time_ns()}"
-    with ThreadPoolExecutor(LIMIT) as pool:
-        futures = _fill(stack, pool, rid)
+    with _fill(stack, rid) as held:
         t0 = time.monotonic()
         r = httpx.post(f"{stack.base}/v1/chat/completions", headers={"x-uniroute-client-request-id": rid},
                        json={"model": "b-ok", "messages": [{"role": "user", "content": "one too many"}]}, timeout=10)
         took = time.monotonic() - t0
         assert r.status_code == 503, r.text
-        # answered at once, not after the 5 s requests ahead of it (2.5 s: half of that, so a loaded machine running
-        # the suite in parallel does not fail a correct refusal; a queued request would take 5 s)
+        # answered at once, not after the requests ahead of it (which are held until released: a queued request
+        # would never be answered here; 2.5 s, so that a loaded machine does not fail a correct refusal)
         assert took < 2.5
         assert r.headers["retry-after"] == "1"
         assert r.headers["x-uniroute-request-id"].startswith("req-") and r.headers["x-uniroute-attempts"] == "0"
@@ -125,10 +144,10 @@ def test_one_more_than_max_in_flight_gets_503_at_once_and_is_admitted_when_load_
         assert httpx.get(f"{stack.base}/v1/models", timeout=10).status_code == 503
         t0 = time.monotonic()
         live = httpx.get(f"{stack.base}/health/liveliness", timeout=10)
-        assert live.status_code == 200 and time.monotonic() - t0 < 2.5  # not queued behind the 5 s requests
+        assert live.status_code == 200 and time.monotonic() - t0 < 2.5  # not queued behind the held requests
         assert httpx.get(f"{stack.base}/health/readiness", timeout=10).status_code == 200
         assert _metric(stack.base, "uniroute_requests_shed_total") == shed_before + 3
-        assert [f.result() for f in futures] == [200] * LIMIT  # the admitted ones finish normally
+        assert held.release() == [200] * LIMIT  # the admitted ones finish normally
     # load dropped: admitted again
     ok = httpx.post(f"{stack.base}/v1/chat/completions", timeout=30,
                     json={"model": "b-ok", "messages": [{"role": "user", "content": "after"}]})
@@ -150,16 +169,11 @@ def test_one_more_than_max_in_flight_gets_503_at_once_and_is_admitted_when_load_
 
 def test_streams_hold_their_slot_until_they_end(stack: Stack) -> None:
     """An open stream counts: with LIMIT streams open the next request is shed; after they end it is served."""
-    with ThreadPoolExecutor(LIMIT) as pool:
-        futures = [pool.submit(_slow, stack.base, "x-slowstream", f"stream-{i}") for i in range(LIMIT)]
-        deadline = time.monotonic() + 15
-        while _metric(stack.base, "litellm_in_flight_requests") < LIMIT:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with _fill(stack, f"stream-{time.time_ns()}", ("x-heldstream",) * LIMIT) as held:
         r = httpx.post(f"{stack.base}/v1/chat/completions", timeout=10,
                        json={"model": "b-ok", "messages": [{"role": "user", "content": "while streaming"}]})
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
-        assert [f.result() for f in futures] == [200] * LIMIT
+        assert held.release() == [200] * LIMIT
     r = httpx.post(f"{stack.base}/v1/chat/completions", timeout=30,
                    json={"model": "b-ok", "messages": [{"role": "user", "content": "after the streams"}]})
     assert r.status_code == 200
@@ -186,9 +200,8 @@ def test_as_many_clients_as_slots_are_never_refused(stack: Stack) -> None:
 
 def test_the_openai_sdk_waits_retry_after_and_retries(stack: Stack) -> None:
     """docs/DEPLOY.md: a refused request is retried by the OpenAI SDK after Retry-After (here: refused again,
-    the slots are held for 5 s)."""
-    with ThreadPoolExecutor(LIMIT) as pool:
-        futures = _fill(stack, pool, f"sdk-{time.time_ns()}")
+    the slots are held until the test releases them)."""
+    with _fill(stack, f"sdk-{time.time_ns()}") as held:
         shed_before = _metric(stack.base, "uniroute_requests_shed_total")
         t0 = time.monotonic()
         with openai.OpenAI(base_url=f"{stack.base}/v1", api_key="unused", max_retries=1) as client, \
@@ -197,4 +210,4 @@ def test_the_openai_sdk_waits_retry_after_and_retries(stack: Stack) -> None:
         took = time.monotonic() - t0
         assert _metric(stack.base, "uniroute_requests_shed_total") == shed_before + 2  # the SDK tried twice
         assert 0.9 <= took < 4.0, took  # ... waiting Retry-After: 1 s in between
-        assert [f.result() for f in futures] == [200] * LIMIT
+        assert held.release() == [200] * LIMIT
