@@ -46,14 +46,20 @@ typecheck: install
 PYTEST_WORKERS ?= 4
 # The tests marked `alone` (latency bounds that failed beside the parallel run) run after it, on their own.
 PYTEST_FLAGS = -q -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+# One BLAS/OpenMP thread per process: the workers and the servers they start already outnumber the cores, and
+# OpenMP threads (scikit-learn's K-means, numpy's BLAS, torch) spin while they wait for a core: under that load a
+# router fit took 19 s of CPU with the default threads and 7 s with one (the same fit, 4 busy loops beside it).
+# PYTHONDONTWRITEBYTECODE emptied: a machine that sets it (some CI images do) makes every test process compile the
+# project's modules again, and every pytest worker rewrite the asserts of all test modules (~8 s of CPU each).
+TEST_ENV = OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE=
 
 pytest: install services
-	$(PY) -m pytest $(PYTEST_FLAGS) -m "not alone"
-	$(PY) -m pytest -q -p no:xdist -m alone
+	$(TEST_ENV) $(PY) -m pytest $(PYTEST_FLAGS) -m "not alone"
+	$(TEST_ENV) $(PY) -m pytest -q -p no:xdist -m alone
 
 test: install services lint typecheck
-	$(PY) -m pytest $(PYTEST_FLAGS) -m "not alone"
-	$(PY) -m pytest -q -p no:xdist -m alone
+	$(TEST_ENV) $(PY) -m pytest $(PYTEST_FLAGS) -m "not alone"
+	$(TEST_ENV) $(PY) -m pytest -q -p no:xdist -m alone
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache var

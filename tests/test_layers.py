@@ -11,6 +11,7 @@ dependency); only imports under ``if TYPE_CHECKING:`` are left out. Two rules:
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,6 +84,7 @@ def _imports(path: Path) -> Iterator[str]:
                 yield full if full in MODULES else node.module
 
 
+@functools.cache  # parsed when a test first needs it, not when each pytest worker collects the module
 def _graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {m: set() for m in MODULES}
     for mod, path in MODULES.items():
@@ -149,22 +151,21 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-GRAPH = _graph()
 
 
 def test_the_checker_sees_the_package() -> None:
     assert {"gateway.app", "gateway.serving.service", "gateway.store.engine", "routing.policy"} <= set(MODULES)
-    assert "gateway.serving.interfaces" in GRAPH["gateway.serving.service"]
+    assert "gateway.serving.interfaces" in _graph()["gateway.serving.service"]
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
 def test_no_import_circle_between_modules() -> None:
-    assert _cycles(GRAPH) == []
+    assert _cycles(_graph()) == []
 
 
 def test_no_import_circle_between_layers() -> None:
     layers: dict[str, set[str]] = {}
-    for mod, targets in GRAPH.items():
+    for mod, targets in _graph().items():
         for t in targets:
             if layer_of(mod) != layer_of(t):
                 layers.setdefault(layer_of(mod), set()).add(layer_of(t))
@@ -179,7 +180,7 @@ def _allowed(layer: str, target: str) -> bool:
 
 @pytest.mark.parametrize("layer", sorted(ALLOWED))
 def test_each_layer_imports_only_what_it_may(layer: str) -> None:
-    wrong = sorted(f"{mod} -> {t}" for mod, targets in GRAPH.items() if layer_of(mod) == layer
+    wrong = sorted(f"{mod} -> {t}" for mod, targets in _graph().items() if layer_of(mod) == layer
                    for t in targets if not _allowed(layer, t))
     assert wrong == [], f"{layer} may import only {sorted(ALLOWED[layer])} (and itself)"
 
