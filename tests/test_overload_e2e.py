@@ -96,6 +96,10 @@ class Held:
     def __init__(self, stack: Stack, futures: list[Future[int]]) -> None:
         self.stack, self.futures = stack, futures
 
+    def pending(self) -> bool:
+        """None of the held requests has been answered yet."""
+        return not any(f.done() for f in self.futures)
+
     def release(self) -> list[int]:
         """Lets the held requests finish; their status codes."""
         httpx.post(f"{self.stack.upstream}/release", timeout=10).raise_for_status()
@@ -122,14 +126,14 @@ def test_one_more_than_max_in_flight_gets_503_at_once_and_is_admitted_when_load_
     shed_before = _metric(stack.base, "uniroute_requests_shed_total")
     rid = f"shed-{time.time_ns()}"
     with _fill(stack, rid) as held:
-        t0 = time.monotonic()
+        # answered at once, not queued behind the requests ahead of it: those are held until the test releases
+        # them (after these checks), so a queued request would get no answer before its read timeout (30 s, far
+        # less than the upstream's 60 s hold) and the test would fail there; no wall-clock bound, which a loaded
+        # machine running the suite in parallel broke for a correct refusal (10 s at a load average of 10)
         r = httpx.post(f"{stack.base}/v1/chat/completions", headers={"x-uniroute-client-request-id": rid},
-                       json={"model": "b-ok", "messages": [{"role": "user", "content": "one too many"}]}, timeout=10)
-        took = time.monotonic() - t0
+                       json={"model": "b-ok", "messages": [{"role": "user", "content": "one too many"}]}, timeout=30)
         assert r.status_code == 503, r.text
-        # answered at once, not after the requests ahead of it (which are held until released: a queued request
-        # would never be answered here; 2.5 s, so that a loaded machine does not fail a correct refusal)
-        assert took < 2.5
+        assert held.pending()
         assert r.headers["retry-after"] == "1"
         assert r.headers["x-uniroute-request-id"].startswith("req-") and r.headers["x-uniroute-attempts"] == "0"
         error = r.json()["error"]
@@ -142,10 +146,9 @@ def test_one_more_than_max_in_flight_gets_503_at_once_and_is_admitted_when_load_
         assert info.value.status_code == 503 and "server.max_in_flight" in info.value.message
         # any API route is shed, the probes and the metrics never
         assert httpx.get(f"{stack.base}/v1/models", timeout=10).status_code == 503
-        t0 = time.monotonic()
-        live = httpx.get(f"{stack.base}/health/liveliness", timeout=10)
-        assert live.status_code == 200 and time.monotonic() - t0 < 2.5  # not queued behind the held requests
-        assert httpx.get(f"{stack.base}/health/readiness", timeout=10).status_code == 200
+        assert httpx.get(f"{stack.base}/health/liveliness", timeout=30).status_code == 200
+        assert httpx.get(f"{stack.base}/health/readiness", timeout=30).status_code == 200
+        assert held.pending()  # the probes were answered while every slot was held, not queued behind them
         assert _metric(stack.base, "uniroute_requests_shed_total") == shed_before + 3
         assert held.release() == [200] * LIMIT  # the admitted ones finish normally
     # load dropped: admitted again
@@ -209,5 +212,7 @@ def test_the_openai_sdk_waits_retry_after_and_retries(stack: Stack) -> None:
             client.chat.completions.create(model="b-ok", messages=[{"role": "user", "content": "retry me"}])
         took = time.monotonic() - t0
         assert _metric(stack.base, "uniroute_requests_shed_total") == shed_before + 2  # the SDK tried twice
-        assert 0.9 <= took < 4.0, took  # ... waiting Retry-After: 1 s in between
+        # ... waiting Retry-After (1 s) in between: the SDK's own first back-off is at most 0.5 s (no upper bound:
+        # a loaded machine may take seconds to answer the two refusals)
+        assert took >= 0.9, took
         assert held.release() == [200] * LIMIT
