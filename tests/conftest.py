@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx._transports.default
 import pytest
 
 from routing.dataset import DATASET_ENV, default_dataset_path
+
+
+def _share_httpx_ssl_contexts() -> None:
+    """One SSL context per pytest process for every httpx client the tests make (``httpx.get/post``, the openai and
+    anthropic SDKs' clients): httpx builds a new one for each client, reading and parsing the CA bundle, ~50 ms of CPU,
+    which the tests paid for every one-off request and every SDK client they created, all on plain-HTTP loopback.
+    An ``ssl.SSLContext`` is meant to be shared; the same arguments give the same context."""
+    transports: Any = httpx._transports.default
+    original = transports.create_ssl_context
+    if not isinstance(original, functools._lru_cache_wrapper):
+        transports.create_ssl_context = functools.lru_cache(maxsize=16)(original)
+
+
+_share_httpx_ssl_contexts()
 
 
 @pytest.fixture(scope="session")
