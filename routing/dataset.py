@@ -203,8 +203,10 @@ def load_dataset(path: str | os.PathLike[str], *, with_responses: bool = True) -
         raise DatasetError(f"{prompts_path}: no prompts")
 
     n, m = len(ids), len(models)
-    scores = np.full((n, m), np.nan)
-    qcost = np.full((n, m), np.nan)
+    # filled as flat Python lists (row i * m + j) and made arrays at the end: a numpy element read or write
+    # per outcome row costs several times a list's (the benchmark has ~280k rows; every replay loads it)
+    flat_scores = [math.nan] * (n * m)
+    flat_costs = [math.nan] * (n * m)
     responses: list[list[str]] = [[""] * m for _ in range(n)] if with_responses else []
     outcomes_path = root / OUTCOMES_FILE
     with _open_text(_require(outcomes_path)) as fh:
@@ -231,16 +233,19 @@ def load_dataset(path: str | os.PathLike[str], *, with_responses: bool = True) -
                 raise DatasetError(f"{outcomes_path}:{line}: score {score_s!r} is not a number") from None
             if not math.isfinite(score) or not 0.0 <= score <= 1.0:
                 raise DatasetError(f"{outcomes_path}:{line}: score must be finite and in [0,1], got {score_s!r}")
-            if not math.isnan(scores[i, j]):
+            cell = i * m + j
+            if not math.isnan(flat_scores[cell]):
                 raise DatasetError(f"{outcomes_path}:{line}: duplicate outcome for ({pid!r}, {model!r})")
-            scores[i, j] = score
+            flat_scores[cell] = score
             if cost_s.strip():
                 try:
-                    qcost[i, j] = float(cost_s)
+                    flat_costs[cell] = float(cost_s)
                 except ValueError:
                     raise DatasetError(f"{outcomes_path}:{line}: cost {cost_s!r} is not a number") from None
             if with_responses:
                 responses[i][j] = response
+    scores = np.array(flat_scores, dtype=np.float64).reshape(n, m)
+    qcost = np.array(flat_costs, dtype=np.float64).reshape(n, m)
     missing = np.argwhere(np.isnan(scores))
     if missing.size:
         i, j = missing[0]
