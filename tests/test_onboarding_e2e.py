@@ -329,9 +329,12 @@ def test_readme_onboarding_on_generated_data(tmp_path: Path) -> None:
     dataset = make_synthetic_dataset(tmp_path / "dataset", n_prompts=300, accuracy=accuracy, costs=costs, seed=5)
     from gateway.cli.main import main as cli
 
+    # fitted as the demo fits its router (`uniroute router fit --embedder static`, the README): its config.yaml
+    # is written for a static embedding (max_wait_ms: 0), and a gateway on it starts without importing torch
+    # (test_onboarding_on_generated_data serves a MiniLM router through the same onboarding path)
     artifact = tmp_path / "var" / "router"
     assert cli(["router", "fit", "--dataset", str(dataset), "--out", str(artifact), "--val-size", "100",
-                "--k", "4"]) == 0
+                "--k", "4", "--embedder", "static"]) == 0
     _readme_onboarding(tmp_path, dataset, artifact)
 
 
