@@ -117,13 +117,13 @@ def deferral_curve(errors: np.ndarray, true_scores: np.ndarray, costs: np.ndarra
     xs = np.empty(len(lam_arr))
     ys = np.empty(len(lam_arr))
     rows = np.arange(len(e))
-    # many λ at once (the same objective e + λ·c and tie-break as Decider.choose, one λ per leading row),
+    # many λ at once (Decider.choose_each: the objective e + λ·c and tie-break of Decider.choose),
     # in blocks of at most _BLOCK_CELLS objective cells: a λ loop of numpy calls on small arrays is
     # mostly call overhead (router fits and the evaluation draw thousands of curves)
     step = max(1, _BLOCK_CELLS // max(1, e.size))
     for a in range(0, len(lam_arr), step):
         block = lam_arr[a:a + step]
-        choice = decider.best(e[None] + block[:, None, None] * c)  # (λ, prompt)
+        choice = decider.choose_each(e, block)  # (λ, prompt)
         xs[a:a + step] = c[choice].mean(axis=-1)
         ys[a:a + step] = true_scores[rows, choice].mean(axis=-1)
     return xs, ys
