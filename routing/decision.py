@@ -86,5 +86,14 @@ class Decider:
     def choose(self, errors: np.ndarray, lam: float) -> np.ndarray:
         return self.best(self.objective(errors, lam))
 
+    def choose_each(self, errors: np.ndarray, lams: np.ndarray | Sequence[float]) -> np.ndarray:
+        """:meth:`choose` at every λ of ``lams`` at once: shape ``(len(lams), *errors.shape[:-1])``.
+
+        The same objective, element for element, and the same tie-break: the columns are put in
+        tie-break order once (not the whole objective block after it is built)."""
+        e = np.asarray(errors, dtype=np.float64)[..., self.order]
+        lam = np.asarray(lams, dtype=np.float64).reshape((-1,) + (1,) * e.ndim)
+        return self.order[np.argmin(e + lam * self.costs[self.order], axis=-1)]
+
     def rank(self, errors: np.ndarray, lam: float) -> np.ndarray:
         return self.best_first(self.objective(errors, lam))

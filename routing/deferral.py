@@ -113,14 +113,24 @@ def deferral_curve(errors: np.ndarray, true_scores: np.ndarray, costs: np.ndarra
     c = decider.costs
     if ends:
         lams = sweep(e, c, lams)
-    xs = np.empty(len(lams))
-    ys = np.empty(len(lams))
+    lam_arr = np.asarray(lams, dtype=np.float64).reshape(-1)
+    xs = np.empty(len(lam_arr))
+    ys = np.empty(len(lam_arr))
     rows = np.arange(len(e))
-    for t, lam in enumerate(lams):
-        choice = decider.choose(e, float(lam))
-        xs[t] = c[choice].mean()
-        ys[t] = true_scores[rows, choice].mean()
+    # many λ at once (Decider.choose_each: the objective e + λ·c and tie-break of Decider.choose),
+    # in blocks of at most _BLOCK_CELLS objective cells: a λ loop of numpy calls on small arrays is
+    # mostly call overhead (router fits and the evaluation draw thousands of curves)
+    step = max(1, _BLOCK_CELLS // max(1, e.size))
+    for a in range(0, len(lam_arr), step):
+        block = lam_arr[a:a + step]
+        choice = decider.choose_each(e, block)  # (λ, prompt)
+        xs[a:a + step] = c[choice].mean(axis=-1)
+        ys[a:a + step] = true_scores[rows, choice].mean(axis=-1)
     return xs, ys
+
+
+#: the largest (λ, prompt, model) objective block :func:`deferral_curve` evaluates at once (8 MB of float64)
+_BLOCK_CELLS = 1 << 20
 
 
 #: default λ sweep: 0, then log-spaced; :func:`deferral_curve` adds the exact all-cheapest end

@@ -198,22 +198,62 @@ def _pair_costs(ds: BenchmarkDataset, rows: np.ndarray, entries: Sequence[ModelE
     return out
 
 
-async def simulate(dataset: str | Path, artifact: str | Path, *, budget_usd: float, period: str = "day",
-                   rate_per_hour: float = 100.0, bursts: Sequence[Burst] = (), seed: int = 0,
-                   start_lambda: float = 0.1, database_url: str | None = None,
-                   params: PaceParams | None = None, progress: bool = False) -> SimulationResult:
-    """Run one period of paced traffic and the fixed-λ hindsight reference on the same requests."""
+def _check(period: str, rate_per_hour: float) -> None:
     if period not in ("day", "month"):
         raise ValueError(f"--period must be day or month, got {period!r}")
-    if not budget_usd > 0 or not math.isfinite(budget_usd):
-        raise ValueError(f"--budget must be a positive number of USD, got {budget_usd}")
     if not rate_per_hour > 0:
         raise ValueError(f"--rate must be > 0 requests per hour, got {rate_per_hour}")
+
+
+def _dataset(dataset: str | Path | BenchmarkDataset) -> BenchmarkDataset:
+    return dataset if isinstance(dataset, BenchmarkDataset) else load_dataset(dataset)
+
+
+def _period(period: str) -> tuple[datetime, float]:
+    """The current budget period's start and its length in seconds."""
+    start = period_start_for(period, datetime.now(UTC))
+    return start, (period_end_for(period, start) - start).total_seconds()
+
+
+def _requests(ds: BenchmarkDataset, policy: Any, period_s: float, rate_per_hour: float, bursts: Sequence[Burst],
+              seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The period's requests: arrival times and the dataset rows they ask (prompts outside the artifact's
+    validation set), drawn from ``seed``."""
+    rng = np.random.default_rng(seed)
+    t = arrivals(period_s, rate_per_hour, bursts, rng)
+    if len(t) == 0:
+        raise ValueError("no request arrives in the period at this --rate")
+    if not isinstance(policy, UniRoutePolicy):
+        raise ValueError("the simulation needs a UniRoute artifact (router.policy uniroute)")
+    val = set(policy.artifact.val_prompt_ids)
+    pool_rows = np.array([i for i, pid in enumerate(ds.prompt_ids) if pid not in val])
+    rows = pool_rows[rng.permutation(len(pool_rows))[np.arange(len(t)) % len(pool_rows)]]
+    return t, rows
+
+
+async def _routing(ds: BenchmarkDataset, cfg: GatewayConfig) -> tuple[Registry, RouterBundle, InProcessReplay]:
+    """The registry (with the artifact's profiles), the router and the in-process replay upstream."""
+    registry = Registry.from_config(cfg)
+    bundle: RouterBundle = await build_router(cfg)
+    registry.replace(with_profiles(registry.snapshot.entries, bundle.profiles))
+    return registry, bundle, InProcessReplay(ds)
+
+
+async def simulate(dataset: str | Path | BenchmarkDataset, artifact: str | Path, *, budget_usd: float,
+                   period: str = "day", rate_per_hour: float = 100.0, bursts: Sequence[Burst] = (), seed: int = 0,
+                   start_lambda: float = 0.1, database_url: str | None = None,
+                   params: PaceParams | None = None, progress: bool = False) -> SimulationResult:
+    """Run one period of paced traffic and the fixed-λ hindsight reference on the same requests.
+
+    ``dataset`` is a benchmark folder or one already loaded (:func:`routing.dataset.load_dataset`)."""
+    _check(period, rate_per_hour)
+    if not budget_usd > 0 or not math.isfinite(budget_usd):
+        raise ValueError(f"--budget must be a positive number of USD, got {budget_usd}")
     t_wall = time.perf_counter()
-    ds = load_dataset(dataset)
+    ds = _dataset(dataset)
     with tempfile.TemporaryDirectory(prefix="uniroute-sim-") as tmp:
         url = database_url or f"sqlite:///{Path(tmp) / 'sim.db'}"
-        cfg = _config(Path(dataset), Path(artifact), url)
+        cfg = _config(ds.path, Path(artifact), url)
         store = Store(url)
         try:
             await asyncio.to_thread(store.upgrade)
@@ -224,17 +264,33 @@ async def simulate(dataset: str | Path, artifact: str | Path, *, budget_usd: flo
             await asyncio.to_thread(store.dispose)
 
 
+async def fixed_lambda_frontier(dataset: str | Path | BenchmarkDataset, artifact: str | Path, *,
+                                period: str = "day", rate_per_hour: float = 100.0, bursts: Sequence[Burst] = (),
+                                seed: int = 0) -> dict[str, Any]:
+    """The hindsight reference of :func:`simulate` alone, without the paced traffic: the requests that
+    :func:`simulate` sends with the same dataset, artifact, period, rate, bursts and seed, routed at each fixed λ
+    of :data:`HINDSIGHT_GRID`. ``feasible_spend_usd`` (the cheapest and the dearest spend) is the range a
+    budget for that traffic can be paced in. No database and no chat service: the routing decisions only."""
+    _check(period, rate_per_hour)
+    ds = _dataset(dataset)
+    cfg = _config(ds.path, Path(artifact), "sqlite://")
+    registry, bundle, replay = await _routing(ds, cfg)
+    try:
+        _, period_s = _period(period)
+        _, rows = _requests(ds, bundle.policy, period_s, rate_per_hour, bursts, seed)
+        return await _hindsight(ds, rows, registry, bundle, replay, None)
+    finally:
+        await replay.aclose()
+        await bundle.aclose()
+
+
 async def _run(ds: BenchmarkDataset, cfg: GatewayConfig, store: Store, *, budget_usd: float, period: str,
                rate_per_hour: float, bursts: Sequence[Burst], seed: int, start_lambda: float,
                params: PaceParams | None, progress: bool, t_wall: float) -> SimulationResult:
-    registry = Registry.from_config(cfg)
-    bundle: RouterBundle = await build_router(cfg)
-    registry.replace(with_profiles(registry.snapshot.entries, bundle.profiles))
-    replay = InProcessReplay(ds)
+    registry, bundle, replay = await _routing(ds, cfg)
     forwarder = Forwarder(max_attempts=1, upstream=replay)
     registry.on_replace(forwarder.register)
-    start = period_start_for(period, datetime.now(UTC))
-    period_s = (period_end_for(period, start) - start).total_seconds()
+    start, period_s = _period(period)
     clock = VirtualClock(start)
     pacer = SqlPacer(store, interval_s=cfg.router.pace_interval_s, params=params, clock=clock)
     sink = MemorySink(maxlen=10**7)
@@ -244,15 +300,7 @@ async def _run(ds: BenchmarkDataset, cfg: GatewayConfig, store: Store, *, budget
     raw, _ = await asyncio.to_thread(create_key, store, "paced", default_lambda=start_lambda, budget_usd=budget_usd,
                                      period=period, budget_policy="pace",
                                      lambda_range=(cfg.router.lambda_min, cfg.router.lambda_max))
-    rng = np.random.default_rng(seed)
-    t = arrivals(period_s, rate_per_hour, bursts, rng)
-    if len(t) == 0:
-        raise ValueError("no request arrives in the period at this --rate")
-    if not isinstance(bundle.policy, UniRoutePolicy):
-        raise ValueError("the simulation needs a UniRoute artifact (router.policy uniroute)")
-    val = set(bundle.policy.artifact.val_prompt_ids)
-    pool_rows = np.array([i for i, pid in enumerate(ds.prompt_ids) if pid not in val])
-    rows = pool_rows[rng.permutation(len(pool_rows))[np.arange(len(t)) % len(pool_rows)]]
+    t, rows = _requests(ds, bundle.policy, period_s, rate_per_hour, bursts, seed)
     col = {m: j for j, m in enumerate(ds.models)}
     n = len(t)
     lam, cost, score, status = np.zeros(n), np.zeros(n), np.full(n, np.nan), np.zeros(n, dtype=np.int64)
@@ -286,9 +334,10 @@ async def _run(ds: BenchmarkDataset, cfg: GatewayConfig, store: Store, *, budget
 
 
 async def _hindsight(ds: BenchmarkDataset, rows: np.ndarray, registry: Registry, bundle: RouterBundle,
-                     replay: InProcessReplay, spend: float) -> dict[str, Any]:
+                     replay: InProcessReplay, spend: float | None) -> dict[str, Any]:
     """The fixed-λ reference: the same requests routed at each λ of :data:`HINDSIGHT_GRID` by the same decision
-    (:class:`routing.decision.Decider` over the served pool's Ψ), costed as the gateway prices them."""
+    (:class:`routing.decision.Decider` over the served pool's Ψ), costed as the gateway prices them; with the
+    paced ``spend``, the best fixed λ that spends no more (without it, the grid only)."""
     assert bundle.embed is not None
     policy: Any = bundle.policy
     eligible = [e for e in registry.snapshot.entries if e.psi is not None and e.routable]
@@ -307,9 +356,11 @@ async def _hindsight(ds: BenchmarkDataset, rows: np.ndarray, registry: Registry,
         choice = decider.choose(err, float(lam))
         spends[g] = costs[idx, choice].sum()
         means[g] = scores[idx, choice].mean()
-    ok = spends <= spend * (1 + 1e-9)
     out: dict[str, Any] = {"feasible_spend_usd": [float(spends.min()), float(spends.max())],
                            "grid": grid.tolist(), "grid_spend_usd": spends.tolist(), "grid_mean_score": means.tolist()}
+    if spend is None:
+        return out
+    ok = spends <= spend * (1 + 1e-9)
     if ok.any():
         best = int(np.flatnonzero(ok)[np.argmax(means[ok])])
         out.update({"lambda": float(grid[best]), "spend_usd": float(spends[best]), "mean_score": float(means[best])})

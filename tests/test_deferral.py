@@ -95,3 +95,30 @@ def test_all_cheapest_lambda_is_the_last_switch() -> None:
     assert lam == pytest.approx((0.5 - 0.1) / 0.5)
     assert set(sweep(errors, c, np.array([0.1, 100.0]))) == {0.0, 0.1, 2 * lam + 1}  # past the end: dropped
     assert lambda_all_cheapest(np.array([[0.3, 0.3]]), np.array([1.0, 1.0])) == 0.0  # equal costs
+
+
+@pytest.mark.parametrize("block_cells", [1 << 20, 7, 1])
+def test_curve_is_the_one_lambda_at_a_time_decision_bit_for_bit(block_cells: int, monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    """The λ of a sweep are decided in blocks (Decider.choose_each); every point is exactly what one
+    Decider.choose per λ gives, ties (equal errors, equal costs: cheaper first, then by name) included,
+    whatever the block size."""
+    from routing import deferral
+    from routing.decision import Decider
+
+    monkeypatch.setattr(deferral, "_BLOCK_CELLS", block_cells)
+    rng = np.random.default_rng(5)
+    errors = np.round(rng.random((40, 6)), 1)  # many ties
+    scores = rng.random((40, 6))
+    costs = np.array([3.0, 1.0, 3.0, 2.0, 1.0, 8.0])
+    names = ["f", "b", "a", "e", "d", "c"]
+    decider = Decider(costs, names)
+    for lams in (DEFAULT_LAMS, np.array([0.0, 0.2, 0.2, 5.0])):
+        xs, ys = deferral_curve(errors, scores, costs, lams, names, ends=False)
+        rows = np.arange(len(errors))
+        for t, lam in enumerate(lams):
+            choice = decider.choose(errors, float(lam))
+            assert xs[t] == decider.costs[choice].mean() and ys[t] == scores[rows, choice].mean()
+        each = decider.choose_each(errors, lams)
+        assert each.shape == (len(lams), len(errors))
+        assert all(np.array_equal(each[t], decider.choose(errors, float(lam))) for t, lam in enumerate(lams))
