@@ -370,3 +370,63 @@ def test_timeout_defaults() -> None:
     assert e.connect_timeout == 5.0 and e.first_token_timeout == 60.0
     short = entry("http://x/v1", "m", timeout_s=2.0)
     assert short.connect_timeout == 2.0  # never beyond the whole call's timeout
+
+
+async def test_litellm_switches_change_neither_the_request_nor_the_answer(base_url: str) -> None:
+    """``skip_litellm_cost`` and ``pass_provider`` (CPU savings) send the same request body, model name included,
+    and give the same answer and usage, non-streaming and streaming, as with both off."""
+    e, s = entry(base_url, "sw-echo"), entry(base_url, "sw")  # -echo answers the request's JSON (not streamed)
+    seen: dict[bool, tuple[Any, ...]] = {}
+    for on in (False, True):
+        up = LiteLLMUpstream(skip_litellm_cost=on, pass_provider=on)
+        fw = Forwarder(upstream=up)
+        Registry([e, s]).on_replace(fw.register)
+        assert up._call_kwargs(e).get("custom_llm_provider") == ("openai" if on else None)
+        done = await fw.complete([e], MSG, {"temperature": 0.5, "user": "u1"})
+        body = done.response.choices[0].message.content
+        opened = await fw.open_stream([s], MSG, {"stream_options": {"include_usage": True}})
+        chunks = [opened.first] + [c async for c in opened.rest]
+        text = "".join(ch.delta.content or "" for c in chunks for ch in c.choices)
+        usage = next(c.usage for c in reversed(chunks) if getattr(c, "usage", None))
+        seen[on] = (body, done.response.usage.prompt_tokens, done.response.usage.completion_tokens, done.cost_usd,
+                    text, usage.prompt_tokens, usage.completion_tokens)
+        await fw.aclose()
+    assert seen[True] == seen[False]
+    assert '"model": "sw-echo"' in seen[True][0] and '"user": "u1"' in seen[True][0]
+
+
+def test_provider_passed_only_when_the_prefix_is_a_litellm_provider(base_url: str) -> None:
+    up = LiteLLMUpstream()
+    vllm = ModelEntry(name="v", litellm_params={"model": "hosted_vllm/org/m", "api_base": base_url},
+                      input_cost_per_token=0, output_cost_per_token=0, router_cost=1, timeout_s=2)
+    named = ModelEntry(name="n", litellm_params={"model": "some-org/m", "api_base": base_url},
+                       input_cost_per_token=0, output_cost_per_token=0, router_cost=1, timeout_s=2)
+    given = ModelEntry(name="g", litellm_params={"model": "org/m", "custom_llm_provider": "openai",
+                                                 "api_base": base_url},
+                       input_cost_per_token=0, output_cost_per_token=0, router_cost=1, timeout_s=2)
+    Registry([vllm, named, given]).on_replace(up.register)
+    assert up._call_kwargs(vllm)["custom_llm_provider"] == "hosted_vllm"
+    assert up._call_kwargs(vllm)["model"] == "hosted_vllm/org/m"
+    assert "custom_llm_provider" not in up._call_kwargs(named)  # a model name with a slash, not a provider
+    assert up._call_kwargs(given)["custom_llm_provider"] == "openai"
+
+
+async def test_litellm_cost_is_skipped_in_the_gateways_calls_only(base_url: str) -> None:
+    """LiteLLM's own response cost (in ``_hidden_params``, unused by the gateway) is not computed during the
+    gateway's calls with ``skip_litellm_cost``; it is computed as before with it off and for any other caller."""
+    import litellm
+
+    e = entry(base_url, "costly")
+    costs: dict[str, Any] = {}
+    for skip in (False, True):
+        up = LiteLLMUpstream(skip_litellm_cost=skip)
+        Registry([e]).on_replace(up.register)
+        response = await up.complete(e, MSG, {})
+        costs[f"skip={skip}"] = response._hidden_params.get("response_cost")
+        await up.aclose()
+    direct = await litellm.acompletion(model="openai/costly", messages=MSG, api_base=base_url, api_key="test",
+                                       input_cost_per_token=1e-6, output_cost_per_token=2e-6)
+    usage = direct.usage
+    assert costs["skip=True"] is None
+    assert costs["skip=False"] == pytest.approx(usage.prompt_tokens * 1e-6 + usage.completion_tokens * 2e-6)
+    assert direct._hidden_params["response_cost"] == pytest.approx(costs["skip=False"])

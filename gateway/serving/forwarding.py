@@ -24,6 +24,11 @@
   answer, or stream event, fails as a 502 without being buffered whole.
   Non-streaming calls (and those streams) run with LiteLLM's "internal call" flag set, which
   skips LiteLLM's own success/failure logging: the gateway logs and prices every request itself.
+  During the gateway's chat calls LiteLLM's own response cost (``Logging.response_cost_calculator``,
+  stored in the response's ``_hidden_params``, which the gateway never reads) is not computed
+  (``skip_litellm_cost``), and an entry whose model is prefixed with a LiteLLM provider passes it as
+  ``custom_llm_provider``, so ``acompletion`` does not resolve it again (``pass_provider``): ~1 ms of CPU
+  per call together (``benchmarks/litellm_call_cpu.py``, docs/PERFORMANCE.md).
 - Timeouts per model: ``connect_timeout_s`` (an ``httpx.Timeout`` on the call: honoured by
   LiteLLM's openai/azure/bedrock providers, the others get ``timeout_s`` as one number),
   ``first_token_timeout_s`` (streams: one ``asyncio.timeout`` around opening the stream and
@@ -50,11 +55,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar, get_args
 
@@ -83,6 +89,9 @@ HTTP_CLIENTS: tuple[HttpClientKind, ...] = get_args(HttpClientKind)
 
 #: providers whose OpenAI-compatible servers accept the standard ``user`` parameter
 _PASS_USER = frozenset({"openai", "hosted_vllm"})
+#: set while the gateway's own chat calls run: LiteLLM's response cost is then not computed (see
+#: :func:`_skip_cost_when_asked`); every other caller of LiteLLM in the process is unaffected
+_SKIP_LITELLM_COST: contextvars.ContextVar[bool] = contextvars.ContextVar("uniroute_skip_litellm_cost", default=False)
 _PREFIX = re.compile(r"^(?:litellm\.\w+:\s*)?(?:\w+(?:Error|Exception):\s*)?(?:\w+Exception\s*-\s*)?")
 
 
@@ -107,7 +116,36 @@ def configure_litellm() -> Any:
     litellm._async_failure_callback = []
     for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "litellm"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    _skip_cost_when_asked()
     return litellm
+
+
+def _skip_cost_when_asked() -> bool:
+    """Make LiteLLM's per-call response cost (``Logging.response_cost_calculator``) answer None while
+    :data:`_SKIP_LITELLM_COST` is set, and compute it as before otherwise. LiteLLM runs it after every call
+    only to store the cost in the response's ``_hidden_params``, which the gateway never reads (it prices
+    usage × the entry's prices itself); it was ~15% of the CPU of a non-streaming call. LiteLLM has no switch
+    for it, so the method is wrapped once per process; a LiteLLM without it is left alone (False)."""
+    try:
+        from litellm.litellm_core_utils.litellm_logging import Logging
+    except ImportError:  # pragma: no cover - a LiteLLM that moved its logging object
+        return False
+    original = getattr(Logging, "response_cost_calculator", None)
+    if original is None or not callable(original):
+        return False
+    if getattr(original, "__uniroute_wrapped__", False):
+        return True
+
+    def response_cost_calculator(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if _SKIP_LITELLM_COST.get():
+            return None
+        return original(self, *args, **kwargs)
+
+    response_cost_calculator.__uniroute_wrapped__ = True  # type: ignore[attr-defined]
+    response_cost_calculator.__wrapped__ = original  # type: ignore[attr-defined]
+    response_cost_calculator.__doc__ = original.__doc__
+    setattr(Logging, "response_cost_calculator", response_cost_calculator)  # noqa: B010 (a method: mypy refuses `=`)
+    return True
 
 
 @dataclass
@@ -372,15 +410,24 @@ class LiteLLMUpstream:
     """Calls backends through ``litellm.acompletion`` (the gateway's only caller of it)."""
 
     def __init__(self, raw_openai_streams: bool = True, http_client: HttpClientKind = "aiohttp",
-                 max_response_bytes: int = MAX_RESPONSE_BYTES) -> None:
+                 max_response_bytes: int = MAX_RESPONSE_BYTES, skip_litellm_cost: bool = True,
+                 pass_provider: bool = True) -> None:
+        """``skip_litellm_cost``: LiteLLM does not compute its own (unused) response cost during the chat
+        calls; ``pass_provider``: an entry's provider prefix is passed as ``custom_llm_provider``. Both only
+        save CPU (``benchmarks/litellm_call_cpu.py`` measures them off and on)."""
         if http_client not in HTTP_CLIENTS:
             raise ValueError(f"unknown http_client {http_client!r}; valid: {', '.join(HTTP_CLIENTS)}")
         self.raw_openai_streams = raw_openai_streams
+        self.skip_litellm_cost = skip_litellm_cost
+        self.pass_provider = pass_provider
         self.http_client = http_client
         self.max_response_bytes = max_response_bytes
         self._litellm = configure_litellm()
         self._acompletion = self._litellm.acompletion
         self._quiet = _internal_call_flag()
+        # LiteLLM's provider names (a model prefix that is not one is part of the model's name)
+        self._provider_names = frozenset(str(getattr(p, "value", p))
+                                         for p in getattr(self._litellm, "provider_list", None) or ())
         self._kwargs: dict[str, tuple[ModelEntry, dict[str, Any]]] = {}
         self._clients: dict[tuple[str, str, str | None], Any] = {}
         self._client_cls: type | None = None
@@ -422,6 +469,10 @@ class LiteLLMUpstream:
             params = dict(e.litellm_params)
             model = params.pop("model")
             provider = params.get("custom_llm_provider") or (model.split("/", 1)[0] if "/" in model else None)
+            if self.pass_provider and provider and "custom_llm_provider" not in params and \
+                    provider in self._provider_names:
+                # what acompletion would resolve from the prefix (and resolves again, per call, when not given)
+                params["custom_llm_provider"] = provider
             info: dict[str, Any] = {"input_cost_per_token": e.input_cost_per_token,
                                     "output_cost_per_token": e.output_cost_per_token,
                                     "mode": "embedding" if e.kind == "embedding" else "chat"}
@@ -446,6 +497,20 @@ class LiteLLMUpstream:
             self._litellm.register_model(prices)
         self._kwargs = kwargs
 
+    @contextmanager
+    def _lean(self, quiet: bool = True) -> Iterator[None]:
+        """The scope of one call of the gateway's: LiteLLM's internal-call flag (no logging of its own; when
+        ``quiet``) and, with ``skip_litellm_cost``, no response cost of its own."""
+        token = self._quiet.set(True) if quiet and self._quiet is not None else None
+        skip = _SKIP_LITELLM_COST.set(True) if self.skip_litellm_cost else None
+        try:
+            yield
+        finally:
+            if skip is not None:
+                _SKIP_LITELLM_COST.reset(skip)
+            if token is not None and self._quiet is not None:
+                self._quiet.reset(token)
+
     def _call_kwargs(self, entry: ModelEntry) -> dict[str, Any]:
         cached = self._kwargs.get(entry.name)
         if cached is None or cached[0] is not entry:
@@ -457,12 +522,8 @@ class LiteLLMUpstream:
     # -- calls ------------------------------------------------------------------------
 
     async def complete(self, entry: ModelEntry, messages: list[dict[str, Any]], params: Mapping[str, Any]) -> Any:
-        token = self._quiet.set(True) if self._quiet is not None else None
-        try:
+        with self._lean():
             response = await self._acompletion(messages=messages, **self._call_kwargs(entry), **params)
-        finally:
-            if token is not None and self._quiet is not None:
-                self._quiet.reset(token)
         if response is None:
             raise _unprocessable(entry)
         return response
@@ -472,12 +533,8 @@ class LiteLLMUpstream:
         kwargs = self._call_kwargs(entry)
         raw = self._raw_stream(kwargs)
         # LiteLLM's stream wrapper (and its logging) is bypassed for a raw stream
-        token = self._quiet.set(True) if raw and self._quiet is not None else None
-        try:
+        with self._lean(quiet=raw):
             stream = await self._acompletion(messages=messages, stream=True, **kwargs, **params)
-        finally:
-            if token is not None and self._quiet is not None:
-                self._quiet.reset(token)
         if stream is None:
             raise _unprocessable(entry)
         return self._chunks(stream, raw)
