@@ -117,7 +117,10 @@ def test_stream_stalling_mid_way_ends_with_a_timeout_event(stack: Stack) -> None
         assert r.status_code == 200
         events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
     took = time.monotonic() - t0
-    assert 1.3 < took < 3.5  # timeout_s = 1.5 for the whole stream, though chunks had arrived
+    # timeout_s = 1.5 for the whole stream, though chunks had arrived; the upper bound has slack for a loaded CI
+    # machine (3.7 s seen there beside the parallel run) and still lies far below what a timeout that did not
+    # fire would give: the client's 10 s read timeout (an exception here), the upstream's 600 s stall
+    assert 1.3 < took < 6.0
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
     assert error["type"] == "timeout" and "timeout_s" in error["message"]
