@@ -287,7 +287,7 @@ def test_kill_9_under_traffic_every_answered_request_has_its_row_and_nothing_sta
         with _serve(cfg, port):
             _wait("every answered request has its row", lambda: set(answered) <= set(_rows(direct)))
             _wait("no reservation is held", lambda: not reservations_sql.held(direct)
-                  and all(_budget(direct, n)[1] == 0.0 for n in keys), 15)
+                  and all(_budget(direct, n)[1] == 0.0 for n in keys), 60)  # load-dependent (15 s ran out in CI)
             rows = _rows(direct)
             for rid, (name, cost, stream) in answered.items():
                 row = rows[rid]
