@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from typing import Any
 import httpx
 
 import gateway  # noqa: F401  (sets LiteLLM's offline environment before anything imports litellm)
-from benchmarks.overhead import free_port, server, versions
+from benchmarks.overhead import replay_on_cpu1, versions
 
 Call = Callable[[str, bool], Awaitable[None]]
 
@@ -141,23 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(litellm, name):
             ap.error(f"litellm has no attribute {name!r}")
         setattr(litellm, name, json.loads(value))
-    from routing.dataset import default_dataset_path, load_dataset
-    from routing.synthetic import make_synthetic_dataset
-
     tmp = Path(tempfile.mkdtemp(prefix="uniroute-fwdcost-"))
-    dataset = Path(args.dataset) if args.dataset else default_dataset_path()
-    if dataset is None or not dataset.is_dir():
-        dataset = make_synthetic_dataset(tmp / "synthetic", n_prompts=200)
-    data = load_dataset(dataset, with_responses=False)
-    split = (os.cpu_count() or 1) >= 2
-    port = free_port()
-    cmd = [sys.executable, "-m", "gateway.cli.main", "replay", "--dataset", str(dataset), "--port", str(port)]
-    if args.stream_chunks:
-        cmd += ["--stream-chunks", str(args.stream_chunks)]
-    with server(cmd, tmp / "replay.log", f"http://127.0.0.1:{port}/health", "1" if split else None):
-        if split:
-            os.sched_setaffinity(0, {0})
-        rows = asyncio.run(run(f"http://127.0.0.1:{port}/v1", data.models[0], data.prompts[:200], args.calls))
+    extra = ["--stream-chunks", str(args.stream_chunks)] if args.stream_chunks else []
+    with replay_on_cpu1(args.dataset, tmp, *extra) as (base, models, prompts):
+        rows = asyncio.run(run(base, models[0], prompts, args.calls))
     print("| client | stream | calls | CPU ms/call | wall p50 ms |")
     print("|---|---|---:|---:|---:|")
     for r in rows:

@@ -180,6 +180,28 @@ def server(cmd: list[str], log: Path, ready_url: str, cpus: str | None) -> Itera
         stop(proc, timeout_s=15)
 
 
+@contextlib.contextmanager
+def replay_on_cpu1(dataset_arg: str | None, tmp: Path, *extra: str) -> Iterator[tuple[str, list[str], list[str]]]:
+    """The replay upstream of one process's call benchmarks: ``dataset_arg`` or the repository's dataset (a
+    generated one when neither is there), served by ``uniroute replay`` pinned to CPU 1 while this process
+    runs on CPU 0 (on a machine with two cores or more). Yields the upstream's ``/v1`` URL, the dataset's
+    models and its first 200 prompts."""
+    from routing.dataset import default_dataset_path, load_dataset
+    from routing.synthetic import make_synthetic_dataset
+
+    dataset = Path(dataset_arg) if dataset_arg else default_dataset_path()
+    if dataset is None or not dataset.is_dir():
+        dataset = make_synthetic_dataset(tmp / "synthetic", n_prompts=200)
+    data = load_dataset(dataset, with_responses=False)
+    split = (os.cpu_count() or 1) >= 2
+    port = free_port()
+    cmd = [sys.executable, "-m", "gateway.cli.main", "replay", "--dataset", str(dataset), "--port", str(port), *extra]
+    with server(cmd, tmp / "replay.log", f"http://127.0.0.1:{port}/health", "1" if split else None):
+        if split:
+            os.sched_setaffinity(0, {0})
+        yield f"http://127.0.0.1:{port}/v1", list(data.models), list(data.prompts[:200])
+
+
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for pkg in ("uvicorn", "starlette", "litellm", "openai", "httpx", "orjson", "uvloop", "httptools", "pydantic"):
