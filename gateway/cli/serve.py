@@ -15,6 +15,8 @@ from gateway.secrets import install_log_scrubber
 #: import strings of gateway.http.server's protocols (uvicorn imports them in each worker)
 _BOUNDED_HTTPTOOLS = "gateway.http.server:BoundedHttpToolsProtocol"
 _BOUNDED_H11 = "gateway.http.server:BoundedH11Protocol"
+#: uvicorn's loop factory: uvloop with batched accepts
+_BATCH_ACCEPT_LOOP = "gateway.http.eventloop:new_event_loop"
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -44,7 +46,8 @@ def serve_command(args: argparse.Namespace) -> int:
             host=host,
             port=port,
             workers=workers,
-            loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+            # uvloop, accepting pending connections in batches (gateway/http/eventloop.py)
+            loop=_BATCH_ACCEPT_LOOP if importlib.util.find_spec("uvloop") else "asyncio",
             # uvicorn's protocols with header/body deadlines and a header size bound (gateway/http/server.py)
             http=(_BOUNDED_HTTPTOOLS if importlib.util.find_spec("httptools") else _BOUNDED_H11),
             h11_max_incomplete_event_size=config.server.max_header_bytes,
