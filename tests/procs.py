@@ -39,6 +39,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def connect_without_waiting(port: int, n: int) -> list[socket.socket]:
+    """``n`` non-blocking connections to ``port`` on loopback, started and not waited for (the kernel completes
+    the handshakes it can, and the connections wait in the listening socket's accept queue); the caller closes them."""
+    clients = []
+    for _ in range(n):
+        client = socket.socket()
+        client.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            client.connect(("127.0.0.1", port))
+        clients.append(client)
+    return clients
+
+
 def server_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

@@ -8,7 +8,6 @@ accepting when closed, and pauses accepting for a second when the process is out
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import socket
 import time
@@ -21,7 +20,7 @@ import uvicorn
 import uvloop
 
 from gateway.http import eventloop
-from tests.procs import free_port
+from tests.procs import connect_without_waiting, free_port
 
 BURST = 100
 BUSY_ITERATIONS = 20  # far fewer than BURST: one accept per iteration cannot take the burst in time
@@ -41,13 +40,7 @@ def _burst_accepted(loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> in
         loop = asyncio.get_running_loop()
         server = await loop.create_server(Counting, "127.0.0.1", 0, backlog=1024)
         port = server.sockets[0].getsockname()[1]
-        clients = []
-        for _ in range(BURST):  # the kernel completes every handshake; the connections wait to be accepted
-            client = socket.socket()
-            client.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                client.connect(("127.0.0.1", port))
-            clients.append(client)
+        clients = connect_without_waiting(port, BURST)  # they wait in the accept queue, handshakes done
         time.sleep(0.2)
         for _ in range(BUSY_ITERATIONS):  # a busy loop: each iteration takes 5 ms of callbacks
             time.sleep(0.005)

@@ -30,6 +30,7 @@ from gateway.serving.forwarding import (
 )
 from gateway.serving.registry import ModelEntry, Registry
 from tests.fake_upstream import PROVIDER_MESSAGE
+from tests.procs import connect_without_waiting
 
 MSG = [{"role": "user", "content": "hello there"}]
 
@@ -316,13 +317,7 @@ def _listener_that_never_accepts() -> Iterator[str]:
     srv.bind(("127.0.0.1", 0))
     srv.listen(0)
     port = srv.getsockname()[1]
-    fillers = []
-    for _ in range(3):
-        c = socket.socket()
-        c.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            c.connect(("127.0.0.1", port))
-        fillers.append(c)
+    fillers = connect_without_waiting(port, 3)
     time.sleep(0.1)
     try:
         yield f"http://127.0.0.1:{port}/v1"
