@@ -6,6 +6,7 @@ import contextlib
 import os
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -72,13 +73,16 @@ class ServerSpec:
     ready_url: str
     env: dict[str, str] | None = None
     timeout_s: float = 60.0
+    #: where its output goes (kept after the test, for a failure's report); None: a temporary file
+    log: Path | None = None
 
 
 @contextlib.contextmanager
 def running(args: Sequence[str], ready_url: str, *, env: dict[str, str] | None = None,
-            timeout_s: float = 60.0) -> Iterator[subprocess.Popen[bytes]]:
-    """Start ``args`` (a Python module command line), wait until ``ready_url`` answers 200, stop it after."""
-    with running_all(ServerSpec(args, ready_url, env, timeout_s)) as procs:
+            timeout_s: float = 60.0, log: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``args`` (a Python module command line), wait until ``ready_url`` answers 200, stop it after;
+    ``log``: the file its output goes to (default: a temporary one)."""
+    with running_all(ServerSpec(args, ready_url, env, timeout_s, log)) as procs:
         yield procs[0]
 
 
@@ -86,12 +90,10 @@ def running(args: Sequence[str], ready_url: str, *, env: dict[str, str] | None =
 def running_all(*servers: ServerSpec) -> Iterator[list[subprocess.Popen[bytes]]]:
     """Start all ``servers`` at once (their start-ups, seconds each, overlap), wait until each is ready,
     stop them all after (in reverse order). A server that exits or is not ready in time fails with its log."""
-    import tempfile
-
     with contextlib.ExitStack() as stack:
         started = []
         for server in servers:
-            log = stack.enter_context(tempfile.TemporaryFile())
+            log = stack.enter_context(_log_file(server.log))
             proc = popen(server.args, env=server.env or None, stdout=log)
             stack.callback(_stop, proc)
             started.append((server, proc, log, time.monotonic() + server.timeout_s))
@@ -101,6 +103,11 @@ def running_all(*servers: ServerSpec) -> Iterator[list[subprocess.Popen[bytes]]]
             for server, proc, log, deadline in started:
                 _wait_ready(client, server, proc, log, deadline)
         yield [proc for _, proc, _, _ in started]
+
+
+def _log_file(path: Path | None) -> IO[bytes]:
+    """A server's output file: ``path`` (kept), or a temporary file."""
+    return open(path, "w+b") if path is not None else tempfile.TemporaryFile()  # the caller's ExitStack closes it
 
 
 def _wait_ready(client: httpx.Client, server: ServerSpec, proc: subprocess.Popen[bytes], log: IO[bytes],

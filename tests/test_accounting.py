@@ -209,8 +209,8 @@ def two_workers(upstream: tuple[Path, str], tmp_path_factory: pytest.TempPathFac
     env = server_env(UNIROUTE_CONFIG=str(cfg), PROMETHEUS_MULTIPROC_DIR=str(prom_dir), UR_TEST_KEY="x",
                      UNIROUTE_METRICS_TOKEN=SCRAPE)
     with running(["-m", "uvicorn", "--factory", "gateway.app:app_from_env", "--host", "127.0.0.1", "--port",
-                  str(port), "--workers", "2", "--log-level", "warning"],
-                 f"http://127.0.0.1:{port}/health/readiness", env=env):
+                  str(port), "--workers", "2", "--log-level", "info", "--no-access-log"],
+                 f"http://127.0.0.1:{port}/health/readiness", env=env, log=root / "gateway.log"):
         yield f"http://127.0.0.1:{port}", prom_dir
 
 
@@ -241,8 +241,15 @@ def test_multiprocess_metrics_with_two_uvicorn_workers(two_workers: tuple[str, P
         assert _value(text, "uniroute_registry_models", state="enabled") == 6
 
 
+def _liveliness(base: str) -> str:
+    try:
+        return f"liveliness {httpx.get(f'{base}/health/liveliness', timeout=5).status_code}"
+    except httpx.HTTPError as exc:
+        return f"liveliness failed: {exc!r}"
+
+
 def test_real_prometheus_scrapes_the_gateway(two_workers: tuple[str, Path], tmp_path: Path) -> None:
-    base, _ = two_workers
+    base, prom_dir = two_workers
     with httpx.Client() as c:
         assert c.get(f"{base}/metrics").status_code == 401  # no token, no metrics
         before = _value(c.get(f"{base}/metrics", headers=_bearer(SCRAPE)).text, "litellm_proxy_total_requests_metric_total")
@@ -250,7 +257,12 @@ def test_real_prometheus_scrapes_the_gateway(two_workers: tuple[str, Path], tmp_
         _send(base, 12)
         total = before + 12
         q = 'sum(litellm_proxy_total_requests_metric_total{job="uniroute", status_code="200"})'
-        assert wait_promql(prom, q, total) == total
+        try:
+            assert wait_promql(prom, q, total) == total
+        except pytest.fail.Exception as exc:  # seen once in CI (Prometheus refused for 60 s): say what the gateway did
+            log = prom_dir.parent / "gateway.log"
+            pytest.fail(f"{exc}\nthe gateway now: {_liveliness(base)}; its log (uvicorn's supervisor at info):\n"
+                        + log.read_text(errors="replace")[-4000:])
         assert promql(prom, 'sum(litellm_requests_metric_total{requested_model="auto"})') is not None
         assert promql(prom, 'count(litellm_request_total_latency_metric_bucket{model="large-general"}) > 0')
 
