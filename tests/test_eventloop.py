@@ -1,8 +1,8 @@
 """The gateway's event loop (gateway/http/eventloop.py): uvloop whose TCP servers accept in batches.
 
 A burst of new connections to a busy loop is accepted within a few loop iterations, not one connection per
-iteration as uvloop's own server does (libuv >= 1.45); the server serves uvicorn as uvloop's does, stops
-accepting when closed, and pauses accepting for a second when the process is out of file descriptors.
+iteration as uvloop's own server does (libuv pull request 3696); the server serves uvicorn as uvloop's does,
+stops accepting when closed, and pauses accepting for a second when the process is out of file descriptors.
 """
 
 from __future__ import annotations

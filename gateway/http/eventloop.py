@@ -1,15 +1,15 @@
 """The event loop ``uniroute serve`` runs: uvloop, with TCP servers that accept pending connections in batches.
 
-libuv (under uvloop) accepts **one connection per loop iteration** since libuv 1.45 (libuv pull request
-3696): it calls ``accept()`` once when the listening socket is readable and waits for the next iteration
-for the next one. An idle loop iterates in microseconds, so nobody notices; a gateway at its CPU limit
-iterates every 10-20 ms (each iteration runs every ready request's callbacks), so a burst of 200 new
-connections waits up to 200 iterations, 2-4 s, in the kernel's accept queue with their first request
-already sent: the client sees a slow answer that the gateway's own log (which starts at the request)
-never shows, and the overload limit (``server.max_in_flight``) cannot answer those requests with a quick
-503 because it never sees them. Measured: ``benchmarks/vs_litellm_proxy.py`` at concurrency 256, admitted
-p99 3.7-3.9 s with uvloop's accept, against a queue of 60-80 connections on the listening socket
-(docs/PERFORMANCE.md).
+libuv (under uvloop) accepts **one connection per loop iteration** since libuv pull request 3696 (2022;
+the libuv of uvloop 0.23 behaves so, tests/test_eventloop.py): it calls ``accept()`` once when the
+listening socket is readable and waits for the next iteration for the next one. An idle loop iterates in
+microseconds, so nobody notices; a gateway at its CPU limit iterates every 10-20 ms (each iteration runs
+every ready request's callbacks), so a burst of 200 new connections waits up to 200 iterations, 2-4 s,
+in the kernel's accept queue with their first request already sent: the client sees a slow answer that
+the gateway's own log (which starts at the request) never shows, and the overload limit
+(``server.max_in_flight``) cannot answer those requests with a quick 503 because it never sees them.
+Measured: ``benchmarks/vs_litellm_proxy.py`` at concurrency 256, admitted p99 3.7-3.9 s with uvloop's
+accept, against a queue of 60-80 connections on the listening socket (docs/PERFORMANCE.md).
 
 :class:`BatchAcceptLoop` is uvloop's loop with one change: :meth:`~BatchAcceptLoop.create_server` for TCP
 without TLS listens itself and, each time the socket is readable, accepts up to :data:`ACCEPT_BATCH`
