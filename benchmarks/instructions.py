@@ -108,6 +108,7 @@ def gateway_config(source: Path, tmp: Path, dataset: Path, rport: int, gport: in
     config: dict[str, Any] = yaml.safe_load((source / "config.yaml").read_text(encoding="utf-8"))
     config.setdefault("server", {}).update({"host": "127.0.0.1", "port": gport, "log_level": "warning",
                                             "header_timeout_s": SLOW_TIMEOUT_S, "body_timeout_s": SLOW_TIMEOUT_S})
+    config["server"].pop("health_port", None)  # the liveness listener's fixed port: not measured here
     config["database_url"] = f"sqlite:///{tmp / 'gateway.db'}"
     config.setdefault("database", {}).update({"spill_dir": str(tmp / "spill"), "settle_timeout_s": 60.0,
                                               "log_flush_interval_s": LOG_FLUSH_S})

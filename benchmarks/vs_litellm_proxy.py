@@ -39,8 +39,9 @@ targets (e.g. ``direct uniroute`` for the two-worker point), and a concurrency a
 ``server.max_in_flight`` (``--max-in-flight``, default the shipped default) is an overload point: its
 503s with ``Retry-After`` are reported apart from other errors (``shed``), the latency percentiles are
 those of the admitted (200) requests, and ``GET /health/liveliness`` is probed every 50 ms during every
-gateway run (``live p99`` / ``live max``; the probes, 20/s, are in the gateway's CPU but not in its request
-count). A client refused with ``Retry-After`` waits that long before its
+gateway run, each probe from a process of its own (:mod:`benchmarks.liveprobe`), on the gateway's liveness
+port (``server.health_port``, answered by a thread: ``live p99 / max``) and on its main port (``main-port
+live``, answered by the event loop); the probes, 40/s, are in the gateway's CPU but not in its request count. A client refused with ``Retry-After`` waits that long before its
 next request, as the OpenAI SDK does (``--ignore-retry-after``: it retries at once).
 
     bash benchmarks/setup_litellm_proxy.sh
@@ -72,6 +73,7 @@ import httpx
 import numpy as np
 import yaml
 
+from benchmarks.liveprobe import liveliness_probe
 from benchmarks.loadgen import LoadResult, install_uvloop, prompt_bodies, run_load
 from benchmarks.overhead import (
     OFFLINE_ENV,
@@ -89,7 +91,6 @@ from benchmarks.overhead import (
     versions,
     write_json,
 )
-from benchmarks.stalls import probe_liveliness
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXY_VENV = ROOT / "benchmarks" / ".venv-litellm-proxy"
@@ -135,18 +136,19 @@ def proxy_config(tmp: Path, models: Sequence[str], rport: int) -> Path:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| mode | c | target | requests | errors | shed (503 + Retry-After) | p50 ms | p99 ms | added p50 ms "
-             "| added p99 ms | req/s | server CPU ms/req | live p99 / max ms |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| added p99 ms | req/s | server CPU ms/req | live p99 / max ms | main-port live p99 / max ms |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         add50 = "" if r["target"] == "direct" else f"{r['added_p50_ms']:+.2f}"
         add99 = "" if r["target"] == "direct" else f"{r['added_p99_ms']:+.2f}"
         dead = " (server died)" if r.get("crashed") else ""
-        live = f"{r['live_p99_ms']:.1f} / {r['live_max_ms']:.1f}" if r.get("live_p99_ms") is not None else ""
+        live, main = (f"{r[k + '_p99_ms']:.1f} / {r[k + '_max_ms']:.1f}" if r.get(k + "_p99_ms") is not None else ""
+                      for k in ("live", "main_live"))
         lines.append(
             f"| {'stream TTFT' if r['stream'] else 'non-stream'} | {r['concurrency']} | {r['target']}{dead} "
             f"| {r['requests']} | {r['errors'] - r.get('shed', 0)} | {r.get('shed', 0)} | {r['p50_ms']:.2f} "
             f"| {r['p99_ms']:.2f} | {add50} | {add99} | {r['throughput_rps']:.0f} | {r['server_cpu_ms_per_req']:.2f} "
-            f"| {live} |")
+            f"| {live} | {main} |")
     return "\n".join(lines)
 
 
@@ -190,11 +192,12 @@ async def measure(
     new_prompts: bool = False,
     sent: dict[str, int] | None = None,
     targets: Sequence[str] = TARGETS,
-    live_urls: dict[str, str] | None = None,
+    live_urls: dict[str, dict[str, str]] | None = None,
     honor_retry_after: bool = True,
 ) -> list[dict[str, Any]]:
     """Run every cell; ``sent`` (if given) counts the requests sent to each target, warm-ups included;
-    ``live_urls``: target → a liveliness URL probed every 50 ms during its runs."""
+    ``live_urls``: target → {label: a liveliness URL} probed every 50 ms during its runs (label ``live``: the
+    row's ``live_*`` fields; another label ``x``: its ``x_*`` fields)."""
     rows: list[dict[str, Any]] = []
     live_urls = live_urls or {}
     sent = {} if sent is None else sent
@@ -210,21 +213,20 @@ async def measure(
                     sent[t] = sent.get(t, 0) + len(warm.samples)
             runs: dict[str, list[LoadResult]] = {t: [] for t in targets}
             cpu = dict.fromkeys(targets, 0.0)
-            live: dict[str, list[float]] = {t: [] for t in targets}
+            live: dict[tuple[str, str], list[float]] = {(t, k): [] for t in targets for k in live_urls.get(t, {})}
+            live_failed = dict.fromkeys(live, 0)
             for _ in range(repeat):
                 for t in targets:
                     pid = procs[server_of[t]].pid
                     before = tree_cpu_seconds(pid)
-                    stop = asyncio.Event()
-                    prober = asyncio.create_task(probe_liveliness(live_urls[t], stop)) if t in live_urls else None
-                    try:
+                    with contextlib.ExitStack() as probing:
+                        probes = {k: probing.enter_context(liveliness_probe(u)) for k, u in live_urls.get(t, {}).items()}
                         runs[t].append(await run_load(urls[t], bodies[t], concurrency=conc, max_requests=requests,
                                                       max_seconds=seconds, headers=headers[t],
                                                       new_prompts=new_prompts, honor_retry_after=honor_retry_after))
-                    finally:
-                        stop.set()
-                    if prober is not None:
-                        live[t] += await prober
+                    for k, probe in probes.items():
+                        live[t, k] += probe.latencies_ms
+                        live_failed[t, k] += probe.failures
                     cpu[t] += tree_cpu_seconds(pid) - before
                     sent[t] = sent.get(t, 0) + len(runs[t][-1].samples)
             merged = {t: merge(runs[t]) for t in targets}
@@ -242,8 +244,10 @@ async def measure(
                     "throughput_rps": s["throughput_rps"], "crashed": crashed,
                     "server_cpu_ms_per_req": 1000.0 * cpu[t] / max(1, s["requests"]),
                     "shed": merged[t].shed,
-                    "live_p99_ms": float(np.percentile(live[t], 99)) if live[t] else None,
-                    "live_max_ms": float(max(live[t])) if live[t] else None,
+                    **{f: v for k in live_urls.get(t, {}) for f, v in {
+                        f"{k}_p99_ms": float(np.percentile(live[t, k], 99)) if live[t, k] else None,
+                        f"{k}_max_ms": float(max(live[t, k])) if live[t, k] else None,
+                        f"{k}_probes": len(live[t, k]) + live_failed[t, k], f"{k}_failed": live_failed[t, k]}.items()},
                 })
                 print(f"  {'stream' if stream else 'plain '} c={conc:<3} {t:<14} n={s['requests']:<6} "
                       f"err={s['errors']:<4} shed={merged[t].shed:<5} p50={p['p50']:.2f} p99={p['p99']:.2f} ms rps={s['throughput_rps']:.0f} "
@@ -339,7 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     gateway_cpus = cpus if args.workers == 1 else None
     if split and args.workers > 1:
         layout += f"; except the gateway's {args.workers} workers: not pinned (both cores)"
-    rport, gport, pport = free_port(), free_port(), free_port()
+    rport, gport, pport, hport = free_port(), free_port(), free_port(), free_port()
+    server_extra["health_port"] = hport  # the liveness listener (a thread; gateway/http/liveness.py)
     replay_cmd = [sys.executable, "-m", "gateway.cli.main", "replay", "--dataset", str(dataset), "--port", str(rport),
                   "--stream-chunks", str(args.stream_chunks)]
     proxy_cmd = [str(venv / "bin" / "litellm"), "--config", str(proxy_config(tmp, data.models, rport)),
@@ -389,7 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 concurrencies=args.concurrency, modes=[m == "stream" for m in args.modes],
                 requests=args.requests, seconds=args.seconds, warmup=args.warmup, repeat=args.repeat,
                 new_prompts=args.new_prompts, sent=sent, targets=targets,
-                live_urls={"uniroute": f"http://127.0.0.1:{gport}/health/liveliness"},
+                live_urls={"uniroute": {"live": f"http://127.0.0.1:{hport}/health/liveliness",
+                                        "main_live": f"http://127.0.0.1:{gport}/health/liveliness"}},
                 honor_retry_after=not args.ignore_retry_after))
             if gproc.poll() is None:
                 info["gateway_prompt_embeddings"] = prompt_embeddings(f"http://127.0.0.1:{gport}")

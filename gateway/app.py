@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -29,7 +31,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from gateway.config import GatewayConfig, load_config
+from gateway.config import SERVE_OVERRIDES_ENV, GatewayConfig, load_config
 from gateway.errors import GatewayError
 from gateway.http.middleware import CHAT_PATH, MESSAGES_PATH, RequestContextMiddleware
 from gateway.http.state import GatewayState, ReadinessCheck
@@ -184,10 +186,19 @@ def create_app(
             freeze_heap()  # the start-up's objects (LiteLLM, the router, the registry) leave the collector's view
             # and once more when the first requests have imported LiteLLM's provider code (lazily, on first use)
             refreeze = asyncio.get_running_loop().call_later(REFREEZE_AFTER_S, gc.freeze)
+        liveness = None
+        if srv.health_port is not None:
+            from gateway.http.liveness import LivenessListener
+
+            liveness = LivenessListener(srv.host, srv.health_port, stall_s=srv.health_stall_s,
+                                        reuse_port=srv.workers > 1)
+            liveness.start(asyncio.get_running_loop())
         try:
             # lifespan state: the uvicorn protocols of `uniroute serve` read their deadlines here
             yield {STATE_KEY: ClientLimits(srv.header_timeout_s, srv.body_timeout_s, srv.max_header_bytes)}
         finally:
+            if liveness is not None:
+                await asyncio.to_thread(liveness.close)
             if refreeze is not None:
                 refreeze.cancel()
             await scheduler.aclose()
@@ -286,4 +297,8 @@ def app_from_env() -> Starlette:
     import gateway  # noqa: F401
 
     install_log_scrubber()  # a worker process: its log handlers are uvicorn's
-    return create_app(load_config(), tune_gc=True)
+    config = load_config()
+    overrides = os.environ.get(SERVE_OVERRIDES_ENV)
+    if overrides:  # `uniroute serve --host/--port/--workers`
+        config = config.model_copy(update={"server": config.server.model_copy(update=json.loads(overrides))})
+    return create_app(config, tune_gc=True)

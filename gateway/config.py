@@ -34,6 +34,8 @@ from gateway.spec import ModelSpec
 
 #: Environment variable naming the config file.
 CONFIG_ENV = "UNIROUTE_CONFIG"
+#: set by `uniroute serve` for its workers: the server settings its command line overrode (JSON)
+SERVE_OVERRIDES_ENV = "UNIROUTE_SERVE_OVERRIDES"
 #: Environment variable naming the replay dataset in the default config.
 DATASET_ENV = "UNIROUTE_DATASET"
 
@@ -61,6 +63,10 @@ class ServerConfig(_Section):
     """Larger request bodies get 413."""
     max_in_flight: int = Field(default=64, ge=1)
     """API requests (`/v1/*`) one worker serves at once, streams counted while open; one more gets 503 `overloaded` with `Retry-After: 1` at once instead of queueing (counted in `uniroute_requests_shed_total`, logged). Health, metrics and admin routes are never refused. Raise it when the upstreams are slow (each open stream holds a slot); docs/PERFORMANCE.md."""
+    health_port: int | None = Field(default=None, ge=0, le=65535)
+    """A second port (on `host`) where a thread of each worker answers `GET /health/liveliness`, however busy the event loop is; point liveness probes here. The main port's probe waits behind the requests in flight (0.4-0.6 s at p99 at concurrency 256; docs/PERFORMANCE.md). It answers 503 `stalled` when the event loop has not turned for `health_stall_s`. Workers share it (SO_REUSEPORT). Unset: off."""
+    health_stall_s: float = Field(default=10.0, gt=0.0)
+    """`health_port` answers 503 when the event loop has been blocked this long."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     """Log level of the gateway and uvicorn."""
     access_log: bool = False

@@ -160,9 +160,13 @@ def test_demo_config_with_shared_dataset(tmp_path: Path, shared_dataset: Path, s
     port = free_port()
     text = (ROOT / "config.yaml").read_text().replace("http://127.0.0.1:8100/v1", replay_base)
     cfg = tmp_path / "config.yaml"
-    cfg.write_text(text.replace("port: 8000", f"port: {port}"))
+    health = free_port()
+    assert "health_port: 8001" in text
+    cfg.write_text(text.replace("port: 8000", f"port: {port}").replace("health_port: 8001", f"health_port: {health}"))
     env = server_env(UNIROUTE_DATASET=str(dataset), UNIROUTE_ROUTER_ARTIFACT=str(shared_router_artifact))
     with running_all(replay, gateway_server(cfg, env=env)):  # both start at once
+        live = httpx.get(f"http://127.0.0.1:{health}/health/liveliness", timeout=10)  # the liveness listener
+        assert live.status_code == 200 and live.json()["status"] == "ok", live.text
         with gzip.open(dataset / "prompts.jsonl.gz", "rt") as fh:
             prompt = json.loads(fh.readline())["prompt"]
         with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0) as c:

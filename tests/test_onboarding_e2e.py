@@ -268,8 +268,9 @@ def _demo_config(tmp: Path, replay: str) -> tuple[Path, int]:
     """The repository's config.yaml (the demo), in ``tmp`` (its SQLite file goes to tmp/var), on free ports."""
     port = free_port()
     text = (ROOT / "config.yaml").read_text(encoding="utf-8")
-    assert DEMO_REPLAY in text and "port: 8000" in text
-    (tmp / "config.yaml").write_text(text.replace(DEMO_REPLAY, replay).replace("port: 8000", f"port: {port}"))
+    assert DEMO_REPLAY in text and "port: 8000" in text and "health_port: 8001" in text
+    (tmp / "config.yaml").write_text(text.replace(DEMO_REPLAY, replay).replace("port: 8000", f"port: {port}")
+                                     .replace("health_port: 8001", f"health_port: {free_port()}"))
     (tmp / "var").mkdir(exist_ok=True)
     return tmp / "config.yaml", port
 

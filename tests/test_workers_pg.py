@@ -31,8 +31,8 @@ COUNTER = "litellm_proxy_total_requests_metric_total"
 
 
 @pytest.fixture(scope="module")
-def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Path]]:
-    """(the gateway's base URL, its database URL, its PROMETHEUS_MULTIPROC_DIR)."""
+def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Path, int]]:
+    """(the gateway's base URL, its database URL, its PROMETHEUS_MULTIPROC_DIR, its liveness port)."""
     root = tmp_path_factory.mktemp("workers")
     dataset = make_dataset(root)
     replay, upstream = replay_server(dataset, *replay_args())
@@ -43,11 +43,12 @@ def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
         data = yaml.safe_load(cfg.read_text())
         # a small limit per worker, so that the burst below also gets some 503s (they are counted and logged too)
         data["server"]["max_in_flight"] = 12
+        data["server"]["health_port"] = health = free_port()  # the liveness listener: both workers bind it
         data.update(database_url=url, database={"spill_dir": str(root / "spill"), "log_flush_interval_s": 0.2})
         cfg.write_text(yaml.safe_dump(data))
         env = server_env(PROMETHEUS_MULTIPROC_DIR=str(prom))
         with running_all(replay, gateway_server(cfg, env=env, timeout_s=120)):
-            yield f"http://127.0.0.1:{port}", url, prom
+            yield f"http://127.0.0.1:{port}", url, prom, health
 
 
 def _counted(base: str) -> dict[str, float]:
@@ -88,8 +89,9 @@ async def _burst(base: str) -> list[int]:
     return await asyncio.gather(*(bounded(i) for i in range(N)))
 
 
-def test_two_workers_serve_and_the_merged_counter_equals_the_logged_rows(two_workers: tuple[str, str, Path]) -> None:
-    base, db_url, prom = two_workers
+def test_two_workers_serve_and_the_merged_counter_equals_the_logged_rows(
+        two_workers: tuple[str, str, Path, int]) -> None:
+    base, db_url, prom, _ = two_workers
     statuses = asyncio.run(_burst(base))
     assert set(statuses) <= {200, 503}, statuses
     # some are served: how many depends on how the kernel spreads the 32 concurrent connections over the two
@@ -106,3 +108,15 @@ def test_two_workers_serve_and_the_merged_counter_equals_the_logged_rows(two_wor
         time.sleep(0.2)
     assert sum(logged.values()) == N
     assert logged.get("200", 0) == statuses.count(200) and logged.get("503", 0) == statuses.count(503)
+
+
+def test_both_workers_answer_on_the_shared_liveness_port(two_workers: tuple[str, str, Path, int]) -> None:
+    """`server.health_port` with two workers: each binds it (SO_REUSEPORT; a second bind without it would fail
+    the worker's start), and the kernel hands new connections to either."""
+    health = two_workers[3]
+    pids = set()
+    for _ in range(40):  # a new connection each: all 40 to one worker has probability 2 * 2^-40
+        r = httpx.get(f"http://127.0.0.1:{health}/health/liveliness", timeout=10)
+        assert r.status_code == 200 and r.json()["status"] == "ok", r.text
+        pids.add(r.json()["pid"])
+    assert len(pids) == 2, pids

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 
-from gateway.config import CONFIG_ENV, ConfigError, default_config_path, load_config
+from gateway.config import CONFIG_ENV, SERVE_OVERRIDES_ENV, ConfigError, default_config_path, load_config
 from gateway.secrets import install_log_scrubber
 
 #: import strings of gateway.http.server's protocols (uvicorn imports them in each worker)
@@ -31,6 +32,9 @@ def serve_command(args: argparse.Namespace) -> int:
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     workers = args.workers or config.server.workers
+    # what each worker's config says is what is served (the liveness listener binds the same host, shares
+    # its port between the workers)
+    os.environ[SERVE_OVERRIDES_ENV] = json.dumps({"host": host, "port": port, "workers": workers})
     logging.basicConfig(level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     install_log_scrubber()  # no credential (nor, above DEBUG, internal host) of an upstream message is logged
 
