@@ -136,8 +136,9 @@ def proxy_config(tmp: Path, models: Sequence[str], rport: int) -> Path:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| mode | c | target | requests | errors | shed (503 + Retry-After) | p50 ms | p99 ms | added p50 ms "
-             "| added p99 ms | req/s | server CPU ms/req | live p99 / max ms | main-port live p99 / max ms |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| added p99 ms | req/s | server CPU ms/req | machine CPU ms/req | live p99 / max ms "
+             "| main-port live p99 / max ms |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         add50 = "" if r["target"] == "direct" else f"{r['added_p50_ms']:+.2f}"
         add99 = "" if r["target"] == "direct" else f"{r['added_p99_ms']:+.2f}"
@@ -148,6 +149,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {'stream TTFT' if r['stream'] else 'non-stream'} | {r['concurrency']} | {r['target']}{dead} "
             f"| {r['requests']} | {r['errors'] - r.get('shed', 0)} | {r.get('shed', 0)} | {r['p50_ms']:.2f} "
             f"| {r['p99_ms']:.2f} | {add50} | {add99} | {r['throughput_rps']:.0f} | {r['server_cpu_ms_per_req']:.2f} "
+            f"| {r.get('machine_cpu_ms_per_req', float('nan')):.2f} "
             f"| {live} | {main} |")
     return "\n".join(lines)
 
@@ -163,6 +165,14 @@ def tree_cpu_seconds(pid: int) -> float:
         if fields[1] == str(pid):
             total += cpu_seconds(int(stat.parent.name))
     return total
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (every core, every process: /proc/stat's user, nice, system,
+    irq and softirq; not idle, iowait, nor the time the hypervisor gave to other guests)."""
+    user, nice, system, _idle, _iowait, irq, softirq = (
+        int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def maxima(rows: list[dict[str, Any]]) -> str:
@@ -212,13 +222,13 @@ async def measure(
                                           honor_retry_after=honor_retry_after)
                     sent[t] = sent.get(t, 0) + len(warm.samples)
             runs: dict[str, list[LoadResult]] = {t: [] for t in targets}
-            cpu = dict.fromkeys(targets, 0.0)
+            cpu, busy = dict.fromkeys(targets, 0.0), dict.fromkeys(targets, 0.0)
             live: dict[tuple[str, str], list[float]] = {(t, k): [] for t in targets for k in live_urls.get(t, {})}
             live_failed = dict.fromkeys(live, 0)
             for _ in range(repeat):
                 for t in targets:
                     pid = procs[server_of[t]].pid
-                    before = tree_cpu_seconds(pid)
+                    before, machine_before = tree_cpu_seconds(pid), machine_busy_seconds()
                     with contextlib.ExitStack() as probing:
                         probes = {k: probing.enter_context(liveliness_probe(u)) for k, u in live_urls.get(t, {}).items()}
                         runs[t].append(await run_load(urls[t], bodies[t], concurrency=conc, max_requests=requests,
@@ -228,6 +238,7 @@ async def measure(
                         live[t, k] += probe.latencies_ms
                         live_failed[t, k] += probe.failures
                     cpu[t] += tree_cpu_seconds(pid) - before
+                    busy[t] += machine_busy_seconds() - machine_before
                     sent[t] = sent.get(t, 0) + len(runs[t][-1].samples)
             merged = {t: merge(runs[t]) for t in targets}
             nan = {"p50": float("nan"), "p99": float("nan")}
@@ -243,6 +254,9 @@ async def measure(
                     "added_p50_ms": p["p50"] - base["p50"], "added_p99_ms": p["p99"] - base["p99"],
                     "throughput_rps": s["throughput_rps"], "crashed": crashed,
                     "server_cpu_ms_per_req": 1000.0 * cpu[t] / max(1, s["requests"]),
+                    # everything the run cost the machine: the server, the load generator, the upstream, the
+                    # probes, the database (a bound for more workers: the cores / this is the most req/s possible)
+                    "machine_cpu_ms_per_req": 1000.0 * busy[t] / max(1, s["requests"]),
                     "shed": merged[t].shed,
                     **{f: v for k in live_urls.get(t, {}) for f, v in {
                         f"{k}_p99_ms": float(np.percentile(live[t, k], 99)) if live[t, k] else None,
