@@ -137,3 +137,39 @@ def test_out_of_file_descriptors_pauses_accepting_then_resumes(monkeypatch: pyte
     finally:
         fake.sock.close()
     assert calls == 1 and paused and resumed
+
+
+@pytest.mark.parametrize(("shares", "expected"), [(1, 16), (2, 4), (4, 2)])
+def test_a_socket_shared_by_workers_is_taken_in_bites(shares: int, expected: int) -> None:
+    """With ``shares`` worker processes on one socket, a readiness takes at most queue / (2 × shares) of the
+    16 waiting connections (the first worker to wake would otherwise take the whole burst); alone, all."""
+
+    async def main() -> tuple[int | None, int]:
+        made: list[asyncio.BaseTransport] = []
+
+        class Counting(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                made.append(transport)
+
+        loop = asyncio.get_running_loop()
+        listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+        listener.setblocking(False)  # as start_serving sets it (not called: readiness is simulated below)
+        server = eventloop.BatchAcceptServer(loop, [listener], Counting, backlog=64, shares=shares)
+        clients = connect_without_waiting(listener.getsockname()[1], 16)
+        time.sleep(0.2)
+        queued = eventloop.accept_queue_length(listener)
+        server._accept(listener)  # one readiness of the listening socket
+        for _ in range(5):
+            await asyncio.sleep(0)  # the accepted connections are handed to uvloop
+        got = len(made)
+        for c in clients:
+            c.close()
+        for t in made:
+            t.close()
+        server.close()
+        return queued, got
+
+    with asyncio.Runner(loop_factory=eventloop.new_event_loop) as runner:
+        queued, got = runner.run(main())
+    assert queued == 16
+    assert got == expected

@@ -14,9 +14,15 @@ accept, against a queue of 60-80 connections on the listening socket (docs/PERFO
 :class:`BatchAcceptLoop` is uvloop's loop with one change: :meth:`~BatchAcceptLoop.create_server` for TCP
 without TLS listens itself and, each time the socket is readable, accepts up to :data:`ACCEPT_BATCH`
 pending connections (what asyncio's own loop does, with its ``backlog`` as the batch) and hands each to
-uvloop's ``connect_accepted_socket``, so the connections themselves are uvloop's as before. The batch
-is bounded so that with ``server.workers`` > 1 one worker does not take a whole burst from the socket the
-workers share. TLS and Unix sockets keep uvloop's own server.
+uvloop's ``connect_accepted_socket``, so the connections themselves are uvloop's as before. TLS and Unix
+sockets keep uvloop's own server.
+
+With ``server.workers`` > 1 the workers share one listening socket, and the first to wake would take a
+whole burst: a client that opens 16 keep-alive connections at once got all 16 served by one worker while
+the other idled (seen in the two-worker benchmark at concurrency 16). There each readiness takes at most
+the queue's length / (2 × workers) (read with ``TCP_INFO``: a listening socket's ``tcpi_unacked`` is its
+accept queue), at least one: idle workers take turns in small bites and share a burst; a long queue (every
+worker busy) is still taken in batches.
 
 ``uniroute serve`` names :func:`new_event_loop` as uvicorn's loop (``loop="module:function"``, a loop
 factory) when uvloop is installed.
@@ -26,12 +32,17 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
+import os
 import socket
+import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import uvloop
+
+from gateway.config import SERVE_OVERRIDES_ENV
 
 logger = logging.getLogger("uniroute.http")
 
@@ -42,16 +53,28 @@ _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.E
 PAUSE_S = 1.0
 
 
+def accept_queue_length(sock: socket.socket) -> int | None:
+    """Connections waiting in a listening TCP socket's accept queue (Linux ``TCP_INFO``; None elsewhere)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except (AttributeError, OSError):
+        return None
+    return int(struct.unpack_from("=I", info, 24)[0]) if len(info) >= 28 else None  # tcpi_unacked
+
+
 class BatchAcceptServer(asyncio.AbstractServer):
-    """A listening TCP server on ``loop`` that accepts up to ``batch`` connections per readiness."""
+    """A listening TCP server on ``loop`` that accepts up to ``batch`` connections per readiness; ``shares``:
+    how many processes accept from the same socket (then a readiness takes at most queue / (2 × shares))."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sockets: Iterable[socket.socket],
-                 protocol_factory: Callable[[], asyncio.BaseProtocol], backlog: int, batch: int = ACCEPT_BATCH) -> None:
+                 protocol_factory: Callable[[], asyncio.BaseProtocol], backlog: int, batch: int = ACCEPT_BATCH,
+                 shares: int = 1) -> None:
         self._loop = loop
         self._sockets = list(sockets)
         self._protocol_factory = protocol_factory
         self._backlog = backlog
         self._batch = batch
+        self._shares = shares
         self._serving = False
         self._connecting: set[asyncio.Task[Any]] = set()
 
@@ -96,7 +119,10 @@ class BatchAcceptServer(asyncio.AbstractServer):
 
     # -- accepting
     def _accept(self, sock: socket.socket) -> None:
-        for _ in range(self._batch):
+        batch = self._batch
+        if self._shares > 1 and (queued := accept_queue_length(sock)) is not None:
+            batch = max(1, min(batch, queued // (2 * self._shares)))
+        for _ in range(batch):
             try:
                 conn, _addr = sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -128,7 +154,12 @@ class BatchAcceptServer(asyncio.AbstractServer):
 
 
 class BatchAcceptLoop(uvloop.Loop):  # type: ignore[misc]  # uvloop.Loop is a Cython class
-    """uvloop's loop whose plain TCP servers are :class:`BatchAcceptServer`."""
+    """uvloop's loop whose plain TCP servers are :class:`BatchAcceptServer` (``shares``: worker processes
+    accepting from a socket handed in with ``sock=``)."""
+
+    def __init__(self, shares: int = 1) -> None:
+        super().__init__()
+        self.shares = shares
 
     async def create_server(  # type: ignore[override]  # an AbstractServer: all uvicorn uses of a server
             self, protocol_factory: Callable[[], asyncio.BaseProtocol], host: Any = None, port: Any = None, *,
@@ -141,7 +172,8 @@ class BatchAcceptLoop(uvloop.Loop):  # type: ignore[misc]  # uvloop.Loop is a Cy
                                                reuse_address=reuse_address, reuse_port=reuse_port,
                                                start_serving=start_serving, **kwargs)
         sockets = [sock] if sock is not None else await self._bind(host, port, reuse_port)
-        server = BatchAcceptServer(self, sockets, protocol_factory, backlog)
+        # a socket handed in is uvicorn's, bound once and shared by its workers; one bound here is this loop's
+        server = BatchAcceptServer(self, sockets, protocol_factory, backlog, shares=self.shares if sock else 1)
         if start_serving:
             await server.start_serving()
         return server
@@ -172,5 +204,7 @@ class BatchAcceptLoop(uvloop.Loop):  # type: ignore[misc]  # uvloop.Loop is a Cy
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvicorn's loop factory (``loop="gateway.http.eventloop:new_event_loop"``)."""
-    return BatchAcceptLoop()
+    """uvicorn's loop factory (``loop="gateway.http.eventloop:new_event_loop"``); the number of workers sharing
+    the socket comes from ``uniroute serve`` (:data:`gateway.config.SERVE_OVERRIDES_ENV`)."""
+    served = json.loads(os.environ.get(SERVE_OVERRIDES_ENV) or "{}")
+    return BatchAcceptLoop(shares=max(1, int(served.get("workers", 1))))
