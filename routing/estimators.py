@@ -588,6 +588,26 @@ class LearnedMapEnsemble(RouterEstimator):
         return np.asarray(np.mean([m.expected_error(x) for m in self.members_], axis=0))
 
 
+class LearnedMapKNN(RouterEstimator):
+    """LearnedMap's expected error averaged with K-NN's: the cluster profile Ψ(h) and the new model's errors on
+    the nearest validation prompts (evaluation only: measured against the headline, not adopted)."""
+
+    name = "uniroute-learnedmap-knn"
+
+    def __init__(self, weight: float = 0.5, **params: Any) -> None:
+        self.weight = weight
+        self.params = params
+
+    def fit(self, task: RoutingTask) -> LearnedMapKNN:
+        self.learnedmap_ = LearnedMap(**self.params).fit(task)
+        self.knn_ = KNNRouter().fit(task)
+        return self
+
+    def expected_error(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.weight * self.learnedmap_.expected_error(x)
+                          + (1.0 - self.weight) * self.knn_.expected_error(x))
+
+
 # --------------------------------------------------------------------------- baselines
 
 class KNNRouter(RouterEstimator):
@@ -797,6 +817,7 @@ POLICIES: dict[str, Any] = {
     "uniroute-kmeans": UniRouteKMeans,
     "uniroute-learnedmap": LearnedMap,
     "uniroute-learnedmap-ens": LearnedMapEnsemble,
+    "uniroute-learnedmap-knn": LearnedMapKNN,
     "uniroute-learnedmap-active": LearnedMapActive,
     "clairvoyant": Clairvoyant,
     "random": RandomRouter,

@@ -32,6 +32,7 @@ from routing.estimators import (
     LearnedMap,
     LearnedMapActive,
     LearnedMapEnsemble,
+    LearnedMapKNN,
     RandomRouter,
     RouterEstimator,
     RoutingTask,
@@ -71,6 +72,7 @@ METHODS: dict[str, Callable[[], RouterEstimator]] = {
     "uniroute-kmeans-ens": _kmeans(n_clusters=(10, 20, 40, 80)),
     "uniroute-kmeans-ens-soft": _kmeans(n_clusters=(10, 20, 40, 80), temperature="auto"),
     "uniroute-learnedmap-ens": lambda: LearnedMapEnsemble((10, 20, 40, 80)),
+    "uniroute-learnedmap-knn": LearnedMapKNN,  # LearnedMap and K-NN averaged
     # the profile priors side by side (paired measurement of issue 15; the rows above use DEFAULT_PRIOR)
     "uniroute-kmeans-flat": _kmeans(prior="flat"),
     "uniroute-kmeans-difficulty": _kmeans(prior="difficulty"),

@@ -12,6 +12,7 @@ from routing.estimators import (
     Clairvoyant,
     KNNRouter,
     LearnedMap,
+    LearnedMapKNN,
     RouterEstimator,
     RoutingTask,
     UniRouteKMeans,
@@ -54,7 +55,8 @@ def two_cluster_task(seed: int = 0, n: int = 400) -> tuple[RoutingTask, np.ndarr
 @pytest.mark.parametrize("policy", [UniRouteKMeans(n_clusters=2, prior_strength=1.0),
                                     UniRouteKMeans(n_clusters="auto", k_grid=(2, 4)),
                                     LearnedMap(n_clusters=2, prior_strength=1.0),
-                                    KNNRouter(k=5), Clairvoyant()])
+                                    KNNRouter(k=5), Clairvoyant(),
+                                    LearnedMapKNN(n_clusters=2, prior_strength=1.0)])
 def test_two_clusters_split_between_their_experts(policy: RouterEstimator) -> None:
     task, x_te, l_te = two_cluster_task()
     pol = policy.fit(task)
