@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
+from benchmarks.liveprobe import liveliness_probe
 from benchmarks.loadgen import install_uvloop, prompt_bodies, run_load
 from benchmarks.overhead import (
     OFFLINE_ENV,
@@ -130,35 +131,13 @@ def py_spy(pid: int, out: Path | None, seconds: float, gil: bool = False) -> Ite
             proc.wait()
 
 
-async def probe_liveliness(url: str, stop: asyncio.Event, every_s: float = 0.05) -> list[float]:
-    """Latencies (ms) of ``GET url`` every ``every_s`` until ``stop`` is set (one keep-alive connection)."""
-    from benchmarks.loadgen import Connection
-
-    parts = url.split("/", 3)
-    host, port = parts[2].split(":")
-    raw = f"GET /{parts[3]} HTTP/1.1\r\nHost: {parts[2]}\r\n\r\n".encode()
-    conn = Connection(host, int(port))
-    out: list[float] = []
-    try:
-        while not stop.is_set():
-            sample = await conn.request(raw, stream=False)
-            out.append(sample.latency_s * 1000.0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), every_s)
-    finally:
-        await conn.close()
-    return out
-
-
 async def load_and_probe(url: str, bodies: list[dict[str, Any]], conc: int, seconds: float) -> tuple[Any, list[float]]:
-    stop = asyncio.Event()
-    prober = asyncio.create_task(probe_liveliness(url + "/health/liveliness", stop))
-    try:
+    """The load, with the main port's ``GET /health/liveliness`` probed every 50 ms from a process of its own
+    (:mod:`benchmarks.liveprobe`): it waits for the gateway's event loop, so a stall shows in it."""
+    with liveliness_probe(url + "/health/liveliness") as probe:
         res = await run_load(f"{url}/v1/chat/completions", bodies, concurrency=conc, max_requests=10**9,
                              max_seconds=seconds, new_prompts=True)
-    finally:
-        stop.set()
-    return res, await prober
+    return res, probe.latencies_ms
 
 
 def _pcts(values: Sequence[float]) -> dict[str, float]:
