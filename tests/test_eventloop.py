@@ -26,19 +26,32 @@ BURST = 100
 BUSY_ITERATIONS = 20  # far fewer than BURST: one accept per iteration cannot take the burst in time
 
 
+def _counting(made: list[asyncio.BaseTransport]) -> Callable[[], asyncio.Protocol]:
+    """A protocol factory whose connections are appended to ``made``."""
+
+    class Counting(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            made.append(transport)
+
+    return Counting
+
+
+def _close(clients: list[socket.socket], made: list[asyncio.BaseTransport], server: asyncio.AbstractServer) -> None:
+    for client in clients:
+        client.close()
+    for transport in made:
+        transport.close()
+    server.close()
+
+
 def _burst_accepted(loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> int:
     """Connections a server on a loop from ``loop_factory`` has set up after a burst of :data:`BURST` clients
     connected while it was busy, once the loop ran :data:`BUSY_ITERATIONS` iterations of 5 ms each."""
 
     async def main() -> int:
         made: list[asyncio.BaseTransport] = []
-
-        class Counting(asyncio.Protocol):
-            def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                made.append(transport)
-
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(Counting, "127.0.0.1", 0, backlog=1024)
+        server = await loop.create_server(_counting(made), "127.0.0.1", 0, backlog=1024)
         port = server.sockets[0].getsockname()[1]
         clients = connect_without_waiting(port, BURST)  # they wait in the accept queue, handshakes done
         time.sleep(0.2)
@@ -46,11 +59,7 @@ def _burst_accepted(loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> in
             time.sleep(0.005)
             await asyncio.sleep(0)
         got = len(made)
-        for client in clients:
-            client.close()
-        for transport in made:
-            transport.close()
-        server.close()
+        _close(clients, made, server)
         await server.wait_closed()
         return got
 
@@ -146,15 +155,10 @@ def test_a_socket_shared_by_workers_is_taken_in_bites(shares: int, expected: int
 
     async def main() -> tuple[int | None, int]:
         made: list[asyncio.BaseTransport] = []
-
-        class Counting(asyncio.Protocol):
-            def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                made.append(transport)
-
         loop = asyncio.get_running_loop()
         listener = socket.create_server(("127.0.0.1", 0), backlog=64)
         listener.setblocking(False)  # as start_serving sets it (not called: readiness is simulated below)
-        server = eventloop.BatchAcceptServer(loop, [listener], Counting, backlog=64, shares=shares)
+        server = eventloop.BatchAcceptServer(loop, [listener], _counting(made), backlog=64, shares=shares)
         clients = connect_without_waiting(listener.getsockname()[1], 16)
         time.sleep(0.2)
         queued = eventloop.accept_queue_length(listener)
@@ -162,11 +166,7 @@ def test_a_socket_shared_by_workers_is_taken_in_bites(shares: int, expected: int
         for _ in range(5):
             await asyncio.sleep(0)  # the accepted connections are handed to uvloop
         got = len(made)
-        for c in clients:
-            c.close()
-        for t in made:
-            t.close()
-        server.close()
+        _close(clients, made, server)
         return queued, got
 
     with asyncio.Runner(loop_factory=eventloop.new_event_loop) as runner:
