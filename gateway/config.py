@@ -83,6 +83,13 @@ class ServerConfig(_Section):
         default=64 * 1024, ge=1024,
         description="request line plus headers larger than this get 431 and the connection is closed")
 
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> ServerConfig:
+        if self.health_port is not None and self.health_port != 0 and self.health_port == self.port:
+            raise ValueError(f"health_port {self.health_port} is also the port: the liveness listener needs a port "
+                             "of its own (for example port + 1), or leave health_port unset")
+        return self
+
 
 class RouterConfig(_Section):
     policy: Literal["cheapest", "uniroute"] = "cheapest"

@@ -86,3 +86,11 @@ def test_unexpected_errors_are_one_line_too(capsys: pytest.CaptureFixture[str],
     monkeypatch.setenv("UNIROUTE_DEBUG", "1")
     with pytest.raises(KeyError):
         cli(["reprofile"])
+
+
+def test_serve_refuses_a_port_that_is_the_liveness_port(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`uniroute serve --port N` where N is the config's server.health_port: refused before anything binds."""
+    cfg = _config(tmp_path, server={"port": 8000, "health_port": 8001})
+    assert cli(["serve", "--config", str(cfg), "--port", "8001"]) == 2
+    err = capsys.readouterr().err
+    assert "health_port" in err and "8001" in err, err

@@ -60,6 +60,7 @@ def test_env_indirection_in_litellm_params(monkeypatch: pytest.MonkeyPatch) -> N
         ({"models": [{"name": "m", "litellm_params": {"model": "x"}, "router_cost": 1}] * 2}, "appears twice"),
         ({"surprise": 1}, "surprise"),
         ({"router": {"default_lambda": 20}}, "lambda"),
+        ({"server": {"port": 8000, "health_port": 8000}}, "needs a port of its own"),
     ],
 )
 def test_invalid_config_names_the_setting(data: dict[str, Any], needle: str) -> None:

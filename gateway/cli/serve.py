@@ -27,6 +27,10 @@ def serve_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"uniroute serve: {exc}", file=sys.stderr)
         return 2
+    if args.port and args.port == config.server.health_port:
+        print(f"uniroute serve: --port {args.port} is the config's server.health_port (the liveness listener's); "
+              "choose another port or change health_port", file=sys.stderr)
+        return 2
     # workers re-import the app through the factory, which reads the config from the environment
     os.environ[CONFIG_ENV] = str(path.resolve())
     host = args.host or config.server.host
