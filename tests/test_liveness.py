@@ -13,6 +13,8 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
 from gateway.http.liveness import PATH, LivenessListener
 
 
@@ -105,4 +107,23 @@ def test_other_paths_are_refused_with_what_is_served() -> None:
         finally:
             await asyncio.to_thread(listener.close)
 
+    asyncio.run(main())
+
+
+def test_it_listens_on_an_ipv6_host_too() -> None:
+    async def main() -> None:
+        listener = LivenessListener("::1", 0)
+        listener.start(asyncio.get_running_loop())
+        try:
+            conn = http.client.HTTPConnection("::1", listener.port, timeout=10)
+            conn.request("GET", PATH)
+            assert conn.getresponse().status == 200
+            conn.close()
+        finally:
+            await asyncio.to_thread(listener.close)
+
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
     asyncio.run(main())

@@ -45,6 +45,8 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], listener: LivenessListener) -> None:
         self.listener = listener
         self.allow_reuse_port = listener.reuse_port and hasattr(socket, "SO_REUSEPORT")
+        if ":" in address[0]:  # an IPv6 host ("::", "::1")
+            self.address_family = socket.AF_INET6
         self.slots = threading.BoundedSemaphore(listener.max_connections)
         super().__init__(address, _Handler)
 
