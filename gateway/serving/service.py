@@ -165,16 +165,16 @@ class _StreamEnd:
     ``estimate_request()``). The record
     (with its settlement) is logged before anything is awaited; counting, logging, closing upstream and
     settling run in one shielded task (a disconnect cancels the task that runs this); the counting runs in
-    a worker thread when the request body was large (``offload``)."""
+    a worker thread: it tokenizes the whole prompt, and its first use in a process loads the tokenizer
+    (~1 s of CPU), which on the event loop stalled every request in flight (tests/test_bounded_e2e.py)."""
 
     def __init__(self, service: ChatService, record: RequestRecord, reservation: Reservation | None,
-                 opened: OpenStream, t0: float, req: ChatCompletionRequest, offload: bool = False,
+                 opened: OpenStream, t0: float, req: ChatCompletionRequest,
                  estimate: Estimate | None = None) -> None:
         self.service, self.record, self.reservation, self.opened, self.t0 = service, record, reservation, opened, t0
         self.req = req
         self.estimate = estimate
         self.relayed = RelayedText(opened.entry.litellm_model)  # content relayed so far, as running counts
-        self.offload = offload
         self.settled = 0.0
         self.done = False
 
@@ -193,7 +193,7 @@ class _StreamEnd:
     async def counted(self) -> tuple[int, int, float]:
         """(prompt tokens, completion tokens, cost) counted: everything the prompt bills (messages, tools,
         schemas, images: ``Estimator.prompt_tokens(counted=True)``) and what was relayed so far."""
-        return await asyncio.to_thread(self._count) if self.offload else self._count()
+        return await asyncio.to_thread(self._count)
 
     def _count(self) -> tuple[int, int, float]:
         entry = self.opened.entry
@@ -677,8 +677,7 @@ class ChatService:
         record.routed_model = opened.entry.name
         record.ttft_ms = (time.perf_counter() - t0) * 1e3
         record.attempts = [a.as_dict() for a in attempts]
-        end = _StreamEnd(self, record, reservation, opened, t0, estimated, offload=ctx.body_bytes > self.offload_bytes,
-                         estimate=estimate)
+        end = _StreamEnd(self, record, reservation, opened, t0, estimated, estimate=estimate)
         return opened, record, plan, end, len(attempts)
 
     @staticmethod
