@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 
@@ -65,7 +66,7 @@ def probe(url: str, every_s: float, stop: threading.Event, timeout_s: float = 10
 def liveliness_probe(url: str, every_s: float = 0.05) -> Iterator[ProbeResult]:
     """Probe ``url`` from a child process while the ``with`` block runs; the result is filled in at its end."""
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks.liveprobe", url, "--every", str(every_s)],
-                            stdout=subprocess.PIPE)
+                            stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent)
     result = ProbeResult()
     try:
         yield result

@@ -127,3 +127,25 @@ def test_it_listens_on_an_ipv6_host_too() -> None:
     except OSError:
         pytest.skip("no IPv6 loopback on this machine")
     asyncio.run(main())
+
+
+def test_the_benchmarks_probe_process_counts_answers_and_failures() -> None:
+    """benchmarks/liveprobe.py (the probe the benchmarks run in a process of its own) against this listener:
+    it records the answers' latencies, and counts a port that refuses as failures (no timing assertions)."""
+    from benchmarks.liveprobe import liveliness_probe
+    from tests.procs import free_port
+
+    async def main() -> None:
+        listener = LivenessListener("127.0.0.1", 0)
+        listener.start(asyncio.get_running_loop())
+        try:
+            with liveliness_probe(f"http://127.0.0.1:{listener.port}{PATH}", every_s=0.02) as ok:
+                await asyncio.sleep(2.0)
+            with liveliness_probe(f"http://127.0.0.1:{free_port()}{PATH}", every_s=0.02) as refused:
+                await asyncio.sleep(2.0)
+        finally:
+            await asyncio.to_thread(listener.close)
+        assert len(ok.latencies_ms) >= 5 and ok.failures == 0, (len(ok.latencies_ms), ok.failures)
+        assert refused.latencies_ms == [] and refused.failures >= 1, refused
+
+    asyncio.run(main())
