@@ -6,16 +6,28 @@ That both workers of `server.workers: 2` share the port is checked in tests/test
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import socket
 import threading
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from gateway.http.liveness import PATH, LivenessListener
+
+
+@contextlib.asynccontextmanager
+async def _listening(host: str = "127.0.0.1", **kw: Any) -> AsyncIterator[LivenessListener]:
+    listener = LivenessListener(host, 0, **kw)
+    listener.start(asyncio.get_running_loop())
+    try:
+        yield listener
+    finally:
+        await asyncio.to_thread(listener.close)
 
 
 def _get(port: int, path: str = PATH) -> tuple[int, dict[str, Any], float]:
@@ -32,9 +44,7 @@ def _get(port: int, path: str = PATH) -> tuple[int, dict[str, Any], float]:
 
 def test_it_answers_at_once_while_the_loop_is_blocked_and_says_when_it_stalls() -> None:
     async def main() -> tuple[list[tuple[float, int, str, float]], tuple[int, dict[str, Any], float]]:
-        listener = LivenessListener("127.0.0.1", 0, stall_s=0.5)
-        listener.start(asyncio.get_running_loop())
-        try:
+        async with _listening(stall_s=0.5) as listener:
             status, body, _ = await asyncio.to_thread(_get, listener.port)
             assert (status, body["status"]) == (200, "ok"), body
             probes: list[tuple[float, int, str, float]] = []
@@ -53,8 +63,6 @@ def test_it_answers_at_once_while_the_loop_is_blocked_and_says_when_it_stalls() 
             await asyncio.sleep(0.3)  # the loop turns again: its heartbeat is stamped
             after = await asyncio.to_thread(_get, listener.port)
             return probes, after
-        finally:
-            await asyncio.to_thread(listener.close)
 
     probes, after = asyncio.run(main())
     assert len(probes) >= 8, probes
@@ -67,10 +75,8 @@ def test_it_answers_at_once_while_the_loop_is_blocked_and_says_when_it_stalls() 
 
 def test_a_client_holding_connections_cannot_starve_the_probe() -> None:
     async def main() -> None:
-        listener = LivenessListener("127.0.0.1", 0, timeout_s=1.0, max_connections=2)
-        listener.start(asyncio.get_running_loop())
-        idle = [socket.create_connection(("127.0.0.1", listener.port)) for _ in range(2)]
-        try:
+        async with _listening(timeout_s=1.0, max_connections=2) as listener:
+            idle = [socket.create_connection(("127.0.0.1", listener.port)) for _ in range(2)]
             await asyncio.sleep(0.2)
             extra = socket.create_connection(("127.0.0.1", listener.port), timeout=5)
             start = time.perf_counter()
@@ -89,38 +95,27 @@ def test_a_client_holding_connections_cannot_starve_the_probe() -> None:
             assert (status, body["status"]) == (200, "ok")
             for s in idle:
                 assert s.recv(1) == b""  # closed by the listener for saying nothing
-        finally:
-            for s in idle:
                 s.close()
-            await asyncio.to_thread(listener.close)
 
     asyncio.run(main())
 
 
 def test_other_paths_are_refused_with_what_is_served() -> None:
     async def main() -> None:
-        listener = LivenessListener("127.0.0.1", 0)
-        listener.start(asyncio.get_running_loop())
-        try:
+        async with _listening() as listener:
             status, body, _ = await asyncio.to_thread(_get, listener.port, "/v1/models")
-            assert status == 404 and PATH in body["error"]["message"], body
-        finally:
-            await asyncio.to_thread(listener.close)
+        assert status == 404 and PATH in body["error"]["message"], body
 
     asyncio.run(main())
 
 
 def test_it_listens_on_an_ipv6_host_too() -> None:
     async def main() -> None:
-        listener = LivenessListener("::1", 0)
-        listener.start(asyncio.get_running_loop())
-        try:
+        async with _listening("::1") as listener:
             conn = http.client.HTTPConnection("::1", listener.port, timeout=10)
             conn.request("GET", PATH)
             assert conn.getresponse().status == 200
             conn.close()
-        finally:
-            await asyncio.to_thread(listener.close)
 
     try:
         socket.create_server(("::1", 0), family=socket.AF_INET6).close()
@@ -136,15 +131,11 @@ def test_the_benchmarks_probe_process_counts_answers_and_failures() -> None:
     from tests.procs import free_port
 
     async def main() -> None:
-        listener = LivenessListener("127.0.0.1", 0)
-        listener.start(asyncio.get_running_loop())
-        try:
+        async with _listening() as listener:
             with liveliness_probe(f"http://127.0.0.1:{listener.port}{PATH}", every_s=0.02) as ok:
                 await asyncio.sleep(2.0)
-            with liveliness_probe(f"http://127.0.0.1:{free_port()}{PATH}", every_s=0.02) as refused:
-                await asyncio.sleep(2.0)
-        finally:
-            await asyncio.to_thread(listener.close)
+        with liveliness_probe(f"http://127.0.0.1:{free_port()}{PATH}", every_s=0.02) as refused:
+            await asyncio.sleep(2.0)
         assert len(ok.latencies_ms) >= 5 and ok.failures == 0, (len(ok.latencies_ms), ok.failures)
         assert refused.latencies_ms == [] and refused.failures >= 1, refused
 
