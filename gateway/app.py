@@ -18,9 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import json
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -31,7 +29,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from gateway.config import SERVE_OVERRIDES_ENV, GatewayConfig, load_config
+from gateway.config import GatewayConfig, load_config, serve_overrides, with_server_overrides
 from gateway.errors import GatewayError
 from gateway.http.middleware import CHAT_PATH, MESSAGES_PATH, RequestContextMiddleware
 from gateway.http.state import GatewayState, ReadinessCheck
@@ -297,8 +295,4 @@ def app_from_env() -> Starlette:
     import gateway  # noqa: F401
 
     install_log_scrubber()  # a worker process: its log handlers are uvicorn's
-    config = load_config()
-    overrides = os.environ.get(SERVE_OVERRIDES_ENV)
-    if overrides:  # `uniroute serve --host/--port/--workers`
-        config = config.model_copy(update={"server": config.server.model_copy(update=json.loads(overrides))})
-    return create_app(config, tune_gc=True)
+    return create_app(with_server_overrides(load_config(), serve_overrides()), tune_gc=True)

@@ -19,6 +19,7 @@ replay upstream, with the dataset's cost as the router cost and prices derived f
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import re
@@ -522,6 +523,24 @@ def _resolve_sqlite(url: str, cfg: GatewayConfig) -> str:
     if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
         return prefix + str(cfg.resolve_path(url[len(prefix):]))
     return url
+
+
+def with_server_overrides(config: GatewayConfig, overrides: dict[str, Any],
+                          source: str = "server settings with the command line's") -> GatewayConfig:
+    """``config`` with its ``server`` settings replaced by ``overrides`` (``uniroute serve --host/--port/--workers``),
+    validated as the config's own are (a ``--port`` that is the ``health_port`` is refused: :class:`ConfigError`)."""
+    if not overrides:
+        return config
+    try:
+        server = ServerConfig.model_validate({**config.server.model_dump(), **overrides})
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc, source)) from None
+    return config.model_copy(update={"server": server})
+
+
+def serve_overrides() -> dict[str, Any]:
+    """What ``uniroute serve`` told its workers it overrode (:data:`SERVE_OVERRIDES_ENV`; empty elsewhere)."""
+    return dict(json.loads(os.environ.get(SERVE_OVERRIDES_ENV) or "{}"))
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> GatewayConfig:

@@ -10,7 +10,14 @@ import os
 import sys
 from pathlib import Path
 
-from gateway.config import CONFIG_ENV, SERVE_OVERRIDES_ENV, ConfigError, default_config_path, load_config
+from gateway.config import (
+    CONFIG_ENV,
+    SERVE_OVERRIDES_ENV,
+    ConfigError,
+    default_config_path,
+    load_config,
+    with_server_overrides,
+)
 from gateway.secrets import install_log_scrubber
 
 #: import strings of gateway.http.server's protocols (uvicorn imports them in each worker)
@@ -27,18 +34,19 @@ def serve_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"uniroute serve: {exc}", file=sys.stderr)
         return 2
-    if args.port and args.port == config.server.health_port:
-        print(f"uniroute serve: --port {args.port} is the config's server.health_port (the liveness listener's); "
-              "choose another port or change health_port", file=sys.stderr)
-        return 2
-    # workers re-import the app through the factory, which reads the config from the environment
-    os.environ[CONFIG_ENV] = str(path.resolve())
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     workers = args.workers or config.server.workers
-    # what each worker's config says is what is served (the liveness listener binds the same host, shares
-    # its port between the workers)
-    os.environ[SERVE_OVERRIDES_ENV] = json.dumps({"host": host, "port": port, "workers": workers})
+    overrides = {"host": host, "port": port, "workers": workers}
+    try:  # what each worker's config says is what is served (the liveness listener binds the same host and
+        # shares its port between the workers); validated as the config is (--port may not be its health_port)
+        config = with_server_overrides(config, overrides)
+    except ConfigError as exc:
+        print(f"uniroute serve: {exc}", file=sys.stderr)
+        return 2
+    # workers re-import the app through the factory, which reads the config (and these) from the environment
+    os.environ[CONFIG_ENV] = str(path.resolve())
+    os.environ[SERVE_OVERRIDES_ENV] = json.dumps(overrides)
     logging.basicConfig(level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     install_log_scrubber()  # no credential (nor, above DEBUG, internal host) of an upstream message is logged
 

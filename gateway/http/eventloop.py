@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
-import os
 import socket
 import struct
 from collections.abc import Callable, Iterable
@@ -42,7 +40,7 @@ from typing import Any
 
 import uvloop
 
-from gateway.config import SERVE_OVERRIDES_ENV
+from gateway.config import serve_overrides
 
 logger = logging.getLogger("uniroute.http")
 
@@ -205,6 +203,5 @@ class BatchAcceptLoop(uvloop.Loop):  # type: ignore[misc]  # uvloop.Loop is a Cy
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvicorn's loop factory (``loop="gateway.http.eventloop:new_event_loop"``); the number of workers sharing
-    the socket comes from ``uniroute serve`` (:data:`gateway.config.SERVE_OVERRIDES_ENV`)."""
-    served = json.loads(os.environ.get(SERVE_OVERRIDES_ENV) or "{}")
-    return BatchAcceptLoop(shares=max(1, int(served.get("workers", 1))))
+    the socket comes from ``uniroute serve`` (:func:`gateway.config.serve_overrides`)."""
+    return BatchAcceptLoop(shares=max(1, int(serve_overrides().get("workers", 1))))
